@@ -1,0 +1,11 @@
+//! Hot loops that candle does not do fast enough on the CPU.
+//!
+//! Owns: paged attention over a block-structured KV cache, and the small vector primitives it needs.
+//! Every fast kernel here has a plain reference version (`*_reference`) and a randomized test against it.
+//! Must not know about: models, tokenizers, requests, candle tensors. Inputs are plain slices with the
+//! layouts documented on each function, so the engine crates stay free of candle.
+
+pub mod attention;
+pub mod vec;
+
+pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvLayout};

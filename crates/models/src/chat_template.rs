@@ -1,0 +1,170 @@
+//! The model's own Jinja chat template, rendered with minijinja plus the Python-compatible helpers that
+//! Hugging Face templates rely on (`str.strip()`, `dict.items()`, `raise_exception`, a `tojson` that writes
+//! what Python's `json.dumps` writes).
+
+use crate::error::{Error, Result};
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct Context<'a, M: Serialize, T: Serialize> {
+    messages: &'a M,
+    add_generation_prompt: bool,
+    bos_token: &'a str,
+    eos_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a T>,
+}
+
+impl ChatTemplate {
+    pub fn new(
+        source: &str,
+        bos_token: impl Into<String>,
+        eos_token: impl Into<String>,
+    ) -> Result<Self> {
+        let mut env = Environment::new();
+        // transformers renders with trim_blocks and lstrip_blocks on.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Template(format!("cannot parse the chat template: {e}")))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
+    }
+
+    /// Renders `messages` (OpenAI-shaped: objects with `role` and `content`, possibly `tool_calls`).
+    pub fn render<M: Serialize, T: Serialize>(
+        &self,
+        messages: &M,
+        tools: Option<&T>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let ctx = Context {
+            messages,
+            add_generation_prompt,
+            bos_token: &self.bos_token,
+            eos_token: &self.eos_token,
+            tools,
+        };
+        tmpl.render(ctx)
+            .map_err(|e| Error::Template(format!("cannot render: {e}")))
+    }
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` separators, non-ASCII
+/// kept, no HTML escaping (minijinja's built-in `tojson` escapes `<`, `>` and `&` for HTML).
+fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * level));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, level + 1);
+                write_py_json(item, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(": ");
+                write_py_json(item, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn renders_generation_prompt_and_python_helpers() {
+        let src = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'].strip() }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+        let msgs = json!([{"role": "user", "content": "  hi  "}]);
+        assert_eq!(
+            t.render(&msgs, None::<&()>, true).unwrap(),
+            "<user>hi<assistant>"
+        );
+        assert_eq!(t.render(&msgs, None::<&()>, false).unwrap(), "<user>hi");
+    }
+
+    #[test]
+    fn raise_exception_is_a_template_error() {
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
+        let err = t
+            .render(&json!([]), None::<&()>, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn tojson_matches_python_json_dumps() {
+        let t = ChatTemplate::new("{{ tools[0] | tojson }}", "", "").unwrap();
+        let tools = json!([{"name": "f", "d": "<é>", "p": [1, 2]}]);
+        assert_eq!(
+            t.render(&json!([]), Some(&tools), true).unwrap(),
+            r#"{"name": "f", "d": "<é>", "p": [1, 2]}"#
+        );
+    }
+}

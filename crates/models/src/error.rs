@@ -1,0 +1,44 @@
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors from loading or running a model. Each variant carries what the user needs to find the problem.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a GGUF file: {reason}")]
+    NotGguf { path: PathBuf, reason: String },
+    #[error("{path}: invalid GGUF: {reason}")]
+    BadGguf { path: PathBuf, reason: String },
+    #[error("{path}: missing metadata key `{key}`")]
+    MissingMetadata { path: PathBuf, key: String },
+    #[error("{path}: metadata key `{key}`: {reason}")]
+    BadMetadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}`: {reason}")]
+    BadTensor {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2)")]
+    UnsupportedArchitecture { path: PathBuf, arch: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}

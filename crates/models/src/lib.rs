@@ -1,0 +1,29 @@
+//! Model architectures, weight loading, tokenizers and chat templates.
+//!
+//! Owns: reading GGUF files into a [`Model`] (one decoder with capability flags covering the llama family
+//! and qwen2), the paged KV cache storage the decoder reads and writes, building a `tokenizers::Tokenizer`
+//! from GGUF metadata, and rendering the model's own Jinja chat template.
+//!
+//! Invariants: models are immutable after load; all per-request state (KV blocks, positions) is passed
+//! into [`Model::forward`] from outside. Load errors name the file and the tensor or key; nothing here panics
+//! on bad input files.
+//!
+//! Must not know about: requests, scheduling, sampling, HTTP.
+
+pub mod bundle;
+pub mod chat_template;
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod gguf;
+pub mod kv;
+pub mod tokenizer;
+
+pub use bundle::ModelBundle;
+pub use chat_template::ChatTemplate;
+pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use decoder::{LoadOptions, Model};
+pub use error::{Error, Result};
+pub use gguf::GgufFile;
+pub use kv::{BatchInput, PagedKvCache, SeqInput};
+pub use tokenizer::{load_tokenizer, tokenizer_from_gguf, SpecialTokens};

@@ -1,0 +1,323 @@
+//! Per-request sampling: logits processors (penalties, logit bias, temperature, min-p, top-k, top-p) and a
+//! seeded draw. Each request owns its [`Sampler`] and RNG, so the same seed gives the same tokens whatever
+//! else shares the batch.
+
+use mlx_serving_engine::SamplingParams;
+use std::collections::HashMap;
+
+/// xoshiro256** seeded through splitmix64: small, fast, and stable across platforms and versions, which
+/// makes a seed's output reproducible for as long as the sampling code is unchanged.
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn seed_from_u64(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in `[0, 1)` with 53 bits of precision.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// A seed for requests that did not ask for one.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    /// Scratch for the candidate list, reused across steps.
+    candidates: Vec<(f32, u32)>,
+}
+
+impl Sampler {
+    pub fn new(params: &SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(random_seed);
+        Self {
+            params: params.clone(),
+            rng: Rng::seed_from_u64(seed),
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Applies the processors to `logits` in place and draws the next token.
+    pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], output: &[u32]) -> u32 {
+        self.apply_penalties(logits, prompt, output);
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if self.params.is_greedy() {
+            return argmax(logits);
+        }
+        self.sample_from(logits)
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in prompt.iter().chain(output) {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    if !*s {
+                        *s = true;
+                        let l = &mut logits[t as usize];
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
+                    }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in output {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    fn sample_from(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
+        if cands.is_empty() {
+            return argmax(logits);
+        }
+        let max = cands.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
+        // Probabilities (unnormalized) relative to the top token: exp(l - max) in (0, 1].
+        for c in cands.iter_mut() {
+            c.0 = (c.0 - max).exp();
+        }
+        if p.min_p > 0.0 {
+            cands.retain(|c| c.0 >= p.min_p);
+        }
+        let by_prob_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if p.top_k > 0 && (p.top_k as usize) < cands.len() {
+            let k = p.top_k as usize;
+            cands.select_nth_unstable_by(k - 1, by_prob_desc);
+            cands.truncate(k);
+        }
+        if p.top_p < 1.0 {
+            cands.sort_unstable_by(by_prob_desc);
+            let total: f32 = cands.iter().map(|c| c.0).sum();
+            let mut acc = 0.0;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                acc += c.0;
+                if acc >= p.top_p * total {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep);
+        }
+        let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
+        let mut u = self.rng.next_f64() * total;
+        for c in cands.iter() {
+            u -= c.0 as f64;
+            if u < 0.0 {
+                return c.1;
+            }
+        }
+        cands.last().map_or(0, |c| c.1)
+    }
+}
+
+/// Index of the largest logit; ties go to the lowest id (as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log_softmax(logits)[id]`, computed in f64.
+pub fn logprob(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    (logits[id as usize] as f64 - lse) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            max_tokens: 1,
+            ..SamplingParams::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    fn draw_many(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(p);
+        (0..n)
+            .map(|_| s.sample(&mut logits.to_vec(), &[], &[]))
+            .collect()
+    }
+
+    #[test]
+    fn greedy_takes_argmax_and_lowest_id_on_ties() {
+        let mut s = Sampler::new(&SamplingParams::greedy(1));
+        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0], &[], &[]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_different_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin()).collect();
+        let a = draw_many(&params(|_| {}), &logits, 64);
+        let b = draw_many(&params(|_| {}), &logits, 64);
+        let c = draw_many(&params(|p| p.seed = Some(8)), &logits, 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn top_k_restricts_to_the_k_best() {
+        let logits = [1.0, 5.0, 2.0, 4.0, 3.0];
+        let got = draw_many(&params(|p| p.top_k = 2), &logits, 200);
+        assert!(got.iter().all(|&t| t == 1 || t == 3), "{got:?}");
+        assert!(got.contains(&1) && got.contains(&3));
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps the first two.
+        let logits = [3.0, 2.0, 1.0, 0.0];
+        let got = draw_many(&params(|p| p.top_p = 0.8), &logits, 300);
+        assert!(got.iter().all(|&t| t <= 1), "{got:?}");
+        assert!(got.contains(&1));
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        // relative probs: 1, e^-1=0.37, e^-3=0.05: min_p 0.1 drops the last.
+        let logits = [3.0, 2.0, 0.0];
+        let got = draw_many(&params(|p| p.min_p = 0.1), &logits, 300);
+        assert!(!got.contains(&2));
+        assert!(got.contains(&1));
+    }
+
+    #[test]
+    fn temperature_sharpens_the_distribution() {
+        let logits = [1.0, 0.0];
+        let hot = draw_many(&params(|p| p.temperature = 2.0), &logits, 2000)
+            .iter()
+            .filter(|&&t| t == 1)
+            .count();
+        let cold = draw_many(&params(|p| p.temperature = 0.25), &logits, 2000)
+            .iter()
+            .filter(|&&t| t == 1)
+            .count();
+        // P(1) is 0.38 at T=2 and 0.018 at T=0.25.
+        assert!(hot > 600 && cold < 120, "hot {hot} cold {cold}");
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let s = Sampler::new(&params(|p| p.repetition_penalty = 2.0));
+        let mut l = [4.0, -4.0, 4.0];
+        s.apply_penalties(&mut l, &[0], &[1]);
+        assert_eq!(l, [2.0, -8.0, 4.0]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_openai() {
+        let s = Sampler::new(&params(|p| {
+            p.presence_penalty = 0.5;
+            p.frequency_penalty = 0.25;
+        }));
+        let mut l = [1.0, 1.0, 1.0];
+        // Prompt tokens are not penalized; token 1 appears 3 times in the output.
+        s.apply_penalties(&mut l, &[0, 0], &[1, 1, 1]);
+        assert_eq!(l, [1.0, 1.0 - 0.75 - 0.5, 1.0]);
+    }
+
+    #[test]
+    fn logit_bias_can_force_or_ban_a_token() {
+        let mut s = Sampler::new(&SamplingParams {
+            logit_bias: vec![(2, 100.0)],
+            ..SamplingParams::greedy(1)
+        });
+        assert_eq!(s.sample(&mut [5.0, 4.0, 0.0], &[], &[]), 2);
+        let mut s = Sampler::new(&SamplingParams {
+            logit_bias: vec![(0, -100.0)],
+            ..SamplingParams::greedy(1)
+        });
+        assert_eq!(s.sample(&mut [5.0, 4.0, 0.0], &[], &[]), 1);
+    }
+
+    #[test]
+    fn logprob_is_log_softmax() {
+        let lp = logprob(&[0.0, 0.0], 0);
+        assert!((lp - (0.5f32).ln()).abs() < 1e-6);
+    }
+}

