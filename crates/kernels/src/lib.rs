@@ -6,6 +6,8 @@
 //! layouts documented on each function, so the engine crates stay free of candle.
 
 pub mod attention;
+pub mod quant;
 pub mod vec;
 
 pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvLayout};
+pub use quant::{qmatmul, qmatmul_reference, QMatrix, QuantFormat};

@@ -8,16 +8,17 @@
 //!   x ─ rms_norm ─ gate,up proj ─ silu(gate)·up ─ down proj ─(+)─
 //! ```
 //!
-//! Matmuls go through candle's `QMatMul` (quantized weights, or f32 when loaded with `dequantize`); the
-//! attention and cache writes are plain slices handled by `mlx_serving_kernels`.
+//! Activations are plain f32 slices. Matmuls with Q4_1/Q8_0 weights use our f32-activation kernel; other
+//! formats (and f32 weights when loaded with `dequantize`) go through candle's `QMatMul`. Attention and
+//! cache writes are handled by `mlx_serving_kernels`.
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, PagedKvCache};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use mlx_serving_kernels::{paged_attention, AttnSeq};
+use mlx_serving_kernels::{paged_attention, qmatmul, AttnSeq, QMatrix, QuantFormat};
 use std::path::Path;
 
 #[derive(Clone, Debug, Default)]
@@ -27,15 +28,37 @@ pub struct LoadOptions {
     pub dequantize: bool,
 }
 
+/// A weight matrix `[out, in]`: our f32-activation kernel where it covers the format, candle otherwise.
+enum Weight {
+    Kernel(QMatrix),
+    Candle(QMatMul),
+}
+
+impl Weight {
+    /// `x` is `[n, in]`; returns `[n, out]`.
+    fn forward(&self, x: &[f32], n: usize, device: &Device) -> Result<Vec<f32>> {
+        match self {
+            Self::Kernel(w) => {
+                let mut y = vec![0f32; n * w.rows()];
+                qmatmul(w, x, &mut y);
+                Ok(y)
+            }
+            Self::Candle(w) => {
+                let xt = Tensor::from_slice(x, (n, x.len() / n), device)?;
+                Ok(w.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Vec<f32>>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Vec<f32>> {
-        let y = self.weight.forward(x)?;
-        let mut y = y.flatten_all()?.to_vec1::<f32>()?;
+    fn forward(&self, x: &[f32], n: usize, device: &Device) -> Result<Vec<f32>> {
+        let mut y = self.weight.forward(x, n, device)?;
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(b.len()) {
                 for (yi, bi) in row.iter_mut().zip(b) {
@@ -48,24 +71,25 @@ impl Linear {
 }
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     q: Linear,
     k: Linear,
     v: Linear,
-    o: QMatMul,
-    ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    o: Weight,
+    ffn_norm: Vec<f32>,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
 }
 
 pub struct Model {
     cfg: ModelConfig,
     device: Device,
-    embed: Tensor,
+    /// Token embeddings, dequantized: `[vocab, hidden]`.
+    embed: Vec<f32>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: QMatMul,
+    norm: Vec<f32>,
+    lm_head: Weight,
     inv_freq: Vec<f32>,
 }
 
@@ -87,13 +111,14 @@ impl Model {
     pub fn from_gguf(g: &mut GgufFile, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::from_gguf(g)?;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
-        let matmul = |g: &mut GgufFile, name: &str, shape: &[usize]| -> Result<QMatMul> {
+        let matmul = |g: &mut GgufFile, name: &str, shape: &[usize]| -> Result<Weight> {
             let qt = g.tensor(name, shape, device)?;
             to_matmul(g, name, qt, opts)
         };
         let embed_q = g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?;
         let embed = embed_q
             .dequantize(device)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
             .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))?;
         let lm_head = if cfg.tie_word_embeddings {
             to_matmul(g, "token_embd.weight", embed_q, opts)?
@@ -122,18 +147,18 @@ impl Model {
                 bias: bias(g, "attn_v", cfg.kv_size())?,
             };
             layers.push(Layer {
-                attn_norm: norm(g, &format!("{p}.attn_norm.weight"), h, device)?,
+                attn_norm: vector(g, &format!("{p}.attn_norm.weight"), h, device)?,
                 q,
                 k,
                 v,
                 o: matmul(g, &format!("{p}.attn_output.weight"), &[h, cfg.q_size()])?,
-                ffn_norm: norm(g, &format!("{p}.ffn_norm.weight"), h, device)?,
+                ffn_norm: vector(g, &format!("{p}.ffn_norm.weight"), h, device)?,
                 gate: matmul(g, &format!("{p}.ffn_gate.weight"), &[ffn, h])?,
                 up: matmul(g, &format!("{p}.ffn_up.weight"), &[ffn, h])?,
                 down: matmul(g, &format!("{p}.ffn_down.weight"), &[h, ffn])?,
             });
         }
-        let norm = norm(g, "output_norm.weight", h, device)?;
+        let norm = vector(g, "output_norm.weight", h, device)?;
         // inv_freq[i] = theta^(-2i/d), as transformers computes it, rounded to f32.
         let inv_freq = (0..cfg.rope_dim / 2)
             .map(|i| {
@@ -160,10 +185,13 @@ impl Model {
     pub fn forward(&self, batch: &BatchInput<'_>, cache: &mut PagedKvCache) -> Result<Vec<f32>> {
         batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size)?;
         let cfg = &self.cfg;
+        let dev = &self.device;
         let n = batch.token_ids.len();
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let ids = Tensor::new(batch.token_ids, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let mut x = Vec::with_capacity(n * h);
+        for &t in batch.token_ids {
+            x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+        }
         let (cos, sin) = self.rope_tables(batch.positions);
         let layout = cache.layout();
         let mut row = 0;
@@ -171,23 +199,19 @@ impl Model {
             .seqs
             .iter()
             .map(|s| {
-                let a = AttnSeq {
-                    query_start: row,
-                    query_len: s.query_len,
-                    context_len: s.context_len,
-                    block_table: s.block_table,
-                };
+                let a = AttnSeq { query_start: row, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table };
                 row += s.query_len;
                 a
             })
             .collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let mut attn = vec![0f32; n * nh * hd];
+        let mut hn = vec![0f32; n * h];
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps)?;
-            let mut q = layer.q.forward(&hn)?;
-            let mut k = layer.k.forward(&hn)?;
-            let v = layer.v.forward(&hn)?;
+            rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut hn);
+            let mut q = layer.q.forward(&hn, n, dev)?;
+            let mut k = layer.k.forward(&hn, n, dev)?;
+            let v = layer.v.forward(&hn, n, dev)?;
             self.apply_rope(&mut q, nh, &cos, &sin);
             self.apply_rope(&mut k, nkv, &cos, &sin);
             for (t, &slot) in batch.slot_mapping.iter().enumerate() {
@@ -197,22 +221,26 @@ impl Model {
                 kv.v[dst..dst + nkv * hd].copy_from_slice(&v[src]);
             }
             paged_attention(&mut attn, &q, &kv.k, &kv.v, layout, nh, &seqs, scale);
-            let a = Tensor::from_slice(&attn, (n, nh * hd), &self.device)?;
-            x = (x + layer.o.forward(&a)?)?;
-            let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps)?;
-            let g = layer.gate.forward(&hn)?;
-            let u = layer.up.forward(&hn)?;
-            let m = (candle_nn::ops::silu(&g)? * u)?;
-            x = (x + layer.down.forward(&m)?)?;
+            add_assign(&mut x, &layer.o.forward(&attn, n, dev)?);
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hn);
+            let mut gate = layer.gate.forward(&hn, n, dev)?;
+            let up = layer.up.forward(&hn, n, dev)?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            add_assign(&mut x, &layer.down.forward(&gate, n, dev)?);
         }
-        if batch.logits_indices.is_empty() {
+        let m = batch.logits_indices.len();
+        if m == 0 {
             return Ok(Vec::new());
         }
-        let rows = Tensor::new(batch.logits_indices, &self.device)?;
-        let last = x.index_select(&rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, cfg.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&last)?;
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        let mut last = Vec::with_capacity(m * h);
+        for &r in batch.logits_indices {
+            last.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
+        }
+        let mut normed = vec![0f32; m * h];
+        rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut normed);
+        self.lm_head.forward(&normed, m, dev)
     }
 
     /// cos/sin per token and frequency, `[n, rope_dim / 2]`.
@@ -261,25 +289,45 @@ impl Model {
     }
 }
 
-fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<QMatMul> {
+fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
+    let bad = |e: String| g.bad_tensor(name, e);
     if opts.dequantize {
-        let t = qt
-            .dequantize(&qt.device())
-            .map_err(|e| g.bad_tensor(name, e.to_string()))?;
-        Ok(QMatMul::Tensor(t))
-    } else {
-        QMatMul::from_qtensor(qt).map_err(|e| g.bad_tensor(name, e.to_string()))
+        let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
+        return Ok(Weight::Candle(QMatMul::Tensor(t)));
+    }
+    let format = match qt.dtype() {
+        GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
+        _ => None,
+    };
+    match (format, qt.shape().dims()) {
+        (Some(format), &[rows, cols]) => {
+            let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
+            QMatrix::new(format, rows, cols, data).map(Weight::Kernel).map_err(|e| bad(e.to_string()))
+        }
+        _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
     }
 }
 
-fn norm(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor> {
+fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
     let qt = g.tensor(name, &[n], device)?;
-    qt.dequantize(device)
-        .map_err(|e| g.bad_tensor(name, e.to_string()))
+    qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
 }
 
-fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
-    let t = norm(g, name, n, device)?;
-    t.to_vec1::<f32>()
-        .map_err(|e| g.bad_tensor(name, e.to_string()))
+/// `out = x / rms(x) * w` per row, as transformers computes it in f32.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, xi), wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = xi * inv * wi;
+        }
+    }
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
 }
