@@ -25,6 +25,14 @@ pub enum QuantFormat {
 }
 
 impl QuantFormat {
+    /// Bytes of quantized values per block once scales are split out.
+    fn qs_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 16,
+            Self::Q8_0 => 32,
+        }
+    }
+
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_1 => 20,
@@ -33,13 +41,16 @@ impl QuantFormat {
     }
 }
 
-/// A `[rows, cols]` weight matrix stored row by row in GGUF blocks.
+/// A `[rows, cols]` weight matrix, repacked at load from GGUF blocks: per-block scales (and mins) as f32,
+/// quantized values contiguous per row (Q4_1: 16 bytes per block, nibbles as in GGUF; Q8_0: 32 bytes).
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     format: QuantFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+    qs: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,15 +58,30 @@ pub struct QMatrix {
 pub struct QuantError(String);
 
 impl QMatrix {
+    /// Takes the tensor's raw GGUF bytes.
     pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
         if cols % BLOCK != 0 {
             return Err(QuantError(format!("{cols} columns is not a multiple of {BLOCK}")));
         }
-        let want = rows * cols / BLOCK * format.block_bytes();
+        let nblocks = rows * cols / BLOCK;
+        let want = nblocks * format.block_bytes();
         if data.len() != want {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
-        Ok(Self { format, rows, cols, data })
+        let mut scales = Vec::with_capacity(nblocks);
+        let mut mins = Vec::new();
+        let mut qs = Vec::with_capacity(nblocks * format.qs_bytes());
+        for blk in data.chunks_exact(format.block_bytes()) {
+            scales.push(f16_at(blk, 0));
+            match format {
+                QuantFormat::Q4_1 => {
+                    mins.push(f16_at(blk, 2));
+                    qs.extend_from_slice(&blk[4..20]);
+                }
+                QuantFormat::Q8_0 => qs.extend_from_slice(&blk[2..34]),
+            }
+        }
+        Ok(Self { format, rows, cols, scales, mins, qs })
     }
 
     pub fn rows(&self) -> usize {
@@ -70,32 +96,91 @@ impl QMatrix {
         self.format
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.format.block_bytes()
+    fn blocks_per_row(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    fn row(&self, r: usize) -> RowRef<'_> {
+        let nb = self.blocks_per_row();
+        let qb = self.format.qs_bytes();
+        RowRef {
+            format: self.format,
+            scales: &self.scales[r * nb..(r + 1) * nb],
+            mins: if self.mins.is_empty() { &[] } else { &self.mins[r * nb..(r + 1) * nb] },
+            qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
+        }
     }
 
     /// Row `r` dequantized into `out` (`cols` floats).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        let bb = self.format.block_bytes();
-        for (b, blk) in row.chunks_exact(bb).enumerate() {
+        self.row(r).dequantize(out);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct RowRef<'a> {
+    format: QuantFormat,
+    scales: &'a [f32],
+    mins: &'a [f32],
+    qs: &'a [u8],
+}
+
+impl RowRef<'_> {
+    fn dequantize(&self, out: &mut [f32]) {
+        let qb = self.format.qs_bytes();
+        for (b, q) in self.qs.chunks_exact(qb).enumerate() {
             let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-            let d = f16_at(blk, 0);
+            let d = self.scales[b];
             match self.format {
                 QuantFormat::Q4_1 => {
-                    let m = f16_at(blk, 2);
+                    let m = self.mins[b];
                     for j in 0..16 {
-                        o[j] = d * (blk[4 + j] & 0xF) as f32 + m;
-                        o[j + 16] = d * (blk[4 + j] >> 4) as f32 + m;
+                        o[j] = d * (q[j] & 0xF) as f32 + m;
+                        o[j + 16] = d * (q[j] >> 4) as f32 + m;
                     }
                 }
                 QuantFormat::Q8_0 => {
                     for j in 0..32 {
-                        o[j] = d * blk[2 + j] as i8 as f32;
+                        o[j] = d * q[j] as i8 as f32;
                     }
                 }
             }
         }
+    }
+
+    /// `Σ w·x` for this row, given `x`'s per-block sums (used for the Q4_1 minimums).
+    #[inline]
+    fn dot(&self, x: &[f32], xsum: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if simd::has_avx2() {
+            // SAFETY: AVX2 and FMA were detected at run time; slices are sized by the caller (cols floats).
+            return unsafe { simd::row_dot_avx2(*self, x, xsum) };
+        }
+        self.dot_scalar(x, xsum)
+    }
+
+    fn dot_scalar(&self, x: &[f32], xsum: &[f32]) -> f32 {
+        let qb = self.format.qs_bytes();
+        let mut s = 0f32;
+        for (b, q) in self.qs.chunks_exact(qb).enumerate() {
+            let xb = &x[b * BLOCK..(b + 1) * BLOCK];
+            let mut acc = 0f32;
+            match self.format {
+                QuantFormat::Q4_1 => {
+                    for j in 0..16 {
+                        acc += (q[j] & 0xF) as f32 * xb[j] + (q[j] >> 4) as f32 * xb[j + 16];
+                    }
+                    s += self.scales[b] * acc + self.mins[b] * xsum[b];
+                }
+                QuantFormat::Q8_0 => {
+                    for j in 0..32 {
+                        acc += q[j] as i8 as f32 * xb[j];
+                    }
+                    s += self.scales[b] * acc;
+                }
+            }
+        }
+        s
     }
 }
 
@@ -104,80 +189,105 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// `Σ q[j]·x[j]` over one Q4_1 block's 32 nibbles.
-#[inline(always)]
-fn q4_dot(qs: &[u8], x: &[f32]) -> f32 {
-    let (x_lo, x_hi) = (&x[..16], &x[16..32]);
-    let mut acc = [0f32; 16];
-    for j in 0..16 {
-        let q = qs[j];
-        acc[j] = (q & 0xF) as f32 * x_lo[j] + (q >> 4) as f32 * x_hi[j];
-    }
-    acc.iter().sum()
-}
-
-#[inline(always)]
-fn q8_dot(qs: &[u8], x: &[f32]) -> f32 {
-    let mut acc = [0f32; 32];
-    for j in 0..32 {
-        acc[j] = qs[j] as i8 as f32 * x[j];
-    }
-    acc.iter().sum()
-}
-
-/// Dot of weight row `row` (raw blocks) with activation row `x`, given `x`'s per-block sums.
-#[inline]
-fn row_dot(format: QuantFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    let bb = format.block_bytes();
-    let mut s = 0f32;
-    match format {
-        QuantFormat::Q4_1 => {
-            for (b, blk) in row.chunks_exact(bb).enumerate() {
-                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                s += d * q4_dot(&blk[4..20], &x[b * BLOCK..(b + 1) * BLOCK]) + m * xsum[b];
-            }
-        }
-        QuantFormat::Q8_0 => {
-            for (b, blk) in row.chunks_exact(bb).enumerate() {
-                s += f16_at(blk, 0) * q8_dot(&blk[2..34], &x[b * BLOCK..(b + 1) * BLOCK]);
-            }
-        }
-    }
-    s
-}
-
 /// Rows of weights per parallel task: large enough to amortize scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 32;
+const ROWS_PER_TASK: usize = 16;
 
 /// `y = x · wᵀ`: `x` is `[n, cols]`, `y` is `[n, rows]`, both row-major.
 ///
 /// Parallel over weight rows; each task reads its weight rows once and applies them to every activation row
-/// (the weight read is shared across the batch, which is where batching pays on a CPU).
+/// (the weight read is shared across the batch, which is where batching pays on a CPU). One row (decode):
+/// fused dequantize-and-dot. Several rows (prefill, batched decode): each weight row is dequantized once to
+/// f32 and dotted with the activation rows four at a time.
 pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
     let n = x.len() / k;
     assert_eq!(x.len(), n * k, "activation length");
     assert_eq!(y.len(), n * m, "output length");
-    let nb = k / BLOCK;
-    let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-    let rb = w.row_bytes();
+    if n == 1 {
+        let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = w.row(t * ROWS_PER_TASK + i).dot(x, &xsum);
+            }
+        });
+        return;
+    }
     // yt is [m, n]: each task owns a contiguous run of output features.
     let mut yt = vec![0f32; m * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
-        let r0 = t * ROWS_PER_TASK;
-        for (i, o) in out.chunks_exact_mut(n).enumerate() {
-            let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
-            for (t, ot) in o.iter_mut().enumerate() {
-                *ot = row_dot(w.format, row, &x[t * k..(t + 1) * k], &xsum[t * nb..(t + 1) * nb]);
+    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each_init(
+        || vec![0f32; k],
+        |wrow, (t, out)| {
+            for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
+                crate::vec::dot_many(wrow, x, o);
             }
+        },
+    );
+    for (r, col) in yt.chunks_exact(n).enumerate() {
+        for (t, v) in col.iter().enumerate() {
+            y[t * m + r] = *v;
         }
-    });
-    if n == 1 {
-        y.copy_from_slice(&yt);
-    } else {
-        for (r, col) in yt.chunks_exact(n).enumerate() {
-            for (t, v) in col.iter().enumerate() {
-                y[t * m + r] = *v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{QuantFormat, RowRef, BLOCK};
+    use std::arch::x86_64::*;
+
+    pub use crate::vec::simd::{has_avx2, hsum};
+
+    /// Eight bytes (the low half of `v`) widened to f32.
+    #[inline(always)]
+    unsafe fn u8x8_to_ps(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    #[inline(always)]
+    unsafe fn i8x8_to_ps(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+    }
+
+    /// SAFETY (caller): AVX2 and FMA available; `x` holds `row.scales.len() * 32` floats and `xsum` one sum
+    /// per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_dot_avx2(row: RowRef<'_>, x: &[f32], xsum: &[f32]) -> f32 {
+        let nb = row.scales.len();
+        debug_assert!(x.len() >= nb * BLOCK);
+        let xp = x.as_ptr();
+        let qp = row.qs.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        match row.format {
+            QuantFormat::Q4_1 => {
+                let mask = _mm_set1_epi8(0x0F);
+                let mut mins = 0f32;
+                for b in 0..nb {
+                    let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    let xb = xp.add(b * BLOCK);
+                    let mut s = _mm256_mul_ps(u8x8_to_ps(lo), _mm256_loadu_ps(xb));
+                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(u8x8_to_ps(hi), _mm256_loadu_ps(xb.add(16)), s);
+                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xb.add(24)), s);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
+                    mins += *row.mins.get_unchecked(b) * *xsum.get_unchecked(b);
+                }
+                hsum(acc) + mins
+            }
+            QuantFormat::Q8_0 => {
+                for b in 0..nb {
+                    let q = _mm256_loadu_si256(qp.add(b * 32) as *const __m256i);
+                    let q0 = _mm256_castsi256_si128(q);
+                    let q1 = _mm256_extracti128_si256(q, 1);
+                    let xb = xp.add(b * BLOCK);
+                    let mut s = _mm256_mul_ps(i8x8_to_ps(q0), _mm256_loadu_ps(xb));
+                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(i8x8_to_ps(q1), _mm256_loadu_ps(xb.add(16)), s);
+                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(xb.add(24)), s);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
+                }
+                hsum(acc)
             }
         }
     }

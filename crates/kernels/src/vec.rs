@@ -1,14 +1,21 @@
-//! Small vector primitives written so that LLVM vectorizes them (fixed-width lanes, no bounds checks in
-//! the inner loop).
+//! Small f32 vector primitives, with AVX2+FMA paths picked at run time and plain fallbacks.
 
 const LANES: usize = 16;
 
 /// Dot product of two equal-length slices.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
     let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2() {
+        // SAFETY: AVX2/FMA detected; both slices hold at least `n` floats.
+        return unsafe { simd::dot_avx2(a.as_ptr(), b.as_ptr(), n) };
+    }
+    dot_scalar(&a[..n], &b[..n])
+}
+
+fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
     let mut acc = [0f32; LANES];
     let chunks = n / LANES;
     for c in 0..chunks {
@@ -25,12 +32,106 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s + acc.iter().sum::<f32>()
 }
 
+/// `out[t] = w · x[t]` for each row `t` of `x` (`[out.len(), w.len()]`), reusing each load of `w` across
+/// four rows at a time.
+pub fn dot_many(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = w.len();
+    assert_eq!(x.len(), k * out.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2() {
+        // SAFETY: AVX2/FMA detected; `x` holds `out.len()` rows of `k` floats (asserted above).
+        unsafe { simd::dot_many_avx2(w, x, out) };
+        return;
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = dot_scalar(w, &x[t * k..(t + 1) * k]);
+    }
+}
+
 /// `y += alpha * x`.
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     debug_assert_eq!(x.len(), y.len());
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn has_avx2() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    #[inline(always)]
+    pub unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// SAFETY (caller): AVX2/FMA available; `a` and `b` point to `n` readable floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), _mm256_loadu_ps(b.add(i + 8)), acc1);
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += *a.add(i) * *b.add(i);
+            i += 1;
+        }
+        s
+    }
+
+    /// SAFETY (caller): AVX2/FMA available; `x.len() == w.len() * out.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_many_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let wp = w.as_ptr();
+        let rows = out.len();
+        let mut t = 0;
+        while t + 4 <= rows {
+            let x0 = x.as_ptr().add(t * k);
+            let (x1, x2, x3) = (x0.add(k), x0.add(2 * k), x0.add(3 * k));
+            let (mut a0, mut a1, mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 8 <= k {
+                let wv = _mm256_loadu_ps(wp.add(i));
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0.add(i)), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1.add(i)), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2.add(i)), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3.add(i)), a3);
+                i += 8;
+            }
+            let mut s = [hsum(a0), hsum(a1), hsum(a2), hsum(a3)];
+            while i < k {
+                let wv = *wp.add(i);
+                s[0] += wv * *x0.add(i);
+                s[1] += wv * *x1.add(i);
+                s[2] += wv * *x2.add(i);
+                s[3] += wv * *x3.add(i);
+                i += 1;
+            }
+            out[t..t + 4].copy_from_slice(&s);
+            t += 4;
+        }
+        while t < rows {
+            out[t] = dot_avx2(wp, x.as_ptr().add(t * k), k);
+            t += 1;
+        }
     }
 }
 
@@ -45,6 +146,20 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - naive).abs() < 1e-4, "n={n}");
+            assert!((dot_scalar(&a, &b) - naive).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn dot_many_matches_dot_for_any_row_count() {
+        for (k, rows) in [(3usize, 1usize), (64, 4), (37, 7), (96, 9)] {
+            let w: Vec<f32> = (0..k).map(|i| (i as f32 * 0.3).sin()).collect();
+            let x: Vec<f32> = (0..k * rows).map(|i| (i as f32 * 0.7).cos()).collect();
+            let mut out = vec![0f32; rows];
+            dot_many(&w, &x, &mut out);
+            for t in 0..rows {
+                assert!((out[t] - dot_scalar(&w, &x[t * k..(t + 1) * k])).abs() < 1e-4, "k={k} row {t}");
+            }
         }
     }
 }
