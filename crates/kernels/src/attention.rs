@@ -66,8 +66,8 @@ fn check(seqs: &[AttnSeq<'_>], layout: KvLayout, cache_len: usize) {
 
 /// Fast paged attention. `out` and `q` are `[num_tokens, num_heads, head_dim]`.
 ///
-/// Work is split over (token, head) pairs with rayon; each pair does one pass for scores, a softmax and
-/// one pass over V, with a per-thread scratch buffer.
+/// Work is split over (token, head) pairs with rayon; each pair does one pass over K for scores, a softmax
+/// and one pass over V, with a per-thread scratch buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     out: &mut [f32],
@@ -82,55 +82,62 @@ pub fn paged_attention(
     check(seqs, layout, k_cache.len().min(v_cache.len()));
     let hd = layout.head_dim;
     let group = num_heads / layout.num_kv_heads;
-    let row = num_heads * hd;
     // (seq index, query index) per token row.
-    let mut rows: Vec<(usize, usize)> = Vec::with_capacity(out.len() / row.max(1));
+    let mut rows: Vec<(usize, usize)> = Vec::with_capacity(out.len() / (num_heads * hd).max(1));
     for (si, s) in seqs.iter().enumerate() {
         for i in 0..s.query_len {
             rows.push((si, i));
         }
     }
-    let work = |(out_row, &(si, i)): (&mut [f32], &(usize, usize)), scores: &mut Vec<f32>| {
+    // One work item per (token, head): decode batches of a single sequence still spread over all threads.
+    let work = |(idx, oh): (usize, &mut [f32]), scores: &mut Vec<f32>| {
+        let (t_row, h) = (idx / num_heads, idx % num_heads);
+        let (si, i) = rows[t_row];
         let s = &seqs[si];
         let t = s.query_start + i;
         let ctx = s.context_len - s.query_len + i + 1;
-        for h in 0..num_heads {
-            let kvh = h / group;
-            let qh = &q[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in 0..ctx {
-                let slot = s.block_table[p / layout.block_size] as usize * layout.block_size
-                    + p % layout.block_size;
-                let o = layout.offset(slot, kvh);
+        let kvh = h / group;
+        let qh = &q[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd];
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for (b, &block) in s
+            .block_table
+            .iter()
+            .enumerate()
+            .take(ctx.div_ceil(layout.block_size))
+        {
+            let first = b * layout.block_size;
+            for p in first..(first + layout.block_size).min(ctx) {
+                let o = layout.offset(block as usize * layout.block_size + p - first, kvh);
                 let sc = dot(qh, &k_cache[o..o + hd]) * scale;
                 max = max.max(sc);
                 scores.push(sc);
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            let oh = &mut out_row[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                let slot = s.block_table[p / layout.block_size] as usize * layout.block_size
-                    + p % layout.block_size;
-                let o = layout.offset(slot, kvh);
-                axpy(oh, w * inv, &v_cache[o..o + hd]);
-            }
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        oh.fill(0.0);
+        for (p, &w) in scores.iter().enumerate() {
+            let slot = s.block_table[p / layout.block_size] as usize * layout.block_size
+                + p % layout.block_size;
+            let o = layout.offset(slot, kvh);
+            axpy(oh, w * inv, &v_cache[o..o + hd]);
         }
     };
-    if rows.len() <= 1 {
+    let items = rows.len() * num_heads;
+    let out = &mut out[..items * hd];
+    if items <= 1 {
         let mut scores = Vec::new();
-        for item in out.chunks_mut(row).zip(rows.iter()) {
+        for item in out.chunks_mut(hd).enumerate() {
             work(item, &mut scores);
         }
     } else {
-        out.par_chunks_mut(row)
-            .zip(rows.par_iter())
+        out.par_chunks_mut(hd)
+            .enumerate()
             .for_each_init(Vec::new, |scores, item| work(item, scores));
     }
 }

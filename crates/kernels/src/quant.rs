@@ -59,14 +59,24 @@ pub struct QuantError(String);
 
 impl QMatrix {
     /// Takes the tensor's raw GGUF bytes.
-    pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
-        if cols % BLOCK != 0 {
-            return Err(QuantError(format!("{cols} columns is not a multiple of {BLOCK}")));
+    pub fn new(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, QuantError> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(QuantError(format!(
+                "{cols} columns is not a multiple of {BLOCK}"
+            )));
         }
         let nblocks = rows * cols / BLOCK;
         let want = nblocks * format.block_bytes();
         if data.len() != want {
-            return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
+            return Err(QuantError(format!(
+                "{format:?} [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            )));
         }
         let mut scales = Vec::with_capacity(nblocks);
         let mut mins = Vec::new();
@@ -81,7 +91,14 @@ impl QMatrix {
                 QuantFormat::Q8_0 => qs.extend_from_slice(&blk[2..34]),
             }
         }
-        Ok(Self { format, rows, cols, scales, mins, qs })
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            scales,
+            mins,
+            qs,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -106,7 +123,11 @@ impl QMatrix {
         RowRef {
             format: self.format,
             scales: &self.scales[r * nb..(r + 1) * nb],
-            mins: if self.mins.is_empty() { &[] } else { &self.mins[r * nb..(r + 1) * nb] },
+            mins: if self.mins.is_empty() {
+                &[]
+            } else {
+                &self.mins[r * nb..(r + 1) * nb]
+            },
             qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
         }
     }
@@ -205,24 +226,28 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     assert_eq!(y.len(), n * m, "output length");
     if n == 1 {
         let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = w.row(t * ROWS_PER_TASK + i).dot(x, &xsum);
-            }
-        });
+        y.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(t, out)| {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = w.row(t * ROWS_PER_TASK + i).dot(x, &xsum);
+                }
+            });
         return;
     }
     // yt is [m, n]: each task owns a contiguous run of output features.
     let mut yt = vec![0f32; m * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each_init(
-        || vec![0f32; k],
-        |wrow, (t, out)| {
-            for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
-                crate::vec::dot_many(wrow, x, o);
-            }
-        },
-    );
+    yt.par_chunks_mut(ROWS_PER_TASK * n)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; k],
+            |wrow, (t, out)| {
+                for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                    w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
+                    crate::vec::dot_many(wrow, x, o);
+                }
+            },
+        );
     for (r, col) in yt.chunks_exact(n).enumerate() {
         for (t, v) in col.iter().enumerate() {
             y[t * m + r] = *v;
@@ -267,9 +292,17 @@ mod simd {
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
                     let xb = xp.add(b * BLOCK);
                     let mut s = _mm256_mul_ps(u8x8_to_ps(lo), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(
+                        u8x8_to_ps(_mm_srli_si128(lo, 8)),
+                        _mm256_loadu_ps(xb.add(8)),
+                        s,
+                    );
                     s = _mm256_fmadd_ps(u8x8_to_ps(hi), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xb.add(24)), s);
+                    s = _mm256_fmadd_ps(
+                        u8x8_to_ps(_mm_srli_si128(hi, 8)),
+                        _mm256_loadu_ps(xb.add(24)),
+                        s,
+                    );
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
                     mins += *row.mins.get_unchecked(b) * *xsum.get_unchecked(b);
                 }
@@ -282,9 +315,17 @@ mod simd {
                     let q1 = _mm256_extracti128_si256(q, 1);
                     let xb = xp.add(b * BLOCK);
                     let mut s = _mm256_mul_ps(i8x8_to_ps(q0), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(
+                        i8x8_to_ps(_mm_srli_si128(q0, 8)),
+                        _mm256_loadu_ps(xb.add(8)),
+                        s,
+                    );
                     s = _mm256_fmadd_ps(i8x8_to_ps(q1), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(xb.add(24)), s);
+                    s = _mm256_fmadd_ps(
+                        i8x8_to_ps(_mm_srli_si128(q1, 8)),
+                        _mm256_loadu_ps(xb.add(24)),
+                        s,
+                    );
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
                 }
                 hsum(acc)
@@ -301,7 +342,11 @@ pub fn qmatmul_reference(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     for r in 0..m {
         w.dequantize_row(r, &mut row);
         for t in 0..n {
-            y[t * m + r] = row.iter().zip(&x[t * k..(t + 1) * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+            y[t * m + r] = row
+                .iter()
+                .zip(&x[t * k..(t + 1) * k])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>() as f32;
         }
     }
 }
@@ -313,7 +358,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
         fn f32(&mut self) -> f32 {
@@ -339,15 +387,28 @@ mod tests {
     fn fast_matches_reference_for_each_format_and_batch_size() {
         let mut rng = Lcg(9);
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            for &(rows, cols, n) in &[(1, 32, 1), (33, 64, 1), (70, 576, 3), (96, 1536, 7), (40, 96, 64)] {
+            for &(rows, cols, n) in &[
+                (1, 32, 1),
+                (33, 64, 1),
+                (70, 576, 3),
+                (96, 1536, 7),
+                (40, 96, 64),
+            ] {
                 let w = random_matrix(&mut rng, format, rows, cols);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
                 let (mut fast, mut slow) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 qmatmul(&w, &x, &mut fast);
                 qmatmul_reference(&w, &x, &mut slow);
                 let scale = slow.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
-                let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(err <= 1e-4 * scale, "{format:?} [{rows},{cols}] n={n}: error {err} at scale {scale}");
+                let err = fast
+                    .iter()
+                    .zip(&slow)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{format:?} [{rows},{cols}] n={n}: error {err} at scale {scale}"
+                );
             }
         }
     }

@@ -187,7 +187,12 @@ impl Model {
         let cfg = &self.cfg;
         let dev = &self.device;
         let n = batch.token_ids.len();
-        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+        );
         let mut x = Vec::with_capacity(n * h);
         for &t in batch.token_ids {
             x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
@@ -199,7 +204,12 @@ impl Model {
             .seqs
             .iter()
             .map(|s| {
-                let a = AttnSeq { query_start: row, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table };
+                let a = AttnSeq {
+                    query_start: row,
+                    query_len: s.query_len,
+                    context_len: s.context_len,
+                    block_table: s.block_table,
+                };
                 row += s.query_len;
                 a
             })
@@ -292,7 +302,9 @@ impl Model {
 fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
     let bad = |e: String| g.bad_tensor(name, e);
     if opts.dequantize {
-        let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
+        let t = qt
+            .dequantize(&qt.device())
+            .map_err(|e| bad(e.to_string()))?;
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
     let format = match qt.dtype() {
@@ -303,15 +315,21 @@ fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Resul
     match (format, qt.shape().dims()) {
         (Some(format), &[rows, cols]) => {
             let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
-            QMatrix::new(format, rows, cols, data).map(Weight::Kernel).map_err(|e| bad(e.to_string()))
+            QMatrix::new(format, rows, cols, data)
+                .map(Weight::Kernel)
+                .map_err(|e| bad(e.to_string()))
         }
-        _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
+        _ => QMatMul::from_qtensor(qt)
+            .map(Weight::Candle)
+            .map_err(|e| bad(e.to_string())),
     }
 }
 
 fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
     let qt = g.tensor(name, &[n], device)?;
-    qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
+    qt.dequantize(device)
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| g.bad_tensor(name, e.to_string()))
 }
 
 /// `out = x / rms(x) * w` per row, as transformers computes it in f32.
