@@ -89,56 +89,54 @@ pub fn paged_attention(
             rows.push((si, i));
         }
     }
-    // One work item per (token, head): decode batches of a single sequence still spread over all threads.
-    let work = |(idx, oh): (usize, &mut [f32]), scores: &mut Vec<f32>| {
-        let (t_row, h) = (idx / num_heads, idx % num_heads);
+    // One work item per (token, kv head): the query heads sharing a kv head (GQA) read each K/V row once.
+    // Decode batches of a single sequence still spread over the threads.
+    let work = |(idx, out_g): (usize, &mut [f32]), scores: &mut Vec<f32>| {
+        let (t_row, kvh) = (idx / layout.num_kv_heads, idx % layout.num_kv_heads);
         let (si, i) = rows[t_row];
         let s = &seqs[si];
         let t = s.query_start + i;
         let ctx = s.context_len - s.query_len + i + 1;
-        let kvh = h / group;
-        let qh = &q[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd];
+        let q0 = (t * num_heads + kvh * group) * hd;
+        let qg = &q[q0..q0 + group * hd];
         scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for (b, &block) in s
-            .block_table
-            .iter()
-            .enumerate()
-            .take(ctx.div_ceil(layout.block_size))
-        {
-            let first = b * layout.block_size;
-            for p in first..(first + layout.block_size).min(ctx) {
-                let o = layout.offset(block as usize * layout.block_size + p - first, kvh);
-                let sc = dot(qh, &k_cache[o..o + hd]) * scale;
-                max = max.max(sc);
-                scores.push(sc);
+        scores.resize(group * ctx, 0.0);
+        let slot_of = |p: usize| s.block_table[p / layout.block_size] as usize * layout.block_size + p % layout.block_size;
+        for p in 0..ctx {
+            let o = layout.offset(slot_of(p), kvh);
+            let k = &k_cache[o..o + hd];
+            for g in 0..group {
+                scores[g * ctx + p] = dot(&qg[g * hd..(g + 1) * hd], k) * scale;
             }
         }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
+        for sc in scores.chunks_exact_mut(ctx) {
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in sc.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            sc.iter_mut().for_each(|x| *x *= inv);
         }
-        let inv = 1.0 / sum;
-        oh.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            let slot = s.block_table[p / layout.block_size] as usize * layout.block_size
-                + p % layout.block_size;
-            let o = layout.offset(slot, kvh);
-            axpy(oh, w * inv, &v_cache[o..o + hd]);
+        out_g.fill(0.0);
+        for p in 0..ctx {
+            let o = layout.offset(slot_of(p), kvh);
+            let v = &v_cache[o..o + hd];
+            for (g, oh) in out_g.chunks_exact_mut(hd).enumerate() {
+                axpy(oh, scores[g * ctx + p], v);
+            }
         }
     };
-    let items = rows.len() * num_heads;
-    let out = &mut out[..items * hd];
+    let items = rows.len() * layout.num_kv_heads;
+    let out = &mut out[..items * group * hd];
     if items <= 1 {
         let mut scores = Vec::new();
-        for item in out.chunks_mut(hd).enumerate() {
+        for item in out.chunks_mut(group * hd).enumerate() {
             work(item, &mut scores);
         }
     } else {
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, item| work(item, scores));
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, item| work(item, scores));
     }
 }
 
