@@ -101,7 +101,10 @@ pub fn paged_attention(
         let qg = &q[q0..q0 + group * hd];
         scores.clear();
         scores.resize(group * ctx, 0.0);
-        let slot_of = |p: usize| s.block_table[p / layout.block_size] as usize * layout.block_size + p % layout.block_size;
+        let slot_of = |p: usize| {
+            s.block_table[p / layout.block_size] as usize * layout.block_size
+                + p % layout.block_size
+        };
         for p in 0..ctx {
             let o = layout.offset(slot_of(p), kvh);
             let k = &k_cache[o..o + hd];
@@ -136,7 +139,9 @@ pub fn paged_attention(
             work(item, &mut scores);
         }
     } else {
-        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, item| work(item, scores));
+        out.par_chunks_mut(group * hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, item| work(item, scores));
     }
 }
 
