@@ -13,7 +13,7 @@
 //! `query_len` positions, so query `i` sees positions `0 ..= context_len - query_len + i` (causal).
 //! Grouped-query attention: query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
 
-use crate::vec::{axpy, dot};
+use crate::vec::{axpy, dot_scalar as dot};
 use rayon::prelude::*;
 
 /// Shape of the paged cache for one layer.

@@ -14,7 +14,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_scalar(&a[..n], &b[..n])
 }
 
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len();
     let mut acc = [0f32; LANES];
     let chunks = n / LANES;
@@ -49,7 +50,7 @@ pub fn dot_many(w: &[f32], x: &[f32], out: &mut [f32]) {
 }
 
 /// `y += alpha * x`.
-#[inline]
+#[inline(always)]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     debug_assert_eq!(x.len(), y.len());
     for (yi, xi) in y.iter_mut().zip(x) {
