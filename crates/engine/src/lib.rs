@@ -1,9 +1,18 @@
-//! The engine core's vocabulary: per-request sampling parameters, finish reasons, and (with the batching
-//! work) the scheduler and the `EngineCore` loop.
+//! The engine core: requests, the scheduler, and the `EngineCore` loop on its own thread.
 //!
-//! Invariants: no tensors and no I/O here; everything is plain data so the scheduler compiles and tests in
-//! seconds. Must not know about: candle, tokenizers, HTTP.
+//! Invariants: no tensors and no I/O in the scheduler; everything is plain data so it compiles and tests in
+//! seconds. The model is reached only through the [`Executor`] trait. Must not know about: candle,
+//! tokenizers, HTTP.
 
+pub mod core;
 pub mod params;
+pub mod request;
+pub mod scheduler;
 
+pub use crate::core::{EngineCore, EngineHandle, Executor, ExecutorError};
 pub use params::{FinishReason, ParamError, SamplingParams};
+pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus};
+pub use scheduler::{
+    AddError, NewRequestData, RunnerOutput, ScheduledSeq, Scheduler, SchedulerConfig,
+    SchedulerOutput,
+};

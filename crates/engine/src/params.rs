@@ -11,8 +11,12 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached, or the model's context is full.
     Length,
-    /// The request was aborted (client went away).
+    /// The request was aborted (client went away, or a stop string matched downstream).
     Abort,
+    /// The request's deadline passed.
+    Timeout,
+    /// Executing a step that included this request failed; the engine itself keeps running.
+    Error,
 }
 
 impl FinishReason {
@@ -21,6 +25,8 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::Abort => "abort",
+            Self::Timeout => "timeout",
+            Self::Error => "error",
         }
     }
 }

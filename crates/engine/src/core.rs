@@ -1,0 +1,270 @@
+//! `EngineCore`: the loop that owns the scheduler and the executor on one thread, and the handle other
+//! threads use to talk to it.
+//!
+//! ```text
+//!   loop { drain commands → schedule() → executor.execute() → update_from_output() → send outputs }
+//! ```
+//!
+//! A failed or panicking step fails only the requests in it; the loop goes on. The loop stamps a heartbeat
+//! every iteration (and while idle) so liveness checks see a stuck engine.
+
+use crate::request::{EngineOutput, EngineRequest, RequestId};
+use crate::scheduler::{AddError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Runs scheduled batches on a model. Implemented by the runner; tests use fakes.
+pub trait Executor: Send + 'static {
+    fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError>;
+    /// Drops per-request state (the request finished, failed or was aborted).
+    fn remove_request(&mut self, id: RequestId);
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ExecutorError(pub String);
+
+enum Command {
+    Add(EngineRequest, UnboundedSender<EngineOutput>),
+    Abort(RequestId),
+}
+
+/// Counters the engine publishes for admission control, metrics and liveness.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Milliseconds since the engine started at its last loop iteration.
+    pub heartbeat_ms: AtomicU64,
+    /// Adds sent but not yet seen by the loop.
+    pub pending: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    /// KV cache usage in millionths.
+    pub kv_usage_ppm: AtomicU64,
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
+    pub steps: AtomicU64,
+    pub failed_steps: AtomicU64,
+}
+
+/// The engine's address: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Command>,
+    stats: Arc<EngineStats>,
+    cfg: Arc<SchedulerConfig>,
+    started: Instant,
+}
+
+impl EngineHandle {
+    /// Queues a request; refuses it at once when the waiting queue is full or the request can never run.
+    /// Outputs arrive on `sink`; dropping the receiver aborts the request.
+    pub fn add_request(
+        &self,
+        r: EngineRequest,
+        sink: UnboundedSender<EngineOutput>,
+    ) -> Result<(), AddError> {
+        let cfg = &self.cfg;
+        if r.prompt_token_ids.is_empty() {
+            return Err(AddError::EmptyPrompt);
+        }
+        let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
+        if prompt + max_tokens > cfg.max_model_len {
+            return Err(AddError::ContextLengthExceeded {
+                prompt,
+                max_tokens,
+                max_model_len: cfg.max_model_len,
+            });
+        }
+        let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst)
+            + self.stats.waiting.load(Ordering::SeqCst);
+        if queued >= cfg.max_waiting_requests {
+            self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(AddError::Overloaded(format!(
+                "{queued} requests already waiting"
+            )));
+        }
+        if self.tx.send(Command::Add(r, sink)).is_err() {
+            self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(AddError::Overloaded("engine stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Aborts a request and frees its KV blocks (a no-op if it already finished).
+    pub fn abort(&self, id: RequestId) {
+        // The loop may have exited; nothing left to free then.
+        let _ = self.tx.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Time since the loop last stamped its heartbeat.
+    pub fn heartbeat_age(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.stats.heartbeat_ms.load(Ordering::SeqCst)))
+    }
+}
+
+pub struct EngineCore<E: Executor> {
+    scheduler: Scheduler,
+    executor: E,
+    rx: Receiver<Command>,
+    sinks: HashMap<RequestId, UnboundedSender<EngineOutput>>,
+    stats: Arc<EngineStats>,
+    started: Instant,
+}
+
+impl<E: Executor> EngineCore<E> {
+    /// Starts the loop on its own thread. It stops when every handle is dropped.
+    pub fn spawn(cfg: SchedulerConfig, executor: E) -> (EngineHandle, JoinHandle<()>) {
+        let (tx, rx) = channel();
+        let stats = Arc::new(EngineStats::default());
+        let started = Instant::now();
+        let handle = EngineHandle {
+            tx,
+            stats: stats.clone(),
+            cfg: Arc::new(cfg.clone()),
+            started,
+        };
+        let mut core = EngineCore {
+            scheduler: Scheduler::new(cfg),
+            executor,
+            rx,
+            sinks: HashMap::new(),
+            stats,
+            started,
+        };
+        let join = std::thread::Builder::new()
+            .name("engine-core".into())
+            .spawn(move || core.run())
+            .expect("spawn engine thread");
+        (handle, join)
+    }
+
+    fn run(&mut self) {
+        loop {
+            self.beat();
+            if !self.scheduler.has_work() {
+                match self.rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.step();
+        }
+    }
+
+    fn beat(&self) {
+        self.stats
+            .heartbeat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add(r, sink) => {
+                self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+                let id = r.id;
+                match self.scheduler.add_request(r, Instant::now()) {
+                    Ok(()) => {
+                        self.sinks.insert(id, sink);
+                    }
+                    Err(e) => {
+                        let _ = sink.send(EngineOutput {
+                            id,
+                            new_token_ids: Vec::new(),
+                            finish_reason: Some(crate::FinishReason::Error),
+                            num_cached_tokens: None,
+                            error: Some(e.to_string()),
+                        });
+                    }
+                }
+            }
+            Command::Abort(id) => {
+                if let Some(out) = self.scheduler.abort(id) {
+                    self.deliver(out);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// One engine step.
+    fn step(&mut self) {
+        let sched = self.scheduler.schedule(Instant::now());
+        for out in sched.finished.clone() {
+            self.deliver(out);
+        }
+        if sched.seqs.is_empty() {
+            self.publish();
+            if self.scheduler.has_work() {
+                // Nothing fits this step (all blocks held); wait for a command rather than spin.
+                if let Ok(cmd) = self.rx.recv_timeout(Duration::from_millis(10)) {
+                    self.handle(cmd);
+                }
+            }
+            return;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| self.executor.execute(&sched)));
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let outputs = match result {
+            Ok(Ok(run)) => self.scheduler.update_from_output(&sched, &run),
+            Ok(Err(e)) => self.fail_step(&sched, &format!("step failed: {e}")),
+            Err(_) => self.fail_step(&sched, "internal error while executing the step"),
+        };
+        for out in outputs {
+            self.deliver(out);
+        }
+        self.publish();
+    }
+
+    fn fail_step(&mut self, sched: &SchedulerOutput, msg: &str) -> Vec<EngineOutput> {
+        self.stats.failed_steps.fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<RequestId> = sched.seqs.iter().map(|s| s.id).collect();
+        self.scheduler.fail(&ids, msg)
+    }
+
+    fn deliver(&mut self, out: EngineOutput) {
+        let id = out.id;
+        let finished = out.finish_reason.is_some();
+        let delivered = self.sinks.get(&id).is_some_and(|s| s.send(out).is_ok());
+        if finished {
+            self.sinks.remove(&id);
+            self.executor.remove_request(id);
+        } else if !delivered {
+            // The receiver is gone (client disconnected): stop generating and free the blocks now.
+            self.sinks.remove(&id);
+            self.scheduler.abort(id);
+            self.executor.remove_request(id);
+        }
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.waiting
+            .store(self.scheduler.num_waiting(), Ordering::SeqCst);
+        s.running
+            .store(self.scheduler.num_running(), Ordering::SeqCst);
+        let kv = self.scheduler.kv();
+        s.kv_usage_ppm
+            .store((kv.usage() * 1e6) as u64, Ordering::Relaxed);
+        s.prefix_queries.store(kv.prefix_queries, Ordering::Relaxed);
+        s.prefix_hits.store(kv.prefix_hits, Ordering::Relaxed);
+    }
+}

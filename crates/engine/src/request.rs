@@ -1,0 +1,113 @@
+//! Requests as the engine sees them: token ids, sampling parameters, priority, progress.
+
+use crate::params::{FinishReason, SamplingParams};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// Scheduling class, most urgent first (the original system's four classes).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Critical = 0,
+    High = 1,
+    #[default]
+    Normal = 2,
+    Low = 3,
+}
+
+impl Priority {
+    pub fn rank(self) -> u32 {
+        self as u32
+    }
+}
+
+/// What a caller submits.
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    pub id: RequestId,
+    pub prompt_token_ids: Vec<u32>,
+    pub params: Arc<SamplingParams>,
+    pub priority: Priority,
+    /// Finish with `FinishReason::Timeout` if not done by then.
+    pub deadline: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestStatus {
+    Waiting,
+    Running,
+    /// Blocks taken back for another request; waits to recompute its tokens.
+    Preempted,
+}
+
+/// A request inside the scheduler.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub id: RequestId,
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    pub num_prompt_tokens: usize,
+    pub params: Arc<SamplingParams>,
+    pub priority: Priority,
+    pub arrival: Instant,
+    /// Admission order, the tie-breaker everywhere.
+    pub seq: u64,
+    pub deadline: Option<Instant>,
+    pub status: RequestStatus,
+    /// Tokens whose K/V are in the cache (or scheduled to be this step).
+    pub num_computed_tokens: usize,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub num_cached_tokens: Option<usize>,
+    pub num_preemptions: u32,
+}
+
+impl Request {
+    pub fn new(r: EngineRequest, arrival: Instant, seq: u64) -> Self {
+        let n = r.prompt_token_ids.len();
+        Self {
+            id: r.id,
+            tokens: r.prompt_token_ids,
+            num_prompt_tokens: n,
+            params: r.params,
+            priority: r.priority,
+            arrival,
+            seq,
+            deadline: r.deadline,
+            status: RequestStatus::Waiting,
+            num_computed_tokens: 0,
+            num_cached_tokens: None,
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.num_prompt_tokens..]
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.num_prompt_tokens]
+    }
+}
+
+/// What the engine sends back to a request's owner after each step it took part in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineOutput {
+    pub id: RequestId,
+    pub new_token_ids: Vec<u32>,
+    /// Set on the last output.
+    pub finish_reason: Option<FinishReason>,
+    /// Prompt tokens served from the prefix cache (set on the first output).
+    pub num_cached_tokens: Option<usize>,
+    /// Why the request failed, when `finish_reason` is `Error`.
+    pub error: Option<String>,
+}

@@ -1,0 +1,437 @@
+//! The scheduler: a pure state machine over requests and KV blocks (vLLM v1's model).
+//!
+//! Every step has one token budget (`max_num_batched_tokens`). Each request has `num_computed_tokens` and
+//! `num_tokens`; the step gives it `min(num_tokens - num_computed_tokens, budget left)` new tokens, so
+//! chunked prefill, decode and prefix hits are the same thing. Running requests go first; if blocks run out
+//! the lowest-priority newest running request is preempted (its blocks freed, its tokens recomputed later)
+//! and no waiting request is admitted that step. Waiting requests are admitted by priority class, raised one
+//! class per `aging_interval` waited so low priority is never starved, then by arrival.
+//!
+//! No clocks are read here (`now` is passed in), no I/O, no tensors.
+
+use crate::params::{FinishReason, ParamError};
+use crate::request::{EngineOutput, EngineRequest, Request, RequestId, RequestStatus};
+use mlx_serving_kv_cache::KvCacheManager;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+    /// Requests allowed to wait; more are refused at once (the server answers 429).
+    pub max_waiting_requests: usize,
+    /// Prompt tokens allowed to wait.
+    pub max_waiting_tokens: usize,
+    /// Waiting this long raises a request one priority class.
+    pub aging_interval: Duration,
+    /// End-of-generation token ids of the model.
+    pub eos_token_ids: Vec<u32>,
+    /// Separates this model's prefix-cache hashes from other models'.
+    pub cache_extra_key: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 16,
+            max_num_batched_tokens: 2048,
+            max_model_len: 8192,
+            block_size: 16,
+            num_blocks: 1024,
+            enable_prefix_caching: true,
+            max_waiting_requests: 256,
+            max_waiting_tokens: 1 << 20,
+            aging_interval: Duration::from_secs(10),
+            eos_token_ids: Vec::new(),
+            cache_extra_key: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddError {
+    #[error("server overloaded: {0}")]
+    Overloaded(String),
+    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_model_len} tokens")]
+    ContextLengthExceeded {
+        prompt: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
+    #[error("request needs {needed} KV blocks but the cache has {available}")]
+    TooLargeForCache { needed: usize, available: usize },
+    #[error("empty prompt")]
+    EmptyPrompt,
+    #[error("duplicate request id {0:?}")]
+    DuplicateId(RequestId),
+    #[error("invalid parameter {0}")]
+    Param(#[from] ParamError),
+}
+
+/// First-time data the executor needs to set up a request's sampler.
+#[derive(Clone, Debug)]
+pub struct NewRequestData {
+    pub prompt_token_ids: Vec<u32>,
+    pub params: Arc<crate::params::SamplingParams>,
+}
+
+/// One request's share of a step.
+#[derive(Clone, Debug)]
+pub struct ScheduledSeq {
+    pub id: RequestId,
+    /// The tokens to run this step (K/V written at positions `start_pos..`).
+    pub token_ids: Vec<u32>,
+    pub start_pos: usize,
+    /// Physical block ids covering positions `0 .. start_pos + token_ids.len()`.
+    pub block_table: Vec<u32>,
+    /// True when this step reaches the end of the known tokens: sample the next one.
+    pub sample: bool,
+    /// Set the first time the request is ever scheduled.
+    pub new_request: Option<NewRequestData>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerOutput {
+    pub seqs: Vec<ScheduledSeq>,
+    pub num_batched_tokens: usize,
+    pub preempted: Vec<RequestId>,
+    /// Requests finished while scheduling (deadlines); already removed.
+    pub finished: Vec<EngineOutput>,
+}
+
+/// What the executor returns for a step: the sampled token of every `sample` sequence.
+#[derive(Clone, Debug, Default)]
+pub struct RunnerOutput {
+    pub sampled: HashMap<RequestId, u32>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    requests: HashMap<RequestId, Request>,
+    waiting: Vec<RequestId>,
+    running: Vec<RequestId>,
+    announced: std::collections::HashSet<RequestId>,
+    first_output_sent: std::collections::HashSet<RequestId>,
+    waiting_prompt_tokens: usize,
+    next_seq: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let kv = KvCacheManager::new(
+            cfg.num_blocks,
+            cfg.block_size,
+            cfg.enable_prefix_caching,
+            cfg.cache_extra_key,
+        );
+        Self {
+            cfg,
+            kv,
+            requests: HashMap::new(),
+            waiting: Vec::new(),
+            running: Vec::new(),
+            announced: Default::default(),
+            first_output_sent: Default::default(),
+            waiting_prompt_tokens: 0,
+            next_seq: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn request(&self, id: RequestId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+
+    /// Validates and queues a request, or refuses it at once.
+    pub fn add_request(&mut self, r: EngineRequest, now: Instant) -> Result<(), AddError> {
+        let cfg = &self.cfg;
+        if self.requests.contains_key(&r.id) {
+            return Err(AddError::DuplicateId(r.id));
+        }
+        if r.prompt_token_ids.is_empty() {
+            return Err(AddError::EmptyPrompt);
+        }
+        let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
+        if prompt + max_tokens > cfg.max_model_len {
+            return Err(AddError::ContextLengthExceeded {
+                prompt,
+                max_tokens,
+                max_model_len: cfg.max_model_len,
+            });
+        }
+        let needed = (prompt + max_tokens).div_ceil(cfg.block_size);
+        if needed > cfg.num_blocks {
+            return Err(AddError::TooLargeForCache {
+                needed,
+                available: cfg.num_blocks,
+            });
+        }
+        if self.waiting.len() >= cfg.max_waiting_requests {
+            return Err(AddError::Overloaded(format!(
+                "{} requests already waiting",
+                self.waiting.len()
+            )));
+        }
+        if self.waiting_prompt_tokens + prompt > cfg.max_waiting_tokens {
+            return Err(AddError::Overloaded(format!(
+                "{} prompt tokens already waiting",
+                self.waiting_prompt_tokens
+            )));
+        }
+        let id = r.id;
+        self.waiting_prompt_tokens += prompt;
+        self.requests
+            .insert(id, Request::new(r, now, self.next_seq));
+        self.next_seq += 1;
+        self.waiting.push(id);
+        Ok(())
+    }
+
+    /// Removes a request wherever it is and frees its blocks at once.
+    pub fn abort(&mut self, id: RequestId) -> Option<EngineOutput> {
+        self.finish(id, FinishReason::Abort, None)
+    }
+
+    /// Fails requests whose step could not be executed.
+    pub fn fail(&mut self, ids: &[RequestId], message: &str) -> Vec<EngineOutput> {
+        ids.iter()
+            .filter_map(|&id| self.finish(id, FinishReason::Error, Some(message.to_string())))
+            .collect()
+    }
+
+    fn finish(
+        &mut self,
+        id: RequestId,
+        reason: FinishReason,
+        error: Option<String>,
+    ) -> Option<EngineOutput> {
+        let req = self.requests.remove(&id)?;
+        if let Some(i) = self.waiting.iter().position(|&w| w == id) {
+            self.waiting.remove(i);
+            if req.num_cached_tokens.is_none() {
+                self.waiting_prompt_tokens -= req.num_prompt_tokens;
+            }
+        }
+        self.running.retain(|&r| r != id);
+        self.kv.free(id.0);
+        self.announced.remove(&id);
+        let first = self.first_output_sent.remove(&id);
+        Some(EngineOutput {
+            id,
+            new_token_ids: Vec::new(),
+            finish_reason: Some(reason),
+            num_cached_tokens: if first { None } else { req.num_cached_tokens },
+            error,
+        })
+    }
+
+    fn effective_rank(&self, r: &Request, now: Instant) -> u32 {
+        let waited = now.saturating_duration_since(r.arrival);
+        let steps = if self.cfg.aging_interval.is_zero() {
+            0
+        } else {
+            (waited.as_nanos() / self.cfg.aging_interval.as_nanos()) as u32
+        };
+        r.priority.rank().saturating_sub(steps)
+    }
+
+    fn preempt(&mut self, id: RequestId) {
+        self.kv.free(id.0);
+        self.running.retain(|&r| r != id);
+        let r = self.requests.get_mut(&id).expect("running request exists");
+        r.status = RequestStatus::Preempted;
+        r.num_computed_tokens = 0;
+        r.num_preemptions += 1;
+        self.waiting.push(id);
+    }
+
+    pub fn schedule(&mut self, now: Instant) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let expired: Vec<RequestId> = self
+            .requests
+            .values()
+            .filter(|r| r.deadline.is_some_and(|d| d <= now))
+            .map(|r| r.id)
+            .collect();
+        for id in expired {
+            out.finished.extend(self.finish(
+                id,
+                FinishReason::Timeout,
+                Some("deadline exceeded".into()),
+            ));
+        }
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut scheduled: Vec<(RequestId, usize)> = Vec::new();
+
+        // Running requests first, in admission order.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let r = &self.requests[&id];
+            let num_new = (r.num_tokens() - r.num_computed_tokens).min(budget);
+            let target = r.num_computed_tokens + num_new;
+            if self.kv.allocate_slots(id.0, target, None) {
+                scheduled.push((id, num_new));
+                budget -= num_new;
+                i += 1;
+                continue;
+            }
+            // Out of blocks: preempt the lowest-priority, newest request not yet scheduled this step.
+            let victim = self.running[i..]
+                .iter()
+                .copied()
+                .max_by_key(|v| (self.requests[v].priority.rank(), self.requests[v].seq))
+                .expect("non-empty");
+            self.preempt(victim);
+            out.preempted.push(victim);
+        }
+
+        // Then waiting requests, unless this step had to preempt.
+        if out.preempted.is_empty() {
+            let mut order: Vec<RequestId> = self.waiting.clone();
+            order.sort_by_key(|id| {
+                let r = &self.requests[id];
+                (self.effective_rank(r, now), r.seq)
+            });
+            for id in order {
+                if self.running.len() >= self.cfg.max_num_seqs || budget == 0 {
+                    break;
+                }
+                let r = &self.requests[&id];
+                let hit = self.kv.find_prefix(&r.tokens);
+                let num_new = (r.num_tokens() - hit.num_tokens).min(budget);
+                if !self
+                    .kv
+                    .allocate_slots(id.0, hit.num_tokens + num_new, Some(&hit))
+                {
+                    break;
+                }
+                let r = self.requests.get_mut(&id).expect("waiting request exists");
+                if r.num_cached_tokens.is_none() {
+                    r.num_cached_tokens = Some(hit.num_tokens);
+                    self.waiting_prompt_tokens -= r.num_prompt_tokens;
+                }
+                r.num_computed_tokens = hit.num_tokens;
+                r.status = RequestStatus::Running;
+                self.waiting.retain(|&w| w != id);
+                self.running.push(id);
+                scheduled.push((id, num_new));
+                budget -= num_new;
+            }
+        }
+
+        for (id, num_new) in scheduled {
+            let r = self
+                .requests
+                .get_mut(&id)
+                .expect("scheduled request exists");
+            let start = r.num_computed_tokens;
+            r.num_computed_tokens += num_new;
+            let new_request = self.announced.insert(id).then(|| NewRequestData {
+                prompt_token_ids: r.prompt().to_vec(),
+                params: r.params.clone(),
+            });
+            out.seqs.push(ScheduledSeq {
+                id,
+                token_ids: r.tokens[start..start + num_new].to_vec(),
+                start_pos: start,
+                block_table: self.kv.block_table(id.0).iter().map(|b| b.0).collect(),
+                sample: r.num_computed_tokens == r.num_tokens(),
+                new_request,
+            });
+            out.num_batched_tokens += num_new;
+        }
+        out
+    }
+
+    /// Appends sampled tokens, applies stop conditions, registers full blocks in the prefix cache, and
+    /// returns one output per request that produced a token or finished.
+    pub fn update_from_output(
+        &mut self,
+        sched: &SchedulerOutput,
+        run: &RunnerOutput,
+    ) -> Vec<EngineOutput> {
+        let mut outputs = Vec::new();
+        for seq in &sched.seqs {
+            let Some(r) = self.requests.get_mut(&seq.id) else {
+                continue;
+            };
+            if !seq.sample {
+                self.kv
+                    .cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
+                continue;
+            }
+            let Some(&token) = run.sampled.get(&seq.id) else {
+                outputs.extend(self.finish(
+                    seq.id,
+                    FinishReason::Error,
+                    Some("no token sampled".into()),
+                ));
+                continue;
+            };
+            r.tokens.push(token);
+            let p = &r.params;
+            let finish = if (!p.ignore_eos && self.cfg.eos_token_ids.contains(&token))
+                || p.stop_token_ids.contains(&token)
+            {
+                Some(FinishReason::Stop)
+            } else if r.output().len() >= p.max_tokens as usize
+                || r.num_tokens() >= self.cfg.max_model_len
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            self.kv
+                .cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
+            let cached = if self.first_output_sent.insert(seq.id) {
+                r.num_cached_tokens
+            } else {
+                None
+            };
+            outputs.push(EngineOutput {
+                id: seq.id,
+                new_token_ids: vec![token],
+                finish_reason: finish.clone(),
+                num_cached_tokens: cached,
+                error: None,
+            });
+            if finish.is_some() {
+                self.requests.remove(&seq.id);
+                self.running.retain(|&x| x != seq.id);
+                self.kv.free(seq.id.0);
+                self.announced.remove(&seq.id);
+                self.first_output_sent.remove(&seq.id);
+            }
+        }
+        outputs
+    }
+}
