@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Single-stream prompt (512 tokens) and decode (128 tokens) throughput of `mlx-serving generate` on the
-# default model, median of N runs; with LLAMA_BENCH=/path/to/llama-bench, llama.cpp's numbers from the
-# same machine in the same run (-p 512 -n 128 -r N).
+# default model, median of N runs: decode from an empty context (a 1-token prompt, as llama-bench's tg128)
+# and decode after the 512-token prompt (llama-bench -d 512). With LLAMA_BENCH=/path/to/llama-bench,
+# llama.cpp's numbers from the same machine in the same run.
 # Usage: scripts/bench-core.sh [runs] [threads]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,17 @@ rows = [json.loads(l) for l in sys.stdin if l.strip()]
 assert all(len(r["prompt_token_ids"]) == 512 and len(r["token_ids"]) == 128 for r in rows)
 pp = statistics.median(r["timings"]["prompt_tokens_per_second"] for r in rows)
 tg = statistics.median(r["timings"]["decode_tokens_per_second"] for r in rows)
-print(f"mlx-serving: prompt {pp:.1f} tok/s (512), decode {tg:.1f} tok/s (128), median of {len(rows)}")
+print(f"mlx-serving: prompt {pp:.1f} tok/s (512), decode {tg:.1f} tok/s (128 after the 512-token prompt), median of {len(rows)}")
+'
+for i in $(seq "$runs"); do
+  "$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json
+done | python3 -c '
+import json, statistics, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+tg = statistics.median(r["timings"]["decode_tokens_per_second"] for r in rows)
+print(f"mlx-serving: decode {tg:.1f} tok/s (128 after a 1-token prompt), median of {len(rows)}")
 '
 if [ -n "${LLAMA_BENCH:-}" ]; then
   "$LLAMA_BENCH" -m "$model" -t "$threads" -p 512 -n 128 -r "$runs" -o md
+  "$LLAMA_BENCH" -m "$model" -t "$threads" -p 0 -n 128 -d 512 -r "$runs" -o md
 fi
