@@ -49,6 +49,7 @@ pub struct EngineStats {
     pub prefix_queries: AtomicU64,
     pub prefix_hits: AtomicU64,
     pub steps: AtomicU64,
+    pub preemptions: AtomicU64,
     pub failed_steps: AtomicU64,
 }
 
@@ -266,5 +267,7 @@ impl<E: Executor> EngineCore<E> {
             .store((kv.usage() * 1e6) as u64, Ordering::Relaxed);
         s.prefix_queries.store(kv.prefix_queries, Ordering::Relaxed);
         s.prefix_hits.store(kv.prefix_hits, Ordering::Relaxed);
+        s.preemptions
+            .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
     }
 }

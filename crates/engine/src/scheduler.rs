@@ -123,6 +123,7 @@ pub struct Scheduler {
     first_output_sent: std::collections::HashSet<RequestId>,
     waiting_prompt_tokens: usize,
     next_seq: u64,
+    num_preemptions: u64,
 }
 
 impl Scheduler {
@@ -143,6 +144,7 @@ impl Scheduler {
             first_output_sent: Default::default(),
             waiting_prompt_tokens: 0,
             next_seq: 0,
+            num_preemptions: 0,
         }
     }
 
@@ -160,6 +162,11 @@ impl Scheduler {
 
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Preemptions since start.
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
     }
 
     pub fn has_work(&self) -> bool {
@@ -270,6 +277,7 @@ impl Scheduler {
         r.status = RequestStatus::Preempted;
         r.num_computed_tokens = 0;
         r.num_preemptions += 1;
+        self.num_preemptions += 1;
         self.waiting.push(id);
     }
 

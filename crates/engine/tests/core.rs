@@ -1,0 +1,154 @@
+//! The engine loop with fake executors: a failing or panicking step fails only its requests, the engine
+//! keeps serving, the heartbeat stays fresh, and admission refuses at once when the queue is full.
+
+use mlx_serving_engine::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// Emits token 5 for every sampled sequence; panics or errors when a prompt starts with 666 or 777.
+struct Flaky;
+
+impl Executor for Flaky {
+    fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
+        for s in &batch.seqs {
+            if s.start_pos == 0 && s.token_ids[0] == 666 {
+                panic!("injected panic");
+            }
+            if s.start_pos == 0 && s.token_ids[0] == 777 {
+                return Err(ExecutorError("injected error".into()));
+            }
+        }
+        let mut r = RunnerOutput::default();
+        for s in batch.seqs.iter().filter(|s| s.sample) {
+            r.sampled.insert(s.id, 5);
+        }
+        Ok(r)
+    }
+    fn remove_request(&mut self, _: RequestId) {}
+}
+
+fn cfg() -> SchedulerConfig {
+    SchedulerConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_seqs: 1,
+        max_waiting_requests: 4,
+        ..SchedulerConfig::default()
+    }
+}
+
+fn submit(
+    h: &EngineHandle,
+    id: u64,
+    first: u32,
+    max_tokens: u32,
+) -> Result<UnboundedReceiver<EngineOutput>, AddError> {
+    let (tx, rx) = unbounded_channel();
+    let r = EngineRequest {
+        id: RequestId(id),
+        prompt_token_ids: vec![first, 2, 3],
+        params: Arc::new(SamplingParams::greedy(max_tokens)),
+        priority: Priority::Normal,
+        deadline: None,
+    };
+    h.add_request(r, tx).map(|_| rx)
+}
+
+fn finish(rx: &mut UnboundedReceiver<EngineOutput>) -> EngineOutput {
+    loop {
+        let o = rx.blocking_recv().expect("output");
+        if o.finish_reason.is_some() {
+            return o;
+        }
+    }
+}
+
+#[test]
+fn a_panicking_or_failing_step_fails_only_its_requests() {
+    let (h, _join) = EngineCore::spawn(cfg(), Flaky);
+    let mut bad = submit(&h, 1, 666, 4).unwrap();
+    let mut err = submit(&h, 2, 777, 4).unwrap();
+    let mut good = submit(&h, 3, 1, 4).unwrap();
+    let o = finish(&mut bad);
+    assert_eq!(o.finish_reason, Some(FinishReason::Error));
+    assert!(
+        o.error.unwrap().contains("internal error"),
+        "no panic details leak"
+    );
+    let o = finish(&mut err);
+    assert_eq!(o.finish_reason, Some(FinishReason::Error));
+    assert!(o.error.unwrap().contains("injected error"));
+    assert_eq!(finish(&mut good).finish_reason, Some(FinishReason::Length));
+    // Still serving afterwards.
+    let mut later = submit(&h, 4, 1, 2).unwrap();
+    assert_eq!(finish(&mut later).finish_reason, Some(FinishReason::Length));
+    assert!(h.heartbeat_age() < Duration::from_secs(2));
+    assert_eq!(
+        h.stats()
+            .failed_steps
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}
+
+#[test]
+fn dropping_the_receiver_aborts_and_frees_blocks() {
+    let (h, _join) = EngineCore::spawn(cfg(), Flaky);
+    let rx = submit(&h, 1, 1, 1000).unwrap();
+    drop(rx);
+    let mut next = submit(&h, 2, 1, 3).unwrap();
+    assert_eq!(
+        finish(&mut next).finish_reason,
+        Some(FinishReason::Length),
+        "the abandoned request does not block the only slot"
+    );
+}
+
+#[test]
+fn admission_refuses_at_once_when_the_queue_is_full() {
+    /// Blocks every step until the test opens the gate, so the queue stays full while we submit.
+    struct Gated(std::sync::mpsc::Receiver<()>);
+    impl Executor for Gated {
+        fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
+            let _ = self.0.recv();
+            Ok(RunnerOutput {
+                sampled: batch
+                    .seqs
+                    .iter()
+                    .filter(|s| s.sample)
+                    .map(|s| (s.id, 5))
+                    .collect(),
+            })
+        }
+        fn remove_request(&mut self, _: RequestId) {}
+    }
+    let (gate, rx) = std::sync::mpsc::channel();
+    let (h, _join) = EngineCore::spawn(cfg(), Gated(rx));
+    let mut rxs = Vec::new();
+    let mut refused = 0;
+    for id in 0..20 {
+        match submit(&h, id, 1, 50) {
+            Ok(rx) => rxs.push(rx),
+            Err(AddError::Overloaded(_)) => refused += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    // At most one running plus max_waiting_requests = 4 queued are admitted.
+    assert!(refused >= 15, "refused only {refused}");
+    drop(gate);
+    for mut rx in rxs {
+        assert!(finish(&mut rx).finish_reason.is_some());
+    }
+    let too_long = EngineRequest {
+        id: RequestId(99),
+        prompt_token_ids: vec![1; 9000],
+        params: Arc::new(SamplingParams::greedy(10)),
+        priority: Priority::Normal,
+        deadline: None,
+    };
+    assert!(matches!(
+        h.add_request(too_long, unbounded_channel().0),
+        Err(AddError::ContextLengthExceeded { .. })
+    ));
+}

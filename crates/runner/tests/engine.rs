@@ -1,0 +1,217 @@
+//! Differential tests of the engine on the real default model: batching, prefix caching and preemption
+//! never change greedy tokens, and a seed gives the same tokens whatever else shares the batch.
+
+use mlx_serving_engine::{
+    EngineCore, EngineHandle, EngineOutput, EngineRequest, FinishReason, Priority, RequestId,
+    SamplingParams, SchedulerConfig,
+};
+use mlx_serving_models::{LoadOptions, ModelBundle};
+use mlx_serving_runner::{generate, GenerateOptions, ModelExecutor};
+use mlx_serving_test_support::{reference, smollm2_path};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+fn bundle() -> Arc<ModelBundle> {
+    static B: OnceLock<Arc<ModelBundle>> = OnceLock::new();
+    B.get_or_init(|| Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap()))
+        .clone()
+}
+
+fn engine(f: impl FnOnce(&mut SchedulerConfig)) -> EngineHandle {
+    let b = bundle();
+    let mut cfg = ModelExecutor::scheduler_config(&b, 16, 64 << 20);
+    f(&mut cfg);
+    let exec = ModelExecutor::new(b, cfg.block_size, cfg.num_blocks);
+    EngineCore::spawn(cfg, exec).0
+}
+
+/// Submits all requests at once and collects each one's tokens and finish reason.
+fn run_all(
+    h: &EngineHandle,
+    reqs: Vec<(Vec<u32>, SamplingParams)>,
+) -> Vec<(Vec<u32>, FinishReason, usize)> {
+    let mut rxs = Vec::new();
+    for (i, (prompt, params)) in reqs.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = RequestId(1000 + i as u64 + rand_offset());
+        h.add_request(
+            EngineRequest {
+                id,
+                prompt_token_ids: prompt,
+                params: Arc::new(params),
+                priority: Priority::Normal,
+                deadline: None,
+            },
+            tx,
+        )
+        .unwrap();
+        rxs.push(rx);
+    }
+    rxs.into_iter()
+        .map(|mut rx| {
+            let mut toks = Vec::new();
+            let mut cached = 0;
+            loop {
+                let o: EngineOutput = rx.blocking_recv().expect("engine output");
+                toks.extend(o.new_token_ids);
+                if let Some(c) = o.num_cached_tokens {
+                    cached = c;
+                }
+                if let Some(f) = o.finish_reason {
+                    assert!(o.error.is_none(), "request failed: {:?}", o.error);
+                    return (toks, f, cached);
+                }
+            }
+        })
+        .collect()
+}
+
+fn rand_offset() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(100, Ordering::Relaxed)
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
+    refs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn alone(prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    let b = bundle();
+    let opts = GenerateOptions {
+        eog_token_ids: b.special_tokens.eog.clone(),
+        ..GenerateOptions::default()
+    };
+    generate(&b.model, &b.tokenizer, prompt, params, &opts, |_| {})
+        .unwrap()
+        .token_ids
+}
+
+#[test]
+fn eight_concurrent_requests_match_each_alone() {
+    let h = engine(|_| {});
+    let ps: Vec<Vec<u32>> = prompts().into_iter().step_by(3).take(8).collect();
+    let params = SamplingParams::greedy(24);
+    let together = run_all(&h, ps.iter().map(|p| (p.clone(), params.clone())).collect());
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(
+            together[i].0,
+            alone(p, &params),
+            "prompt {i}: batched tokens differ from running alone"
+        );
+    }
+}
+
+#[test]
+fn prefix_cache_on_and_off_give_identical_tokens() {
+    let shared: Vec<u32> = prompts().concat().into_iter().take(70).collect();
+    let mk = |tail: u32| -> Vec<u32> { shared.iter().copied().chain([tail, tail + 1]).collect() };
+    let params = SamplingParams::greedy(12);
+    let reqs = || {
+        vec![
+            (mk(260), params.clone()),
+            (mk(504), params.clone()),
+            (mk(1890), params.clone()),
+        ]
+    };
+    let on = engine(|_| {});
+    let first = run_all(&on, vec![reqs()[0].clone()]);
+    let cached = run_all(&on, reqs());
+    let off = engine(|c| c.enable_prefix_caching = false);
+    let uncached = run_all(&off, reqs());
+    assert_eq!(first[0].0, uncached[0].0);
+    for i in 0..3 {
+        assert_eq!(
+            cached[i].0, uncached[i].0,
+            "request {i}: prefix cache changed the tokens"
+        );
+        assert_eq!(uncached[i].2, 0);
+    }
+    assert_eq!(
+        cached[0].2, 64,
+        "the shared 70-token prefix hits four full blocks of 16"
+    );
+}
+
+#[test]
+fn forced_preemption_gives_identical_tokens() {
+    let ps: Vec<Vec<u32>> = prompts().into_iter().skip(12).take(4).collect();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(40)
+    };
+    // Each request needs about 5 blocks of 16 by the end; 10 blocks cannot hold four of them.
+    let tight = engine(|c| {
+        c.num_blocks = 10;
+        c.enable_prefix_caching = false;
+    });
+    let got = run_all(
+        &tight,
+        ps.iter().map(|p| (p.clone(), params.clone())).collect(),
+    );
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(got[i].0, alone(p, &params), "prompt {i}");
+        assert_eq!(got[i].1, FinishReason::Length);
+    }
+    assert!(
+        tight
+            .stats()
+            .preemptions
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0,
+        "the test must actually preempt"
+    );
+}
+
+#[test]
+fn seeded_sampling_is_independent_of_the_batch() {
+    let ps = prompts();
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(1234),
+        ignore_eos: true,
+        max_tokens: 20,
+        ..SamplingParams::default()
+    };
+    let solo = engine(|_| {});
+    let a = run_all(&solo, vec![(ps[0].clone(), seeded.clone())]);
+    let busy = engine(|_| {});
+    let others = SamplingParams {
+        temperature: 1.0,
+        seed: Some(7),
+        ignore_eos: true,
+        max_tokens: 20,
+        ..SamplingParams::default()
+    };
+    let b = run_all(
+        &busy,
+        vec![
+            (ps[5].clone(), others.clone()),
+            (ps[0].clone(), seeded.clone()),
+            (ps[9].clone(), others),
+        ],
+    );
+    assert_eq!(
+        a[0].0, b[1].0,
+        "same seed, different batch companions, same tokens"
+    );
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for t in &a[0].0 {
+        *counts.entry(*t).or_default() += 1;
+    }
+    assert!(counts.len() > 3, "sampling should produce varied tokens");
+}
