@@ -180,6 +180,23 @@ impl RowRef<'_> {
         self.dot_scalar(x, xsum)
     }
 
+    /// `out[t] = Σ w·x[t]` for each activation row of `xs` (`[out.len(), cols]`): each block is decoded
+    /// once and applied to every row.
+    #[inline]
+    fn dot_rows(&self, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::has_avx2() {
+            // SAFETY: AVX2 and FMA were detected at run time; `xs` holds `out.len()` rows of `cols` floats and
+            // `xsums` one sum per block per row (checked by the caller, `qmatmul`).
+            unsafe { simd::rows_dot_avx2(*self, xs, xsums, out) };
+            return;
+        }
+        let (k, nb) = (self.scales.len() * BLOCK, self.scales.len());
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = self.dot_scalar(&xs[t * k..(t + 1) * k], &xsums[t * nb..(t + 1) * nb]);
+        }
+    }
+
     fn dot_scalar(&self, x: &[f32], xsum: &[f32]) -> f32 {
         let qb = self.format.qs_bytes();
         let mut s = 0f32;
@@ -237,23 +254,39 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     }
     // yt is [m, n]: each task owns a contiguous run of output features.
     let mut yt = vec![0f32; m * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; k],
-            |wrow, (t, out)| {
+    if n <= SMALL_BATCH {
+        // Small batches (batched decode): decode each weight block once, apply it to every row.
+        let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        yt.par_chunks_mut(ROWS_PER_TASK * n)
+            .enumerate()
+            .for_each(|(t, out)| {
                 for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                    w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
-                    crate::vec::dot_many(wrow, x, o);
+                    w.row(t * ROWS_PER_TASK + i).dot_rows(x, &xsums, o);
                 }
-            },
-        );
+            });
+    } else {
+        // Prefill: dequantize each weight row once, then f32 dot products four activation rows at a time.
+        yt.par_chunks_mut(ROWS_PER_TASK * n)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; k],
+                |wrow, (t, out)| {
+                    for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                        w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
+                        crate::vec::dot_many(wrow, x, o);
+                    }
+                },
+            );
+    }
     for (r, col) in yt.chunks_exact(n).enumerate() {
         for (t, v) in col.iter().enumerate() {
             y[t * m + r] = *v;
         }
     }
 }
+
+/// Up to this many activation rows, the fused decode-and-dot path beats dequantize-then-dot.
+const SMALL_BATCH: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -332,6 +365,80 @@ mod simd {
             }
         }
     }
+
+    /// The 32 weights of block `b` as four vectors of unscaled quantized values.
+    #[inline(always)]
+    unsafe fn block_values(format: QuantFormat, qp: *const u8, b: usize) -> [__m256; 4] {
+        match format {
+            QuantFormat::Q4_1 => {
+                let mask = _mm_set1_epi8(0x0F);
+                let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                [
+                    u8x8_to_ps(lo),
+                    u8x8_to_ps(_mm_srli_si128(lo, 8)),
+                    u8x8_to_ps(hi),
+                    u8x8_to_ps(_mm_srli_si128(hi, 8)),
+                ]
+            }
+            QuantFormat::Q8_0 => {
+                let q = _mm256_loadu_si256(qp.add(b * 32) as *const __m256i);
+                let q0 = _mm256_castsi256_si128(q);
+                let q1 = _mm256_extracti128_si256(q, 1);
+                [
+                    i8x8_to_ps(q0),
+                    i8x8_to_ps(_mm_srli_si128(q0, 8)),
+                    i8x8_to_ps(q1),
+                    i8x8_to_ps(_mm_srli_si128(q1, 8)),
+                ]
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
+        let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+        s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb.add(8)), s);
+        s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb.add(16)), s);
+        _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), s)
+    }
+
+    /// SAFETY (caller): AVX2 and FMA available; `xs` holds `out.len()` rows of `nb * 32` floats and `xsums`
+    /// `out.len() * nb` block sums.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_dot_avx2(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+        const R: usize = 4;
+        let nb = row.scales.len();
+        let k = nb * BLOCK;
+        debug_assert!(xs.len() >= out.len() * k && xsums.len() >= out.len() * nb);
+        let qp = row.qs.as_ptr();
+        let has_mins = row.format == QuantFormat::Q4_1;
+        let mut t0 = 0;
+        while t0 < out.len() {
+            let rows = R.min(out.len() - t0);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut mins = [0f32; R];
+            for b in 0..nb {
+                let w = block_values(row.format, qp, b);
+                let d = _mm256_set1_ps(*row.scales.get_unchecked(b));
+                for r in 0..rows {
+                    let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
+                    acc[r] = _mm256_fmadd_ps(d, block_dot(&w, xb), acc[r]);
+                }
+                if has_mins {
+                    let m = *row.mins.get_unchecked(b);
+                    for r in 0..rows {
+                        mins[r] += m * *xsums.get_unchecked((t0 + r) * nb + b);
+                    }
+                }
+            }
+            for r in 0..rows {
+                out[t0 + r] = hsum(acc[r]) + mins[r];
+            }
+            t0 += rows;
+        }
+    }
 }
 
 /// Reference: dequantize each row and accumulate in f64.
@@ -393,6 +500,8 @@ mod tests {
                 (70, 576, 3),
                 (96, 1536, 7),
                 (40, 96, 64),
+                (5, 64, 16),
+                (5, 64, 17),
             ] {
                 let w = random_matrix(&mut rng, format, rows, cols);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
@@ -408,6 +517,26 @@ mod tests {
                 assert!(
                     err <= 1e-4 * scale,
                     "{format:?} [{rows},{cols}] n={n}: error {err} at scale {scale}"
+                );
+            }
+        }
+    }
+
+    /// The portable path (used where AVX2 is missing) against the reference.
+    #[test]
+    fn scalar_path_matches_reference() {
+        let mut rng = Lcg(3);
+        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+            let w = random_matrix(&mut rng, format, 9, 160);
+            let x: Vec<f32> = (0..160).map(|_| rng.f32()).collect();
+            let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+            let mut slow = vec![0f32; 9];
+            qmatmul_reference(&w, &x, &mut slow);
+            for (r, want) in slow.iter().enumerate() {
+                let got = w.row(r).dot_scalar(&x, &xsum);
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{format:?} row {r}: {got} vs {want}"
                 );
             }
         }
