@@ -105,6 +105,33 @@ impl QMatrix {
         self.rows
     }
 
+    /// Stacks matrices with the same format and column count into one (rows of the first, then the
+    /// second, ...), so projections that read the same input run as one matmul.
+    pub fn concat_rows(parts: &[QMatrix]) -> Result<Self, QuantError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| QuantError("nothing to concatenate".into()))?;
+        if parts
+            .iter()
+            .any(|p| p.format != first.format || p.cols != first.cols)
+        {
+            return Err(QuantError(
+                "concatenated matrices must share format and column count".into(),
+            ));
+        }
+        Ok(Self {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+            mins: parts.iter().flat_map(|p| p.mins.iter().copied()).collect(),
+            qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+        })
+    }
+
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -555,6 +582,28 @@ mod tests {
         assert_eq!(row[15], 7.0);
         assert_eq!(row[16], 7.0);
         assert_eq!(row[31], -8.0);
+    }
+
+    #[test]
+    fn concatenated_rows_give_the_same_products() {
+        let mut rng = Lcg(11);
+        let (a, b) = (
+            random_matrix(&mut rng, QuantFormat::Q4_1, 7, 64),
+            random_matrix(&mut rng, QuantFormat::Q4_1, 5, 64),
+        );
+        let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
+        let x: Vec<f32> = (0..2 * 64).map(|_| rng.f32()).collect();
+        let (mut ya, mut yb, mut yab) = (vec![0f32; 14], vec![0f32; 10], vec![0f32; 24]);
+        qmatmul(&a, &x, &mut ya);
+        qmatmul(&b, &x, &mut yb);
+        qmatmul(&ab, &x, &mut yab);
+        for t in 0..2 {
+            assert_eq!(&yab[t * 12..t * 12 + 7], &ya[t * 7..t * 7 + 7]);
+            assert_eq!(&yab[t * 12 + 7..t * 12 + 12], &yb[t * 5..t * 5 + 5]);
+        }
+        assert!(
+            QMatrix::concat_rows(&[a, random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err()
+        );
     }
 
     #[test]
