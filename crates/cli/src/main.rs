@@ -88,23 +88,15 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         }
         // candle sizes its own thread use from RAYON_NUM_THREADS; our kernels use the global rayon pool.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("thread pool")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
     }
     Ok(())
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let bundle = ModelBundle::load(
-        &a.model,
-        &LoadOptions {
-            dequantize: a.dequantize,
-        },
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    let bundle = ModelBundle::load(&a.model, &LoadOptions { dequantize: a.dequantize })
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
         (None, Some(chat)) => {
@@ -132,25 +124,15 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         stop_token_ids: Vec::new(),
         ignore_eos: a.ignore_eos,
     };
-    let opts = GenerateOptions {
-        eog_token_ids: bundle.special_tokens.eog.clone(),
-        ..GenerateOptions::default()
-    };
+    let opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };
     let stream = !a.json;
     let mut out = std::io::stdout().lock();
-    let g = generate(
-        &bundle.model,
-        &bundle.tokenizer,
-        &prompt_ids,
-        &params,
-        &opts,
-        |delta| {
-            if stream {
-                let _ = out.write_all(delta.as_bytes());
-                let _ = out.flush();
-            }
-        },
-    )?;
+    let g = generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, |delta| {
+        if stream {
+            let _ = out.write_all(delta.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
     let prompt_s = g.prompt_time.as_secs_f64();
     let decode_s = g.decode_time.as_secs_f64();
     // The first output token comes out of the prefill step; decode speed counts the rest.

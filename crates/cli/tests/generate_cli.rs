@@ -16,27 +16,13 @@ fn run(args: &[&str]) -> std::process::Output {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
 #[test]
 fn json_output_has_the_documented_fields_and_reference_tokens() {
-    let out = run(&[
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "10",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(&["--prompt", "The capital of France is", "--max-tokens", "10", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
     let item = &refs["items"][0];
@@ -51,19 +37,10 @@ fn json_output_has_the_documented_fields_and_reference_tokens() {
 fn chat_input_uses_the_template_and_stops_at_end_of_turn() {
     let chat = r#"[{"role":"user","content":"What is the capital of France?"}]"#;
     let out = run(&["--chat", chat, "--max-tokens", "40", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
-    let item = refs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["kind"] == "chat")
-        .unwrap();
+    let item = refs["items"].as_array().unwrap().iter().find(|i| i["kind"] == "chat").unwrap();
     assert_eq!(ids(&v["prompt_token_ids"]), ids(&item["prompt_ids"]));
     assert_eq!(v["finish_reason"], "stop");
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");

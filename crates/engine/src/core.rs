@@ -42,7 +42,9 @@ pub struct EngineStats {
     pub heartbeat_ms: AtomicU64,
     /// Adds sent but not yet seen by the loop.
     pub pending: AtomicUsize,
+    pub pending_tokens: AtomicUsize,
     pub waiting: AtomicUsize,
+    pub waiting_tokens: AtomicUsize,
     pub running: AtomicUsize,
     /// KV cache usage in millionths.
     pub kv_usage_ppm: AtomicU64,
@@ -65,33 +67,32 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a request; refuses it at once when the waiting queue is full or the request can never run.
     /// Outputs arrive on `sink`; dropping the receiver aborts the request.
-    pub fn add_request(
-        &self,
-        r: EngineRequest,
-        sink: UnboundedSender<EngineOutput>,
-    ) -> Result<(), AddError> {
+    pub fn add_request(&self, r: EngineRequest, sink: UnboundedSender<EngineOutput>) -> Result<(), AddError> {
         let cfg = &self.cfg;
         if r.prompt_token_ids.is_empty() {
             return Err(AddError::EmptyPrompt);
         }
         let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
         if prompt + max_tokens > cfg.max_model_len {
-            return Err(AddError::ContextLengthExceeded {
-                prompt,
-                max_tokens,
-                max_model_len: cfg.max_model_len,
-            });
+            return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: cfg.max_model_len });
         }
-        let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst)
-            + self.stats.waiting.load(Ordering::SeqCst);
-        if queued >= cfg.max_waiting_requests {
+        let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst) + self.stats.waiting.load(Ordering::SeqCst);
+        let queued_tokens = self.stats.pending_tokens.fetch_add(prompt, Ordering::SeqCst)
+            + self.stats.waiting_tokens.load(Ordering::SeqCst);
+        let undo = || {
             self.stats.pending.fetch_sub(1, Ordering::SeqCst);
-            return Err(AddError::Overloaded(format!(
-                "{queued} requests already waiting"
-            )));
+            self.stats.pending_tokens.fetch_sub(prompt, Ordering::SeqCst);
+        };
+        if queued >= cfg.max_waiting_requests {
+            undo();
+            return Err(AddError::Overloaded(format!("{queued} requests already waiting")));
+        }
+        if queued_tokens + prompt > cfg.max_waiting_tokens {
+            undo();
+            return Err(AddError::Overloaded(format!("{queued_tokens} prompt tokens already waiting")));
         }
         if self.tx.send(Command::Add(r, sink)).is_err() {
-            self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+            undo();
             return Err(AddError::Overloaded("engine stopped".into()));
         }
         Ok(())
@@ -133,20 +134,9 @@ impl<E: Executor> EngineCore<E> {
         let (tx, rx) = channel();
         let stats = Arc::new(EngineStats::default());
         let started = Instant::now();
-        let handle = EngineHandle {
-            tx,
-            stats: stats.clone(),
-            cfg: Arc::new(cfg.clone()),
-            started,
-        };
-        let mut core = EngineCore {
-            scheduler: Scheduler::new(cfg),
-            executor,
-            rx,
-            sinks: HashMap::new(),
-            stats,
-            started,
-        };
+        let handle = EngineHandle { tx, stats: stats.clone(), cfg: Arc::new(cfg.clone()), started };
+        let mut core =
+            EngineCore { scheduler: Scheduler::new(cfg), executor, rx, sinks: HashMap::new(), stats, started };
         let join = std::thread::Builder::new()
             .name("engine-core".into())
             .spawn(move || core.run())
@@ -172,15 +162,14 @@ impl<E: Executor> EngineCore<E> {
     }
 
     fn beat(&self) {
-        self.stats
-            .heartbeat_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+        self.stats.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Add(r, sink) => {
                 self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+                self.stats.pending_tokens.fetch_sub(r.prompt_token_ids.len(), Ordering::SeqCst);
                 let id = r.id;
                 match self.scheduler.add_request(r, Instant::now()) {
                     Ok(()) => {
@@ -258,16 +247,13 @@ impl<E: Executor> EngineCore<E> {
 
     fn publish(&self) {
         let s = &self.stats;
-        s.waiting
-            .store(self.scheduler.num_waiting(), Ordering::SeqCst);
-        s.running
-            .store(self.scheduler.num_running(), Ordering::SeqCst);
+        s.waiting.store(self.scheduler.num_waiting(), Ordering::SeqCst);
+        s.waiting_tokens.store(self.scheduler.waiting_prompt_tokens(), Ordering::SeqCst);
+        s.running.store(self.scheduler.num_running(), Ordering::SeqCst);
         let kv = self.scheduler.kv();
-        s.kv_usage_ppm
-            .store((kv.usage() * 1e6) as u64, Ordering::Relaxed);
+        s.kv_usage_ppm.store((kv.usage() * 1e6) as u64, Ordering::Relaxed);
         s.prefix_queries.store(kv.prefix_queries, Ordering::Relaxed);
         s.prefix_hits.store(kv.prefix_hits, Ordering::Relaxed);
-        s.preemptions
-            .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+        s.preemptions.store(self.scheduler.num_preemptions(), Ordering::Relaxed);
     }
 }

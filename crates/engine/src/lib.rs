@@ -13,6 +13,5 @@ pub use crate::core::{EngineCore, EngineHandle, Executor, ExecutorError};
 pub use params::{FinishReason, ParamError, SamplingParams};
 pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus};
 pub use scheduler::{
-    AddError, NewRequestData, RunnerOutput, ScheduledSeq, Scheduler, SchedulerConfig,
-    SchedulerOutput,
+    AddError, NewRequestData, RunnerOutput, ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput,
 };

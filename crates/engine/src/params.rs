@@ -92,11 +92,7 @@ pub const MAX_STOP_STRINGS: usize = 16;
 
 impl SamplingParams {
     pub fn greedy(max_tokens: u32) -> Self {
-        Self {
-            temperature: 0.0,
-            max_tokens,
-            ..Self::default()
-        }
+        Self { temperature: 0.0, max_tokens, ..Self::default() }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -107,10 +103,7 @@ impl SamplingParams {
     pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
         let err = |param, message: String| Err(ParamError { param, message });
         if !(0.0..=2.0).contains(&self.temperature) {
-            return err(
-                "temperature",
-                format!("must be between 0 and 2, got {}", self.temperature),
-            );
+            return err("temperature", format!("must be between 0 and 2, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return err("top_p", format!("must be in (0, 1], got {}", self.top_p));
@@ -119,48 +112,27 @@ impl SamplingParams {
             return err("min_p", format!("must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
-            return err(
-                "repetition_penalty",
-                format!("must be in (0, 10], got {}", self.repetition_penalty),
-            );
+            return err("repetition_penalty", format!("must be in (0, 10], got {}", self.repetition_penalty));
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return err(
-                "presence_penalty",
-                format!("must be between -2 and 2, got {}", self.presence_penalty),
-            );
+            return err("presence_penalty", format!("must be between -2 and 2, got {}", self.presence_penalty));
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return err(
-                "frequency_penalty",
-                format!("must be between -2 and 2, got {}", self.frequency_penalty),
-            );
+            return err("frequency_penalty", format!("must be between -2 and 2, got {}", self.frequency_penalty));
         }
         for &(id, bias) in &self.logit_bias {
             if id as usize >= vocab_size {
-                return err(
-                    "logit_bias",
-                    format!("token id {id} is outside the vocabulary (size {vocab_size})"),
-                );
+                return err("logit_bias", format!("token id {id} is outside the vocabulary (size {vocab_size})"));
             }
             if !(-100.0..=100.0).contains(&bias) {
-                return err(
-                    "logit_bias",
-                    format!("bias for token {id} must be between -100 and 100, got {bias}"),
-                );
+                return err("logit_bias", format!("bias for token {id} must be between -100 and 100, got {bias}"));
             }
         }
         if self.max_tokens == 0 {
             return err("max_tokens", "must be at least 1".into());
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return err(
-                "stop",
-                format!(
-                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
-                    self.stop.len()
-                ),
-            );
+            return err("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", self.stop.len()));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return err("stop", "stop strings must not be empty".into());
@@ -178,76 +150,16 @@ mod tests {
         let v = 100;
         assert_eq!(SamplingParams::greedy(8).validate(v), Ok(()));
         let cases: Vec<(SamplingParams, &str)> = vec![
-            (
-                SamplingParams {
-                    temperature: -0.1,
-                    ..SamplingParams::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..SamplingParams::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    min_p: 1.5,
-                    ..SamplingParams::default()
-                },
-                "min_p",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..SamplingParams::default()
-                },
-                "repetition_penalty",
-            ),
-            (
-                SamplingParams {
-                    presence_penalty: 3.0,
-                    ..SamplingParams::default()
-                },
-                "presence_penalty",
-            ),
-            (
-                SamplingParams {
-                    frequency_penalty: -2.5,
-                    ..SamplingParams::default()
-                },
-                "frequency_penalty",
-            ),
-            (
-                SamplingParams {
-                    logit_bias: vec![(100, 1.0)],
-                    ..SamplingParams::default()
-                },
-                "logit_bias",
-            ),
-            (
-                SamplingParams {
-                    logit_bias: vec![(1, 101.0)],
-                    ..SamplingParams::default()
-                },
-                "logit_bias",
-            ),
-            (
-                SamplingParams {
-                    max_tokens: 0,
-                    ..SamplingParams::default()
-                },
-                "max_tokens",
-            ),
-            (
-                SamplingParams {
-                    stop: vec![String::new()],
-                    ..SamplingParams::default()
-                },
-                "stop",
-            ),
+            (SamplingParams { temperature: -0.1, ..SamplingParams::default() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..SamplingParams::default() }, "top_p"),
+            (SamplingParams { min_p: 1.5, ..SamplingParams::default() }, "min_p"),
+            (SamplingParams { repetition_penalty: 0.0, ..SamplingParams::default() }, "repetition_penalty"),
+            (SamplingParams { presence_penalty: 3.0, ..SamplingParams::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: -2.5, ..SamplingParams::default() }, "frequency_penalty"),
+            (SamplingParams { logit_bias: vec![(100, 1.0)], ..SamplingParams::default() }, "logit_bias"),
+            (SamplingParams { logit_bias: vec![(1, 101.0)], ..SamplingParams::default() }, "logit_bias"),
+            (SamplingParams { max_tokens: 0, ..SamplingParams::default() }, "max_tokens"),
+            (SamplingParams { stop: vec![String::new()], ..SamplingParams::default() }, "stop"),
         ];
         for (p, field) in cases {
             assert_eq!(p.validate(v).unwrap_err().param, field);

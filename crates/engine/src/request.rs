@@ -9,9 +9,7 @@ use std::time::Instant;
 pub struct RequestId(pub u64);
 
 /// Scheduling class, most urgent first (the original system's four classes).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Critical = 0,

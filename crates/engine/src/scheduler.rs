@@ -59,12 +59,10 @@ impl Default for SchedulerConfig {
 pub enum AddError {
     #[error("server overloaded: {0}")]
     Overloaded(String),
-    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_model_len} tokens")]
-    ContextLengthExceeded {
-        prompt: usize,
-        max_tokens: usize,
-        max_model_len: usize,
-    },
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_model_len} tokens"
+    )]
+    ContextLengthExceeded { prompt: usize, max_tokens: usize, max_model_len: usize },
     #[error("request needs {needed} KV blocks but the cache has {available}")]
     TooLargeForCache { needed: usize, available: usize },
     #[error("empty prompt")]
@@ -128,12 +126,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        let kv = KvCacheManager::new(
-            cfg.num_blocks,
-            cfg.block_size,
-            cfg.enable_prefix_caching,
-            cfg.cache_extra_key,
-        );
+        let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.cache_extra_key);
         Self {
             cfg,
             kv,
@@ -158,6 +151,11 @@ impl Scheduler {
 
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Prompt tokens of requests not yet admitted.
+    pub fn waiting_prompt_tokens(&self) -> usize {
+        self.waiting_prompt_tokens
     }
 
     pub fn num_running(&self) -> usize {
@@ -188,35 +186,21 @@ impl Scheduler {
         }
         let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
         if prompt + max_tokens > cfg.max_model_len {
-            return Err(AddError::ContextLengthExceeded {
-                prompt,
-                max_tokens,
-                max_model_len: cfg.max_model_len,
-            });
+            return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: cfg.max_model_len });
         }
         let needed = (prompt + max_tokens).div_ceil(cfg.block_size);
         if needed > cfg.num_blocks {
-            return Err(AddError::TooLargeForCache {
-                needed,
-                available: cfg.num_blocks,
-            });
+            return Err(AddError::TooLargeForCache { needed, available: cfg.num_blocks });
         }
         if self.waiting.len() >= cfg.max_waiting_requests {
-            return Err(AddError::Overloaded(format!(
-                "{} requests already waiting",
-                self.waiting.len()
-            )));
+            return Err(AddError::Overloaded(format!("{} requests already waiting", self.waiting.len())));
         }
         if self.waiting_prompt_tokens + prompt > cfg.max_waiting_tokens {
-            return Err(AddError::Overloaded(format!(
-                "{} prompt tokens already waiting",
-                self.waiting_prompt_tokens
-            )));
+            return Err(AddError::Overloaded(format!("{} prompt tokens already waiting", self.waiting_prompt_tokens)));
         }
         let id = r.id;
         self.waiting_prompt_tokens += prompt;
-        self.requests
-            .insert(id, Request::new(r, now, self.next_seq));
+        self.requests.insert(id, Request::new(r, now, self.next_seq));
         self.next_seq += 1;
         self.waiting.push(id);
         Ok(())
@@ -229,17 +213,10 @@ impl Scheduler {
 
     /// Fails requests whose step could not be executed.
     pub fn fail(&mut self, ids: &[RequestId], message: &str) -> Vec<EngineOutput> {
-        ids.iter()
-            .filter_map(|&id| self.finish(id, FinishReason::Error, Some(message.to_string())))
-            .collect()
+        ids.iter().filter_map(|&id| self.finish(id, FinishReason::Error, Some(message.to_string()))).collect()
     }
 
-    fn finish(
-        &mut self,
-        id: RequestId,
-        reason: FinishReason,
-        error: Option<String>,
-    ) -> Option<EngineOutput> {
+    fn finish(&mut self, id: RequestId, reason: FinishReason, error: Option<String>) -> Option<EngineOutput> {
         let req = self.requests.remove(&id)?;
         if let Some(i) = self.waiting.iter().position(|&w| w == id) {
             self.waiting.remove(i);
@@ -283,18 +260,10 @@ impl Scheduler {
 
     pub fn schedule(&mut self, now: Instant) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
-        let expired: Vec<RequestId> = self
-            .requests
-            .values()
-            .filter(|r| r.deadline.is_some_and(|d| d <= now))
-            .map(|r| r.id)
-            .collect();
+        let expired: Vec<RequestId> =
+            self.requests.values().filter(|r| r.deadline.is_some_and(|d| d <= now)).map(|r| r.id).collect();
         for id in expired {
-            out.finished.extend(self.finish(
-                id,
-                FinishReason::Timeout,
-                Some("deadline exceeded".into()),
-            ));
+            out.finished.extend(self.finish(id, FinishReason::Timeout, Some("deadline exceeded".into())));
         }
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut scheduled: Vec<(RequestId, usize)> = Vec::new();
@@ -336,10 +305,7 @@ impl Scheduler {
                 let r = &self.requests[&id];
                 let hit = self.kv.find_prefix(&r.tokens);
                 let num_new = (r.num_tokens() - hit.num_tokens).min(budget);
-                if !self
-                    .kv
-                    .allocate_slots(id.0, hit.num_tokens + num_new, Some(&hit))
-                {
+                if !self.kv.allocate_slots(id.0, hit.num_tokens + num_new, Some(&hit)) {
                     break;
                 }
                 let r = self.requests.get_mut(&id).expect("waiting request exists");
@@ -357,16 +323,13 @@ impl Scheduler {
         }
 
         for (id, num_new) in scheduled {
-            let r = self
-                .requests
-                .get_mut(&id)
-                .expect("scheduled request exists");
+            let r = self.requests.get_mut(&id).expect("scheduled request exists");
             let start = r.num_computed_tokens;
             r.num_computed_tokens += num_new;
-            let new_request = self.announced.insert(id).then(|| NewRequestData {
-                prompt_token_ids: r.prompt().to_vec(),
-                params: r.params.clone(),
-            });
+            let new_request = self
+                .announced
+                .insert(id)
+                .then(|| NewRequestData { prompt_token_ids: r.prompt().to_vec(), params: r.params.clone() });
             out.seqs.push(ScheduledSeq {
                 id,
                 token_ids: r.tokens[start..start + num_new].to_vec(),
@@ -382,49 +345,32 @@ impl Scheduler {
 
     /// Appends sampled tokens, applies stop conditions, registers full blocks in the prefix cache, and
     /// returns one output per request that produced a token or finished.
-    pub fn update_from_output(
-        &mut self,
-        sched: &SchedulerOutput,
-        run: &RunnerOutput,
-    ) -> Vec<EngineOutput> {
+    pub fn update_from_output(&mut self, sched: &SchedulerOutput, run: &RunnerOutput) -> Vec<EngineOutput> {
         let mut outputs = Vec::new();
         for seq in &sched.seqs {
             let Some(r) = self.requests.get_mut(&seq.id) else {
                 continue;
             };
             if !seq.sample {
-                self.kv
-                    .cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
+                self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
                 continue;
             }
             let Some(&token) = run.sampled.get(&seq.id) else {
-                outputs.extend(self.finish(
-                    seq.id,
-                    FinishReason::Error,
-                    Some("no token sampled".into()),
-                ));
+                outputs.extend(self.finish(seq.id, FinishReason::Error, Some("no token sampled".into())));
                 continue;
             };
             r.tokens.push(token);
             let p = &r.params;
-            let finish = if (!p.ignore_eos && self.cfg.eos_token_ids.contains(&token))
-                || p.stop_token_ids.contains(&token)
-            {
-                Some(FinishReason::Stop)
-            } else if r.output().len() >= p.max_tokens as usize
-                || r.num_tokens() >= self.cfg.max_model_len
-            {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            self.kv
-                .cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
-            let cached = if self.first_output_sent.insert(seq.id) {
-                r.num_cached_tokens
-            } else {
-                None
-            };
+            let finish =
+                if (!p.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token) {
+                    Some(FinishReason::Stop)
+                } else if r.output().len() >= p.max_tokens as usize || r.num_tokens() >= self.cfg.max_model_len {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+            self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
+            let cached = if self.first_output_sent.insert(seq.id) { r.num_cached_tokens } else { None };
             outputs.push(EngineOutput {
                 id: seq.id,
                 new_token_ids: vec![token],

@@ -38,12 +38,7 @@ fn cfg() -> SchedulerConfig {
     }
 }
 
-fn submit(
-    h: &EngineHandle,
-    id: u64,
-    first: u32,
-    max_tokens: u32,
-) -> Result<UnboundedReceiver<EngineOutput>, AddError> {
+fn submit(h: &EngineHandle, id: u64, first: u32, max_tokens: u32) -> Result<UnboundedReceiver<EngineOutput>, AddError> {
     let (tx, rx) = unbounded_channel();
     let r = EngineRequest {
         id: RequestId(id),
@@ -72,10 +67,7 @@ fn a_panicking_or_failing_step_fails_only_its_requests() {
     let mut good = submit(&h, 3, 1, 4).unwrap();
     let o = finish(&mut bad);
     assert_eq!(o.finish_reason, Some(FinishReason::Error));
-    assert!(
-        o.error.unwrap().contains("internal error"),
-        "no panic details leak"
-    );
+    assert!(o.error.unwrap().contains("internal error"), "no panic details leak");
     let o = finish(&mut err);
     assert_eq!(o.finish_reason, Some(FinishReason::Error));
     assert!(o.error.unwrap().contains("injected error"));
@@ -84,12 +76,7 @@ fn a_panicking_or_failing_step_fails_only_its_requests() {
     let mut later = submit(&h, 4, 1, 2).unwrap();
     assert_eq!(finish(&mut later).finish_reason, Some(FinishReason::Length));
     assert!(h.heartbeat_age() < Duration::from_secs(2));
-    assert_eq!(
-        h.stats()
-            .failed_steps
-            .load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    assert_eq!(h.stats().failed_steps.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
 #[test]
@@ -112,14 +99,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
     impl Executor for Gated {
         fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
             let _ = self.0.recv();
-            Ok(RunnerOutput {
-                sampled: batch
-                    .seqs
-                    .iter()
-                    .filter(|s| s.sample)
-                    .map(|s| (s.id, 5))
-                    .collect(),
-            })
+            Ok(RunnerOutput { sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect() })
         }
         fn remove_request(&mut self, _: RequestId) {}
     }
@@ -140,6 +120,17 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
     for mut rx in rxs {
         assert!(finish(&mut rx).finish_reason.is_some());
     }
+    // The prompt-token bound refuses at once too (the queue is stuck behind the gate).
+    let big = EngineRequest {
+        id: RequestId(98),
+        prompt_token_ids: vec![1; 3000],
+        params: Arc::new(SamplingParams::greedy(10)),
+        priority: Priority::Normal,
+        deadline: None,
+    };
+    let (h2, _j2) = EngineCore::spawn(SchedulerConfig { max_waiting_tokens: 2000, ..cfg() }, Flaky);
+    let r = h2.add_request(big, unbounded_channel().0);
+    assert!(matches!(r, Err(AddError::Overloaded(_))), "{r:?}");
     let too_long = EngineRequest {
         id: RequestId(99),
         prompt_token_ids: vec![1; 9000],
@@ -147,8 +138,5 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         priority: Priority::Normal,
         deadline: None,
     };
-    assert!(matches!(
-        h.add_request(too_long, unbounded_channel().0),
-        Err(AddError::ContextLengthExceeded { .. })
-    ));
+    assert!(matches!(h.add_request(too_long, unbounded_channel().0), Err(AddError::ContextLengthExceeded { .. })));
 }

@@ -22,10 +22,7 @@ fn req(id: u64, prompt: Vec<u32>, max_tokens: u32, priority: Priority) -> Engine
     EngineRequest {
         id: RequestId(id),
         prompt_token_ids: prompt,
-        params: Arc::new(SamplingParams {
-            max_tokens,
-            ..SamplingParams::greedy(max_tokens)
-        }),
+        params: Arc::new(SamplingParams { max_tokens, ..SamplingParams::greedy(max_tokens) }),
         priority,
         deadline: None,
     }
@@ -39,10 +36,7 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 fn fake_run(out: &SchedulerOutput) -> RunnerOutput {
     let mut r = RunnerOutput::default();
     for s in out.seqs.iter().filter(|s| s.sample) {
-        r.sampled.insert(
-            s.id,
-            1 + (s.id.0 as u32 * 7 + (s.start_pos + s.token_ids.len()) as u32) % 50,
-        );
+        r.sampled.insert(s.id, 1 + (s.id.0 as u32 * 7 + (s.start_pos + s.token_ids.len()) as u32) % 50);
     }
     r
 }
@@ -63,19 +57,14 @@ fn drain(s: &mut Scheduler, now: Instant) -> Vec<EngineOutput> {
 }
 
 fn tokens_of(outputs: &[EngineOutput], id: u64) -> Vec<u32> {
-    outputs
-        .iter()
-        .filter(|o| o.id.0 == id)
-        .flat_map(|o| o.new_token_ids.clone())
-        .collect()
+    outputs.iter().filter(|o| o.id.0 == id).flat_map(|o| o.new_token_ids.clone()).collect()
 }
 
 #[test]
 fn token_budget_limits_each_step_and_prefill_is_chunked() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|c| c.max_num_batched_tokens = 10));
-    s.add_request(req(1, prompt(25, 1), 3, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(25, 1), 3, Priority::Normal), now).unwrap();
     let steps: Vec<(usize, bool)> = (0..3)
         .map(|_| {
             let o = s.schedule(now);
@@ -90,45 +79,31 @@ fn token_budget_limits_each_step_and_prefill_is_chunked() {
         "25-token prompt in chunks of 10; sample only at the end"
     );
     let o = s.schedule(now);
-    assert_eq!(
-        (o.num_batched_tokens, o.seqs[0].start_pos),
-        (1, 25),
-        "then one decode token"
-    );
+    assert_eq!((o.num_batched_tokens, o.seqs[0].start_pos), (1, 25), "then one decode token");
 }
 
 #[test]
 fn running_requests_are_scheduled_before_waiting_ones() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|c| c.max_num_batched_tokens = 8));
-    s.add_request(req(1, prompt(8, 1), 5, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(8, 1), 5, Priority::Normal), now).unwrap();
     let o = s.schedule(now);
     s.update_from_output(&o, &fake_run(&o));
-    s.add_request(req(2, prompt(20, 2), 5, Priority::Critical), now)
-        .unwrap();
+    s.add_request(req(2, prompt(20, 2), 5, Priority::Critical), now).unwrap();
     let o = s.schedule(now);
     assert_eq!(o.seqs[0].id, RequestId(1), "the running decode goes first");
     assert_eq!(o.seqs[0].token_ids.len(), 1);
-    assert_eq!(
-        (o.seqs[1].id, o.seqs[1].token_ids.len()),
-        (RequestId(2), 7),
-        "the rest of the budget prefills"
-    );
+    assert_eq!((o.seqs[1].id, o.seqs[1].token_ids.len()), (RequestId(2), 7), "the rest of the budget prefills");
 }
 
 #[test]
 fn priority_order_then_arrival() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|c| c.max_num_seqs = 1));
-    s.add_request(req(1, prompt(4, 1), 1, Priority::Low), now)
-        .unwrap();
-    s.add_request(req(2, prompt(4, 2), 1, Priority::Normal), now)
-        .unwrap();
-    s.add_request(req(3, prompt(4, 3), 1, Priority::Critical), now)
-        .unwrap();
-    s.add_request(req(4, prompt(4, 4), 1, Priority::Critical), now)
-        .unwrap();
+    s.add_request(req(1, prompt(4, 1), 1, Priority::Low), now).unwrap();
+    s.add_request(req(2, prompt(4, 2), 1, Priority::Normal), now).unwrap();
+    s.add_request(req(3, prompt(4, 3), 1, Priority::Critical), now).unwrap();
+    s.add_request(req(4, prompt(4, 4), 1, Priority::Critical), now).unwrap();
     let mut order = Vec::new();
     while s.has_work() {
         let o = s.schedule(now);
@@ -146,12 +121,10 @@ fn aging_lifts_low_priority_so_it_is_never_starved() {
         c.max_num_seqs = 1;
         c.aging_interval = Duration::from_secs(1);
     }));
-    s.add_request(req(1, prompt(4, 1), 1, Priority::Low), t0)
-        .unwrap();
+    s.add_request(req(1, prompt(4, 1), 1, Priority::Low), t0).unwrap();
     // A normal request arrives 3 s later; by then the low one has aged three classes (to critical).
     let t3 = t0 + Duration::from_secs(3);
-    s.add_request(req(2, prompt(4, 2), 1, Priority::Normal), t3)
-        .unwrap();
+    s.add_request(req(2, prompt(4, 2), 1, Priority::Normal), t3).unwrap();
     let o = s.schedule(t3);
     assert_eq!(o.seqs[0].id, RequestId(1));
     // Without aging the newer normal request would win.
@@ -159,10 +132,8 @@ fn aging_lifts_low_priority_so_it_is_never_starved() {
         c.max_num_seqs = 1;
         c.aging_interval = Duration::ZERO;
     }));
-    s.add_request(req(1, prompt(4, 1), 1, Priority::Low), t0)
-        .unwrap();
-    s.add_request(req(2, prompt(4, 2), 1, Priority::Normal), t3)
-        .unwrap();
+    s.add_request(req(1, prompt(4, 1), 1, Priority::Low), t0).unwrap();
+    s.add_request(req(2, prompt(4, 2), 1, Priority::Normal), t3).unwrap();
     assert_eq!(s.schedule(t3).seqs[0].id, RequestId(2));
 }
 
@@ -172,23 +143,15 @@ fn preemption_picks_lowest_priority_newest_and_resume_gives_the_same_tokens() {
     // Alone, each request's tokens:
     let alone = |id: u64, pr: Priority| {
         let mut s = Scheduler::new(cfg(|_| {}));
-        s.add_request(req(id, prompt(6, id as u32), 20, pr), now)
-            .unwrap();
+        s.add_request(req(id, prompt(6, id as u32), 20, pr), now).unwrap();
         tokens_of(&drain(&mut s, now), id)
     };
-    let (a1, a2, a3) = (
-        alone(1, Priority::High),
-        alone(2, Priority::Low),
-        alone(3, Priority::Normal),
-    );
+    let (a1, a2, a3) = (alone(1, Priority::High), alone(2, Priority::Low), alone(3, Priority::Normal));
     // 12 blocks of 4 = 48 slots; three requests growing to 26 tokens each need 21 blocks: preemption.
     let mut s = Scheduler::new(cfg(|c| c.num_blocks = 12));
-    s.add_request(req(1, prompt(6, 1), 20, Priority::High), now)
-        .unwrap();
-    s.add_request(req(2, prompt(6, 2), 20, Priority::Low), now)
-        .unwrap();
-    s.add_request(req(3, prompt(6, 3), 20, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(6, 1), 20, Priority::High), now).unwrap();
+    s.add_request(req(2, prompt(6, 2), 20, Priority::Low), now).unwrap();
+    s.add_request(req(3, prompt(6, 3), 20, Priority::Normal), now).unwrap();
     let mut preempted = Vec::new();
     let mut all = Vec::new();
     while s.has_work() {
@@ -199,21 +162,10 @@ fn preemption_picks_lowest_priority_newest_and_resume_gives_the_same_tokens() {
         all.extend(s.update_from_output(&o, &r));
         s.kv().check_invariants();
     }
-    assert_eq!(
-        preempted.first(),
-        Some(&2),
-        "the low-priority request goes first: {preempted:?}"
-    );
-    assert!(
-        !preempted.contains(&1),
-        "the high-priority request is never the victim"
-    );
+    assert_eq!(preempted.first(), Some(&2), "the low-priority request goes first: {preempted:?}");
+    assert!(!preempted.contains(&1), "the high-priority request is never the victim");
     assert_eq!(tokens_of(&all, 1), a1);
-    assert_eq!(
-        tokens_of(&all, 2),
-        a2,
-        "a preempted request resumes with the same tokens"
-    );
+    assert_eq!(tokens_of(&all, 2), a2, "a preempted request resumes with the same tokens");
     assert_eq!(tokens_of(&all, 3), a3);
     assert_eq!(s.kv().num_free_blocks(), 12, "no leaked blocks");
 }
@@ -222,21 +174,15 @@ fn preemption_picks_lowest_priority_newest_and_resume_gives_the_same_tokens() {
 fn abort_frees_blocks_at_once_wherever_the_request_is() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|c| c.max_num_seqs = 1));
-    s.add_request(req(1, prompt(10, 1), 10, Priority::Normal), now)
-        .unwrap();
-    s.add_request(req(2, prompt(10, 2), 10, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(10, 1), 10, Priority::Normal), now).unwrap();
+    s.add_request(req(2, prompt(10, 2), 10, Priority::Normal), now).unwrap();
     let o = s.schedule(now);
     s.update_from_output(&o, &fake_run(&o));
     assert!(s.kv().num_free_blocks() < 64);
     let out = s.abort(RequestId(1)).unwrap();
     assert_eq!(out.finish_reason, Some(FinishReason::Abort));
     assert_eq!(s.kv().num_free_blocks(), 64);
-    assert_eq!(
-        s.abort(RequestId(2)).unwrap().finish_reason,
-        Some(FinishReason::Abort),
-        "a waiting request too"
-    );
+    assert_eq!(s.abort(RequestId(2)).unwrap().finish_reason, Some(FinishReason::Abort), "a waiting request too");
     assert!(!s.has_work());
     assert!(s.abort(RequestId(2)).is_none(), "aborting twice is a no-op");
 }
@@ -245,17 +191,12 @@ fn abort_frees_blocks_at_once_wherever_the_request_is() {
 fn prefix_hit_reports_cached_tokens_and_skips_them() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|_| {}));
-    s.add_request(req(1, prompt(11, 1), 2, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(11, 1), 2, Priority::Normal), now).unwrap();
     let first = drain(&mut s, now);
     assert_eq!(first[0].num_cached_tokens, Some(0));
-    s.add_request(req(2, prompt(11, 1), 2, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(2, prompt(11, 1), 2, Priority::Normal), now).unwrap();
     let o = s.schedule(now);
-    assert_eq!(
-        o.seqs[0].start_pos, 8,
-        "two full blocks of 4 hit; the last prompt token is recomputed"
-    );
+    assert_eq!(o.seqs[0].start_pos, 8, "two full blocks of 4 hit; the last prompt token is recomputed");
     let outs = s.update_from_output(&o, &fake_run(&o));
     assert_eq!(outs[0].num_cached_tokens, Some(8));
 }
@@ -264,15 +205,12 @@ fn prefix_hit_reports_cached_tokens_and_skips_them() {
 fn prefix_miss_after_eviction() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|c| c.num_blocks = 4));
-    s.add_request(req(1, prompt(9, 1), 1, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(9, 1), 1, Priority::Normal), now).unwrap();
     drain(&mut s, now);
     // A different request takes every block, evicting the cached prefix.
-    s.add_request(req(2, prompt(15, 2), 1, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(2, prompt(15, 2), 1, Priority::Normal), now).unwrap();
     drain(&mut s, now);
-    s.add_request(req(3, prompt(9, 1), 1, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(3, prompt(9, 1), 1, Priority::Normal), now).unwrap();
     assert_eq!(s.schedule(now).seqs[0].start_pos, 0);
 }
 
@@ -300,55 +238,34 @@ fn admission_is_bounded() {
         c.max_waiting_tokens = 30;
         c.max_model_len = 64;
     }));
-    s.add_request(req(1, prompt(10, 1), 1, Priority::Normal), now)
-        .unwrap();
-    s.add_request(req(2, prompt(10, 2), 1, Priority::Normal), now)
-        .unwrap();
-    assert!(matches!(
-        s.add_request(req(3, prompt(1, 3), 1, Priority::Normal), now),
-        Err(AddError::Overloaded(_))
-    ));
+    s.add_request(req(1, prompt(10, 1), 1, Priority::Normal), now).unwrap();
+    s.add_request(req(2, prompt(10, 2), 1, Priority::Normal), now).unwrap();
+    assert!(matches!(s.add_request(req(3, prompt(1, 3), 1, Priority::Normal), now), Err(AddError::Overloaded(_))));
     let mut s2 = Scheduler::new(cfg(|c| c.max_waiting_tokens = 30));
-    s2.add_request(req(1, prompt(20, 1), 1, Priority::Normal), now)
-        .unwrap();
-    assert!(matches!(
-        s2.add_request(req(2, prompt(20, 2), 1, Priority::Normal), now),
-        Err(AddError::Overloaded(_))
-    ));
+    s2.add_request(req(1, prompt(20, 1), 1, Priority::Normal), now).unwrap();
+    assert!(matches!(s2.add_request(req(2, prompt(20, 2), 1, Priority::Normal), now), Err(AddError::Overloaded(_))));
     assert!(matches!(
         s.add_request(req(4, prompt(60, 4), 10, Priority::Normal), now),
         Err(AddError::ContextLengthExceeded { .. })
     ));
-    assert!(matches!(
-        s.add_request(req(1, prompt(4, 1), 1, Priority::Normal), now),
-        Err(AddError::DuplicateId(_))
-    ));
-    assert!(matches!(
-        s.add_request(req(5, vec![], 1, Priority::Normal), now),
-        Err(AddError::EmptyPrompt)
-    ));
+    assert!(matches!(s.add_request(req(1, prompt(4, 1), 1, Priority::Normal), now), Err(AddError::DuplicateId(_))));
+    assert!(matches!(s.add_request(req(5, vec![], 1, Priority::Normal), now), Err(AddError::EmptyPrompt)));
     // Admitting a request frees its waiting slot.
     let o = s.schedule(now);
     s.update_from_output(&o, &fake_run(&o));
-    s.add_request(req(6, prompt(4, 6), 1, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(6, prompt(4, 6), 1, Priority::Normal), now).unwrap();
 }
 
 #[test]
 fn eos_and_max_tokens_finish_requests() {
     let now = Instant::now();
     let mut s = Scheduler::new(cfg(|_| {}));
-    s.add_request(req(1, prompt(4, 1), 3, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(1, prompt(4, 1), 3, Priority::Normal), now).unwrap();
     let outs = drain(&mut s, now);
     assert_eq!(tokens_of(&outs, 1).len(), 3);
-    assert_eq!(
-        outs.last().unwrap().finish_reason,
-        Some(FinishReason::Length)
-    );
+    assert_eq!(outs.last().unwrap().finish_reason, Some(FinishReason::Length));
     // EOS (id 0) stops early.
-    s.add_request(req(2, prompt(4, 2), 10, Priority::Normal), now)
-        .unwrap();
+    s.add_request(req(2, prompt(4, 2), 10, Priority::Normal), now).unwrap();
     let o = s.schedule(now);
     let mut run = RunnerOutput::default();
     run.sampled.insert(RequestId(2), 0);

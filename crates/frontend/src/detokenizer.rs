@@ -25,19 +25,11 @@ pub struct IncrementalDetokenizer<'t> {
 
 impl<'t> IncrementalDetokenizer<'t> {
     pub fn new(tokenizer: &'t Tokenizer, skip_special_tokens: bool) -> Self {
-        Self {
-            tokenizer,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-            skip_special_tokens,
-        }
+        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens }
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        self.tokenizer
-            .decode(ids, self.skip_special_tokens)
-            .unwrap_or_default()
+        self.tokenizer.decode(ids, self.skip_special_tokens).unwrap_or_default()
     }
 
     /// Adds one token; returns the text that became final, if any.

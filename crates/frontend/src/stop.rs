@@ -25,10 +25,7 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        Self {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            pending: String::new(),
-        }
+        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
     }
 
     pub fn push(&mut self, delta: &str) -> StopOutcome {
@@ -36,12 +33,7 @@ impl StopMatcher {
             return StopOutcome::Continue(delta.to_string());
         }
         self.pending.push_str(delta);
-        if let Some(i) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
+        if let Some(i) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             let out = self.pending[..i].to_string();
             self.pending.clear();
             return StopOutcome::Stopped(out);
@@ -99,10 +91,7 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_deltas_is_caught_and_not_emitted() {
-        assert_eq!(
-            run(&["END"], &["hello E", "N", "D more"]),
-            ("hello ".into(), true)
-        );
+        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
     }
 
     #[test]

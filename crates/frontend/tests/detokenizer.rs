@@ -23,10 +23,7 @@ fn deltas_are_valid_utf8_and_join_to_the_full_decode() {
             for &id in &ids {
                 match d.push(id) {
                     Some(delta) => {
-                        assert!(
-                            !delta.contains('\u{FFFD}'),
-                            "{model}: broken character in delta {delta:?}"
-                        );
+                        assert!(!delta.contains('\u{FFFD}'), "{model}: broken character in delta {delta:?}");
                         joined.push_str(&delta);
                     }
                     None => held_back += 1,
@@ -39,10 +36,7 @@ fn deltas_are_valid_utf8_and_join_to_the_full_decode() {
             assert_eq!(&joined, text);
         }
         // Byte-level BPE splits emoji and CJK characters across tokens: those tokens must have been held.
-        assert!(
-            held_back > 0,
-            "{model}: no token was ever held back, so the UTF-8 split case was not exercised"
-        );
+        assert!(held_back > 0, "{model}: no token was ever held back, so the UTF-8 split case was not exercised");
     }
 }
 
@@ -51,10 +45,7 @@ fn invalid_utf8_at_the_end_is_released_by_flush() {
     let tok = reference_tokenizer("SmolLM2-135M-Instruct");
     // The first token of a multi-token emoji alone is an incomplete UTF-8 sequence.
     let ids = tok.encode("😀", false).unwrap().get_ids().to_vec();
-    assert!(
-        ids.len() > 1,
-        "emoji should take several byte-level tokens: {ids:?}"
-    );
+    assert!(ids.len() > 1, "emoji should take several byte-level tokens: {ids:?}");
     let mut d = IncrementalDetokenizer::new(&tok, true);
     assert_eq!(d.push(ids[0]), None);
     assert_eq!(d.flush(), Some(tok.decode(&ids[..1], true).unwrap()));

@@ -56,10 +56,7 @@ fn check(seqs: &[AttnSeq<'_>], layout: KvLayout, cache_len: usize) {
         let needed = s.context_len.div_ceil(layout.block_size);
         assert!(s.block_table.len() >= needed, "block table too short");
         for &b in &s.block_table[..needed] {
-            assert!(
-                (b as usize + 1) * layout.block_stride() <= cache_len,
-                "block id out of range"
-            );
+            assert!((b as usize + 1) * layout.block_stride() <= cache_len, "block id out of range");
         }
     }
 }
@@ -101,10 +98,8 @@ pub fn paged_attention(
         let qg = &q[q0..q0 + group * hd];
         scores.clear();
         scores.resize(group * ctx, 0.0);
-        let slot_of = |p: usize| {
-            s.block_table[p / layout.block_size] as usize * layout.block_size
-                + p % layout.block_size
-        };
+        let slot_of =
+            |p: usize| s.block_table[p / layout.block_size] as usize * layout.block_size + p % layout.block_size;
         for p in 0..ctx {
             let o = layout.offset(slot_of(p), kvh);
             let k = &k_cache[o..o + hd];
@@ -139,9 +134,7 @@ pub fn paged_attention(
             work(item, &mut scores);
         }
     } else {
-        out.par_chunks_mut(group * hd)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, item| work(item, scores));
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, item| work(item, scores));
     }
 }
 
@@ -163,9 +156,7 @@ pub fn paged_attention_reference(
     for s in seqs {
         let gather = |cache: &[f32], p: usize, kvh: usize| -> Vec<f64> {
             let block = s.block_table[p / layout.block_size] as usize;
-            let base = ((block * layout.block_size + p % layout.block_size) * layout.num_kv_heads
-                + kvh)
-                * hd;
+            let base = ((block * layout.block_size + p % layout.block_size) * layout.num_kv_heads + kvh) * hd;
             cache[base..base + hd].iter().map(|&x| x as f64).collect()
         };
         for i in 0..s.query_len {
@@ -173,19 +164,9 @@ pub fn paged_attention_reference(
             let visible = s.context_len - s.query_len + i + 1;
             for h in 0..num_heads {
                 let kvh = h / group;
-                let qh: Vec<f64> = q[(t * num_heads + h) * hd..][..hd]
-                    .iter()
-                    .map(|&x| x as f64)
-                    .collect();
+                let qh: Vec<f64> = q[(t * num_heads + h) * hd..][..hd].iter().map(|&x| x as f64).collect();
                 let logits: Vec<f64> = (0..visible)
-                    .map(|p| {
-                        gather(k_cache, p, kvh)
-                            .iter()
-                            .zip(&qh)
-                            .map(|(a, b)| a * b)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
+                    .map(|p| gather(k_cache, p, kvh).iter().zip(&qh).map(|(a, b)| a * b).sum::<f64>() * scale as f64)
                     .collect();
                 let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
@@ -212,17 +193,11 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next_f32(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
         fn below(&mut self, n: usize) -> usize {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((self.0 >> 33) as usize) % n
         }
     }
@@ -252,11 +227,7 @@ mod tests {
             let mut shapes = Vec::new();
             for _ in 0..nseq {
                 let ctx = 1 + rng.below(40.min(num_blocks * layout.block_size / nseq));
-                let qlen = if rng.below(2) == 0 {
-                    1
-                } else {
-                    1 + rng.below(ctx)
-                };
+                let qlen = if rng.below(2) == 0 { 1 } else { 1 + rng.below(ctx) };
                 let nb = ctx.div_ceil(layout.block_size);
                 tables.push(free.drain(..nb).collect::<Vec<u32>>());
                 shapes.push((qlen, ctx));
@@ -264,12 +235,7 @@ mod tests {
             let mut seqs = Vec::new();
             let mut start = 0;
             for (t, &(qlen, ctx)) in tables.iter().zip(&shapes) {
-                seqs.push(AttnSeq {
-                    query_start: start,
-                    query_len: qlen,
-                    context_len: ctx,
-                    block_table: t,
-                });
+                seqs.push(AttnSeq { query_start: start, query_len: qlen, context_len: ctx, block_table: t });
                 start += qlen;
             }
             let n = start * num_heads * layout.head_dim;
@@ -279,33 +245,20 @@ mod tests {
             let mut slow = vec![0f32; n];
             paged_attention(&mut fast, &q, &k, &v, layout, num_heads, &seqs, scale);
             paged_attention_reference(&mut slow, &q, &k, &v, layout, num_heads, &seqs, scale);
-            let max_err = fast
-                .iter()
-                .zip(&slow)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let max_err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(max_err < 1e-4, "trial {trial}: max abs error {max_err}");
         }
     }
 
     #[test]
     fn single_position_returns_its_value() {
-        let layout = KvLayout {
-            block_size: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-        };
+        let layout = KvLayout { block_size: 2, num_kv_heads: 1, head_dim: 4 };
         let k = vec![0.5f32; 4 * layout.block_stride()];
         let mut v = vec![0f32; 4 * layout.block_stride()];
         // Sequence lives in block 3, position 0 -> slot 6.
         v[layout.offset(6, 0)..layout.offset(6, 0) + 4].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
         let table = [3u32];
-        let seqs = [AttnSeq {
-            query_start: 0,
-            query_len: 1,
-            context_len: 1,
-            block_table: &table,
-        }];
+        let seqs = [AttnSeq { query_start: 0, query_len: 1, context_len: 1, block_table: &table }];
         let mut out = vec![0f32; 4];
         paged_attention(&mut out, &[1.0; 4], &k, &v, layout, 1, &seqs, 1.0);
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);

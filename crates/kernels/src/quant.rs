@@ -59,24 +59,14 @@ pub struct QuantError(String);
 
 impl QMatrix {
     /// Takes the tensor's raw GGUF bytes.
-    pub fn new(
-        format: QuantFormat,
-        rows: usize,
-        cols: usize,
-        data: Vec<u8>,
-    ) -> Result<Self, QuantError> {
+    pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
         if !cols.is_multiple_of(BLOCK) {
-            return Err(QuantError(format!(
-                "{cols} columns is not a multiple of {BLOCK}"
-            )));
+            return Err(QuantError(format!("{cols} columns is not a multiple of {BLOCK}")));
         }
         let nblocks = rows * cols / BLOCK;
         let want = nblocks * format.block_bytes();
         if data.len() != want {
-            return Err(QuantError(format!(
-                "{format:?} [{rows}, {cols}] needs {want} bytes, got {}",
-                data.len()
-            )));
+            return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
         let mut scales = Vec::with_capacity(nblocks);
         let mut mins = Vec::new();
@@ -91,14 +81,7 @@ impl QMatrix {
                 QuantFormat::Q8_0 => qs.extend_from_slice(&blk[2..34]),
             }
         }
-        Ok(Self {
-            format,
-            rows,
-            cols,
-            scales,
-            mins,
-            qs,
-        })
+        Ok(Self { format, rows, cols, scales, mins, qs })
     }
 
     pub fn rows(&self) -> usize {
@@ -108,25 +91,15 @@ impl QMatrix {
     /// Stacks matrices with the same format and column count into one (rows of the first, then the
     /// second, ...), so projections that read the same input run as one matmul.
     pub fn concat_rows(parts: &[QMatrix]) -> Result<Self, QuantError> {
-        let first = parts
-            .first()
-            .ok_or_else(|| QuantError("nothing to concatenate".into()))?;
-        if parts
-            .iter()
-            .any(|p| p.format != first.format || p.cols != first.cols)
-        {
-            return Err(QuantError(
-                "concatenated matrices must share format and column count".into(),
-            ));
+        let first = parts.first().ok_or_else(|| QuantError("nothing to concatenate".into()))?;
+        if parts.iter().any(|p| p.format != first.format || p.cols != first.cols) {
+            return Err(QuantError("concatenated matrices must share format and column count".into()));
         }
         Ok(Self {
             format: first.format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            scales: parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
+            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
             mins: parts.iter().flat_map(|p| p.mins.iter().copied()).collect(),
             qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
         })
@@ -150,11 +123,7 @@ impl QMatrix {
         RowRef {
             format: self.format,
             scales: &self.scales[r * nb..(r + 1) * nb],
-            mins: if self.mins.is_empty() {
-                &[]
-            } else {
-                &self.mins[r * nb..(r + 1) * nb]
-            },
+            mins: if self.mins.is_empty() { &[] } else { &self.mins[r * nb..(r + 1) * nb] },
             qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
         }
     }
@@ -270,13 +239,11 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     assert_eq!(y.len(), n * m, "output length");
     if n == 1 {
         let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(t, out)| {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = w.row(t * ROWS_PER_TASK + i).dot(x, &xsum);
-                }
-            });
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = w.row(t * ROWS_PER_TASK + i).dot(x, &xsum);
+            }
+        });
         return;
     }
     // yt is [m, n]: each task owns a contiguous run of output features.
@@ -284,26 +251,22 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     if n <= SMALL_BATCH {
         // Small batches (batched decode): decode each weight block once, apply it to every row.
         let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        yt.par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(t, out)| {
-                for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                    w.row(t * ROWS_PER_TASK + i).dot_rows(x, &xsums, o);
-                }
-            });
+        yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
+            for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                w.row(t * ROWS_PER_TASK + i).dot_rows(x, &xsums, o);
+            }
+        });
     } else {
         // Prefill: dequantize each weight row once, then f32 dot products four activation rows at a time.
-        yt.par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; k],
-                |wrow, (t, out)| {
-                    for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                        w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
-                        crate::vec::dot_many(wrow, x, o);
-                    }
-                },
-            );
+        yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each_init(
+            || vec![0f32; k],
+            |wrow, (t, out)| {
+                for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                    w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
+                    crate::vec::dot_many(wrow, x, o);
+                }
+            },
+        );
     }
     for (r, col) in yt.chunks_exact(n).enumerate() {
         for (t, v) in col.iter().enumerate() {
@@ -352,17 +315,9 @@ mod simd {
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
                     let xb = xp.add(b * BLOCK);
                     let mut s = _mm256_mul_ps(u8x8_to_ps(lo), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(
-                        u8x8_to_ps(_mm_srli_si128(lo, 8)),
-                        _mm256_loadu_ps(xb.add(8)),
-                        s,
-                    );
+                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb.add(8)), s);
                     s = _mm256_fmadd_ps(u8x8_to_ps(hi), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(
-                        u8x8_to_ps(_mm_srli_si128(hi, 8)),
-                        _mm256_loadu_ps(xb.add(24)),
-                        s,
-                    );
+                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xb.add(24)), s);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
                     mins += *row.mins.get_unchecked(b) * *xsum.get_unchecked(b);
                 }
@@ -375,17 +330,9 @@ mod simd {
                     let q1 = _mm256_extracti128_si256(q, 1);
                     let xb = xp.add(b * BLOCK);
                     let mut s = _mm256_mul_ps(i8x8_to_ps(q0), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(
-                        i8x8_to_ps(_mm_srli_si128(q0, 8)),
-                        _mm256_loadu_ps(xb.add(8)),
-                        s,
-                    );
+                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(xb.add(8)), s);
                     s = _mm256_fmadd_ps(i8x8_to_ps(q1), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(
-                        i8x8_to_ps(_mm_srli_si128(q1, 8)),
-                        _mm256_loadu_ps(xb.add(24)),
-                        s,
-                    );
+                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(xb.add(24)), s);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
                 }
                 hsum(acc)
@@ -402,23 +349,13 @@ mod simd {
                 let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
                 let lo = _mm_and_si128(q, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                [
-                    u8x8_to_ps(lo),
-                    u8x8_to_ps(_mm_srli_si128(lo, 8)),
-                    u8x8_to_ps(hi),
-                    u8x8_to_ps(_mm_srli_si128(hi, 8)),
-                ]
+                [u8x8_to_ps(lo), u8x8_to_ps(_mm_srli_si128(lo, 8)), u8x8_to_ps(hi), u8x8_to_ps(_mm_srli_si128(hi, 8))]
             }
             QuantFormat::Q8_0 => {
                 let q = _mm256_loadu_si256(qp.add(b * 32) as *const __m256i);
                 let q0 = _mm256_castsi256_si128(q);
                 let q1 = _mm256_extracti128_si256(q, 1);
-                [
-                    i8x8_to_ps(q0),
-                    i8x8_to_ps(_mm_srli_si128(q0, 8)),
-                    i8x8_to_ps(q1),
-                    i8x8_to_ps(_mm_srli_si128(q1, 8)),
-                ]
+                [i8x8_to_ps(q0), i8x8_to_ps(_mm_srli_si128(q0, 8)), i8x8_to_ps(q1), i8x8_to_ps(_mm_srli_si128(q1, 8))]
             }
         }
     }
@@ -476,11 +413,8 @@ pub fn qmatmul_reference(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     for r in 0..m {
         w.dequantize_row(r, &mut row);
         for t in 0..n {
-            y[t * m + r] = row
-                .iter()
-                .zip(&x[t * k..(t + 1) * k])
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum::<f64>() as f32;
+            y[t * m + r] =
+                row.iter().zip(&x[t * k..(t + 1) * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
         }
     }
 }
@@ -492,10 +426,7 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             self.0 >> 33
         }
         fn f32(&mut self) -> f32 {
@@ -521,30 +452,17 @@ mod tests {
     fn fast_matches_reference_for_each_format_and_batch_size() {
         let mut rng = Lcg(9);
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            for &(rows, cols, n) in &[
-                (1, 32, 1),
-                (33, 64, 1),
-                (70, 576, 3),
-                (96, 1536, 7),
-                (40, 96, 64),
-                (5, 64, 16),
-                (5, 64, 17),
-            ] {
+            for &(rows, cols, n) in
+                &[(1, 32, 1), (33, 64, 1), (70, 576, 3), (96, 1536, 7), (40, 96, 64), (5, 64, 16), (5, 64, 17)]
+            {
                 let w = random_matrix(&mut rng, format, rows, cols);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
                 let (mut fast, mut slow) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 qmatmul(&w, &x, &mut fast);
                 qmatmul_reference(&w, &x, &mut slow);
                 let scale = slow.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
-                let err = fast
-                    .iter()
-                    .zip(&slow)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(
-                    err <= 1e-4 * scale,
-                    "{format:?} [{rows},{cols}] n={n}: error {err} at scale {scale}"
-                );
+                let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err <= 1e-4 * scale, "{format:?} [{rows},{cols}] n={n}: error {err} at scale {scale}");
             }
         }
     }
@@ -561,10 +479,7 @@ mod tests {
             qmatmul_reference(&w, &x, &mut slow);
             for (r, want) in slow.iter().enumerate() {
                 let got = w.row(r).dot_scalar(&x, &xsum);
-                assert!(
-                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "{format:?} row {r}: {got} vs {want}"
-                );
+                assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{format:?} row {r}: {got} vs {want}");
             }
         }
     }
@@ -587,10 +502,8 @@ mod tests {
     #[test]
     fn concatenated_rows_give_the_same_products() {
         let mut rng = Lcg(11);
-        let (a, b) = (
-            random_matrix(&mut rng, QuantFormat::Q4_1, 7, 64),
-            random_matrix(&mut rng, QuantFormat::Q4_1, 5, 64),
-        );
+        let (a, b) =
+            (random_matrix(&mut rng, QuantFormat::Q4_1, 7, 64), random_matrix(&mut rng, QuantFormat::Q4_1, 5, 64));
         let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
         let x: Vec<f32> = (0..2 * 64).map(|_| rng.f32()).collect();
         let (mut ya, mut yb, mut yab) = (vec![0f32; 14], vec![0f32; 10], vec![0f32; 24]);
@@ -601,9 +514,7 @@ mod tests {
             assert_eq!(&yab[t * 12..t * 12 + 7], &ya[t * 7..t * 7 + 7]);
             assert_eq!(&yab[t * 12 + 7..t * 12 + 12], &yb[t * 5..t * 5 + 5]);
         }
-        assert!(
-            QMatrix::concat_rows(&[a, random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err()
-        );
+        assert!(QMatrix::concat_rows(&[a, random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err());
     }
 
     #[test]

@@ -86,11 +86,7 @@ pub(crate) mod simd {
         let mut i = 0;
         while i + 16 <= n {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.add(i + 8)),
-                _mm256_loadu_ps(b.add(i + 8)),
-                acc1,
-            );
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), _mm256_loadu_ps(b.add(i + 8)), acc1);
             i += 16;
         }
         let mut s = hsum(_mm256_add_ps(acc0, acc1));
@@ -111,12 +107,8 @@ pub(crate) mod simd {
         while t + 4 <= rows {
             let x0 = x.as_ptr().add(t * k);
             let (x1, x2, x3) = (x0.add(k), x0.add(2 * k), x0.add(3 * k));
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             let mut i = 0;
             while i + 8 <= k {
                 let wv = _mm256_loadu_ps(wp.add(i));
@@ -168,10 +160,7 @@ mod tests {
             let mut out = vec![0f32; rows];
             dot_many(&w, &x, &mut out);
             for t in 0..rows {
-                assert!(
-                    (out[t] - dot_scalar(&w, &x[t * k..(t + 1) * k])).abs() < 1e-4,
-                    "k={k} row {t}"
-                );
+                assert!((out[t] - dot_scalar(&w, &x[t * k..(t + 1) * k])).abs() < 1e-4, "k={k} row {t}");
             }
         }
     }

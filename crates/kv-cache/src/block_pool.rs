@@ -42,26 +42,12 @@ impl BlockPool {
                 ref_cnt: 0,
                 hash: None,
                 prev: if i == 0 { NIL } else { i - 1 },
-                next: if i + 1 == num_blocks as u32 {
-                    NIL
-                } else {
-                    i + 1
-                },
+                next: if i + 1 == num_blocks as u32 { NIL } else { i + 1 },
                 on_free_list: true,
             })
             .collect();
-        let (head, tail) = if num_blocks == 0 {
-            (NIL, NIL)
-        } else {
-            (0, num_blocks as u32 - 1)
-        };
-        Self {
-            blocks,
-            head,
-            tail,
-            num_free: num_blocks,
-            cached: HashMap::new(),
-        }
+        let (head, tail) = if num_blocks == 0 { (NIL, NIL) } else { (0, num_blocks as u32 - 1) };
+        Self { blocks, head, tail, num_free: num_blocks, cached: HashMap::new() }
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -192,11 +178,7 @@ impl BlockPool {
         let mut prev = NIL;
         while i != NIL {
             let b = &self.blocks[i as usize];
-            assert!(
-                b.on_free_list && b.ref_cnt == 0,
-                "block {i} on the free list with ref_cnt {}",
-                b.ref_cnt
-            );
+            assert!(b.on_free_list && b.ref_cnt == 0, "block {i} on the free list with ref_cnt {}", b.ref_cnt);
             assert_eq!(b.prev, prev, "broken back link at {i}");
             prev = i;
             i = b.next;
@@ -214,20 +196,11 @@ impl BlockPool {
                 b.on_free_list
             );
             if let Some(h) = b.hash {
-                assert_eq!(
-                    self.cached.get(&h),
-                    Some(&BlockId(n as u32)),
-                    "block {n} hash not in the map"
-                );
+                assert_eq!(self.cached.get(&h), Some(&BlockId(n as u32)), "block {n} hash not in the map");
             }
         }
         for (h, id) in &self.cached {
-            assert_eq!(
-                self.blocks[id.0 as usize].hash,
-                Some(*h),
-                "map entry for block {} is stale",
-                id.0
-            );
+            assert_eq!(self.blocks[id.0 as usize].hash, Some(*h), "map entry for block {} is stale", id.0);
         }
     }
 }
@@ -239,10 +212,7 @@ mod tests {
     #[test]
     fn allocation_is_fifo_and_bounded() {
         let mut p = BlockPool::new(4);
-        assert_eq!(
-            p.get_new_blocks(3).unwrap(),
-            vec![BlockId(0), BlockId(1), BlockId(2)]
-        );
+        assert_eq!(p.get_new_blocks(3).unwrap(), vec![BlockId(0), BlockId(1), BlockId(2)]);
         assert!(p.get_new_blocks(2).is_none(), "only one left");
         assert_eq!(p.num_free_blocks(), 1);
         p.check_invariants();
@@ -254,20 +224,12 @@ mod tests {
         let b = p.get_new_blocks(3).unwrap();
         p.cache_block(b[0], BlockHash(7));
         p.free_blocks(b.iter().rev());
-        assert_eq!(
-            p.get_cached_block(BlockHash(7)),
-            Some(b[0]),
-            "lazy eviction keeps the hash"
-        );
+        assert_eq!(p.get_cached_block(BlockHash(7)), Some(b[0]), "lazy eviction keeps the hash");
         // Free order was 2, 1, 0: block 2 is handed out first, the cached block 0 last.
         assert_eq!(p.get_new_blocks(2).unwrap(), vec![b[2], b[1]]);
         assert_eq!(p.get_cached_block(BlockHash(7)), Some(b[0]));
         assert_eq!(p.get_new_blocks(1).unwrap(), vec![b[0]]);
-        assert_eq!(
-            p.get_cached_block(BlockHash(7)),
-            None,
-            "evicted when reused"
-        );
+        assert_eq!(p.get_cached_block(BlockHash(7)), None, "evicted when reused");
         p.check_invariants();
     }
 

@@ -36,17 +36,9 @@ mod tests {
         // Pinned value: a change here breaks hash compatibility between versions and processes.
         assert_eq!(a, hash_block(None, &[1, 2, 3, 4], 0));
         assert_ne!(a, hash_block(None, &[1, 2, 3, 5], 0));
-        assert_ne!(
-            a,
-            hash_block(None, &[1, 2, 3, 4], 1),
-            "extra key separates caches"
-        );
+        assert_ne!(a, hash_block(None, &[1, 2, 3, 4], 1), "extra key separates caches");
         let b = hash_block(Some(a), &[5, 6, 7, 8], 0);
-        assert_ne!(
-            b,
-            hash_block(None, &[5, 6, 7, 8], 0),
-            "same tokens after a different prefix"
-        );
+        assert_ne!(b, hash_block(None, &[5, 6, 7, 8], 0), "same tokens after a different prefix");
         assert_ne!(b, hash_block(Some(BlockHash(a.0 ^ 1)), &[5, 6, 7, 8], 0));
     }
 

@@ -42,12 +42,7 @@ pub struct KvCacheManager {
 
 impl KvCacheManager {
     /// `extra_key` separates this cache's hashes from other models' (e.g. a hash of the model id).
-    pub fn new(
-        num_blocks: usize,
-        block_size: usize,
-        enable_prefix_caching: bool,
-        extra_key: u64,
-    ) -> Self {
+    pub fn new(num_blocks: usize, block_size: usize, enable_prefix_caching: bool, extra_key: u64) -> Self {
         assert!(block_size > 0, "block_size must be positive");
         Self {
             pool: BlockPool::new(num_blocks),
@@ -106,12 +101,7 @@ impl KvCacheManager {
     /// Makes `req`'s block table cover `num_tokens` tokens. On the request's first allocation `hit` (from
     /// `find_prefix`) becomes the start of its table. Returns false, changing nothing, when the pool cannot
     /// supply the blocks (the caller preempts).
-    pub fn allocate_slots(
-        &mut self,
-        req: RequestKey,
-        num_tokens: usize,
-        hit: Option<&PrefixHit>,
-    ) -> bool {
+    pub fn allocate_slots(&mut self, req: RequestKey, num_tokens: usize, hit: Option<&PrefixHit>) -> bool {
         let have = self.reqs.get(&req).map_or(0, |r| r.blocks.len());
         let hit_blocks: &[BlockId] = match hit {
             Some(h) if have == 0 => &h.blocks,
@@ -125,10 +115,7 @@ impl KvCacheManager {
             return false;
         }
         self.pool.touch(hit_blocks);
-        let fresh = self
-            .pool
-            .get_new_blocks(new_blocks)
-            .expect("checked free count");
+        let fresh = self.pool.get_new_blocks(new_blocks).expect("checked free count");
         let entry = self.reqs.entry(req).or_default();
         if !hit_blocks.is_empty() {
             entry.blocks.extend_from_slice(hit_blocks);
@@ -151,11 +138,7 @@ impl KvCacheManager {
         while r.hashes.len() < full {
             let i = r.hashes.len();
             let parent = r.hashes.last().copied();
-            let h = hash_block(
-                parent,
-                &tokens[i * self.block_size..(i + 1) * self.block_size],
-                self.extra_key,
-            );
+            let h = hash_block(parent, &tokens[i * self.block_size..(i + 1) * self.block_size], self.extra_key);
             self.pool.cache_block(r.blocks[i], h);
             r.hashes.push(h);
         }
@@ -186,12 +169,7 @@ impl KvCacheManager {
             }
         }
         for (b, n) in refs {
-            assert_eq!(
-                self.pool.ref_cnt(b),
-                n,
-                "block {} referenced by {n} tables",
-                b.0
-            );
+            assert_eq!(self.pool.ref_cnt(b), n, "block {} referenced by {n} tables", b.0);
         }
     }
 }
@@ -232,11 +210,7 @@ mod tests {
         let hit = m.find_prefix(&b);
         assert_eq!(hit.num_tokens, 4);
         assert!(m.allocate_slots(2, b.len(), Some(&hit)));
-        assert_eq!(
-            m.block_table(2)[0],
-            m.block_table(1)[0],
-            "shared first block"
-        );
+        assert_eq!(m.block_table(2)[0], m.block_table(1)[0], "shared first block");
         assert_ne!(m.block_table(2)[1], m.block_table(1)[1]);
         assert_eq!(m.pool().ref_cnt(m.block_table(1)[0]), 2);
         m.check_invariants();
@@ -300,11 +274,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u8..6, 1u8..40, any::<bool>()).prop_map(|(req, len, shared)| Op::Add {
-                req,
-                len,
-                shared
-            }),
+            (0u8..6, 1u8..40, any::<bool>()).prop_map(|(req, len, shared)| Op::Add { req, len, shared }),
             (0u8..6, 1u8..10).prop_map(|(req, by)| Op::Grow { req, by }),
             (0u8..6).prop_map(|req| Op::Free { req }),
         ]

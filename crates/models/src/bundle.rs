@@ -18,9 +18,7 @@ pub struct ModelBundle {
 
 impl std::fmt::Debug for ModelBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelBundle")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("ModelBundle").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -30,43 +28,29 @@ impl ModelBundle {
         let mut g = GgufFile::open(&path)?;
         let tokenizer = load_tokenizer(&path, &g)?;
         let special_tokens = SpecialTokens::from_gguf(&g)?;
-        let token_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.id_to_token(i))
-                .unwrap_or_default()
-        };
-        let (bos, eos) = (
-            token_text(special_tokens.bos),
-            token_text(special_tokens.eos),
-        );
+        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let (bos, eos) = (token_text(special_tokens.bos), token_text(special_tokens.eos));
         let chat_template = match chat_template_source(&path, &g)? {
             Some(src) => Some(ChatTemplate::new(&src, bos, eos)?),
             None => None,
         };
         let model = Model::from_gguf(&mut g, opts, &candle_core::Device::Cpu)?;
-        Ok(Self {
-            path,
-            model,
-            tokenizer,
-            chat_template,
-            special_tokens,
-        })
+        Ok(Self { path, model, tokenizer, chat_template, special_tokens })
     }
 
     /// Renders a chat with the model's template and tokenizes it (the template writes any BOS itself).
     pub fn encode_chat<M: serde::Serialize>(&self, messages: &M) -> Result<Vec<u32>> {
-        let tmpl = self.chat_template.as_ref().ok_or_else(|| {
-            Error::Template(format!("{} has no chat template", self.path.display()))
-        })?;
+        let tmpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Template(format!("{} has no chat template", self.path.display())))?;
         let text = tmpl.render(messages, None::<&()>, true)?;
         self.encode(&text, false)
     }
 
     /// Tokenizes raw text, adding BOS when the model asks for it and `add_special_tokens` is set.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 }
@@ -82,24 +66,16 @@ fn chat_template_source(path: &Path, g: &GgufFile) -> Result<Option<String>> {
     };
     let cfg = dir.join("tokenizer_config.json");
     if cfg.is_file() {
-        let text = std::fs::read_to_string(&cfg).map_err(|source| Error::Io {
-            path: cfg.clone(),
-            source,
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Template(format!("{}: {e}", cfg.display())))?;
+        let text = std::fs::read_to_string(&cfg).map_err(|source| Error::Io { path: cfg.clone(), source })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Template(format!("{}: {e}", cfg.display())))?;
         if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
             return Ok(Some(t.to_string()));
         }
     }
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        return std::fs::read_to_string(&jinja)
-            .map(Some)
-            .map_err(|source| Error::Io {
-                path: jinja,
-                source,
-            });
+        return std::fs::read_to_string(&jinja).map(Some).map_err(|source| Error::Io { path: jinja, source });
     }
     Ok(None)
 }

@@ -30,30 +30,19 @@ struct Context<'a, M: Serialize, T: Serialize> {
 }
 
 impl ChatTemplate {
-    pub fn new(
-        source: &str,
-        bos_token: impl Into<String>,
-        eos_token: impl Into<String>,
-    ) -> Result<Self> {
+    pub fn new(source: &str, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self> {
         let mut env = Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks on.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot parse the chat template: {e}")))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        })
+        Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// Renders `messages` (OpenAI-shaped: objects with `role` and `content`, possibly `tool_calls`).
@@ -63,19 +52,10 @@ impl ChatTemplate {
         tools: Option<&T>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        let ctx = Context {
-            messages,
-            add_generation_prompt,
-            bos_token: &self.bos_token,
-            eos_token: &self.eos_token,
-            tools,
-        };
-        tmpl.render(ctx)
-            .map_err(|e| Error::Template(format!("cannot render: {e}")))
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let ctx =
+            Context { messages, add_generation_prompt, bos_token: &self.bos_token, eos_token: &self.eos_token, tools };
+        tmpl.render(ctx).map_err(|e| Error::Template(format!("cannot render: {e}")))
     }
 }
 
@@ -84,8 +64,8 @@ impl ChatTemplate {
 fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
     write_py_json(&json, indent, 0, &mut out);
     Ok(Value::from_safe_string(out))
@@ -141,20 +121,14 @@ mod tests {
         let src = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'].strip() }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
         let msgs = json!([{"role": "user", "content": "  hi  "}]);
-        assert_eq!(
-            t.render(&msgs, None::<&()>, true).unwrap(),
-            "<user>hi<assistant>"
-        );
+        assert_eq!(t.render(&msgs, None::<&()>, true).unwrap(), "<user>hi<assistant>");
         assert_eq!(t.render(&msgs, None::<&()>, false).unwrap(), "<user>hi");
     }
 
     #[test]
     fn raise_exception_is_a_template_error() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
-        let err = t
-            .render(&json!([]), None::<&()>, true)
-            .unwrap_err()
-            .to_string();
+        let err = t.render(&json!([]), None::<&()>, true).unwrap_err().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
     }
 
@@ -162,9 +136,6 @@ mod tests {
     fn tojson_matches_python_json_dumps() {
         let t = ChatTemplate::new("{{ tools[0] | tojson }}", "", "").unwrap();
         let tools = json!([{"name": "f", "d": "<é>", "p": [1, 2]}]);
-        assert_eq!(
-            t.render(&json!([]), Some(&tools), true).unwrap(),
-            r#"{"name": "f", "d": "<é>", "p": [1, 2]}"#
-        );
+        assert_eq!(t.render(&json!([]), Some(&tools), true).unwrap(), r#"{"name": "f", "d": "<é>", "p": [1, 2]}"#);
     }
 }

@@ -48,12 +48,7 @@ impl ModelConfig {
         let architecture = match arch_name.as_str() {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
-            _ => {
-                return Err(Error::UnsupportedArchitecture {
-                    path: g.path().to_path_buf(),
-                    arch: arch_name,
-                })
-            }
+            _ => return Err(Error::UnsupportedArchitecture { path: g.path().to_path_buf(), arch: arch_name }),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| g.get_u64(&key(k)).map(|v| v as usize);
@@ -66,9 +61,7 @@ impl ModelConfig {
                 reason: format!("{num_heads} does not divide hidden size {hidden_size}"),
             });
         }
-        let num_kv_heads = g
-            .get_u64_opt(&key("attention.head_count_kv"))?
-            .map_or(num_heads, |v| v as usize);
+        let num_kv_heads = g.get_u64_opt(&key("attention.head_count_kv"))?.map_or(num_heads, |v| v as usize);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(Error::BadMetadata {
                 path: g.path().into(),
@@ -76,9 +69,7 @@ impl ModelConfig {
                 reason: format!("{num_kv_heads} does not divide {num_heads} heads"),
             });
         }
-        let head_dim = g
-            .get_u64_opt(&key("attention.key_length"))?
-            .map_or(hidden_size / num_heads, |v| v as usize);
+        let head_dim = g.get_u64_opt(&key("attention.key_length"))?.map_or(hidden_size / num_heads, |v| v as usize);
         let vocab_size = match g.get_u64_opt(&key("vocab_size"))? {
             Some(v) => v as usize,
             None => g.get_str_array("tokenizer.ggml.tokens")?.len(),
@@ -95,16 +86,12 @@ impl ModelConfig {
             vocab_size,
             max_position_embeddings: usize_of("context_length")?,
             rope_theta: g.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            rope_dim: g
-                .get_u64_opt(&key("rope.dimension_count"))?
-                .map_or(head_dim, |v| v as usize),
+            rope_dim: g.get_u64_opt(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize),
             rope_style: match architecture {
                 Architecture::Llama => RopeStyle::Interleaved,
                 Architecture::Qwen2 => RopeStyle::Neox,
             },
-            rms_norm_eps: g
-                .get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-6),
+            rms_norm_eps: g.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
             attention_bias: g.has_tensor("blk.0.attn_q.bias"),
             tie_word_embeddings,
         })

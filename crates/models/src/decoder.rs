@@ -73,11 +73,7 @@ impl Linear {
 /// Projections that read the same input (q/k/v; gate/up). When all are our kernel's format they run as
 /// one stacked matmul: one parallel pass over the weights per step instead of several.
 enum ProjGroup {
-    Fused {
-        weight: QMatrix,
-        sizes: Vec<usize>,
-        biases: Vec<Option<Vec<f32>>>,
-    },
+    Fused { weight: QMatrix, sizes: Vec<usize>, biases: Vec<Option<Vec<f32>>> },
     Separate(Vec<Linear>),
 }
 
@@ -94,11 +90,7 @@ impl ProjGroup {
             if let Ok(weight) = QMatrix::concat_rows(&kernels) {
                 let sizes = kernels.iter().map(|k| k.rows()).collect();
                 let biases = parts.into_iter().map(|p| p.bias).collect();
-                return Self::Fused {
-                    weight,
-                    sizes,
-                    biases,
-                };
+                return Self::Fused { weight, sizes, biases };
             }
         }
         Self::Separate(parts)
@@ -108,16 +100,11 @@ impl ProjGroup {
     fn forward(&self, x: &[f32], n: usize, device: &Device) -> Result<Vec<Vec<f32>>> {
         match self {
             Self::Separate(parts) => parts.iter().map(|p| p.forward(x, n, device)).collect(),
-            Self::Fused {
-                weight,
-                sizes,
-                biases,
-            } => {
+            Self::Fused { weight, sizes, biases } => {
                 let total = weight.rows();
                 let mut y = vec![0f32; n * total];
                 qmatmul(weight, x, &mut y);
-                let mut outs: Vec<Vec<f32>> =
-                    sizes.iter().map(|s| Vec::with_capacity(n * s)).collect();
+                let mut outs: Vec<Vec<f32>> = sizes.iter().map(|s| Vec::with_capacity(n * s)).collect();
                 for row in y.chunks_exact(total) {
                     let mut off = 0;
                     for (o, &sz) in outs.iter_mut().zip(sizes) {
@@ -160,9 +147,7 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("cfg", &self.cfg)
-            .finish_non_exhaustive()
+        f.debug_struct("Model").field("cfg", &self.cfg).finish_non_exhaustive()
     }
 }
 
@@ -217,14 +202,8 @@ impl Model {
                 o: matmul(g, &format!("{p}.attn_output.weight"), &[h, cfg.q_size()])?,
                 ffn_norm: vector(g, &format!("{p}.ffn_norm.weight"), h, device)?,
                 gate_up: ProjGroup::new(vec![
-                    Linear {
-                        weight: matmul(g, &format!("{p}.ffn_gate.weight"), &[ffn, h])?,
-                        bias: None,
-                    },
-                    Linear {
-                        weight: matmul(g, &format!("{p}.ffn_up.weight"), &[ffn, h])?,
-                        bias: None,
-                    },
+                    Linear { weight: matmul(g, &format!("{p}.ffn_gate.weight"), &[ffn, h])?, bias: None },
+                    Linear { weight: matmul(g, &format!("{p}.ffn_up.weight"), &[ffn, h])?, bias: None },
                 ]),
                 down: matmul(g, &format!("{p}.ffn_down.weight"), &[h, ffn])?,
             });
@@ -232,19 +211,9 @@ impl Model {
         let norm = vector(g, "output_norm.weight", h, device)?;
         // inv_freq[i] = theta^(-2i/d), as transformers computes it, rounded to f32.
         let inv_freq = (0..cfg.rope_dim / 2)
-            .map(|i| {
-                (1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32
-            })
+            .map(|i| (1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32)
             .collect();
-        Ok(Self {
-            cfg,
-            device: device.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-        })
+        Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -258,12 +227,7 @@ impl Model {
         let cfg = &self.cfg;
         let dev = &self.device;
         let n = batch.token_ids.len();
-        let (h, hd, nh, nkv) = (
-            cfg.hidden_size,
-            cfg.head_dim,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-        );
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let mut x = Vec::with_capacity(n * h);
         for &t in batch.token_ids {
             x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
@@ -290,11 +254,8 @@ impl Model {
         let mut hn = vec![0f32; n * h];
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut hn);
-            let [mut q, mut k, v]: [Vec<f32>; 3] = layer
-                .qkv
-                .forward(&hn, n, dev)?
-                .try_into()
-                .expect("three projections");
+            let [mut q, mut k, v]: [Vec<f32>; 3] =
+                layer.qkv.forward(&hn, n, dev)?.try_into().expect("three projections");
             self.apply_rope(&mut q, nh, &cos, &sin);
             self.apply_rope(&mut k, nkv, &cos, &sin);
             for (t, &slot) in batch.slot_mapping.iter().enumerate() {
@@ -306,11 +267,8 @@ impl Model {
             paged_attention(&mut attn, &q, &kv.k, &kv.v, layout, nh, &seqs, scale);
             add_assign(&mut x, &layer.o.forward(&attn, n, dev)?);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hn);
-            let [mut gate, up]: [Vec<f32>; 2] = layer
-                .gate_up
-                .forward(&hn, n, dev)?
-                .try_into()
-                .expect("two projections");
+            let [mut gate, up]: [Vec<f32>; 2] =
+                layer.gate_up.forward(&hn, n, dev)?.try_into().expect("two projections");
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
@@ -349,10 +307,7 @@ impl Model {
         let hd = self.cfg.head_dim;
         let half = self.inv_freq.len();
         for (t, tok) in x.chunks_mut(heads * hd).enumerate() {
-            let (c, s) = (
-                &cos[t * half..(t + 1) * half],
-                &sin[t * half..(t + 1) * half],
-            );
+            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
             for head in tok.chunks_mut(hd) {
                 match self.cfg.rope_style {
                     RopeStyle::Interleaved => {
@@ -378,9 +333,7 @@ impl Model {
 fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
     let bad = |e: String| g.bad_tensor(name, e);
     if opts.dequantize {
-        let t = qt
-            .dequantize(&qt.device())
-            .map_err(|e| bad(e.to_string()))?;
+        let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
     let format = match qt.dtype() {
@@ -391,21 +344,15 @@ fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Resul
     match (format, qt.shape().dims()) {
         (Some(format), &[rows, cols]) => {
             let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
-            QMatrix::new(format, rows, cols, data)
-                .map(Weight::Kernel)
-                .map_err(|e| bad(e.to_string()))
+            QMatrix::new(format, rows, cols, data).map(Weight::Kernel).map_err(|e| bad(e.to_string()))
         }
-        _ => QMatMul::from_qtensor(qt)
-            .map(Weight::Candle)
-            .map_err(|e| bad(e.to_string())),
+        _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
     }
 }
 
 fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
     let qt = g.tensor(name, &[n], device)?;
-    qt.dequantize(device)
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| g.bad_tensor(name, e.to_string()))
+    qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
 }
 
 /// `out = x / rms(x) * w` per row, as transformers computes it in f32.

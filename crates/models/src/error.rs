@@ -7,10 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a GGUF file: {reason}")]
     NotGguf { path: PathBuf, reason: String },
     #[error("{path}: invalid GGUF: {reason}")]
@@ -18,19 +15,11 @@ pub enum Error {
     #[error("{path}: missing metadata key `{key}`")]
     MissingMetadata { path: PathBuf, key: String },
     #[error("{path}: metadata key `{key}`: {reason}")]
-    BadMetadata {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    BadMetadata { path: PathBuf, key: String, reason: String },
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor `{name}`: {reason}")]
-    BadTensor {
-        path: PathBuf,
-        name: String,
-        reason: String,
-    },
+    BadTensor { path: PathBuf, name: String, reason: String },
     #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2)")]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("tokenizer: {0}")]

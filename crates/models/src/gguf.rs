@@ -17,33 +17,24 @@ pub struct GgufFile {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("GgufFile").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| Error::Io { path: path.clone(), source };
         let mut file = File::open(&path).map_err(io)?;
         let mut magic = [0u8; 4];
         file.read_exact(&mut magic).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => Error::NotGguf {
-                path: path.clone(),
-                reason: "file is shorter than the 4-byte magic".into(),
-            },
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::NotGguf { path: path.clone(), reason: "file is shorter than the 4-byte magic".into() }
+            }
             _ => io(e),
         })?;
         if &magic != b"GGUF" {
-            return Err(Error::NotGguf {
-                path,
-                reason: format!("wrong magic {magic:02x?} (expected \"GGUF\")"),
-            });
+            return Err(Error::NotGguf { path, reason: format!("wrong magic {magic:02x?} (expected \"GGUF\")") });
         }
         let file = File::open(&path).map_err(io)?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -51,50 +42,30 @@ impl GgufFile {
             path: path.clone(),
             reason: format!("header: {e} (truncated or corrupt file?)"),
         })?;
-        let gguf = Self {
-            path,
-            content,
-            reader,
-        };
+        let gguf = Self { path, content, reader };
         gguf.check_tensor_extents()?;
         Ok(gguf)
     }
 
     /// Every tensor must lie inside the file: a truncated download fails here, at open, naming the tensor.
     fn check_tensor_extents(&self) -> Result<()> {
-        let len = self
-            .reader
-            .get_ref()
-            .metadata()
-            .map_err(|source| Error::Io {
-                path: self.path.clone(),
-                source,
-            })?
-            .len();
+        let len =
+            self.reader.get_ref().metadata().map_err(|source| Error::Io { path: self.path.clone(), source })?.len();
         for (name, info) in &self.content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
             if elems % bs != 0 {
                 return Err(self.bad_tensor(
                     name,
-                    format!(
-                        "{elems} elements is not a multiple of the {:?} block size {bs}",
-                        info.ggml_dtype
-                    ),
+                    format!("{elems} elements is not a multiple of the {:?} block size {bs}", info.ggml_dtype),
                 ));
             }
             let bytes = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = self
-                .content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(bytes);
+            let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
             if end > len {
                 return Err(self.bad_tensor(
                     name,
-                    format!(
-                        "data ends at byte {end} but the file has {len} bytes (truncated file?)"
-                    ),
+                    format!("data ends at byte {end} but the file has {len} bytes (truncated file?)"),
                 ));
             }
         }
@@ -106,11 +77,7 @@ impl GgufFile {
     }
 
     pub fn bad_tensor(&self, name: &str, reason: impl Into<String>) -> Error {
-        Error::BadTensor {
-            path: self.path.clone(),
-            name: name.to_string(),
-            reason: reason.into(),
-        }
+        Error::BadTensor { path: self.path.clone(), name: name.to_string(), reason: reason.into() }
     }
 
     pub fn metadata(&self, key: &str) -> Option<&Value> {
@@ -118,18 +85,11 @@ impl GgufFile {
     }
 
     fn require(&self, key: &str) -> Result<&Value> {
-        self.metadata(key).ok_or_else(|| Error::MissingMetadata {
-            path: self.path.clone(),
-            key: key.into(),
-        })
+        self.metadata(key).ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: key.into() })
     }
 
     fn bad_meta(&self, key: &str, reason: impl std::fmt::Display) -> Error {
-        Error::BadMetadata {
-            path: self.path.clone(),
-            key: key.into(),
-            reason: reason.to_string(),
-        }
+        Error::BadMetadata { path: self.path.clone(), key: key.into(), reason: reason.to_string() }
     }
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
@@ -181,10 +141,7 @@ impl GgufFile {
                 .iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s.as_str()),
-                    other => Err(self.bad_meta(
-                        key,
-                        format!("expected strings, found {:?}", other.value_type()),
-                    )),
+                    other => Err(self.bad_meta(key, format!("expected strings, found {:?}", other.value_type()))),
                 })
                 .collect(),
             v => Err(self.bad_meta(key, format!("expected an array, got {:?}", v.value_type()))),
@@ -204,9 +161,7 @@ impl GgufFile {
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(v) => {
-                Err(self.bad_meta(key, format!("expected an array, got {:?}", v.value_type())))
-            }
+            Some(v) => Err(self.bad_meta(key, format!("expected an array, got {:?}", v.value_type()))),
         }
     }
 
@@ -215,33 +170,23 @@ impl GgufFile {
     }
 
     pub fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
-        self.content
-            .tensor_infos
-            .get(name)
-            .map(|i| i.shape.dims().to_vec())
+        self.content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec())
     }
 
     /// Loads a tensor, checking its shape (in candle's order: rows first, e.g. `[out, in]` for a weight).
     pub fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
         let Some(info) = self.content.tensor_infos.get(name) else {
-            return Err(Error::MissingTensor {
-                path: self.path.clone(),
-                name: name.into(),
-            });
+            return Err(Error::MissingTensor { path: self.path.clone(), name: name.into() });
         };
         if info.shape.dims() != shape {
-            return Err(self.bad_tensor(
-                name,
-                format!("shape {:?}, expected {shape:?}", info.shape.dims()),
-            ));
+            return Err(self.bad_tensor(name, format!("shape {:?}, expected {shape:?}", info.shape.dims())));
         }
         let path = self.path.clone();
-        info.read(&mut self.reader, self.content.tensor_data_offset, device)
-            .map_err(|e| Error::BadTensor {
-                path,
-                name: name.into(),
-                reason: e.to_string(),
-            })
+        info.read(&mut self.reader, self.content.tensor_data_offset, device).map_err(|e| Error::BadTensor {
+            path,
+            name: name.into(),
+            reason: e.to_string(),
+        })
     }
 }
 

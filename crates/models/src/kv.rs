@@ -22,23 +22,10 @@ pub(crate) struct LayerKv {
 
 impl PagedKvCache {
     pub fn new(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
-        let layout = KvLayout {
-            block_size,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-        };
+        let layout = KvLayout { block_size, num_kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
         let n = num_blocks * layout.block_stride();
-        let layers = (0..cfg.num_layers)
-            .map(|_| LayerKv {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
-            })
-            .collect();
-        Self {
-            layout,
-            num_blocks,
-            layers,
-        }
+        let layers = (0..cfg.num_layers).map(|_| LayerKv { k: vec![0.0; n], v: vec![0.0; n] }).collect();
+        Self { layout, num_blocks, layers }
     }
 
     /// Bytes one block takes across all layers (K and V).
@@ -86,12 +73,7 @@ pub struct BatchInput<'a> {
 }
 
 impl BatchInput<'_> {
-    pub(crate) fn validate(
-        &self,
-        cache: &PagedKvCache,
-        max_positions: usize,
-        vocab_size: usize,
-    ) -> Result<()> {
+    pub(crate) fn validate(&self, cache: &PagedKvCache, max_positions: usize, vocab_size: usize) -> Result<()> {
         let n = self.token_ids.len();
         let bad = |m: String| Err(Error::InvalidBatch(m));
         if n == 0 {
@@ -105,24 +87,17 @@ impl BatchInput<'_> {
             ));
         }
         if let Some(&id) = self.token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return bad(format!(
-                "token id {id} is outside the vocabulary (size {vocab_size})"
-            ));
+            return bad(format!("token id {id} is outside the vocabulary (size {vocab_size})"));
         }
         let total: usize = self.seqs.iter().map(|s| s.query_len).sum();
         if total != n {
-            return bad(format!(
-                "sequence query lengths sum to {total}, batch has {n} tokens"
-            ));
+            return bad(format!("sequence query lengths sum to {total}, batch has {n} tokens"));
         }
         let bs = cache.block_size();
         let mut row = 0;
         for (i, s) in self.seqs.iter().enumerate() {
             if s.query_len == 0 || s.query_len > s.context_len {
-                return bad(format!(
-                    "seq {i}: query_len {} context_len {}",
-                    s.query_len, s.context_len
-                ));
+                return bad(format!("seq {i}: query_len {} context_len {}", s.query_len, s.context_len));
             }
             if s.context_len > max_positions {
                 return bad(format!(
@@ -131,22 +106,14 @@ impl BatchInput<'_> {
                 ));
             }
             if s.block_table.len() < s.context_len.div_ceil(bs)
-                || s.block_table
-                    .iter()
-                    .any(|&b| b as usize >= cache.num_blocks())
+                || s.block_table.iter().any(|&b| b as usize >= cache.num_blocks())
             {
-                return bad(format!(
-                    "seq {i}: block table does not cover {} tokens with valid blocks",
-                    s.context_len
-                ));
+                return bad(format!("seq {i}: block table does not cover {} tokens with valid blocks", s.context_len));
             }
             for j in 0..s.query_len {
                 let pos = s.context_len - s.query_len + j;
                 if self.positions[row + j] as usize != pos {
-                    return bad(format!(
-                        "seq {i}: token {j} has position {}, expected {pos}",
-                        self.positions[row + j]
-                    ));
+                    return bad(format!("seq {i}: token {j} has position {}, expected {pos}", self.positions[row + j]));
                 }
                 let slot = s.block_table[pos / bs] as usize * bs + pos % bs;
                 if self.slot_mapping[row + j] as usize != slot {

@@ -18,7 +18,8 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// The Qwen2 pre-tokenizer split (digits one at a time, letters with one leading non-letter).
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The Llama 3 split (digits in runs of up to three).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -36,39 +37,22 @@ impl SpecialTokens {
     /// Reads BOS/EOS from the GGUF; end-of-generation also covers the control tokens models use to end a
     /// turn (`<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`, `<end_of_turn>`, …), as llama.cpp does.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let bos = g
-            .get_u64_opt("tokenizer.ggml.bos_token_id")?
-            .map(|v| v as u32);
-        let eos = g
-            .get_u64_opt("tokenizer.ggml.eos_token_id")?
-            .map(|v| v as u32);
-        let add_bos = g
-            .get_bool_opt("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(false);
+        let bos = g.get_u64_opt("tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+        let eos = g.get_u64_opt("tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
+        let add_bos = g.get_bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
         let mut eog: Vec<u32> = eos.into_iter().collect();
         if let Some(id) = g.get_u64_opt("tokenizer.ggml.eot_token_id")? {
             eog.push(id as u32);
         }
         let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
-        const EOG_TEXTS: [&str; 6] = [
-            "<|im_end|>",
-            "<|endoftext|>",
-            "<|eot_id|>",
-            "<|end|>",
-            "<end_of_turn>",
-            "<|end_of_text|>",
-        ];
+        const EOG_TEXTS: [&str; 6] =
+            ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>"];
         for (id, t) in tokens.iter().enumerate() {
             if EOG_TEXTS.contains(t) && !eog.contains(&(id as u32)) {
                 eog.push(id as u32);
             }
         }
-        Ok(Self {
-            bos,
-            eos,
-            eog,
-            add_bos,
-        })
+        Ok(Self { bos, eos, eog, add_bos })
     }
 }
 
@@ -83,28 +67,17 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     }
     let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
     let merges = g.get_str_array("tokenizer.ggml.merges")?;
-    let types = g
-        .get_int_array_opt("tokenizer.ggml.token_type")?
-        .unwrap_or_default();
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
+    let types = g.get_int_array_opt("tokenizer.ggml.token_type")?.unwrap_or_default();
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
     let merges = merges
         .iter()
         .map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| {
-                    Error::Tokenizer(format!("{}: malformed merge `{m}`", g.path().display()))
-                })
+                .ok_or_else(|| Error::Tokenizer(format!("{}: malformed merge `{m}`", g.path().display())))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut tok = Tokenizer::new(bpe);
     let pre = g.get_str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
     tok.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
@@ -119,17 +92,15 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         };
         added.push(AddedToken::from(tokens[id].to_string(), special).normalized(false));
     }
-    tok.add_tokens(added)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    tok.add_tokens(added).map_err(|e| Error::Tokenizer(e.to_string()))?;
 
     let specials = SpecialTokens::from_gguf(g)?;
     if specials.add_bos {
-        let bos = specials.bos.ok_or_else(|| {
-            Error::Tokenizer("add_bos_token is set but there is no bos_token_id".into())
-        })?;
-        let bos_text = tokens.get(bos as usize).ok_or_else(|| {
-            Error::Tokenizer(format!("bos_token_id {bos} is outside the vocabulary"))
-        })?;
+        let bos =
+            specials.bos.ok_or_else(|| Error::Tokenizer("add_bos_token is set but there is no bos_token_id".into()))?;
+        let bos_text = tokens
+            .get(bos as usize)
+            .ok_or_else(|| Error::Tokenizer(format!("bos_token_id {bos} is outside the vocabulary")))?;
         let tp = TemplateProcessing::builder()
             .try_single(format!("{bos_text} $A"))
             .and_then(|b| b.try_pair(format!("{bos_text} $A {bos_text} $B")))
@@ -145,17 +116,9 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
 /// Maps llama.cpp's `tokenizer.ggml.pre` names onto Hugging Face pre-tokenizers.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(
-            SplitPattern::Regex(pattern.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Sequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])
-        .into())
+        let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
     };
     match pre {
         // GPT-2's own regex, applied by the byte-level pre-tokenizer itself.
@@ -170,13 +133,8 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
 
 /// Loads `tokenizer.json` from the model's folder when present, otherwise builds one from the GGUF.
 pub fn load_tokenizer(model_path: &Path, g: &GgufFile) -> Result<Tokenizer> {
-    if let Some(json) = model_path
-        .parent()
-        .map(|d| d.join("tokenizer.json"))
-        .filter(|p| p.is_file())
-    {
-        return Tokenizer::from_file(&json)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())));
+    if let Some(json) = model_path.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()) {
+        return Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())));
     }
     tokenizer_from_gguf(g)
 }

@@ -23,14 +23,8 @@ fn step(
 ) -> Vec<Vec<f32>> {
     let bs = cache.block_size();
     let positions: Vec<u32> = (start..end).map(|p| p as u32).collect();
-    let slots: Vec<u32> = (start..end)
-        .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
-        .collect();
-    let seqs = [SeqInput {
-        query_len: end - start,
-        context_len: end,
-        block_table: table,
-    }];
+    let slots: Vec<u32> = (start..end).map(|p| table[p / bs] * bs as u32 + (p % bs) as u32).collect();
+    let seqs = [SeqInput { query_len: end - start, context_len: end, block_table: table }];
     let rows: Vec<u32> = (0..(end - start) as u32).collect();
     let batch = BatchInput {
         token_ids: &tokens[start..end],
@@ -40,24 +34,14 @@ fn step(
         logits_indices: &rows,
     };
     let v = model.config().vocab_size;
-    model
-        .forward(&batch, cache)
-        .unwrap()
-        .chunks(v)
-        .map(|c| c.to_vec())
-        .collect()
+    model.forward(&batch, cache).unwrap().chunks(v).map(|c| c.to_vec()).collect()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-const TOKENS: [u32; 21] = [
-    5, 17, 3, 88, 42, 42, 7, 60, 1, 2, 90, 33, 12, 70, 8, 19, 25, 4, 51, 66, 9,
-];
+const TOKENS: [u32; 21] = [5, 17, 3, 88, 42, 42, 7, 60, 1, 2, 90, 33, 12, 70, 8, 19, 25, 4, 51, 66, 9];
 
 #[test]
 fn prefill_equals_incremental_and_chunked() {
@@ -82,10 +66,7 @@ fn prefill_equals_incremental_and_chunked() {
             "token {i}: whole vs incremental {}",
             max_diff(&whole[i], &inc[i])
         );
-        assert!(
-            max_diff(&whole[i], &chunked[i]) < 1e-3,
-            "token {i}: whole vs chunked"
-        );
+        assert!(max_diff(&whole[i], &chunked[i]) < 1e-3, "token {i}: whole vs chunked");
     }
     // Positions matter: the same token at another position gets other logits.
     assert!(max_diff(&whole[4], &whole[5]) > 1e-2);
@@ -106,30 +87,14 @@ fn two_sequences_in_one_batch_match_each_alone() {
     let ids: Vec<u32> = a.iter().chain(b).copied().collect();
     let positions: Vec<u32> = (0..a.len() as u32).chain(0..b.len() as u32).collect();
     let slot = |t: &[u32], p: usize| t[p / 4] * 4 + (p % 4) as u32;
-    let slots: Vec<u32> = (0..a.len())
-        .map(|p| slot(&ta, p))
-        .chain((0..b.len()).map(|p| slot(&tb, p)))
-        .collect();
+    let slots: Vec<u32> = (0..a.len()).map(|p| slot(&ta, p)).chain((0..b.len()).map(|p| slot(&tb, p))).collect();
     let seqs = [
-        SeqInput {
-            query_len: a.len(),
-            context_len: a.len(),
-            block_table: &ta,
-        },
-        SeqInput {
-            query_len: b.len(),
-            context_len: b.len(),
-            block_table: &tb,
-        },
+        SeqInput { query_len: a.len(), context_len: a.len(), block_table: &ta },
+        SeqInput { query_len: b.len(), context_len: b.len(), block_table: &tb },
     ];
     let rows = [a.len() as u32 - 1, ids.len() as u32 - 1];
-    let batch = BatchInput {
-        token_ids: &ids,
-        positions: &positions,
-        slot_mapping: &slots,
-        seqs: &seqs,
-        logits_indices: &rows,
-    };
+    let batch =
+        BatchInput { token_ids: &ids, positions: &positions, slot_mapping: &slots, seqs: &seqs, logits_indices: &rows };
     let out = m.forward(&batch, &mut cache).unwrap();
     assert!(max_diff(&out[..v], &la) < 1e-3);
     assert!(max_diff(&out[v..], &lb) < 1e-3);
@@ -140,46 +105,19 @@ fn inconsistent_batches_are_errors_not_panics() {
     let m = tiny_model();
     let mut cache = PagedKvCache::new(m.config(), 4, 2);
     let table = [0u32, 1];
-    let seqs = [SeqInput {
-        query_len: 2,
-        context_len: 2,
-        block_table: &table,
-    }];
+    let seqs = [SeqInput { query_len: 2, context_len: 2, block_table: &table }];
     // Wrong slot for the second token.
-    let bad_slots = BatchInput {
-        token_ids: &[1, 2],
-        positions: &[0, 1],
-        slot_mapping: &[0, 5],
-        seqs: &seqs,
-        logits_indices: &[1],
-    };
+    let bad_slots =
+        BatchInput { token_ids: &[1, 2], positions: &[0, 1], slot_mapping: &[0, 5], seqs: &seqs, logits_indices: &[1] };
     assert!(m.forward(&bad_slots, &mut cache).is_err());
     // Context longer than the block table covers.
-    let seqs = [SeqInput {
-        query_len: 1,
-        context_len: 9,
-        block_table: &table,
-    }];
-    let too_long = BatchInput {
-        token_ids: &[1],
-        positions: &[8],
-        slot_mapping: &[8],
-        seqs: &seqs,
-        logits_indices: &[0],
-    };
+    let seqs = [SeqInput { query_len: 1, context_len: 9, block_table: &table }];
+    let too_long =
+        BatchInput { token_ids: &[1], positions: &[8], slot_mapping: &[8], seqs: &seqs, logits_indices: &[0] };
     assert!(m.forward(&too_long, &mut cache).is_err());
     // Token id outside the vocabulary.
-    let seqs = [SeqInput {
-        query_len: 1,
-        context_len: 1,
-        block_table: &table,
-    }];
-    let bad_id = BatchInput {
-        token_ids: &[10_000],
-        positions: &[0],
-        slot_mapping: &[0],
-        seqs: &seqs,
-        logits_indices: &[0],
-    };
+    let seqs = [SeqInput { query_len: 1, context_len: 1, block_table: &table }];
+    let bad_id =
+        BatchInput { token_ids: &[10_000], positions: &[0], slot_mapping: &[0], seqs: &seqs, logits_indices: &[0] };
     assert!(m.forward(&bad_id, &mut cache).is_err());
 }

@@ -27,10 +27,7 @@ fn truncated_file_names_the_tensor() {
     let err = Model::load_gguf(&p, &LoadOptions::default()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::BadTensor { .. }), "{msg}");
-    assert!(
-        msg.contains("truncated") && msg.contains("truncated.gguf") && msg.contains(".weight"),
-        "{msg}"
-    );
+    assert!(msg.contains("truncated") && msg.contains("truncated.gguf") && msg.contains(".weight"), "{msg}");
 }
 
 #[test]
@@ -52,10 +49,7 @@ fn wrong_magic_is_not_gguf() {
     assert!(matches!(err, Error::NotGguf { .. }), "{err}");
     assert!(err.to_string().contains("magic"), "{err}");
     std::fs::write(&p, b"GG").unwrap();
-    assert!(matches!(
-        Model::load_gguf(&p, &LoadOptions::default()).unwrap_err(),
-        Error::NotGguf { .. }
-    ));
+    assert!(matches!(Model::load_gguf(&p, &LoadOptions::default()).unwrap_err(), Error::NotGguf { .. }));
 }
 
 #[test]
@@ -73,23 +67,13 @@ fn missing_tensor_is_named() {
 #[test]
 fn missing_file_is_an_io_error_with_the_path() {
     let err = Model::load_gguf("/nonexistent/model.gguf", &LoadOptions::default()).unwrap_err();
-    assert!(
-        matches!(err, Error::Io { .. }) && err.to_string().contains("/nonexistent/model.gguf"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("/nonexistent/model.gguf"), "{err}");
 }
 
 #[test]
 fn unsupported_architecture_is_named() {
     let p = tmp("arch.gguf");
-    TinyLlama {
-        arch: "mamba",
-        ..TinyLlama::default()
-    }
-    .write(&p, &[]);
+    TinyLlama { arch: "mamba", ..TinyLlama::default() }.write(&p, &[]);
     let err = Model::load_gguf(&p, &LoadOptions::default()).unwrap_err();
-    assert!(
-        matches!(err, Error::UnsupportedArchitecture { .. }) && err.to_string().contains("mamba"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::UnsupportedArchitecture { .. }) && err.to_string().contains("mamba"), "{err}");
 }

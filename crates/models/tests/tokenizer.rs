@@ -2,9 +2,7 @@
 //! the model's own chat template renders and tokenizes the reference chat prompts exactly.
 
 use mlx_serving_models::{tokenizer_from_gguf, ChatTemplate, GgufFile, SpecialTokens};
-use mlx_serving_test_support::{
-    qwen2_path, reference, reference_chat_template, reference_tokenizer, smollm2_path,
-};
+use mlx_serving_test_support::{qwen2_path, reference, reference_chat_template, reference_tokenizer, smollm2_path};
 use std::path::Path;
 
 const EXTRA_TEXTS: &[&str] = &[
@@ -29,70 +27,33 @@ fn check_model(path: &Path, hf_name: &str, ref_file: &str) {
     let g = GgufFile::open(path).unwrap();
     let ours = tokenizer_from_gguf(&g).unwrap();
     let theirs = reference_tokenizer(hf_name);
-    assert_eq!(
-        ours.get_vocab_size(true),
-        theirs.get_vocab_size(true),
-        "vocab size with added tokens"
-    );
+    assert_eq!(ours.get_vocab_size(true), theirs.get_vocab_size(true), "vocab size with added tokens");
     let prompts = reference("prompts.json");
     let refs = reference(ref_file);
     let mut texts: Vec<String> = EXTRA_TEXTS.iter().map(|s| s.to_string()).collect();
+    texts.extend(prompts["completion"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()));
     texts.extend(
-        prompts["completion"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_string()),
-    );
-    texts.extend(
-        refs["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|i| i["rendered_prompt"].as_str().map(String::from)),
+        refs["items"].as_array().unwrap().iter().filter_map(|i| i["rendered_prompt"].as_str().map(String::from)),
     );
     for text in &texts {
         let a = ours.encode(text.as_str(), false).unwrap();
         let b = theirs.encode(text.as_str(), false).unwrap();
-        assert_eq!(
-            a.get_ids(),
-            b.get_ids(),
-            "{hf_name}: ids differ for {text:?}"
-        );
+        assert_eq!(a.get_ids(), b.get_ids(), "{hf_name}: ids differ for {text:?}");
         let da = ours.decode(a.get_ids(), false).unwrap();
         let db = theirs.decode(b.get_ids(), false).unwrap();
         assert_eq!(da, db, "{hf_name}: decode differs for {text:?}");
         assert_eq!(&da, text, "{hf_name}: decode does not round-trip");
     }
     // The completion prompts' ids in the reference file came from the real tokenizer too.
-    for item in refs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["kind"] == "completion")
-    {
-        let ids: Vec<u32> = item["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(
-            ours.encode(item["prompt"].as_str().unwrap(), true)
-                .unwrap()
-                .get_ids(),
-            &ids[..]
-        );
+    for item in refs["items"].as_array().unwrap().iter().filter(|i| i["kind"] == "completion") {
+        let ids: Vec<u32> = item["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(ours.encode(item["prompt"].as_str().unwrap(), true).unwrap().get_ids(), &ids[..]);
     }
 }
 
 #[test]
 fn smollm2_gguf_tokenizer_matches_hugging_face() {
-    check_model(
-        &smollm2_path(),
-        "SmolLM2-135M-Instruct",
-        "greedy-SmolLM2-135M-Instruct-transformers-f32.json",
-    );
+    check_model(&smollm2_path(), "SmolLM2-135M-Instruct", "greedy-SmolLM2-135M-Instruct-transformers-f32.json");
 }
 
 #[test]
@@ -111,37 +72,14 @@ fn check_template(path: &Path, hf_name: &str, ref_file: &str) {
     let text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let src = g.get_str("tokenizer.chat_template").unwrap();
     let ours = ChatTemplate::new(src, text(specials.bos), text(specials.eos)).unwrap();
-    let hf = ChatTemplate::new(
-        &reference_chat_template(hf_name),
-        text(specials.bos),
-        text(specials.eos),
-    )
-    .unwrap();
+    let hf = ChatTemplate::new(&reference_chat_template(hf_name), text(specials.bos), text(specials.eos)).unwrap();
     let refs = reference(ref_file);
     let mut n = 0;
-    for item in refs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["kind"] == "chat")
-    {
+    for item in refs["items"].as_array().unwrap().iter().filter(|i| i["kind"] == "chat") {
         let rendered = ours.render(&item["prompt"], None::<&()>, true).unwrap();
-        assert_eq!(
-            rendered,
-            item["rendered_prompt"].as_str().unwrap(),
-            "{hf_name}: rendering differs"
-        );
-        assert_eq!(
-            hf.render(&item["prompt"], None::<&()>, true).unwrap(),
-            rendered,
-            "GGUF and HF templates disagree"
-        );
-        let ids: Vec<u32> = item["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        assert_eq!(rendered, item["rendered_prompt"].as_str().unwrap(), "{hf_name}: rendering differs");
+        assert_eq!(hf.render(&item["prompt"], None::<&()>, true).unwrap(), rendered, "GGUF and HF templates disagree");
+        let ids: Vec<u32> = item["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(
             tok.encode(rendered.as_str(), false).unwrap().get_ids(),
             &ids[..],
@@ -154,11 +92,7 @@ fn check_template(path: &Path, hf_name: &str, ref_file: &str) {
 
 #[test]
 fn smollm2_chat_template_renders_reference_prompts() {
-    check_template(
-        &smollm2_path(),
-        "SmolLM2-135M-Instruct",
-        "greedy-SmolLM2-135M-Instruct-transformers-f32.json",
-    );
+    check_template(&smollm2_path(), "SmolLM2-135M-Instruct", "greedy-SmolLM2-135M-Instruct-transformers-f32.json");
 }
 
 #[test]
@@ -173,16 +107,14 @@ fn qwen2_chat_template_renders_reference_prompts() {
 #[test]
 fn qwen2_template_renders_tools() {
     let g = GgufFile::open(qwen2_path()).unwrap();
-    let t = ChatTemplate::new(
-        g.get_str("tokenizer.chat_template").unwrap(),
-        "",
-        "<|im_end|>",
-    )
-    .unwrap();
+    let t = ChatTemplate::new(g.get_str("tokenizer.chat_template").unwrap(), "", "<|im_end|>").unwrap();
     let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
     let msgs = serde_json::json!([{"role": "user", "content": "Weather in Paris?"}]);
     let out = t.render(&msgs, Some(&tools), true).unwrap();
-    assert!(out.contains(r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#), "{out}");
+    assert!(
+        out.contains(r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#),
+        "{out}"
+    );
     assert!(out.ends_with("<|im_start|>assistant\n"));
 }
 
@@ -192,9 +124,5 @@ fn special_tokens_come_from_the_gguf() {
     assert_eq!((s.bos, s.eos, s.add_bos), (Some(1), Some(2), false));
     assert!(s.eog.contains(&2) && s.eog.contains(&0), "{:?}", s.eog);
     let q = SpecialTokens::from_gguf(&GgufFile::open(qwen2_path()).unwrap()).unwrap();
-    assert!(
-        q.eog.contains(&151645) && q.eog.contains(&151643),
-        "{:?}",
-        q.eog
-    );
+    assert!(q.eog.contains(&151645) && q.eog.contains(&151643), "{:?}", q.eog);
 }

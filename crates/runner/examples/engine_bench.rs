@@ -3,9 +3,7 @@
 //!
 //! cargo run --release -p mlx-serving-runner --example engine_bench -- [threads]
 
-use mlx_serving_engine::{
-    EngineCore, EngineHandle, EngineRequest, Priority, RequestId, SamplingParams,
-};
+use mlx_serving_engine::{EngineCore, EngineHandle, EngineRequest, Priority, RequestId, SamplingParams};
 use mlx_serving_models::{LoadOptions, ModelBundle};
 use mlx_serving_runner::ModelExecutor;
 use mlx_serving_test_support::{reference, smollm2_path};
@@ -21,10 +19,7 @@ fn run(h: &EngineHandle, prompts: &[Vec<u32>], max_tokens: u32) -> (f64, Vec<f64
     let mut rxs = Vec::new();
     for p in prompts {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let params = SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(max_tokens)
-        };
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(max_tokens) };
         let id = RequestId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
         h.add_request(
             EngineRequest {
@@ -54,30 +49,16 @@ fn run(h: &EngineHandle, prompts: &[Vec<u32>], max_tokens: u32) -> (f64, Vec<f64
 }
 
 fn main() {
-    let threads: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .expect("pool");
-    let bundle =
-        Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).expect("load"));
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("pool");
+    let bundle = Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).expect("load"));
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
     let prompts: Vec<Vec<u32>> = refs["items"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| {
-            i["prompt_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(|i| i["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
         .collect();
     let mut cfg = ModelExecutor::scheduler_config(&bundle, 16, 256 << 20);
     cfg.max_num_seqs = 16;
@@ -93,7 +74,10 @@ fn main() {
         if c == 1 {
             single = tps;
         }
-        println!("concurrency {c:2}: {tps:7.1} output tok/s aggregate ({:.2}x single stream), wall {wall:.2} s", tps / single);
+        println!(
+            "concurrency {c:2}: {tps:7.1} output tok/s aggregate ({:.2}x single stream), wall {wall:.2} s",
+            tps / single
+        );
     }
     // TTFT with a 1,024-token prefix: cold, then the same prefix (different last tokens) again.
     let long: Vec<u32> = prompts.concat().into_iter().cycle().take(1024).collect();

@@ -5,9 +5,7 @@
 //! step until `remove_request`, so a preempted request resumes with the same RNG stream.
 
 use crate::sampler::Sampler;
-use mlx_serving_engine::{
-    Executor, ExecutorError, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
-};
+use mlx_serving_engine::{Executor, ExecutorError, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput};
 use mlx_serving_models::{BatchInput, ModelBundle, PagedKvCache, SeqInput};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,20 +26,12 @@ impl ModelExecutor {
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for `bundle`'s model.
     pub fn new(bundle: Arc<ModelBundle>, block_size: usize, num_blocks: usize) -> Self {
         let cache = PagedKvCache::new(bundle.model.config(), block_size, num_blocks);
-        Self {
-            bundle,
-            cache,
-            states: HashMap::new(),
-        }
+        Self { bundle, cache, states: HashMap::new() }
     }
 
     /// Scheduler settings matching this model: context length, EOS ids, and as many blocks as
     /// `kv_cache_bytes` holds.
-    pub fn scheduler_config(
-        bundle: &ModelBundle,
-        block_size: usize,
-        kv_cache_bytes: usize,
-    ) -> SchedulerConfig {
+    pub fn scheduler_config(bundle: &ModelBundle, block_size: usize, kv_cache_bytes: usize) -> SchedulerConfig {
         let cfg = bundle.model.config();
         let per_block = PagedKvCache::bytes_per_block(cfg, block_size);
         SchedulerConfig {
@@ -78,16 +68,13 @@ impl Executor for ModelExecutor {
             token_ids.extend_from_slice(&s.token_ids);
             for p in s.start_pos..s.start_pos + len {
                 positions.push(p as u32);
-                let block = *s.block_table.get(p / bs).ok_or_else(|| {
-                    ExecutorError(format!("request {:?}: block table too short", s.id))
-                })?;
+                let block = *s
+                    .block_table
+                    .get(p / bs)
+                    .ok_or_else(|| ExecutorError(format!("request {:?}: block table too short", s.id)))?;
                 slots.push(block * bs as u32 + (p % bs) as u32);
             }
-            seqs.push(SeqInput {
-                query_len: len,
-                context_len: s.start_pos + len,
-                block_table: &s.block_table,
-            });
+            seqs.push(SeqInput { query_len: len, context_len: s.start_pos + len, block_table: &s.block_table });
             if s.sample {
                 logits_rows.push((token_ids.len() - 1) as u32);
             }
@@ -99,19 +86,11 @@ impl Executor for ModelExecutor {
             seqs: &seqs,
             logits_indices: &logits_rows,
         };
-        let mut logits = self
-            .bundle
-            .model
-            .forward(&input, &mut self.cache)
-            .map_err(|e| ExecutorError(e.to_string()))?;
+        let mut logits =
+            self.bundle.model.forward(&input, &mut self.cache).map_err(|e| ExecutorError(e.to_string()))?;
         let vocab = self.bundle.model.config().vocab_size;
         let mut out = RunnerOutput::default();
-        for (s, row) in batch
-            .seqs
-            .iter()
-            .filter(|s| s.sample)
-            .zip(logits.chunks_mut(vocab))
-        {
+        for (s, row) in batch.seqs.iter().filter(|s| s.sample).zip(logits.chunks_mut(vocab)) {
             let st = self
                 .states
                 .get_mut(&s.id)

@@ -14,12 +14,10 @@ use tokenizers::Tokenizer;
 pub enum GenerateError {
     #[error("invalid parameter {0}")]
     Param(#[from] mlx_serving_engine::ParamError),
-    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_model_len} tokens")]
-    ContextLengthExceeded {
-        prompt: usize,
-        max_tokens: usize,
-        max_model_len: usize,
-    },
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_model_len} tokens"
+    )]
+    ContextLengthExceeded { prompt: usize, max_tokens: usize, max_model_len: usize },
     #[error("empty prompt")]
     EmptyPrompt,
     #[error(transparent)]
@@ -38,12 +36,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self {
-            block_size: 16,
-            max_prefill_chunk: 512,
-            eog_token_ids: Vec::new(),
-            skip_special_tokens: true,
-        }
+        Self { block_size: 16, max_prefill_chunk: 512, eog_token_ids: Vec::new(), skip_special_tokens: true }
     }
 }
 
@@ -99,14 +92,9 @@ pub fn generate(
         let chunk = (tokens.len() - computed).min(opts.max_prefill_chunk.max(1));
         let ids = &tokens[computed..computed + chunk];
         let positions: Vec<u32> = (computed..computed + chunk).map(|p| p as u32).collect();
-        let slots: Vec<u32> = (computed..computed + chunk)
-            .map(|p| block_table[p / bs] * bs as u32 + (p % bs) as u32)
-            .collect();
-        let seqs = [SeqInput {
-            query_len: chunk,
-            context_len: computed + chunk,
-            block_table: &block_table,
-        }];
+        let slots: Vec<u32> =
+            (computed..computed + chunk).map(|p| block_table[p / bs] * bs as u32 + (p % bs) as u32).collect();
+        let seqs = [SeqInput { query_len: chunk, context_len: computed + chunk, block_table: &block_table }];
         computed += chunk;
         let last = [chunk as u32 - 1];
         let want_logits = computed == tokens.len();
@@ -132,8 +120,7 @@ pub fn generate(
             break FinishReason::Stop;
         }
         if let Some(delta) = detok.push(next) {
-            if let StopOutcome::Stopped(t) = push_text(&mut stops, &delta, &mut text, &mut on_delta)
-            {
+            if let StopOutcome::Stopped(t) = push_text(&mut stops, &delta, &mut text, &mut on_delta) {
                 emit(&mut text, &t, &mut on_delta);
                 stopped_by_string = true;
                 break FinishReason::Stop;
@@ -169,12 +156,7 @@ pub fn generate(
 }
 
 /// Feeds a delta through the stop matcher, emitting what is safe; returns the matcher's verdict.
-fn push_text(
-    stops: &mut StopMatcher,
-    delta: &str,
-    text: &mut String,
-    on_delta: &mut impl FnMut(&str),
-) -> StopOutcome {
+fn push_text(stops: &mut StopMatcher, delta: &str, text: &mut String, on_delta: &mut impl FnMut(&str)) -> StopOutcome {
     match stops.push(delta) {
         StopOutcome::Continue(t) => {
             emit(text, &t, on_delta);

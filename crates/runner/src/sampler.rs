@@ -22,9 +22,7 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self {
-            s: [next(), next(), next(), next()],
-        }
+        Self { s: [next(), next(), next(), next()] }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -49,11 +47,7 @@ impl Rng {
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish()
 }
 
@@ -68,11 +62,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: &SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(random_seed);
-        Self {
-            params: params.clone(),
-            rng: Rng::seed_from_u64(seed),
-            candidates: Vec::new(),
-        }
+        Self { params: params.clone(), rng: Rng::seed_from_u64(seed), candidates: Vec::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -102,11 +92,7 @@ impl Sampler {
                     if !*s {
                         *s = true;
                         let l = &mut logits[t as usize];
-                        *l = if *l > 0.0 {
-                            *l / p.repetition_penalty
-                        } else {
-                            *l * p.repetition_penalty
-                        };
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                     }
                 }
             }
@@ -129,13 +115,7 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let cands = &mut self.candidates;
         cands.clear();
-        cands.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.is_finite())
-                .map(|(i, &l)| (l * inv_t, i as u32)),
-        );
+        cands.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (l * inv_t, i as u32)));
         if cands.is_empty() {
             return argmax(logits);
         }
@@ -193,12 +173,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// `log_softmax(logits)[id]`, computed in f64.
 pub fn logprob(logits: &[f32], id: u32) -> f32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
     (logits[id as usize] as f64 - lse) as f32
 }
 
@@ -207,21 +182,14 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams {
-            temperature: 1.0,
-            seed: Some(7),
-            max_tokens: 1,
-            ..SamplingParams::default()
-        };
+        let mut p = SamplingParams { temperature: 1.0, seed: Some(7), max_tokens: 1, ..SamplingParams::default() };
         f(&mut p);
         p
     }
 
     fn draw_many(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(p);
-        (0..n)
-            .map(|_| s.sample(&mut logits.to_vec(), &[], &[]))
-            .collect()
+        (0..n).map(|_| s.sample(&mut logits.to_vec(), &[], &[])).collect()
     }
 
     #[test]
@@ -269,14 +237,8 @@ mod tests {
     #[test]
     fn temperature_sharpens_the_distribution() {
         let logits = [1.0, 0.0];
-        let hot = draw_many(&params(|p| p.temperature = 2.0), &logits, 2000)
-            .iter()
-            .filter(|&&t| t == 1)
-            .count();
-        let cold = draw_many(&params(|p| p.temperature = 0.25), &logits, 2000)
-            .iter()
-            .filter(|&&t| t == 1)
-            .count();
+        let hot = draw_many(&params(|p| p.temperature = 2.0), &logits, 2000).iter().filter(|&&t| t == 1).count();
+        let cold = draw_many(&params(|p| p.temperature = 0.25), &logits, 2000).iter().filter(|&&t| t == 1).count();
         // P(1) is 0.38 at T=2 and 0.018 at T=0.25.
         assert!(hot > 600 && cold < 120, "hot {hot} cold {cold}");
     }
@@ -303,15 +265,9 @@ mod tests {
 
     #[test]
     fn logit_bias_can_force_or_ban_a_token() {
-        let mut s = Sampler::new(&SamplingParams {
-            logit_bias: vec![(2, 100.0)],
-            ..SamplingParams::greedy(1)
-        });
+        let mut s = Sampler::new(&SamplingParams { logit_bias: vec![(2, 100.0)], ..SamplingParams::greedy(1) });
         assert_eq!(s.sample(&mut [5.0, 4.0, 0.0], &[], &[]), 2);
-        let mut s = Sampler::new(&SamplingParams {
-            logit_bias: vec![(0, -100.0)],
-            ..SamplingParams::greedy(1)
-        });
+        let mut s = Sampler::new(&SamplingParams { logit_bias: vec![(0, -100.0)], ..SamplingParams::greedy(1) });
         assert_eq!(s.sample(&mut [5.0, 4.0, 0.0], &[], &[]), 1);
     }
 

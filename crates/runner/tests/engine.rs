@@ -2,8 +2,8 @@
 //! never change greedy tokens, and a seed gives the same tokens whatever else shares the batch.
 
 use mlx_serving_engine::{
-    EngineCore, EngineHandle, EngineOutput, EngineRequest, FinishReason, Priority, RequestId,
-    SamplingParams, SchedulerConfig,
+    EngineCore, EngineHandle, EngineOutput, EngineRequest, FinishReason, Priority, RequestId, SamplingParams,
+    SchedulerConfig,
 };
 use mlx_serving_models::{LoadOptions, ModelBundle};
 use mlx_serving_runner::{generate, GenerateOptions, ModelExecutor};
@@ -13,8 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 fn bundle() -> Arc<ModelBundle> {
     static B: OnceLock<Arc<ModelBundle>> = OnceLock::new();
-    B.get_or_init(|| Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap()))
-        .clone()
+    B.get_or_init(|| Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap())).clone()
 }
 
 fn engine(f: impl FnOnce(&mut SchedulerConfig)) -> EngineHandle {
@@ -26,10 +25,7 @@ fn engine(f: impl FnOnce(&mut SchedulerConfig)) -> EngineHandle {
 }
 
 /// Submits all requests at once and collects each one's tokens and finish reason.
-fn run_all(
-    h: &EngineHandle,
-    reqs: Vec<(Vec<u32>, SamplingParams)>,
-) -> Vec<(Vec<u32>, FinishReason, usize)> {
+fn run_all(h: &EngineHandle, reqs: Vec<(Vec<u32>, SamplingParams)>) -> Vec<(Vec<u32>, FinishReason, usize)> {
     let mut rxs = Vec::new();
     for (i, (prompt, params)) in reqs.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -78,26 +74,14 @@ fn prompts() -> Vec<Vec<u32>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| {
-            i["prompt_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(|i| i["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
         .collect()
 }
 
 fn alone(prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
     let b = bundle();
-    let opts = GenerateOptions {
-        eog_token_ids: b.special_tokens.eog.clone(),
-        ..GenerateOptions::default()
-    };
-    generate(&b.model, &b.tokenizer, prompt, params, &opts, |_| {})
-        .unwrap()
-        .token_ids
+    let opts = GenerateOptions { eog_token_ids: b.special_tokens.eog.clone(), ..GenerateOptions::default() };
+    generate(&b.model, &b.tokenizer, prompt, params, &opts, |_| {}).unwrap().token_ids
 }
 
 #[test]
@@ -107,11 +91,7 @@ fn eight_concurrent_requests_match_each_alone() {
     let params = SamplingParams::greedy(24);
     let together = run_all(&h, ps.iter().map(|p| (p.clone(), params.clone())).collect());
     for (i, p) in ps.iter().enumerate() {
-        assert_eq!(
-            together[i].0,
-            alone(p, &params),
-            "prompt {i}: batched tokens differ from running alone"
-        );
+        assert_eq!(together[i].0, alone(p, &params), "prompt {i}: batched tokens differ from running alone");
     }
 }
 
@@ -120,13 +100,7 @@ fn prefix_cache_on_and_off_give_identical_tokens() {
     let shared: Vec<u32> = prompts().concat().into_iter().take(70).collect();
     let mk = |tail: u32| -> Vec<u32> { shared.iter().copied().chain([tail, tail + 1]).collect() };
     let params = SamplingParams::greedy(12);
-    let reqs = || {
-        vec![
-            (mk(260), params.clone()),
-            (mk(504), params.clone()),
-            (mk(1890), params.clone()),
-        ]
-    };
+    let reqs = || vec![(mk(260), params.clone()), (mk(504), params.clone()), (mk(1890), params.clone())];
     let on = engine(|_| {});
     let first = run_all(&on, vec![reqs()[0].clone()]);
     let cached = run_all(&on, reqs());
@@ -134,46 +108,27 @@ fn prefix_cache_on_and_off_give_identical_tokens() {
     let uncached = run_all(&off, reqs());
     assert_eq!(first[0].0, uncached[0].0);
     for i in 0..3 {
-        assert_eq!(
-            cached[i].0, uncached[i].0,
-            "request {i}: prefix cache changed the tokens"
-        );
+        assert_eq!(cached[i].0, uncached[i].0, "request {i}: prefix cache changed the tokens");
         assert_eq!(uncached[i].2, 0);
     }
-    assert_eq!(
-        cached[0].2, 64,
-        "the shared 70-token prefix hits four full blocks of 16"
-    );
+    assert_eq!(cached[0].2, 64, "the shared 70-token prefix hits four full blocks of 16");
 }
 
 #[test]
 fn forced_preemption_gives_identical_tokens() {
     let ps: Vec<Vec<u32>> = prompts().into_iter().skip(12).take(4).collect();
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(40)
-    };
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) };
     // Each request needs about 5 blocks of 16 by the end; 10 blocks cannot hold four of them.
     let tight = engine(|c| {
         c.num_blocks = 10;
         c.enable_prefix_caching = false;
     });
-    let got = run_all(
-        &tight,
-        ps.iter().map(|p| (p.clone(), params.clone())).collect(),
-    );
+    let got = run_all(&tight, ps.iter().map(|p| (p.clone(), params.clone())).collect());
     for (i, p) in ps.iter().enumerate() {
         assert_eq!(got[i].0, alone(p, &params), "prompt {i}");
         assert_eq!(got[i].1, FinishReason::Length);
     }
-    assert!(
-        tight
-            .stats()
-            .preemptions
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0,
-        "the test must actually preempt"
-    );
+    assert!(tight.stats().preemptions.load(std::sync::atomic::Ordering::SeqCst) > 0, "the test must actually preempt");
 }
 
 #[test]
@@ -197,18 +152,9 @@ fn seeded_sampling_is_independent_of_the_batch() {
         max_tokens: 20,
         ..SamplingParams::default()
     };
-    let b = run_all(
-        &busy,
-        vec![
-            (ps[5].clone(), others.clone()),
-            (ps[0].clone(), seeded.clone()),
-            (ps[9].clone(), others),
-        ],
-    );
-    assert_eq!(
-        a[0].0, b[1].0,
-        "same seed, different batch companions, same tokens"
-    );
+    let b =
+        run_all(&busy, vec![(ps[5].clone(), others.clone()), (ps[0].clone(), seeded.clone()), (ps[9].clone(), others)]);
+    assert_eq!(a[0].0, b[1].0, "same seed, different batch companions, same tokens");
     let mut counts: HashMap<u32, usize> = HashMap::new();
     for t in &a[0].0 {
         *counts.entry(*t).or_default() += 1;

@@ -10,39 +10,18 @@ fn bundle() -> ModelBundle {
 }
 
 fn opts(b: &ModelBundle) -> GenerateOptions {
-    GenerateOptions {
-        eog_token_ids: b.special_tokens.eog.clone(),
-        ..GenerateOptions::default()
-    }
+    GenerateOptions { eog_token_ids: b.special_tokens.eog.clone(), ..GenerateOptions::default() }
 }
 
 #[test]
 fn stop_string_ends_generation_and_is_not_emitted() {
     let b = bundle();
     let prompt = b.encode("1, 2, 3, 4, 5,", true).unwrap();
-    let free = generate(
-        &b.model,
-        &b.tokenizer,
-        &prompt,
-        &SamplingParams::greedy(12),
-        &opts(&b),
-        |_| {},
-    )
-    .unwrap();
-    assert!(
-        free.text.contains(" 8,"),
-        "greedy continuation should count on: {:?}",
-        free.text
-    );
-    let params = SamplingParams {
-        stop: vec![" 8,".into()],
-        ..SamplingParams::greedy(12)
-    };
+    let free = generate(&b.model, &b.tokenizer, &prompt, &SamplingParams::greedy(12), &opts(&b), |_| {}).unwrap();
+    assert!(free.text.contains(" 8,"), "greedy continuation should count on: {:?}", free.text);
+    let params = SamplingParams { stop: vec![" 8,".into()], ..SamplingParams::greedy(12) };
     let mut streamed = String::new();
-    let g = generate(&b.model, &b.tokenizer, &prompt, &params, &opts(&b), |d| {
-        streamed.push_str(d)
-    })
-    .unwrap();
+    let g = generate(&b.model, &b.tokenizer, &prompt, &params, &opts(&b), |d| streamed.push_str(d)).unwrap();
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert_eq!(g.text, free.text[..free.text.find(" 8,").unwrap()]);
     assert_eq!(streamed, g.text);
@@ -57,10 +36,7 @@ fn max_tokens_gives_length_and_streamed_text_equals_decode() {
         &b.model,
         &b.tokenizer,
         &prompt,
-        &SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(20)
-        },
+        &SamplingParams { ignore_eos: true, ..SamplingParams::greedy(20) },
         &opts(&b),
         |d| streamed.push_str(d),
     )
@@ -83,9 +59,7 @@ fn seeded_sampling_is_reproducible() {
             max_tokens: 24,
             ..SamplingParams::default()
         };
-        generate(&b.model, &b.tokenizer, &prompt, &p, &opts(&b), |_| {})
-            .unwrap()
-            .token_ids
+        generate(&b.model, &b.tokenizer, &prompt, &p, &opts(&b), |_| {}).unwrap().token_ids
     };
     let (a, a2, c) = (run(1), run(1), run(2));
     assert_eq!(a, a2, "same seed, same tokens");
@@ -95,33 +69,14 @@ fn seeded_sampling_is_reproducible() {
 #[test]
 fn prompt_plus_max_tokens_over_the_context_is_an_error() {
     let b = bundle();
-    let err = generate(
-        &b.model,
-        &b.tokenizer,
-        &[1, 2, 3],
-        &SamplingParams::greedy(9000),
-        &opts(&b),
-        |_| {},
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            GenerateError::ContextLengthExceeded {
-                max_model_len: 8192,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let err =
+        generate(&b.model, &b.tokenizer, &[1, 2, 3], &SamplingParams::greedy(9000), &opts(&b), |_| {}).unwrap_err();
+    assert!(matches!(err, GenerateError::ContextLengthExceeded { max_model_len: 8192, .. }), "{err}");
     let err = generate(
         &b.model,
         &b.tokenizer,
         &[1],
-        &SamplingParams {
-            temperature: 5.0,
-            ..SamplingParams::greedy(1)
-        },
+        &SamplingParams { temperature: 5.0, ..SamplingParams::greedy(1) },
         &opts(&b),
         |_| {},
     )

@@ -16,29 +16,20 @@ const COMPARE: usize = 32;
 const NEAR_TIE: f64 = 0.5;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn run_golden(path: &Path, ref_file: &str, opts: &LoadOptions) {
     let bundle = ModelBundle::load(path, opts).unwrap();
     let refs = reference(ref_file);
-    let gen_opts = GenerateOptions {
-        eog_token_ids: bundle.special_tokens.eog.clone(),
-        ..GenerateOptions::default()
-    };
+    let gen_opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };
     let mut failures = Vec::new();
     let mut identical = 0;
     let items = refs["items"].as_array().unwrap();
     for (n, item) in items.iter().enumerate() {
         let prompt_ids = ids(&item["prompt_ids"]);
         let ours_prompt = match item["kind"].as_str().unwrap() {
-            "completion" => bundle
-                .encode(item["prompt"].as_str().unwrap(), true)
-                .unwrap(),
+            "completion" => bundle.encode(item["prompt"].as_str().unwrap(), true).unwrap(),
             _ => bundle.encode_chat(&item["prompt"]).unwrap(),
         };
         assert_eq!(ours_prompt, prompt_ids, "item {n}: prompt ids");
@@ -52,12 +43,7 @@ fn run_golden(path: &Path, ref_file: &str, opts: &LoadOptions) {
         )
         .unwrap();
         let want = ids(&item["output_ids"]);
-        let gaps: Vec<f64> = item["step_gaps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let gaps: Vec<f64> = item["step_gaps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let limit = COMPARE.min(want.len());
         match (0..limit).find(|&j| g.token_ids.get(j) != Some(&want[j])) {
             None => {
@@ -66,42 +52,29 @@ fn run_golden(path: &Path, ref_file: &str, opts: &LoadOptions) {
             }
             Some(j) => {
                 let gap = gaps[j];
-                println!("item {n:2}: first difference at position {j}, reference gap {gap:.4} (ours {:?}, reference {})", g.token_ids.get(j), want[j]);
+                println!(
+                    "item {n:2}: first difference at position {j}, reference gap {gap:.4} (ours {:?}, reference {})",
+                    g.token_ids.get(j),
+                    want[j]
+                );
                 if gap >= NEAR_TIE {
-                    failures.push(format!(
-                        "item {n}: diverged at position {j} where the reference gap is {gap:.4}"
-                    ));
+                    failures.push(format!("item {n}: diverged at position {j} where the reference gap is {gap:.4}"));
                 }
             }
         }
     }
-    println!(
-        "{ref_file}: {identical}/{} identical over the first {COMPARE} tokens",
-        items.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "divergences at non-tie positions:\n{}",
-        failures.join("\n")
-    );
+    println!("{ref_file}: {identical}/{} identical over the first {COMPARE} tokens", items.len());
+    assert!(failures.is_empty(), "divergences at non-tie positions:\n{}", failures.join("\n"));
 }
 
 #[test]
 fn smollm2_greedy_matches_transformers() {
-    run_golden(
-        &smollm2_path(),
-        "greedy-SmolLM2-135M-Instruct-transformers-f32.json",
-        &LoadOptions::default(),
-    );
+    run_golden(&smollm2_path(), "greedy-SmolLM2-135M-Instruct-transformers-f32.json", &LoadOptions::default());
 }
 
 #[test]
 fn qwen2_greedy_matches_transformers() {
-    run_golden(
-        &qwen2_path(),
-        "greedy-Qwen2.5-Coder-0.5B-Instruct-transformers-f32.json",
-        &LoadOptions::default(),
-    );
+    run_golden(&qwen2_path(), "greedy-Qwen2.5-Coder-0.5B-Instruct-transformers-f32.json", &LoadOptions::default());
 }
 
 /// Logits of the prompt's last position, one forward over the whole prompt.
@@ -111,11 +84,7 @@ fn first_step_logits(bundle: &ModelBundle, prompt: &[u32]) -> Vec<f32> {
     let mut cache = PagedKvCache::new(bundle.model.config(), bs, nb);
     let table: Vec<u32> = (0..nb as u32).collect();
     let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let seqs = [SeqInput {
-        query_len: prompt.len(),
-        context_len: prompt.len(),
-        block_table: &table,
-    }];
+    let seqs = [SeqInput { query_len: prompt.len(), context_len: prompt.len(), block_table: &table }];
     let last = [prompt.len() as u32 - 1];
     let batch = BatchInput {
         token_ids: prompt,
@@ -135,28 +104,17 @@ fn check_top5(opts: &LoadOptions, tolerance: f32) {
         let logits = first_step_logits(&bundle, &ids(&case["prompt_ids"]));
         let top5 = case["top5"].as_array().unwrap();
         let best = mlx_serving_runner::argmax(&logits);
-        assert_eq!(
-            best as u64,
-            top5[0]["id"].as_u64().unwrap(),
-            "top-1 for {}",
-            case["prompt"]
-        );
+        assert_eq!(best as u64, top5[0]["id"].as_u64().unwrap(), "top-1 for {}", case["prompt"]);
         for t in top5 {
             let id = t["id"].as_u64().unwrap() as u32;
             let want = t["logprob"].as_f64().unwrap() as f32;
             let got = logprob(&logits, id);
-            println!(
-                "{:?} token {id}: logprob {got:.4} vs reference {want:.4}",
-                case["prompt"].as_str().unwrap()
-            );
+            println!("{:?} token {id}: logprob {got:.4} vs reference {want:.4}", case["prompt"].as_str().unwrap());
             worst = worst.max((got - want).abs());
         }
     }
     println!("largest logprob difference: {worst:.4} (tolerance {tolerance})");
-    assert!(
-        worst <= tolerance,
-        "largest logprob difference {worst} exceeds {tolerance}"
-    );
+    assert!(worst <= tolerance, "largest logprob difference {worst} exceeds {tolerance}");
 }
 
 #[test]

@@ -8,10 +8,7 @@ pub mod tiny;
 use std::path::{Path, PathBuf};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
 }
 
 fn model(file: &str, fetch_arg: &str) -> PathBuf {
@@ -19,11 +16,7 @@ fn model(file: &str, fetch_arg: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("models"));
     let p = dir.join(file);
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-model.sh {fetch_arg}",
-        p.display()
-    );
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-model.sh {fetch_arg}", p.display());
     p
 }
 
@@ -51,23 +44,15 @@ pub fn reference(name: &str) -> serde_json::Value {
 /// The Hugging Face tokenizer for `model` (`SmolLM2-135M-Instruct` or `Qwen2.5-Coder-0.5B-Instruct`).
 pub fn reference_tokenizer(model: &str) -> tokenizers::Tokenizer {
     use std::io::Read;
-    let p = testdata()
-        .join("tokenizers")
-        .join(model)
-        .join("tokenizer.json.gz");
+    let p = testdata().join("tokenizers").join(model).join("tokenizer.json.gz");
     let file = std::fs::File::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut json)
-        .expect("gunzip tokenizer.json");
+    flate2::read::GzDecoder::new(file).read_to_end(&mut json).expect("gunzip tokenizer.json");
     tokenizers::Tokenizer::from_bytes(&json).expect("parse tokenizer.json")
 }
 
 /// The model's chat template as Hugging Face ships it.
 pub fn reference_chat_template(model: &str) -> String {
-    let p = testdata()
-        .join("tokenizers")
-        .join(model)
-        .join("chat_template.jinja");
+    let p = testdata().join("tokenizers").join(model).join("chat_template.jinja");
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

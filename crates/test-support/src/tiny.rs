@@ -19,16 +19,7 @@ pub struct TinyLlama {
 
 impl Default for TinyLlama {
     fn default() -> Self {
-        Self {
-            layers: 2,
-            hidden: 64,
-            ffn: 128,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 96,
-            context: 256,
-            arch: "llama",
-        }
+        Self { layers: 2, hidden: 64, ffn: 128, heads: 4, kv_heads: 2, vocab: 96, context: 256, arch: "llama" }
     }
 }
 
@@ -43,9 +34,7 @@ impl TinyLlama {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n)
                 .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     (((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
                 })
                 .collect();
@@ -55,88 +44,35 @@ impl TinyLlama {
         let f32t = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).expect("f32");
         let hd = self.hidden / self.heads;
         let mut tensors: Vec<(String, QTensor)> = vec![
-            (
-                "token_embd.weight".into(),
-                q8(rand(&[self.vocab, self.hidden], 1.0)),
-            ),
-            (
-                "output_norm.weight".into(),
-                f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add")),
-            ),
+            ("token_embd.weight".into(), q8(rand(&[self.vocab, self.hidden], 1.0))),
+            ("output_norm.weight".into(), f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add"))),
         ];
         for i in 0..self.layers {
             let p = format!("blk.{i}");
-            tensors.push((
-                format!("{p}.attn_norm.weight"),
-                f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add")),
-            ));
-            tensors.push((
-                format!("{p}.attn_q.weight"),
-                q8(rand(&[self.heads * hd, self.hidden], 0.3)),
-            ));
-            tensors.push((
-                format!("{p}.attn_k.weight"),
-                q8(rand(&[self.kv_heads * hd, self.hidden], 0.3)),
-            ));
-            tensors.push((
-                format!("{p}.attn_v.weight"),
-                q8(rand(&[self.kv_heads * hd, self.hidden], 0.3)),
-            ));
-            tensors.push((
-                format!("{p}.attn_output.weight"),
-                q8(rand(&[self.hidden, self.heads * hd], 0.3)),
-            ));
-            tensors.push((
-                format!("{p}.ffn_norm.weight"),
-                f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add")),
-            ));
-            tensors.push((
-                format!("{p}.ffn_gate.weight"),
-                q8(rand(&[self.ffn, self.hidden], 0.3)),
-            ));
-            tensors.push((
-                format!("{p}.ffn_up.weight"),
-                q8(rand(&[self.ffn, self.hidden], 0.3)),
-            ));
-            tensors.push((
-                format!("{p}.ffn_down.weight"),
-                q8(rand(&[self.hidden, self.ffn], 0.3)),
-            ));
+            tensors.push((format!("{p}.attn_norm.weight"), f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add"))));
+            tensors.push((format!("{p}.attn_q.weight"), q8(rand(&[self.heads * hd, self.hidden], 0.3))));
+            tensors.push((format!("{p}.attn_k.weight"), q8(rand(&[self.kv_heads * hd, self.hidden], 0.3))));
+            tensors.push((format!("{p}.attn_v.weight"), q8(rand(&[self.kv_heads * hd, self.hidden], 0.3))));
+            tensors.push((format!("{p}.attn_output.weight"), q8(rand(&[self.hidden, self.heads * hd], 0.3))));
+            tensors.push((format!("{p}.ffn_norm.weight"), f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add"))));
+            tensors.push((format!("{p}.ffn_gate.weight"), q8(rand(&[self.ffn, self.hidden], 0.3))));
+            tensors.push((format!("{p}.ffn_up.weight"), q8(rand(&[self.ffn, self.hidden], 0.3))));
+            tensors.push((format!("{p}.ffn_down.weight"), q8(rand(&[self.hidden, self.ffn], 0.3))));
         }
         let a = self.arch;
         let tokens: Vec<Value> = (0..self.vocab)
-            .map(|i| {
-                Value::String(char::from(b'!' + (i % 94) as u8).to_string() + &"~".repeat(i / 94))
-            })
+            .map(|i| Value::String(char::from(b'!' + (i % 94) as u8).to_string() + &"~".repeat(i / 94)))
             .collect();
         let md: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(a.into())),
             (format!("{a}.block_count"), Value::U32(self.layers as u32)),
-            (
-                format!("{a}.context_length"),
-                Value::U32(self.context as u32),
-            ),
-            (
-                format!("{a}.embedding_length"),
-                Value::U32(self.hidden as u32),
-            ),
-            (
-                format!("{a}.feed_forward_length"),
-                Value::U32(self.ffn as u32),
-            ),
-            (
-                format!("{a}.attention.head_count"),
-                Value::U32(self.heads as u32),
-            ),
-            (
-                format!("{a}.attention.head_count_kv"),
-                Value::U32(self.kv_heads as u32),
-            ),
+            (format!("{a}.context_length"), Value::U32(self.context as u32)),
+            (format!("{a}.embedding_length"), Value::U32(self.hidden as u32)),
+            (format!("{a}.feed_forward_length"), Value::U32(self.ffn as u32)),
+            (format!("{a}.attention.head_count"), Value::U32(self.heads as u32)),
+            (format!("{a}.attention.head_count_kv"), Value::U32(self.kv_heads as u32)),
             (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
-            (
-                format!("{a}.attention.layer_norm_rms_epsilon"),
-                Value::F32(1e-5),
-            ),
+            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
             ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
             ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
@@ -144,11 +80,8 @@ impl TinyLlama {
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         ];
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let t_refs: Vec<(&str, &QTensor)> = tensors
-            .iter()
-            .filter(|(n, _)| !omit.contains(&n.as_str()))
-            .map(|(n, t)| (n.as_str(), t))
-            .collect();
+        let t_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().filter(|(n, _)| !omit.contains(&n.as_str())).map(|(n, t)| (n.as_str(), t)).collect();
         let mut f = std::fs::File::create(path).expect("create gguf");
         gguf_file::write(&mut f, &md_refs, &t_refs).expect("write gguf");
     }
