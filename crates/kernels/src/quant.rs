@@ -386,14 +386,14 @@ mod simd {
             for b in 0..nb {
                 let w = block_values(row.format, qp, b);
                 let d = _mm256_set1_ps(*row.scales.get_unchecked(b));
-                for r in 0..rows {
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
                     let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
-                    acc[r] = _mm256_fmadd_ps(d, block_dot(&w, xb), acc[r]);
+                    *a = _mm256_fmadd_ps(d, block_dot(&w, xb), *a);
                 }
                 if has_mins {
                     let m = *row.mins.get_unchecked(b);
-                    for r in 0..rows {
-                        mins[r] += m * *xsums.get_unchecked((t0 + r) * nb + b);
+                    for (r, mn) in mins.iter_mut().enumerate().take(rows) {
+                        *mn += m * *xsums.get_unchecked((t0 + r) * nb + b);
                     }
                 }
             }
