@@ -4,12 +4,18 @@
 use mlx_serving_models::{BatchInput, LoadOptions, Model, PagedKvCache, SeqInput};
 use mlx_serving_test_support::tiny::TinyLlama;
 
+/// Regression: the tests used to write the same file concurrently and read each other's half-written
+/// model; the file is now written once per process.
 fn tiny_model() -> Model {
-    let dir = std::env::temp_dir().join(format!("mlx-serving-forward-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("tiny.gguf");
-    TinyLlama::default().write(&p, &[]);
-    Model::load_gguf(&p, &LoadOptions::default()).unwrap()
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let p = PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mlx-serving-forward-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tiny.gguf");
+        TinyLlama::default().write(&p, &[]);
+        p
+    });
+    Model::load_gguf(p, &LoadOptions::default()).unwrap()
 }
 
 /// Runs `tokens[range]` of one sequence as one step; returns the logits of every token in the step.
