@@ -24,7 +24,14 @@ impl PagedKvCache {
     pub fn new(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
         let layout = KvLayout { block_size, num_kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
         let n = num_blocks * layout.block_stride();
-        let layers = (0..cfg.num_layers).map(|_| LayerKv { k: vec![0.0; n], v: vec![0.0; n] }).collect();
+        // Written, not just reserved: the whole budget is resident from the start, so memory use is flat
+        // and a KV budget the machine cannot hold fails at startup, not mid-request.
+        let touched = || {
+            let mut v = Vec::with_capacity(n);
+            v.resize(n, 0.0f32);
+            v
+        };
+        let layers = (0..cfg.num_layers).map(|_| LayerKv { k: touched(), v: touched() }).collect();
         Self { layout, num_blocks, layers }
     }
 

@@ -79,6 +79,30 @@ fn main() {
             tps / single
         );
     }
+    // Memory: resident set before and after 1,000 short requests (in waves of 16).
+    let rss_kib = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = rss_kib();
+    let mut done = 0;
+    while done < 1000 {
+        let wave = 16.min(1000 - done);
+        let ps: Vec<Vec<u32>> = prompts.iter().cycle().skip(done % prompts.len()).take(wave).cloned().collect();
+        run(&h, &ps, 4);
+        done += wave;
+    }
+    let after = rss_kib();
+    let kv = h.stats().kv_usage_ppm.load(Ordering::Relaxed) as f64 / 1e4;
+    println!(
+        "RSS before 1,000 requests {} MiB, after {} MiB; KV blocks in use afterwards {kv:.1}%",
+        before / 1024,
+        after / 1024
+    );
     // TTFT with a 1,024-token prefix: cold, then the same prefix (different last tokens) again.
     let long: Vec<u32> = prompts.concat().into_iter().cycle().take(1024).collect();
     let with_tail = |t: u32| -> Vec<u32> { long.iter().copied().chain([t, t + 1]).collect() };
