@@ -72,6 +72,9 @@ struct GenerateArgs {
     /// Dequantize all weights to f32 at load (slow; matches float32 references closely).
     #[arg(long)]
     dequantize: bool,
+    /// Experimental: round activations to 8 bits in Q4_1 matmuls (faster, less accurate).
+    #[arg(long)]
+    int8_activations: bool,
 }
 
 fn main() -> Result<()> {
@@ -95,8 +98,9 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let bundle = ModelBundle::load(&a.model, &LoadOptions { dequantize: a.dequantize })
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let bundle =
+        ModelBundle::load(&a.model, &LoadOptions { dequantize: a.dequantize, int8_activations: a.int8_activations })
+            .with_context(|| format!("loading {}", a.model.display()))?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
         (None, Some(chat)) => {

@@ -46,6 +46,8 @@ impl QuantFormat {
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     format: QuantFormat,
+    /// Round activations to 8 bits per block (Q4_1 only) and use integer dot products.
+    int8_activations: bool,
     rows: usize,
     cols: usize,
     scales: Vec<f32>,
@@ -81,11 +83,18 @@ impl QMatrix {
                 QuantFormat::Q8_0 => qs.extend_from_slice(&blk[2..34]),
             }
         }
-        Ok(Self { format, rows, cols, scales, mins, qs })
+        Ok(Self { format, int8_activations: false, rows, cols, scales, mins, qs })
     }
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Q4_1 only: quantize activations to 8 bits per 32-value block (as llama.cpp does) and use integer
+    /// dot products, about twice as fast; the `m·Σx` term stays exact. Other formats ignore it.
+    pub fn with_int8_activations(mut self, on: bool) -> Self {
+        self.int8_activations = on && self.format == QuantFormat::Q4_1;
+        self
     }
 
     /// Stacks matrices with the same format and column count into one (rows of the first, then the
@@ -97,6 +106,7 @@ impl QMatrix {
         }
         Ok(Self {
             format: first.format,
+            int8_activations: first.int8_activations,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
@@ -193,6 +203,35 @@ impl RowRef<'_> {
         }
     }
 
+    /// Q4_1 row × each 8-bit activation row of `acts` (`out.len()` rows).
+    fn dot_rows_q8(&self, acts: &Q8Acts, out: &mut [f32]) {
+        debug_assert_eq!(self.format, QuantFormat::Q4_1);
+        #[cfg(target_arch = "x86_64")]
+        if simd::has_avx2() {
+            // SAFETY: AVX2 and FMA were detected at run time; `acts` holds `out.len()` rows of `cols` values.
+            unsafe { simd::rows_dot_q4_q8_avx2(*self, acts, out) };
+            return;
+        }
+        self.dot_rows_q8_scalar(acts, out);
+    }
+
+    fn dot_rows_q8_scalar(&self, acts: &Q8Acts, out: &mut [f32]) {
+        let nb = self.scales.len();
+        for (t, o) in out.iter_mut().enumerate() {
+            let mut s = 0f32;
+            for b in 0..nb {
+                let q = &self.qs[b * 16..b * 16 + 16];
+                let xq = &acts.qs[t * acts.k + b * BLOCK..t * acts.k + (b + 1) * BLOCK];
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    isum += (q[j] & 0xF) as i32 * xq[j] as i32 + (q[j] >> 4) as i32 * xq[j + 16] as i32;
+                }
+                s += self.scales[b] * acts.d[t * nb + b] * isum as f32 + self.mins[b] * acts.sums[t * nb + b];
+            }
+            *o = s;
+        }
+    }
+
     fn dot_scalar(&self, x: &[f32], xsum: &[f32]) -> f32 {
         let qb = self.format.qs_bytes();
         let mut s = 0f32;
@@ -237,6 +276,9 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     let n = x.len() / k;
     assert_eq!(x.len(), n * k, "activation length");
     assert_eq!(y.len(), n * m, "output length");
+    if w.int8_activations {
+        return qmatmul_int8(w, x, y, n);
+    }
     if n == 1 {
         let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
         y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
@@ -277,6 +319,58 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
 
 /// Up to this many activation rows, the fused decode-and-dot path beats dequantize-then-dot.
 const SMALL_BATCH: usize = 16;
+
+/// Activations rounded to 8 bits per block: `x ≈ d · q`, plus the exact f32 block sums.
+pub struct Q8Acts {
+    k: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl Q8Acts {
+    pub fn quantize(x: &[f32], k: usize) -> Self {
+        let nb_total = x.len() / BLOCK;
+        let mut qs = Vec::with_capacity(x.len());
+        let mut d = Vec::with_capacity(nb_total);
+        let mut sums = Vec::with_capacity(nb_total);
+        for blk in x.chunks_exact(BLOCK) {
+            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            qs.extend(blk.iter().map(|v| (v * inv).round() as i8));
+            d.push(scale);
+            sums.push(blk.iter().sum());
+        }
+        Self { k, qs, d, sums }
+    }
+}
+
+/// Q4_1 weights × 8-bit activations. Parallel over weight rows like `qmatmul`; each weight block is decoded
+/// once per group of four activation rows.
+fn qmatmul_int8(w: &QMatrix, x: &[f32], y: &mut [f32], n: usize) {
+    let (k, m) = (w.cols, w.rows);
+    let acts = Q8Acts::quantize(x, k);
+    if n == 1 {
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
+            for (i, o) in out.iter_mut().enumerate() {
+                w.row(t * ROWS_PER_TASK + i).dot_rows_q8(&acts, std::slice::from_mut(o));
+            }
+        });
+        return;
+    }
+    let mut yt = vec![0f32; m * n];
+    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
+        for (i, o) in out.chunks_exact_mut(n).enumerate() {
+            w.row(t * ROWS_PER_TASK + i).dot_rows_q8(&acts, o);
+        }
+    });
+    for (r, col) in yt.chunks_exact(n).enumerate() {
+        for (t, v) in col.iter().enumerate() {
+            y[t * m + r] = *v;
+        }
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -403,6 +497,45 @@ mod simd {
             t0 += rows;
         }
     }
+
+    /// SAFETY (caller): AVX2 and FMA available; `acts` holds `out.len()` rows of `row.scales.len() * 32`
+    /// quantized values with their scales and sums.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_dot_q4_q8_avx2(row: RowRef<'_>, acts: &super::Q8Acts, out: &mut [f32]) {
+        const R: usize = 4;
+        let nb = row.scales.len();
+        let k = acts.k;
+        let qp = row.qs.as_ptr();
+        let xp = acts.qs.as_ptr();
+        let mask = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut t0 = 0;
+        while t0 < out.len() {
+            let rows = R.min(out.len() - t0);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut mins = [0f32; R];
+            for b in 0..nb {
+                let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let w = _mm256_set_m128i(hi, lo);
+                let dw = *row.scales.get_unchecked(b);
+                let m = *row.mins.get_unchecked(b);
+                for (r, (a, mn)) in acc.iter_mut().zip(mins.iter_mut()).enumerate().take(rows) {
+                    let t = t0 + r;
+                    let xq = _mm256_loadu_si256(xp.add(t * k + b * BLOCK) as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones);
+                    let d = _mm256_set1_ps(dw * *acts.d.get_unchecked(t * nb + b));
+                    *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *a);
+                    *mn += m * *acts.sums.get_unchecked(t * nb + b);
+                }
+            }
+            for r in 0..rows {
+                out[t0 + r] = hsum(acc[r]) + mins[r];
+            }
+            t0 += rows;
+        }
+    }
 }
 
 /// Reference: dequantize each row and accumulate in f64.
@@ -464,6 +597,57 @@ mod tests {
                 let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err <= 1e-4 * scale, "{format:?} [{rows},{cols}] n={n}: error {err} at scale {scale}");
             }
+        }
+    }
+
+    /// The 8-bit-activation path equals exact arithmetic on the rounded activations (bound 1e-4 of the
+    /// output scale), for the SIMD and the portable kernels, at every batch size; and stays within 2 % of the
+    /// output scale of the f32 result (the rounding of activations to 8 bits).
+    #[test]
+    fn int8_activation_path_matches_its_reference() {
+        let mut rng = Lcg(21);
+        for &(rows, cols, n) in &[(1, 32, 1), (33, 64, 1), (70, 576, 3), (20, 1536, 7), (17, 96, 33)] {
+            let w = random_matrix(&mut rng, QuantFormat::Q4_1, rows, cols).with_int8_activations(true);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+            let acts = Q8Acts::quantize(&x, cols);
+            let xr: Vec<f32> = acts.qs.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / BLOCK]).collect();
+            let mut want = vec![0f32; n * rows];
+            let mut wrow = vec![0f32; cols];
+            for r in 0..rows {
+                w.dequantize_row(r, &mut wrow);
+                let (d, mn) = (&w.scales[r * cols / BLOCK..], &w.mins[r * cols / BLOCK..]);
+                for t in 0..n {
+                    // d·Σq·x̂ + m·Σx: the min term uses the exact activations, as the kernel does.
+                    let mut s = 0f64;
+                    for b in 0..cols / BLOCK {
+                        let xs = &xr[t * cols + b * BLOCK..t * cols + (b + 1) * BLOCK];
+                        let qdot: f64 = (0..BLOCK)
+                            .map(|j| ((wrow[b * BLOCK + j] - mn[b]) / d[b]).round() as f64 * xs[j] as f64)
+                            .sum();
+                        s += d[b] as f64 * qdot + mn[b] as f64 * acts.sums[t * cols / BLOCK + b] as f64;
+                    }
+                    want[t * rows + r] = s as f32;
+                }
+            }
+            let mut fast = vec![0f32; n * rows];
+            qmatmul(&w, &x, &mut fast);
+            let mut portable = vec![0f32; n * rows];
+            for r in 0..rows {
+                let mut col = vec![0f32; n];
+                w.row(r).dot_rows_q8_scalar(&acts, &mut col);
+                for t in 0..n {
+                    portable[t * rows + r] = col[t];
+                }
+            }
+            let mut exact = vec![0f32; n * rows];
+            qmatmul_reference(&w, &x, &mut exact);
+            let scale = want.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
+            for (name, got) in [("simd", &fast), ("portable", &portable)] {
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err <= 1e-4 * scale, "{name} [{rows},{cols}] n={n}: error {err} at scale {scale}");
+            }
+            let err = fast.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 2e-2 * scale, "[{rows},{cols}] n={n}: 8-bit rounding error {err} at scale {scale}");
         }
     }
 
