@@ -21,8 +21,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate text from a prompt or a chat, streaming it to stdout.
     Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// GGUF model file (default: the model scripts/fetch-model.sh fetches).
+    #[arg(long, env = "MLX_SERVING_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Model name clients use (default: the file name without .gguf).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, env = "MLX_SERVING_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "MLX_SERVING_PORT", default_value_t = 8080)]
+    port: u16,
+    /// CPU threads for the model (default: all cores).
+    #[arg(long, env = "MLX_SERVING_THREADS")]
+    threads: Option<usize>,
+    /// KV cache budget in MiB (preallocated).
+    #[arg(long, env = "MLX_SERVING_KV_CACHE_MB", default_value_t = 512)]
+    kv_cache_mb: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    #[arg(long, default_value_t = 16)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Requests allowed to wait before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting_requests: usize,
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 #[derive(Args)]
@@ -80,6 +113,7 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),
     }
 }
@@ -169,4 +203,53 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn run_serve(a: ServeArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    if a.block_size == 0 || a.max_num_seqs == 0 || a.max_num_batched_tokens == 0 {
+        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
+    }
+    let bundle = std::sync::Arc::new(
+        ModelBundle::load(&a.model, &LoadOptions::default())
+            .with_context(|| format!("loading {}", a.model.display()))?,
+    );
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let mut cfg = mlx_serving_runner::ModelExecutor::scheduler_config(&bundle, a.block_size, a.kv_cache_mb << 20);
+    cfg.max_num_seqs = a.max_num_seqs;
+    cfg.max_num_batched_tokens = a.max_num_batched_tokens;
+    cfg.max_waiting_requests = a.max_waiting_requests;
+    cfg.enable_prefix_caching = !a.no_prefix_caching;
+    let exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
+    let (engine, _join) = mlx_serving_engine::EngineCore::spawn(cfg, exec);
+    let state = std::sync::Arc::new(mlx_serving_server::AppState::new(engine, bundle, name.clone()));
+    let app = mlx_serving_server::router(state);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        eprintln!("serving {name} on http://{addr}");
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }

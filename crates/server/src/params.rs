@@ -1,0 +1,100 @@
+//! Wire request fields → engine `SamplingParams`, every value range-checked with the field named.
+
+use crate::error::ApiError;
+use mlx_serving_engine::{Priority, SamplingParams};
+use mlx_serving_protocol::Stop;
+use std::collections::HashMap;
+
+/// The sampling-related fields common to chat and completions.
+pub struct Fields {
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<i64>,
+    pub priority: Option<String>,
+    pub ignore_eos: bool,
+}
+
+/// Converts and validates. `default_max_tokens` applies when the client sends none.
+pub fn sampling_params(
+    f: Fields,
+    default_max_tokens: usize,
+    prompt_len: usize,
+    max_model_len: usize,
+    vocab: usize,
+) -> Result<(SamplingParams, Priority), ApiError> {
+    if let Some(n) = f.n {
+        if n != 1 {
+            return Err(ApiError::bad_request(format!("n = {n} is not supported yet; only n = 1"), Some("n")));
+        }
+    }
+    let max_tokens = match f.max_tokens {
+        Some(m) if m < 1 => {
+            return Err(ApiError::bad_request(format!("max_tokens must be at least 1, got {m}"), Some("max_tokens")))
+        }
+        Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
+        None => default_max_tokens.max(1),
+    };
+    if prompt_len + max_tokens > max_model_len {
+        return Err(ApiError::bad_request(
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max_tokens} for the completion).",
+                prompt_len.saturating_add(max_tokens)
+            ),
+            Some("max_tokens"),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
+        Some(k) => {
+            return Err(ApiError::bad_request(format!("top_k must be -1 (off) or positive, got {k}"), Some("top_k")))
+        }
+    };
+    let mut logit_bias = Vec::new();
+    for (k, v) in f.logit_bias.unwrap_or_default() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::bad_request(format!("logit_bias key `{k}` is not a token id"), Some("logit_bias"))
+        })?;
+        logit_bias.push((id, v));
+    }
+    logit_bias.sort_by_key(|b| b.0);
+    let priority = match f.priority.as_deref() {
+        None | Some("normal") => Priority::Normal,
+        Some("critical") => Priority::Critical,
+        Some("high") => Priority::High,
+        Some("low") => Priority::Low,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                format!("priority must be critical, high, normal or low, got `{other}`"),
+                Some("priority"),
+            ))
+        }
+    };
+    let p = SamplingParams {
+        temperature: f.temperature.unwrap_or(1.0),
+        top_p: f.top_p.unwrap_or(1.0),
+        top_k,
+        min_p: f.min_p.unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        logit_bias,
+        seed: f.seed.map(|s| s as u64),
+        max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
+        stop: f.stop.map(Stop::into_vec).unwrap_or_default(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: f.ignore_eos,
+    };
+    p.validate(vocab).map_err(|e| ApiError::bad_request(e.message.clone(), Some(e.param)))?;
+    Ok((p, priority))
+}
