@@ -76,6 +76,10 @@ impl EngineHandle {
         if prompt + max_tokens > cfg.max_model_len {
             return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: cfg.max_model_len });
         }
+        let needed = (prompt + max_tokens).div_ceil(cfg.block_size);
+        if needed > cfg.num_blocks {
+            return Err(AddError::TooLargeForCache { needed, available: cfg.num_blocks });
+        }
         let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst) + self.stats.waiting.load(Ordering::SeqCst);
         let queued_tokens = self.stats.pending_tokens.fetch_add(prompt, Ordering::SeqCst)
             + self.stats.waiting_tokens.load(Ordering::SeqCst);

@@ -82,7 +82,7 @@ fn a_panicking_or_failing_step_fails_only_its_requests() {
 #[test]
 fn dropping_the_receiver_aborts_and_frees_blocks() {
     let (h, _join) = EngineCore::spawn(cfg(), Flaky);
-    let rx = submit(&h, 1, 1, 1000).unwrap();
+    let rx = submit(&h, 1, 1, 200).unwrap();
     drop(rx);
     let mut next = submit(&h, 2, 1, 3).unwrap();
     assert_eq!(
@@ -128,7 +128,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         priority: Priority::Normal,
         deadline: None,
     };
-    let (h2, _j2) = EngineCore::spawn(SchedulerConfig { max_waiting_tokens: 2000, ..cfg() }, Flaky);
+    let (h2, _j2) = EngineCore::spawn(SchedulerConfig { max_waiting_tokens: 2000, num_blocks: 1024, ..cfg() }, Flaky);
     let r = h2.add_request(big, unbounded_channel().0);
     assert!(matches!(r, Err(AddError::Overloaded(_))), "{r:?}");
     let too_long = EngineRequest {

@@ -203,6 +203,7 @@ async fn run(s: Arc<AppState>, job: Job, fields: Fields, default_max_tokens: usi
     };
     s.engine.add_request(req, tx).map_err(|e| match e {
         AddError::Overloaded(m) => ApiError::overloaded(m),
+        AddError::TooLargeForCache { .. } => ApiError::bad_request(e.to_string(), Some("max_tokens")),
         AddError::ContextLengthExceeded { .. } => {
             ApiError::bad_request(e.to_string(), Some("max_tokens")).with_code("context_length_exceeded")
         }

@@ -19,9 +19,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         }
         let text =
             std::str::from_utf8(&bytes).map_err(|_| ApiError::bad_request("request body is not valid UTF-8", None))?;
-        serde_json::from_str(text).map(ApiJson).map_err(|e| {
-            let param = field_of(&e.to_string());
-            ApiError::bad_request(format!("invalid request body: {e}"), param.as_deref())
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map(ApiJson).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            // Wrong types are located by their path; at the root, unknown/missing fields name themselves in
+            // serde's message.
+            let param = if path == "." { field_of(&inner) } else { Some(path.clone()) };
+            let at = if path == "." { String::new() } else { format!(" (at `{path}`)") };
+            ApiError::bad_request(format!("invalid request body: {inner}{at}"), param.as_deref())
         })
     }
 }
