@@ -118,3 +118,22 @@ pub struct ErrorBody {
 pub struct ErrorResponse {
     pub error: ErrorBody,
 }
+
+/// `POST /tokenize` (vLLM's shape): a raw prompt, or chat messages rendered with the model's template.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub add_special_tokens: Option<bool>,
+    pub add_generation_prompt: Option<bool>,
+}
+
+/// `POST /detokenize` (vLLM's shape).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<i64>,
+}

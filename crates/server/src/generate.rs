@@ -97,8 +97,42 @@ pub async fn chat_completions(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.iter().enumerate() {
+    let messages = normalize_messages(&req.messages)?;
+    let prompt_ids =
+        s.bundle.encode_chat(&messages).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+    let max_model_len = s.engine.config().max_model_len;
+    let fields = Fields {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        logit_bias: req.logit_bias,
+        seed: req.seed,
+        stop: req.stop,
+        n: req.n,
+        priority: req.priority,
+        ignore_eos: req.ignore_eos,
+    };
+    // Chat's default is the rest of the context, capped so that one request cannot claim the whole KV cache.
+    let default_max = max_model_len.saturating_sub(prompt_ids.len()).min(4096);
+    let job = Job {
+        kind: Kind::Chat,
+        id: format!("chatcmpl-{}", s.next_id.load(Ordering::Relaxed)),
+        prompt_ids,
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    run(s, job, fields, default_max).await
+}
+
+/// OpenAI messages → the `{role, content: string}` list chat templates expect.
+fn normalize_messages(messages_in: &[mlx_serving_protocol::ChatMessage]) -> Result<Vec<Value>, ApiError> {
+    let mut messages = Vec::with_capacity(messages_in.len());
+    for (i, m) in messages_in.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
             return Err(ApiError::bad_request(
                 format!("messages[{i}].role `{}` is not supported (system, user, assistant)", m.role),
@@ -132,35 +166,54 @@ pub async fn chat_completions(
         };
         messages.push(json!({"role": m.role, "content": content}));
     }
-    let prompt_ids =
-        s.bundle.encode_chat(&messages).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+    Ok(messages)
+}
+
+pub async fn tokenize(
+    State(s): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<mlx_serving_protocol::TokenizeRequest>,
+) -> Result<Response, ApiError> {
+    if let Some(m) = &req.model {
+        s.check_model(m)?;
+    }
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(p), None) => s
+            .bundle
+            .encode(p, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?,
+        (None, Some(msgs)) => {
+            if req.add_generation_prompt == Some(false) {
+                return Err(ApiError::bad_request(
+                    "add_generation_prompt = false is not supported yet",
+                    Some("add_generation_prompt"),
+                ));
+            }
+            let messages = normalize_messages(msgs)?;
+            s.bundle.encode_chat(&messages).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
+        }
+        _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
+    };
     let max_model_len = s.engine.config().max_model_len;
-    let fields = Fields {
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias,
-        seed: req.seed,
-        stop: req.stop,
-        n: req.n,
-        priority: req.priority,
-        ignore_eos: req.ignore_eos,
-    };
-    // Chat's default is the rest of the context, capped so that one request cannot claim the whole KV cache.
-    let default_max = max_model_len.saturating_sub(prompt_ids.len()).min(4096);
-    let job = Job {
-        kind: Kind::Chat,
-        id: format!("chatcmpl-{}", s.next_id.load(Ordering::Relaxed)),
-        prompt_ids,
-        stream: req.stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-    };
-    run(s, job, fields, default_max).await
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": max_model_len, "tokens": tokens})).into_response())
+}
+
+pub async fn detokenize(
+    State(s): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<mlx_serving_protocol::DetokenizeRequest>,
+) -> Result<Response, ApiError> {
+    if let Some(m) = &req.model {
+        s.check_model(m)?;
+    }
+    let vocab = s.bundle.model.config().vocab_size;
+    let ids = req
+        .tokens
+        .iter()
+        .map(|&t| u32::try_from(t).ok().filter(|&id| (id as usize) < vocab))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| ApiError::bad_request(format!("tokens must be integers in [0, {vocab})"), Some("tokens")))?;
+    let text =
+        s.bundle.tokenizer.decode(&ids, false).map_err(|e| ApiError::bad_request(e.to_string(), Some("tokens")))?;
+    Ok(Json(json!({"prompt": text})).into_response())
 }
 
 fn completion_prompt(s: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError> {

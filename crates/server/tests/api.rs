@@ -202,3 +202,26 @@ fn dropped_streams_free_the_engine() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn tokenize_and_detokenize_round_trip() {
+    let (addr, _engine) = start();
+    let (st, v) = post(addr, "/tokenize", &json!({"model": "smollm2", "prompt": "The capital of France is"}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["tokens"], json!([504, 3575, 282, 4649, 314]), "the reference prompt ids");
+    assert_eq!(v["count"], 5);
+    let (st, v) = post(addr, "/detokenize", &json!({"tokens": [504, 3575, 282, 4649, 314]}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["prompt"], "The capital of France is");
+    let (st, v) =
+        post(addr, "/tokenize", &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}]}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["count"], 37, "chat template applied: {v}");
+    assert_eq!(v["tokens"][0], 1, "starts with <|im_start|>: {v}");
+    let (st, v) = post(addr, "/detokenize", &json!({"tokens": [1, -4]}));
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("tokens")), "{v}");
+    let (st, v) = post(addr, "/tokenize", &json!({"prompt": "a", "messages": []}));
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = post(addr, "/tokenize", &json!({"model": "other", "prompt": "a"}));
+    assert_eq!(st, 404, "{v}");
+}
