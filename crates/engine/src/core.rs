@@ -69,17 +69,8 @@ impl EngineHandle {
     /// Outputs arrive on `sink`; dropping the receiver aborts the request.
     pub fn add_request(&self, r: EngineRequest, sink: UnboundedSender<EngineOutput>) -> Result<(), AddError> {
         let cfg = &self.cfg;
-        if r.prompt_token_ids.is_empty() {
-            return Err(AddError::EmptyPrompt);
-        }
-        let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
-        if prompt + max_tokens > cfg.max_model_len {
-            return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: cfg.max_model_len });
-        }
-        let needed = (prompt + max_tokens).div_ceil(cfg.block_size);
-        if needed > cfg.num_blocks {
-            return Err(AddError::TooLargeForCache { needed, available: cfg.num_blocks });
-        }
+        cfg.check_request(&r)?;
+        let prompt = r.prompt_token_ids.len();
         let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst) + self.stats.waiting.load(Ordering::SeqCst);
         let queued_tokens = self.stats.pending_tokens.fetch_add(prompt, Ordering::SeqCst)
             + self.stats.waiting_tokens.load(Ordering::SeqCst);
@@ -201,8 +192,8 @@ impl<E: Executor> EngineCore<E> {
 
     /// One engine step.
     fn step(&mut self) {
-        let sched = self.scheduler.schedule(Instant::now());
-        for out in sched.finished.clone() {
+        let mut sched = self.scheduler.schedule(Instant::now());
+        for out in std::mem::take(&mut sched.finished) {
             self.deliver(out);
         }
         if sched.seqs.is_empty() {

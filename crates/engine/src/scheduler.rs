@@ -54,6 +54,24 @@ impl Default for SchedulerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// Checks that do not depend on load: a request failing them could never run.
+    pub fn check_request(&self, r: &EngineRequest) -> Result<(), AddError> {
+        if r.prompt_token_ids.is_empty() {
+            return Err(AddError::EmptyPrompt);
+        }
+        let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
+        if prompt + max_tokens > self.max_model_len {
+            return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: self.max_model_len });
+        }
+        let needed = (prompt + max_tokens).div_ceil(self.block_size);
+        if needed > self.num_blocks {
+            return Err(AddError::TooLargeForCache { needed, available: self.num_blocks });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AddError {
@@ -181,17 +199,8 @@ impl Scheduler {
         if self.requests.contains_key(&r.id) {
             return Err(AddError::DuplicateId(r.id));
         }
-        if r.prompt_token_ids.is_empty() {
-            return Err(AddError::EmptyPrompt);
-        }
-        let (prompt, max_tokens) = (r.prompt_token_ids.len(), r.params.max_tokens as usize);
-        if prompt + max_tokens > cfg.max_model_len {
-            return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: cfg.max_model_len });
-        }
-        let needed = (prompt + max_tokens).div_ceil(cfg.block_size);
-        if needed > cfg.num_blocks {
-            return Err(AddError::TooLargeForCache { needed, available: cfg.num_blocks });
-        }
+        cfg.check_request(&r)?;
+        let prompt = r.prompt_token_ids.len();
         if self.waiting.len() >= cfg.max_waiting_requests {
             return Err(AddError::Overloaded(format!("{} requests already waiting", self.waiting.len())));
         }

@@ -180,8 +180,11 @@ impl RowRef<'_> {
     fn dot(&self, x: &[f32], xsum: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if simd::has_avx2() {
-            // SAFETY: AVX2 and FMA were detected at run time; slices are sized by the caller (cols floats).
-            return unsafe { simd::row_dot_avx2(*self, x, xsum) };
+            let mut out = 0f32;
+            // SAFETY: AVX2 and FMA were detected at run time; `x` holds one row of `cols` floats and `xsum`
+            // one sum per block (sized by the caller, `qmatmul`).
+            unsafe { simd::rows_dot_avx2(*self, x, xsum, std::slice::from_mut(&mut out)) };
+            return out;
         }
         self.dot_scalar(x, xsum)
     }
@@ -388,50 +391,6 @@ mod simd {
     #[inline(always)]
     unsafe fn i8x8_to_ps(v: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-    }
-
-    /// SAFETY (caller): AVX2 and FMA available; `x` holds `row.scales.len() * 32` floats and `xsum` one sum
-    /// per block.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot_avx2(row: RowRef<'_>, x: &[f32], xsum: &[f32]) -> f32 {
-        let nb = row.scales.len();
-        debug_assert!(x.len() >= nb * BLOCK);
-        let xp = x.as_ptr();
-        let qp = row.qs.as_ptr();
-        let mut acc = _mm256_setzero_ps();
-        match row.format {
-            QuantFormat::Q4_1 => {
-                let mask = _mm_set1_epi8(0x0F);
-                let mut mins = 0f32;
-                for b in 0..nb {
-                    let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-                    let lo = _mm_and_si128(q, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                    let xb = xp.add(b * BLOCK);
-                    let mut s = _mm256_mul_ps(u8x8_to_ps(lo), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb.add(8)), s);
-                    s = _mm256_fmadd_ps(u8x8_to_ps(hi), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xb.add(24)), s);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
-                    mins += *row.mins.get_unchecked(b) * *xsum.get_unchecked(b);
-                }
-                hsum(acc) + mins
-            }
-            QuantFormat::Q8_0 => {
-                for b in 0..nb {
-                    let q = _mm256_loadu_si256(qp.add(b * 32) as *const __m256i);
-                    let q0 = _mm256_castsi256_si128(q);
-                    let q1 = _mm256_extracti128_si256(q, 1);
-                    let xb = xp.add(b * BLOCK);
-                    let mut s = _mm256_mul_ps(i8x8_to_ps(q0), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(xb.add(8)), s);
-                    s = _mm256_fmadd_ps(i8x8_to_ps(q1), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(xb.add(24)), s);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(*row.scales.get_unchecked(b)), s, acc);
-                }
-                hsum(acc)
-            }
-        }
     }
 
     /// The 32 weights of block `b` as four vectors of unscaled quantized values.

@@ -30,12 +30,9 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
-    pub model: String,
-    /// A string, a list of strings, a list of token ids, or a list of token-id lists.
-    pub prompt: Value,
+/// The sampling fields chat and completions share, moved out of a request by `sampling_fields`.
+#[derive(Clone, Debug, Default)]
+pub struct SamplingFields {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -48,13 +45,74 @@ pub struct CompletionRequest {
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub user: Option<String>,
     pub priority: Option<String>,
-    #[serde(default)]
     pub ignore_eos: bool,
+}
+
+/// Declares a request type with its own fields plus the shared sampling and streaming fields, listed once
+/// here. (`#[serde(flatten)]` would lose `deny_unknown_fields`, which is how unknown fields become 400s.)
+macro_rules! openai_request {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident : $t:ty,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fm])* pub $f: $t,)*
+            pub max_tokens: Option<i64>,
+            pub temperature: Option<f32>,
+            pub top_p: Option<f32>,
+            pub top_k: Option<i64>,
+            pub min_p: Option<f32>,
+            pub presence_penalty: Option<f32>,
+            pub frequency_penalty: Option<f32>,
+            pub repetition_penalty: Option<f32>,
+            pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+            pub seed: Option<i64>,
+            pub stop: Option<Stop>,
+            pub n: Option<i64>,
+            #[serde(default)]
+            pub stream: bool,
+            pub stream_options: Option<StreamOptions>,
+            pub user: Option<String>,
+            pub priority: Option<String>,
+            #[serde(default)]
+            pub ignore_eos: bool,
+        }
+
+        impl $name {
+            /// Moves the shared sampling fields out.
+            pub fn sampling_fields(&mut self) -> SamplingFields {
+                SamplingFields {
+                    max_tokens: self.max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    repetition_penalty: self.repetition_penalty,
+                    logit_bias: self.logit_bias.take(),
+                    seed: self.seed,
+                    stop: self.stop.take(),
+                    n: self.n,
+                    priority: self.priority.take(),
+                    ignore_eos: self.ignore_eos,
+                }
+            }
+
+            pub fn include_usage(&self) -> bool {
+                self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+            }
+        }
+    };
+}
+
+openai_request! {
+    pub struct CompletionRequest {
+        pub model: String,
+        /// A string, a list of strings, a list of token ids, or a list of token-id lists.
+        pub prompt: Value,
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -65,31 +123,12 @@ pub struct ChatMessage {
     pub content: Value,
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
-    pub seed: Option<i64>,
-    pub stop: Option<Stop>,
-    pub n: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub user: Option<String>,
-    pub priority: Option<String>,
-    #[serde(default)]
-    pub ignore_eos: bool,
+openai_request! {
+    pub struct ChatCompletionRequest {
+        pub model: String,
+        pub messages: Vec<ChatMessage>,
+        pub max_completion_tokens: Option<i64>,
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

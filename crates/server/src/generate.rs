@@ -3,7 +3,7 @@
 
 use crate::error::ApiError;
 use crate::json::ApiJson;
-use crate::params::{sampling_params, Fields};
+use crate::params::sampling_params;
 use crate::AppState;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
@@ -12,7 +12,7 @@ use axum::Json;
 use mlx_serving_engine::{AddError, EngineHandle, EngineOutput, EngineRequest, FinishReason, RequestId};
 use mlx_serving_frontend::stop::StopOutcome;
 use mlx_serving_frontend::{IncrementalDetokenizer, StopMatcher};
-use mlx_serving_protocol::{ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage};
+use mlx_serving_protocol::{ChatCompletionRequest, CompletionRequest, PromptTokensDetails, SamplingFields, Usage};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -58,40 +58,25 @@ struct Job {
 
 pub async fn completions(
     State(s): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    ApiJson(mut req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
     let prompt_ids = completion_prompt(&s, &req.prompt)?;
-    let fields = Fields {
-        max_tokens: req.max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias,
-        seed: req.seed,
-        stop: req.stop,
-        n: req.n,
-        priority: req.priority,
-        ignore_eos: req.ignore_eos,
-    };
+    let fields = req.sampling_fields();
     // OpenAI's completions default is 16 tokens.
     let job = Job {
         kind: Kind::Completion,
         id: format!("cmpl-{}", s.next_id.load(Ordering::Relaxed)),
         prompt_ids,
         stream: req.stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        include_usage: req.include_usage(),
     };
     run(s, job, fields, 16).await
 }
 
 pub async fn chat_completions(
     State(s): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<ChatCompletionRequest>,
+    ApiJson(mut req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
     if req.messages.is_empty() {
@@ -101,22 +86,8 @@ pub async fn chat_completions(
     let prompt_ids =
         s.bundle.encode_chat(&messages).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
     let max_model_len = s.engine.config().max_model_len;
-    let fields = Fields {
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias,
-        seed: req.seed,
-        stop: req.stop,
-        n: req.n,
-        priority: req.priority,
-        ignore_eos: req.ignore_eos,
-    };
+    let mut fields = req.sampling_fields();
+    fields.max_tokens = req.max_completion_tokens.or(fields.max_tokens);
     // Chat's default is the rest of the context, capped so that one request cannot claim the whole KV cache.
     let default_max = max_model_len.saturating_sub(prompt_ids.len()).min(4096);
     let job = Job {
@@ -124,7 +95,7 @@ pub async fn chat_completions(
         id: format!("chatcmpl-{}", s.next_id.load(Ordering::Relaxed)),
         prompt_ids,
         stream: req.stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        include_usage: req.include_usage(),
     };
     run(s, job, fields, default_max).await
 }
@@ -239,7 +210,12 @@ fn completion_prompt(s: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError>
     Ok(ids)
 }
 
-async fn run(s: Arc<AppState>, job: Job, fields: Fields, default_max_tokens: usize) -> Result<Response, ApiError> {
+async fn run(
+    s: Arc<AppState>,
+    job: Job,
+    fields: SamplingFields,
+    default_max_tokens: usize,
+) -> Result<Response, ApiError> {
     let cfg = s.engine.config();
     let vocab = s.bundle.model.config().vocab_size;
     let (params, priority) =

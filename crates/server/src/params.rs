@@ -2,26 +2,7 @@
 
 use crate::error::ApiError;
 use mlx_serving_engine::{Priority, SamplingParams};
-use mlx_serving_protocol::Stop;
-use std::collections::HashMap;
-
-/// The sampling-related fields common to chat and completions.
-pub struct Fields {
-    pub max_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    pub seed: Option<i64>,
-    pub stop: Option<Stop>,
-    pub n: Option<i64>,
-    pub priority: Option<String>,
-    pub ignore_eos: bool,
-}
+use mlx_serving_protocol::{SamplingFields as Fields, Stop};
 
 /// Converts and validates. `default_max_tokens` applies when the client sends none.
 pub fn sampling_params(
