@@ -177,6 +177,7 @@ impl<E: Executor> EngineCore<E> {
                             finish_reason: Some(crate::FinishReason::Error),
                             num_cached_tokens: None,
                             error: Some(e.to_string()),
+                            logprobs: Vec::new(),
                         });
                     }
                 }

@@ -10,8 +10,8 @@ pub mod request;
 pub mod scheduler;
 
 pub use crate::core::{EngineCore, EngineHandle, Executor, ExecutorError};
-pub use params::{FinishReason, ParamError, SamplingParams};
-pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus};
+pub use params::{FinishReason, ParamError, SamplingParams, MAX_LOGPROBS};
+pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus, TokenLogprobs};
 pub use scheduler::{
     AddError, NewRequestData, RunnerOutput, ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput,
 };

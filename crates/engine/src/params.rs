@@ -58,6 +58,10 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// End-of-generation and stop tokens cannot end the output before this many tokens (vLLM's `min_tokens`).
+    pub min_tokens: u32,
+    /// Return the sampled token's logprob and this many of the most likely alternatives per step.
+    pub logprobs: Option<u32>,
 }
 
 impl Default for SamplingParams {
@@ -76,6 +80,8 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            min_tokens: 0,
+            logprobs: None,
         }
     }
 }
@@ -89,6 +95,9 @@ pub struct ParamError {
 }
 
 pub const MAX_STOP_STRINGS: usize = 16;
+
+/// Most alternatives a request may ask for per step (OpenAI's limit for `top_logprobs`).
+pub const MAX_LOGPROBS: u32 = 20;
 
 impl SamplingParams {
     pub fn greedy(max_tokens: u32) -> Self {
@@ -130,6 +139,17 @@ impl SamplingParams {
         }
         if self.max_tokens == 0 {
             return err("max_tokens", "must be at least 1".into());
+        }
+        if self.min_tokens > self.max_tokens {
+            return err(
+                "min_tokens",
+                format!("must not exceed max_tokens ({}), got {}", self.max_tokens, self.min_tokens),
+            );
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_LOGPROBS {
+                return err("logprobs", format!("at most {MAX_LOGPROBS} top logprobs, got {k}"));
+            }
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return err("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", self.stop.len()));

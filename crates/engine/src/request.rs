@@ -108,4 +108,16 @@ pub struct EngineOutput {
     pub num_cached_tokens: Option<usize>,
     /// Why the request failed, when `finish_reason` is `Error`.
     pub error: Option<String>,
+    /// One entry per `new_token_ids` entry when the request asked for logprobs; empty otherwise.
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// Log-probabilities for one generated token, from the model's raw distribution (before temperature,
+/// penalties and truncation), as vLLM reports them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
 }

@@ -10,7 +10,7 @@
 //! No clocks are read here (`now` is passed in), no I/O, no tensors.
 
 use crate::params::{FinishReason, ParamError};
-use crate::request::{EngineOutput, EngineRequest, Request, RequestId, RequestStatus};
+use crate::request::{EngineOutput, EngineRequest, Request, RequestId, RequestStatus, TokenLogprobs};
 use mlx_serving_kv_cache::KvCacheManager;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -122,10 +122,12 @@ pub struct SchedulerOutput {
     pub finished: Vec<EngineOutput>,
 }
 
-/// What the executor returns for a step: the sampled token of every `sample` sequence.
+/// What the executor returns for a step: the sampled token of every `sample` sequence, and its logprobs
+/// for requests that asked for them.
 #[derive(Clone, Debug, Default)]
 pub struct RunnerOutput {
     pub sampled: HashMap<RequestId, u32>,
+    pub logprobs: HashMap<RequestId, TokenLogprobs>,
 }
 
 #[derive(Debug)]
@@ -243,6 +245,7 @@ impl Scheduler {
             finish_reason: Some(reason),
             num_cached_tokens: if first { None } else { req.num_cached_tokens },
             error,
+            logprobs: Vec::new(),
         })
     }
 
@@ -370,14 +373,16 @@ impl Scheduler {
             };
             r.tokens.push(token);
             let p = &r.params;
-            let finish =
-                if (!p.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token) {
-                    Some(FinishReason::Stop)
-                } else if r.output().len() >= p.max_tokens as usize || r.num_tokens() >= self.cfg.max_model_len {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
+            let may_stop = r.output().len() > p.min_tokens as usize;
+            let finish = if may_stop
+                && ((!p.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token))
+            {
+                Some(FinishReason::Stop)
+            } else if r.output().len() >= p.max_tokens as usize || r.num_tokens() >= self.cfg.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
             self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
             let cached = if self.first_output_sent.insert(seq.id) { r.num_cached_tokens } else { None };
             outputs.push(EngineOutput {
@@ -386,6 +391,7 @@ impl Scheduler {
                 finish_reason: finish.clone(),
                 num_cached_tokens: cached,
                 error: None,
+                logprobs: run.logprobs.get(&seq.id).cloned().into_iter().collect(),
             });
             if finish.is_some() {
                 self.requests.remove(&seq.id);

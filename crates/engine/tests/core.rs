@@ -99,7 +99,10 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
     impl Executor for Gated {
         fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
             let _ = self.0.recv();
-            Ok(RunnerOutput { sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect() })
+            Ok(RunnerOutput {
+                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect(),
+                ..Default::default()
+            })
         }
         fn remove_request(&mut self, _: RequestId) {}
     }

@@ -47,6 +47,10 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub priority: Option<String>,
     pub ignore_eos: bool,
+    pub min_tokens: Option<i64>,
+    /// Top alternatives per token when logprobs were asked for (`Some(0)`: only the chosen token's).
+    pub logprobs: Option<i64>,
+    pub return_token_ids: bool,
 }
 
 /// Declares a request type with its own fields plus the shared sampling and streaming fields, listed once
@@ -77,6 +81,9 @@ macro_rules! openai_request {
             pub priority: Option<String>,
             #[serde(default)]
             pub ignore_eos: bool,
+            pub min_tokens: Option<i64>,
+            /// vLLM's extension: each choice gets `token_ids`, the response `prompt_token_ids`.
+            pub return_token_ids: Option<bool>,
         }
 
         impl $name {
@@ -97,6 +104,9 @@ macro_rules! openai_request {
                     n: self.n,
                     priority: self.priority.take(),
                     ignore_eos: self.ignore_eos,
+                    min_tokens: self.min_tokens,
+                    logprobs: None,
+                    return_token_ids: self.return_token_ids.unwrap_or(false),
                 }
             }
 
@@ -112,6 +122,10 @@ openai_request! {
         pub model: String,
         /// A string, a list of strings, a list of token ids, or a list of token-id lists.
         pub prompt: Value,
+        /// Number of top alternatives to return with each token's logprob (0 = only the chosen token's).
+        pub logprobs: Option<i64>,
+        #[serde(default)]
+        pub echo: bool,
     }
 }
 
@@ -128,6 +142,9 @@ openai_request! {
         pub model: String,
         pub messages: Vec<ChatMessage>,
         pub max_completion_tokens: Option<i64>,
+        #[serde(default)]
+        pub logprobs: bool,
+        pub top_logprobs: Option<i64>,
     }
 }
 

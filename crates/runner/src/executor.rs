@@ -4,7 +4,7 @@
 //! Per-request sampler state (RNG, generated tokens for penalties) lives here from the request's first
 //! step until `remove_request`, so a preempted request resumes with the same RNG stream.
 
-use crate::sampler::Sampler;
+use crate::sampler::{token_logprobs, Sampler};
 use mlx_serving_engine::{Executor, ExecutorError, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput};
 use mlx_serving_models::{BatchInput, ModelBundle, PagedKvCache, SeqInput};
 use std::collections::HashMap;
@@ -58,7 +58,7 @@ impl Executor for ModelExecutor {
                 self.states.insert(
                     s.id,
                     SeqState {
-                        sampler: Sampler::new(&new.params),
+                        sampler: Sampler::new(&new.params).with_eos(&self.bundle.special_tokens.eog),
                         prompt: new.prompt_token_ids.clone(),
                         output: Vec::new(),
                     },
@@ -95,9 +95,13 @@ impl Executor for ModelExecutor {
                 .states
                 .get_mut(&s.id)
                 .ok_or_else(|| ExecutorError(format!("request {:?} was never announced", s.id)))?;
+            let raw = st.sampler.params().logprobs.map(|k| (row.to_vec(), k as usize));
             let token = st.sampler.sample(row, &st.prompt, &st.output);
             st.output.push(token);
             out.sampled.insert(s.id, token);
+            if let Some((raw, k)) = raw {
+                out.logprobs.insert(s.id, token_logprobs(&raw, token, k));
+            }
         }
         Ok(out)
     }

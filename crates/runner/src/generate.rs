@@ -78,7 +78,7 @@ pub fn generate(
     let mut cache = PagedKvCache::new(cfg, bs, num_blocks);
     // Blocks in reverse order: the model must follow the table, never assume contiguity.
     let block_table: Vec<u32> = (0..num_blocks as u32).rev().collect();
-    let mut sampler = Sampler::new(params);
+    let mut sampler = Sampler::new(params).with_eos(&opts.eog_token_ids);
     let mut detok = IncrementalDetokenizer::new(tokenizer, opts.skip_special_tokens);
     let mut stops = StopMatcher::new(&params.stop);
     let mut text = String::new();

@@ -2,7 +2,7 @@
 //! seeded draw. Each request owns its [`Sampler`] and RNG, so the same seed gives the same tokens whatever
 //! else shares the batch.
 
-use mlx_serving_engine::SamplingParams;
+use mlx_serving_engine::{SamplingParams, TokenLogprobs};
 use std::collections::HashMap;
 
 /// xoshiro256** seeded through splitmix64: small, fast, and stable across platforms and versions, which
@@ -57,12 +57,23 @@ pub struct Sampler {
     rng: Rng,
     /// Scratch for the candidate list, reused across steps.
     candidates: Vec<(f32, u32)>,
+    /// Tokens that may not be drawn while the output is shorter than `min_tokens` (stop and EOS ids).
+    held_back: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(params: &SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(random_seed);
-        Self { params: params.clone(), rng: Rng::seed_from_u64(seed), candidates: Vec::new() }
+        let held_back = if params.min_tokens > 0 { params.stop_token_ids.clone() } else { Vec::new() };
+        Self { params: params.clone(), rng: Rng::seed_from_u64(seed), candidates: Vec::new(), held_back }
+    }
+
+    /// Declares the model's end-of-generation ids, which `min_tokens` holds back unless `ignore_eos` is set.
+    pub fn with_eos(mut self, eos: &[u32]) -> Self {
+        if self.params.min_tokens > 0 && !self.params.ignore_eos {
+            self.held_back.extend_from_slice(eos);
+        }
+        self
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -75,6 +86,13 @@ impl Sampler {
         for &(id, bias) in &self.params.logit_bias {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l += bias;
+            }
+        }
+        if output.len() < self.params.min_tokens as usize {
+            for &id in &self.held_back {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
             }
         }
         if self.params.is_greedy() {
@@ -177,6 +195,26 @@ pub fn logprob(logits: &[f32], id: u32) -> f32 {
     (logits[id as usize] as f64 - lse) as f32
 }
 
+/// The logprob of `token` and the `k` most likely tokens (most likely first, ties to the lower id), all from
+/// `log_softmax(logits)` computed in f64.
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lp = |id: u32| (logits[id as usize] as f64 - lse) as f32;
+    // Keep a sorted list of the best k: one pass, O(vocab · k) worst case but k ≤ 20 and most tokens lose
+    // against the smallest kept value at once.
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if k == 0 || (top.len() == k && l <= top[k - 1].0) {
+            continue;
+        }
+        let at = top.partition_point(|&(v, _)| v >= l);
+        top.insert(at, (l, i as u32));
+        top.truncate(k);
+    }
+    TokenLogprobs { token, logprob: lp(token), top: top.into_iter().map(|(_, id)| (id, lp(id))).collect() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +228,30 @@ mod tests {
     fn draw_many(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(p);
         (0..n).map(|_| s.sample(&mut logits.to_vec(), &[], &[])).collect()
+    }
+
+    #[test]
+    fn min_tokens_holds_back_eos_and_stop_ids_then_releases_them() {
+        let p = SamplingParams { min_tokens: 2, stop_token_ids: vec![3], ..SamplingParams::greedy(8) };
+        let mut s = Sampler::new(&p).with_eos(&[1]);
+        let logits = [0.0, 9.0, 1.0, 8.0, 2.0];
+        assert_eq!(s.sample(&mut logits.to_vec(), &[], &[]), 4, "EOS (1) and stop id (3) held back");
+        assert_eq!(s.sample(&mut logits.to_vec(), &[], &[4]), 4);
+        assert_eq!(s.sample(&mut logits.to_vec(), &[], &[4, 4]), 1, "released after min_tokens");
+        let ignore = SamplingParams { ignore_eos: true, ..p };
+        assert_eq!(Sampler::new(&ignore).with_eos(&[1]).sample(&mut logits.to_vec(), &[], &[]), 1);
+    }
+
+    #[test]
+    fn token_logprobs_match_log_softmax_and_rank_the_top() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, 0.5];
+        let t = token_logprobs(&logits, 4, 3);
+        assert!((t.logprob - logprob(&logits, 4)).abs() < 1e-6);
+        let ids: Vec<u32> = t.top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, vec![1, 2, 0]);
+        let total: f64 = logits.iter().map(|&l| (logprob(&logits, 0) as f64 + (l - logits[0]) as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "probabilities sum to one: {total}");
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
     }
 
     #[test]

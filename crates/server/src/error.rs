@@ -32,6 +32,19 @@ impl ApiError {
         }
     }
 
+    pub fn unauthorized(message: &str) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            param: None,
+            code: Some("invalid_api_key".into()),
+        }
+    }
+
+    pub fn timeout(message: &str) -> Self {
+        Self { status: StatusCode::GATEWAY_TIMEOUT, message: message.into(), param: None, code: Some("timeout".into()) }
+    }
+
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,

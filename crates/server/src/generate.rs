@@ -1,24 +1,33 @@
-//! `/v1/completions` and `/v1/chat/completions`: validate, submit to the engine, turn engine outputs into
-//! text (incremental detokenizer + stop strings) and answer as one JSON body or as SSE chunks.
+//! `/v1/completions` and `/v1/chat/completions`: validate, submit one engine request per choice, turn
+//! engine outputs into text (incremental detokenizer + stop strings) and answer as one JSON body or as SSE
+//! chunks.
+//!
+//! ```text
+//!   handler → n × engine.add_request ─┐
+//!   n × drive (detokenize, stop strings, metrics) → pieces channel (bounded) → JSON body | SSE events
+//! ```
 
 use crate::error::ApiError;
 use crate::json::ApiJson;
 use crate::params::sampling_params;
-use crate::AppState;
+use crate::{AppState, RequestCtx};
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use mlx_serving_engine::{AddError, EngineHandle, EngineOutput, EngineRequest, FinishReason, RequestId};
+use axum::{Extension, Json};
+use mlx_serving_engine::{
+    AddError, EngineHandle, EngineOutput, EngineRequest, FinishReason, RequestId, SamplingParams, TokenLogprobs,
+};
 use mlx_serving_frontend::stop::StopOutcome;
 use mlx_serving_frontend::{IncrementalDetokenizer, StopMatcher};
 use mlx_serving_protocol::{ChatCompletionRequest, CompletionRequest, PromptTokensDetails, SamplingFields, Usage};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 /// Aborts the request in the engine when dropped before it finished (client gone, stop string hit).
 struct AbortGuard {
@@ -35,47 +44,96 @@ impl Drop for AbortGuard {
     }
 }
 
-/// What the output driver yields.
+/// What an output driver yields for its choice.
 enum Piece {
-    Text(String),
-    Done { finish_reason: &'static str, usage: Usage },
+    /// New text and the tokens (with logprobs, when asked for) consumed since the last piece.
+    Text {
+        index: usize,
+        text: String,
+        tokens: Vec<u32>,
+        logprobs: Vec<TokenLogprobs>,
+    },
+    Done {
+        index: usize,
+        finish_reason: &'static str,
+        generated: usize,
+        cached: usize,
+    },
     Failed(ApiError),
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Completion,
     Chat,
 }
 
+/// One HTTP request, as the response writers need it.
 struct Job {
     kind: Kind,
+    /// The response's `id`.
     id: String,
+    request_id: Arc<str>,
     prompt_ids: Vec<u32>,
+    n: usize,
     stream: bool,
     include_usage: bool,
+    logprobs: bool,
+    /// Completions with `echo`: the prompt text, which starts every choice's text.
+    echo: Option<String>,
+    return_token_ids: bool,
 }
 
 pub async fn completions(
     State(s): State<Arc<AppState>>,
+    Extension(ctx): Extension<RequestCtx>,
     ApiJson(mut req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
     let prompt_ids = completion_prompt(&s, &req.prompt)?;
-    let fields = req.sampling_fields();
-    // OpenAI's completions default is 16 tokens.
+    let mut fields = req.sampling_fields();
+    fields.logprobs = req.logprobs;
+    if req.echo && req.logprobs.is_some() {
+        return Err(ApiError::bad_request(
+            "echo together with logprobs (prompt logprobs) is not supported yet",
+            Some("echo"),
+        ));
+    }
+    let echo = if req.echo {
+        let text = match &req.prompt {
+            Value::String(t) => t.clone(),
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_string()
+            }
+            _ => s
+                .bundle
+                .tokenizer
+                .decode(&prompt_ids, false)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?,
+        };
+        Some(text)
+    } else {
+        None
+    };
     let job = Job {
         kind: Kind::Completion,
-        id: format!("cmpl-{}", s.next_id.load(Ordering::Relaxed)),
+        id: format!("cmpl-{}", ctx.id),
+        request_id: ctx.id,
         prompt_ids,
+        n: 1,
         stream: req.stream,
         include_usage: req.include_usage(),
+        logprobs: req.logprobs.is_some(),
+        echo,
+        return_token_ids: fields.return_token_ids,
     };
+    // OpenAI's completions default is 16 tokens.
     run(s, job, fields, 16).await
 }
 
 pub async fn chat_completions(
     State(s): State<Arc<AppState>>,
+    Extension(ctx): Extension<RequestCtx>,
     ApiJson(mut req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
@@ -88,14 +146,34 @@ pub async fn chat_completions(
     let max_model_len = s.engine.config().max_model_len;
     let mut fields = req.sampling_fields();
     fields.max_tokens = req.max_completion_tokens.or(fields.max_tokens);
+    fields.logprobs = match (req.logprobs, req.top_logprobs) {
+        (true, k) => Some(k.unwrap_or(0)),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ApiError::bad_request("top_logprobs requires logprobs to be true", Some("top_logprobs")))
+        }
+    };
+    if let Some(k) = fields.logprobs {
+        if !(0..=mlx_serving_engine::MAX_LOGPROBS as i64).contains(&k) {
+            return Err(ApiError::bad_request(
+                format!("top_logprobs must be between 0 and {}, got {k}", mlx_serving_engine::MAX_LOGPROBS),
+                Some("top_logprobs"),
+            ));
+        }
+    }
     // Chat's default is the rest of the context, capped so that one request cannot claim the whole KV cache.
     let default_max = max_model_len.saturating_sub(prompt_ids.len()).min(4096);
     let job = Job {
         kind: Kind::Chat,
-        id: format!("chatcmpl-{}", s.next_id.load(Ordering::Relaxed)),
+        id: format!("chatcmpl-{}", ctx.id),
+        request_id: ctx.id,
         prompt_ids,
+        n: 1,
         stream: req.stream,
         include_usage: req.include_usage(),
+        logprobs: req.logprobs,
+        echo: None,
+        return_token_ids: fields.return_token_ids,
     };
     run(s, job, fields, default_max).await
 }
@@ -210,127 +288,313 @@ fn completion_prompt(s: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError>
     Ok(ids)
 }
 
+/// Submits one engine request per choice, then answers from the merged pieces.
 async fn run(
     s: Arc<AppState>,
-    job: Job,
+    mut job: Job,
     fields: SamplingFields,
     default_max_tokens: usize,
 ) -> Result<Response, ApiError> {
     let cfg = s.engine.config();
     let vocab = s.bundle.model.config().vocab_size;
-    let (params, priority) =
+    let (params, priority, n) =
         sampling_params(fields, default_max_tokens, job.prompt_ids.len(), cfg.max_model_len, vocab)?;
-    let stops = params.stop.clone();
-    let id = RequestId(s.next_id.fetch_add(1, Ordering::Relaxed));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = EngineRequest {
-        id,
-        prompt_token_ids: job.prompt_ids.clone(),
-        params: Arc::new(params),
-        priority,
-        deadline: None,
-    };
-    s.engine.add_request(req, tx).map_err(|e| match e {
+    job.n = n;
+    // Bounded: the drivers wait for the HTTP side instead of buffering whole generations.
+    let (piece_tx, pieces) = mpsc::channel::<Piece>(64);
+    let arrival = Instant::now();
+    let mut submitted: Vec<RequestId> = Vec::with_capacity(n);
+    for index in 0..n {
+        let mut p = params.clone();
+        // Each choice draws its own stream; with a seed, choice i uses seed + i, so the set is reproducible.
+        p.seed = p.seed.map(|seed| seed.wrapping_add(index as u64));
+        let id = RequestId(s.next_number());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let p = Arc::new(p);
+        let req = EngineRequest {
+            id,
+            prompt_token_ids: job.prompt_ids.clone(),
+            params: p.clone(),
+            priority,
+            deadline: s.options.request_timeout.map(|t| arrival + t),
+        };
+        if let Err(e) = s.engine.add_request(req, tx) {
+            for &done in &submitted {
+                s.engine.abort(done);
+            }
+            return Err(add_error(e));
+        }
+        submitted.push(id);
+        s.metrics.prompt_tokens.fetch_add(job.prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let guard = AbortGuard { engine: s.engine.clone(), id, finished: false };
+        let d = Driver { s: s.clone(), index, params: p, arrival, request_id: job.request_id.clone() };
+        tokio::spawn(d.drive(rx, guard, piece_tx.clone()).in_current_span());
+    }
+    drop(piece_tx);
+    tracing::debug!(prompt_tokens = job.prompt_ids.len(), n, stream = job.stream, "submitted");
+    if job.stream {
+        return Ok(stream_response(s, job, pieces));
+    }
+    collect_response(s, job, pieces).await
+}
+
+fn add_error(e: AddError) -> ApiError {
+    match e {
         AddError::Overloaded(m) => ApiError::overloaded(m),
         AddError::TooLargeForCache { .. } => ApiError::bad_request(e.to_string(), Some("max_tokens")),
         AddError::ContextLengthExceeded { .. } => {
             ApiError::bad_request(e.to_string(), Some("max_tokens")).with_code("context_length_exceeded")
         }
         other => ApiError::bad_request(other.to_string(), None),
-    })?;
-    let guard = AbortGuard { engine: s.engine.clone(), id, finished: false };
-    // Bounded: the driver waits for the HTTP side instead of buffering a whole generation.
-    let (piece_tx, mut pieces) = mpsc::channel::<Piece>(64);
-    let bundle = s.bundle.clone();
-    let prompt_len = job.prompt_ids.len();
-    tokio::spawn(drive(bundle, rx, guard, stops, prompt_len, piece_tx));
-    if job.stream {
-        return Ok(stream_response(s, job, pieces));
     }
-    let mut text = String::new();
-    while let Some(p) = pieces.recv().await {
-        match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Failed(e) => return Err(e),
-            Piece::Done { finish_reason, usage } => {
-                let choice = match job.kind {
-                    Kind::Completion => {
-                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason})
-                    }
-                    Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason})
-                    }
-                };
-                let object = match job.kind {
-                    Kind::Completion => "text_completion",
-                    Kind::Chat => "chat.completion",
-                };
-                let body = json!({"id": job.id, "object": object, "created": s.created, "model": s.model_name, "choices": [choice], "usage": usage});
-                return Ok(Json(body).into_response());
-            }
-        }
-    }
-    Err(ApiError::internal(&job.id))
 }
 
-fn stream_response(s: Arc<AppState>, job: Job, pieces: mpsc::Receiver<Piece>) -> Response {
-    let object = match job.kind {
-        Kind::Completion => "text_completion",
-        Kind::Chat => "chat.completion.chunk",
-    };
-    let chunk = move |choices: Value, usage: Option<&Usage>| -> Event {
-        let mut v =
-            json!({"id": job.id, "object": object, "created": s.created, "model": s.model_name, "choices": choices});
-        if let Some(u) = usage {
-            v["usage"] = json!(u);
+/// Per-choice state of a response being assembled or streamed.
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    /// Completions' `text_offset` position of the next token.
+    offset: usize,
+    finish_reason: Option<&'static str>,
+    generated: usize,
+    cached: usize,
+}
+
+fn usage(prompt_tokens: usize, choices: &[ChoiceAcc]) -> Usage {
+    let completion_tokens = choices.iter().map(|c| c.generated).sum();
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: choices.first().map_or(0, |c| c.cached) },
+    }
+}
+
+fn object_name(kind: Kind, stream: bool) -> &'static str {
+    match (kind, stream) {
+        (Kind::Completion, _) => "text_completion",
+        (Kind::Chat, false) => "chat.completion",
+        (Kind::Chat, true) => "chat.completion.chunk",
+    }
+}
+
+async fn collect_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>) -> Result<Response, ApiError> {
+    let mut acc: Vec<ChoiceAcc> = (0..job.n).map(|_| ChoiceAcc::default()).collect();
+    let mut open = job.n;
+    while open > 0 {
+        match pieces.recv().await {
+            Some(Piece::Text { index, text, tokens, logprobs }) => {
+                let c = &mut acc[index];
+                c.text.push_str(&text);
+                c.tokens.extend(tokens);
+                c.logprobs.extend(logprobs);
+            }
+            Some(Piece::Done { index, finish_reason, generated, cached }) => {
+                let c = &mut acc[index];
+                (c.finish_reason, c.generated, c.cached) = (Some(finish_reason), generated, cached);
+                open -= 1;
+            }
+            Some(Piece::Failed(e)) => return Err(e),
+            None => return Err(ApiError::internal(&job.request_id)),
         }
-        Event::default().data(v.to_string())
-    };
-    let kind = job.kind;
-    let include_usage = job.include_usage;
+    }
+    let choices: Vec<Value> = acc
+        .iter_mut()
+        .enumerate()
+        .map(|(index, c)| {
+            let logprobs = job.logprobs.then(|| {
+                let base = job.echo.as_ref().map_or(0, String::len);
+                logprobs_json(&s, job.kind, &c.logprobs, &mut c.offset, base)
+            });
+            let mut v = match job.kind {
+                Kind::Completion => {
+                    let text = format!("{}{}", job.echo.as_deref().unwrap_or(""), c.text);
+                    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+                }
+                Kind::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }),
+            };
+            if job.return_token_ids {
+                v["token_ids"] = json!(c.tokens);
+            }
+            v
+        })
+        .collect();
+    let mut body = json!({
+        "id": job.id,
+        "object": object_name(job.kind, false),
+        "created": s.created,
+        "model": s.model_name,
+        "choices": choices,
+        "usage": usage(job.prompt_ids.len(), &acc),
+    });
+    if job.return_token_ids {
+        body["prompt_token_ids"] = json!(job.prompt_ids);
+    }
+    Ok(Json(body).into_response())
+}
+
+/// A token as text, for logprobs: its own decoding, special tokens included.
+fn token_text(s: &AppState, id: u32) -> String {
+    s.bundle.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// JSON cannot hold -inf; report what vLLM reports for impossible tokens.
+fn finite(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        -9999.0
+    }
+}
+
+/// The `logprobs` object of a choice (or chunk) for `lps`: chat's `{"content": [...]}` or completions'
+/// `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. `offset` carries completions' text
+/// offsets across chunks; `base` is where the generated text starts (after an echoed prompt).
+fn logprobs_json(s: &AppState, kind: Kind, lps: &[TokenLogprobs], offset: &mut usize, base: usize) -> Value {
+    match kind {
+        Kind::Chat => {
+            let entry = |id: u32, lp: f32| {
+                let t = token_text(s, id);
+                json!({"token": t, "logprob": finite(lp), "bytes": t.as_bytes()})
+            };
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    let mut e = entry(l.token, l.logprob);
+                    e["top_logprobs"] = l.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+            for l in lps {
+                let t = token_text(s, l.token);
+                offsets.push(base + *offset);
+                *offset += t.len();
+                token_logprobs.push(finite(l.logprob));
+                // As in vLLM, each step's alternatives include the chosen token.
+                let mut alts = Map::new();
+                for &(id, lp) in &l.top {
+                    alts.insert(token_text(s, id), json!(finite(lp)));
+                }
+                alts.insert(t.clone(), json!(finite(l.logprob)));
+                top.push(Value::Object(alts));
+                tokens.push(t);
+            }
+            json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+        }
+    }
+}
+
+fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>) -> Response {
     let (ev_tx, ev_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let mut pieces = pieces;
     // Pieces → SSE events. If the client disconnects the event channel closes, this task ends, the piece
-    // channel closes, and the driver's abort guard frees the request in the engine.
-    tokio::spawn(async move {
-        if let Kind::Chat = kind {
-            let first = chunk(
-                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                None,
-            );
-            if ev_tx.send(Ok(first)).await.is_err() {
+    // channel closes, and every driver's abort guard frees its request in the engine.
+    let task = async move {
+        let mut first = true;
+        let mut chunk = |choices: Value, usage: Option<Usage>| -> Event {
+            let mut v = json!({
+                "id": job.id,
+                "object": object_name(job.kind, true),
+                "created": s.created,
+                "model": s.model_name,
+                "choices": choices,
+            });
+            if let Some(u) = usage {
+                v["usage"] = json!(u);
+            }
+            if std::mem::take(&mut first) && job.return_token_ids {
+                v["prompt_token_ids"] = json!(job.prompt_ids);
+            }
+            Event::default().data(v.to_string())
+        };
+        let mut acc: Vec<ChoiceAcc> = (0..job.n).map(|_| ChoiceAcc::default()).collect();
+        let mut opening = Vec::new();
+        for index in 0..job.n {
+            match (job.kind, &job.echo) {
+                (Kind::Chat, _) => opening.push(chunk(
+                    json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )),
+                (Kind::Completion, Some(prompt)) => opening.push(chunk(
+                    json!([{"index": index, "text": prompt, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )),
+                (Kind::Completion, None) => {}
+            }
+        }
+        for e in opening {
+            if ev_tx.send(Ok(e)).await.is_err() {
                 return;
             }
         }
-        while let Some(p) = pieces.recv().await {
-            let events: Vec<Event> = match p {
-                Piece::Text(t) => vec![match kind {
-                    Kind::Completion => {
-                        chunk(json!([{"index": 0, "text": t, "logprobs": null, "finish_reason": null}]), None)
+        let base = job.echo.as_ref().map_or(0, String::len);
+        let mut open = job.n;
+        while open > 0 {
+            let events: Vec<Event> = match pieces.recv().await {
+                Some(Piece::Text { index, text, tokens, logprobs }) => {
+                    if text.is_empty() && !job.logprobs && !job.return_token_ids {
+                        continue;
                     }
-                    Kind::Chat => chunk(
-                        json!([{"index": 0, "delta": {"content": t}, "logprobs": null, "finish_reason": null}]),
-                        None,
-                    ),
-                }],
-                Piece::Done { finish_reason, usage } => {
-                    let mut ev = vec![match kind {
-                        Kind::Completion => chunk(
-                            json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason}]),
-                            None,
-                        ),
-                        Kind::Chat => chunk(
-                            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason}]),
-                            None,
-                        ),
-                    }];
-                    if include_usage {
-                        ev.push(chunk(json!([]), Some(&usage)));
+                    let c = &mut acc[index];
+                    let lp = if job.logprobs {
+                        logprobs_json(&s, job.kind, &logprobs, &mut c.offset, base)
+                    } else {
+                        Value::Null
+                    };
+                    let mut choice = match job.kind {
+                        Kind::Completion => {
+                            json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                        }
+                    };
+                    if job.return_token_ids {
+                        choice["token_ids"] = json!(tokens);
                     }
-                    ev.push(Event::default().data("[DONE]"));
+                    vec![chunk(json!([choice]), None)]
+                }
+                Some(Piece::Done { index, finish_reason, generated, cached }) => {
+                    let c = &mut acc[index];
+                    (c.finish_reason, c.generated, c.cached) = (Some(finish_reason), generated, cached);
+                    open -= 1;
+                    let choice = match job.kind {
+                        Kind::Completion => {
+                            json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                        }
+                    };
+                    let mut ev = vec![chunk(json!([choice]), None)];
+                    if open == 0 {
+                        if job.include_usage {
+                            ev.push(chunk(json!([]), Some(usage(job.prompt_ids.len(), &acc))));
+                        }
+                        ev.push(Event::default().data("[DONE]"));
+                    }
                     ev
                 }
-                Piece::Failed(e) => vec![Event::default().data(serde_json::to_string(&e.body()).unwrap_or_default())],
+                // An error after the stream began: one error event, then the stream ends.
+                Some(Piece::Failed(e)) => {
+                    let _ = ev_tx.send(Ok(Event::default().data(json!(e.body()).to_string()))).await;
+                    return;
+                }
+                None => {
+                    let e = ApiError::internal(&job.request_id);
+                    let _ = ev_tx.send(Ok(Event::default().data(json!(e.body()).to_string()))).await;
+                    return;
+                }
             };
             for e in events {
                 if ev_tx.send(Ok(e)).await.is_err() {
@@ -338,80 +602,135 @@ fn stream_response(s: Arc<AppState>, job: Job, pieces: mpsc::Receiver<Piece>) ->
                 }
             }
         }
-    });
+    };
+    tokio::spawn(task.in_current_span());
     Sse::new(ReceiverStream::new(ev_rx)).into_response()
 }
 
-/// Engine outputs → text pieces. Owns the abort guard: if the HTTP side goes away (the piece channel
-/// closes) or a stop string matches, dropping or finishing the guard aborts the engine request.
-async fn drive(
-    bundle: Arc<mlx_serving_models::ModelBundle>,
-    mut rx: mpsc::UnboundedReceiver<EngineOutput>,
-    mut guard: AbortGuard,
-    stops: Vec<String>,
-    prompt_len: usize,
-    out: mpsc::Sender<Piece>,
-) {
-    let mut detok = IncrementalDetokenizer::new(&bundle.tokenizer, true);
-    let mut stop = StopMatcher::new(&stops);
-    let (mut generated, mut cached) = (0usize, 0usize);
-    let usage = |generated: usize, cached: usize| Usage {
-        prompt_tokens: prompt_len,
-        completion_tokens: generated,
-        total_tokens: prompt_len + generated,
-        prompt_tokens_details: PromptTokensDetails { cached_tokens: cached },
-    };
-    while let Some(o) = rx.recv().await {
-        if let Some(c) = o.num_cached_tokens {
-            cached = c;
-        }
-        if let Some(err) = &o.error {
-            guard.finished = true;
-            let e = match o.finish_reason {
-                Some(FinishReason::Timeout) => ApiError::bad_request(err.clone(), None).with_code("timeout"),
-                _ => ApiError::internal(&format!("{:?}", o.id)),
-            };
-            let _ = out.send(Piece::Failed(e)).await;
-            return;
-        }
-        for &t in &o.new_token_ids {
-            generated += 1;
-            let Some(delta) = detok.push(t) else { continue };
-            match stop.push(&delta) {
-                StopOutcome::Continue(text) => {
-                    if !text.is_empty() && out.send(Piece::Text(text)).await.is_err() {
-                        return; // client gone: the guard aborts the request
+/// Turns one choice's engine outputs into pieces, and records its metrics.
+struct Driver {
+    s: Arc<AppState>,
+    index: usize,
+    params: Arc<SamplingParams>,
+    arrival: Instant,
+    request_id: Arc<str>,
+}
+
+/// Tokens (and their logprobs) consumed since the last piece was sent.
+#[derive(Default)]
+struct Pending {
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+}
+
+impl Driver {
+    /// Sends `text` with the pending tokens; false when the HTTP side has gone away.
+    async fn send(&self, out: &mpsc::Sender<Piece>, text: String, p: &mut Pending) -> bool {
+        let piece = Piece::Text {
+            index: self.index,
+            text,
+            tokens: std::mem::take(&mut p.tokens),
+            logprobs: std::mem::take(&mut p.logprobs),
+        };
+        out.send(piece).await.is_ok()
+    }
+
+    async fn done(&self, out: &mpsc::Sender<Piece>, reason: &'static str, generated: usize, cached: usize) {
+        self.s.metrics.finished(reason);
+        self.s.metrics.e2e.observe(self.arrival.elapsed());
+        tracing::info!(choice = self.index, finish_reason = reason, generated, cached, "finished");
+        let _ = out.send(Piece::Done { index: self.index, finish_reason: reason, generated, cached }).await;
+    }
+
+    /// Owns the abort guard: if the HTTP side goes away (the piece channel closes) or a stop string
+    /// matches, dropping the unfinished guard aborts the engine request.
+    async fn drive(
+        self,
+        mut rx: mpsc::UnboundedReceiver<EngineOutput>,
+        mut guard: AbortGuard,
+        out: mpsc::Sender<Piece>,
+    ) {
+        let m = &self.s.metrics;
+        let mut detok = IncrementalDetokenizer::new(&self.s.bundle.tokenizer, true);
+        let mut stop = StopMatcher::new(&self.params.stop);
+        let min_tokens = self.params.min_tokens as usize;
+        let (mut generated, mut cached) = (0usize, 0usize);
+        let mut pending = Pending::default();
+        let mut last = self.arrival;
+        while let Some(o) = rx.recv().await {
+            if let Some(c) = o.num_cached_tokens {
+                cached = c;
+            }
+            if let Some(err) = &o.error {
+                guard.finished = true;
+                m.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let e = match o.finish_reason {
+                    Some(FinishReason::Timeout) => ApiError::timeout(err),
+                    _ => {
+                        tracing::error!(error = %err, "request failed in the engine");
+                        ApiError::internal(&self.request_id)
+                    }
+                };
+                let _ = out.send(Piece::Failed(e)).await;
+                return;
+            }
+            if !o.new_token_ids.is_empty() {
+                let now = Instant::now();
+                if generated == 0 {
+                    m.ttft.observe(now - self.arrival);
+                } else {
+                    m.itl.observe(now - last);
+                }
+                last = now;
+                m.generation_tokens.fetch_add(o.new_token_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            for (j, &t) in o.new_token_ids.iter().enumerate() {
+                generated += 1;
+                pending.tokens.push(t);
+                if let Some(lp) = o.logprobs.get(j) {
+                    pending.logprobs.push(lp.clone());
+                }
+                let Some(delta) = detok.push(t) else { continue };
+                // As in vLLM, stop strings are not looked for before `min_tokens` tokens.
+                let outcome = if generated < min_tokens { StopOutcome::Continue(delta) } else { stop.push(&delta) };
+                match outcome {
+                    StopOutcome::Continue(text) => {
+                        if (!text.is_empty() || !pending.tokens.is_empty())
+                            && !self.send(&out, text, &mut pending).await
+                        {
+                            m.finished("abort");
+                            return; // client gone: the guard aborts the request
+                        }
+                    }
+                    StopOutcome::Stopped(text) => {
+                        self.send(&out, text, &mut pending).await;
+                        // The guard (not finished) aborts the engine request on drop.
+                        self.done(&out, "stop", generated, cached).await;
+                        return;
                     }
                 }
-                StopOutcome::Stopped(text) => {
-                    if !text.is_empty() {
-                        let _ = out.send(Piece::Text(text)).await;
+            }
+            if let Some(reason) = o.finish_reason {
+                guard.finished = true;
+                let mut finish = match reason {
+                    FinishReason::Length => "length",
+                    FinishReason::Abort => "abort",
+                    _ => "stop",
+                };
+                let tail = detok.flush().unwrap_or_default();
+                let rest = match stop.push(&tail) {
+                    StopOutcome::Continue(t) => t + &stop.flush(),
+                    StopOutcome::Stopped(t) => {
+                        finish = "stop";
+                        t
                     }
-                    // The guard (not finished) aborts the engine request on drop.
-                    let _ = out.send(Piece::Done { finish_reason: "stop", usage: usage(generated, cached) }).await;
-                    return;
+                };
+                if !rest.is_empty() || !pending.tokens.is_empty() {
+                    self.send(&out, rest, &mut pending).await;
                 }
+                self.done(&out, finish, generated, cached).await;
+                return;
             }
-        }
-        if let Some(reason) = o.finish_reason {
-            guard.finished = true;
-            let mut finish = match reason {
-                FinishReason::Length => "length",
-                _ => "stop",
-            };
-            let tail = detok.flush().unwrap_or_default();
-            let rest = match stop.push(&tail) {
-                StopOutcome::Continue(t) => t + &stop.flush(),
-                StopOutcome::Stopped(t) => {
-                    finish = "stop";
-                    t
-                }
-            };
-            if !rest.is_empty() {
-                let _ = out.send(Piece::Text(rest)).await;
-            }
-            let _ = out.send(Piece::Done { finish_reason: finish, usage: usage(generated, cached) }).await;
-            return;
         }
     }
 }

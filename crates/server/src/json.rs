@@ -2,17 +2,19 @@
 //! OpenAI-shaped 400 that says what is wrong; an oversized body is a 413.
 
 use crate::error::ApiError;
+use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
 
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = crate::MAX_BODY_BYTES;
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let limit = state.options.max_body_bytes;
         let bytes = Bytes::from_request(req, state).await.map_err(|_| ApiError::too_large(limit))?;
         if bytes.len() > limit {
             return Err(ApiError::too_large(limit));

@@ -8,40 +8,107 @@
 mod error;
 mod generate;
 mod json;
+pub mod metrics;
 mod params;
 
 pub use error::ApiError;
+pub use params::MAX_N;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics::Metrics;
 use mlx_serving_engine::EngineHandle;
 use mlx_serving_models::ModelBundle;
 use serde_json::json;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
 
-/// Largest request body accepted.
+/// Default for the largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 /// A heartbeat older than this makes `/health` answer 503.
 pub const HEARTBEAT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Server settings that are not the engine's.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Accepted bearer tokens for `/v1/*`, `/tokenize` and `/detokenize`; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Origins allowed by CORS (`*` for any); empty means no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Requests unfinished this long after arrival end with a timeout error (504).
+    pub request_timeout: Option<Duration>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            cors_allowed_origins: Vec::new(),
+            max_body_bytes: MAX_BODY_BYTES,
+            request_timeout: None,
+        }
+    }
+}
 
 pub struct AppState {
     pub engine: EngineHandle,
     pub bundle: Arc<ModelBundle>,
     pub model_name: String,
     pub created: u64,
+    pub options: ServerOptions,
+    pub metrics: Metrics,
     next_id: AtomicU64,
+    /// Makes generated request ids differ between server runs.
+    id_salt: u64,
+}
+
+/// The request id every log line and the `x-request-id` response header carry: the client's own
+/// `x-request-id` when it sent a sane one, else one we make.
+#[derive(Clone, Debug)]
+pub struct RequestCtx {
+    pub id: Arc<str>,
 }
 
 impl AppState {
     pub fn new(engine: EngineHandle, bundle: Arc<ModelBundle>, model_name: String) -> Self {
-        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Self { engine, bundle, model_name, created, next_id: AtomicU64::new(1) }
+        Self::with_options(engine, bundle, model_name, ServerOptions::default())
+    }
+
+    pub fn with_options(
+        engine: EngineHandle,
+        bundle: Arc<ModelBundle>,
+        model_name: String,
+        options: ServerOptions,
+    ) -> Self {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self {
+            engine,
+            bundle,
+            model_name,
+            created: now.as_secs(),
+            options,
+            metrics: Metrics::default(),
+            next_id: AtomicU64::new(1),
+            id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    /// A fresh number, unique within this server run.
+    fn next_number(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn new_request_id(&self) -> String {
+        let n = self.next_number();
+        format!("{:016x}", n.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.id_salt)
     }
 
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
@@ -54,17 +121,96 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/health", get(health))
+    // Routes behind the API key (when one is set). `/health` and `/metrics` stay open, as in vLLM.
+    let api = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/tokenize", post(generate::tokenize))
         .route("/detokenize", post(generate::detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .merge(api)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.options.max_body_bytes));
+    if !state.options.cors_allowed_origins.is_empty() {
+        app = app.layer(cors(&state.options.cors_allowed_origins));
+    }
+    app.layer(middleware::from_fn_with_state(state.clone(), request_context)).with_state(state)
+}
+
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::HeaderName::from_static("x-request-id")])
+        .expose_headers([header::HeaderName::from_static("x-request-id")]);
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        layer.allow_origin(AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok())))
+    }
+}
+
+/// Gives every request an id (and a tracing span carrying it), logs its outcome, counts its status, and
+/// sets `x-request-id` on the response.
+async fn request_context(State(s): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(String::from)
+        .unwrap_or_else(|| s.new_request_id());
+    let span = tracing::info_span!("request", request_id = %id);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    req.extensions_mut().insert(RequestCtx { id: id.clone().into() });
+    let start = Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    s.metrics.response(status);
+    span.in_scope(|| {
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if status >= 500 {
+            tracing::error!(%method, %path, status, ms, "response");
+        } else {
+            tracing::info!(%method, %path, status, ms, "response");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// `Authorization: Bearer KEY` against the configured keys (compared in constant time).
+async fn authenticate(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if s.options.api_keys.is_empty() || req.method() == Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, key) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    });
+    match given {
+        Some(k) if s.options.api_keys.iter().any(|good| constant_time_eq(good.as_bytes(), k.as_bytes())) => {
+            next.run(req).await
+        }
+        Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
+        None => ApiError::unauthorized("Missing API key: send `Authorization: Bearer <key>`.").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    let body = s.metrics.render(&s.engine, &s.model_name);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {

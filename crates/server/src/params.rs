@@ -4,19 +4,40 @@ use crate::error::ApiError;
 use mlx_serving_engine::{Priority, SamplingParams};
 use mlx_serving_protocol::{SamplingFields as Fields, Stop};
 
+/// Most choices one request may ask for.
+pub const MAX_N: usize = 16;
+
 /// Converts and validates. `default_max_tokens` applies when the client sends none.
+/// Returns the parameters, the priority and the number of choices.
 pub fn sampling_params(
     f: Fields,
     default_max_tokens: usize,
     prompt_len: usize,
     max_model_len: usize,
     vocab: usize,
-) -> Result<(SamplingParams, Priority), ApiError> {
-    if let Some(n) = f.n {
-        if n != 1 {
-            return Err(ApiError::bad_request(format!("n = {n} is not supported yet; only n = 1"), Some("n")));
+) -> Result<(SamplingParams, Priority, usize), ApiError> {
+    let n = match f.n {
+        None => 1,
+        Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
+        Some(n) => return Err(ApiError::bad_request(format!("n must be between 1 and {MAX_N}, got {n}"), Some("n"))),
+    };
+    let min_tokens = match f.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 => u32::try_from(m).unwrap_or(u32::MAX),
+        Some(m) => {
+            return Err(ApiError::bad_request(format!("min_tokens must not be negative, got {m}"), Some("min_tokens")))
         }
-    }
+    };
+    let logprobs = match f.logprobs {
+        None => None,
+        Some(k) if (0..=mlx_serving_engine::MAX_LOGPROBS as i64).contains(&k) => Some(k as u32),
+        Some(k) => {
+            return Err(ApiError::bad_request(
+                format!("logprobs must be between 0 and {}, got {k}", mlx_serving_engine::MAX_LOGPROBS),
+                Some("logprobs"),
+            ))
+        }
+    };
     let max_tokens = match f.max_tokens {
         Some(m) if m < 1 => {
             return Err(ApiError::bad_request(format!("max_tokens must be at least 1, got {m}"), Some("max_tokens")))
@@ -75,7 +96,9 @@ pub fn sampling_params(
         stop: f.stop.map(Stop::into_vec).unwrap_or_default(),
         stop_token_ids: Vec::new(),
         ignore_eos: f.ignore_eos,
+        min_tokens,
+        logprobs,
     };
     p.validate(vocab).map_err(|e| ApiError::bad_request(e.message.clone(), Some(e.param)))?;
-    Ok((p, priority))
+    Ok((p, priority, n))
 }

@@ -4,7 +4,7 @@
 use mlx_serving_engine::{EngineCore, EngineHandle};
 use mlx_serving_models::{LoadOptions, ModelBundle};
 use mlx_serving_runner::ModelExecutor;
-use mlx_serving_server::{router, AppState};
+use mlx_serving_server::{router, AppState, ServerOptions};
 use mlx_serving_test_support::smollm2_path;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -14,12 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn start() -> (SocketAddr, EngineHandle) {
+    start_with(ServerOptions::default())
+}
+
+fn start_with(options: ServerOptions) -> (SocketAddr, EngineHandle) {
     let bundle = Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap());
     let mut cfg = ModelExecutor::scheduler_config(&bundle, 16, 64 << 20);
     cfg.max_num_seqs = 8;
     let exec = ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
     let (engine, _join) = EngineCore::spawn(cfg, exec);
-    let state = Arc::new(AppState::new(engine.clone(), bundle, "smollm2".into()));
+    let state = Arc::new(AppState::with_options(engine.clone(), bundle, "smollm2".into(), options));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -124,7 +128,36 @@ fn bad_requests_get_the_right_status_and_error_then_the_server_still_serves() {
             None,
         ),
         ("bad priority", "/v1/completions", with("priority", json!("urgent")), 400, Some("priority"), None),
-        ("n = 2 (not yet)", "/v1/completions", with("n", json!(2)), 400, Some("n"), None),
+        ("n too large", "/v1/completions", with("n", json!(17)), 400, Some("n"), None),
+        ("n zero", "/v1/completions", with("n", json!(0)), 400, Some("n"), None),
+        ("negative min_tokens", "/v1/completions", with("min_tokens", json!(-1)), 400, Some("min_tokens"), None),
+        ("min_tokens over max_tokens", "/v1/completions", with("min_tokens", json!(5)), 400, Some("min_tokens"), None),
+        ("logprobs too many", "/v1/completions", with("logprobs", json!(21)), 400, Some("logprobs"), None),
+        ("logprobs wrong type", "/v1/completions", with("logprobs", json!(true)), 400, Some("logprobs"), None),
+        (
+            "echo with logprobs",
+            "/v1/completions",
+            json!({"model": "smollm2", "prompt": "a", "echo": true, "logprobs": 1}),
+            400,
+            Some("echo"),
+            None,
+        ),
+        (
+            "top_logprobs without logprobs",
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            "top_logprobs too many",
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 50}),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
         ("empty messages", "/v1/chat/completions", chat(json!([])), 400, Some("messages"), None),
         (
             "bad role",
@@ -224,4 +257,125 @@ fn tokenize_and_detokenize_round_trip() {
     assert_eq!(st, 400, "{v}");
     let (st, v) = post(addr, "/tokenize", &json!({"model": "other", "prompt": "a"}));
     assert_eq!(st, 404, "{v}");
+}
+
+/// The extensions and the less common fields, on the real model: n, logprobs, echo, return_token_ids,
+/// min_tokens, and the metrics they leave behind.
+#[test]
+fn choices_logprobs_echo_token_ids_and_metrics() {
+    let (addr, _engine) = start();
+    let prompt = "The capital of France is";
+    // n = 2, seeded: two different samples, reproducible as a set.
+    let req = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 8, "n": 2, "seed": 11, "temperature": 1.0, "ignore_eos": true});
+    let (st, a) = post(addr, "/v1/completions", &req);
+    assert_eq!(st, 200, "{a}");
+    let (_, b) = post(addr, "/v1/completions", &req);
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(texts(&a), texts(&b), "same seed, same choices");
+    assert_eq!(a["choices"][1]["index"], 1);
+    assert_ne!(texts(&a)[0], texts(&a)[1], "the two choices draw different streams");
+    assert_eq!(a["usage"]["completion_tokens"], 16, "{a}");
+    assert_eq!(a["usage"]["prompt_tokens"], 5, "prompt counted once: {a}");
+
+    // Greedy logprobs: the chosen token is the most likely one, the alternatives are sorted.
+    let (st, v) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 3, "return_token_ids": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(lp["tokens"][0], " Paris", "{v}");
+    let first = lp["token_logprobs"][0].as_f64().unwrap();
+    assert!(first < 0.0 && first > -1.0, "{v}");
+    let top0 = lp["top_logprobs"][0].as_object().unwrap();
+    assert!(top0.len() >= 3 && top0.values().all(|x| x.as_f64().unwrap() <= first + 1e-6), "{v}");
+    assert_eq!(lp["text_offset"], json!([0, 6, 7]), "{v}");
+    assert_eq!(v["prompt_token_ids"], json!([504, 3575, 282, 4649, 314]), "{v}");
+    assert_eq!(v["choices"][0]["token_ids"].as_array().unwrap().len(), 3, "{v}");
+    let joined: String = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(joined, v["choices"][0]["text"].as_str().unwrap());
+
+    // Chat logprobs shape.
+    let (st, v) = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2, "logprobs": true, "top_logprobs": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 2, "{v}");
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2, "{v}");
+    assert!(content[0]["bytes"].is_array() && content[0]["token"].is_string(), "{v}");
+
+    // Echo puts the prompt in front.
+    let (st, v) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], "The capital of France is Paris.", "{v}");
+
+    // min_tokens holds EOS back: this chat would otherwise end after a few tokens.
+    let chat = |min: u32| json!({"model": "smollm2", "messages": [{"role": "user", "content": "Reply with one word: yes or no?"}], "max_tokens": 40, "temperature": 0, "min_tokens": min});
+    let (_, short) = post(addr, "/v1/chat/completions", &chat(0));
+    let n0 = short["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(short["choices"][0]["finish_reason"], "stop", "{short}");
+    let (_, long) = post(addr, "/v1/chat/completions", &chat(n0 as u32 + 5));
+    assert!(long["usage"]["completion_tokens"].as_u64().unwrap() >= n0 + 5, "{short} vs {long}");
+
+    // The metrics saw all of it.
+    let (st, text) = http(addr, "GET", "/metrics", b"");
+    assert_eq!(st, 200);
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("mlx_serving:generation_tokens_total{model_name=\"smollm2\"}") >= 16.0 + 16.0 + 3.0 + 2.0 + 2.0);
+    assert!(value("mlx_serving:prompt_tokens_total{model_name=\"smollm2\"}") >= 5.0 * 5.0);
+    assert!(value("mlx_serving:request_success_total{model_name=\"smollm2\",finished_reason=\"length\"}") >= 7.0);
+    assert!(value("mlx_serving:request_success_total{model_name=\"smollm2\",finished_reason=\"stop\"}") >= 1.0);
+    assert!(value("mlx_serving:time_to_first_token_seconds_count{model_name=\"smollm2\"}") >= 8.0);
+    assert!(value("mlx_serving:prefix_cache_queries{model_name=\"smollm2\"}") > 0.0);
+    assert_eq!(value("mlx_serving:num_requests_running{model_name=\"smollm2\"}"), 0.0);
+    for name in [
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_sum",
+        "kv_cache_usage_perc",
+        "prefix_cache_hits",
+        "num_requests_waiting",
+    ] {
+        assert!(text.contains(&format!("mlx_serving:{name}")), "{name} missing");
+    }
+}
+
+#[test]
+fn api_keys_guard_the_api_and_request_ids_come_back() {
+    let (addr, _engine) = start_with(ServerOptions { api_keys: vec!["sk-test".into()], ..ServerOptions::default() });
+    let send = |auth: Option<&str>, extra: &str| -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        let head = format!("GET /v1/models HTTP/1.1\r\nHost: t\r\n{auth}{extra}Connection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let missing = send(None, "");
+    assert!(missing.starts_with("HTTP/1.1 401"), "{missing}");
+    assert!(missing.contains("\"code\":\"invalid_api_key\""), "{missing}");
+    assert!(send(Some("Bearer wrong"), "").starts_with("HTTP/1.1 401"));
+    let ok = send(Some("Bearer sk-test"), "x-request-id: abc-123\r\n");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.to_ascii_lowercase().contains("x-request-id: abc-123"), "the client's id is echoed: {ok}");
+    let made = send(Some("bearer sk-test"), "");
+    assert!(made.to_ascii_lowercase().contains("x-request-id: "), "{made}");
+    // Health and metrics stay open.
+    assert_eq!(http(addr, "GET", "/health", b"").0, 200);
+    assert_eq!(http(addr, "GET", "/metrics", b"").0, 200);
 }

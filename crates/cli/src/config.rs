@@ -1,0 +1,298 @@
+//! `runtime.yaml`: every server and engine setting of `mlx-serving serve`, resolved as
+//! defaults ← the YAML file ← `MLX_SERVING_*` environment variables ← command-line flags.
+//!
+//! Unknown keys are rejected and every value is checked at start; errors name the key path
+//! (`engine.block_size: must be at least 1`).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub model: ModelSection,
+    pub server: ServerSection,
+    pub engine: EngineSection,
+    pub logging: LoggingSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// GGUF model file.
+    pub path: PathBuf,
+    /// The name clients use; default: the file name without `.gguf`.
+    pub served_model_name: Option<String>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"), served_model_name: None }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub host: String,
+    pub port: u16,
+    /// Accepted API keys (bearer tokens); empty: no authentication.
+    pub api_keys: Vec<String>,
+    /// A file with one API key per line (blank lines and `#` comments skipped), added to `api_keys`.
+    pub api_key_file: Option<PathBuf>,
+    /// Origins allowed by CORS (`"*"` for any); empty: no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+    /// Largest request body, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish before the server exits.
+    pub shutdown_grace_seconds: f64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            cors_allowed_origins: Vec::new(),
+            max_body_bytes: mlx_serving_server::MAX_BODY_BYTES,
+            shutdown_grace_seconds: 30.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// CPU threads for the model; default: all cores.
+    pub threads: Option<usize>,
+    /// KV cache budget in MiB, preallocated.
+    pub kv_cache_mb: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most sequences in one batch.
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (prefill chunks plus decodes).
+    pub max_num_batched_tokens: usize,
+    /// Requests allowed to wait; beyond this new requests get 429.
+    pub max_waiting_requests: usize,
+    /// Prompt tokens allowed to wait; beyond this new requests get 429.
+    pub max_waiting_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// Waiting this long raises a request one priority class (0: no aging).
+    pub priority_aging_seconds: f64,
+    /// Requests still unfinished this long after arrival end with a timeout error; none by default.
+    pub request_timeout_seconds: Option<f64>,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let s = mlx_serving_engine::SchedulerConfig::default();
+        Self {
+            threads: None,
+            kv_cache_mb: 512,
+            block_size: s.block_size,
+            max_num_seqs: s.max_num_seqs,
+            max_num_batched_tokens: s.max_num_batched_tokens,
+            max_waiting_requests: s.max_waiting_requests,
+            max_waiting_tokens: s.max_waiting_tokens,
+            enable_prefix_caching: true,
+            priority_aging_seconds: s.aging_interval.as_secs_f64(),
+            request_timeout_seconds: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// `text` or `json` (one object per line).
+    pub format: String,
+    /// A tracing filter: `info`, `debug`, `mlx_serving_server=debug,info`, ...
+    pub level: String,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self { format: "text".into(), level: "info".into() }
+    }
+}
+
+impl RuntimeConfig {
+    /// Reads a YAML file; unknown keys and wrong types fail with the key path named.
+    pub fn from_yaml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_yaml_str(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn from_yaml_str(text: &str) -> Result<Self> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let de = serde_yaml::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                anyhow::anyhow!("{inner}")
+            } else {
+                anyhow::anyhow!("{path}: {inner}")
+            }
+        })
+    }
+
+    /// Checks every value; the error names the key path.
+    pub fn validate(&self) -> Result<()> {
+        let e = &self.engine;
+        let positive = [
+            ("engine.kv_cache_mb", e.kv_cache_mb),
+            ("engine.block_size", e.block_size),
+            ("engine.max_num_seqs", e.max_num_seqs),
+            ("engine.max_num_batched_tokens", e.max_num_batched_tokens),
+            ("engine.max_waiting_requests", e.max_waiting_requests),
+            ("engine.max_waiting_tokens", e.max_waiting_tokens),
+            ("server.max_body_bytes", self.server.max_body_bytes),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                bail!("{key}: must be at least 1");
+            }
+        }
+        if e.threads == Some(0) {
+            bail!("engine.threads: must be at least 1");
+        }
+        if e.block_size > 1024 {
+            bail!("engine.block_size: at most 1024, got {}", e.block_size);
+        }
+        if e.max_num_seqs > 1024 {
+            bail!("engine.max_num_seqs: at most 1024, got {}", e.max_num_seqs);
+        }
+        if e.max_num_batched_tokens < e.max_num_seqs {
+            bail!(
+                "engine.max_num_batched_tokens: must be at least engine.max_num_seqs ({}), got {}",
+                e.max_num_seqs,
+                e.max_num_batched_tokens
+            );
+        }
+        let seconds = [
+            ("engine.priority_aging_seconds", Some(e.priority_aging_seconds)),
+            ("engine.request_timeout_seconds", e.request_timeout_seconds),
+            ("server.shutdown_grace_seconds", Some(self.server.shutdown_grace_seconds)),
+        ];
+        for (key, v) in seconds {
+            if let Some(v) = v {
+                if !(v.is_finite() && (0.0..=1e7).contains(&v)) {
+                    bail!("{key}: must be a number of seconds between 0 and 1e7, got {v}");
+                }
+            }
+        }
+        if e.request_timeout_seconds == Some(0.0) {
+            bail!("engine.request_timeout_seconds: must be positive (leave it out for no timeout)");
+        }
+        if self.server.host.is_empty() {
+            bail!("server.host: must not be empty");
+        }
+        for (i, k) in self.server.api_keys.iter().enumerate() {
+            if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("server.api_keys[{i}]: must be non-empty, without spaces or control characters");
+            }
+        }
+        for (i, o) in self.server.cors_allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                bail!("server.cors_allowed_origins[{i}]: `{o}` is not `*` or an http(s) origin");
+            }
+        }
+        if !matches!(self.logging.format.as_str(), "text" | "json") {
+            bail!("logging.format: must be `text` or `json`, got `{}`", self.logging.format);
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            bail!("logging.level: `{}` is not a valid filter: {err}", self.logging.level);
+        }
+        if let Some(name) = &self.model.served_model_name {
+            if name.is_empty() {
+                bail!("model.served_model_name: must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    /// All accepted API keys: `server.api_keys` plus the lines of `server.api_key_file`.
+    pub fn api_keys(&self) -> Result<Vec<String>> {
+        let mut keys = self.server.api_keys.clone();
+        if let Some(f) = &self.server.api_key_file {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("server.api_key_file: reading {}", f.display()))?;
+            let from_file: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            if from_file.is_empty() {
+                bail!("server.api_key_file: {} holds no key", f.display());
+            }
+            keys.extend(from_file);
+        }
+        Ok(keys)
+    }
+
+    /// The resolved configuration as YAML, API keys masked.
+    pub fn to_yaml_redacted(&self) -> Result<String> {
+        let mut c = self.clone();
+        for k in &mut c.server.api_keys {
+            *k = "<redacted>".into();
+        }
+        Ok(serde_yaml::to_string(&c)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(yaml: &str) -> String {
+        match RuntimeConfig::from_yaml_str(yaml).and_then(|c| c.validate()) {
+            Ok(()) => panic!("accepted: {yaml}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn defaults_round_trip_through_yaml() {
+        let c = RuntimeConfig::default();
+        c.validate().unwrap();
+        let back = RuntimeConfig::from_yaml_str(&c.to_yaml_redacted().unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(RuntimeConfig::from_yaml_str("").unwrap(), c);
+    }
+
+    #[test]
+    fn partial_files_keep_the_other_defaults() {
+        let c = RuntimeConfig::from_yaml_str("engine:\n  block_size: 32\nserver:\n  port: 9000\n").unwrap();
+        assert_eq!((c.engine.block_size, c.server.port), (32, 9000));
+        assert_eq!(c.engine.kv_cache_mb, EngineSection::default().kv_cache_mb);
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        assert!(
+            err("engine:\n  blok_size: 4\n").contains("engine: unknown field `blok_size`"),
+            "{}",
+            err("engine:\n  blok_size: 4\n")
+        );
+        assert!(err("server:\n  port: eighty\n").starts_with("server.port:"));
+        assert!(err("server:\n  port: 70000\n").starts_with("server.port:"));
+        assert!(err("engine:\n  block_size: 0\n").starts_with("engine.block_size:"));
+        assert!(err("engine:\n  max_num_seqs: 64\n  max_num_batched_tokens: 8\n")
+            .starts_with("engine.max_num_batched_tokens:"));
+        assert!(err("logging:\n  format: xml\n").starts_with("logging.format:"));
+        assert!(err("server:\n  api_keys: [\"a b\"]\n").starts_with("server.api_keys[0]:"));
+        assert!(
+            err("server:\n  cors_allowed_origins: [\"example.com\"]\n").starts_with("server.cors_allowed_origins[0]:")
+        );
+        assert!(err("engine:\n  request_timeout_seconds: -1\n").starts_with("engine.request_timeout_seconds:"));
+        assert!(err("colour: blue\n").contains("unknown field `colour`"));
+    }
+}
