@@ -161,8 +161,11 @@ pub async fn chat_completions(
             ));
         }
     }
-    // Chat's default is the rest of the context, capped so that one request cannot claim the whole KV cache.
-    let default_max = max_model_len.saturating_sub(prompt_ids.len()).min(4096);
+    // Chat's default is the rest of the context, capped at 4096 and at what the KV cache can hold, so that a
+    // request without max_tokens runs on a small cache too.
+    let cfg = s.engine.config();
+    let room = max_model_len.min(cfg.num_blocks * cfg.block_size);
+    let default_max = room.saturating_sub(prompt_ids.len()).min(4096);
     let job = Job {
         kind: Kind::Chat,
         id: format!("chatcmpl-{}", ctx.id),
