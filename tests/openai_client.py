@@ -4,7 +4,7 @@
 Starts the server binary given as argv[1] on a free port, runs the checks, stops the server. Exits non-zero
 on the first failure. Run by scripts/test.sh inside the .venv it creates.
 """
-import os, socket, subprocess, sys, time, urllib.request
+import os, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 import openai
 from openai import OpenAI
@@ -13,21 +13,27 @@ binary = sys.argv[1]
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 model_path = os.path.join(root, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-server = subprocess.Popen([binary, "serve", "--model", model_path, "--served-model-name", "smollm2", "--port", str(port), "--threads", "2", "--kv-cache-mb", "128"])
-try:
+def start_server(extra_args=(), env=None):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [binary, "serve", "--model", model_path, "--served-model-name", "smollm2", "--port", str(port), "--threads", "2", "--kv-cache-mb", "128", *extra_args]
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})})
     for _ in range(600):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
-                    break
+                    return proc, port
         except Exception:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}")
             time.sleep(0.1)
-    else:
-        raise SystemExit("server did not become healthy")
+    proc.kill()
+    raise SystemExit("server did not become healthy")
 
+
+server, port = start_server()
+try:
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     checks = 0
 
@@ -90,6 +96,79 @@ try:
         check(e.body and e.body.get("param") == "temperature", "out-of-range temperature names the param")
     after = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=2)
     check(after.choices[0].text == " Paris.", "still serves after bad requests")
+
+    # n, logprobs, extensions.
+    two = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], n=2, seed=7, temperature=1.0, max_tokens=12)
+    check([c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices), "n=2 gives choices 0 and 1")
+    again = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], n=2, seed=7, temperature=1.0, max_tokens=12)
+    check([c.message.content for c in two.choices] == [c.message.content for c in again.choices], "n=2 with a seed is reproducible")
+    stream = client.completions.create(model="smollm2", prompt="Once upon a time", n=2, seed=3, temperature=1.0, max_tokens=10, stream=True)
+    texts, finishes = ["", ""], [None, None]
+    for ch in stream:
+        for c in ch.choices:
+            texts[c.index] += c.text
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    check(finishes == ["length", "length"] and all(texts), f"streamed n=2 completes both choices: {texts}")
+
+    lp = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    check("".join(t.token for t in content) == lp.choices[0].message.content, "chat logprobs tokens spell the message")
+    check(all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content), "chat logprobs have 3 alternatives each")
+    check(all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5 for t in content), "greedy tokens are the top alternative")
+    clp = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=4, logprobs=2)
+    check(clp.choices[0].logprobs.tokens[0] == " Paris" and len(clp.choices[0].logprobs.top_logprobs) == 4, "completion logprobs")
+    echo = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=2, echo=True)
+    check(echo.choices[0].text == "The capital of France is Paris.", f"echo: {echo.choices[0].text!r}")
+    ext = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=2, extra_body={"return_token_ids": True, "priority": "high", "min_tokens": 2, "top_k": 5})
+    check(ext.model_extra.get("prompt_token_ids") == [504, 3575, 282, 4649, 314] and len(ext.choices[0].model_extra.get("token_ids", [])) == 2, "return_token_ids (vLLM extension)")
+    raw = client.chat.completions.with_raw_response.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_headers={"x-request-id": "client-chosen-1"})
+    check(raw.headers.get("x-request-id") == "client-chosen-1", "x-request-id is echoed")
+    try:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_body={"tools_choice": "auto"})
+        check(False, "unknown field raises")
+    except openai.BadRequestError as e:
+        check(e.body and e.body.get("param") == "tools_choice", "an unsupported field is a 400 naming it")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    names = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds", "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "request_success_total"]
+    check(all(f"mlx_serving:{n}" in metrics for n in names) and 'model_name="smollm2"' in metrics, "/metrics has the vLLM-named series")
+
+    # Graceful shutdown: a stream in flight at SIGTERM still completes, then the server exits 0.
+    result = {}
+    started = threading.Event()
+
+    def long_stream():
+        s = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        n, finish = 0, None
+        for ch in s:
+            n += 1
+            started.set()
+            finish = ch.choices[0].finish_reason or finish
+        result["chunks"], result["finish"] = n, finish
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    check(started.wait(60), "stream started")
+    server.send_signal(signal.SIGTERM)
+    t.join(120)
+    check(result.get("finish") == "length", f"in-flight stream finished after SIGTERM: {result}")
+    check(server.wait(timeout=60) == 0, "server exits 0 after SIGTERM")
+
+    # Auth and runtime.yaml: keys from the environment, settings from a file.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write("engine:\n  max_num_seqs: 4\nserver:\n  cors_allowed_origins: ['http://localhost:3000']\n")
+    printed = subprocess.run([binary, "serve", "--config", f.name, "--print-config"], capture_output=True, text=True, env={**os.environ, "MLX_SERVING_API_KEY": "sk-local", "MLX_SERVING_PORT": "9999"})
+    check(printed.returncode == 0 and "max_num_seqs: 4" in printed.stdout and "port: 9999" in printed.stdout and "sk-local" not in printed.stdout, "--print-config shows file and env settings, keys masked")
+    bad = subprocess.run([binary, "serve", "--config", f.name, "--block-size", "0"], capture_output=True, text=True)
+    check(bad.returncode != 0 and "engine.block_size" in bad.stderr, f"invalid settings name the key: {bad.stderr.strip()}")
+    server, port = start_server(["--config", f.name], env={"MLX_SERVING_API_KEY": "sk-local"})
+    keyed = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-local", max_retries=0)
+    check(keyed.models.list().data[0].id == "smollm2", "the right key is accepted")
+    try:
+        OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0).models.list()
+        check(False, "wrong key raises")
+    except openai.AuthenticationError as e:
+        check(e.status_code == 401, "a wrong key raises AuthenticationError (401)")
     print(f"{checks} checks passed")
 finally:
     server.terminate()

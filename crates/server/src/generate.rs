@@ -330,7 +330,14 @@ async fn run(
         submitted.push(id);
         s.metrics.prompt_tokens.fetch_add(job.prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let guard = AbortGuard { engine: s.engine.clone(), id, finished: false };
-        let d = Driver { s: s.clone(), index, params: p, arrival, request_id: job.request_id.clone() };
+        let d = Driver {
+            s: s.clone(),
+            index,
+            params: p,
+            arrival,
+            request_id: job.request_id.clone(),
+            eog: s.bundle.special_tokens.eog.clone().into(),
+        };
         tokio::spawn(d.drive(rx, guard, piece_tx.clone()).in_current_span());
     }
     drop(piece_tx);
@@ -617,6 +624,8 @@ struct Driver {
     params: Arc<SamplingParams>,
     arrival: Instant,
     request_id: Arc<str>,
+    /// The model's end-of-generation ids.
+    eog: Arc<[u32]>,
 }
 
 /// Tokens (and their logprobs) consumed since the last piece was sent.
@@ -690,7 +699,10 @@ impl Driver {
             for (j, &t) in o.new_token_ids.iter().enumerate() {
                 generated += 1;
                 pending.tokens.push(t);
-                if let Some(lp) = o.logprobs.get(j) {
+                // The end-of-generation token that finishes a choice has no text; like OpenAI, logprobs
+                // leave it out (token_ids keep it, as vLLM's do).
+                let ends = o.finish_reason.is_some() && j + 1 == o.new_token_ids.len() && self.eog.contains(&t);
+                if let Some(lp) = o.logprobs.get(j).filter(|_| !ends) {
                     pending.logprobs.push(lp.clone());
                 }
                 let Some(delta) = detok.push(t) else { continue };
