@@ -74,15 +74,41 @@ struct Job {
     /// The response's `id`.
     id: String,
     request_id: Arc<str>,
-    prompt_ids: Vec<u32>,
+    /// One or more prompts (completions accept a batch); choice `i` answers prompt `i / n`.
+    prompts: Vec<Prompt>,
     n: usize,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
-    /// Completions with `echo`: the prompt text, which starts every choice's text.
-    echo: Option<String>,
     return_token_ids: bool,
 }
+
+struct Prompt {
+    ids: Vec<u32>,
+    /// Completions with `echo`: the prompt text, which starts the text of this prompt's choices.
+    echo: Option<String>,
+}
+
+impl Job {
+    fn num_choices(&self) -> usize {
+        self.prompts.len() * self.n
+    }
+
+    fn echo_of(&self, choice: usize) -> Option<&str> {
+        self.prompts[choice / self.n].echo.as_deref()
+    }
+
+    /// `prompt_token_ids` for the response: the ids, or a list of them for a batch of prompts.
+    fn prompt_token_ids(&self) -> Value {
+        match self.prompts.as_slice() {
+            [one] => json!(one.ids),
+            many => many.iter().map(|p| json!(p.ids)).collect(),
+        }
+    }
+}
+
+/// Most engine requests (prompts × n) one HTTP request may start.
+pub const MAX_CHOICES: usize = 64;
 
 pub async fn completions(
     State(s): State<Arc<AppState>>,
@@ -90,7 +116,7 @@ pub async fn completions(
     ApiJson(mut req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
-    let prompt_ids = completion_prompt(&s, &req.prompt)?;
+    let prompts = completion_prompts(&s, &req.prompt, req.echo)?;
     let mut fields = req.sampling_fields();
     fields.logprobs = req.logprobs;
     if req.echo && req.logprobs.is_some() {
@@ -99,32 +125,15 @@ pub async fn completions(
             Some("echo"),
         ));
     }
-    let echo = if req.echo {
-        let text = match &req.prompt {
-            Value::String(t) => t.clone(),
-            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-                items[0].as_str().unwrap_or_default().to_string()
-            }
-            _ => s
-                .bundle
-                .tokenizer
-                .decode(&prompt_ids, false)
-                .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?,
-        };
-        Some(text)
-    } else {
-        None
-    };
     let job = Job {
         kind: Kind::Completion,
         id: format!("cmpl-{}", ctx.id),
         request_id: ctx.id,
-        prompt_ids,
+        prompts,
         n: 1,
         stream: req.stream,
         include_usage: req.include_usage(),
         logprobs: req.logprobs.is_some(),
-        echo,
         return_token_ids: fields.return_token_ids,
     };
     // OpenAI's completions default is 16 tokens.
@@ -170,12 +179,11 @@ pub async fn chat_completions(
         kind: Kind::Chat,
         id: format!("chatcmpl-{}", ctx.id),
         request_id: ctx.id,
-        prompt_ids,
+        prompts: vec![Prompt { ids: prompt_ids, echo: None }],
         n: 1,
         stream: req.stream,
         include_usage: req.include_usage(),
         logprobs: req.logprobs,
-        echo: None,
         return_token_ids: fields.return_token_ids,
     };
     run(s, job, fields, default_max).await
@@ -268,27 +276,45 @@ pub async fn detokenize(
     Ok(Json(json!({"prompt": text})).into_response())
 }
 
-fn completion_prompt(s: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+/// `prompt` as OpenAI allows it: a string, a list of strings, a list of token ids, or a list of token-id
+/// lists. With `echo`, each prompt keeps its text (given, or decoded from its ids).
+fn completion_prompts(s: &AppState, prompt: &Value, echo: bool) -> Result<Vec<Prompt>, ApiError> {
     let bad = |m: &str| ApiError::bad_request(m, Some("prompt"));
     let vocab = s.bundle.model.config().vocab_size;
-    let ids = match prompt {
-        Value::String(t) => s.bundle.encode(t, true).map_err(|e| bad(&e.to_string()))?,
-        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-            s.bundle.encode(items[0].as_str().unwrap_or_default(), true).map_err(|e| bad(&e.to_string()))?
-        }
-        Value::Array(items) if items.iter().all(Value::is_number) => items
+    let from_text = |t: &str| -> Result<Prompt, ApiError> {
+        let ids = s.bundle.encode(t, true).map_err(|e| bad(&e.to_string()))?;
+        Ok(Prompt { ids, echo: echo.then(|| t.to_string()) })
+    };
+    let from_ids = |items: &[Value]| -> Result<Prompt, ApiError> {
+        let ids = items
             .iter()
             .map(|v| v.as_u64().filter(|&id| (id as usize) < vocab).map(|id| id as u32))
             .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| bad(&format!("token ids must be integers in [0, {vocab})")))?,
-        Value::Array(items) if items.len() == 1 && items[0].is_array() => return completion_prompt(s, &items[0]),
-        Value::Array(_) => return Err(bad("several prompts in one request are not supported yet; send one prompt")),
-        _ => return Err(bad("prompt must be a string, a list of token ids, or a one-element list of either")),
+            .ok_or_else(|| bad(&format!("token ids must be integers in [0, {vocab})")))?;
+        let echo = match echo {
+            true => Some(s.bundle.tokenizer.decode(&ids, false).map_err(|e| bad(&e.to_string()))?),
+            false => None,
+        };
+        Ok(Prompt { ids, echo })
     };
-    if ids.is_empty() {
+    let shape = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists";
+    let prompts = match prompt {
+        Value::String(t) => vec![from_text(t)?],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => vec![from_ids(items)?],
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|item| match item {
+                Value::String(t) => from_text(t),
+                Value::Array(ids) if ids.iter().all(Value::is_number) => from_ids(ids),
+                _ => Err(bad(shape)),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(bad(shape)),
+    };
+    if prompts.iter().any(|p| p.ids.is_empty()) {
         return Err(bad("prompt is empty"));
     }
-    Ok(ids)
+    Ok(prompts)
 }
 
 /// Submits one engine request per choice, then answers from the merged pieces.
@@ -300,23 +326,31 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let cfg = s.engine.config();
     let vocab = s.bundle.model.config().vocab_size;
-    let (params, priority, n) =
-        sampling_params(fields, default_max_tokens, job.prompt_ids.len(), cfg.max_model_len, vocab)?;
+    let longest = job.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let (params, priority, n) = sampling_params(fields, default_max_tokens, longest, cfg.max_model_len, vocab)?;
     job.n = n;
+    if job.num_choices() > MAX_CHOICES {
+        return Err(ApiError::bad_request(
+            format!("{} prompts × n = {n} asks for more than {MAX_CHOICES} completions", job.prompts.len()),
+            Some("prompt"),
+        ));
+    }
     // Bounded: the drivers wait for the HTTP side instead of buffering whole generations.
     let (piece_tx, pieces) = mpsc::channel::<Piece>(64);
     let arrival = Instant::now();
-    let mut submitted: Vec<RequestId> = Vec::with_capacity(n);
-    for index in 0..n {
+    let mut submitted: Vec<RequestId> = Vec::with_capacity(job.num_choices());
+    for index in 0..job.num_choices() {
+        let prompt_ids = &job.prompts[index / n].ids;
         let mut p = params.clone();
-        // Each choice draws its own stream; with a seed, choice i uses seed + i, so the set is reproducible.
-        p.seed = p.seed.map(|seed| seed.wrapping_add(index as u64));
+        // Each choice draws its own stream; with a seed, choice i uses seed + i % n, so the set is
+        // reproducible and the same prompt gets the same samples wherever it sits in a batch.
+        p.seed = p.seed.map(|seed| seed.wrapping_add((index % n) as u64));
         let id = RequestId(s.next_number());
         let (tx, rx) = mpsc::unbounded_channel();
         let p = Arc::new(p);
         let req = EngineRequest {
             id,
-            prompt_token_ids: job.prompt_ids.clone(),
+            prompt_token_ids: prompt_ids.clone(),
             params: p.clone(),
             priority,
             deadline: s.options.request_timeout.map(|t| arrival + t),
@@ -328,7 +362,7 @@ async fn run(
             return Err(add_error(e));
         }
         submitted.push(id);
-        s.metrics.prompt_tokens.fetch_add(job.prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        s.metrics.prompt_tokens.fetch_add(prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let guard = AbortGuard { engine: s.engine.clone(), id, finished: false };
         let d = Driver {
             s: s.clone(),
@@ -341,7 +375,7 @@ async fn run(
         tokio::spawn(d.drive(rx, guard, piece_tx.clone()).in_current_span());
     }
     drop(piece_tx);
-    tracing::debug!(prompt_tokens = job.prompt_ids.len(), n, stream = job.stream, "submitted");
+    tracing::debug!(prompts = job.prompts.len(), longest, n, stream = job.stream, "submitted");
     if job.stream {
         return Ok(stream_response(s, job, pieces));
     }
@@ -372,13 +406,16 @@ struct ChoiceAcc {
     cached: usize,
 }
 
-fn usage(prompt_tokens: usize, choices: &[ChoiceAcc]) -> Usage {
+/// Prompt tokens count once per prompt (not per choice); cached tokens are those of each prompt's first choice.
+fn usage(job: &Job, choices: &[ChoiceAcc]) -> Usage {
+    let prompt_tokens = job.prompts.iter().map(|p| p.ids.len()).sum();
     let completion_tokens = choices.iter().map(|c| c.generated).sum();
+    let cached_tokens = choices.iter().step_by(job.n).map(|c| c.cached).sum();
     Usage {
         prompt_tokens,
         completion_tokens,
         total_tokens: prompt_tokens + completion_tokens,
-        prompt_tokens_details: PromptTokensDetails { cached_tokens: choices.first().map_or(0, |c| c.cached) },
+        prompt_tokens_details: PromptTokensDetails { cached_tokens },
     }
 }
 
@@ -391,8 +428,8 @@ fn object_name(kind: Kind, stream: bool) -> &'static str {
 }
 
 async fn collect_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>) -> Result<Response, ApiError> {
-    let mut acc: Vec<ChoiceAcc> = (0..job.n).map(|_| ChoiceAcc::default()).collect();
-    let mut open = job.n;
+    let mut acc: Vec<ChoiceAcc> = (0..job.num_choices()).map(|_| ChoiceAcc::default()).collect();
+    let mut open = acc.len();
     while open > 0 {
         match pieces.recv().await {
             Some(Piece::Text { index, text, tokens, logprobs }) => {
@@ -414,13 +451,11 @@ async fn collect_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver
         .iter_mut()
         .enumerate()
         .map(|(index, c)| {
-            let logprobs = job.logprobs.then(|| {
-                let base = job.echo.as_ref().map_or(0, String::len);
-                logprobs_json(&s, job.kind, &c.logprobs, &mut c.offset, base)
-            });
+            let echo = job.echo_of(index).unwrap_or("");
+            let logprobs = job.logprobs.then(|| logprobs_json(&s, job.kind, &c.logprobs, &mut c.offset, echo.len()));
             let mut v = match job.kind {
                 Kind::Completion => {
-                    let text = format!("{}{}", job.echo.as_deref().unwrap_or(""), c.text);
+                    let text = format!("{echo}{}", c.text);
                     json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
                 }
                 Kind::Chat => json!({
@@ -442,10 +477,10 @@ async fn collect_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver
         "created": s.created,
         "model": s.model_name,
         "choices": choices,
-        "usage": usage(job.prompt_ids.len(), &acc),
+        "usage": usage(&job, &acc),
     });
     if job.return_token_ids {
-        body["prompt_token_ids"] = json!(job.prompt_ids);
+        body["prompt_token_ids"] = job.prompt_token_ids();
     }
     Ok(Json(body).into_response())
 }
@@ -523,14 +558,14 @@ fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>
                 v["usage"] = json!(u);
             }
             if std::mem::take(&mut first) && job.return_token_ids {
-                v["prompt_token_ids"] = json!(job.prompt_ids);
+                v["prompt_token_ids"] = job.prompt_token_ids();
             }
             Event::default().data(v.to_string())
         };
-        let mut acc: Vec<ChoiceAcc> = (0..job.n).map(|_| ChoiceAcc::default()).collect();
+        let mut acc: Vec<ChoiceAcc> = (0..job.num_choices()).map(|_| ChoiceAcc::default()).collect();
         let mut opening = Vec::new();
-        for index in 0..job.n {
-            match (job.kind, &job.echo) {
+        for index in 0..acc.len() {
+            match (job.kind, job.echo_of(index)) {
                 (Kind::Chat, _) => opening.push(chunk(
                     json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
                     None,
@@ -547,8 +582,7 @@ fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>
                 return;
             }
         }
-        let base = job.echo.as_ref().map_or(0, String::len);
-        let mut open = job.n;
+        let mut open = acc.len();
         while open > 0 {
             let events: Vec<Event> = match pieces.recv().await {
                 Some(Piece::Text { index, text, tokens, logprobs }) => {
@@ -557,7 +591,7 @@ fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>
                     }
                     let c = &mut acc[index];
                     let lp = if job.logprobs {
-                        logprobs_json(&s, job.kind, &logprobs, &mut c.offset, base)
+                        logprobs_json(&s, job.kind, &logprobs, &mut c.offset, job.echo_of(index).map_or(0, str::len))
                     } else {
                         Value::Null
                     };
@@ -589,7 +623,7 @@ fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>
                     let mut ev = vec![chunk(json!([choice]), None)];
                     if open == 0 {
                         if job.include_usage {
-                            ev.push(chunk(json!([]), Some(usage(job.prompt_ids.len(), &acc))));
+                            ev.push(chunk(json!([]), Some(usage(&job, &acc))));
                         }
                         ev.push(Event::default().data("[DONE]"));
                     }

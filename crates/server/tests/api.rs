@@ -119,6 +119,17 @@ fn bad_requests_get_the_right_status_and_error_then_the_server_still_serves() {
         ),
         ("logit_bias bad key", "/v1/completions", with("logit_bias", json!({"abc": 5})), 400, Some("logit_bias"), None),
         ("empty prompt", "/v1/completions", with("prompt", json!("")), 400, Some("prompt"), None),
+        ("empty prompt list", "/v1/completions", with("prompt", json!([])), 400, Some("prompt"), None),
+        ("mixed prompt list", "/v1/completions", with("prompt", json!(["a", 5])), 400, Some("prompt"), None),
+        ("prompt object", "/v1/completions", with("prompt", json!({"text": "a"})), 400, Some("prompt"), None),
+        (
+            "too many completions",
+            "/v1/completions",
+            json!({"model": "smollm2", "prompt": vec!["a"; 8], "n": 9, "max_tokens": 1}),
+            400,
+            Some("prompt"),
+            None,
+        ),
         (
             "token id out of vocab",
             "/v1/completions",
@@ -311,6 +322,25 @@ fn choices_logprobs_echo_token_ids_and_metrics() {
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2, "{v}");
     assert!(content[0]["bytes"].is_array() && content[0]["token"].is_string(), "{v}");
 
+    // A batch of prompts, as strings and as token-id lists: choice i answers prompt i / n.
+    let (st, v) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": [prompt, "1, 2, 3,"], "max_tokens": 2, "temperature": 0, "n": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(texts(&v), vec![" Paris.", " Paris.", " 4", " 4"], "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 5 + 8, "{v}");
+    let (st, v) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": [[504, 3575, 282, 4649, 314], [504]], "max_tokens": 2, "temperature": 0, "echo": true, "return_token_ids": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], "The capital of France is Paris.", "{v}");
+    assert!(v["choices"][1]["text"].as_str().unwrap().starts_with("The"), "{v}");
+    assert_eq!(v["prompt_token_ids"], json!([[504, 3575, 282, 4649, 314], [504]]), "{v}");
+
     // Echo puts the prompt in front.
     let (st, v) = post(
         addr,
@@ -335,7 +365,9 @@ fn choices_logprobs_echo_token_ids_and_metrics() {
         let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
-    assert!(value("mlx_serving:generation_tokens_total{model_name=\"smollm2\"}") >= 16.0 + 16.0 + 3.0 + 2.0 + 2.0);
+    assert!(
+        value("mlx_serving:generation_tokens_total{model_name=\"smollm2\"}") >= 16.0 + 16.0 + 3.0 + 2.0 + 8.0 + 4.0
+    );
     assert!(value("mlx_serving:prompt_tokens_total{model_name=\"smollm2\"}") >= 5.0 * 5.0);
     assert!(value("mlx_serving:request_success_total{model_name=\"smollm2\",finished_reason=\"length\"}") >= 7.0);
     assert!(value("mlx_serving:request_success_total{model_name=\"smollm2\",finished_reason=\"stop\"}") >= 1.0);
@@ -378,4 +410,35 @@ fn api_keys_guard_the_api_and_request_ids_come_back() {
     // Health and metrics stay open.
     assert_eq!(http(addr, "GET", "/health", b"").0, 200);
     assert_eq!(http(addr, "GET", "/metrics", b"").0, 200);
+}
+
+#[test]
+fn cors_preflight_and_request_timeouts() {
+    let (addr, _engine) = start_with(ServerOptions {
+        cors_allowed_origins: vec!["http://localhost:3000".into()],
+        request_timeout: Some(Duration::from_millis(300)),
+        ..ServerOptions::default()
+    });
+    let send = |head: &str| -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.to_ascii_lowercase()
+    };
+    let pre = send("OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: http://localhost:3000\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n");
+    assert!(pre.starts_with("http/1.1 200"), "{pre}");
+    assert!(pre.contains("access-control-allow-origin: http://localhost:3000"), "{pre}");
+    let other = send("OPTIONS /v1/models HTTP/1.1\r\nHost: t\r\nOrigin: http://evil.example\r\nAccess-Control-Request-Method: GET\r\nConnection: close\r\n\r\n");
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+    // 300 ms is far too short for 500 tokens: the request ends with a timeout error, and the engine is free.
+    let (st, v) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": true}),
+    );
+    assert_eq!((st, v["error"]["code"].as_str()), (504, Some("timeout")), "{v}");
+    let (st, v) = post(addr, "/v1/completions", &json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 1}));
+    assert_eq!(st, 200, "{v}");
 }
