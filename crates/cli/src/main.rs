@@ -28,6 +28,70 @@ enum Command {
     Serve(ServeArgs),
     /// Generate text from a prompt or a chat, streaming it to stdout.
     Generate(GenerateArgs),
+    /// Benchmark one or more OpenAI-compatible servers (ours or a peer's) side by side.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("api").args(["chat", "completions"])))]
+#[command(group(clap::ArgGroup::new("load").args(["concurrency", "request_rate"])))]
+struct BenchArgs {
+    /// Server to measure, e.g. http://127.0.0.1:8080 (repeat to compare: the first is the baseline).
+    #[arg(long = "url", required = true)]
+    urls: Vec<String>,
+    /// Model name to request (default: the first one the server's /v1/models lists).
+    #[arg(long)]
+    model: Option<String>,
+    /// `builtin` (varied questions, instructions, code, multi-turn) or a JSONL file of {"prompt"} or
+    /// {"messages"} lines.
+    #[arg(long, default_value = "builtin")]
+    dataset: String,
+    /// Requests per run (each endpoint, each load level, each round).
+    #[arg(long, default_value_t = 64)]
+    num_prompts: usize,
+    /// Requests in flight; a comma-separated list sweeps (1,2,4,8,16). Default 1.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Poisson arrivals at this many requests per second (open loop) instead of a fixed concurrency.
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// With --request-rate: most requests in flight.
+    #[arg(long, requires = "request_rate")]
+    max_concurrency: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Synthetic prompts of about this many tokens instead of the dataset.
+    #[arg(long)]
+    input_len: Option<usize>,
+    /// Use /v1/chat/completions (the default).
+    #[arg(long)]
+    chat: bool,
+    /// Use /v1/completions.
+    #[arg(long)]
+    completions: bool,
+    /// Ask the server to ignore end-of-sequence tokens so every request produces max_tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Requests per endpoint before measuring (not counted).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Seeds the prompt order, synthetic prompts and arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Runs per endpoint and level, interleaved across endpoints (default: 1 with one URL, 3 with several).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds before a request counts as a timeout.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Write the full report as JSON here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Print the table as Markdown.
+    #[arg(long)]
+    markdown: bool,
 }
 
 /// Every flag overrides the matching `runtime.yaml` key and has an `MLX_SERVING_*` environment variable
@@ -204,6 +268,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),
+        Command::Bench(args) => run_bench(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -300,6 +365,54 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             timings["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
             g.finish_reason.as_str()
         );
+    }
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    use mlx_serving_bench::{BenchConfig, DatasetSpec, Load};
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let loads = match a.request_rate {
+        Some(r) if !(r.is_finite() && r > 0.0) => bail!("--request-rate must be positive"),
+        Some(rate) => vec![Load::RequestRate { rate, max_concurrency: a.max_concurrency }],
+        None if a.concurrency.is_empty() => vec![Load::Concurrency(1)],
+        None => {
+            if a.concurrency.contains(&0) {
+                bail!("--concurrency levels must be at least 1");
+            }
+            a.concurrency.iter().map(|&c| Load::Concurrency(c)).collect()
+        }
+    };
+    let dataset = match a.dataset.as_str() {
+        "builtin" => DatasetSpec::Builtin,
+        path => DatasetSpec::File(PathBuf::from(path)),
+    };
+    let cfg = BenchConfig {
+        rounds: a.rounds.unwrap_or(if a.urls.len() > 1 { 3 } else { 1 }),
+        urls: a.urls,
+        model: a.model,
+        dataset,
+        num_prompts: a.num_prompts,
+        loads,
+        max_tokens: a.max_tokens,
+        input_len: a.input_len,
+        chat: !a.completions,
+        ignore_eos: a.ignore_eos,
+        temperature: a.temperature,
+        warmup: a.warmup,
+        seed: a.seed,
+        timeout: std::time::Duration::from_secs_f64(a.timeout),
+        progress: true,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report = rt.block_on(mlx_serving_bench::run(cfg))?;
+    print!("{}", mlx_serving_bench::render_table(&report, a.markdown));
+    if let Some(path) = &a.output {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
     }
     Ok(())
 }

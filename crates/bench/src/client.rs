@@ -1,0 +1,145 @@
+//! One streamed request against an OpenAI-compatible endpoint, timed event by event.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// How one request went. Times are measured from just before the request was sent.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// `None` when the request succeeded; else its kind: `http_<status>`, `connect`, `timeout`,
+    /// `stream_broken` (the stream ended without `[DONE]`), `stream_error` (an error event in the stream).
+    pub error: Option<String>,
+    /// Time to the first event carrying output text.
+    pub ttft: Option<Duration>,
+    /// Gaps between successive events carrying output text.
+    pub itl: Vec<Duration>,
+    pub e2e: Duration,
+    /// Output tokens: the server's `usage.completion_tokens` when it sent usage, else the number of events
+    /// carrying text.
+    pub output_tokens: usize,
+    pub prompt_tokens: Option<usize>,
+    /// True when `output_tokens` came from the server's usage.
+    pub tokens_from_usage: bool,
+}
+
+/// Sends `body` (which must ask for `stream: true`) to `url` and follows the SSE stream to the end.
+pub async fn stream_request(client: &reqwest::Client, url: &str, body: &Value, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut out = Outcome::default();
+    let run = follow(client, url, body, start, &mut out);
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(())) => {}
+        Ok(Err(kind)) => out.error = Some(kind),
+        Err(_) => out.error = Some("timeout".into()),
+    }
+    out.e2e = start.elapsed();
+    out
+}
+
+async fn follow(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    start: Instant,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    let resp = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(|e| if e.is_timeout() { "timeout".to_string() } else { "connect".to_string() })?;
+    let status = resp.status().as_u16();
+    if !(200..300).contains(&status) {
+        return Err(format!("http_{status}"));
+    }
+    let mut resp = resp;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut last_text: Option<Instant> = None;
+    let mut text_events = 0usize;
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err("stream_broken".into()),
+            Err(_) => return Err("stream_broken".into()),
+        };
+        let now = Instant::now();
+        buf.extend_from_slice(&chunk);
+        // Events end with a blank line; a chunk may hold several events or part of one.
+        while let Some((end, sep)) = find_event_end(&buf) {
+            let event: Vec<u8> = buf.drain(..end + sep).collect();
+            let event = String::from_utf8_lossy(&event[..end]).into_owned();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data:") else { continue };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    if !out.tokens_from_usage {
+                        out.output_tokens = text_events;
+                    }
+                    return Ok(());
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+                if v.get("error").is_some() {
+                    return Err("stream_error".into());
+                }
+                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                    if let Some(c) = u.get("completion_tokens").and_then(Value::as_u64) {
+                        out.output_tokens = c as usize;
+                        out.tokens_from_usage = true;
+                    }
+                    out.prompt_tokens = u.get("prompt_tokens").and_then(Value::as_u64).map(|p| p as usize);
+                }
+                if has_text(&v) {
+                    text_events += 1;
+                    match last_text {
+                        None => out.ttft = Some(now - start),
+                        Some(prev) => out.itl.push(now - prev),
+                    }
+                    last_text = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// The end of the first complete event in `buf` and the length of its separator.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether a chunk carries output text: chat's `delta.content` or completions' `text`, non-empty.
+fn has_text(v: &Value) -> bool {
+    let Some(choices) = v.get("choices").and_then(Value::as_array) else { return false };
+    choices.iter().any(|c| {
+        let chat = c.get("delta").and_then(|d| d.get("content")).and_then(Value::as_str);
+        let completion = c.get("text").and_then(Value::as_str);
+        chat.or(completion).is_some_and(|t| !t.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_are_split_on_blank_lines_of_either_style() {
+        assert_eq!(find_event_end(b"data: a\n\ndata: b"), Some((7, 2)));
+        assert_eq!(find_event_end(b"data: a\r\n\r\n"), Some((7, 4)));
+        assert_eq!(find_event_end(b"data: a\n"), None);
+    }
+
+    #[test]
+    fn text_is_found_in_chat_and_completion_chunks() {
+        assert!(has_text(&json!({"choices": [{"delta": {"content": "x"}}]})));
+        assert!(has_text(&json!({"choices": [{"text": "x"}]})));
+        assert!(!has_text(&json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})));
+        assert!(!has_text(&json!({"choices": [], "usage": {"completion_tokens": 3}})));
+    }
+}
