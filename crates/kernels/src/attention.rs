@@ -13,7 +13,7 @@
 //! `query_len` positions, so query `i` sees positions `0 ..= context_len - query_len + i` (causal).
 //! Grouped-query attention: query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
 
-use crate::vec::{axpy, dot_scalar as dot};
+use crate::vec::{axpy, dot_scalar};
 use rayon::prelude::*;
 
 /// Shape of the paged cache for one layer.
@@ -61,10 +61,133 @@ fn check(seqs: &[AttnSeq<'_>], layout: KvLayout, cache_len: usize) {
     }
 }
 
+/// Positions per work item: a long context is split into chunks of this many positions whose partial
+/// softmax results are merged (flash-decoding), so a single decoding sequence still spreads over the
+/// threads. The split depends only on the sequence's own length, never on the rest of the batch, so a
+/// sequence gets bitwise the same result alone or batched.
+pub const CHUNK: usize = 128;
+
+/// Positions scored together before their values are accumulated (one softmax rescale per tile).
+const TILE: usize = 32;
+
+/// Online-softmax state of one query head over part of the context: running max `m`, running sum `l` of
+/// `exp(score - m)`, and the unnormalized output `acc`.
+struct Partial<'a> {
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+/// Attends the `group` query heads in `qg` (sharing one kv head) to positions `range` of one sequence,
+/// folding them into `st`. `slot_of(p)` gives the cache slot of position `p`. Picks the AVX2 build of the
+/// loop when the CPU has it (detected once), else the portable one.
+#[allow(clippy::too_many_arguments)]
+fn attend_range(
+    st: &mut Partial<'_>,
+    qg: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    layout: KvLayout,
+    kvh: usize,
+    slot_of: &dyn Fn(usize) -> usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::vec::simd::has_avx2() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        unsafe { attend_range_avx2(st, qg, k_cache, v_cache, layout, kvh, slot_of, range, scale, scores) };
+        return;
+    }
+    attend_range_impl(st, qg, k_cache, v_cache, layout, kvh, slot_of, range, scale, scores, dot_scalar);
+}
+
+/// SAFETY (caller): AVX2 and FMA available.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_range_avx2(
+    st: &mut Partial<'_>,
+    qg: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    layout: KvLayout,
+    kvh: usize,
+    slot_of: &dyn Fn(usize) -> usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let dot = |a: &[f32], b: &[f32]| {
+        debug_assert_eq!(a.len(), b.len());
+        // SAFETY: both slices hold `a.len()` floats; AVX2/FMA enabled on this function.
+        unsafe { crate::vec::simd::dot_avx2(a.as_ptr(), b.as_ptr(), a.len()) }
+    };
+    attend_range_impl(st, qg, k_cache, v_cache, layout, kvh, slot_of, range, scale, scores, dot);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_range_impl(
+    st: &mut Partial<'_>,
+    qg: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    layout: KvLayout,
+    kvh: usize,
+    slot_of: &dyn Fn(usize) -> usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let hd = layout.head_dim;
+    let group = qg.len() / hd;
+    let mut offs = [0usize; TILE];
+    let mut t0 = range.start;
+    while t0 < range.end {
+        let tl = TILE.min(range.end - t0);
+        for (j, o) in offs[..tl].iter_mut().enumerate() {
+            *o = layout.offset(slot_of(t0 + j), kvh);
+        }
+        for g in 0..group {
+            let qh = &qg[g * hd..(g + 1) * hd];
+            let sc = &mut scores[g * TILE..g * TILE + tl];
+            for (s, &o) in sc.iter_mut().zip(&offs[..tl]) {
+                *s = dot(qh, &k_cache[o..o + hd]) * scale;
+            }
+            let tile_max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = st.m[g].max(tile_max);
+            if st.m[g] != m_new {
+                // exp(-inf) = 0 clears the empty initial state.
+                let corr = (st.m[g] - m_new).exp();
+                st.l[g] *= corr;
+                st.acc[g * hd..(g + 1) * hd].iter_mut().for_each(|a| *a *= corr);
+                st.m[g] = m_new;
+            }
+            let mut sum = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - m_new).exp();
+                sum += *s;
+            }
+            st.l[g] += sum;
+        }
+        for (j, &o) in offs[..tl].iter().enumerate() {
+            let v = &v_cache[o..o + hd];
+            for g in 0..group {
+                axpy(&mut st.acc[g * hd..(g + 1) * hd], scores[g * TILE + j], v);
+            }
+        }
+        t0 += tl;
+    }
+}
+
 /// Fast paged attention. `out` and `q` are `[num_tokens, num_heads, head_dim]`.
 ///
-/// Work is split over (token, head) pairs with rayon; each pair does one pass over K for scores, a softmax
-/// and one pass over V, with a per-thread scratch buffer.
+/// Work items are (token, kv head, chunk of `CHUNK` positions); the query heads sharing a kv head (GQA)
+/// read each K/V row once. Each item runs an online softmax over tiles of positions, reading K/V in place
+/// from the blocks; chunks of one (token, kv head) are then merged.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     out: &mut [f32],
@@ -78,63 +201,92 @@ pub fn paged_attention(
 ) {
     check(seqs, layout, k_cache.len().min(v_cache.len()));
     let hd = layout.head_dim;
-    let group = num_heads / layout.num_kv_heads;
-    // (seq index, query index) per token row.
-    let mut rows: Vec<(usize, usize)> = Vec::with_capacity(out.len() / (num_heads * hd).max(1));
+    let nkv = layout.num_kv_heads;
+    let group = num_heads / nkv;
+    // Work items: (seq, query index, kv head, chunk start, chunk end), grouped by (token, kv head).
+    let mut items: Vec<(u32, u32, u32, u32, u32)> = Vec::new();
+    // First item of each (token, kv head) pair, plus a final end marker.
+    let mut pair_start: Vec<usize> = Vec::new();
     for (si, s) in seqs.iter().enumerate() {
         for i in 0..s.query_len {
-            rows.push((si, i));
+            let ctx = s.context_len - s.query_len + i + 1;
+            for kvh in 0..nkv {
+                pair_start.push(items.len());
+                for c0 in (0..ctx).step_by(CHUNK) {
+                    items.push((si as u32, i as u32, kvh as u32, c0 as u32, ctx.min(c0 + CHUNK) as u32));
+                }
+            }
         }
     }
-    // One work item per (token, kv head): the query heads sharing a kv head (GQA) read each K/V row once.
-    // Decode batches of a single sequence still spread over the threads.
-    let work = |(idx, out_g): (usize, &mut [f32]), scores: &mut Vec<f32>| {
-        let (t_row, kvh) = (idx / layout.num_kv_heads, idx % layout.num_kv_heads);
-        let (si, i) = rows[t_row];
-        let s = &seqs[si];
-        let t = s.query_start + i;
-        let ctx = s.context_len - s.query_len + i + 1;
+    pair_start.push(items.len());
+    let pairs = pair_start.len() - 1;
+    let out = &mut out[..pairs * group * hd];
+    // Runs item `idx` into `buf` = per query head m, then l, then acc[hd].
+    let work = |idx: usize, buf: &mut [f32], scores: &mut Vec<f32>| {
+        let (si, i, kvh, c0, c1) = items[idx];
+        let (s, kvh) = (&seqs[si as usize], kvh as usize);
+        let t = s.query_start + i as usize;
         let q0 = (t * num_heads + kvh * group) * hd;
+        let bs = layout.block_size;
+        let slot_of = |p: usize| s.block_table[p / bs] as usize * bs + p % bs;
+        let (ml, acc) = buf.split_at_mut(2 * group);
+        let (m, l) = ml.split_at_mut(group);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        acc.fill(0.0);
+        scores.resize(group * TILE, 0.0);
+        let mut st = Partial { m, l, acc };
         let qg = &q[q0..q0 + group * hd];
-        scores.clear();
-        scores.resize(group * ctx, 0.0);
-        let slot_of =
-            |p: usize| s.block_table[p / layout.block_size] as usize * layout.block_size + p % layout.block_size;
-        for p in 0..ctx {
-            let o = layout.offset(slot_of(p), kvh);
-            let k = &k_cache[o..o + hd];
+        attend_range(&mut st, qg, k_cache, v_cache, layout, kvh, &slot_of, c0 as usize..c1 as usize, scale, scores);
+    };
+    let stride = group * (hd + 2);
+    if items.len() == pairs {
+        // Every context fits one chunk: normalize straight into the output (the same arithmetic as merging a
+        // single chunk, so results do not depend on which path a batch takes).
+        let direct = |(pair, out_g): (usize, &mut [f32]), scratch: &mut (Vec<f32>, Vec<f32>)| {
+            let (buf, scores) = scratch;
+            buf.resize(stride, 0.0);
+            work(pair, buf, scores);
             for g in 0..group {
-                scores[g * ctx + p] = dot(&qg[g * hd..(g + 1) * hd], k) * scale;
+                let inv = 1.0 / buf[group + g];
+                let acc = &buf[2 * group + g * hd..2 * group + (g + 1) * hd];
+                for (o, a) in out_g[g * hd..(g + 1) * hd].iter_mut().zip(acc) {
+                    *o = a * inv;
+                }
             }
+        };
+        if pairs <= 1 {
+            let mut scratch = Default::default();
+            out.chunks_mut(group * hd).enumerate().for_each(|item| direct(item, &mut scratch));
+        } else {
+            out.par_chunks_mut(group * hd).enumerate().for_each_init(Default::default, |sc, item| direct(item, sc));
         }
-        for sc in scores.chunks_exact_mut(ctx) {
-            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in sc.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
+        return;
+    }
+    let mut partial = vec![0f32; items.len() * stride];
+    partial.par_chunks_mut(stride).enumerate().for_each_init(Vec::new, |scores, (idx, buf)| work(idx, buf, scores));
+    // Merge the chunks of each (token, kv head) into the output rows of its query heads.
+    let merge = |(pair, out_g): (usize, &mut [f32])| {
+        let chunks = &partial[pair_start[pair] * stride..pair_start[pair + 1] * stride];
+        for g in 0..group {
+            let m = chunks.chunks_exact(stride).map(|c| c[g]).fold(f32::NEG_INFINITY, f32::max);
+            let o = &mut out_g[g * hd..(g + 1) * hd];
+            o.fill(0.0);
+            let mut l = 0f32;
+            for c in chunks.chunks_exact(stride) {
+                let w = (c[g] - m).exp();
+                l += c[group + g] * w;
+                axpy(o, w, &c[2 * group + g * hd..2 * group + (g + 1) * hd]);
             }
-            let inv = 1.0 / sum;
-            sc.iter_mut().for_each(|x| *x *= inv);
-        }
-        out_g.fill(0.0);
-        for p in 0..ctx {
-            let o = layout.offset(slot_of(p), kvh);
-            let v = &v_cache[o..o + hd];
-            for (g, oh) in out_g.chunks_exact_mut(hd).enumerate() {
-                axpy(oh, scores[g * ctx + p], v);
-            }
+            let inv = 1.0 / l;
+            o.iter_mut().for_each(|x| *x *= inv);
         }
     };
-    let items = rows.len() * layout.num_kv_heads;
-    let out = &mut out[..items * group * hd];
-    if items <= 1 {
-        let mut scores = Vec::new();
-        for item in out.chunks_mut(group * hd).enumerate() {
-            work(item, &mut scores);
-        }
+    // A decode step has a handful of pairs: merging them is cheaper than waking the pool.
+    if pairs <= 16 {
+        out.chunks_mut(group * hd).enumerate().for_each(merge);
     } else {
-        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, item| work(item, scores));
+        out.par_chunks_mut(group * hd).enumerate().for_each(merge);
     }
 }
 
@@ -226,7 +378,7 @@ mod tests {
             let mut tables = Vec::new();
             let mut shapes = Vec::new();
             for _ in 0..nseq {
-                let ctx = 1 + rng.below(40.min(num_blocks * layout.block_size / nseq));
+                let ctx = 1 + rng.below(400.min(num_blocks * layout.block_size / nseq));
                 let qlen = if rng.below(2) == 0 { 1 } else { 1 + rng.below(ctx) };
                 let nb = ctx.div_ceil(layout.block_size);
                 tables.push(free.drain(..nb).collect::<Vec<u32>>());
@@ -247,6 +399,43 @@ mod tests {
             paged_attention_reference(&mut slow, &q, &k, &v, layout, num_heads, &seqs, scale);
             let max_err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(max_err < 1e-4, "trial {trial}: max abs error {max_err}");
+        }
+    }
+
+    /// A sequence's output is bitwise the same alone and batched with others, whether or not the batch needs
+    /// chunk merging (a long companion), and whether its rows come as one prefill or one by one.
+    #[test]
+    fn results_are_bitwise_independent_of_the_batch() {
+        let mut rng = Lcg(5);
+        let layout = KvLayout { block_size: 16, num_kv_heads: 2, head_dim: 64 };
+        let nh = 6;
+        let len = 64 * layout.block_stride();
+        let k: Vec<f32> = (0..len).map(|_| rng.next_f32()).collect();
+        let v: Vec<f32> = (0..len).map(|_| rng.next_f32()).collect();
+        let short: Vec<u32> = (0..6).collect();
+        let long: Vec<u32> = (10..40).collect();
+        let row = nh * layout.head_dim;
+        let q: Vec<f32> = (0..8 * row).map(|_| rng.next_f32()).collect();
+        let run = |seqs: &[AttnSeq<'_>], rows: usize| {
+            let mut out = vec![0f32; rows * row];
+            paged_attention(&mut out, &q[..rows * row], &k, &v, layout, nh, seqs, 0.125);
+            out
+        };
+        // The short sequence's last 3 positions (context 90) as one prefill chunk.
+        let alone = run(&[AttnSeq { query_start: 0, query_len: 3, context_len: 90, block_table: &short }], 3);
+        let with_long = run(
+            &[
+                AttnSeq { query_start: 0, query_len: 3, context_len: 90, block_table: &short },
+                AttnSeq { query_start: 3, query_len: 1, context_len: 470, block_table: &long },
+            ],
+            4,
+        );
+        assert_eq!(alone[..], with_long[..3 * row]);
+        for i in 0..3 {
+            let one = AttnSeq { query_start: 0, query_len: 1, context_len: 88 + i, block_table: &short };
+            let mut out = vec![0f32; row];
+            paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125);
+            assert_eq!(out[..], alone[i * row..(i + 1) * row], "row {i} decoded alone");
         }
     }
 

@@ -206,6 +206,40 @@ impl RowRef<'_> {
         }
     }
 
+    /// `dot_rows` for large batches: decodes the row into `raw` once, then runs the same arithmetic.
+    fn dot_rows_predecoded(&self, raw: &mut [f32], xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::has_avx2() {
+            self.decode_raw(raw);
+            // SAFETY: AVX2 and FMA were detected at run time; `raw` holds the decoded row, `xs` and `xsums`
+            // are sized by the caller, `qmatmul`.
+            unsafe { simd::rows_dot_raw_avx2(*self, raw, xs, xsums, out) };
+            return;
+        }
+        self.dot_rows(xs, xsums, out);
+    }
+
+    /// The row's quantized values as f32, unscaled, in block order (what the fused kernel decodes per block).
+    fn decode_raw(&self, out: &mut [f32]) {
+        let qb = self.format.qs_bytes();
+        for (b, q) in self.qs.chunks_exact(qb).enumerate() {
+            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
+            match self.format {
+                QuantFormat::Q4_1 => {
+                    for j in 0..16 {
+                        o[j] = (q[j] & 0xF) as f32;
+                        o[j + 16] = (q[j] >> 4) as f32;
+                    }
+                }
+                QuantFormat::Q8_0 => {
+                    for j in 0..32 {
+                        o[j] = q[j] as i8 as f32;
+                    }
+                }
+            }
+        }
+    }
+
     /// Q4_1 row × each 8-bit activation row of `acts` (`out.len()` rows).
     fn dot_rows_q8(&self, acts: &Q8Acts, out: &mut [f32]) {
         debug_assert_eq!(self.format, QuantFormat::Q4_1);
@@ -274,6 +308,9 @@ const ROWS_PER_TASK: usize = 16;
 /// (the weight read is shared across the batch, which is where batching pays on a CPU). One row (decode):
 /// fused dequantize-and-dot. Several rows (prefill, batched decode): each weight row is dequantized once to
 /// f32 and dotted with the activation rows four at a time.
+/// Above this many activation rows, weight rows are decoded once and reused (same arithmetic).
+const SMALL_BATCH: usize = 16;
+
 pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
     let n = x.len() / k;
@@ -291,24 +328,24 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
         });
         return;
     }
-    // yt is [m, n]: each task owns a contiguous run of output features.
+    // yt is [m, n]: each task owns a contiguous run of output features. Every batch size runs the same
+    // arithmetic (the fused kernel's block order), so a row's result is bitwise the same whether it is
+    // computed alone, in a decode batch or in a prefill: a prompt served from the prefix cache samples exactly
+    // as it would have cold. Large batches decode each weight row once up front instead of per few rows.
     let mut yt = vec![0f32; m * n];
+    let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
     if n <= SMALL_BATCH {
-        // Small batches (batched decode): decode each weight block once, apply it to every row.
-        let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
         yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
             for (i, o) in out.chunks_exact_mut(n).enumerate() {
                 w.row(t * ROWS_PER_TASK + i).dot_rows(x, &xsums, o);
             }
         });
     } else {
-        // Prefill: dequantize each weight row once, then f32 dot products four activation rows at a time.
         yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each_init(
             || vec![0f32; k],
-            |wrow, (t, out)| {
+            |raw, (t, out)| {
                 for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                    w.row(t * ROWS_PER_TASK + i).dequantize(wrow);
-                    crate::vec::dot_many(wrow, x, o);
+                    w.row(t * ROWS_PER_TASK + i).dot_rows_predecoded(raw, x, &xsums, o);
                 }
             },
         );
@@ -319,9 +356,6 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
         }
     }
 }
-
-/// Up to this many activation rows, the fused decode-and-dot path beats dequantize-then-dot.
-const SMALL_BATCH: usize = 16;
 
 /// Activations rounded to 8 bits per block: `x ≈ d · q`, plus the exact f32 block sums.
 pub struct Q8Acts {
@@ -425,11 +459,39 @@ mod simd {
     /// `out.len() * nb` block sums.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rows_dot_avx2(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+        let qp = row.qs.as_ptr();
+        rows_dot_body(row, |b| block_values(row.format, qp, b), xs, xsums, out);
+    }
+
+    /// `rows_dot_avx2` with the blocks already decoded into `raw` (unscaled quantized values as f32, laid
+    /// out like `block_values`): the same arithmetic in the same order, so bitwise the same results, without
+    /// decoding each block again for every few activation rows. For large batches (prefill).
+    ///
+    /// SAFETY (caller): as `rows_dot_avx2`, and `raw` holds `nb * 32` floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_dot_raw_avx2(row: RowRef<'_>, raw: &[f32], xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+        debug_assert!(raw.len() >= row.scales.len() * BLOCK);
+        let rp = raw.as_ptr();
+        let load = |b: usize| {
+            let p = rp.add(b * BLOCK);
+            [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
+        };
+        rows_dot_body(row, load, xs, xsums, out);
+    }
+
+    /// Shared body of the fused dot kernels; `block(b)` yields block `b`'s 32 unscaled values.
+    #[inline(always)]
+    unsafe fn rows_dot_body(
+        row: RowRef<'_>,
+        block: impl Fn(usize) -> [__m256; 4],
+        xs: &[f32],
+        xsums: &[f32],
+        out: &mut [f32],
+    ) {
         const R: usize = 4;
         let nb = row.scales.len();
         let k = nb * BLOCK;
         debug_assert!(xs.len() >= out.len() * k && xsums.len() >= out.len() * nb);
-        let qp = row.qs.as_ptr();
         let has_mins = row.format == QuantFormat::Q4_1;
         let mut t0 = 0;
         while t0 < out.len() {
@@ -437,7 +499,7 @@ mod simd {
             let mut acc = [_mm256_setzero_ps(); R];
             let mut mins = [0f32; R];
             for b in 0..nb {
-                let w = block_values(row.format, qp, b);
+                let w = block(b);
                 let d = _mm256_set1_ps(*row.scales.get_unchecked(b));
                 for (r, a) in acc.iter_mut().enumerate().take(rows) {
                     let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
@@ -623,6 +685,27 @@ mod tests {
             for (r, want) in slow.iter().enumerate() {
                 let got = w.row(r).dot_scalar(&x, &xsum);
                 assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{format:?} row {r}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// Each activation row gets bitwise the same result alone, in a decode batch and in a prefill batch
+    /// (what keeps seeded sampling independent of batching and of the prefix cache).
+    #[test]
+    fn results_are_bitwise_independent_of_batch_size() {
+        let mut rng = Lcg(7);
+        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+            let (rows, cols) = (24, 96);
+            let w = random_matrix(&mut rng, format, rows, cols);
+            for n in [2usize, 5, 16, 17, 40] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                let mut batched = vec![0f32; n * rows];
+                qmatmul(&w, &x, &mut batched);
+                for t in 0..n {
+                    let mut alone = vec![0f32; rows];
+                    qmatmul(&w, &x[t * cols..(t + 1) * cols], &mut alone);
+                    assert_eq!(&batched[t * rows..(t + 1) * rows], &alone[..], "{format:?} n={n} row {t}");
+                }
             }
         }
     }

@@ -79,6 +79,7 @@ pub(crate) mod simd {
     }
 
     /// SAFETY (caller): AVX2/FMA available; `a` and `b` point to `n` readable floats.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2(a: *const f32, b: *const f32, n: usize) -> f32 {
         let mut acc0 = _mm256_setzero_ps();
