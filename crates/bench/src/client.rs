@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 /// How one request went. Times are measured from just before the request was sent.
 #[derive(Clone, Debug, Default)]
 pub struct Outcome {
-    /// `None` when the request succeeded; else its kind: `http_<status>`, `connect`, `timeout`,
+    /// `None` when the request succeeded; else its kind: `http_<status>`, `connect`, `send` (the request
+    /// could not be written, e.g. the server closed the connection), `timeout`,
     /// `stream_broken` (the stream ended without `[DONE]`), `stream_error` (an error event in the stream).
     pub error: Option<String>,
     /// Time to the first event carrying output text.
@@ -43,13 +44,18 @@ async fn follow(
     start: Instant,
     out: &mut Outcome,
 ) -> Result<(), String> {
-    let resp = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .map_err(|e| if e.is_timeout() { "timeout".to_string() } else { "connect".to_string() })?;
+    let resp =
+        client.post(url).header("content-type", "application/json").body(body.to_string()).send().await.map_err(
+            |e| {
+                if e.is_timeout() {
+                    "timeout".to_string()
+                } else if e.is_connect() {
+                    "connect".to_string()
+                } else {
+                    "send".to_string()
+                }
+            },
+        )?;
     let status = resp.status().as_u16();
     if !(200..300).contains(&status) {
         return Err(format!("http_{status}"));

@@ -265,12 +265,11 @@ pub async fn run(cfg: BenchConfig) -> Result<Report> {
         bail!("--num-prompts, --rounds and the load levels must be positive");
     }
     let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let max_conc = cfg.loads.iter().map(|l| match l {
-        Load::Concurrency(c) => *c,
-        Load::RequestRate { max_concurrency, .. } => max_concurrency.unwrap_or(64),
-    });
+    // A fresh connection per request: servers differ in how long they keep idle connections (llama-server
+    // closes them), and a request sent on a connection the server is closing fails for reasons that have
+    // nothing to do with serving. Connecting over loopback costs well under a millisecond.
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(max_conc.max().unwrap_or(1))
+        .pool_max_idle_per_host(0)
         .connect_timeout(Duration::from_secs(10))
         .build()
         .context("HTTP client")?;
