@@ -288,6 +288,7 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         // candle sizes its own thread use from RAYON_NUM_THREADS; our kernels use the global rayon pool.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
+        mlx_serving_kernels::pool::set_threads(n);
     }
     Ok(())
 }

@@ -13,8 +13,8 @@
 //! `query_len` positions, so query `i` sees positions `0 ..= context_len - query_len + i` (causal).
 //! Grouped-query attention: query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
 
+use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with};
 use crate::vec::{axpy, dot_scalar};
-use rayon::prelude::*;
 
 /// Shape of the paged cache for one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,12 +259,12 @@ pub fn paged_attention(
             let mut scratch = Default::default();
             out.chunks_mut(group * hd).enumerate().for_each(|item| direct(item, &mut scratch));
         } else {
-            out.par_chunks_mut(group * hd).enumerate().for_each_init(Default::default, |sc, item| direct(item, sc));
+            for_each_chunk_mut_with(out, group * hd, Default::default, |sc, i, chunk| direct((i, chunk), sc));
         }
         return;
     }
     let mut partial = vec![0f32; items.len() * stride];
-    partial.par_chunks_mut(stride).enumerate().for_each_init(Vec::new, |scores, (idx, buf)| work(idx, buf, scores));
+    for_each_chunk_mut_with(&mut partial, stride, Vec::new, |scores, idx, buf| work(idx, buf, scores));
     // Merge the chunks of each (token, kv head) into the output rows of its query heads.
     let merge = |(pair, out_g): (usize, &mut [f32])| {
         let chunks = &partial[pair_start[pair] * stride..pair_start[pair + 1] * stride];
@@ -286,7 +286,7 @@ pub fn paged_attention(
     if pairs <= 16 {
         out.chunks_mut(group * hd).enumerate().for_each(merge);
     } else {
-        out.par_chunks_mut(group * hd).enumerate().for_each(merge);
+        for_each_chunk_mut(out, group * hd, |i, chunk| merge((i, chunk)));
     }
 }
 

@@ -6,6 +6,7 @@
 //! layouts documented on each function, so the engine crates stay free of candle.
 
 pub mod attention;
+pub mod pool;
 pub mod quant;
 pub mod vec;
 

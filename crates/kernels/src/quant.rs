@@ -13,8 +13,8 @@
 //!
 //! For a block, `Σ w·x = d·Σ q·x + m·Σ x`, so each activation row's per-block sums `Σ x` are computed once.
 
+use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with};
 use half::f16;
-use rayon::prelude::*;
 
 pub const BLOCK: usize = 32;
 
@@ -321,7 +321,7 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     }
     if n == 1 {
         let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
+        for_each_chunk_mut(y, ROWS_PER_TASK, |t, out| {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = w.row(t * ROWS_PER_TASK + i).dot(x, &xsum);
             }
@@ -335,15 +335,17 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     let mut yt = vec![0f32; m * n];
     let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
     if n <= SMALL_BATCH {
-        yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
+        for_each_chunk_mut(&mut yt, ROWS_PER_TASK * n, |t, out| {
             for (i, o) in out.chunks_exact_mut(n).enumerate() {
                 w.row(t * ROWS_PER_TASK + i).dot_rows(x, &xsums, o);
             }
         });
     } else {
-        yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each_init(
+        for_each_chunk_mut_with(
+            &mut yt,
+            ROWS_PER_TASK * n,
             || vec![0f32; k],
-            |raw, (t, out)| {
+            |raw, t, out| {
                 for (i, o) in out.chunks_exact_mut(n).enumerate() {
                     w.row(t * ROWS_PER_TASK + i).dot_rows_predecoded(raw, x, &xsums, o);
                 }
@@ -389,7 +391,7 @@ fn qmatmul_int8(w: &QMatrix, x: &[f32], y: &mut [f32], n: usize) {
     let (k, m) = (w.cols, w.rows);
     let acts = Q8Acts::quantize(x, k);
     if n == 1 {
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, out)| {
+        for_each_chunk_mut(y, ROWS_PER_TASK, |t, out| {
             for (i, o) in out.iter_mut().enumerate() {
                 w.row(t * ROWS_PER_TASK + i).dot_rows_q8(&acts, std::slice::from_mut(o));
             }
@@ -397,7 +399,7 @@ fn qmatmul_int8(w: &QMatrix, x: &[f32], y: &mut [f32], n: usize) {
         return;
     }
     let mut yt = vec![0f32; m * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
+    for_each_chunk_mut(&mut yt, ROWS_PER_TASK * n, |t, out| {
         for (i, o) in out.chunks_exact_mut(n).enumerate() {
             w.row(t * ROWS_PER_TASK + i).dot_rows_q8(&acts, o);
         }

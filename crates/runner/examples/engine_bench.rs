@@ -52,6 +52,7 @@ fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("pool");
+    mlx_serving_kernels::pool::set_threads(threads);
     let bundle = Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).expect("load"));
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
     let prompts: Vec<Vec<u32>> = refs["items"]
