@@ -78,70 +78,46 @@ struct Partial<'a> {
     acc: &'a mut [f32],
 }
 
-/// Attends the `group` query heads in `qg` (sharing one kv head) to positions `range` of one sequence,
-/// folding them into `st`. `slot_of(p)` gives the cache slot of position `p`. Picks the AVX2 build of the
-/// loop when the CPU has it (detected once), else the portable one.
-#[allow(clippy::too_many_arguments)]
-fn attend_range(
-    st: &mut Partial<'_>,
-    qg: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+/// One work item: the `group` query heads in `qg` (sharing kv head `kvh`) over positions `range` of one
+/// sequence, whose cache slots `slot_of` gives.
+struct Span<'a> {
+    qg: &'a [f32],
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
     layout: KvLayout,
     kvh: usize,
-    slot_of: &dyn Fn(usize) -> usize,
+    slot_of: &'a dyn Fn(usize) -> usize,
     range: std::ops::Range<usize>,
     scale: f32,
-    scores: &mut [f32],
-) {
+}
+
+/// Folds `sp` into `st`. Picks the AVX2 build of the loop when the CPU has it (detected once), else the
+/// portable one.
+fn attend_range(st: &mut Partial<'_>, sp: &Span<'_>, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::vec::simd::has_avx2() {
         // SAFETY: AVX2 and FMA were detected at run time.
-        unsafe { attend_range_avx2(st, qg, k_cache, v_cache, layout, kvh, slot_of, range, scale, scores) };
+        unsafe { attend_range_avx2(st, sp, scores) };
         return;
     }
-    attend_range_impl(st, qg, k_cache, v_cache, layout, kvh, slot_of, range, scale, scores, dot_scalar);
+    attend_range_impl(st, sp, scores, dot_scalar);
 }
 
 /// SAFETY (caller): AVX2 and FMA available.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_range_avx2(
-    st: &mut Partial<'_>,
-    qg: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    layout: KvLayout,
-    kvh: usize,
-    slot_of: &dyn Fn(usize) -> usize,
-    range: std::ops::Range<usize>,
-    scale: f32,
-    scores: &mut [f32],
-) {
+unsafe fn attend_range_avx2(st: &mut Partial<'_>, sp: &Span<'_>, scores: &mut [f32]) {
     let dot = |a: &[f32], b: &[f32]| {
         debug_assert_eq!(a.len(), b.len());
         // SAFETY: both slices hold `a.len()` floats; AVX2/FMA enabled on this function.
         unsafe { crate::vec::simd::dot_avx2(a.as_ptr(), b.as_ptr(), a.len()) }
     };
-    attend_range_impl(st, qg, k_cache, v_cache, layout, kvh, slot_of, range, scale, scores, dot);
+    attend_range_impl(st, sp, scores, dot);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_range_impl(
-    st: &mut Partial<'_>,
-    qg: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    layout: KvLayout,
-    kvh: usize,
-    slot_of: &dyn Fn(usize) -> usize,
-    range: std::ops::Range<usize>,
-    scale: f32,
-    scores: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-) {
+fn attend_range_impl(st: &mut Partial<'_>, sp: &Span<'_>, scores: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+    let Span { qg, k_cache, v_cache, layout, kvh, slot_of, ref range, scale } = *sp;
     let hd = layout.head_dim;
     let group = qg.len() / hd;
     let mut offs = [0usize; TILE];
@@ -236,8 +212,17 @@ pub fn paged_attention(
         acc.fill(0.0);
         scores.resize(group * TILE, 0.0);
         let mut st = Partial { m, l, acc };
-        let qg = &q[q0..q0 + group * hd];
-        attend_range(&mut st, qg, k_cache, v_cache, layout, kvh, &slot_of, c0 as usize..c1 as usize, scale, scores);
+        let span = Span {
+            qg: &q[q0..q0 + group * hd],
+            k_cache,
+            v_cache,
+            layout,
+            kvh,
+            slot_of: &slot_of,
+            range: c0 as usize..c1 as usize,
+            scale,
+        };
+        attend_range(&mut st, &span, scores);
     };
     let stride = group * (hd + 2);
     if items.len() == pairs {

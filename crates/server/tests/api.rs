@@ -1,10 +1,12 @@
 //! The HTTP API on the real default model: a table of bad requests, each with its status and error fields,
 //! after which the server still serves; and client disconnects free the engine.
 
+mod common;
+
 use mlx_serving_engine::{EngineCore, EngineHandle};
 use mlx_serving_models::{LoadOptions, ModelBundle};
 use mlx_serving_runner::ModelExecutor;
-use mlx_serving_server::{router, AppState, ServerOptions};
+use mlx_serving_server::{AppState, ServerOptions};
 use mlx_serving_test_support::smollm2_path;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -24,16 +26,7 @@ fn start_with(options: ServerOptions) -> (SocketAddr, EngineHandle) {
     let exec = ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
     let (engine, _join) = EngineCore::spawn(cfg, exec);
     let state = Arc::new(AppState::with_options(engine.clone(), bundle, "smollm2".into(), options));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(l, router(state)).await.unwrap();
-        });
-    });
+    let addr = common::serve(state);
     (addr, engine)
 }
 

@@ -2,13 +2,14 @@
 //! transcripts and JSON bodies are exact and snapshotted (`cargo insta review` after a deliberate change).
 //!
 //! The tokenizer and chat template are the default model's, so token ids and text are the real ones.
+mod common;
 
 use mlx_serving_engine::{
     EngineCore, Executor, ExecutorError, RequestId, RunnerOutput, SamplingParams, SchedulerOutput, TokenLogprobs,
 };
 use mlx_serving_models::{LoadOptions, ModelBundle};
 use mlx_serving_runner::ModelExecutor;
-use mlx_serving_server::{router, AppState};
+use mlx_serving_server::AppState;
 use mlx_serving_test_support::smollm2_path;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -70,17 +71,7 @@ fn start() -> SocketAddr {
     };
     let (engine, _join) = EngineCore::spawn(cfg, exec);
     let state = Arc::new(AppState::new(engine, bundle, "smollm2".into()));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(l, router(state)).await.unwrap();
-        });
-    });
-    addr
+    common::serve(state)
 }
 
 /// POSTs `body` with a fixed `x-request-id` (so response ids are stable); returns status and body, with
