@@ -66,7 +66,8 @@ pub struct EndpointLevel {
     /// Prompt tokens of completed requests, as the server's usage reported them (0 where it gave none).
     pub total_input_tokens: usize,
     pub total_output_tokens: usize,
-    /// Where output token counts came from: `usage` (the server's), `chunks` (counted text events), `mixed`.
+    /// Where output token counts came from: `usage` (the server's), `chunks` (counted text events), `mixed`,
+    /// or `none` (no request completed).
     pub token_count_source: String,
     pub ttft_ms: Dist,
     /// Gaps between successive text events.
@@ -115,6 +116,7 @@ pub fn summarize(url: &str, rounds: &[(Vec<Outcome>, Duration)]) -> EndpointLeve
     let total_output_tokens: usize = ok.iter().map(|o| o.output_tokens).sum();
     let from_usage = ok.iter().filter(|o| o.tokens_from_usage).count();
     let token_count_source = match from_usage {
+        _ if ok.is_empty() => "none",
         n if n == ok.len() => "usage",
         0 => "chunks",
         _ => "mixed",

@@ -169,6 +169,7 @@ async fn errors_are_counted_and_do_not_stop_the_run() {
     assert_eq!(e.errors.get("stream_broken"), Some(&2));
     let dead = &report.levels[0].endpoints[1];
     assert_eq!((dead.completed, dead.errors.get("connect")), (0, Some(&8)), "{dead:?}");
+    assert_eq!(dead.token_count_source, "none");
 
     // The JSON report has every field.
     let v = serde_json::to_value(&report).unwrap();
