@@ -481,43 +481,66 @@ mod simd {
         rows_dot_body(row, load, xs, xsums, out);
     }
 
-    /// Shared body of the fused dot kernels; `block(b)` yields block `b`'s 32 unscaled values.
+    /// Shared body of the fused dot kernels; `block(b)` yields block `b`'s 32 unscaled values. Activation
+    /// rows go in groups of 4, then the remainder as one group of 3, 2 or 1: each group size is its own
+    /// fully unrolled instance, so the accumulators stay in registers (a dynamic row count kept them on the
+    /// stack, and every block waited on a store and a reload). Each row's arithmetic is the same in every
+    /// group size, so results do not depend on the batch.
     #[inline(always)]
     unsafe fn rows_dot_body(
         row: RowRef<'_>,
-        block: impl Fn(usize) -> [__m256; 4],
+        block: impl Fn(usize) -> [__m256; 4] + Copy,
         xs: &[f32],
         xsums: &[f32],
         out: &mut [f32],
     ) {
-        const R: usize = 4;
+        let nb = row.scales.len();
+        debug_assert!(xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
+        let mut t0 = 0;
+        while out.len() - t0 >= 4 {
+            rows_dot_group::<4>(row, block, xs, xsums, t0, &mut out[t0..t0 + 4]);
+            t0 += 4;
+        }
+        match out.len() - t0 {
+            3 => rows_dot_group::<3>(row, block, xs, xsums, t0, &mut out[t0..]),
+            2 => rows_dot_group::<2>(row, block, xs, xsums, t0, &mut out[t0..]),
+            1 => rows_dot_group::<1>(row, block, xs, xsums, t0, &mut out[t0..]),
+            _ => {}
+        }
+    }
+
+    /// Activation rows `t0 .. t0 + G` of `xs` against one weight row.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
+    unsafe fn rows_dot_group<const G: usize>(
+        row: RowRef<'_>,
+        block: impl Fn(usize) -> [__m256; 4],
+        xs: &[f32],
+        xsums: &[f32],
+        t0: usize,
+        out: &mut [f32],
+    ) {
         let nb = row.scales.len();
         let k = nb * BLOCK;
-        debug_assert!(xs.len() >= out.len() * k && xsums.len() >= out.len() * nb);
         let has_mins = row.format == QuantFormat::Q4_1;
-        let mut t0 = 0;
-        while t0 < out.len() {
-            let rows = R.min(out.len() - t0);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut mins = [0f32; R];
-            for b in 0..nb {
-                let w = block(b);
-                let d = _mm256_set1_ps(*row.scales.get_unchecked(b));
-                for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                    let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
-                    *a = _mm256_fmadd_ps(d, block_dot(&w, xb), *a);
-                }
-                if has_mins {
-                    let m = *row.mins.get_unchecked(b);
-                    for (r, mn) in mins.iter_mut().enumerate().take(rows) {
-                        *mn += m * *xsums.get_unchecked((t0 + r) * nb + b);
-                    }
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut mins = [0f32; G];
+        for b in 0..nb {
+            let w = block(b);
+            let d = _mm256_set1_ps(*row.scales.get_unchecked(b));
+            for r in 0..G {
+                let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
+                acc[r] = _mm256_fmadd_ps(d, block_dot(&w, xb), acc[r]);
+            }
+            if has_mins {
+                let m = *row.mins.get_unchecked(b);
+                for r in 0..G {
+                    mins[r] += m * *xsums.get_unchecked((t0 + r) * nb + b);
                 }
             }
-            for r in 0..rows {
-                out[t0 + r] = hsum(acc[r]) + mins[r];
-            }
-            t0 += rows;
+        }
+        for r in 0..G {
+            out[r] = hsum(acc[r]) + mins[r];
         }
     }
 
