@@ -36,7 +36,10 @@ struct Shared {
     /// Workers currently between announcing themselves and leaving a job (see `run`).
     active: AtomicUsize,
     epoch: AtomicUsize,
-    sleepers: Mutex<usize>,
+    /// Parked workers. Changed only under `park`; read without it by `run`, so posting a job takes no lock
+    /// unless someone is asleep.
+    sleepers: AtomicUsize,
+    park: Mutex<()>,
     wake: Condvar,
     busy: AtomicBool,
 }
@@ -76,7 +79,8 @@ impl Pool {
             job: AtomicPtr::new(std::ptr::null_mut()),
             active: AtomicUsize::new(0),
             epoch: AtomicUsize::new(0),
-            sleepers: Mutex::new(0),
+            sleepers: AtomicUsize::new(0),
+            park: Mutex::new(()),
             wake: Condvar::new(),
             busy: AtomicBool::new(false),
         });
@@ -114,7 +118,10 @@ impl Pool {
         let s = &*self.shared;
         s.job.store(&job as *const Job as *mut Job, Ordering::SeqCst);
         s.epoch.fetch_add(1, Ordering::SeqCst);
-        if *s.sleepers.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
+        // A worker raises `sleepers` and then re-reads `epoch` (both SeqCst, under `park`): if we read zero
+        // here, its re-read comes after our increment and it does not park.
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
         work_on(&job, 0);
@@ -164,12 +171,13 @@ fn worker(s: &Shared, id: usize) {
             std::hint::spin_loop();
             spins += 1;
             if spins.is_multiple_of(256) && start.elapsed() > SPIN {
-                let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
-                *sleepers += 1;
+                let mut guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
                 while s.epoch.load(Ordering::SeqCst) == seen {
-                    sleepers = s.wake.wait(sleepers).unwrap_or_else(|e| e.into_inner());
+                    guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
                 }
-                *sleepers -= 1;
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
+                drop(guard);
                 break;
             }
         }
@@ -252,6 +260,24 @@ mod tests {
             c.iter_mut().for_each(|x| *x += i as u32 + 1);
         });
         assert!(data.iter().enumerate().all(|(j, &x)| x == (j / 10) as u32 + 1));
+    }
+
+    /// After the workers have parked, a new job wakes them: a lost wake-up would leave every task to the
+    /// caller (worker 0), which this catches.
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let pool = Pool::new(2);
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(5)); // far past SPIN: the worker parks
+            let helped = AtomicU64::new(0);
+            pool.run(8, &|_, w| {
+                std::thread::sleep(Duration::from_millis(2));
+                if w != 0 {
+                    helped.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(helped.load(Ordering::Relaxed) > 0, "the parked worker never joined");
+        }
     }
 
     #[test]

@@ -298,6 +298,12 @@ fn completion_prompts(s: &AppState, prompt: &Value, echo: bool) -> Result<Vec<Pr
         Ok(Prompt { ids, echo })
     };
     let shape = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists";
+    // Refuse an oversized batch before tokenizing any of it.
+    if let Value::Array(items) = prompt {
+        if items.len() > MAX_CHOICES && !items.iter().all(Value::is_number) {
+            return Err(bad(&format!("at most {MAX_CHOICES} prompts per request, got {}", items.len())));
+        }
+    }
     let prompts = match prompt {
         Value::String(t) => vec![from_text(t)?],
         Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => vec![from_ids(items)?],

@@ -32,20 +32,7 @@ fn start_with(options: ServerOptions) -> (SocketAddr, EngineHandle) {
 
 /// One HTTP/1.1 request with `Connection: close`; returns (status, body).
 fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) before reading a huge body; a failed write is fine then.
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let (status, _, body) = common::request(addr, method, path, "", body);
     (status, body)
 }
 
@@ -115,6 +102,7 @@ fn bad_requests_get_the_right_status_and_error_then_the_server_still_serves() {
         ("empty prompt list", "/v1/completions", with("prompt", json!([])), 400, Some("prompt"), None),
         ("mixed prompt list", "/v1/completions", with("prompt", json!(["a", 5])), 400, Some("prompt"), None),
         ("prompt object", "/v1/completions", with("prompt", json!({"text": "a"})), 400, Some("prompt"), None),
+        ("too many prompts", "/v1/completions", with("prompt", json!(vec!["a"; 65])), 400, Some("prompt"), None),
         (
             "too many completions",
             "/v1/completions",
@@ -392,14 +380,12 @@ fn choices_logprobs_echo_token_ids_and_metrics() {
 fn api_keys_guard_the_api_and_request_ids_come_back() {
     let (addr, _engine) = start_with(ServerOptions { api_keys: vec!["sk-test".into()], ..ServerOptions::default() });
     let send = |auth: Option<&str>, extra: &str| -> String {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-        let head = format!("GET /v1/models HTTP/1.1\r\nHost: t\r\n{auth}{extra}Connection: close\r\n\r\n");
-        s.write_all(head.as_bytes()).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        common::exchange(
+            addr,
+            &format!("GET /v1/models HTTP/1.1\r\nHost: t\r\n{auth}{extra}Connection: close\r\n\r\n"),
+            b"",
+        )
     };
     let missing = send(None, "");
     assert!(missing.starts_with("HTTP/1.1 401"), "{missing}");
@@ -422,14 +408,7 @@ fn cors_preflight_and_request_timeouts() {
         request_timeout: Some(Duration::from_millis(300)),
         ..ServerOptions::default()
     });
-    let send = |head: &str| -> String {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.to_ascii_lowercase()
-    };
+    let send = |head: &str| common::exchange(addr, head, b"").to_ascii_lowercase();
     let pre = send("OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: http://localhost:3000\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n");
     assert!(pre.starts_with("http/1.1 200"), "{pre}");
     assert!(pre.contains("access-control-allow-origin: http://localhost:3000"), "{pre}");
