@@ -285,7 +285,8 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle sizes its own thread use from RAYON_NUM_THREADS; our kernels use the global rayon pool.
+        // candle (the Q4_K/Q6_K/Q5_0 matmuls) runs on rayon, sized from RAYON_NUM_THREADS and the global
+        // pool; our kernels run on their own pool (`kernels::pool`).
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
         mlx_serving_kernels::pool::set_threads(n);

@@ -184,6 +184,7 @@ impl<E: Executor> EngineCore<E> {
             }
             Command::Abort(id) => {
                 if let Some(out) = self.scheduler.abort(id) {
+                    self.publish();
                     self.deliver(out);
                 }
             }
@@ -194,6 +195,9 @@ impl<E: Executor> EngineCore<E> {
     /// One engine step.
     fn step(&mut self) {
         let mut sched = self.scheduler.schedule(Instant::now());
+        if !sched.finished.is_empty() {
+            self.publish();
+        }
         for out in std::mem::take(&mut sched.finished) {
             self.deliver(out);
         }
@@ -214,6 +218,9 @@ impl<E: Executor> EngineCore<E> {
             Ok(Err(e)) => self.fail_step(&sched, &format!("step failed: {e}")),
             Err(_) => self.fail_step(&sched, "internal error while executing the step"),
         };
+        // Publish first, so whoever sees an output also sees counters that include its step; and again
+        // after, for requests a vanished receiver aborted during delivery.
+        self.publish();
         for out in outputs {
             self.deliver(out);
         }

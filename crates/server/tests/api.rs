@@ -218,7 +218,16 @@ fn dropped_streams_free_the_engine() {
             seen.extend_from_slice(&buf[..n]);
         }
     }
-    assert!(engine.stats().running.load(Ordering::SeqCst) > 0);
+    let st = engine.stats();
+    assert!(
+        st.running.load(Ordering::SeqCst) > 0,
+        "streams are running: waiting {} running {} steps {} failed steps {} kv {}",
+        st.waiting.load(Ordering::SeqCst),
+        st.running.load(Ordering::SeqCst),
+        st.steps.load(Ordering::SeqCst),
+        st.failed_steps.load(Ordering::SeqCst),
+        st.kv_usage_ppm.load(Ordering::SeqCst)
+    );
     drop(conns);
     // The engine notices at its next output for each request; wait for that (bounded), not for a fixed time.
     let deadline = Instant::now() + Duration::from_secs(60);
