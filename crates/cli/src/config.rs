@@ -24,11 +24,18 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// The name clients use; default: the file name without `.gguf`.
     pub served_model_name: Option<String>,
+    /// Q4_1/Q8_0 matmul activations: `int8` (rounded per 32-value block, as llama.cpp; fast) or `f32`
+    /// (the float32 reference's arithmetic; about half the decode speed).
+    pub activations: String,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"), served_model_name: None }
+        Self {
+            path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            served_model_name: None,
+            activations: "int8".into(),
+        }
     }
 }
 
@@ -144,6 +151,10 @@ impl RuntimeConfig {
     }
 
     /// Checks every value; the error names the key path.
+    pub fn activations(&self) -> Result<mlx_serving_models::Activations> {
+        self.model.activations.parse().map_err(|e| anyhow::anyhow!("model.activations: {e}"))
+    }
+
     pub fn validate(&self) -> Result<()> {
         let e = &self.engine;
         let positive = [
@@ -163,6 +174,7 @@ impl RuntimeConfig {
         if e.threads == Some(0) {
             bail!("engine.threads: must be at least 1");
         }
+        self.activations()?;
         if e.block_size > 1024 {
             bail!("engine.block_size: at most 1024, got {}", e.block_size);
         }

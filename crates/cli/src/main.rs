@@ -110,6 +110,10 @@ struct ServeArgs {
     /// Model name clients use [model.served_model_name; default: the file name without .gguf].
     #[arg(long, env = "MLX_SERVING_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
+    /// Q4_1/Q8_0 matmul activations, `int8` or `f32` (float32 reference arithmetic, slower)
+    /// [model.activations; default int8].
+    #[arg(long, env = "MLX_SERVING_ACTIVATIONS")]
+    activations: Option<String>,
     /// [server.host; default 127.0.0.1]
     #[arg(long, env = "MLX_SERVING_HOST")]
     host: Option<String>,
@@ -176,6 +180,7 @@ impl ServeArgs {
         if self.served_model_name.is_some() {
             c.model.served_model_name = self.served_model_name.clone();
         }
+        set(&mut c.model.activations, &self.activations);
         set(&mut c.server.host, &self.host);
         set(&mut c.server.port, &self.port);
         if let Some(k) = &self.api_key {
@@ -258,9 +263,10 @@ struct GenerateArgs {
     /// Dequantize all weights to f32 at load (slow; matches float32 references closely).
     #[arg(long)]
     dequantize: bool,
-    /// Experimental: round activations to 8 bits in Q4_1 matmuls (faster, less accurate).
-    #[arg(long)]
-    int8_activations: bool,
+    /// Q4_1/Q8_0 matmul activations: `int8` (rounded per 32-value block, as llama.cpp) or `f32` (the
+    /// float32 reference's arithmetic, slower).
+    #[arg(long, default_value = "int8")]
+    activations: mlx_serving_models::Activations,
 }
 
 fn main() -> std::process::ExitCode {
@@ -296,9 +302,8 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let bundle =
-        ModelBundle::load(&a.model, &LoadOptions { dequantize: a.dequantize, int8_activations: a.int8_activations })
-            .with_context(|| format!("loading {}", a.model.display()))?;
+    let bundle = ModelBundle::load(&a.model, &LoadOptions { dequantize: a.dequantize, activations: a.activations })
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
         (None, Some(chat)) => {
@@ -437,7 +442,8 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     let api_keys = c.api_keys()?;
     let path = &c.model.path;
     let bundle = std::sync::Arc::new(
-        ModelBundle::load(path, &LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?,
+        ModelBundle::load(path, &LoadOptions { activations: c.activations()?, ..LoadOptions::default() })
+            .with_context(|| format!("loading {}", path.display()))?,
     );
     let name = c.model.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())

@@ -11,4 +11,4 @@ pub mod quant;
 pub mod vec;
 
 pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvLayout};
-pub use quant::{qmatmul, qmatmul_reference, QMatrix, QuantFormat};
+pub use quant::{qmatmul, qmatmul_reference, Activations, Isa, QMatrix, QuantFormat};

@@ -8,9 +8,10 @@
 //!   x ─ rms_norm ─ gate,up proj ─ silu(gate)·up ─ down proj ─(+)─
 //! ```
 //!
-//! Activations are plain f32 slices. Matmuls with Q4_1/Q8_0 weights use our f32-activation kernel; other
-//! formats (and f32 weights when loaded with `dequantize`) go through candle's `QMatMul`. Attention and
-//! cache writes are handled by `mlx_serving_kernels`.
+//! Activations are plain f32 slices. Matmuls with Q4_1/Q8_0 weights use our kernels (8-bit or f32
+//! activations, see [`LoadOptions::activations`]); other formats (and f32 weights when loaded with
+//! `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by
+//! `mlx_serving_kernels`.
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
@@ -18,7 +19,7 @@ use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, PagedKvCache};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use mlx_serving_kernels::{paged_attention, qmatmul, AttnSeq, QMatrix, QuantFormat};
+use mlx_serving_kernels::{paged_attention, qmatmul, Activations, AttnSeq, QMatrix, QuantFormat};
 use std::path::Path;
 
 #[derive(Clone, Debug, Default)]
@@ -26,14 +27,12 @@ pub struct LoadOptions {
     /// Dequantize every weight to f32 at load: slow and large, but the arithmetic matches a float32
     /// reference implementation (used by tests that compare logits tightly).
     pub dequantize: bool,
-    /// Experimental: Q4_1 matmuls round activations to 8 bits per block (llama.cpp's scheme) and use
-    /// integer dot products. Faster, but on SmolLM2 it moves first-step logprobs by up to 0.59 and flips
-    /// greedy tokens at logit gaps up to 1.2 (llama.cpp's own divergences stay under 0.22), so it is off
-    /// until that is understood.
-    pub int8_activations: bool,
+    /// How activations enter Q4_1/Q8_0 matmuls: rounded to 8 bits per block (llama.cpp's scheme, the
+    /// default and about twice as fast) or kept in f32 (the float32 reference's arithmetic).
+    pub activations: Activations,
 }
 
-/// A weight matrix `[out, in]`: our f32-activation kernel where it covers the format, candle otherwise.
+/// A weight matrix `[out, in]`: our kernels where they cover the format, candle otherwise.
 enum Weight {
     Kernel(QMatrix),
     Candle(QMatMul),
@@ -350,7 +349,7 @@ fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Resul
         (Some(format), &[rows, cols]) => {
             let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
             QMatrix::new(format, rows, cols, data)
-                .map(|m| Weight::Kernel(m.with_int8_activations(opts.int8_activations)))
+                .map(|m| Weight::Kernel(m.with_activations(opts.activations)))
                 .map_err(|e| bad(e.to_string()))
         }
         _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),

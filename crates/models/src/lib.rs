@@ -26,4 +26,5 @@ pub use decoder::{LoadOptions, Model};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv::{BatchInput, PagedKvCache, SeqInput};
+pub use mlx_serving_kernels::Activations;
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf, SpecialTokens};

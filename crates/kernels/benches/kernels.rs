@@ -1,0 +1,134 @@
+//! Kernel benchmarks with a roofline view: `cargo bench -p mlx-serving-kernels`.
+//!
+//! - `decode_pass/*`: one decode step's matmuls of SmolLM2-135M (30 layers of q/k/v, o, gate/up, down in
+//!   Q4_1, and the tied Q8_0 head): 96 MB of weights, three times the L3 cache, so every step streams them
+//!   from memory as real decoding does. Criterion's throughput is the weight bytes read: compare it with the
+//!   machine's read bandwidth (BENCHMARKS.md has the roofline note).
+//! - `prefill/*`: one layer's matmuls for 512 tokens (compute-bound); throughput in multiply-adds.
+//! - `hot/*`: one matrix that stays in cache, one activation row: the kernel's compute ceiling.
+//!
+//! Each runs with 8-bit and f32 activations on the detected instruction set, and on the portable path for
+//! the hot case. Threads: `MLX_SERVING_THREADS` (default: all cores).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+use mlx_serving_kernels::quant::{qmatmul_on, Activations, Isa, QMatrix, QuantFormat, BLOCK};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() % 20001) as f32 / 10000.0 - 1.0
+    }
+}
+
+fn matrix(rng: &mut Rng, format: QuantFormat, rows: usize, cols: usize, a: Activations) -> QMatrix {
+    let mut data = Vec::with_capacity(rows * cols / BLOCK * format.block_bytes());
+    for _ in 0..rows * cols / BLOCK {
+        data.extend_from_slice(&f16::from_f32(rng.unit() * 0.05).to_le_bytes());
+        if format == QuantFormat::Q4_1 {
+            data.extend_from_slice(&f16::from_f32(rng.unit() * 0.1).to_le_bytes());
+        }
+        let n = format.block_bytes() - data.len() % format.block_bytes();
+        data.extend((0..n).map(|_| rng.next() as u8));
+    }
+    QMatrix::new(format, rows, cols, data).unwrap().with_activations(a)
+}
+
+const HIDDEN: usize = 576;
+const FFN: usize = 1536;
+const LAYERS: usize = 30;
+const VOCAB: usize = 49152;
+
+/// SmolLM2-135M's matmuls in execution order: per layer qkv, o, gate_up, down; then the head.
+fn model(a: Activations) -> Vec<QMatrix> {
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    let mut m = Vec::new();
+    for _ in 0..LAYERS {
+        m.push(matrix(&mut rng, QuantFormat::Q4_1, 960, HIDDEN, a));
+        m.push(matrix(&mut rng, QuantFormat::Q4_1, HIDDEN, HIDDEN, a));
+        m.push(matrix(&mut rng, QuantFormat::Q4_1, 2 * FFN, HIDDEN, a));
+        m.push(matrix(&mut rng, QuantFormat::Q4_1, HIDDEN, FFN, a));
+    }
+    m.push(matrix(&mut rng, QuantFormat::Q8_0, VOCAB, HIDDEN, a));
+    m
+}
+
+fn acts_name(a: Activations) -> &'static str {
+    match a {
+        Activations::Int8 => "int8",
+        Activations::F32 => "f32",
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    if let Ok(n) = std::env::var("MLX_SERVING_THREADS") {
+        mlx_serving_kernels::pool::set_threads(n.parse().expect("MLX_SERVING_THREADS"));
+    }
+    let isa = Isa::detected();
+    let mut rng = Rng(42);
+
+    let mut g = c.benchmark_group("decode_pass");
+    g.sample_size(20);
+    for a in [Activations::Int8, Activations::F32] {
+        let mats = model(a);
+        let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
+        let x: Vec<f32> = (0..FFN).map(|_| rng.unit()).collect();
+        let mut y = vec![0f32; VOCAB];
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}")), |b| {
+            b.iter(|| {
+                for m in &mats {
+                    qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
+                }
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("prefill");
+    g.sample_size(10);
+    let n = 512;
+    for a in [Activations::Int8, Activations::F32] {
+        let mats: Vec<QMatrix> = model(a).into_iter().take(4).collect();
+        let macs: usize = mats.iter().map(|m| m.rows() * m.cols() * n).sum();
+        let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
+        let mut y = vec![0f32; n * 2 * FFN];
+        g.throughput(Throughput::Elements(macs as u64));
+        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
+            b.iter(|| {
+                for m in &mats {
+                    qmatmul_on(isa, m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
+                }
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("hot");
+    for a in [Activations::Int8, Activations::F32] {
+        for (format, rows, cols) in [(QuantFormat::Q4_1, 2 * FFN, HIDDEN), (QuantFormat::Q8_0, 1024, HIDDEN)] {
+            let m = matrix(&mut rng, format, rows, cols, a);
+            let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
+            let mut y = vec![0f32; rows];
+            g.throughput(Throughput::Bytes(m.weight_bytes() as u64));
+            let mut isas = vec![isa];
+            if isa != Isa::Portable {
+                isas.push(Isa::Portable);
+            }
+            for on in isas {
+                let id = format!("{format:?}/{rows}x{cols}/{on:?}");
+                g.bench_function(BenchmarkId::new(acts_name(a), id), |b| b.iter(|| qmatmul_on(on, &m, &x, &mut y)));
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,331 @@
+//! AVX2 + FMA + F16C kernels. Every function here is `unsafe`: the caller guarantees those features
+//! (`Isa::Avx2`) and the slice sizes stated on each.
+//!
+//! Activation rows go in groups of 4, then the remainder as one group of 3, 2 or 1: each group size is its
+//! own fully unrolled instance, so the accumulators stay in registers, and one decoded weight block serves
+//! the whole group. A row's arithmetic is the same in every group size, so results do not depend on the
+//! batch.
+
+use super::{Q8Acts, QMatrix, QuantFormat, RowRef, BLOCK, GROUP};
+use std::arch::x86_64::*;
+
+use crate::vec::simd::hsum;
+
+/// One f16 to f32 with F16C.
+#[inline(always)]
+unsafe fn h2f(h: half::f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+}
+
+/// Four consecutive f16 values at `p` as f32.
+#[inline(always)]
+unsafe fn h2f_x4(p: *const half::f16) -> __m128 {
+    _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i))
+}
+
+#[inline(always)]
+unsafe fn hsum128(v: __m128) -> f32 {
+    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Runs `group::<G>(t0, out)` over `out` in groups of 4 rows, then one group of the remainder.
+macro_rules! in_groups {
+    ($out:expr, |$g:ident, $t0:ident, $o:ident| $body:expr) => {{
+        let out: &mut [f32] = $out;
+        let mut $t0 = 0;
+        while out.len() - $t0 >= 4 {
+            let $o = &mut out[$t0..$t0 + 4];
+            {
+                const $g: usize = 4;
+                $body
+            }
+            $t0 += 4;
+        }
+        let $o = &mut out[$t0..];
+        match $o.len() {
+            3 => {
+                const $g: usize = 3;
+                $body
+            }
+            2 => {
+                const $g: usize = 2;
+                $body
+            }
+            1 => {
+                const $g: usize = 1;
+                $body
+            }
+            _ => {}
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// f32 activations
+
+/// Eight bytes (the low half of `v`) widened to f32.
+#[inline(always)]
+unsafe fn u8x8_to_ps(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+}
+
+#[inline(always)]
+unsafe fn i8x8_to_ps(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+/// The 32 weights of block `b` as four vectors of unscaled quantized values.
+#[inline(always)]
+unsafe fn block_values(row: RowRef<'_>, b: usize) -> [__m256; 4] {
+    let qp = row.qs(b).as_ptr();
+    match row.format {
+        QuantFormat::Q4_1 => {
+            let mask = _mm_set1_epi8(0x0F);
+            let q = _mm_loadu_si128(qp as *const __m128i);
+            let lo = _mm_and_si128(q, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+            [u8x8_to_ps(lo), u8x8_to_ps(_mm_srli_si128(lo, 8)), u8x8_to_ps(hi), u8x8_to_ps(_mm_srli_si128(hi, 8))]
+        }
+        QuantFormat::Q8_0 => {
+            let q = _mm256_loadu_si256(qp as *const __m256i);
+            let q0 = _mm256_castsi256_si128(q);
+            let q1 = _mm256_extracti128_si256(q, 1);
+            [i8x8_to_ps(q0), i8x8_to_ps(_mm_srli_si128(q0, 8)), i8x8_to_ps(q1), i8x8_to_ps(_mm_srli_si128(q1, 8))]
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
+    let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb.add(8)), s);
+    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb.add(16)), s);
+    _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), s)
+}
+
+/// SAFETY (caller): AVX2, FMA and F16C available; `xs` holds `out.len()` rows of `nb * 32` floats and
+/// `xsums` `out.len() * nb` block sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_dot_f32(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+    let nb = row.nb;
+    debug_assert!(xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
+    in_groups!(out, |G, t0, o| f32_group::<G>(row, |b| block_values(row, b), xs, xsums, t0, o));
+}
+
+/// `rows_dot_f32` with the blocks already decoded into `raw` (unscaled quantized values as f32, laid out
+/// like `block_values`): the same arithmetic in the same order, so bitwise the same results, without
+/// decoding each block again for every few activation rows. For large batches (prefill).
+///
+/// SAFETY (caller): as `rows_dot_f32`, and `raw` holds `nb * 32` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_dot_f32_raw(row: RowRef<'_>, raw: &[f32], xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+    let nb = row.nb;
+    debug_assert!(raw.len() >= nb * BLOCK && xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
+    let rp = raw.as_ptr();
+    let load = |b: usize| {
+        let p = rp.add(b * BLOCK);
+        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
+    };
+    in_groups!(out, |G, t0, o| f32_group::<G>(row, load, xs, xsums, t0, o));
+}
+
+/// Activation rows `t0 .. t0 + G` of `xs` against one weight row; `block(b)` yields block `b`'s values.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
+unsafe fn f32_group<const G: usize>(
+    row: RowRef<'_>,
+    block: impl Fn(usize) -> [__m256; 4],
+    xs: &[f32],
+    xsums: &[f32],
+    t0: usize,
+    out: &mut [f32],
+) {
+    let nb = row.nb;
+    let k = nb * BLOCK;
+    let has_mins = row.format == QuantFormat::Q4_1;
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut mins = [0f32; G];
+    for b in 0..nb {
+        let w = block(b);
+        let d = _mm256_set1_ps(h2f(row.scale(b)));
+        for r in 0..G {
+            let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
+            acc[r] = _mm256_fmadd_ps(d, block_dot(&w, xb), acc[r]);
+        }
+        if has_mins {
+            let m = h2f(row.min(b));
+            for r in 0..G {
+                mins[r] += m * *xsums.get_unchecked((t0 + r) * nb + b);
+            }
+        }
+    }
+    for r in 0..G {
+        out[r] = hsum(acc[r]) + mins[r];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 8-bit activations
+
+/// A weight format for the integer kernels: how a block's 32 values load, and their dot product with 32
+/// signed activation bytes as eight i32 partial sums.
+trait Int8Block {
+    const QS_BYTES: usize;
+    const HAS_MIN: bool;
+    /// The block whose quantized values start at `qp`.
+    unsafe fn load(qp: *const u8) -> __m256i;
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
+}
+
+struct Q4_1;
+impl Int8Block for Q4_1 {
+    const QS_BYTES: usize = 16;
+    const HAS_MIN: bool = true;
+    /// Low nibbles (weights 0..16) in the low lane, high nibbles (16..32) in the high lane.
+    #[inline(always)]
+    unsafe fn load(qp: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(qp as *const __m128i);
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
+    }
+    /// Unsigned 4-bit weights × signed bytes: `maddubs` needs no sign fix-up.
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+}
+
+struct Q8_0;
+impl Int8Block for Q8_0 {
+    const QS_BYTES: usize = 32;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(qp: *const u8) -> __m256i {
+        _mm256_loadu_si256(qp as *const __m256i)
+    }
+    /// Signed × signed: `|w|` (unsigned) times `x` with `w`'s sign moved onto it. |w| ≤ 128 and |x| ≤ 127,
+    /// so each pair sum fits in i16.
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+}
+
+/// `out[i * n + t] = Σ w[r0 + i]·x̂[t]` for the weight rows `r0 .. r0 + out.len() / n` and every activation
+/// row `t` of `acts` (`n` rows). One call per parallel task, so per-row work stays inside the unrolled
+/// loops: one activation row (decode) takes weight rows in pairs; several take activation rows in groups.
+///
+/// SAFETY (caller): AVX2, FMA and F16C available; `acts` holds `n` rows of `w.cols()` values with their
+/// per-block scales and sums; the rows exist in `w`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_int8(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    match w.format {
+        QuantFormat::Q4_1 => rows_int8_fmt::<Q4_1>(w, r0, acts, n, out),
+        QuantFormat::Q8_0 => rows_int8_fmt::<Q8_0>(w, r0, acts, n, out),
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_int8_fmt<F: Int8Block>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    let rows = out.len() / n;
+    debug_assert!(r0 + rows <= w.rows && acts.k == w.cols && acts.d.len() >= n * w.cols / BLOCK);
+    if n == 1 {
+        let mut i = 0;
+        while i + 2 <= rows {
+            int8_tile::<F, 2, 1>([w.row(r0 + i), w.row(r0 + i + 1)], acts, 0, &mut out[i..i + 2]);
+            i += 2;
+        }
+        if i < rows {
+            int8_tile::<F, 1, 1>([w.row(r0 + i)], acts, 0, &mut out[i..i + 1]);
+        }
+        return;
+    }
+    for (i, o) in out.chunks_exact_mut(n).enumerate() {
+        let row = [w.row(r0 + i)];
+        in_groups!(o, |G, g0, og| int8_tile::<F, 1, G>(row, acts, g0, og));
+    }
+}
+
+/// Weight rows `rows` against activation rows `t0 .. t0 + G`; `out` is `[R, G]`. Blocks go four at a time:
+/// their four scales are converted and multiplied by the activation scales as one vector, then each
+/// block's i32 partial sums are scaled by a lane of it; the Q4_1 min terms (`m·s`) accumulate four blocks
+/// per FMA. A tail of fewer than four blocks goes one by one. Each (weight row, activation row) pair runs
+/// the same operations in the same order whatever `R` and `G` are.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
+unsafe fn int8_tile<F: Int8Block, const R: usize, const G: usize>(
+    rows: [RowRef<'_>; R],
+    acts: &Q8Acts,
+    t0: usize,
+    out: &mut [f32],
+) {
+    let nb = rows[0].nb;
+    let k = nb * BLOCK;
+    // Group layout: GROUP f16 scales, GROUP f16 mins (Q4_1), then GROUP blocks of quantized values.
+    let hdr = if F::HAS_MIN { 4 * GROUP } else { 2 * GROUP };
+    let group_bytes = hdr + GROUP * F::QS_BYTES;
+    debug_assert!(rows.iter().all(|r| r.data.len() == nb * (hdr / GROUP + F::QS_BYTES)));
+    let base: [*const u8; R] = std::array::from_fn(|r| rows[r].data.as_ptr());
+    let xq = acts.qs.as_ptr() as *const u8;
+    let xd = acts.d.as_ptr();
+    let xs = acts.s.as_ptr();
+    let lane = [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
+    let mut acc = [[_mm256_setzero_ps(); G]; R];
+    let mut macc = [[_mm_setzero_ps(); G]; R];
+    let mut b = 0;
+    while b + GROUP <= nb {
+        let gp: [*const u8; R] = std::array::from_fn(|r| base[r].add(b / GROUP * group_bytes));
+        let mut sc = [[_mm256_setzero_ps(); G]; R];
+        for g in 0..G {
+            let t = t0 + g;
+            let dx = _mm_loadu_ps(xd.add(t * nb + b));
+            let sx = _mm_loadu_ps(xs.add(t * nb + b));
+            for r in 0..R {
+                // Upper lanes undefined: only lanes 0..4 are ever selected.
+                sc[r][g] = _mm256_castps128_ps256(_mm_mul_ps(h2f_x4(gp[r] as *const half::f16), dx));
+                if F::HAS_MIN {
+                    let mw = h2f_x4(gp[r].add(2 * GROUP) as *const half::f16);
+                    macc[r][g] = _mm_fmadd_ps(mw, sx, macc[r][g]);
+                }
+            }
+        }
+        for j in 0..GROUP {
+            let x: [__m256i; G] =
+                std::array::from_fn(|g| _mm256_loadu_si256(xq.add((t0 + g) * k + (b + j) * BLOCK) as *const __m256i));
+            for r in 0..R {
+                let wv = F::load(gp[r].add(hdr + j * F::QS_BYTES));
+                for g in 0..G {
+                    let p = _mm256_cvtepi32_ps(F::dot(wv, x[g]));
+                    acc[r][g] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][g], lane[j]), p, acc[r][g]);
+                }
+            }
+        }
+        b += GROUP;
+    }
+    // The last group holds `len` < GROUP blocks: `len` scales, `len` mins, then the blocks.
+    let len = nb - b;
+    let mut tail_min = [[0f32; G]; R];
+    for i in 0..len {
+        for r in 0..R {
+            let gp = base[r].add(b / GROUP * group_bytes);
+            let dw = h2f((gp.add(2 * i) as *const half::f16).read_unaligned());
+            let wv = F::load(gp.add((hdr / GROUP) * len + i * F::QS_BYTES));
+            for g in 0..G {
+                let t = t0 + g;
+                if F::HAS_MIN {
+                    tail_min[r][g] +=
+                        h2f((gp.add(2 * len + 2 * i) as *const half::f16).read_unaligned()) * *xs.add(t * nb + b + i);
+                }
+                let x = _mm256_loadu_si256(xq.add(t * k + (b + i) * BLOCK) as *const __m256i);
+                let p = _mm256_cvtepi32_ps(F::dot(wv, x));
+                acc[r][g] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(t * nb + b + i)), p, acc[r][g]);
+            }
+        }
+    }
+    for r in 0..R {
+        for g in 0..G {
+            out[r * G + g] = hsum(acc[r][g]) + hsum128(macc[r][g]) + tail_min[r][g];
+        }
+    }
+}

@@ -1,0 +1,189 @@
+use super::*;
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() % 20001) as f32 / 10000.0 - 1.0
+    }
+}
+
+fn random_matrix(rng: &mut Lcg, format: QuantFormat, rows: usize, cols: usize) -> QMatrix {
+    let mut data = Vec::new();
+    for _ in 0..rows * cols / BLOCK {
+        data.extend_from_slice(&f16::from_f32(rng.f32() * 0.05).to_le_bytes());
+        if format == QuantFormat::Q4_1 {
+            data.extend_from_slice(&f16::from_f32(rng.f32() * 0.1).to_le_bytes());
+        }
+        let n = if format == QuantFormat::Q4_1 { 16 } else { 32 };
+        data.extend((0..n).map(|_| rng.next() as u8));
+    }
+    QMatrix::new(format, rows, cols, data).unwrap()
+}
+
+/// Every instruction set this machine can run: the portable one always.
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    if Isa::detected() == Isa::Avx2 {
+        v.push(Isa::Avx2);
+    }
+    v
+}
+
+const FORMATS: [QuantFormat; 2] = [QuantFormat::Q4_1, QuantFormat::Q8_0];
+
+/// Shapes `(rows, cols, n)`: block counts per row with every remainder mod 4 (the int8 kernel's tail),
+/// activation counts with every remainder mod 4 (its row groups), and both sides of `SMALL_BATCH`.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 32, 1),
+    (33, 64, 1),
+    (17, 96, 2),
+    (70, 576, 3),
+    (96, 1536, 7),
+    (5, 160, 16),
+    (5, 64, 17),
+    (40, 96, 64),
+    (3, 224, 5),
+];
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+fn out_scale(v: &[f32]) -> f32 {
+    v.iter().fold(1e-3f32, |a, b| a.max(b.abs()))
+}
+
+/// f32 activations, every path, against the f64 reference: bound 1e-4 of the output scale (f32
+/// accumulation over ≤ 1536 terms).
+#[test]
+fn f32_path_matches_reference() {
+    let mut rng = Lcg(9);
+    for isa in isas() {
+        for format in FORMATS {
+            for &(rows, cols, n) in SHAPES {
+                let w = random_matrix(&mut rng, format, rows, cols).with_activations(Activations::F32);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                let (mut fast, mut slow) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                qmatmul_on(isa, &w, &x, &mut fast);
+                qmatmul_reference(&w, &x, &mut slow);
+                let (err, scale) = (max_err(&fast, &slow), out_scale(&slow));
+                assert!(err <= 1e-4 * scale, "{isa:?} {format:?} [{rows},{cols}] n={n}: error {err} at {scale}");
+            }
+        }
+    }
+}
+
+/// 8-bit activations, every path, against exact arithmetic on the rounded activations: bound 1e-4 of the
+/// output scale. And against the f32 product: within 2 % of the output scale (the rounding to 8 bits).
+#[test]
+fn int8_path_matches_its_reference() {
+    let mut rng = Lcg(21);
+    for isa in isas() {
+        for format in FORMATS {
+            for &(rows, cols, n) in SHAPES {
+                let w = random_matrix(&mut rng, format, rows, cols);
+                assert_eq!(w.activations(), Activations::Int8);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                let (mut fast, mut want, mut exact) =
+                    (vec![0f32; n * rows], vec![0f32; n * rows], vec![0f32; n * rows]);
+                qmatmul_on(isa, &w, &x, &mut fast);
+                qmatmul_int8_reference(&w, &x, &mut want);
+                qmatmul_reference(&w, &x, &mut exact);
+                let (err, scale) = (max_err(&fast, &want), out_scale(&want));
+                assert!(err <= 1e-4 * scale, "{isa:?} {format:?} [{rows},{cols}] n={n}: error {err} at {scale}");
+                let err = max_err(&fast, &exact);
+                assert!(err <= 2e-2 * scale, "{isa:?} {format:?} [{rows},{cols}] n={n}: rounding error {err}");
+            }
+        }
+    }
+}
+
+/// Q8_0 weights at -128 and activations at ±127 (the extremes of the sign trick and of i16 pair sums).
+#[test]
+fn int8_q8_0_extremes() {
+    let cols = 128;
+    let mut data = Vec::new();
+    for b in 0..cols / BLOCK {
+        data.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        data.extend((0..32).map(|j| if (j + b) % 3 == 0 { 0x80u8 } else { 0x7F }));
+    }
+    let w = QMatrix::new(QuantFormat::Q8_0, 1, cols, data).unwrap();
+    let x: Vec<f32> = (0..cols).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    let mut want = vec![0f32; 1];
+    qmatmul_int8_reference(&w, &x, &mut want);
+    for isa in isas() {
+        let mut got = vec![0f32; 1];
+        qmatmul_on(isa, &w, &x, &mut got);
+        assert!((got[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0), "{isa:?}: {} vs {}", got[0], want[0]);
+    }
+}
+
+/// Each activation row gets bitwise the same result alone, in a decode batch and in a prefill batch
+/// (what keeps seeded sampling independent of batching and of the prefix cache), on every path.
+#[test]
+fn results_are_bitwise_independent_of_batch_size() {
+    let mut rng = Lcg(7);
+    for isa in isas() {
+        for acts in [Activations::Int8, Activations::F32] {
+            for format in FORMATS {
+                let (rows, cols) = (24, 224);
+                let w = random_matrix(&mut rng, format, rows, cols).with_activations(acts);
+                for n in [2usize, 5, 16, 17, 40] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                    let mut batched = vec![0f32; n * rows];
+                    qmatmul_on(isa, &w, &x, &mut batched);
+                    for t in 0..n {
+                        let mut alone = vec![0f32; rows];
+                        qmatmul_on(isa, &w, &x[t * cols..(t + 1) * cols], &mut alone);
+                        assert_eq!(&batched[t * rows..(t + 1) * rows], &alone[..], "{isa:?} {acts:?} {format:?} n={n}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_follows_the_block_layout() {
+    // Q4_1 block with d = 1, m = -8: w[j] = (qs[j] & 0xF) - 8, w[j + 16] = (qs[j] >> 4) - 8.
+    let mut data = f16::from_f32(1.0).to_le_bytes().to_vec();
+    data.extend_from_slice(&f16::from_f32(-8.0).to_le_bytes());
+    data.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let w = QMatrix::new(QuantFormat::Q4_1, 1, 32, data).unwrap();
+    let mut row = vec![0f32; 32];
+    w.dequantize_row(0, &mut row);
+    assert_eq!(row[0], -8.0);
+    assert_eq!(row[15], 7.0);
+    assert_eq!(row[16], 7.0);
+    assert_eq!(row[31], -8.0);
+    assert_eq!(w.weight_bytes(), 20);
+}
+
+#[test]
+fn concatenated_rows_give_the_same_products() {
+    let mut rng = Lcg(11);
+    let (a, b) = (random_matrix(&mut rng, QuantFormat::Q4_1, 7, 64), random_matrix(&mut rng, QuantFormat::Q4_1, 5, 64));
+    let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
+    let x: Vec<f32> = (0..2 * 64).map(|_| rng.f32()).collect();
+    let (mut ya, mut yb, mut yab) = (vec![0f32; 14], vec![0f32; 10], vec![0f32; 24]);
+    qmatmul(&a, &x, &mut ya);
+    qmatmul(&b, &x, &mut yb);
+    qmatmul(&ab, &x, &mut yab);
+    for t in 0..2 {
+        assert_eq!(&yab[t * 12..t * 12 + 7], &ya[t * 7..t * 7 + 7]);
+        assert_eq!(&yab[t * 12 + 7..t * 12 + 12], &yb[t * 5..t * 5 + 5]);
+    }
+    assert!(QMatrix::concat_rows(&[a, random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err());
+}
+
+#[test]
+fn wrong_sizes_are_errors() {
+    assert!(QMatrix::new(QuantFormat::Q8_0, 2, 30, vec![0; 68]).is_err());
+    assert!(QMatrix::new(QuantFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
+    assert_eq!("int8".parse::<Activations>(), Ok(Activations::Int8));
+    assert!("fp8".parse::<Activations>().is_err());
+}
