@@ -77,6 +77,8 @@ pub struct EngineSection {
     pub threads: Option<usize>,
     /// KV cache budget in MiB, preallocated.
     pub kv_cache_mb: usize,
+    /// KV cache element type: `f32` or `f16` (half the memory and attention bandwidth).
+    pub kv_cache_dtype: String,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Most sequences in one batch.
@@ -100,6 +102,7 @@ impl Default for EngineSection {
         Self {
             threads: None,
             kv_cache_mb: 512,
+            kv_cache_dtype: "f32".into(),
             block_size: s.block_size,
             max_num_seqs: s.max_num_seqs,
             max_num_batched_tokens: s.max_num_batched_tokens,
@@ -155,6 +158,10 @@ impl RuntimeConfig {
         self.model.activations.parse().map_err(|e| anyhow::anyhow!("model.activations: {e}"))
     }
 
+    pub fn kv_cache_dtype(&self) -> Result<mlx_serving_kernels::KvDtype> {
+        self.engine.kv_cache_dtype.parse().map_err(|e| anyhow::anyhow!("engine.kv_cache_dtype: {e}"))
+    }
+
     pub fn validate(&self) -> Result<()> {
         let e = &self.engine;
         let positive = [
@@ -175,6 +182,7 @@ impl RuntimeConfig {
             bail!("engine.threads: must be at least 1");
         }
         self.activations()?;
+        self.kv_cache_dtype()?;
         if e.block_size > 1024 {
             bail!("engine.block_size: at most 1024, got {}", e.block_size);
         }

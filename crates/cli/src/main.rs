@@ -138,6 +138,9 @@ struct ServeArgs {
     /// KV cache budget in MiB, preallocated [engine.kv_cache_mb; default 512].
     #[arg(long, env = "MLX_SERVING_KV_CACHE_MB")]
     kv_cache_mb: Option<usize>,
+    /// KV cache element type, `f32` or `f16` (half the memory) [engine.kv_cache_dtype; default f32].
+    #[arg(long, env = "MLX_SERVING_KV_CACHE_DTYPE")]
+    kv_cache_dtype: Option<String>,
     /// [engine.block_size; default 16]
     #[arg(long, env = "MLX_SERVING_BLOCK_SIZE")]
     block_size: Option<usize>,
@@ -199,6 +202,7 @@ impl ServeArgs {
             c.engine.threads = self.threads;
         }
         set(&mut c.engine.kv_cache_mb, &self.kv_cache_mb);
+        set(&mut c.engine.kv_cache_dtype, &self.kv_cache_dtype);
         set(&mut c.engine.block_size, &self.block_size);
         set(&mut c.engine.max_num_seqs, &self.max_num_seqs);
         set(&mut c.engine.max_num_batched_tokens, &self.max_num_batched_tokens);
@@ -267,6 +271,9 @@ struct GenerateArgs {
     /// float32 reference's arithmetic, slower).
     #[arg(long, default_value = "int8")]
     activations: mlx_serving_models::Activations,
+    /// KV cache element type: `f32` or `f16` (half the memory and attention bandwidth).
+    #[arg(long, default_value = "f32")]
+    kv_cache_dtype: mlx_serving_kernels::KvDtype,
 }
 
 fn main() -> std::process::ExitCode {
@@ -302,8 +309,11 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let bundle = ModelBundle::load(&a.model, &LoadOptions { dequantize: a.dequantize, activations: a.activations })
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let bundle = ModelBundle::load(
+        &a.model,
+        &LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
         (None, Some(chat)) => {
@@ -442,8 +452,15 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     let api_keys = c.api_keys()?;
     let path = &c.model.path;
     let bundle = std::sync::Arc::new(
-        ModelBundle::load(path, &LoadOptions { activations: c.activations()?, ..LoadOptions::default() })
-            .with_context(|| format!("loading {}", path.display()))?,
+        ModelBundle::load(
+            path,
+            &LoadOptions {
+                activations: c.activations()?,
+                kv_cache_dtype: c.kv_cache_dtype()?,
+                ..LoadOptions::default()
+            },
+        )
+        .with_context(|| format!("loading {}", path.display()))?,
     );
     let name = c.model.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())

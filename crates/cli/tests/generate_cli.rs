@@ -4,8 +4,13 @@ use mlx_serving_test_support::{reference, smollm2_path};
 use std::process::Command;
 
 fn run(args: &[&str]) -> std::process::Output {
+    run_env(args, &[])
+}
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let model = smollm2_path();
     Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
+        .envs(env.iter().copied())
         .arg("generate")
         .arg("--model")
         .arg(&model)
@@ -19,9 +24,20 @@ fn ids(v: &serde_json::Value) -> Vec<u64> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
+/// With f32 activations and KV cache the arithmetic is the float32 reference's: the tokens are its tokens.
 #[test]
 fn json_output_has_the_documented_fields_and_reference_tokens() {
-    let out = run(&["--prompt", "The capital of France is", "--max-tokens", "10", "--json"]);
+    let out = run(&[
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "10",
+        "--json",
+        "--activations",
+        "f32",
+        "--kv-cache-dtype",
+        "f32",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
@@ -33,10 +49,27 @@ fn json_output_has_the_documented_fields_and_reference_tokens() {
     assert_eq!(v["usage"]["completion_tokens"], 10);
 }
 
+/// The portable kernels (what a CPU without AVX2 runs) give the same reference tokens.
+#[test]
+fn portable_kernels_give_the_reference_tokens() {
+    let args = ["--prompt", "The capital of France is", "--max-tokens", "10", "--json"];
+    let exact = ["--activations", "f32", "--kv-cache-dtype", "f32"];
+    let out = run_env(&[&args[..], &exact[..]].concat(), &[("MLX_SERVING_ISA", "portable")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
+    assert_eq!(ids(&v["token_ids"]), ids(&refs["items"][0]["output_ids"])[..10]);
+    // The default numerics run on the portable path too.
+    let out = run_env(&args, &[("MLX_SERVING_ISA", "portable")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&v["token_ids"]).len(), 10);
+}
+
 #[test]
 fn chat_input_uses_the_template_and_stops_at_end_of_turn() {
     let chat = r#"[{"role":"user","content":"What is the capital of France?"}]"#;
-    let out = run(&["--chat", chat, "--max-tokens", "40", "--json"]);
+    let out = run(&["--chat", chat, "--max-tokens", "40", "--json", "--activations", "f32", "--kv-cache-dtype", "f32"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");

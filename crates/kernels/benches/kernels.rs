@@ -6,6 +6,8 @@
 //!   machine's read bandwidth (BENCHMARKS.md has the roofline note).
 //! - `prefill/*`: one layer's matmuls for 512 tokens (compute-bound); throughput in multiply-adds.
 //! - `hot/*`: one matrix that stays in cache, one activation row: the kernel's compute ceiling.
+//! - `memory/read`: a plain 256 MiB read on the same worker pool: the machine's read-bandwidth ceiling,
+//!   measured in the same run.
 //!
 //! Each runs with 8-bit and f32 activations on the detected instruction set, and on the portable path for
 //! the hot case. Threads: `MLX_SERVING_THREADS` (default: all cores).
@@ -72,6 +74,30 @@ fn bench(c: &mut Criterion) {
     }
     let isa = Isa::detected();
     let mut rng = Rng(42);
+
+    let mut g = c.benchmark_group("memory");
+    g.sample_size(10);
+    let mut buf = vec![0u64; 32 << 20];
+    buf.iter_mut().enumerate().for_each(|(i, v)| *v = i as u64);
+    g.throughput(Throughput::Bytes((buf.len() * 8) as u64));
+    let mut sums = vec![0u64; 64];
+    g.bench_function("read", |b| {
+        b.iter(|| {
+            let per = buf.len() / sums.len();
+            mlx_serving_kernels::pool::for_each_chunk_mut(&mut sums, 1, |t, s| {
+                // Four independent lanes so the adds keep up with the loads.
+                let mut acc = [0u64; 4];
+                for c in buf[t * per..(t + 1) * per].chunks_exact(4) {
+                    for (a, v) in acc.iter_mut().zip(c) {
+                        *a = a.wrapping_add(*v);
+                    }
+                }
+                s[0] = acc.iter().fold(0, |x, y| x.wrapping_add(*y));
+            });
+            criterion::black_box(&sums);
+        })
+    });
+    g.finish();
 
     let mut g = c.benchmark_group("decode_pass");
     g.sample_size(20);

@@ -10,5 +10,5 @@ pub mod pool;
 pub mod quant;
 pub mod vec;
 
-pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvLayout};
+pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvDtype, KvElem, KvLayout};
 pub use quant::{qmatmul, qmatmul_reference, Activations, Isa, QMatrix, QuantFormat};

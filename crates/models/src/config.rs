@@ -40,6 +40,10 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// The output head reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
+    /// KV cache element type: not from the file, chosen at load (`LoadOptions::kv_cache_dtype`); caches
+    /// made for this config use it.
+    #[serde(skip)]
+    pub kv_dtype: mlx_serving_kernels::KvDtype,
 }
 
 impl ModelConfig {
@@ -94,6 +98,7 @@ impl ModelConfig {
             rms_norm_eps: g.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
             attention_bias: g.has_tensor("blk.0.attn_q.bias"),
             tie_word_embeddings,
+            kv_dtype: Default::default(),
         })
     }
 

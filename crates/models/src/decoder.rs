@@ -16,10 +16,12 @@
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kv::{BatchInput, PagedKvCache};
+use crate::kv::{BatchInput, KvLayers, LayerKv, PagedKvCache};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use mlx_serving_kernels::{paged_attention, qmatmul, Activations, AttnSeq, QMatrix, QuantFormat};
+use mlx_serving_kernels::{
+    paged_attention, qmatmul, Activations, AttnSeq, KvDtype, KvElem, KvLayout, QMatrix, QuantFormat,
+};
 use std::path::Path;
 
 #[derive(Clone, Debug, Default)]
@@ -30,6 +32,8 @@ pub struct LoadOptions {
     /// How activations enter Q4_1/Q8_0 matmuls: rounded to 8 bits per block (llama.cpp's scheme, the
     /// default and about twice as fast) or kept in f32 (the float32 reference's arithmetic).
     pub activations: Activations,
+    /// KV cache element type: f32 (the default) or f16 (half the memory and attention bandwidth).
+    pub kv_cache_dtype: KvDtype,
 }
 
 /// A weight matrix `[out, in]`: our kernels where they cover the format, candle otherwise.
@@ -163,7 +167,8 @@ impl Model {
     }
 
     pub fn from_gguf(g: &mut GgufFile, opts: &LoadOptions, device: &Device) -> Result<Self> {
-        let cfg = ModelConfig::from_gguf(g)?;
+        let mut cfg = ModelConfig::from_gguf(g)?;
+        cfg.kv_dtype = opts.kv_cache_dtype;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
         let matmul = |g: &mut GgufFile, name: &str, shape: &[usize]| -> Result<Weight> {
             let qt = g.tensor(name, shape, device)?;
@@ -256,19 +261,24 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut attn = vec![0f32; n * nh * hd];
         let mut hn = vec![0f32; n * h];
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        if cache.dtype() != cfg.kv_dtype {
+            return Err(crate::error::Error::InvalidBatch(format!(
+                "KV cache holds {:?}, the model was loaded for {:?}",
+                cache.dtype(),
+                cfg.kv_dtype
+            )));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut hn);
             let [mut q, mut k, v]: [Vec<f32>; 3] =
                 layer.qkv.forward(&hn, n, dev)?.try_into().expect("three projections");
             self.apply_rope(&mut q, nh, &cos, &sin);
             self.apply_rope(&mut k, nkv, &cos, &sin);
-            for (t, &slot) in batch.slot_mapping.iter().enumerate() {
-                let dst = layout.offset(slot as usize, 0);
-                let src = t * nkv * hd..(t + 1) * nkv * hd;
-                kv.k[dst..dst + nkv * hd].copy_from_slice(&k[src.clone()]);
-                kv.v[dst..dst + nkv * hd].copy_from_slice(&v[src]);
+            let step = AttnStep { layout, slots: batch.slot_mapping, seqs: &seqs, num_heads: nh, scale };
+            match &mut cache.layers {
+                KvLayers::F16(l) => step.run(&mut l[i], &k, &v, &q, &mut attn),
+                KvLayers::F32(l) => step.run(&mut l[i], &k, &v, &q, &mut attn),
             }
-            paged_attention(&mut attn, &q, &kv.k, &kv.v, layout, nh, &seqs, scale);
             add_assign(&mut x, &layer.o.forward(&attn, n, dev)?);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hn);
             let [mut gate, up]: [Vec<f32>; 2] =
@@ -331,6 +341,29 @@ impl Model {
                 }
             }
         }
+    }
+}
+
+/// One layer's cache write and attention over a batch.
+struct AttnStep<'a> {
+    layout: KvLayout,
+    slots: &'a [u32],
+    seqs: &'a [AttnSeq<'a>],
+    num_heads: usize,
+    scale: f32,
+}
+
+impl AttnStep<'_> {
+    /// Stores each token's `k`/`v` rows (`[n, kv_heads * head_dim]`) at its slot, then attends.
+    fn run<T: KvElem>(&self, kv: &mut LayerKv<T>, k: &[f32], v: &[f32], q: &[f32], out: &mut [f32]) {
+        let row = self.layout.num_kv_heads * self.layout.head_dim;
+        for (t, &slot) in self.slots.iter().enumerate() {
+            let dst = self.layout.offset(slot as usize, 0);
+            let src = t * row..(t + 1) * row;
+            kv.k[dst..dst + row].iter_mut().zip(&k[src.clone()]).for_each(|(d, s)| *d = T::from_f32(*s));
+            kv.v[dst..dst + row].iter_mut().zip(&v[src]).for_each(|(d, s)| *d = T::from_f32(*s));
+        }
+        paged_attention(out, q, &kv.k, &kv.v, self.layout, self.num_heads, self.seqs, self.scale);
     }
 }
 

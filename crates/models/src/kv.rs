@@ -6,38 +6,60 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use mlx_serving_kernels::KvLayout;
+use half::f16;
+use mlx_serving_kernels::{KvDtype, KvElem, KvLayout};
 
-/// K and V blocks for every layer, f32.
+/// K and V blocks for every layer, in the config's `kv_dtype`.
 pub struct PagedKvCache {
     layout: KvLayout,
     num_blocks: usize,
-    pub(crate) layers: Vec<LayerKv>,
+    pub(crate) layers: KvLayers,
 }
 
-pub(crate) struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+pub(crate) enum KvLayers {
+    F16(Vec<LayerKv<f16>>),
+    F32(Vec<LayerKv<f32>>),
+}
+
+pub(crate) struct LayerKv<T> {
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+}
+
+impl<T: KvElem> LayerKv<T> {
+    fn new(len: usize) -> Self {
+        // Written, not just reserved: the whole budget is resident from the start, so memory use is flat
+        // and a KV budget the machine cannot hold fails at startup, not mid-request.
+        let touched = || {
+            let mut v = Vec::with_capacity(len);
+            v.resize(len, T::default());
+            v
+        };
+        Self { k: touched(), v: touched() }
+    }
 }
 
 impl PagedKvCache {
     pub fn new(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
         let layout = KvLayout { block_size, num_kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
         let n = num_blocks * layout.block_stride();
-        // Written, not just reserved: the whole budget is resident from the start, so memory use is flat
-        // and a KV budget the machine cannot hold fails at startup, not mid-request.
-        let touched = || {
-            let mut v = Vec::with_capacity(n);
-            v.resize(n, 0.0f32);
-            v
+        let layers = match cfg.kv_dtype {
+            KvDtype::F16 => KvLayers::F16((0..cfg.num_layers).map(|_| LayerKv::new(n)).collect()),
+            KvDtype::F32 => KvLayers::F32((0..cfg.num_layers).map(|_| LayerKv::new(n)).collect()),
         };
-        let layers = (0..cfg.num_layers).map(|_| LayerKv { k: touched(), v: touched() }).collect();
         Self { layout, num_blocks, layers }
     }
 
     /// Bytes one block takes across all layers (K and V).
     pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-        2 * cfg.num_layers * block_size * cfg.kv_size() * std::mem::size_of::<f32>()
+        2 * cfg.num_layers * block_size * cfg.kv_size() * cfg.kv_dtype.bytes()
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self.layers {
+            KvLayers::F16(_) => KvDtype::F16,
+            KvLayers::F32(_) => KvDtype::F32,
+        }
     }
 
     pub fn layout(&self) -> KvLayout {

@@ -6,6 +6,7 @@
 //! own divergences sit at gaps ≤ 0.22). A divergence at a wider gap is a bug.
 
 use mlx_serving_engine::SamplingParams;
+use mlx_serving_kernels::KvDtype;
 use mlx_serving_models::{Activations, BatchInput, LoadOptions, ModelBundle, PagedKvCache, SeqInput};
 use mlx_serving_runner::{generate, logprob, GenerateOptions};
 use mlx_serving_test_support::{qwen2_path, reference, smollm2_path};
@@ -127,17 +128,35 @@ fn smollm2_first_step_top5_logprobs_quantized() {
 /// With every weight dequantized to f32 the arithmetic is the reference's, up to summation order.
 #[test]
 fn smollm2_first_step_top5_logprobs_exact_f32() {
-    check_top5(&LoadOptions { dequantize: true, ..LoadOptions::default() }, 0.01);
+    check_top5(&LoadOptions { dequantize: true, kv_cache_dtype: KvDtype::F32, ..LoadOptions::default() }, 0.01);
 }
 
-/// Q4_1/Q8_0 matmuls with f32 activations: the reference's arithmetic up to summation order.
+/// Q4_1/Q8_0 matmuls with f32 activations and an f32 KV cache: the reference's arithmetic up to
+/// summation order.
+const EXACT: LoadOptions =
+    LoadOptions { dequantize: false, activations: Activations::F32, kv_cache_dtype: KvDtype::F32 };
+
 #[test]
 fn smollm2_greedy_matches_transformers_f32_activations() {
-    let opts = LoadOptions { activations: Activations::F32, ..LoadOptions::default() };
-    run_golden(&smollm2_path(), "greedy-SmolLM2-135M-Instruct-transformers-f32.json", &opts);
+    run_golden(&smollm2_path(), "greedy-SmolLM2-135M-Instruct-transformers-f32.json", &EXACT);
 }
 
 #[test]
 fn smollm2_first_step_top5_logprobs_f32_activations() {
-    check_top5(&LoadOptions { activations: Activations::F32, ..LoadOptions::default() }, 0.01);
+    check_top5(&EXACT, 0.01);
+}
+
+/// The f16 KV cache (opt-in): greedy output still differs from the reference only at near-ties.
+#[test]
+fn smollm2_greedy_matches_transformers_f16_kv() {
+    let opts = LoadOptions { kv_cache_dtype: KvDtype::F16, ..LoadOptions::default() };
+    run_golden(&smollm2_path(), "greedy-SmolLM2-135M-Instruct-transformers-f32.json", &opts);
+}
+
+/// With f32 activations, the f16 cache alone moves first-step logprobs by at most 0.003 (measured 0.0029).
+/// Combined with 8-bit activations it measured 0.28 on one token ("The capital of France is" → 260), over
+/// the 0.25 bound the default path keeps, which is why f16 is not the default.
+#[test]
+fn smollm2_first_step_top5_logprobs_f16_kv_alone() {
+    check_top5(&LoadOptions { activations: Activations::F32, kv_cache_dtype: KvDtype::F16, dequantize: false }, 0.005);
 }
