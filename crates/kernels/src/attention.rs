@@ -55,10 +55,16 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     fn dot(q: &[f32], k: &[Self]) -> f32;
     /// `acc += a·v`, portable.
     fn axpy(acc: &mut [f32], a: f32, v: &[Self]);
-    /// `dot` with AVX2. SAFETY (caller): AVX2, FMA and F16C available; equal lengths.
+    /// `dot` with AVX2.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `q` and `k` have equal lengths.
     #[cfg(target_arch = "x86_64")]
     unsafe fn dot_avx2(q: &[f32], k: &[Self]) -> f32;
-    /// `axpy` with AVX2. SAFETY (caller): as `dot_avx2`.
+    /// `axpy` with AVX2.
+    ///
+    /// # Safety
+    /// As `dot_avx2`: the features available, `acc` and `v` of equal lengths.
     #[cfg(target_arch = "x86_64")]
     unsafe fn axpy_avx2(acc: &mut [f32], a: f32, v: &[Self]);
 }
