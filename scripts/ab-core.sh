@@ -2,7 +2,8 @@
 # A/B of two mlx-serving binaries on the default model, interleaved run by run (A, B, A, B, ...) so machine
 # drift hits both alike: prompt (512 tokens), decode after it, and decode from a 1-token prompt.
 # Prints each binary's medians and B/A ratios with their min–max over rounds.
-# Usage: scripts/ab-core.sh BIN_A BIN_B [rounds] [threads]
+# Usage: [A_FLAGS=...] [B_FLAGS=...] scripts/ab-core.sh BIN_A BIN_B [rounds] [threads]
+# (A_FLAGS / B_FLAGS: extra `generate` flags per side, e.g. B_FLAGS="--kv-cache-dtype f16")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a="$1"; b="$2"; rounds="${3:-5}"; threads="${4:-2}"
@@ -10,9 +11,11 @@ model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 prompt="$(python3 -c "print(' '.join(['The quick brown fox jumps over the lazy dog.']*51) + ' Hello there')")"
 for i in $(seq "$rounds"); do
   for tag in A B; do
-    bin="$a"; [ "$tag" = B ] && bin="$b"
-    long=$("$bin" generate --model "$model" --prompt "$prompt" --max-tokens 128 --ignore-eos --threads "$threads" --json 2>/dev/null)
-    short=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json 2>/dev/null)
+    bin="$a"; flags="${A_FLAGS:-}"; [ "$tag" = B ] && { bin="$b"; flags="${B_FLAGS:-}"; }
+    # shellcheck disable=SC2086  # flags are split on purpose
+    long=$("$bin" generate --model "$model" --prompt "$prompt" --max-tokens 128 --ignore-eos --threads "$threads" --json $flags)
+    # shellcheck disable=SC2086
+    short=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json $flags)
     echo "$tag $i $long"
     echo "$tag $i $short"
   done

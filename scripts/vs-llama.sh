@@ -5,14 +5,15 @@
 # Usage: LLAMA_BENCH=/path/to/llama-bench scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds="${1:-5}"; threads="${2:-2}"; shift 2 || true
+rounds="${1:-5}"; threads="${2:-2}"; shift $(( $# < 2 ? $# : 2 ))
 bin=target/release/mlx-serving
+[ -x "$bin" ] || cargo build --release
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -n "${LLAMA_BENCH:-}" ] || { echo "set LLAMA_BENCH to llama.cpp's llama-bench" >&2; exit 1; }
 prompt="$(python3 -c "print(' '.join(['The quick brown fox jumps over the lazy dog.']*51) + ' Hello there')")"
 for i in $(seq "$rounds"); do
-  long=$("$bin" generate --model "$model" --prompt "$prompt" --max-tokens 128 --ignore-eos --threads "$threads" --json "$@" 2>/dev/null)
-  short=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json "$@" 2>/dev/null)
+  long=$("$bin" generate --model "$model" --prompt "$prompt" --max-tokens 128 --ignore-eos --threads "$threads" --json "$@")
+  short=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json "$@")
   echo "ours $i $long"
   echo "ours $i $short"
   echo "llama $i $("$LLAMA_BENCH" -m "$model" -t "$threads" -p 512 -n 128 -r 1 -o json 2>/dev/null | tr -d '\n')"

@@ -159,9 +159,9 @@ try:
     # Auth and runtime.yaml: keys from the environment, settings from a file.
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write("engine:\n  max_num_seqs: 4\nserver:\n  cors_allowed_origins: ['http://localhost:3000']\n")
-    printed = subprocess.run([binary, "serve", "--config", f.name, "--print-config"], capture_output=True, text=True, env={**os.environ, "MLX_SERVING_API_KEY": "sk-local", "MLX_SERVING_PORT": "9999"})
+    printed = subprocess.run([binary, "serve", "--config", f.name, "--print-config"], capture_output=True, text=True, timeout=60, env={**os.environ, "MLX_SERVING_API_KEY": "sk-local", "MLX_SERVING_PORT": "9999"})
     check(printed.returncode == 0 and "max_num_seqs: 4" in printed.stdout and "port: 9999" in printed.stdout and "sk-local" not in printed.stdout, "--print-config shows file and env settings, keys masked")
-    bad = subprocess.run([binary, "serve", "--config", f.name, "--block-size", "0"], capture_output=True, text=True)
+    bad = subprocess.run([binary, "serve", "--config", f.name, "--block-size", "0"], capture_output=True, text=True, timeout=60)
     check(bad.returncode != 0 and "engine.block_size" in bad.stderr, f"invalid settings name the key: {bad.stderr.strip()}")
     server, port = start_server(["--config", f.name], env={"MLX_SERVING_API_KEY": "sk-local"})
     keyed = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-local", max_retries=0)

@@ -123,9 +123,13 @@ async fn resolve_endpoint(client: &reqwest::Client, url: &str, model: Option<&st
         None => {
             let resp = client
                 .get(format!("{base}/v1/models"))
+                .timeout(Duration::from_secs(30))
                 .send()
                 .await
                 .with_context(|| format!("{base}: GET /v1/models (pass --model to skip)"))?;
+            if !resp.status().is_success() {
+                bail!("{base}: GET /v1/models answered {} (pass --model to skip)", resp.status());
+            }
             let v: Value = serde_json::from_slice(&resp.bytes().await?)
                 .with_context(|| format!("{base}: /v1/models is not JSON"))?;
             v["data"][0]["id"]

@@ -258,7 +258,8 @@ struct GenerateArgs {
     /// Keep generating past end-of-generation tokens (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
-    /// Print one JSON object (prompt_token_ids, token_ids, text, finish_reason, usage, timings) instead of streaming.
+    /// Print one JSON object (prompt_token_ids, token_ids, text, finish_reason, usage, timings, isa) instead of
+    /// streaming.
     #[arg(long)]
     json: bool,
     /// CPU threads (default: all cores).
@@ -370,6 +371,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             "finish_reason": g.finish_reason.as_str(),
             "usage": { "prompt_tokens": g.prompt_token_ids.len(), "completion_tokens": g.token_ids.len() },
             "timings": timings,
+            // The kernels' instruction set (`avx2` or `portable`, see MLX_SERVING_ISA).
+            "isa": format!("{:?}", mlx_serving_kernels::Isa::detected()).to_lowercase(),
         });
         writeln!(out, "{v}")?;
     } else {

@@ -45,6 +45,18 @@ impl StopMatcher {
         StopOutcome::Continue(out)
     }
 
+    /// Text generated before the request may stop (vLLM's `min_tokens`): never stops, but still holds
+    /// back a suffix that could start a stop string, so one that straddles the boundary is caught by the
+    /// next `push`. A stop string complete before the boundary is emitted as text.
+    pub fn push_unarmed(&mut self, delta: &str) -> String {
+        if self.stops.is_empty() {
+            return delta.to_string();
+        }
+        self.pending.push_str(delta);
+        let cut = self.pending.len() - self.held_suffix_len();
+        self.pending.drain(..cut).collect()
+    }
+
     /// Length of the longest suffix of `pending` that is a proper prefix of a stop string.
     fn held_suffix_len(&self) -> usize {
         let p = &self.pending;
@@ -92,6 +104,18 @@ mod tests {
     #[test]
     fn stop_string_split_across_deltas_is_caught_and_not_emitted() {
         assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+    }
+
+    #[test]
+    fn unarmed_text_never_stops_but_a_straddling_stop_is_caught() {
+        let mut m = StopMatcher::new(&["END".to_string()]);
+        // Complete before the boundary: emitted as text.
+        assert_eq!(m.push_unarmed("an END, then E"), "an END, then ");
+        // Straddling: "E" held back before the boundary, "ND" after it completes the stop.
+        assert_eq!(m.push("ND tail"), StopOutcome::Stopped(String::new()));
+        let mut m = StopMatcher::new(&["END".to_string()]);
+        assert_eq!(m.push_unarmed("x E"), "x ");
+        assert_eq!(m.push("NX"), StopOutcome::Continue("ENX".into()));
     }
 
     #[test]

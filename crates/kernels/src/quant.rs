@@ -131,8 +131,8 @@ pub struct QuantError(String);
 impl QMatrix {
     /// Takes the tensor's raw GGUF bytes.
     pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(QuantError(format!("{cols} columns is not a multiple of {BLOCK}")));
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(QuantError(format!("[{rows}, {cols}]: need rows, and columns a multiple of {BLOCK}")));
         }
         let nblocks = rows * cols / BLOCK;
         let want = nblocks * format.block_bytes();

@@ -249,9 +249,17 @@ mod tests {
         assert!((t.logprob - logprob(&logits, 4)).abs() < 1e-6);
         let ids: Vec<u32> = t.top.iter().map(|x| x.0).collect();
         assert_eq!(ids, vec![1, 2, 0]);
-        let total: f64 = logits.iter().map(|&l| (logprob(&logits, 0) as f64 + (l - logits[0]) as f64).exp()).sum();
+        // The chosen token (4) is outside the top 3 and still gets its own logprob; the top entries carry
+        // the same logprobs the tokens would get if chosen.
+        for &(id, lp) in &t.top {
+            assert!((lp - token_logprobs(&logits, id, 0).logprob).abs() < 1e-6, "top entry {id}");
+        }
+        let total: f64 = (0..logits.len() as u32).map(|i| (token_logprobs(&logits, i, 0).logprob as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5, "probabilities sum to one: {total}");
         assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+        // k beyond the vocabulary: every token, best first.
+        let all = token_logprobs(&logits, 0, 10).top;
+        assert_eq!(all.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 0, 4, 3]);
     }
 
     #[test]

@@ -746,8 +746,13 @@ impl Driver {
                     pending.logprobs.push(lp.clone());
                 }
                 let Some(delta) = detok.push(t) else { continue };
-                // As in vLLM, stop strings are not looked for before `min_tokens` tokens.
-                let outcome = if generated < min_tokens { StopOutcome::Continue(delta) } else { stop.push(&delta) };
+                // As in vLLM, a stop string must end at or after the `min_tokens`-th token; one that starts
+                // before it still counts.
+                let outcome = if generated < min_tokens {
+                    StopOutcome::Continue(stop.push_unarmed(&delta))
+                } else {
+                    stop.push(&delta)
+                };
                 match outcome {
                     StopOutcome::Continue(text) => {
                         if (!text.is_empty() || !pending.tokens.is_empty())

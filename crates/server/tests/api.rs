@@ -341,12 +341,19 @@ fn choices_logprobs_echo_token_ids_and_metrics() {
     assert_eq!(v["choices"][0]["text"], "The capital of France is Paris.", "{v}");
 
     // min_tokens holds EOS back: this chat would otherwise end after a few tokens.
-    let chat = |min: u32| json!({"model": "smollm2", "messages": [{"role": "user", "content": "Reply with one word: yes or no?"}], "max_tokens": 40, "temperature": 0, "min_tokens": min});
+    let chat = |min: u32| json!({"model": "smollm2", "messages": [{"role": "user", "content": "Reply with one word: yes or no?"}], "max_tokens": 40, "temperature": 0, "min_tokens": min, "return_token_ids": true});
     let (_, short) = post(addr, "/v1/chat/completions", &chat(0));
     let n0 = short["usage"]["completion_tokens"].as_u64().unwrap();
     assert_eq!(short["choices"][0]["finish_reason"], "stop", "{short}");
+    let token_ids = |v: &serde_json::Value| -> Vec<u64> {
+        v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    };
+    // <|im_end|> (id 2) ended the short answer; with min_tokens the sampler must not produce it early.
+    assert_eq!(token_ids(&short).last(), Some(&2), "{short}");
     let (_, long) = post(addr, "/v1/chat/completions", &chat(n0 as u32 + 5));
     assert!(long["usage"]["completion_tokens"].as_u64().unwrap() >= n0 + 5, "{short} vs {long}");
+    let early = &token_ids(&long)[..n0 as usize + 5];
+    assert!(!early.contains(&2), "end of turn within min_tokens: {long}");
 
     // The metrics saw all of it.
     let (st, text) = http(addr, "GET", "/metrics", b"");

@@ -130,7 +130,8 @@ fn results_are_bitwise_independent_of_batch_size() {
     for isa in isas() {
         for acts in [Activations::Int8, Activations::F32] {
             for format in FORMATS {
-                let (rows, cols) = (24, 224);
+                // 25 rows: the last task has an odd count, so decode runs a single-row tile after the pairs.
+                let (rows, cols) = (25, 224);
                 let w = random_matrix(&mut rng, format, rows, cols).with_activations(acts);
                 for n in [2usize, 5, 16, 17, 40] {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
@@ -180,8 +181,56 @@ fn concatenated_rows_give_the_same_products() {
     assert!(QMatrix::concat_rows(&[a, random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err());
 }
 
+/// The Q4_1 min term must multiply the sum of the *rounded* activations (`s = d·Σq`). With the exact sum
+/// the error becomes Σ (w − m)·(x − x̂) instead of Σ w·(x − x̂): biased by the block minimum, which real
+/// weights put near −8·d. That version moved SmolLM2 logprobs by 0.59; here its total error is larger than
+/// the kernel's (the assertion fails if the two are swapped).
+#[test]
+fn int8_min_term_uses_the_rounded_sum() {
+    let mut rng = Lcg(33);
+    let (rows, cols) = (200, 1536);
+    let mut data = Vec::new();
+    for _ in 0..rows * cols / BLOCK {
+        let d = 0.01 + 0.01 * rng.f32().abs();
+        data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        data.extend_from_slice(&f16::from_f32(-8.0 * d).to_le_bytes());
+        data.extend((0..16).map(|_| rng.next() as u8));
+    }
+    let w = QMatrix::new(QuantFormat::Q4_1, rows, cols, data).unwrap();
+    let n = 16;
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+    let acts = Q8Acts::quantize(&x, cols);
+    for (b, blk) in acts.qs.chunks_exact(BLOCK).enumerate() {
+        assert_eq!(acts.s[b], acts.d[b] * blk.iter().map(|&q| q as i32).sum::<i32>() as f32);
+    }
+    let (mut got, mut exact) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+    qmatmul(&w, &x, &mut got);
+    qmatmul_reference(&w, &x, &mut exact);
+    let nb = cols / BLOCK;
+    let (mut err, mut err_exact_sum) = (0f64, 0f64);
+    for t in 0..n {
+        for r in 0..rows {
+            let row = w.row(r);
+            // The same product with the min term taken from the exact block sums instead.
+            let shift: f64 = (0..nb)
+                .map(|b| {
+                    let xsum: f32 = x[t * cols + b * BLOCK..t * cols + (b + 1) * BLOCK].iter().sum();
+                    row.min(b).to_f64() * (xsum - acts.s[t * nb + b]) as f64
+                })
+                .sum();
+            let (g, e) = (got[t * rows + r] as f64, exact[t * rows + r] as f64);
+            err += (g - e).abs();
+            err_exact_sum += (g + shift - e).abs();
+        }
+    }
+    println!("total error {err:.3}, with exact sums {err_exact_sum:.3}");
+    assert!(err < 0.9 * err_exact_sum, "mean error {err} vs {err_exact_sum} with exact sums");
+}
+
 #[test]
 fn wrong_sizes_are_errors() {
+    assert!(QMatrix::new(QuantFormat::Q8_0, 0, 32, vec![]).is_err());
+    assert!(QMatrix::new(QuantFormat::Q8_0, 2, 0, vec![]).is_err());
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 30, vec![0; 68]).is_err());
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
     assert_eq!("int8".parse::<Activations>(), Ok(Activations::Int8));
