@@ -32,9 +32,9 @@ def start_server(extra_args=(), env=None):
     raise SystemExit("server did not become healthy")
 
 
-# f32 activations: the float32 reference's arithmetic, so greedy text can be checked against it exactly.
-# The servers started further down run the default numerics (8-bit activations).
-server, port = start_server(["--activations", "f32"])
+# f32 activations and KV cache: the float32 reference's arithmetic, so greedy text can be checked against it
+# exactly. The servers started further down run the default numerics (mixed 16/8-bit activations, f16 KV).
+server, port = start_server(["--activations", "f32", "--kv-cache-dtype", "f32"])
 try:
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     checks = 0

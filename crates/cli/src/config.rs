@@ -24,8 +24,9 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// The name clients use; default: the file name without `.gguf`.
     pub served_model_name: Option<String>,
-    /// Q4_1/Q8_0 matmul activations: `int8` (rounded per 32-value block, as llama.cpp; fast) or `f32`
-    /// (the float32 reference's arithmetic; about half the decode speed).
+    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head and q/k/v, 8-bit elsewhere; the
+    /// default), `int8` (rounded per 32-value block as llama.cpp does; fastest, least accurate), `int16`,
+    /// or `f32` (the float32 reference's arithmetic; the slowest).
     pub activations: String,
 }
 
@@ -34,7 +35,7 @@ impl Default for ModelSection {
         Self {
             path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
             served_model_name: None,
-            activations: "int8".into(),
+            activations: "mixed".into(),
         }
     }
 }
@@ -77,7 +78,7 @@ pub struct EngineSection {
     pub threads: Option<usize>,
     /// KV cache budget in MiB, preallocated.
     pub kv_cache_mb: usize,
-    /// KV cache element type: `f32` or `f16` (half the memory and attention bandwidth).
+    /// KV cache element type: `f16` (the default) or `f32` (twice the memory and attention bandwidth).
     pub kv_cache_dtype: String,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -102,7 +103,7 @@ impl Default for EngineSection {
         Self {
             threads: None,
             kv_cache_mb: 512,
-            kv_cache_dtype: "f32".into(),
+            kv_cache_dtype: "f16".into(),
             block_size: s.block_size,
             max_num_seqs: s.max_num_seqs,
             max_num_batched_tokens: s.max_num_batched_tokens,
@@ -154,7 +155,7 @@ impl RuntimeConfig {
     }
 
     /// Checks every value; the error names the key path.
-    pub fn activations(&self) -> Result<mlx_serving_models::Activations> {
+    pub fn activations(&self) -> Result<mlx_serving_models::ActivationPrecision> {
         self.model.activations.parse().map_err(|e| anyhow::anyhow!("model.activations: {e}"))
     }
 

@@ -110,8 +110,9 @@ struct ServeArgs {
     /// Model name clients use [model.served_model_name; default: the file name without .gguf].
     #[arg(long, env = "MLX_SERVING_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Q4_1/Q8_0 matmul activations, `int8` or `f32` (float32 reference arithmetic, slower)
-    /// [model.activations; default int8].
+    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head and q/k/v, 8-bit elsewhere), `int8`
+    /// (fastest, least accurate), `int16`, or `f32` (float32 reference arithmetic, slowest)
+    /// [model.activations; default mixed].
     #[arg(long, env = "MLX_SERVING_ACTIVATIONS")]
     activations: Option<String>,
     /// [server.host; default 127.0.0.1]
@@ -138,7 +139,7 @@ struct ServeArgs {
     /// KV cache budget in MiB, preallocated [engine.kv_cache_mb; default 512].
     #[arg(long, env = "MLX_SERVING_KV_CACHE_MB")]
     kv_cache_mb: Option<usize>,
-    /// KV cache element type, `f32` or `f16` (half the memory) [engine.kv_cache_dtype; default f32].
+    /// KV cache element type, `f16` or `f32` (twice the memory) [engine.kv_cache_dtype; default f16].
     #[arg(long, env = "MLX_SERVING_KV_CACHE_DTYPE")]
     kv_cache_dtype: Option<String>,
     /// [engine.block_size; default 16]
@@ -268,12 +269,13 @@ struct GenerateArgs {
     /// Dequantize all weights to f32 at load (slow; matches float32 references closely).
     #[arg(long)]
     dequantize: bool,
-    /// Q4_1/Q8_0 matmul activations: `int8` (rounded per 32-value block, as llama.cpp) or `f32` (the
-    /// float32 reference's arithmetic, slower).
-    #[arg(long, default_value = "int8")]
-    activations: mlx_serving_models::Activations,
-    /// KV cache element type: `f32` or `f16` (half the memory and attention bandwidth).
-    #[arg(long, default_value = "f32")]
+    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head and q/k/v, 8-bit elsewhere), `int8`
+    /// (rounded per 32-value block as llama.cpp does; fastest, least accurate), `int16`, or `f32` (the
+    /// float32 reference's arithmetic, slowest).
+    #[arg(long, default_value = "mixed")]
+    activations: mlx_serving_models::ActivationPrecision,
+    /// KV cache element type: `f16` (the default) or `f32` (twice the memory and attention bandwidth).
+    #[arg(long, default_value = "f16")]
     kv_cache_dtype: mlx_serving_kernels::KvDtype,
 }
 

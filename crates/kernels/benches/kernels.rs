@@ -6,14 +6,16 @@
 //!   machine's read bandwidth (BENCHMARKS.md has the roofline note).
 //! - `prefill/*`: one layer's matmuls for 512 tokens (compute-bound); throughput in multiply-adds.
 //! - `hot/*`: one matrix that stays in cache, one activation row: the kernel's compute ceiling.
+//! - `attention/*`: SmolLM2's attention (9 heads on 3 KV heads of 64) over 512 positions, f32 and f16 cache.
 //! - `memory/read`: a plain 256 MiB read on the same worker pool: the machine's read-bandwidth ceiling,
 //!   measured in the same run.
 //!
-//! Each runs with 8-bit and f32 activations on the detected instruction set, and on the portable path for
+//! Each runs with 8-bit, 16-bit and f32 activations on the detected instruction set, and on the portable path for
 //! the hot case. Threads: `MLX_SERVING_THREADS` (default: all cores).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
+use mlx_serving_kernels::attention::{paged_attention_on, AttnSeq, KvElem, KvLayout};
 use mlx_serving_kernels::quant::{qmatmul_on, Activations, Isa, QMatrix, QuantFormat, BLOCK};
 
 struct Rng(u64);
@@ -64,6 +66,7 @@ fn model(a: Activations) -> Vec<QMatrix> {
 fn acts_name(a: Activations) -> &'static str {
     match a {
         Activations::Int8 => "int8",
+        Activations::Int16 => "int16",
         Activations::F32 => "f32",
     }
 }
@@ -101,7 +104,7 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("decode_pass");
     g.sample_size(20);
-    for a in [Activations::Int8, Activations::F32] {
+    for a in [Activations::Int8, Activations::Int16, Activations::F32] {
         let mats = model(a);
         let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
         let x: Vec<f32> = (0..FFN).map(|_| rng.unit()).collect();
@@ -120,7 +123,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill");
     g.sample_size(10);
     let n = 512;
-    for a in [Activations::Int8, Activations::F32] {
+    for a in [Activations::Int8, Activations::Int16, Activations::F32] {
         let mats: Vec<QMatrix> = model(a).into_iter().take(4).collect();
         let macs: usize = mats.iter().map(|m| m.rows() * m.cols() * n).sum();
         let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
@@ -137,7 +140,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("hot");
-    for a in [Activations::Int8, Activations::F32] {
+    for a in [Activations::Int8, Activations::Int16, Activations::F32] {
         for (format, rows, cols) in [(QuantFormat::Q4_1, 2 * FFN, HIDDEN), (QuantFormat::Q8_0, 1024, HIDDEN)] {
             let m = matrix(&mut rng, format, rows, cols, a);
             let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
@@ -154,6 +157,46 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
+
+    attention(c, isa, &mut rng);
+}
+
+/// SmolLM2-135M's attention over 30 layers' caches: one decoding sequence at 512 of context (streams every
+/// layer's K and V once: throughput in KV bytes), and one 128-token prefill chunk after 384 cached
+/// positions (throughput in query·position pairs per head).
+fn attention(c: &mut Criterion, isa: Isa, rng: &mut Rng) {
+    fn run<T: KvElem>(c: &mut Criterion, isa: Isa, rng: &mut Rng, name: &str) {
+        let layout = KvLayout { block_size: 16, num_kv_heads: 3, head_dim: 64 };
+        let (nh, ctx) = (9, 512);
+        let blocks = ctx / layout.block_size;
+        let layer = blocks * layout.block_stride();
+        let k: Vec<Vec<T>> = (0..LAYERS).map(|_| (0..layer).map(|_| T::from_f32(rng.unit())).collect()).collect();
+        let v: Vec<Vec<T>> = (0..LAYERS).map(|_| (0..layer).map(|_| T::from_f32(rng.unit())).collect()).collect();
+        // Blocks in a shuffled order, as a long-running cache hands them out.
+        let table: Vec<u32> = (0..blocks as u32).map(|i| (i * 7) % blocks as u32).collect();
+        let q: Vec<f32> = (0..128 * nh * 64).map(|_| rng.unit()).collect();
+        let mut out = vec![0f32; q.len()];
+        let mut g = c.benchmark_group("attention");
+        g.sample_size(20);
+        g.throughput(Throughput::Bytes((2 * LAYERS * layer * std::mem::size_of::<T>()) as u64));
+        let one = [AttnSeq { query_start: 0, query_len: 1, context_len: ctx, block_table: &table }];
+        g.bench_function(BenchmarkId::new("decode_ctx512", format!("{name}/{isa:?}")), |b| {
+            b.iter(|| {
+                for (k, v) in k.iter().zip(&v) {
+                    paged_attention_on(isa, &mut out[..nh * 64], &q[..nh * 64], k, v, layout, nh, &one, 0.125);
+                }
+            })
+        });
+        let chunk = [AttnSeq { query_start: 0, query_len: 128, context_len: ctx, block_table: &table }];
+        let pairs: usize = (385..=ctx).sum::<usize>() * nh;
+        g.throughput(Throughput::Elements(pairs as u64));
+        g.bench_function(BenchmarkId::new("prefill_128_after_384", format!("{name}/{isa:?}")), |b| {
+            b.iter(|| paged_attention_on(isa, &mut out, &q, &k[0], &v[0], layout, nh, &chunk, 0.125))
+        });
+        g.finish();
+    }
+    run::<f32>(c, isa, rng, "f32");
+    run::<f16>(c, isa, rng, "f16");
 }
 
 criterion_group!(benches, bench);

@@ -14,6 +14,9 @@
 //! `query_len` positions, so query `i` sees positions `0 ..= context_len - query_len + i` (causal).
 //! Grouped-query attention: query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with};
 use crate::quant::Isa;
 use crate::vec::{axpy, dot_scalar};
@@ -22,8 +25,8 @@ use half::f16;
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvDtype {
-    F16,
     #[default]
+    F16,
     F32,
 }
 
@@ -67,6 +70,12 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     /// As `dot_avx2`: the features available, `acc` and `v` of equal lengths.
     #[cfg(target_arch = "x86_64")]
     unsafe fn axpy_avx2(acc: &mut [f32], a: f32, v: &[Self]);
+    /// Eight elements from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C available; `p` points to eight readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl KvElem for f32 {
@@ -95,6 +104,11 @@ impl KvElem for f32 {
     unsafe fn axpy_avx2(acc: &mut [f32], a: f32, v: &[f32]) {
         // Inlined into an AVX2 function, the plain loop compiles to FMAs.
         axpy(acc, a, v)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
     }
 }
 
@@ -152,6 +166,12 @@ impl KvElem for f16 {
         for j in i..n {
             acc[j] += a * v[j].to_f32();
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 
@@ -236,8 +256,14 @@ struct Span<'a, T> {
 fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_, T>, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if sp.isa == Isa::Avx2 {
-        // SAFETY: `Isa::Avx2` means AVX2, FMA and F16C were detected at run time.
-        unsafe { attend_range_avx2(st, sp, scores) };
+        if sp.layout.head_dim.is_multiple_of(8) {
+            // SAFETY: `Isa::Avx2` means AVX2, FMA and F16C were detected at run time; the head size is a
+            // multiple of 8; `check` put every slot in range inside the caches; the caller sized `scores`.
+            unsafe { avx2::attend_range(st, sp, scores) };
+        } else {
+            // SAFETY: as above (this loop has no head-size condition).
+            unsafe { attend_range_avx2(st, sp, scores) };
+        }
         return;
     }
     attend_range_impl(st, sp, scores, T::dot, T::axpy);
@@ -525,7 +551,7 @@ mod tests {
                 let layout = KvLayout {
                     block_size: [1, 4, 16][trial % 3],
                     num_kv_heads: 1 + trial % 3,
-                    head_dim: [8, 64][trial % 2],
+                    head_dim: [8, 64, 12, 96][trial % 4],
                 };
                 let num_heads = layout.num_kv_heads * (1 + trial % 4);
                 let num_blocks = 64;

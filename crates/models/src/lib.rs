@@ -22,7 +22,7 @@ pub mod tokenizer;
 pub use bundle::ModelBundle;
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, RopeStyle};
-pub use decoder::{LoadOptions, Model};
+pub use decoder::{ActivationPrecision, LoadOptions, Model};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv::{BatchInput, PagedKvCache, SeqInput};

@@ -176,6 +176,14 @@ trait Int8Block {
     /// The block whose quantized values start at `qp`.
     unsafe fn load(qp: *const u8) -> __m256i;
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
+    /// The dot product with 16-bit activations `255·hi + lo` (`Q8Acts`), as eight i32 partial sums.
+    unsafe fn dot_wide(w: __m256i, hi: __m256i, lo: __m256i) -> __m256i;
+}
+
+/// `255·Σ pairs(ph) + Σ pairs(pl)` from two `maddubs` results.
+#[inline(always)]
+unsafe fn combine_wide(ph: __m256i, pl: __m256i) -> __m256i {
+    _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(255)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
 }
 
 struct Q4_1;
@@ -192,6 +200,10 @@ impl Int8Block for Q4_1 {
     #[inline(always)]
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+    #[inline(always)]
+    unsafe fn dot_wide(w: __m256i, hi: __m256i, lo: __m256i) -> __m256i {
+        combine_wide(_mm256_maddubs_epi16(w, hi), _mm256_maddubs_epi16(w, lo))
     }
 }
 
@@ -210,6 +222,15 @@ impl Int8Block for Q8_0 {
         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
+    /// Both planes within ±127, so the same bound holds.
+    #[inline(always)]
+    unsafe fn dot_wide(w: __m256i, hi: __m256i, lo: __m256i) -> __m256i {
+        let aw = _mm256_sign_epi8(w, w);
+        combine_wide(
+            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(hi, w)),
+            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(lo, w)),
+        )
+    }
 }
 
 /// `out[i * n + t] = Σ w[r0 + i]·x̂[t]` for the weight rows `r0 .. r0 + out.len() / n` and every activation
@@ -220,30 +241,57 @@ impl Int8Block for Q8_0 {
 /// per-block scales and sums; the rows exist in `w`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_int8(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
-    match w.format {
-        QuantFormat::Q4_1 => rows_int8_fmt::<Q4_1>(w, r0, acts, n, out),
-        QuantFormat::Q8_0 => rows_int8_fmt::<Q8_0>(w, r0, acts, n, out),
+    match (w.format, acts.is_wide()) {
+        (QuantFormat::Q4_1, false) => rows_int8_fmt::<Q4_1, false>(w, r0, acts, n, out),
+        (QuantFormat::Q4_1, true) => rows_int8_fmt::<Q4_1, true>(w, r0, acts, n, out),
+        (QuantFormat::Q8_0, false) => rows_int8_fmt::<Q8_0, false>(w, r0, acts, n, out),
+        (QuantFormat::Q8_0, true) => rows_int8_fmt::<Q8_0, true>(w, r0, acts, n, out),
     }
 }
 
 #[inline(always)]
-unsafe fn rows_int8_fmt<F: Int8Block>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+unsafe fn rows_int8_fmt<F: Int8Block, const WIDE: bool>(
+    w: &QMatrix,
+    r0: usize,
+    acts: &Q8Acts,
+    n: usize,
+    out: &mut [f32],
+) {
     let rows = out.len() / n;
     debug_assert!(r0 + rows <= w.rows && acts.k == w.cols && acts.d.len() >= n * w.cols / BLOCK);
+    debug_assert_eq!(acts.is_wide(), WIDE);
     if n == 1 {
         let mut i = 0;
         while i + 2 <= rows {
-            int8_tile::<F, 2, 1>([w.row(r0 + i), w.row(r0 + i + 1)], acts, 0, &mut out[i..i + 2]);
+            int8_tile::<F, WIDE, 2, 1>([w.row(r0 + i), w.row(r0 + i + 1)], acts, 0, &mut out[i..i + 2]);
             i += 2;
         }
         if i < rows {
-            int8_tile::<F, 1, 1>([w.row(r0 + i)], acts, 0, &mut out[i..i + 1]);
+            int8_tile::<F, WIDE, 1, 1>([w.row(r0 + i)], acts, 0, &mut out[i..i + 1]);
         }
         return;
     }
     for (i, o) in out.chunks_exact_mut(n).enumerate() {
         let row = [w.row(r0 + i)];
-        in_groups!(o, |G, g0, og| int8_tile::<F, 1, G>(row, acts, g0, og));
+        in_groups!(o, |G, g0, og| int8_tile::<F, WIDE, 1, G>(row, acts, g0, og));
+    }
+}
+
+/// One activation block: its bytes, and for 16-bit activations the low plane too (else unused).
+#[inline(always)]
+unsafe fn load_acts<const WIDE: bool>(xq: *const u8, xl: *const u8, off: usize) -> [__m256i; 2] {
+    let hi = _mm256_loadu_si256(xq.add(off) as *const __m256i);
+    let lo = if WIDE { _mm256_loadu_si256(xl.add(off) as *const __m256i) } else { _mm256_setzero_si256() };
+    [hi, lo]
+}
+
+/// The block's eight i32 partial sums against the activation block `x` (`load_acts`).
+#[inline(always)]
+unsafe fn int_dot<F: Int8Block, const WIDE: bool>(wv: __m256i, x: [__m256i; 2]) -> __m256i {
+    if WIDE {
+        F::dot_wide(wv, x[0], x[1])
+    } else {
+        F::dot(wv, x[0])
     }
 }
 
@@ -254,7 +302,7 @@ unsafe fn rows_int8_fmt<F: Int8Block>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: 
 /// the same operations in the same order whatever `R` and `G` are.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
-unsafe fn int8_tile<F: Int8Block, const R: usize, const G: usize>(
+unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usize>(
     rows: [RowRef<'_>; R],
     acts: &Q8Acts,
     t0: usize,
@@ -262,15 +310,16 @@ unsafe fn int8_tile<F: Int8Block, const R: usize, const G: usize>(
 ) {
     let nb = rows[0].nb;
     let k = nb * BLOCK;
+    const { assert!(GROUP == 4, "the block loop folds four blocks") };
     // Group layout: GROUP f16 scales, GROUP f16 mins (Q4_1), then GROUP blocks of quantized values.
     let hdr = if F::HAS_MIN { 4 * GROUP } else { 2 * GROUP };
     let group_bytes = hdr + GROUP * F::QS_BYTES;
     debug_assert!(rows.iter().all(|r| r.data.len() == nb * (hdr / GROUP + F::QS_BYTES)));
     let base: [*const u8; R] = std::array::from_fn(|r| rows[r].data.as_ptr());
     let xq = acts.qs.as_ptr() as *const u8;
+    let xl = acts.lo.as_ptr() as *const u8;
     let xd = acts.d.as_ptr();
     let xs = acts.s.as_ptr();
-    let lane = [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
     let mut acc = [[_mm256_setzero_ps(); G]; R];
     let mut macc = [[_mm_setzero_ps(); G]; R];
     let mut b = 0;
@@ -282,23 +331,37 @@ unsafe fn int8_tile<F: Int8Block, const R: usize, const G: usize>(
             let dx = _mm_loadu_ps(xd.add(t * nb + b));
             let sx = _mm_loadu_ps(xs.add(t * nb + b));
             for r in 0..R {
-                // Upper lanes undefined: only lanes 0..4 are ever selected.
-                sc[r][g] = _mm256_castps128_ps256(_mm_mul_ps(h2f_x4(gp[r] as *const half::f16), dx));
+                // The four blocks' combined scales, in both halves (see the block loop).
+                let d4 = _mm_mul_ps(h2f_x4(gp[r] as *const half::f16), dx);
+                sc[r][g] = _mm256_insertf128_ps(_mm256_castps128_ps256(d4), d4, 1);
                 if F::HAS_MIN {
                     let mw = h2f_x4(gp[r].add(2 * GROUP) as *const half::f16);
                     macc[r][g] = _mm_fmadd_ps(mw, sx, macc[r][g]);
                 }
             }
         }
-        for j in 0..GROUP {
-            let x: [__m256i; G] =
-                std::array::from_fn(|g| _mm256_loadu_si256(xq.add((t0 + g) * k + (b + j) * BLOCK) as *const __m256i));
+        // Blocks in pairs: `hadd` folds the pair's eight i32 partial sums each to four, then the two pairs
+        // fold again, leaving [b0 b1 b2 b3 | b0 b1 b2 b3] (each half the sum of half a block's lanes): one
+        // conversion and one FMA against the scales for four blocks.
+        let mut pairs = [[[_mm256_setzero_si256(); G]; R]; 2];
+        for (jp, pair) in pairs.iter_mut().enumerate() {
+            let j = 2 * jp;
+            let x0: [[__m256i; 2]; G] =
+                std::array::from_fn(|g| load_acts::<WIDE>(xq, xl, (t0 + g) * k + (b + j) * BLOCK));
+            let x1: [[__m256i; 2]; G] =
+                std::array::from_fn(|g| load_acts::<WIDE>(xq, xl, (t0 + g) * k + (b + j + 1) * BLOCK));
             for r in 0..R {
-                let wv = F::load(gp[r].add(hdr + j * F::QS_BYTES));
+                let w0 = F::load(gp[r].add(hdr + j * F::QS_BYTES));
+                let w1 = F::load(gp[r].add(hdr + (j + 1) * F::QS_BYTES));
                 for g in 0..G {
-                    let p = _mm256_cvtepi32_ps(F::dot(wv, x[g]));
-                    acc[r][g] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][g], lane[j]), p, acc[r][g]);
+                    pair[r][g] = _mm256_hadd_epi32(int_dot::<F, WIDE>(w0, x0[g]), int_dot::<F, WIDE>(w1, x1[g]));
                 }
+            }
+        }
+        for r in 0..R {
+            for g in 0..G {
+                let p = _mm256_cvtepi32_ps(_mm256_hadd_epi32(pairs[0][r][g], pairs[1][r][g]));
+                acc[r][g] = _mm256_fmadd_ps(sc[r][g], p, acc[r][g]);
             }
         }
         b += GROUP;
@@ -317,8 +380,8 @@ unsafe fn int8_tile<F: Int8Block, const R: usize, const G: usize>(
                     tail_min[r][g] +=
                         h2f((gp.add(2 * len + 2 * i) as *const half::f16).read_unaligned()) * *xs.add(t * nb + b + i);
                 }
-                let x = _mm256_loadu_si256(xq.add(t * k + (b + i) * BLOCK) as *const __m256i);
-                let p = _mm256_cvtepi32_ps(F::dot(wv, x));
+                let x = load_acts::<WIDE>(xq, xl, t * k + (b + i) * BLOCK);
+                let p = _mm256_cvtepi32_ps(int_dot::<F, WIDE>(wv, x));
                 acc[r][g] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(t * nb + b + i)), p, acc[r][g]);
             }
         }

@@ -77,32 +77,69 @@ fn f32_path_matches_reference() {
     }
 }
 
-/// 8-bit activations, every path, against exact arithmetic on the rounded activations: bound 1e-4 of the
-/// output scale. And against the f32 product: within 2 % of the output scale (the rounding to 8 bits).
+/// 8- and 16-bit activations, every path, against exact arithmetic on the rounded activations: bound 1e-4 of
+/// the output scale. And against the f32 product: within 2 % of the output scale for 8 bits (the rounding),
+/// 0.05 % for 16 (a 256th of the rounding, plus the 0.01 % of f32 summation both checks allow).
 #[test]
 fn int8_path_matches_its_reference() {
     let mut rng = Lcg(21);
     for isa in isas() {
-        for format in FORMATS {
-            for &(rows, cols, n) in SHAPES {
-                let w = random_matrix(&mut rng, format, rows, cols);
-                assert_eq!(w.activations(), Activations::Int8);
-                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
-                let (mut fast, mut want, mut exact) =
-                    (vec![0f32; n * rows], vec![0f32; n * rows], vec![0f32; n * rows]);
-                qmatmul_on(isa, &w, &x, &mut fast);
-                qmatmul_int8_reference(&w, &x, &mut want);
-                qmatmul_reference(&w, &x, &mut exact);
-                let (err, scale) = (max_err(&fast, &want), out_scale(&want));
-                assert!(err <= 1e-4 * scale, "{isa:?} {format:?} [{rows},{cols}] n={n}: error {err} at {scale}");
-                let err = max_err(&fast, &exact);
-                assert!(err <= 2e-2 * scale, "{isa:?} {format:?} [{rows},{cols}] n={n}: rounding error {err}");
+        for (acts, rounding) in [(Activations::Int8, 2e-2), (Activations::Int16, 5e-4)] {
+            for format in FORMATS {
+                for &(rows, cols, n) in SHAPES {
+                    let w = random_matrix(&mut rng, format, rows, cols);
+                    assert_eq!(w.activations(), Activations::Int8);
+                    let w = w.with_activations(acts);
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                    let (mut fast, mut want, mut exact) =
+                        (vec![0f32; n * rows], vec![0f32; n * rows], vec![0f32; n * rows]);
+                    qmatmul_on(isa, &w, &x, &mut fast);
+                    qmatmul_int8_reference(&w, &x, &mut want);
+                    qmatmul_reference(&w, &x, &mut exact);
+                    let what = format!("{isa:?} {acts:?} {format:?} [{rows},{cols}] n={n}");
+                    let (err, scale) = (max_err(&fast, &want), out_scale(&want));
+                    assert!(err <= 1e-4 * scale, "{what}: error {err} at {scale}");
+                    let err = max_err(&fast, &exact);
+                    assert!(err <= rounding * scale, "{what}: rounding error {err} at {scale}");
+                }
             }
         }
     }
 }
 
-/// Q8_0 weights at -128 and activations at ±127 (the extremes of the sign trick and of i16 pair sums).
+/// 16-bit activations: both byte planes within ±127 (what the Q8_0 sign trick and the i16 pair sums need),
+/// `255·hi + lo` within half a step of `x / d`, extremes included; the block sums use the rounded values.
+#[test]
+fn int16_activations_round_into_two_bytes() {
+    let mut rng = Lcg(4);
+    let mut x: Vec<f32> = (0..4 * BLOCK).map(|_| rng.f32() * 3.0).collect();
+    x[0] = 3.5; // a block's maximum maps to +32512
+    x[BLOCK] = -3.5; // and its minimum to -32512
+    x[2 * BLOCK..3 * BLOCK].fill(0.0); // an all-zero block
+    let a = Q8Acts::quantize_wide(&x, 2 * BLOCK);
+    assert!(a.is_wide());
+    for (i, v) in x.iter().enumerate() {
+        let (hi, lo) = (a.qs[i], a.lo[i]);
+        assert!((-127..=127).contains(&hi) && (-127..=127).contains(&lo), "x[{i}]: bytes {hi}, {lo}");
+        let d = a.d[i / BLOCK];
+        let q = a.value(i);
+        assert!(q.abs() <= 32512);
+        if d > 0.0 {
+            assert!((q as f32 - v / d).abs() <= 0.5 + 1e-3, "x[{i}] = {v}: {q} · {d}");
+        } else {
+            assert_eq!(q, 0);
+        }
+    }
+    assert_eq!(a.value(0), 32512);
+    assert_eq!(a.value(BLOCK), -32512);
+    for b in 0..4 {
+        let sum: i32 = (b * BLOCK..(b + 1) * BLOCK).map(|i| a.value(i)).sum();
+        assert_eq!(a.s[b], a.d[b] * sum as f32);
+    }
+}
+
+/// Q8_0 weights at -128 and activations at ±127, or ±32512 in 16 bits (the extremes of the sign trick and of
+/// i16 pair sums).
 #[test]
 fn int8_q8_0_extremes() {
     let cols = 128;
@@ -111,14 +148,17 @@ fn int8_q8_0_extremes() {
         data.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
         data.extend((0..32).map(|j| if (j + b) % 3 == 0 { 0x80u8 } else { 0x7F }));
     }
-    let w = QMatrix::new(QuantFormat::Q8_0, 1, cols, data).unwrap();
     let x: Vec<f32> = (0..cols).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
-    let mut want = vec![0f32; 1];
-    qmatmul_int8_reference(&w, &x, &mut want);
-    for isa in isas() {
-        let mut got = vec![0f32; 1];
-        qmatmul_on(isa, &w, &x, &mut got);
-        assert!((got[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0), "{isa:?}: {} vs {}", got[0], want[0]);
+    for acts in [Activations::Int8, Activations::Int16] {
+        let w = QMatrix::new(QuantFormat::Q8_0, 1, cols, data.clone()).unwrap().with_activations(acts);
+        let mut want = vec![0f32; 1];
+        qmatmul_int8_reference(&w, &x, &mut want);
+        for isa in isas() {
+            let mut got = vec![0f32; 1];
+            qmatmul_on(isa, &w, &x, &mut got);
+            let ok = (got[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0);
+            assert!(ok, "{isa:?} {acts:?}: {} vs {}", got[0], want[0]);
+        }
     }
 }
 
@@ -128,7 +168,7 @@ fn int8_q8_0_extremes() {
 fn results_are_bitwise_independent_of_batch_size() {
     let mut rng = Lcg(7);
     for isa in isas() {
-        for acts in [Activations::Int8, Activations::F32] {
+        for acts in [Activations::Int8, Activations::Int16, Activations::F32] {
             for format in FORMATS {
                 // 25 rows: the last task has an odd count, so decode runs a single-row tile after the pairs.
                 let (rows, cols) = (25, 224);
@@ -234,5 +274,6 @@ fn wrong_sizes_are_errors() {
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 30, vec![0; 68]).is_err());
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
     assert_eq!("int8".parse::<Activations>(), Ok(Activations::Int8));
+    assert_eq!("int16".parse::<Activations>(), Ok(Activations::Int16));
     assert!("fp8".parse::<Activations>().is_err());
 }
