@@ -449,6 +449,7 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
                 // batches decode each weight row once up front instead of once per few activation rows.
                 let mut yt = vec![0f32; m * n];
                 let rpt = rows_per_task(m);
+                let cols = Columns::new(y, n);
                 for_each_chunk_mut_with(
                     &mut yt,
                     rpt * n,
@@ -457,9 +458,10 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
                         for (i, o) in out.chunks_exact_mut(n).enumerate() {
                             w.row(t * rpt + i).dot_f32_predecoded(isa, raw, x, &xsums, o);
                         }
+                        // SAFETY: task `t` owns output features `t * rpt ..`, disjoint from other tasks'.
+                        unsafe { cols.put(t * rpt, out) };
                     },
                 );
-                transpose_into(&yt, n, y);
             }
         }
     }
@@ -483,19 +485,47 @@ fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut
         for_each_chunk_mut(y, rpt, |t, out| f(t * rpt, out));
         return;
     }
-    // yt is [m, n]: each task owns a contiguous run of output features.
+    // yt is [m, n]: each task owns a contiguous run of output features, and writes them into y's columns
+    // itself (in parallel, while its results are still in cache).
     let mut yt = vec![0f32; m * n];
     let rpt = rows_per_task(m);
-    for_each_chunk_mut(&mut yt, rpt * n, |t, out| f(t * rpt, out));
-    transpose_into(&yt, n, y);
+    let cols = Columns::new(y, n);
+    for_each_chunk_mut(&mut yt, rpt * n, |t, out| {
+        f(t * rpt, out);
+        // SAFETY: task `t` owns output features `t * rpt ..`, disjoint from other tasks'.
+        unsafe { cols.put(t * rpt, out) };
+    });
 }
 
-/// `yt` is `[m, n]`; writes its transpose into `y` (`[n, m]`).
-fn transpose_into(yt: &[f32], n: usize, y: &mut [f32]) {
-    let m = yt.len() / n;
-    for (r, col) in yt.chunks_exact(n).enumerate() {
-        for (t, v) in col.iter().enumerate() {
-            y[t * m + r] = *v;
+/// A `[n, m]` output that parallel tasks fill by columns: each task writes the features (columns) it owns.
+struct Columns {
+    ptr: *mut f32,
+    n: usize,
+    m: usize,
+}
+
+// SAFETY: `put`'s contract makes concurrent writes disjoint; the borrow in `new` keeps the buffer alive and
+// unaliased for the `Columns`' lifetime of use inside one `qmatmul` call.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    fn new(y: &mut [f32], n: usize) -> Self {
+        Self { ptr: y.as_mut_ptr(), n, m: y.len() / n }
+    }
+
+    /// Writes `chunk` (`[rows, n]`: features `r0 .. r0 + rows`, each with its `n` outputs) into columns
+    /// `r0 .. r0 + rows`.
+    ///
+    /// # Safety
+    /// No other thread writes these columns meanwhile, and `r0 + rows ≤ m`; the `y` given to `new` is
+    /// still borrowed by the caller and not otherwise accessed until the tasks finish.
+    unsafe fn put(&self, r0: usize, chunk: &[f32]) {
+        let rows = chunk.len() / self.n;
+        assert!(r0 + rows <= self.m, "columns out of range");
+        for (i, col) in chunk.chunks_exact(self.n).enumerate() {
+            for (t, v) in col.iter().enumerate() {
+                *self.ptr.add(t * self.m + r0 + i) = *v;
+            }
         }
     }
 }
@@ -527,6 +557,27 @@ impl Q8Acts {
     }
 
     fn quantize_to(x: &[f32], k: usize, wide: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detected() == Isa::Avx2 {
+            let nb_total = x.len() / BLOCK;
+            let (mut qs, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb_total], vec![0f32; nb_total]);
+            let mut lo = vec![0i8; if wide { x.len() } else { 0 }];
+            // SAFETY: AVX2 detected; the buffers hold `x.len()` values (`lo` for 16 bits only) and one scale
+            // and sum per block.
+            unsafe {
+                if wide {
+                    avx2::quantize::<true>(x, &mut qs, &mut lo, &mut d, &mut s)
+                } else {
+                    avx2::quantize::<false>(x, &mut qs, &mut lo, &mut d, &mut s)
+                }
+            };
+            return Self { k, qs, lo, d, s };
+        }
+        Self::quantize_portable(x, k, wide)
+    }
+
+    /// The plain version of `quantize_to` (the AVX2 one gives bitwise the same result).
+    fn quantize_portable(x: &[f32], k: usize, wide: bool) -> Self {
         let nb_total = x.len() / BLOCK;
         let mut qs = vec![0i8; x.len()];
         let mut lo = vec![0i8; if wide { x.len() } else { 0 }];

@@ -168,6 +168,72 @@ unsafe fn f32_group<const G: usize>(
 // ---------------------------------------------------------------------------------------------------------
 // 8-bit activations
 
+/// Rounds half away from zero, as `f32::round`: `trunc(x)`, plus `±1` where the (exact) fraction is ≥ 0.5.
+#[inline(always)]
+unsafe fn round_half_away(x: __m256) -> __m256 {
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+    let sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0));
+    let frac = _mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_sub_ps(x, t));
+    let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
+    _mm256_add_ps(t, _mm256_and_ps(up, _mm256_or_ps(sign, _mm256_set1_ps(1.0))))
+}
+
+/// Packs four vectors of i32 (each within i8 range) into 32 bytes in order.
+#[inline(always)]
+unsafe fn pack_i8(q: [__m256i; 4]) -> __m256i {
+    // Packing works within 128-bit lanes; the permutation restores the order.
+    let p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// `Q8Acts::quantize_portable`, bitwise the same: per 32-value block `d = max|x| / top` (127, or 32512 for
+/// 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; 16 bits split `q` into
+/// `hi = round(q / 255)` and `lo = q − 255·hi`.
+///
+/// SAFETY (caller): AVX2 and FMA available; `qs.len() == x.len()`, a multiple of 32; `lo` as long for 16
+/// bits, else empty; `d`, `s` hold one value per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], lo: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    assert!(qs.len() == x.len() && d.len() == x.len() / BLOCK && s.len() == d.len());
+    assert!(lo.len() == if WIDE { x.len() } else { 0 });
+    let top = if WIDE { super::WIDE_MAX } else { 127.0 };
+    let abs_mask = _mm256_set1_ps(-0.0);
+    for (b, blk) in x.chunks_exact(BLOCK).enumerate() {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
+        let mut amax = _mm256_andnot_ps(abs_mask, v[0]);
+        for vi in &v[1..] {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(abs_mask, *vi));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / top;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let (lo_v, hi_v) = (_mm256_set1_ps(-top), _mm256_set1_ps(top));
+        let qf: [__m256; 4] = std::array::from_fn(|i| {
+            _mm256_min_ps(_mm256_max_ps(round_half_away(_mm256_mul_ps(v[i], inv)), lo_v), hi_v)
+        });
+        let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvttps_epi32(qf[i]));
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum)));
+        let out = qs.as_mut_ptr().add(b * BLOCK) as *mut __m256i;
+        if WIDE {
+            let k255 = _mm256_set1_ps(255.0);
+            let hi: [__m256; 4] = std::array::from_fn(|i| round_half_away(_mm256_div_ps(qf[i], k255)));
+            // Integers below 2^24: the float arithmetic is exact.
+            let low: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvttps_epi32(_mm256_fnmadd_ps(hi[i], k255, qf[i])));
+            _mm256_storeu_si256(out, pack_i8(std::array::from_fn(|i| _mm256_cvttps_epi32(hi[i]))));
+            _mm256_storeu_si256(lo.as_mut_ptr().add(b * BLOCK) as *mut __m256i, pack_i8(low));
+        } else {
+            _mm256_storeu_si256(out, pack_i8(q));
+        }
+        d[b] = scale;
+        s[b] = scale * sum as f32;
+    }
+}
+
 /// A weight format for the integer kernels: how a block's 32 values load, and their dot product with 32
 /// signed activation bytes as eight i32 partial sums.
 trait Int8Block {

@@ -277,3 +277,27 @@ fn wrong_sizes_are_errors() {
     assert_eq!("int16".parse::<Activations>(), Ok(Activations::Int16));
     assert!("fp8".parse::<Activations>().is_err());
 }
+
+/// The AVX2 quantizer gives bitwise the portable one's bytes, scales and sums, 8 and 16 bits, halfway
+/// cases and zeros included.
+#[test]
+fn vectorized_quantize_matches_portable() {
+    let mut rng = Lcg(12);
+    let mut x: Vec<f32> = (0..64 * BLOCK).map(|_| rng.f32() * 4.0).collect();
+    // Values at exact halves of the step (max 127 → step 1), and an all-zero block.
+    for (j, v) in x[..BLOCK].iter_mut().enumerate() {
+        *v = if j == 0 { 127.0 } else { j as f32 - 16.5 };
+    }
+    x[BLOCK..2 * BLOCK].fill(0.0);
+    x[2 * BLOCK + 3] = 0.499_999_97;
+    x[2 * BLOCK + 4] = -0.5;
+    for wide in [false, true] {
+        let fast = Q8Acts::quantize_to(&x, 4 * BLOCK, wide);
+        let slow = Q8Acts::quantize_portable(&x, 4 * BLOCK, wide);
+        assert_eq!(fast.qs, slow.qs, "wide {wide}");
+        assert_eq!(fast.lo, slow.lo, "wide {wide}");
+        assert_eq!(fast.d, slow.d, "wide {wide}");
+        assert_eq!(fast.s, slow.s, "wide {wide}");
+    }
+    assert_eq!(Q8Acts::quantize(&x, 4 * BLOCK).qs[1], -16, "-15.5 rounds away from zero");
+}
