@@ -259,8 +259,9 @@ impl Int8Block for Q4_1 {
     /// Low nibbles (weights 0..16) in the low lane, high nibbles (16..32) in the high lane.
     #[inline(always)]
     unsafe fn load(qp: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(qp as *const __m128i);
-        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
+        // The 16 bytes in both lanes (one broadcast load), the high lane shifted by a nibble, then masked.
+        let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qp as *const __m128i));
+        _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F))
     }
     /// Unsigned 4-bit weights × signed bytes: `maddubs` needs no sign fix-up.
     #[inline(always)]
