@@ -238,6 +238,20 @@ pub fn for_each_chunk_mut_with<T: Send, S: Send>(
     drop(scratch);
 }
 
+/// Runs `f(task, part)` in parallel over `data` split at `bounds` (ascending offsets: task `t` gets
+/// `data[bounds[t] .. bounds[t + 1]]`; the last bound is `data.len()`). Tasks are claimed in order.
+pub fn for_each_split_mut<T: Send>(data: &mut [T], bounds: &[usize], f: impl Fn(usize, &mut [T]) + Sync) {
+    assert!(bounds.windows(2).all(|w| w[0] <= w[1]) && bounds.last().is_none_or(|&e| e <= data.len()));
+    let base = SendPtr(data.as_mut_ptr());
+    let task = |t: usize, _worker: usize| {
+        let (start, end) = (bounds[t], bounds[t + 1]);
+        // SAFETY: the bounds ascend within `data`, so tasks get disjoint ranges; `data` outlives the job.
+        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        f(t, part);
+    };
+    global().run(bounds.len().saturating_sub(1), &task);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +268,10 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
         }
+        let mut data = vec![0u32; 20];
+        for_each_split_mut(&mut data, &[0, 7, 7, 12, 20], |t, part| part.iter_mut().for_each(|x| *x += t as u32 + 1));
+        let want: Vec<u32> = [vec![1; 7], vec![3; 5], vec![4; 8]].concat();
+        assert_eq!(data, want, "task 1 is empty; the others add their index + 1 to their own range");
         let mut data = vec![0u32; 1003];
         for_each_chunk_mut_with(&mut data, 10, Vec::<u32>::new, |scratch, i, c| {
             scratch.push(i as u32);

@@ -31,7 +31,7 @@
 //! output alone, in a decode batch or in a prefill (seeded sampling does not depend on batching or on the
 //! prefix cache).
 
-use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with};
+use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with, for_each_split_mut};
 use half::f16;
 use std::sync::OnceLock;
 
@@ -403,6 +403,23 @@ fn rows_per_task(m: usize) -> usize {
 
 const TASKS_PER_THREAD: usize = 4;
 
+/// Task boundaries over `m` weight rows for one activation row (decode): guided self-scheduling. Each task
+/// takes `1 / (2 · threads)` of the rows left (even, at least 16), so the first tasks are long contiguous
+/// runs (what the prefetcher needs) and the last ones short, so the thread that finishes first waits at
+/// most a short task for the other. With equal tasks (four per thread) the caller spent 5 % of decode
+/// waiting at the end of each matmul.
+fn guided_bounds(m: usize) -> Vec<usize> {
+    let div = 2 * crate::pool::global().threads();
+    let mut bounds = vec![0];
+    let mut start = 0;
+    while start < m {
+        let size = (m - start).div_ceil(div).next_multiple_of(2).max(16);
+        start = (start + size).min(m);
+        bounds.push(start);
+    }
+    bounds
+}
+
 /// Above this many activation rows, the f32 kernel decodes each weight row once and reuses it.
 const SMALL_BATCH: usize = 16;
 
@@ -481,8 +498,8 @@ fn rows_parallel(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]
 /// those rows' outputs as `[rows, n]`; writes `y` as `[n, m]`.
 fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if n == 1 {
-        let rpt = rows_per_task(m);
-        for_each_chunk_mut(y, rpt, |t, out| f(t * rpt, out));
+        let bounds = guided_bounds(m);
+        for_each_split_mut(y, &bounds, |t, out| f(bounds[t], out));
         return;
     }
     // yt is [m, n]: each task owns a contiguous run of output features, and writes them into y's columns
