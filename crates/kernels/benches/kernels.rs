@@ -4,6 +4,7 @@
 //!   Q4_1, and the tied Q8_0 head): 96 MB of weights, three times the L3 cache, so every step streams them
 //!   from memory as real decoding does. Criterion's throughput is the weight bytes read: compare it with the
 //!   machine's read bandwidth (BENCHMARKS.md has the roofline note).
+//! - `decode_batch/*`: the same matmuls for 8 sequences decoding together; throughput in multiply-adds.
 //! - `prefill/*`: one layer's matmuls for 512 tokens (compute-bound); throughput in multiply-adds.
 //! - `hot/*`: one matrix that stays in cache, one activation row: the kernel's compute ceiling.
 //! - `attention/*`: SmolLM2's attention (9 heads on 3 KV heads of 64) over 512 positions, f32 and f16 cache.
@@ -114,6 +115,26 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 for m in &mats {
                     qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
+                }
+            })
+        });
+    }
+    g.finish();
+
+    // Eight sequences decoding together (8 concurrent streams): each weight read once for eight rows.
+    let mut g = c.benchmark_group("decode_batch");
+    g.sample_size(10);
+    let n = 8;
+    for a in [Activations::Int8, Activations::Int16] {
+        let mats = model(a);
+        let macs: usize = mats.iter().map(|m| m.rows() * m.cols() * n).sum();
+        let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
+        let mut y = vec![0f32; n * VOCAB];
+        g.throughput(Throughput::Elements(macs as u64));
+        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
+            b.iter(|| {
+                for m in &mats {
+                    qmatmul_on(isa, m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
                 }
             })
         });

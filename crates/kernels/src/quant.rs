@@ -539,9 +539,11 @@ impl Columns {
     unsafe fn put(&self, r0: usize, chunk: &[f32]) {
         let rows = chunk.len() / self.n;
         assert!(r0 + rows <= self.m, "columns out of range");
-        for (i, col) in chunk.chunks_exact(self.n).enumerate() {
-            for (t, v) in col.iter().enumerate() {
-                *self.ptr.add(t * self.m + r0 + i) = *v;
+        // Row by row of `y`, so the writes are sequential (the chunk is still in cache).
+        for t in 0..self.n {
+            let dst = self.ptr.add(t * self.m + r0);
+            for i in 0..rows {
+                *dst.add(i) = chunk[i * self.n + t];
             }
         }
     }
