@@ -2,9 +2,16 @@
 # Ours vs llama.cpp's llama-bench on the default model, interleaved round by round (ours, llama, ours, ...)
 # so machine drift hits both alike: pp512, tg128, and tg128 after 512 tokens of context. Prints each side's
 # medians and the ours/llama ratio per round (median, min–max).
-# Usage: LLAMA_BENCH=/path/to/llama-bench scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
+# Usage: LLAMA_BENCH=/path/to/llama-bench [LOAD=N] scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
+# LOAD=N runs N busy-looping processes for the whole measurement (a competing load, both sides alike).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+busy=()
+trap 'for p in "${busy[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+for _ in $(seq "${LOAD:-0}"); do
+  bash -c 'while :; do :; done' &
+  busy+=("$!")
+done
 rounds="${1:-5}"; threads="${2:-2}"; shift $(( $# < 2 ? $# : 2 ))
 bin=target/release/mlx-serving
 [ -x "$bin" ] || cargo build --release
