@@ -110,7 +110,7 @@ struct ServeArgs {
     /// Model name clients use [model.served_model_name; default: the file name without .gguf].
     #[arg(long, env = "MLX_SERVING_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head and q/k/v, 8-bit elsewhere), `int8`
+    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
     /// (fastest, least accurate), `int16`, or `f32` (float32 reference arithmetic, slowest)
     /// [model.activations; default mixed].
     #[arg(long, env = "MLX_SERVING_ACTIVATIONS")]
@@ -269,7 +269,7 @@ struct GenerateArgs {
     /// Dequantize all weights to f32 at load (slow; matches float32 references closely).
     #[arg(long)]
     dequantize: bool,
-    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head and q/k/v, 8-bit elsewhere), `int8`
+    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
     /// (rounded per 32-value block as llama.cpp does; fastest, least accurate), `int16`, or `f32` (the
     /// float32 reference's arithmetic, slowest).
     #[arg(long, default_value = "mixed")]

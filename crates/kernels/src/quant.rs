@@ -4,8 +4,8 @@
 //! - [`Activations::Int8`] (the default): each activation row is rounded to 8 bits per 32-value block, as
 //!   llama.cpp does, and blocks are multiplied with integer dot products. Equal to exact arithmetic on the
 //!   rounded activations up to f32 summation order.
-//! - [`Activations::Int16`]: rounded to 16 bits per block instead (two byte planes through the same
-//!   integer dot products): about 250 times less rounding error, for the matmuls whose error shows most.
+//! - [`Activations::Int16`]: rounded to 16 bits per block instead (16-bit integer dot products): about 250
+//!   times less rounding error, for the matmuls whose error shows most.
 //! - [`Activations::F32`]: activations stay in f32, so the result is the float32 product with the
 //!   dequantized weights up to summation order (what a float32 reference computes). About half as fast.
 //!
@@ -71,8 +71,8 @@ pub enum Activations {
     /// Rounded to 8 bits per 32-value block; integer dot products (llama.cpp's scheme).
     #[default]
     Int8,
-    /// Rounded to 16 bits per 32-value block, held as two signed bytes (`v = 255·hi + lo`), and multiplied
-    /// with the same integer instructions twice: about 250 times less rounding than `Int8`.
+    /// Rounded to 16 bits per 32-value block; integer dot products on 16-bit lanes: about 250 times less
+    /// rounding than `Int8`.
     Int16,
     /// Kept in f32: the float32 product with the dequantized weights, up to summation order.
     F32,
@@ -330,24 +330,18 @@ impl<'a> RowRef<'a> {
     /// `Σ w·x̂` for activation row `t` of `acts` (8- or 16-bit), in integer arithmetic per block.
     fn dot_int8_portable(&self, acts: &Q8Acts, t: usize) -> f32 {
         let nb = self.nb;
-        let row = t * acts.k..(t + 1) * acts.k;
-        let (xq, xl) = (&acts.qs[row.clone()], if acts.is_wide() { &acts.lo[row] } else { &[][..] });
         let format = self.format;
-        let dot = |q: &[u8], xb: &[i8]| -> i32 {
+        fn dot<X: Copy + Into<i32>>(format: QuantFormat, q: &[u8], xb: &[X]) -> i32 {
+            let x = |j: usize| -> i32 { xb[j].into() };
             match format {
-                QuantFormat::Q4_1 => {
-                    (0..16).map(|j| (q[j] & 0xF) as i32 * xb[j] as i32 + (q[j] >> 4) as i32 * xb[j + 16] as i32).sum()
-                }
-                QuantFormat::Q8_0 => (0..32).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum(),
+                QuantFormat::Q4_1 => (0..16).map(|j| (q[j] & 0xF) as i32 * x(j) + (q[j] >> 4) as i32 * x(j + 16)).sum(),
+                QuantFormat::Q8_0 => (0..32).map(|j| q[j] as i8 as i32 * x(j)).sum(),
             }
-        };
+        }
         let mut s = 0f32;
         for (b, q) in self.blocks() {
-            let blk = b * BLOCK..(b + 1) * BLOCK;
-            let mut isum = dot(q, &xq[blk.clone()]);
-            if !xl.is_empty() {
-                isum = 255 * isum + dot(q, &xl[blk]);
-            }
+            let blk = t * acts.k + b * BLOCK..t * acts.k + (b + 1) * BLOCK;
+            let isum = if acts.is_wide() { dot(format, q, &acts.x16[blk]) } else { dot(format, q, &acts.qs[blk]) };
             s += self.scale(b).to_f32() * acts.d[t * nb + b] * isum as f32;
             if self.format == QuantFormat::Q4_1 {
                 s += self.min(b).to_f32() * acts.s[t * nb + b];
@@ -550,19 +544,19 @@ impl Columns {
 }
 
 /// Activations rounded per block to integers `v`: `x ≈ d · v`, and per block `s = d · Σ v`.
-/// 8 bits: `v = qs`. 16 bits: `v = 255 · qs + lo`, both bytes in `-127 ..= 127`, so a kernel runs its 8-bit
-/// dot product on each byte plane and combines them as `255 · hi + lo`.
+/// 8 bits: `v` in `qs`, within ±127. 16 bits: `v` in `x16`, within ±32767.
 pub struct Q8Acts {
     k: usize,
+    /// 8-bit values; empty for 16-bit activations.
     qs: Vec<i8>,
-    /// Low bytes of 16-bit activations; empty for 8-bit ones.
-    lo: Vec<i8>,
+    /// 16-bit values; empty for 8-bit activations.
+    x16: Vec<i16>,
     d: Vec<f32>,
     s: Vec<f32>,
 }
 
-/// Largest 16-bit activation magnitude: `255 · 127 + 127`, so both bytes stay within ±127.
-const WIDE_MAX: f32 = 32512.0;
+/// Largest 16-bit activation magnitude.
+const WIDE_MAX: f32 = 32767.0;
 
 impl Q8Acts {
     /// `x` is `[n, k]`; each 32-value block gets its own scale `max|x| / 127`.
@@ -570,7 +564,7 @@ impl Q8Acts {
         Self::quantize_to(x, k, false)
     }
 
-    /// `quantize` to 16 bits: scale `max|x| / 32512`.
+    /// `quantize` to 16 bits: scale `max|x| / 32767`.
     pub fn quantize_wide(x: &[f32], k: usize) -> Self {
         Self::quantize_to(x, k, true)
     }
@@ -579,18 +573,19 @@ impl Q8Acts {
         #[cfg(target_arch = "x86_64")]
         if Isa::detected() == Isa::Avx2 {
             let nb_total = x.len() / BLOCK;
-            let (mut qs, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb_total], vec![0f32; nb_total]);
-            let mut lo = vec![0i8; if wide { x.len() } else { 0 }];
-            // SAFETY: AVX2 detected; the buffers hold `x.len()` values (`lo` for 16 bits only) and one scale
-            // and sum per block.
+            let (mut d, mut s) = (vec![0f32; nb_total], vec![0f32; nb_total]);
+            let mut qs = vec![0i8; if wide { 0 } else { x.len() }];
+            let mut x16 = vec![0i16; if wide { x.len() } else { 0 }];
+            // SAFETY: AVX2 detected; the value buffer of the chosen width holds `x.len()` values, the other is
+            // empty; one scale and sum per block.
             unsafe {
                 if wide {
-                    avx2::quantize::<true>(x, &mut qs, &mut lo, &mut d, &mut s)
+                    avx2::quantize::<true>(x, &mut qs, &mut x16, &mut d, &mut s)
                 } else {
-                    avx2::quantize::<false>(x, &mut qs, &mut lo, &mut d, &mut s)
+                    avx2::quantize::<false>(x, &mut qs, &mut x16, &mut d, &mut s)
                 }
             };
-            return Self { k, qs, lo, d, s };
+            return Self { k, qs, x16, d, s };
         }
         Self::quantize_portable(x, k, wide)
     }
@@ -598,8 +593,8 @@ impl Q8Acts {
     /// The plain version of `quantize_to` (the AVX2 one gives bitwise the same result).
     fn quantize_portable(x: &[f32], k: usize, wide: bool) -> Self {
         let nb_total = x.len() / BLOCK;
-        let mut qs = vec![0i8; x.len()];
-        let mut lo = vec![0i8; if wide { x.len() } else { 0 }];
+        let mut qs = vec![0i8; if wide { 0 } else { x.len() }];
+        let mut x16 = vec![0i16; if wide { x.len() } else { 0 }];
         let mut d = Vec::with_capacity(nb_total);
         let mut s = Vec::with_capacity(nb_total);
         let top = if wide { WIDE_MAX } else { 127.0 };
@@ -611,10 +606,7 @@ impl Q8Acts {
             for (j, v) in blk.iter().enumerate() {
                 let q = ((v * inv).round() as i32).clamp(-(top as i32), top as i32);
                 if wide {
-                    // |q| ≤ 32512 = 255·127 + 127: hi = round(q / 255) has |hi| ≤ 127, |lo| ≤ 127.
-                    let hi = (q as f32 / 255.0).round() as i32;
-                    qs[i * BLOCK + j] = hi as i8;
-                    lo[i * BLOCK + j] = (q - 255 * hi) as i8;
+                    x16[i * BLOCK + j] = q as i16;
                 } else {
                     qs[i * BLOCK + j] = q as i8;
                 }
@@ -623,18 +615,18 @@ impl Q8Acts {
             d.push(scale);
             s.push(scale * sum as f32);
         }
-        Self { k, qs, lo, d, s }
+        Self { k, qs, x16, d, s }
     }
 
     fn is_wide(&self) -> bool {
-        !self.lo.is_empty()
+        !self.x16.is_empty()
     }
 
     /// The integer value of activation `i` (over all rows).
     #[inline(always)]
     fn value(&self, i: usize) -> i32 {
         if self.is_wide() {
-            255 * self.qs[i] as i32 + self.lo[i] as i32
+            self.x16[i] as i32
         } else {
             self.qs[i] as i32
         }

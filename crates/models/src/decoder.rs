@@ -41,16 +41,18 @@ pub struct LoadOptions {
 /// that adds up over the matmuls. Measured on SmolLM2 (first-step top-5 logprobs against transformers f32,
 /// one kind of matmul rounded at a time): the output head 0.16, the q/k/v projections 0.13–0.17, gate/up
 /// 0.14–0.18, down 0.07, o 0.06; all of them together 0.25–0.30, over the 0.25 the golden test allows.
-/// 16-bit activations cost about 1.3× the 8-bit kernel's time in cache, and the head (Q8_0) streams from
-/// memory either way.
+/// 16-bit activations (16-bit integer products, `madd`) cost little in decode, where the weights stream
+/// from memory (one decode step's matmuls: 6.7 ms against 6.2), and more in prefill, which is compute-bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
-    /// 16 bits into the output head and the q/k/v projections, 8 bits elsewhere: 0.12 on SmolLM2.
+    /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down: 0.08–0.11 on SmolLM2.
+    /// (16 bits into the head and q/k/v only measured 0.12–0.22, too close to 0.25 as the 8-bit noise is
+    /// redrawn by any change of summation order.)
     #[default]
     Mixed,
     /// 8 bits everywhere: the fastest, 0.25–0.30 on SmolLM2.
     Int8,
-    /// 16 bits everywhere: 0.001 on SmolLM2.
+    /// 16 bits everywhere: 0.002–0.005 on SmolLM2.
     Int16,
     /// f32 everywhere: the float32 reference's arithmetic up to summation order (0.0001), the slowest.
     F32,
@@ -78,8 +80,8 @@ impl ActivationPrecision {
             Self::F32 => Activations::F32,
             Self::Mixed => {
                 let head = name == "output.weight" || name == "token_embd.weight";
-                let qkv = [".attn_q.", ".attn_k.", ".attn_v."].iter().any(|p| name.contains(p));
-                if head || qkv {
+                let wide = [".attn_q.", ".attn_k.", ".attn_v.", ".ffn_gate.", ".ffn_up."];
+                if head || wide.iter().any(|p| name.contains(p)) {
                     Activations::Int16
                 } else {
                     Activations::Int8

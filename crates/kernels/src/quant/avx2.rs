@@ -186,16 +186,24 @@ unsafe fn pack_i8(q: [__m256i; 4]) -> __m256i {
     _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
-/// `Q8Acts::quantize_portable`, bitwise the same: per 32-value block `d = max|x| / top` (127, or 32512 for
-/// 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; 16 bits split `q` into
-/// `hi = round(q / 255)` and `lo = q − 255·hi`.
+/// Packs four vectors of i32 (each within i16 range) into two vectors of 16 i16, in order.
+#[inline(always)]
+unsafe fn pack_i16(q: [__m256i; 4]) -> [__m256i; 2] {
+    // Packing works within 128-bit lanes; the 64-bit permutation restores the order.
+    let a = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[0], q[1]));
+    let b = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[2], q[3]));
+    [a, b]
+}
+
+/// `Q8Acts::quantize_portable`, bitwise the same: per 32-value block `d = max|x| / top` (127, or 32767 for
+/// 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; `q` goes to `qs` (8 bits) or `x16`.
 ///
-/// SAFETY (caller): AVX2 and FMA available; `qs.len() == x.len()`, a multiple of 32; `lo` as long for 16
-/// bits, else empty; `d`, `s` hold one value per block.
+/// SAFETY (caller): AVX2 and FMA available; `x.len()` a multiple of 32; the buffer of the chosen width
+/// (`qs` for 8 bits, `x16` for 16) holds `x.len()` values; `d`, `s` hold one value per block.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], lo: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    assert!(qs.len() == x.len() && d.len() == x.len() / BLOCK && s.len() == d.len());
-    assert!(lo.len() == if WIDE { x.len() } else { 0 });
+pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i16], d: &mut [f32], s: &mut [f32]) {
+    assert!(d.len() == x.len() / BLOCK && s.len() == d.len());
+    assert!(if WIDE { x16.len() == x.len() } else { qs.len() == x.len() });
     let top = if WIDE { super::WIDE_MAX } else { 127.0 };
     let abs_mask = _mm256_set1_ps(-0.0);
     for (b, blk) in x.chunks_exact(BLOCK).enumerate() {
@@ -218,16 +226,13 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], lo: &mut [i8]
         let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
         let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum)));
-        let out = qs.as_mut_ptr().add(b * BLOCK) as *mut __m256i;
         if WIDE {
-            let k255 = _mm256_set1_ps(255.0);
-            let hi: [__m256; 4] = std::array::from_fn(|i| round_half_away(_mm256_div_ps(qf[i], k255)));
-            // Integers below 2^24: the float arithmetic is exact.
-            let low: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvttps_epi32(_mm256_fnmadd_ps(hi[i], k255, qf[i])));
-            _mm256_storeu_si256(out, pack_i8(std::array::from_fn(|i| _mm256_cvttps_epi32(hi[i]))));
-            _mm256_storeu_si256(lo.as_mut_ptr().add(b * BLOCK) as *mut __m256i, pack_i8(low));
+            let out = x16.as_mut_ptr().add(b * BLOCK) as *mut __m256i;
+            let [a, c] = pack_i16(q);
+            _mm256_storeu_si256(out, a);
+            _mm256_storeu_si256(out.add(1), c);
         } else {
-            _mm256_storeu_si256(out, pack_i8(q));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * BLOCK) as *mut __m256i, pack_i8(q));
         }
         d[b] = scale;
         s[b] = scale * sum as f32;
@@ -242,18 +247,19 @@ trait Int8Block {
     /// The block whose quantized values start at `qp`.
     unsafe fn load(qp: *const u8) -> __m256i;
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
-    /// The dot product with 16-bit activations `255·hi + lo` (`Q8Acts`), as eight i32 partial sums.
-    unsafe fn dot_wide(w: __m256i, hi: __m256i, lo: __m256i) -> __m256i;
+    /// The block's 32 values widened to i16: elements 0..16, then 16..32 (for 16-bit activations).
+    unsafe fn load16(qp: *const u8) -> [__m256i; 2];
     /// Whether `maddubs(w, x)`'s i16 pair sums of four blocks can be folded in i16 (eight products per
     /// lane) without overflow; then the integer kernel folds with `hadd_epi16` and one `madd` per four
     /// blocks instead of one `madd` per block.
     const I16_FOLD: bool;
 }
 
-/// `255·Σ pairs(ph) + Σ pairs(pl)` from two `maddubs` results.
+/// A block's dot product with 16-bit activations (`x[0]`: elements 0..16, `x[1]`: 16..32) as eight i32
+/// partial sums. |w| ≤ 128 and |x| ≤ 32767: each pair sum fits in i32 with room.
 #[inline(always)]
-unsafe fn combine_wide(ph: __m256i, pl: __m256i) -> __m256i {
-    _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(255)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
+unsafe fn dot16(w: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
+    _mm256_add_epi32(_mm256_madd_epi16(w[0], x[0]), _mm256_madd_epi16(w[1], x[1]))
 }
 
 struct Q4_1;
@@ -274,9 +280,11 @@ impl Int8Block for Q4_1 {
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
     }
+    /// Byte `j` holds weights `j` (low nibble) and `j + 16` (high nibble).
     #[inline(always)]
-    unsafe fn dot_wide(w: __m256i, hi: __m256i, lo: __m256i) -> __m256i {
-        combine_wide(_mm256_maddubs_epi16(w, hi), _mm256_maddubs_epi16(w, lo))
+    unsafe fn load16(qp: *const u8) -> [__m256i; 2] {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
+        [_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)]
     }
 }
 
@@ -297,14 +305,12 @@ impl Int8Block for Q8_0 {
         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
-    /// Both planes within ±127, so the same bound holds.
     #[inline(always)]
-    unsafe fn dot_wide(w: __m256i, hi: __m256i, lo: __m256i) -> __m256i {
-        let aw = _mm256_sign_epi8(w, w);
-        combine_wide(
-            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(hi, w)),
-            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(lo, w)),
-        )
+    unsafe fn load16(qp: *const u8) -> [__m256i; 2] {
+        [
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp as *const __m128i)),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16) as *const __m128i)),
+        ]
     }
 }
 
@@ -352,21 +358,34 @@ unsafe fn rows_int8_fmt<F: Int8Block, const WIDE: bool>(
     }
 }
 
-/// One activation block: its bytes, and for 16-bit activations the low plane too (else unused).
+/// Activation block at value offset `off`: 32 bytes (the second vector unused), or 32 i16 in two vectors.
 #[inline(always)]
-unsafe fn load_acts<const WIDE: bool>(xq: *const u8, xl: *const u8, off: usize) -> [__m256i; 2] {
-    let hi = _mm256_loadu_si256(xq.add(off) as *const __m256i);
-    let lo = if WIDE { _mm256_loadu_si256(xl.add(off) as *const __m256i) } else { _mm256_setzero_si256() };
-    [hi, lo]
+unsafe fn load_acts<const WIDE: bool>(xq: *const i8, x16: *const i16, off: usize) -> [__m256i; 2] {
+    if WIDE {
+        let p = x16.add(off) as *const __m256i;
+        [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))]
+    } else {
+        [_mm256_loadu_si256(xq.add(off) as *const __m256i), _mm256_setzero_si256()]
+    }
 }
 
-/// The block's eight i32 partial sums against the activation block `x` (`load_acts`).
+/// Weight block at `qp`: as loaded for 8-bit activations (the second vector unused), or widened to i16.
 #[inline(always)]
-unsafe fn int_dot<F: Int8Block, const WIDE: bool>(wv: __m256i, x: [__m256i; 2]) -> __m256i {
+unsafe fn load_weights<F: Int8Block, const WIDE: bool>(qp: *const u8) -> [__m256i; 2] {
     if WIDE {
-        F::dot_wide(wv, x[0], x[1])
+        F::load16(qp)
     } else {
-        F::dot(wv, x[0])
+        [F::load(qp), _mm256_setzero_si256()]
+    }
+}
+
+/// The block's eight i32 partial sums (`load_weights` against `load_acts`).
+#[inline(always)]
+unsafe fn int_dot<F: Int8Block, const WIDE: bool>(w: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
+    if WIDE {
+        dot16(w, x)
+    } else {
+        F::dot(w[0], x[0])
     }
 }
 
@@ -391,8 +410,8 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
     let group_bytes = hdr + GROUP * F::QS_BYTES;
     debug_assert!(rows.iter().all(|r| r.data.len() == nb * (hdr / GROUP + F::QS_BYTES)));
     let base: [*const u8; R] = std::array::from_fn(|r| rows[r].data.as_ptr());
-    let xq = acts.qs.as_ptr() as *const u8;
-    let xl = acts.lo.as_ptr() as *const u8;
+    let xq = acts.qs.as_ptr();
+    let xl = acts.x16.as_ptr();
     let xd = acts.d.as_ptr();
     let xs = acts.s.as_ptr();
     let mut acc = [[_mm256_setzero_ps(); G]; R];
@@ -430,11 +449,11 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
             let x1: [[__m256i; 2]; G] =
                 std::array::from_fn(|g| load_acts::<WIDE>(xq, xl, (t0 + g) * k + (b + j + 1) * BLOCK));
             for r in 0..R {
-                let w0 = F::load(gp[r].add(hdr + j * F::QS_BYTES));
-                let w1 = F::load(gp[r].add(hdr + (j + 1) * F::QS_BYTES));
+                let w0 = load_weights::<F, WIDE>(gp[r].add(hdr + j * F::QS_BYTES));
+                let w1 = load_weights::<F, WIDE>(gp[r].add(hdr + (j + 1) * F::QS_BYTES));
                 for g in 0..G {
                     pair[r][g] = if i16_fold {
-                        _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, x0[g][0]), _mm256_maddubs_epi16(w1, x1[g][0]))
+                        _mm256_hadd_epi16(_mm256_maddubs_epi16(w0[0], x0[g][0]), _mm256_maddubs_epi16(w1[0], x1[g][0]))
                     } else {
                         _mm256_hadd_epi32(int_dot::<F, WIDE>(w0, x0[g]), int_dot::<F, WIDE>(w1, x1[g]))
                     };
@@ -461,7 +480,7 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
         for r in 0..R {
             let gp = base[r].add(b / GROUP * group_bytes);
             let dw = h2f((gp.add(2 * i) as *const half::f16).read_unaligned());
-            let wv = F::load(gp.add((hdr / GROUP) * len + i * F::QS_BYTES));
+            let wv = load_weights::<F, WIDE>(gp.add((hdr / GROUP) * len + i * F::QS_BYTES));
             for g in 0..G {
                 let t = t0 + g;
                 if F::HAS_MIN {
