@@ -31,7 +31,7 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// How activations enter Q4_1/Q8_0 matmuls (see [`ActivationPrecision`]).
     pub activations: ActivationPrecision,
-    /// KV cache element type: f32 (the default) or f16 (half the memory and attention bandwidth).
+    /// KV cache element type: f16 (the default) or f32 (twice the memory and attention bandwidth).
     pub kv_cache_dtype: KvDtype,
 }
 

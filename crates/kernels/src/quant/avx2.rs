@@ -216,7 +216,7 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
         let scale = amax / top;
-        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let inv = _mm256_set1_ps(super::inverse_scale(scale));
         let (lo_v, hi_v) = (_mm256_set1_ps(-top), _mm256_set1_ps(top));
         let qf: [__m256; 4] = std::array::from_fn(|i| {
             _mm256_min_ps(_mm256_max_ps(round_half_away(_mm256_mul_ps(v[i], inv)), lo_v), hi_v)
@@ -390,9 +390,9 @@ unsafe fn int_dot<F: Int8Block, const WIDE: bool>(w: [__m256i; 2], x: [__m256i; 
 }
 
 /// Weight rows `rows` against activation rows `t0 .. t0 + G`; `out` is `[R, G]`. Blocks go four at a time:
-/// their four scales are converted and multiplied by the activation scales as one vector, then each
-/// block's i32 partial sums are scaled by a lane of it; the Q4_1 min terms (`m·s`) accumulate four blocks
-/// per FMA. A tail of fewer than four blocks goes one by one. Each (weight row, activation row) pair runs
+/// their four scales are converted and multiplied by the activation scales as one vector
+/// `[d0 d1 d2 d3 | d0 d1 d2 d3]`, the four blocks' i32 partial sums are folded into the matching lanes
+/// and scaled by it with one FMA; the Q4_1 min terms (`m·s`) accumulate four blocks per FMA. A tail of fewer than four blocks goes one by one. Each (weight row, activation row) pair runs
 /// the same operations in the same order whatever `R` and `G` are.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers

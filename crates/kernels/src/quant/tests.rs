@@ -216,7 +216,9 @@ fn concatenated_rows_give_the_same_products() {
         assert_eq!(&yab[t * 12..t * 12 + 7], &ya[t * 7..t * 7 + 7]);
         assert_eq!(&yab[t * 12 + 7..t * 12 + 12], &yb[t * 5..t * 5 + 5]);
     }
-    assert!(QMatrix::concat_rows(&[a, random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err());
+    assert!(QMatrix::concat_rows(&[a.clone(), random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err());
+    // Parts with different activation precisions would silently take the first part's.
+    assert!(QMatrix::concat_rows(&[a.with_activations(Activations::Int16), b]).is_err());
 }
 
 /// The Q4_1 min term must multiply the sum of the *rounded* activations (`s = d·Σq`). With the exact sum
@@ -276,26 +278,60 @@ fn wrong_sizes_are_errors() {
     assert!("fp8".parse::<Activations>().is_err());
 }
 
-/// The AVX2 quantizer gives bitwise the portable one's bytes, scales and sums, 8 and 16 bits, halfway
-/// cases and zeros included.
+/// The AVX2 quantizer (called directly, whatever `MLX_SERVING_ISA` says) gives bitwise the portable one's
+/// values, scales and sums, 8 and 16 bits, on finite inputs: halfway cases at both widths, values just
+/// below a half, an all-zero block, and a block so small that `1 / scale` would overflow.
 #[test]
 fn vectorized_quantize_matches_portable() {
-    let mut rng = Lcg(12);
-    let mut x: Vec<f32> = (0..64 * BLOCK).map(|_| rng.f32() * 4.0).collect();
-    // Values at exact halves of the step (max 127 → step 1), and an all-zero block.
-    for (j, v) in x[..BLOCK].iter_mut().enumerate() {
-        *v = if j == 0 { 127.0 } else { j as f32 - 16.5 };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(crate::vec::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c")) {
+            return;
+        }
+        let mut rng = Lcg(12);
+        let mut x: Vec<f32> = (0..64 * BLOCK).map(|_| rng.f32() * 4.0).collect();
+        // Block 0: max 127, so the 8-bit step is exactly 1: values at halves, and just below a half.
+        for (j, v) in x[..BLOCK].iter_mut().enumerate() {
+            *v = if j == 0 { 127.0 } else { j as f32 - 16.5 };
+        }
+        x[3] = 0.499_999_97;
+        x[4] = -0.5;
+        // Block 1: all zeros. Block 2: max 32767, so the 16-bit step is exactly 1, values at halves.
+        x[BLOCK..2 * BLOCK].fill(0.0);
+        for (j, v) in x[2 * BLOCK..3 * BLOCK].iter_mut().enumerate() {
+            *v = if j == 0 { -32767.0 } else { (j as f32 - 16.0) * 1000.0 + 0.5 };
+        }
+        // Block 3: tiny values (1 / scale overflows f32) and zeros.
+        x[3 * BLOCK..4 * BLOCK].fill(0.0);
+        x[3 * BLOCK] = 1e-37;
+        x[3 * BLOCK + 5] = -3e-38;
+        for wide in [false, true] {
+            let slow = Q8Acts::quantize_portable(&x, 4 * BLOCK, wide);
+            let nb = x.len() / BLOCK;
+            let (mut qs, mut x16) =
+                (vec![0i8; if wide { 0 } else { x.len() }], vec![0i16; if wide { x.len() } else { 0 }]);
+            let (mut d, mut sums) = (vec![0f32; nb], vec![0f32; nb]);
+            // SAFETY: AVX2, FMA and F16C checked above; buffers sized as `quantize` requires.
+            unsafe {
+                if wide {
+                    avx2::quantize::<true>(&x, &mut qs, &mut x16, &mut d, &mut sums)
+                } else {
+                    avx2::quantize::<false>(&x, &mut qs, &mut x16, &mut d, &mut sums)
+                }
+            }
+            assert_eq!(qs, slow.qs, "wide {wide}");
+            assert_eq!(x16, slow.x16, "wide {wide}");
+            assert_eq!(d, slow.d, "wide {wide}");
+            assert_eq!(sums, slow.s, "wide {wide}");
+        }
+        let a = Q8Acts::quantize_portable(&x, 4 * BLOCK, false);
+        assert_eq!((a.qs[1], a.qs[3], a.qs[4]), (-16, 0, -1), "halves round away from zero, 0.49999997 down");
+        assert!(a.qs[3 * BLOCK..4 * BLOCK].iter().all(|&q| q == 0), "a block too small to scale rounds to zeros");
+        let w = Q8Acts::quantize_portable(&x, 4 * BLOCK, true);
+        assert_eq!(
+            (w.x16[2 * BLOCK + 1], w.x16[2 * BLOCK + 2]),
+            (-15_000, -14_000),
+            "16-bit halves round away from zero"
+        );
     }
-    x[BLOCK..2 * BLOCK].fill(0.0);
-    x[2 * BLOCK + 3] = 0.499_999_97;
-    x[2 * BLOCK + 4] = -0.5;
-    for wide in [false, true] {
-        let fast = Q8Acts::quantize_to(&x, 4 * BLOCK, wide);
-        let slow = Q8Acts::quantize_portable(&x, 4 * BLOCK, wide);
-        assert_eq!(fast.qs, slow.qs, "wide {wide}");
-        assert_eq!(fast.x16, slow.x16, "wide {wide}");
-        assert_eq!(fast.d, slow.d, "wide {wide}");
-        assert_eq!(fast.s, slow.s, "wide {wide}");
-    }
-    assert_eq!(Q8Acts::quantize(&x, 4 * BLOCK).qs[1], -16, "-15.5 rounds away from zero");
 }
