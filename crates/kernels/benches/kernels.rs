@@ -122,43 +122,9 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     // Eight sequences decoding together (8 concurrent streams): each weight read once for eight rows.
-    let mut g = c.benchmark_group("decode_batch");
-    g.sample_size(10);
-    let n = 8;
-    for a in [Activations::Int8, Activations::Int16] {
-        let mats = model(a);
-        let macs: usize = mats.iter().map(|m| m.rows() * m.cols() * n).sum();
-        let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
-        let mut y = vec![0f32; n * VOCAB];
-        g.throughput(Throughput::Elements(macs as u64));
-        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
-            b.iter(|| {
-                for m in &mats {
-                    qmatmul_on(isa, m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
-                }
-            })
-        });
-    }
-    g.finish();
-
-    let mut g = c.benchmark_group("prefill");
-    g.sample_size(10);
-    let n = 512;
-    for a in [Activations::Int8, Activations::Int16, Activations::F32] {
-        let mats: Vec<QMatrix> = model(a).into_iter().take(4).collect();
-        let macs: usize = mats.iter().map(|m| m.rows() * m.cols() * n).sum();
-        let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
-        let mut y = vec![0f32; n * 2 * FFN];
-        g.throughput(Throughput::Elements(macs as u64));
-        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
-            b.iter(|| {
-                for m in &mats {
-                    qmatmul_on(isa, m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
-                }
-            })
-        });
-    }
-    g.finish();
+    batched(c, "decode_batch", 8, &[Activations::Int8, Activations::Int16], None, isa, &mut rng);
+    // One layer's matmuls over a 512-token prompt.
+    batched(c, "prefill", 512, &[Activations::Int8, Activations::Int16, Activations::F32], Some(4), isa, &mut rng);
 
     let mut g = c.benchmark_group("hot");
     for a in [Activations::Int8, Activations::Int16, Activations::F32] {
@@ -180,6 +146,36 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     attention(c, isa, &mut rng);
+}
+
+/// Group `name`: the model's matmuls (the first `take` of them, or all) for `n` activation rows, per
+/// activation precision; throughput in multiply-adds.
+fn batched(
+    c: &mut Criterion,
+    name: &str,
+    n: usize,
+    acts: &[Activations],
+    take: Option<usize>,
+    isa: Isa,
+    rng: &mut Rng,
+) {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10);
+    for &a in acts {
+        let mats: Vec<QMatrix> = model(a).into_iter().take(take.unwrap_or(usize::MAX)).collect();
+        let macs: usize = mats.iter().map(|m| m.rows() * m.cols() * n).sum();
+        let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
+        let mut y = vec![0f32; n * mats.iter().map(|m| m.rows()).max().unwrap_or(0)];
+        g.throughput(Throughput::Elements(macs as u64));
+        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
+            b.iter(|| {
+                for m in &mats {
+                    qmatmul_on(isa, m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
+                }
+            })
+        });
+    }
+    g.finish();
 }
 
 /// SmolLM2-135M's attention over 30 layers' caches: one decoding sequence at 512 of context (streams every
