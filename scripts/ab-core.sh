@@ -3,11 +3,11 @@
 # drift hits both alike: prompt (512 tokens), decode after it, and decode from a 1-token prompt.
 # Prints each binary's medians and B/A ratios with their min–max over rounds.
 # Usage: [A_FLAGS=...] [B_FLAGS=...] scripts/ab-core.sh BIN_A BIN_B [rounds] [threads]
-# (A_FLAGS / B_FLAGS: extra `generate` flags per side, e.g. B_FLAGS="--kv-cache-dtype f16")
+# (A_FLAGS / B_FLAGS: extra `generate` flags per side, e.g. B_FLAGS="--kv-cache-dtype f16"; MODEL: another GGUF)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a="$1"; b="$2"; rounds="${3:-5}"; threads="${4:-2}"
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 prompt="$(python3 -c "print(' '.join(['The quick brown fox jumps over the lazy dog.']*51) + ' Hello there')")"
 for i in $(seq "$rounds"); do
   for tag in A B; do

@@ -4,6 +4,7 @@
 # medians and the ours/llama ratio per round (median, min–max).
 # Usage: LLAMA_BENCH=/path/to/llama-bench [LOAD=N] scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
 # LOAD=N runs N busy-looping processes for the whole measurement (a competing load, both sides alike).
+# MODEL=path measures another GGUF (default: SmolLM2-135M Q4_1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 busy=()
@@ -15,7 +16,7 @@ done
 rounds="${1:-5}"; threads="${2:-2}"; shift $(( $# < 2 ? $# : 2 ))
 bin=target/release/mlx-serving
 [ -x "$bin" ] || cargo build --release
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 [ -n "${LLAMA_BENCH:-}" ] || { echo "set LLAMA_BENCH to llama.cpp's llama-bench" >&2; exit 1; }
 prompt="$(python3 -c "print(' '.join(['The quick brown fox jumps over the lazy dog.']*51) + ' Hello there')")"
 for i in $(seq "$rounds"); do

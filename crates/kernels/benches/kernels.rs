@@ -17,7 +17,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use mlx_serving_kernels::attention::{paged_attention_on, AttnSeq, KvElem, KvLayout};
-use mlx_serving_kernels::quant::{qmatmul_on, Activations, Isa, QMatrix, QuantFormat, BLOCK};
+use mlx_serving_kernels::quant::{qmatmul_on, Activations, Isa, QMatrix, QuantFormat};
 
 struct Rng(u64);
 impl Rng {
@@ -33,14 +33,18 @@ impl Rng {
 }
 
 fn matrix(rng: &mut Rng, format: QuantFormat, rows: usize, cols: usize, a: Activations) -> QMatrix {
-    let mut data = Vec::with_capacity(rows * cols / BLOCK * format.block_bytes());
-    for _ in 0..rows * cols / BLOCK {
-        data.extend_from_slice(&f16::from_f32(rng.unit() * 0.05).to_le_bytes());
-        if format == QuantFormat::Q4_1 {
-            data.extend_from_slice(&f16::from_f32(rng.unit() * 0.1).to_le_bytes());
+    let bb = format.block_bytes();
+    let mut data: Vec<u8> = (0..rows * cols / format.block_len() * bb).map(|_| rng.next() as u8).collect();
+    // Small finite scales (and mins) where the format keeps them.
+    let scales: &[usize] = match format {
+        QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K => &[0, 2],
+        QuantFormat::Q6_K => &[208],
+        _ => &[0],
+    };
+    for blk in data.chunks_exact_mut(bb) {
+        for &o in scales {
+            blk[o..o + 2].copy_from_slice(&f16::from_f32(rng.unit() * 0.05).to_le_bytes());
         }
-        let n = format.block_bytes() - data.len() % format.block_bytes();
-        data.extend((0..n).map(|_| rng.next() as u8));
     }
     QMatrix::new(format, rows, cols, data).unwrap().with_activations(a)
 }
@@ -61,6 +65,30 @@ fn model(a: Activations) -> Vec<QMatrix> {
         m.push(matrix(&mut rng, QuantFormat::Q4_1, HIDDEN, FFN, a));
     }
     m.push(matrix(&mut rng, QuantFormat::Q8_0, VOCAB, HIDDEN, a));
+    m
+}
+
+/// Qwen2.5-Coder-0.5B Q4_K_M's matmuls in execution order, with the file's formats: q/k/v (Q5_0; v is Q8_0
+/// in every other layer), o (Q5_0), gate/up (Q5_0), down (Q4_K and Q6_K alternating), the Q8_0 head. `mixed`:
+/// 16-bit activations into q/k/v, gate/up and the head, 8-bit into o and down (the default); else 8-bit.
+fn qwen_model(mixed: bool) -> Vec<QMatrix> {
+    let (h, ffn, kv) = (896, 4864, 128);
+    let wide = if mixed { Activations::Int16 } else { Activations::Int8 };
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut m = Vec::new();
+    for layer in 0..24 {
+        if layer % 2 == 0 {
+            m.push(matrix(&mut rng, QuantFormat::Q5_0, h + 2 * kv, h, wide));
+        } else {
+            m.push(matrix(&mut rng, QuantFormat::Q5_0, h + kv, h, wide));
+            m.push(matrix(&mut rng, QuantFormat::Q8_0, kv, h, wide));
+        }
+        m.push(matrix(&mut rng, QuantFormat::Q5_0, h, h, Activations::Int8));
+        m.push(matrix(&mut rng, QuantFormat::Q5_0, 2 * ffn, h, wide));
+        let down = if layer % 2 == 0 { QuantFormat::Q4_K } else { QuantFormat::Q6_K };
+        m.push(matrix(&mut rng, down, h, ffn, Activations::Int8));
+    }
+    m.push(matrix(&mut rng, QuantFormat::Q8_0, 151_936, h, wide));
     m
 }
 
@@ -121,6 +149,25 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
+    // The same for Qwen2.5-0.5B's formats and shapes (398 MB a pass).
+    let mut g = c.benchmark_group("decode_pass_qwen");
+    g.sample_size(10);
+    for (name, mixed) in [("mixed", true), ("int8", false)] {
+        let mats = qwen_model(mixed);
+        let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
+        let x: Vec<f32> = (0..4864).map(|_| rng.unit()).collect();
+        let mut y = vec![0f32; 151_936];
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
+            b.iter(|| {
+                for m in &mats {
+                    qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
+                }
+            })
+        });
+    }
+    g.finish();
+
     // Eight sequences decoding together (8 concurrent streams): each weight read once for eight rows.
     batched(c, "decode_batch", 8, &[Activations::Int8, Activations::Int16], None, isa, &mut rng);
     // One layer's matmuls over a 512-token prompt.
@@ -141,6 +188,29 @@ fn bench(c: &mut Criterion) {
                 let id = format!("{format:?}/{rows}x{cols}/{on:?}");
                 g.bench_function(BenchmarkId::new(acts_name(a), id), |b| b.iter(|| qmatmul_on(on, &m, &x, &mut y)));
             }
+        }
+    }
+    g.finish();
+
+    // Every format at one in-cache shape, one activation row: the per-format cost of decoding blocks.
+    let mut g = c.benchmark_group("formats");
+    let (rows, cols) = (1536, 1536);
+    g.throughput(Throughput::Elements((rows * cols) as u64));
+    for format in [
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_K,
+        QuantFormat::Q6_K,
+    ] {
+        for a in [Activations::Int8, Activations::Int16] {
+            let m = matrix(&mut rng, format, rows, cols, a);
+            let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
+            let mut y = vec![0f32; rows];
+            g.bench_function(BenchmarkId::new(acts_name(a), format!("{format:?}")), |b| {
+                b.iter(|| qmatmul_on(isa, &m, &x, &mut y))
+            });
         }
     }
     g.finish();

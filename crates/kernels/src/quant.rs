@@ -9,16 +9,27 @@
 //! - [`Activations::F32`]: activations stay in f32, so the result is the float32 product with the
 //!   dequantized weights up to summation order (what a float32 reference computes). About half as fast.
 //!
-//! Block layouts in GGUF (32 weights per block, little-endian):
+//! Block layouts in GGUF (little-endian; `f16` scales):
 //!
 //! ```text
-//!   Q4_1 (20 B): d: f16 | m: f16 | qs[16]: w[j] = d * (qs[j] & 0xF) + m, w[j+16] = d * (qs[j] >> 4) + m
-//!   Q8_0 (34 B): d: f16 | qs[32] as i8: w[j] = d * qs[j]
+//!   Q4_0 (18 B per 32): d | qs[16]:          w[j] = d·((qs[j] & 0xF) − 8), w[j+16] = d·((qs[j] >> 4) − 8)
+//!   Q4_1 (20 B per 32): d | m | qs[16]:      w[j] = d·(qs[j] & 0xF) + m,   w[j+16] = d·(qs[j] >> 4) + m
+//!   Q5_0 (22 B per 32): d | qh: u32 | qs[16]: as Q4_0 with bit j of qh as bit 4 of value j, minus 16
+//!   Q5_1 (24 B per 32): d | m | qh | qs[16]: as Q4_1 with bit j of qh as bit 4 of value j
+//!   Q8_0 (34 B per 32): d | qs[32] as i8:    w[j] = d·qs[j]
+//!   Q4_K (144 B per 256): d | dmin | scales[12] | qs[128]: eight 32-value sub-blocks, each with a 6-bit
+//!        scale s and min m: w = d·s·q − dmin·m; sub-blocks 2c and 2c+1 are the low and high nibbles of
+//!        qs[32c .. 32c+32]
+//!   Q6_K (210 B per 256): ql[128] | qh[64] | scales[16] as i8 | d: sixteen 16-value sub-blocks with 8-bit
+//!        scales: w = d·s·(q − 32), q the 4 bits of ql plus 2 bits of qh
 //! ```
 //!
-//! At load, each row's blocks are regrouped four at a time: the group's four scales, then its four mins,
-//! then its four blocks' quantized values (a row's last group may hold fewer blocks). Same bytes as the
-//! file, one sequential stream per row, and a kernel loads four scales with one instruction.
+//! Q4_0 and Q5_0 load as Q4_1 and Q5_1 with `m = −8·d` and `m = −16·d` (exact in f16), so one kernel
+//! serves each pair. The 32-value formats' rows are regrouped at load four blocks at a time: the group's
+//! four scales, then its four mins, its four high-bit words (Q5_1), then its four blocks' quantized values
+//! (a row's last group may hold fewer blocks). Same bytes as the file, one sequential stream per row, and a
+//! kernel loads four scales with one instruction. The K-quants stay in their super-blocks; a kernel takes
+//! a super-block as two groups of four 32-value blocks.
 //!
 //! For a Q4_1 block and 8-bit activations `x ≈ dx·qx`: `Σ w·x ≈ d·dx·Σ q·qx + m·(dx·Σ qx)`. The min term
 //! uses the sum of the *rounded* activations (llama.cpp's `s` in `block_q8_1`): then the total error is
@@ -42,27 +53,66 @@ mod avx2;
 mod tests;
 
 pub const BLOCK: usize = 32;
+/// Values per K-quant super-block.
+pub const SUPER: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)] // GGML's names
 pub enum QuantFormat {
+    Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4_K,
+    Q6_K,
 }
 
 impl QuantFormat {
-    /// Bytes of quantized values per block once scales are split out.
-    fn qs_bytes(self) -> usize {
+    /// Weights per block in the file: 32, or 256 for the K-quants.
+    pub fn block_len(self) -> usize {
         match self {
-            Self::Q4_1 => 16,
-            Self::Q8_0 => 32,
+            Self::Q4_K | Self::Q6_K => SUPER,
+            _ => BLOCK,
         }
     }
 
+    /// Bytes per block in the file.
     pub fn block_bytes(self) -> usize {
         match self {
+            Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q4_K => 144,
+            Self::Q6_K => 210,
         }
+    }
+
+    /// The format a matrix keeps in memory and computes in (see the module header).
+    fn stored(self) -> Self {
+        match self {
+            Self::Q4_0 => Self::Q4_1,
+            Self::Q5_0 => Self::Q5_1,
+            f => f,
+        }
+    }
+
+    /// Widths of a stored 32-value block's fields in file order (scale, min, high bits, quantized values),
+    /// which the regrouped layout keeps in this order; empty for the K-quants.
+    fn fields(self) -> &'static [usize] {
+        match self {
+            Self::Q4_1 => &[2, 2, 16],
+            Self::Q5_1 => &[2, 2, 4, 16],
+            Self::Q8_0 => &[2, 32],
+            _ => &[],
+        }
+    }
+
+    /// Stored bytes of a row of `cols` values.
+    fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_len() * self.block_bytes()
     }
 }
 
@@ -136,27 +186,39 @@ pub struct QMatrix {
 pub struct QuantError(String);
 
 impl QMatrix {
-    /// Takes the tensor's raw GGUF bytes.
+    /// Takes the tensor's raw GGUF bytes. Q4_0 and Q5_0 become Q4_1 and Q5_1 (what [`format`](Self::format)
+    /// then reports).
     pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
-        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
-            return Err(QuantError(format!("[{rows}, {cols}]: need rows, and columns a multiple of {BLOCK}")));
+        let len = format.block_len();
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(len) {
+            return Err(QuantError(format!("{format:?} [{rows}, {cols}]: need rows, and columns a multiple of {len}")));
         }
-        let nblocks = rows * cols / BLOCK;
-        let want = nblocks * format.block_bytes();
+        let want = rows * format.row_bytes(cols);
         if data.len() != want {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
-        let bb = format.block_bytes();
-        let hdr = bb - format.qs_bytes();
+        let data = match format {
+            QuantFormat::Q4_0 => with_zero_point(&data, format, 8.0)?,
+            QuantFormat::Q5_0 => with_zero_point(&data, format, 16.0)?,
+            _ => data,
+        };
+        let stored = format.stored();
+        let fields = stored.fields();
+        if fields.is_empty() {
+            return Ok(Self { format: stored, activations: Activations::default(), rows, cols, data });
+        }
+        let bb = stored.block_bytes();
         let mut out = Vec::with_capacity(data.len());
-        for group in data.chunks_exact(cols / BLOCK * bb).flat_map(|row| row.chunks(GROUP * bb)) {
-            for field in [0..2, 2..hdr, hdr..bb] {
+        for group in data.chunks_exact(stored.row_bytes(cols)).flat_map(|row| row.chunks(GROUP * bb)) {
+            let mut start = 0;
+            for w in fields {
                 for blk in group.chunks_exact(bb) {
-                    out.extend_from_slice(&blk[field.clone()]);
+                    out.extend_from_slice(&blk[start..start + w]);
                 }
+                start += w;
             }
         }
-        Ok(Self { format, activations: Activations::default(), rows, cols, data: out })
+        Ok(Self { format: stored, activations: Activations::default(), rows, cols, data: out })
     }
 
     pub fn rows(&self) -> usize {
@@ -207,7 +269,7 @@ impl QMatrix {
     }
 
     fn row(&self, r: usize) -> RowRef<'_> {
-        let stride = self.blocks_per_row() * self.format.block_bytes();
+        let stride = self.format.row_bytes(self.cols);
         RowRef { format: self.format, nb: self.blocks_per_row(), data: &self.data[r * stride..(r + 1) * stride] }
     }
 
@@ -226,105 +288,155 @@ struct RowRef<'a> {
     data: &'a [u8],
 }
 
+/// Q4_0 / Q5_0 blocks (`d | rest`) rewritten as Q4_1 / Q5_1 (`d | m | rest`) with `m = −zero · d`.
+fn with_zero_point(data: &[u8], format: QuantFormat, zero: f32) -> Result<Vec<u8>, QuantError> {
+    let bb = format.block_bytes();
+    let mut out = Vec::with_capacity(data.len() / bb * (bb + 2));
+    for blk in data.chunks_exact(bb) {
+        let d = f16_at(blk, 0);
+        let m = f16::from_f32(-zero * d.to_f32());
+        // A power-of-two multiple is exact unless it overflows f16 (or the scale is not a number).
+        if m.to_f32() != -zero * d.to_f32() {
+            return Err(QuantError(format!("{format:?} block scale {d} out of range")));
+        }
+        out.extend_from_slice(&blk[..2]);
+        out.extend_from_slice(&m.to_le_bytes());
+        out.extend_from_slice(&blk[2..]);
+    }
+    Ok(out)
+}
+
+/// A 32-value block decoded: `w[j] = d·q[j] + m` (Q6_K's 16-value sub-scales are multiplied into `q`).
+struct Decoded {
+    q: [i32; BLOCK],
+    d: f32,
+    m: f32,
+}
+
+/// Q4_K sub-block `j`'s 6-bit scale and min from the super-block's 12 scale bytes.
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
+}
+
 impl<'a> RowRef<'a> {
-    /// Offset of block `b`'s group, and the number of blocks in that group.
+    /// Byte offset of field `f` (see [`QuantFormat::fields`]) of 32-value block `b` in the grouped layout.
     #[inline(always)]
-    fn group(&self, b: usize) -> (usize, usize) {
+    fn field(&self, b: usize, f: usize) -> usize {
+        let widths = self.format.fields();
+        let bpb: usize = widths.iter().sum();
         let first = b / GROUP * GROUP;
-        (first * self.format.block_bytes(), (self.nb - first).min(GROUP))
+        let len = (self.nb - first).min(GROUP);
+        first * bpb + widths[..f].iter().sum::<usize>() * len + widths[f] * (b - first)
     }
 
-    /// Byte offsets of block `b`'s scale, min (Q4_1) and quantized values.
+    /// The grouped formats' f16 scale and min of block `b` (min zero for Q8_0).
     #[inline(always)]
-    fn offsets(&self, b: usize) -> (usize, usize, usize) {
-        let (base, len) = self.group(b);
-        let i = b % GROUP;
-        let hdr = self.format.block_bytes() - self.format.qs_bytes();
-        (base + 2 * i, base + 2 * len + 2 * i, base + hdr * len + i * self.format.qs_bytes())
-    }
-
-    fn scale(&self, b: usize) -> f16 {
-        f16_at(self.data, self.offsets(b).0)
-    }
-
-    /// Q4_1's block minimum; zero for formats without one.
-    fn min(&self, b: usize) -> f16 {
+    fn scale_min_f16(&self, b: usize) -> (f16, f16) {
+        let d = f16_at(self.data, self.field(b, 0));
         match self.format {
-            QuantFormat::Q4_1 => f16_at(self.data, self.offsets(b).1),
-            QuantFormat::Q8_0 => f16::ZERO,
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 => (d, f16_at(self.data, self.field(b, 1))),
+            _ => (d, f16::ZERO),
         }
     }
 
-    fn qs(&self, b: usize) -> &'a [u8] {
-        let o = self.offsets(b).2;
-        &self.data[o..o + self.format.qs_bytes()]
+    /// Block `b`'s super-block (K-quants) and its index in it.
+    fn super_block(&self, b: usize) -> (&'a [u8], usize) {
+        let bytes = self.format.block_bytes();
+        let s = b / (SUPER / BLOCK);
+        (&self.data[s * bytes..(s + 1) * bytes], b % (SUPER / BLOCK))
     }
 
-    fn blocks(&self) -> impl Iterator<Item = (usize, &'a [u8])> + '_ {
-        (0..self.nb).map(|b| (b, self.qs(b)))
+    /// Block `b`'s scale and min as f32.
+    fn scale_min(&self, b: usize) -> (f32, f32) {
+        match self.format {
+            QuantFormat::Q4_K => {
+                let (sb, j) = self.super_block(b);
+                let (sc, m) = q4k_scale_min(j, &sb[4..16]);
+                (f16_at(sb, 0).to_f32() * sc as f32, -(f16_at(sb, 2).to_f32() * m as f32))
+            }
+            QuantFormat::Q6_K => (f16_at(self.super_block(b).0, 208).to_f32(), 0.0),
+            _ => {
+                let (d, m) = self.scale_min_f16(b);
+                (d.to_f32(), m.to_f32())
+            }
+        }
+    }
+
+    /// Block `b` decoded.
+    fn block(&self, b: usize) -> Decoded {
+        let (d, m) = self.scale_min(b);
+        let mut q = [0i32; BLOCK];
+        match self.format {
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
+                let qs = &self.data[self.field(b, self.format.fields().len() - 1)..];
+                let qh = if self.format == QuantFormat::Q5_1 {
+                    let o = self.field(b, 2);
+                    u32::from_le_bytes(self.data[o..o + 4].try_into().unwrap())
+                } else {
+                    0
+                };
+                for j in 0..16 {
+                    q[j] = (qs[j] & 0xF) as i32 | (((qh >> j) & 1) << 4) as i32;
+                    q[j + 16] = (qs[j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+                }
+            }
+            QuantFormat::Q8_0 => {
+                let qs = &self.data[self.field(b, 1)..];
+                for j in 0..BLOCK {
+                    q[j] = qs[j] as i8 as i32;
+                }
+            }
+            QuantFormat::Q4_K => {
+                let (sb, j) = self.super_block(b);
+                let qs = &sb[16 + 32 * (j / 2)..16 + 32 * (j / 2 + 1)];
+                for (v, &byte) in q.iter_mut().zip(qs) {
+                    *v = if j % 2 == 0 { byte & 0xF } else { byte >> 4 } as i32;
+                }
+            }
+            QuantFormat::Q6_K => {
+                let (sb, j) = self.super_block(b);
+                let (h, i) = (j / 4, j % 4);
+                let ql = &sb[64 * h + 32 * (i % 2)..];
+                let qh = &sb[128 + 32 * h..];
+                for l in 0..BLOCK {
+                    let v = ((ql[l] >> (4 * (i / 2))) & 0xF) | (((qh[l] >> (2 * i)) & 3) << 4);
+                    q[l] = (v as i32 - 32) * sb[192 + 8 * h + 2 * i + l / 16] as i8 as i32;
+                }
+            }
+            QuantFormat::Q4_0 | QuantFormat::Q5_0 => unreachable!("stored as Q4_1 / Q5_1"),
+        }
+        Decoded { q, d, m }
     }
 
     fn dequantize(&self, out: &mut [f32]) {
-        for (b, q) in self.blocks() {
-            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-            let d = self.scale(b).to_f32();
-            match self.format {
-                QuantFormat::Q4_1 => {
-                    let m = self.min(b).to_f32();
-                    for j in 0..16 {
-                        o[j] = d * (q[j] & 0xF) as f32 + m;
-                        o[j + 16] = d * (q[j] >> 4) as f32 + m;
-                    }
-                }
-                QuantFormat::Q8_0 => {
-                    for j in 0..32 {
-                        o[j] = d * q[j] as i8 as f32;
-                    }
-                }
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(self.nb) {
+            let blk = self.block(b);
+            for (o, q) in o.iter_mut().zip(blk.q) {
+                *o = blk.d * q as f32 + blk.m;
             }
         }
     }
 
     /// The row's quantized values as f32, unscaled, in block order (what the f32 kernel decodes per block).
     fn decode_raw(&self, out: &mut [f32]) {
-        for (b, q) in self.blocks() {
-            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-            match self.format {
-                QuantFormat::Q4_1 => {
-                    for j in 0..16 {
-                        o[j] = (q[j] & 0xF) as f32;
-                        o[j + 16] = (q[j] >> 4) as f32;
-                    }
-                }
-                QuantFormat::Q8_0 => {
-                    for j in 0..32 {
-                        o[j] = q[j] as i8 as f32;
-                    }
-                }
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(self.nb) {
+            for (o, q) in o.iter_mut().zip(self.block(b).q) {
+                *o = q as f32;
             }
         }
     }
 
-    /// `Σ w·x` for one f32 activation row, given its per-block sums (for the Q4_1 minimums).
+    /// `Σ w·x` for one f32 activation row, given its per-block sums (for the minimums).
     fn dot_f32_portable(&self, x: &[f32], xsum: &[f32]) -> f32 {
         let mut s = 0f32;
-        for (b, q) in self.blocks() {
-            let xb = &x[b * BLOCK..(b + 1) * BLOCK];
-            let mut acc = 0f32;
-            match self.format {
-                QuantFormat::Q4_1 => {
-                    for j in 0..16 {
-                        acc += (q[j] & 0xF) as f32 * xb[j] + (q[j] >> 4) as f32 * xb[j + 16];
-                    }
-                    s += self.scale(b).to_f32() * acc + self.min(b).to_f32() * xsum[b];
-                }
-                QuantFormat::Q8_0 => {
-                    for j in 0..32 {
-                        acc += q[j] as i8 as f32 * xb[j];
-                    }
-                    s += self.scale(b).to_f32() * acc;
-                }
-            }
+        for (b, xb) in x.chunks_exact(BLOCK).enumerate().take(self.nb) {
+            let blk = self.block(b);
+            let acc: f32 = blk.q.iter().zip(xb).map(|(&q, &x)| q as f32 * x).sum();
+            s += blk.d * acc + blk.m * xsum[b];
         }
         s
     }
@@ -332,22 +444,13 @@ impl<'a> RowRef<'a> {
     /// `Σ w·x̂` for activation row `t` of `acts` (8- or 16-bit), in integer arithmetic per block.
     fn dot_int8_portable(&self, acts: &Q8Acts, t: usize) -> f32 {
         let nb = self.nb;
-        let format = self.format;
-        fn dot<X: Copy + Into<i32>>(format: QuantFormat, q: &[u8], xb: &[X]) -> i32 {
-            let x = |j: usize| -> i32 { xb[j].into() };
-            match format {
-                QuantFormat::Q4_1 => (0..16).map(|j| (q[j] & 0xF) as i32 * x(j) + (q[j] >> 4) as i32 * x(j + 16)).sum(),
-                QuantFormat::Q8_0 => (0..32).map(|j| q[j] as i8 as i32 * x(j)).sum(),
-            }
-        }
         let mut s = 0f32;
-        for (b, q) in self.blocks() {
-            let blk = t * acts.k + b * BLOCK..t * acts.k + (b + 1) * BLOCK;
-            let isum = if acts.is_wide() { dot(format, q, &acts.x16[blk]) } else { dot(format, q, &acts.qs[blk]) };
-            s += self.scale(b).to_f32() * acts.d[t * nb + b] * isum as f32;
-            if self.format == QuantFormat::Q4_1 {
-                s += self.min(b).to_f32() * acts.s[t * nb + b];
-            }
+        for b in 0..nb {
+            let blk = self.block(b);
+            let o = t * acts.k + b * BLOCK;
+            // i64: Q6_K's sub-scaled values times 16-bit activations can pass i32 over a block.
+            let isum: i64 = (0..BLOCK).map(|j| blk.q[j] as i64 * acts.value(o + j) as i64).sum();
+            s += blk.d * acts.d[t * nb + b] * isum as f32 + blk.m * acts.s[t * nb + b];
         }
         s
     }
@@ -455,7 +558,9 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
         }
         Activations::F32 => {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-            if n <= SMALL_BATCH {
+            // Q4_1 and Q8_0 have a fused AVX2 kernel that decodes blocks as it goes; the other formats always
+            // decode each weight row first.
+            if n <= SMALL_BATCH && matches!(w.format, QuantFormat::Q4_1 | QuantFormat::Q8_0) {
                 rows_parallel(y, n, m, |r, o| w.row(r).dot_f32(isa, x, &xsums, 0, o));
             } else {
                 // Every batch size runs the same per-row arithmetic (the fused kernel's block order); large
@@ -668,17 +773,15 @@ pub fn qmatmul_int8_reference(w: &QMatrix, x: &[f32], y: &mut [f32]) {
     let n = x.len() / k;
     let nb = k / BLOCK;
     let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
-    let mut raw = vec![0f32; k];
     for r in 0..m {
         let wr = w.row(r);
-        wr.decode_raw(&mut raw);
+        let blocks: Vec<Decoded> = (0..nb).map(|b| wr.block(b)).collect();
         for t in 0..n {
             let mut sum = 0f64;
-            for b in 0..nb {
-                let dot: f64 =
-                    (0..BLOCK).map(|j| raw[b * BLOCK + j] as f64 * acts.value(t * k + b * BLOCK + j) as f64).sum();
-                sum += wr.scale(b).to_f64() * acts.d[t * nb + b] as f64 * dot;
-                sum += wr.min(b).to_f64() * acts.s[t * nb + b] as f64;
+            for (b, blk) in blocks.iter().enumerate() {
+                let dot: f64 = (0..BLOCK).map(|j| blk.q[j] as f64 * acts.value(t * k + b * BLOCK + j) as f64).sum();
+                sum += blk.d as f64 * acts.d[t * nb + b] as f64 * dot;
+                sum += blk.m as f64 * acts.s[t * nb + b] as f64;
             }
             y[t * m + r] = sum as f32;
         }

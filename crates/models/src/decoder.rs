@@ -429,8 +429,13 @@ fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Resul
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
     let format = match qt.dtype() {
+        GgmlDType::Q4_0 => Some(QuantFormat::Q4_0),
         GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
+        GgmlDType::Q5_0 => Some(QuantFormat::Q5_0),
+        GgmlDType::Q5_1 => Some(QuantFormat::Q5_1),
         GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
+        GgmlDType::Q4K => Some(QuantFormat::Q4_K),
+        GgmlDType::Q6K => Some(QuantFormat::Q6_K),
         _ => None,
     };
     match (format, qt.shape().dims()) {

@@ -75,10 +75,11 @@ unsafe fn i8x8_to_ps(v: __m128i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
 }
 
-/// The 32 weights of block `b` as four vectors of unscaled quantized values.
+/// The 32 weights of block `b` as four vectors of unscaled quantized values (Q4_1 and Q8_0; the other
+/// formats go through `rows_dot_f32_raw`).
 #[inline(always)]
 unsafe fn block_values(row: RowRef<'_>, b: usize) -> [__m256; 4] {
-    let qp = row.qs(b).as_ptr();
+    let qp = row.data.as_ptr().add(row.field(b, row.format.fields().len() - 1));
     match row.format {
         QuantFormat::Q4_1 => {
             let mask = _mm_set1_epi8(0x0F);
@@ -93,6 +94,7 @@ unsafe fn block_values(row: RowRef<'_>, b: usize) -> [__m256; 4] {
             let q1 = _mm256_extracti128_si256(q, 1);
             [i8x8_to_ps(q0), i8x8_to_ps(_mm_srli_si128(q0, 8)), i8x8_to_ps(q1), i8x8_to_ps(_mm_srli_si128(q1, 8))]
         }
+        _ => unreachable!("no fused f32 kernel for {:?}", row.format),
     }
 }
 
@@ -104,8 +106,8 @@ unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
     _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), s)
 }
 
-/// SAFETY (caller): AVX2, FMA and F16C available; `xs` holds `out.len()` rows of `nb * 32` floats and
-/// `xsums` `out.len() * nb` block sums.
+/// SAFETY (caller): AVX2, FMA and F16C available; `row` is Q4_1 or Q8_0; `xs` holds `out.len()` rows of
+/// `nb * 32` floats and `xsums` `out.len() * nb` block sums.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_dot_f32(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
     let nb = row.nb;
@@ -143,20 +145,26 @@ unsafe fn f32_group<const G: usize>(
 ) {
     let nb = row.nb;
     let k = nb * BLOCK;
-    let has_mins = row.format == QuantFormat::Q4_1;
+    let has_mins = matches!(row.format, QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K);
+    let grouped = !row.format.fields().is_empty();
     let mut acc = [_mm256_setzero_ps(); G];
     let mut mins = [0f32; G];
     for b in 0..nb {
         let w = block(b);
-        let d = _mm256_set1_ps(h2f(row.scale(b)));
+        let (dw, mw) = if grouped {
+            let (d, m) = row.scale_min_f16(b);
+            (h2f(d), h2f(m))
+        } else {
+            row.scale_min(b)
+        };
+        let d = _mm256_set1_ps(dw);
         for r in 0..G {
             let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
             acc[r] = _mm256_fmadd_ps(d, block_dot(&w, xb), acc[r]);
         }
         if has_mins {
-            let m = h2f(row.min(b));
             for r in 0..G {
-                mins[r] += m * *xsums.get_unchecked((t0 + r) * nb + b);
+                mins[r] += mw * *xsums.get_unchecked((t0 + r) * nb + b);
             }
         }
     }
@@ -239,78 +247,360 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
     }
 }
 
-/// A weight format for the integer kernels: how a block's 32 values load, and their dot product with 32
-/// signed activation bytes as eight i32 partial sums.
-trait Int8Block {
-    const QS_BYTES: usize;
+/// A weight format for the integer kernels. A row is a run of groups of four 32-value blocks (the last group
+/// of a 32-value format may hold fewer); `row` points at the row's stored bytes, `g` is a group and `i` a
+/// block in it, `len` the group's block count.
+/// How far ahead of its current group the integer kernel prefetches each weight row, in bytes. The hardware
+/// prefetcher alone left a decode pass at 10–15 GiB/s of the machine's 25 (2 threads): each thread has a
+/// few hundred bytes of loads in flight while it computes, where streaming at full speed needs about a
+/// kilobyte or two. With prefetches 3 KiB ahead: SmolLM2's pass 14.7 → 17–19 GiB/s, Qwen2.5-0.5B's
+/// 10.5 → 14–16 (criterion `decode_pass*`; 0.5–6 KiB all helped, within noise of each other).
+const PREFETCH: usize = 3072;
+
+trait IntFormat {
+    /// Bytes of a full group of four blocks (on average, for the K-quants).
+    const GROUP_BYTES: usize;
     const HAS_MIN: bool;
-    /// The block whose quantized values start at `qp`.
-    unsafe fn load(qp: *const u8) -> __m256i;
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
-    /// The block's 32 values widened to i16: elements 0..16, then 16..32 (for 16-bit activations).
-    unsafe fn load16(qp: *const u8) -> [__m256i; 2];
-    /// Whether `maddubs(w, x)`'s i16 pair sums of four blocks can be folded in i16 (eight products per
-    /// lane) without overflow; then the integer kernel folds with `hadd_epi16` and one `madd` per four
-    /// blocks instead of one `madd` per block.
+    /// Whether `pairs(w, x)`'s i16 pair sums of four blocks can be folded in i16 (eight products per lane)
+    /// without overflow; then the integer kernel folds with `hadd_epi16` and one `madd` per four blocks
+    /// instead of one `madd` per block.
     const I16_FOLD: bool;
+    /// A block's weights as the 8-bit dot product takes them.
+    type W: Copy;
+    unsafe fn zero() -> Self::W;
+    /// A full group's four block scales and four mins (zeros without mins), as f32.
+    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128);
+    /// One block's scale and min (a short last group).
+    unsafe fn scale_min(row: *const u8, g: usize, i: usize, len: usize) -> (f32, f32);
+    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> Self::W;
+    /// The block's 32 values widened to i16: elements 0..16, then 16..32 (for 16-bit activations).
+    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2];
+    /// `maddubs`: sixteen i16 sums of adjacent products with 32 activation bytes (formats with `I16_FOLD`).
+    unsafe fn pairs(w: Self::W, x: __m256i) -> __m256i;
+    /// The dot product with 32 activation bytes as eight i32 partial sums.
+    unsafe fn dot(w: Self::W, x: __m256i) -> __m256i;
 }
 
 /// A block's dot product with 16-bit activations (`x[0]`: elements 0..16, `x[1]`: 16..32) as eight i32
-/// partial sums. |w| ≤ 128 and |x| ≤ 32767: each pair sum fits in i32 with room.
+/// partial sums. |w| ≤ 4096 (Q6_K with its sub-scale) and |x| ≤ 32767: a lane's four products stay within
+/// 2^29, and the kernel's two folds add four lanes: within i32.
 #[inline(always)]
 unsafe fn dot16(w: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
     _mm256_add_epi32(_mm256_madd_epi16(w[0], x[0]), _mm256_madd_epi16(w[1], x[1]))
 }
 
+/// Start of group `g` of a grouped 32-value format with `bpb` bytes per block.
+#[inline(always)]
+unsafe fn group_at(row: *const u8, g: usize, bpb: usize) -> *const u8 {
+    row.add(g * GROUP * bpb)
+}
+
+#[inline(always)]
+unsafe fn f16_read(p: *const u8) -> f32 {
+    h2f((p as *const half::f16).read_unaligned())
+}
+
+/// Four 4-bit values per byte pair, as Q4_1 and Q5_1 store them: low nibbles (weights 0..16) in the low lane,
+/// high nibbles (16..32) in the high lane.
+#[inline(always)]
+unsafe fn nibbles(qp: *const u8) -> __m256i {
+    // The 16 bytes in both lanes (one broadcast load), the high lane shifted by a nibble, then masked.
+    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qp as *const __m128i));
+    _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bytes widened to i16: bytes 0..16, then 16..32.
+#[inline(always)]
+unsafe fn widen_u8(w: __m256i) -> [__m256i; 2] {
+    [_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1))]
+}
+
+/// Unsigned weights × signed bytes: `maddubs` needs no sign fix-up; pairs widened by one `madd`.
+#[inline(always)]
+unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
 struct Q4_1;
-impl Int8Block for Q4_1 {
-    const QS_BYTES: usize = 16;
+impl IntFormat for Q4_1 {
+    const GROUP_BYTES: usize = 80;
     const HAS_MIN: bool = true;
     /// Weights ≤ 15 and |x| ≤ 127: eight products stay within ±15 240.
     const I16_FOLD: bool = true;
-    /// Low nibbles (weights 0..16) in the low lane, high nibbles (16..32) in the high lane.
+    type W = __m256i;
     #[inline(always)]
-    unsafe fn load(qp: *const u8) -> __m256i {
-        // The 16 bytes in both lanes (one broadcast load), the high lane shifted by a nibble, then masked.
-        let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qp as *const __m128i));
-        _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F))
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
     }
-    /// Unsigned 4-bit weights × signed bytes: `maddubs` needs no sign fix-up.
     #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
+        let p = group_at(row, g, 20) as *const half::f16;
+        (h2f_x4(p), h2f_x4(p.add(GROUP)))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(row: *const u8, g: usize, i: usize, len: usize) -> (f32, f32) {
+        let p = group_at(row, g, 20);
+        (f16_read(p.add(2 * i)), f16_read(p.add(2 * len + 2 * i)))
+    }
+    #[inline(always)]
+    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
+        nibbles(group_at(row, g, 20).add(4 * len + 16 * i))
     }
     /// Byte `j` holds weights `j` (low nibble) and `j + 16` (high nibble).
     #[inline(always)]
-    unsafe fn load16(qp: *const u8) -> [__m256i; 2] {
+    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
+        let qp = group_at(row, g, 20).add(4 * len + 16 * i);
         let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
         [_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)]
     }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        dot_unsigned(w, x)
+    }
+}
+
+struct Q5_1;
+impl IntFormat for Q5_1 {
+    const GROUP_BYTES: usize = 96;
+    const HAS_MIN: bool = true;
+    /// Weights ≤ 31 and |x| ≤ 127: eight products stay within ±31 496.
+    const I16_FOLD: bool = true;
+    type W = __m256i;
+    #[inline(always)]
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline(always)]
+    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
+        let p = group_at(row, g, 24) as *const half::f16;
+        (h2f_x4(p), h2f_x4(p.add(GROUP)))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(row: *const u8, g: usize, i: usize, len: usize) -> (f32, f32) {
+        let p = group_at(row, g, 24);
+        (f16_read(p.add(2 * i)), f16_read(p.add(2 * len + 2 * i)))
+    }
+    /// The nibbles as Q4_1, with bit `j` of the block's high-bit word as bit 4 of weight `j`.
+    #[inline(always)]
+    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
+        let p = group_at(row, g, 24);
+        let qh = (p.add(4 * len + 4 * i) as *const i32).read_unaligned();
+        // Byte j of each lane takes the word's byte holding bit j (bytes 0, 1 in the low lane, 2, 3 in the
+        // high one), then keeps bit j % 8: 0x10 where it is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh),
+            _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles(p.add(8 * len + 16 * i)), high)
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
+        widen_u8(Self::load(row, g, i, len))
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        dot_unsigned(w, x)
+    }
+}
+
+/// Signed weights × signed bytes: `|w|` (unsigned) times `x` with `w`'s sign moved onto it; |w| ≤ 128 and
+/// |x| ≤ 127, so each pair sum fits in i16.
+#[inline(always)]
+unsafe fn pairs_signed(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
 }
 
 struct Q8_0;
-impl Int8Block for Q8_0 {
-    const QS_BYTES: usize = 32;
+impl IntFormat for Q8_0 {
+    const GROUP_BYTES: usize = 136;
     const HAS_MIN: bool = false;
     /// A pair sum alone reaches 32 512.
     const I16_FOLD: bool = false;
+    type W = __m256i;
     #[inline(always)]
-    unsafe fn load(qp: *const u8) -> __m256i {
-        _mm256_loadu_si256(qp as *const __m256i)
-    }
-    /// Signed × signed: `|w|` (unsigned) times `x` with `w`'s sign moved onto it. |w| ≤ 128 and |x| ≤ 127,
-    /// so each pair sum fits in i16.
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
     }
     #[inline(always)]
-    unsafe fn load16(qp: *const u8) -> [__m256i; 2] {
+    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
+        (h2f_x4(group_at(row, g, 34) as *const half::f16), _mm_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn scale_min(row: *const u8, g: usize, i: usize, _len: usize) -> (f32, f32) {
+        (f16_read(group_at(row, g, 34).add(2 * i)), 0.0)
+    }
+    #[inline(always)]
+    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
+        _mm256_loadu_si256(group_at(row, g, 34).add(2 * len + 32 * i) as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
+        let qp = group_at(row, g, 34).add(2 * len + 32 * i);
         [
             _mm256_cvtepi8_epi16(_mm_loadu_si128(qp as *const __m128i)),
             _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16) as *const __m128i)),
         ]
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        pairs_signed(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(pairs_signed(w, x), _mm256_set1_epi16(1))
+    }
+}
+
+/// Four bytes widened to four f32.
+#[inline(always)]
+unsafe fn u8x4_to_ps(v: u32) -> __m128 {
+    _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v as i32)))
+}
+
+/// Q4_K: group `g` is half `g % 2` of super-block `g / 2` (sub-blocks 4·(g % 2) .. +4).
+struct Q4K;
+impl Q4K {
+    #[inline(always)]
+    unsafe fn sb(row: *const u8, g: usize) -> *const u8 {
+        row.add(g / 2 * 144)
+    }
+    /// The half's four 6-bit scales and four mins, a byte each (`q4k_scale_min`, four at a time).
+    #[inline(always)]
+    unsafe fn scale_min_bytes(sb: *const u8, half: usize) -> (u32, u32) {
+        let s = |o: usize| (sb.add(4 + o) as *const u32).read_unaligned();
+        let (a, b, c) = (s(0), s(4), s(8));
+        if half == 0 {
+            (a & 0x3F3F_3F3F, b & 0x3F3F_3F3F)
+        } else {
+            // Low four bits from bytes 8..12, the top two from bits 6..7 of bytes 0..4 (scales) or 4..8 (mins).
+            ((c & 0x0F0F_0F0F) | ((a >> 2) & 0x3030_3030), ((c >> 4) & 0x0F0F_0F0F) | ((b >> 2) & 0x3030_3030))
+        }
+    }
+}
+impl IntFormat for Q4K {
+    const GROUP_BYTES: usize = 72;
+    const HAS_MIN: bool = true;
+    const I16_FOLD: bool = true;
+    type W = __m256i;
+    #[inline(always)]
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    /// `d·s` and `−dmin·m`: the same f32 products as the portable decoder.
+    #[inline(always)]
+    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
+        let sb = Self::sb(row, g);
+        let (sc, m) = Self::scale_min_bytes(sb, g % 2);
+        let d = _mm_set1_ps(f16_read(sb));
+        let dmin = _mm_set1_ps(f16_read(sb.add(2)));
+        (_mm_mul_ps(d, u8x4_to_ps(sc)), _mm_xor_ps(_mm_mul_ps(dmin, u8x4_to_ps(m)), _mm_set1_ps(-0.0)))
+    }
+    #[inline(always)]
+    unsafe fn scale_min(row: *const u8, g: usize, i: usize, _len: usize) -> (f32, f32) {
+        let (d4, m4) = Self::scales(row, g);
+        let (mut d, mut m) = ([0f32; 4], [0f32; 4]);
+        _mm_storeu_ps(d.as_mut_ptr(), d4);
+        _mm_storeu_ps(m.as_mut_ptr(), m4);
+        (d[i], m[i])
+    }
+    #[inline(always)]
+    unsafe fn load(row: *const u8, g: usize, i: usize, _len: usize) -> __m256i {
+        let q = _mm256_loadu_si256(Self::sb(row, g).add(16 + 32 * (2 * (g % 2) + i / 2)) as *const __m256i);
+        let q = if i.is_multiple_of(2) { q } else { _mm256_srli_epi16(q, 4) };
+        _mm256_and_si256(q, _mm256_set1_epi8(0x0F))
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
+        widen_u8(Self::load(row, g, i, len))
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        dot_unsigned(w, x)
+    }
+}
+
+/// Q6_K: group `g` is half `g % 2` of super-block `g / 2`. A block's weights are `q − 32` as signed bytes,
+/// with its two 16-value sub-scales as i16 lanes (`[s0 × 8 | s1 × 8]`, matching `maddubs`' pair sums).
+struct Q6K;
+impl Q6K {
+    #[inline(always)]
+    unsafe fn sb(row: *const u8, g: usize) -> *const u8 {
+        row.add(g / 2 * 210)
+    }
+    /// Block `i` of the group as signed bytes `q − 32`, and its two sub-scales.
+    #[inline(always)]
+    unsafe fn values(row: *const u8, g: usize, i: usize) -> (__m256i, i16, i16) {
+        let (sb, h) = (Self::sb(row, g), g % 2);
+        let ql = _mm256_loadu_si256(sb.add(64 * h + 32 * (i % 2)) as *const __m256i);
+        let qh = _mm256_loadu_si256(sb.add(128 + 32 * h) as *const __m256i);
+        let mask = _mm256_set1_epi8(0x0F);
+        let low = if i < 2 { _mm256_and_si256(ql, mask) } else { _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask) };
+        // Bits 2i, 2i+1 of qh to bits 4, 5.
+        let high = match i {
+            0 => _mm256_slli_epi16(qh, 4),
+            1 => _mm256_slli_epi16(qh, 2),
+            2 => qh,
+            _ => _mm256_srli_epi16(qh, 2),
+        };
+        let q = _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(0x30)));
+        let sc = sb.add(192 + 8 * h + 2 * i) as *const i8;
+        (_mm256_sub_epi8(q, _mm256_set1_epi8(32)), *sc as i16, *sc.add(1) as i16)
+    }
+}
+impl IntFormat for Q6K {
+    const GROUP_BYTES: usize = 105;
+    const HAS_MIN: bool = false;
+    /// The sub-scales are applied in the widening `madd`, per block.
+    const I16_FOLD: bool = false;
+    type W = (__m256i, __m256i);
+    #[inline(always)]
+    unsafe fn zero() -> Self::W {
+        (_mm256_setzero_si256(), _mm256_setzero_si256())
+    }
+    #[inline(always)]
+    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
+        (_mm_set1_ps(f16_read(Self::sb(row, g).add(208))), _mm_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn scale_min(row: *const u8, g: usize, _i: usize, _len: usize) -> (f32, f32) {
+        (f16_read(Self::sb(row, g).add(208)), 0.0)
+    }
+    #[inline(always)]
+    unsafe fn load(row: *const u8, g: usize, i: usize, _len: usize) -> Self::W {
+        let (q, s0, s1) = Self::values(row, g, i);
+        (q, _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1)))
+    }
+    /// `(q − 32)·s` as i16 (|·| ≤ 4096): the sub-scales go into the weights.
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, g: usize, i: usize, _len: usize) -> [__m256i; 2] {
+        let (q, s0, s1) = Self::values(row, g, i);
+        [
+            _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_set1_epi16(s0)),
+            _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)), _mm256_set1_epi16(s1)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: Self::W, x: __m256i) -> __m256i {
+        pairs_signed(w.0, x)
+    }
+    /// |q − 32| ≤ 32 and |x| ≤ 127: pair sums within ±8128; times |s| ≤ 128, two of them fit in i32.
+    #[inline(always)]
+    unsafe fn dot(w: Self::W, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(pairs_signed(w.0, x), w.1)
     }
 }
 
@@ -322,16 +612,27 @@ impl Int8Block for Q8_0 {
 /// per-block scales and sums; the rows exist in `w`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_int8(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
-    match (w.format, acts.is_wide()) {
-        (QuantFormat::Q4_1, false) => rows_int8_fmt::<Q4_1, false>(w, r0, acts, n, out),
-        (QuantFormat::Q4_1, true) => rows_int8_fmt::<Q4_1, true>(w, r0, acts, n, out),
-        (QuantFormat::Q8_0, false) => rows_int8_fmt::<Q8_0, false>(w, r0, acts, n, out),
-        (QuantFormat::Q8_0, true) => rows_int8_fmt::<Q8_0, true>(w, r0, acts, n, out),
+    match w.format {
+        QuantFormat::Q4_1 => rows_int8_as::<Q4_1>(w, r0, acts, n, out),
+        QuantFormat::Q5_1 => rows_int8_as::<Q5_1>(w, r0, acts, n, out),
+        QuantFormat::Q8_0 => rows_int8_as::<Q8_0>(w, r0, acts, n, out),
+        QuantFormat::Q4_K => rows_int8_as::<Q4K>(w, r0, acts, n, out),
+        QuantFormat::Q6_K => rows_int8_as::<Q6K>(w, r0, acts, n, out),
+        QuantFormat::Q4_0 | QuantFormat::Q5_0 => unreachable!("stored as Q4_1 / Q5_1"),
     }
 }
 
 #[inline(always)]
-unsafe fn rows_int8_fmt<F: Int8Block, const WIDE: bool>(
+unsafe fn rows_int8_as<F: IntFormat>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    if acts.is_wide() {
+        rows_int8_fmt::<F, true>(w, r0, acts, n, out)
+    } else {
+        rows_int8_fmt::<F, false>(w, r0, acts, n, out)
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_int8_fmt<F: IntFormat, const WIDE: bool>(
     w: &QMatrix,
     r0: usize,
     acts: &Q8Acts,
@@ -369,23 +670,28 @@ unsafe fn load_acts<const WIDE: bool>(xq: *const i8, x16: *const i16, off: usize
     }
 }
 
-/// Weight block at `qp`: as loaded for 8-bit activations (the second vector unused), or widened to i16.
+/// Block `i` of group `g`: as loaded for 8-bit activations, or widened to i16 (the other part zeros).
 #[inline(always)]
-unsafe fn load_weights<F: Int8Block, const WIDE: bool>(qp: *const u8) -> [__m256i; 2] {
+unsafe fn load_weights<F: IntFormat, const WIDE: bool>(
+    row: *const u8,
+    g: usize,
+    i: usize,
+    len: usize,
+) -> (F::W, [__m256i; 2]) {
     if WIDE {
-        F::load16(qp)
+        (F::zero(), F::load16(row, g, i, len))
     } else {
-        [F::load(qp), _mm256_setzero_si256()]
+        (F::load(row, g, i, len), [_mm256_setzero_si256(); 2])
     }
 }
 
 /// The block's eight i32 partial sums (`load_weights` against `load_acts`).
 #[inline(always)]
-unsafe fn int_dot<F: Int8Block, const WIDE: bool>(w: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
+unsafe fn int_dot<F: IntFormat, const WIDE: bool>(w: (F::W, [__m256i; 2]), x: [__m256i; 2]) -> __m256i {
     if WIDE {
-        dot16(w, x)
+        dot16(w.1, x)
     } else {
-        F::dot(w[0], x[0])
+        F::dot(w.0, x[0])
     }
 }
 
@@ -396,7 +702,7 @@ unsafe fn int_dot<F: Int8Block, const WIDE: bool>(w: [__m256i; 2], x: [__m256i; 
 /// the same operations in the same order whatever `R` and `G` are.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
-unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usize>(
+unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const R: usize, const G: usize>(
     rows: [RowRef<'_>; R],
     acts: &Q8Acts,
     t0: usize,
@@ -405,10 +711,6 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
     let nb = rows[0].nb;
     let k = nb * BLOCK;
     const { assert!(GROUP == 4, "the block loop folds four blocks") };
-    // Group layout: GROUP f16 scales, GROUP f16 mins (Q4_1), then GROUP blocks of quantized values.
-    let hdr = if F::HAS_MIN { 4 * GROUP } else { 2 * GROUP };
-    let group_bytes = hdr + GROUP * F::QS_BYTES;
-    debug_assert!(rows.iter().all(|r| r.data.len() == nb * (hdr / GROUP + F::QS_BYTES)));
     let base: [*const u8; R] = std::array::from_fn(|r| rows[r].data.as_ptr());
     let xq = acts.qs.as_ptr();
     let xl = acts.x16.as_ptr();
@@ -418,7 +720,15 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
     let mut macc = [[_mm_setzero_ps(); G]; R];
     let mut b = 0;
     while b + GROUP <= nb {
-        let gp: [*const u8; R] = std::array::from_fn(|r| base[r].add(b / GROUP * group_bytes));
+        let gi = b / GROUP;
+        // Prefetches never fault, so running past the row (into the next rows, or past the matrix) is fine.
+        for r in 0..R {
+            let p = base[r].wrapping_add(gi * F::GROUP_BYTES + PREFETCH);
+            for line in 0..F::GROUP_BYTES.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line) as *const i8);
+            }
+        }
+        let wsc: [(__m128, __m128); R] = std::array::from_fn(|r| F::scales(base[r], gi));
         let mut sc = [[_mm256_setzero_ps(); G]; R];
         for g in 0..G {
             let t = t0 + g;
@@ -426,11 +736,10 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
             let sx = _mm_loadu_ps(xs.add(t * nb + b));
             for r in 0..R {
                 // The four blocks' combined scales, in both halves (see the block loop).
-                let d4 = _mm_mul_ps(h2f_x4(gp[r] as *const half::f16), dx);
+                let d4 = _mm_mul_ps(wsc[r].0, dx);
                 sc[r][g] = _mm256_insertf128_ps(_mm256_castps128_ps256(d4), d4, 1);
                 if F::HAS_MIN {
-                    let mw = h2f_x4(gp[r].add(2 * GROUP) as *const half::f16);
-                    macc[r][g] = _mm_fmadd_ps(mw, sx, macc[r][g]);
+                    macc[r][g] = _mm_fmadd_ps(wsc[r].1, sx, macc[r][g]);
                 }
             }
         }
@@ -449,11 +758,11 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
             let x1: [[__m256i; 2]; G] =
                 std::array::from_fn(|g| load_acts::<WIDE>(xq, xl, (t0 + g) * k + (b + j + 1) * BLOCK));
             for r in 0..R {
-                let w0 = load_weights::<F, WIDE>(gp[r].add(hdr + j * F::QS_BYTES));
-                let w1 = load_weights::<F, WIDE>(gp[r].add(hdr + (j + 1) * F::QS_BYTES));
+                let w0 = load_weights::<F, WIDE>(base[r], gi, j, GROUP);
+                let w1 = load_weights::<F, WIDE>(base[r], gi, j + 1, GROUP);
                 for g in 0..G {
                     pair[r][g] = if i16_fold {
-                        _mm256_hadd_epi16(_mm256_maddubs_epi16(w0[0], x0[g][0]), _mm256_maddubs_epi16(w1[0], x1[g][0]))
+                        _mm256_hadd_epi16(F::pairs(w0.0, x0[g][0]), F::pairs(w1.0, x1[g][0]))
                     } else {
                         _mm256_hadd_epi32(int_dot::<F, WIDE>(w0, x0[g]), int_dot::<F, WIDE>(w1, x1[g]))
                     };
@@ -478,14 +787,12 @@ unsafe fn int8_tile<F: Int8Block, const WIDE: bool, const R: usize, const G: usi
     let mut tail_min = [[0f32; G]; R];
     for i in 0..len {
         for r in 0..R {
-            let gp = base[r].add(b / GROUP * group_bytes);
-            let dw = h2f((gp.add(2 * i) as *const half::f16).read_unaligned());
-            let wv = load_weights::<F, WIDE>(gp.add((hdr / GROUP) * len + i * F::QS_BYTES));
+            let (dw, mw) = F::scale_min(base[r], b / GROUP, i, len);
+            let wv = load_weights::<F, WIDE>(base[r], b / GROUP, i, len);
             for g in 0..G {
                 let t = t0 + g;
                 if F::HAS_MIN {
-                    tail_min[r][g] +=
-                        h2f((gp.add(2 * len + 2 * i) as *const half::f16).read_unaligned()) * *xs.add(t * nb + b + i);
+                    tail_min[r][g] += mw * *xs.add(t * nb + b + i);
                 }
                 let x = load_acts::<WIDE>(xq, xl, t * k + (b + i) * BLOCK);
                 let p = _mm256_cvtepi32_ps(int_dot::<F, WIDE>(wv, x));
