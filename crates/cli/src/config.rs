@@ -24,7 +24,7 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// The name clients use; default: the file name without `.gguf`.
     pub served_model_name: Option<String>,
-    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and
+    /// Quantized matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and
     /// down; the default), `int8` (rounded per 32-value block as llama.cpp does; fastest, least accurate), `int16`,
     /// or `f32` (the float32 reference's arithmetic; the slowest).
     pub activations: String,

@@ -110,7 +110,7 @@ struct ServeArgs {
     /// Model name clients use [model.served_model_name; default: the file name without .gguf].
     #[arg(long, env = "MLX_SERVING_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
+    /// Quantized matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
     /// (fastest, least accurate), `int16`, or `f32` (float32 reference arithmetic, slowest)
     /// [model.activations; default mixed].
     #[arg(long, env = "MLX_SERVING_ACTIVATIONS")]
@@ -269,7 +269,7 @@ struct GenerateArgs {
     /// Dequantize all weights to f32 at load (slow; matches float32 references closely).
     #[arg(long)]
     dequantize: bool,
-    /// Q4_1/Q8_0 matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
+    /// Quantized matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
     /// (rounded per 32-value block as llama.cpp does; fastest, least accurate), `int16`, or `f32` (the
     /// float32 reference's arithmetic, slowest).
     #[arg(long, default_value = "mixed")]
@@ -301,7 +301,7 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle (the Q4_K/Q6_K/Q5_0 matmuls) runs on rayon, sized from RAYON_NUM_THREADS and the global
+        // candle (matmuls of formats our kernels lack, e.g. Q5_K or f16) runs on rayon, sized from RAYON_NUM_THREADS and the global
         // pool; our kernels run on their own pool (`kernels::pool`).
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;

@@ -8,7 +8,7 @@
 //!   x ─ rms_norm ─ gate,up proj ─ silu(gate)·up ─ down proj ─(+)─
 //! ```
 //!
-//! Activations are plain f32 slices. Matmuls with Q4_1/Q8_0 weights use our kernels (8-bit, 16-bit or f32
+//! Activations are plain f32 slices. Matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights use our kernels (8-bit, 16-bit or f32
 //! activations, see [`ActivationPrecision`]); other formats (and f32 weights when loaded with
 //! `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by
 //! `mlx_serving_kernels`.
@@ -29,13 +29,13 @@ pub struct LoadOptions {
     /// Dequantize every weight to f32 at load: slow and large, but the arithmetic matches a float32
     /// reference implementation (used by tests that compare logits tightly).
     pub dequantize: bool,
-    /// How activations enter Q4_1/Q8_0 matmuls (see [`ActivationPrecision`]).
+    /// How activations enter the quantized matmuls (see [`ActivationPrecision`]).
     pub activations: ActivationPrecision,
     /// KV cache element type: f16 (the default) or f32 (twice the memory and attention bandwidth).
     pub kv_cache_dtype: KvDtype,
 }
 
-/// Precision of the activations entering the Q4_1/Q8_0 matmuls, per model (`--activations`).
+/// Precision of the activations entering the quantized matmuls, per model (`--activations`).
 ///
 /// Rounding activations to 8 bits per block (llama.cpp's scheme) is the fastest, but its error is noise
 /// that adds up over the matmuls. Measured on SmolLM2 (first-step top-5 logprobs against transformers f32,

@@ -169,7 +169,7 @@ fn smollm2_first_step_top5_logprobs_exact_f32() {
     check_top5(&LoadOptions { dequantize: true, kv_cache_dtype: KvDtype::F32, ..LoadOptions::default() }, 0.01);
 }
 
-/// Q4_1/Q8_0 matmuls with f32 activations and an f32 KV cache: the reference's arithmetic up to
+/// Quantized matmuls with f32 activations and an f32 KV cache: the reference's arithmetic up to
 /// summation order.
 const EXACT: LoadOptions =
     LoadOptions { dequantize: false, activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F32 };
