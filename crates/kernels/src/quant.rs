@@ -24,9 +24,9 @@
 //!        scales: w = d·s·(q − 32), q the 4 bits of ql plus 2 bits of qh
 //! ```
 //!
-//! Q4_0 and Q5_0 load as Q4_1 and Q5_1 with `m = −8·d` and `m = −16·d` (exact in f16), so one kernel
-//! serves each pair. The 32-value formats' rows are regrouped at load four blocks at a time: the group's
-//! four scales, then its four mins, its four high-bit words (Q5_1), then its four blocks' quantized values
+//! Q4_0 and Q5_0 compute as Q4_1 and Q5_1 with `m = −8·d` and `m = −16·d` (exact), by the same kernels.
+//! The 32-value formats' rows are regrouped at load four blocks at a time: the group's four scales, then
+//! its four mins (Q4_1, Q5_1), its four high-bit words (Q5_0, Q5_1), then its four blocks' quantized values
 //! (a row's last group may hold fewer blocks). Same bytes as the file, one sequential stream per row, and a
 //! kernel loads four scales with one instruction. The K-quants stay in their super-blocks; a kernel takes
 //! a super-block as two groups of four 32-value blocks.
@@ -90,12 +90,12 @@ impl QuantFormat {
         }
     }
 
-    /// The format a matrix keeps in memory and computes in (see the module header).
-    fn stored(self) -> Self {
+    /// For the formats without a stored min: the min as a multiple of the scale (`m = zero · d`).
+    fn zero_point(self) -> Option<f32> {
         match self {
-            Self::Q4_0 => Self::Q4_1,
-            Self::Q5_0 => Self::Q5_1,
-            f => f,
+            Self::Q4_0 => Some(-8.0),
+            Self::Q5_0 => Some(-16.0),
+            _ => None,
         }
     }
 
@@ -103,7 +103,9 @@ impl QuantFormat {
     /// which the regrouped layout keeps in this order; empty for the K-quants.
     fn fields(self) -> &'static [usize] {
         match self {
+            Self::Q4_0 => &[2, 16],
             Self::Q4_1 => &[2, 2, 16],
+            Self::Q5_0 => &[2, 4, 16],
             Self::Q5_1 => &[2, 2, 4, 16],
             Self::Q8_0 => &[2, 32],
             _ => &[],
@@ -186,8 +188,7 @@ pub struct QMatrix {
 pub struct QuantError(String);
 
 impl QMatrix {
-    /// Takes the tensor's raw GGUF bytes. Q4_0 and Q5_0 become Q4_1 and Q5_1 (what [`format`](Self::format)
-    /// then reports).
+    /// Takes the tensor's raw GGUF bytes.
     pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
         let len = format.block_len();
         if rows == 0 || cols == 0 || !cols.is_multiple_of(len) {
@@ -197,19 +198,13 @@ impl QMatrix {
         if data.len() != want {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
-        let data = match format {
-            QuantFormat::Q4_0 => with_zero_point(&data, format, 8.0)?,
-            QuantFormat::Q5_0 => with_zero_point(&data, format, 16.0)?,
-            _ => data,
-        };
-        let stored = format.stored();
-        let fields = stored.fields();
+        let fields = format.fields();
         if fields.is_empty() {
-            return Ok(Self { format: stored, activations: Activations::default(), rows, cols, data });
+            return Ok(Self { format, activations: Activations::default(), rows, cols, data });
         }
-        let bb = stored.block_bytes();
+        let bb = format.block_bytes();
         let mut out = Vec::with_capacity(data.len());
-        for group in data.chunks_exact(stored.row_bytes(cols)).flat_map(|row| row.chunks(GROUP * bb)) {
+        for group in data.chunks_exact(format.row_bytes(cols)).flat_map(|row| row.chunks(GROUP * bb)) {
             let mut start = 0;
             for w in fields {
                 for blk in group.chunks_exact(bb) {
@@ -218,7 +213,7 @@ impl QMatrix {
                 start += w;
             }
         }
-        Ok(Self { format: stored, activations: Activations::default(), rows, cols, data: out })
+        Ok(Self { format, activations: Activations::default(), rows, cols, data: out })
     }
 
     pub fn rows(&self) -> usize {
@@ -288,24 +283,6 @@ struct RowRef<'a> {
     data: &'a [u8],
 }
 
-/// Q4_0 / Q5_0 blocks (`d | rest`) rewritten as Q4_1 / Q5_1 (`d | m | rest`) with `m = −zero · d`.
-fn with_zero_point(data: &[u8], format: QuantFormat, zero: f32) -> Result<Vec<u8>, QuantError> {
-    let bb = format.block_bytes();
-    let mut out = Vec::with_capacity(data.len() / bb * (bb + 2));
-    for blk in data.chunks_exact(bb) {
-        let d = f16_at(blk, 0);
-        let m = f16::from_f32(-zero * d.to_f32());
-        // A power-of-two multiple is exact unless it overflows f16 (or the scale is not a number).
-        if m.to_f32() != -zero * d.to_f32() {
-            return Err(QuantError(format!("{format:?} block scale {d} out of range")));
-        }
-        out.extend_from_slice(&blk[..2]);
-        out.extend_from_slice(&m.to_le_bytes());
-        out.extend_from_slice(&blk[2..]);
-    }
-    Ok(out)
-}
-
 /// A 32-value block decoded: `w[j] = d·q[j] + m` (Q6_K's 16-value sub-scales are multiplied into `q`).
 struct Decoded {
     q: [i32; BLOCK],
@@ -333,13 +310,22 @@ impl<'a> RowRef<'a> {
         first * bpb + widths[..f].iter().sum::<usize>() * len + widths[f] * (b - first)
     }
 
-    /// The grouped formats' f16 scale and min of block `b` (min zero for Q8_0).
+    /// The grouped formats' f16 scale and stored min of block `b` (zero where the format stores none).
     #[inline(always)]
     fn scale_min_f16(&self, b: usize) -> (f16, f16) {
         let d = f16_at(self.data, self.field(b, 0));
         match self.format {
             QuantFormat::Q4_1 | QuantFormat::Q5_1 => (d, f16_at(self.data, self.field(b, 1))),
             _ => (d, f16::ZERO),
+        }
+    }
+
+    /// Block `b`'s min from its f32 scale and the stored f16 min.
+    #[inline(always)]
+    fn min_of(&self, d: f32, m: f32) -> f32 {
+        match self.format.zero_point() {
+            Some(z) => z * d,
+            None => m,
         }
     }
 
@@ -361,7 +347,7 @@ impl<'a> RowRef<'a> {
             QuantFormat::Q6_K => (f16_at(self.super_block(b).0, 208).to_f32(), 0.0),
             _ => {
                 let (d, m) = self.scale_min_f16(b);
-                (d.to_f32(), m.to_f32())
+                (d.to_f32(), self.min_of(d.to_f32(), m.to_f32()))
             }
         }
     }
@@ -371,10 +357,11 @@ impl<'a> RowRef<'a> {
         let (d, m) = self.scale_min(b);
         let mut q = [0i32; BLOCK];
         match self.format {
-            QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
-                let qs = &self.data[self.field(b, self.format.fields().len() - 1)..];
-                let qh = if self.format == QuantFormat::Q5_1 {
-                    let o = self.field(b, 2);
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => {
+                let nf = self.format.fields().len();
+                let qs = &self.data[self.field(b, nf - 1)..];
+                let qh = if matches!(self.format, QuantFormat::Q5_0 | QuantFormat::Q5_1) {
+                    let o = self.field(b, nf - 2);
                     u32::from_le_bytes(self.data[o..o + 4].try_into().unwrap())
                 } else {
                     0
@@ -407,7 +394,6 @@ impl<'a> RowRef<'a> {
                     q[l] = (v as i32 - 32) * sb[192 + 8 * h + 2 * i + l / 16] as i8 as i32;
                 }
             }
-            QuantFormat::Q4_0 | QuantFormat::Q5_0 => unreachable!("stored as Q4_1 / Q5_1"),
         }
         Decoded { q, d, m }
     }

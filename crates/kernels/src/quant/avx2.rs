@@ -145,7 +145,7 @@ unsafe fn f32_group<const G: usize>(
 ) {
     let nb = row.nb;
     let k = nb * BLOCK;
-    let has_mins = matches!(row.format, QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K);
+    let has_mins = !matches!(row.format, QuantFormat::Q8_0 | QuantFormat::Q6_K);
     let grouped = !row.format.fields().is_empty();
     let mut acc = [_mm256_setzero_ps(); G];
     let mut mins = [0f32; G];
@@ -153,7 +153,8 @@ unsafe fn f32_group<const G: usize>(
         let w = block(b);
         let (dw, mw) = if grouped {
             let (d, m) = row.scale_min_f16(b);
-            (h2f(d), h2f(m))
+            let d = h2f(d);
+            (d, row.min_of(d, h2f(m)))
         } else {
             row.scale_min(b)
         };
@@ -321,51 +322,24 @@ unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
 }
 
-struct Q4_1;
-impl IntFormat for Q4_1 {
-    const GROUP_BYTES: usize = 80;
-    const HAS_MIN: bool = true;
-    /// Weights ≤ 15 and |x| ≤ 127: eight products stay within ±15 240.
-    const I16_FOLD: bool = true;
-    type W = __m256i;
-    #[inline(always)]
-    unsafe fn zero() -> __m256i {
-        _mm256_setzero_si256()
+/// The 4- and 5-bit formats with 32-value blocks: Q4_0 (`Nibbles<false, false>`), Q4_1 (`<false, true>`),
+/// Q5_0 (`<true, false>`), Q5_1 (`<true, true>`). A group holds four f16 scales, four f16 mins (`MIN`), four
+/// high-bit words (`FIVE`), then the four blocks' nibbles. Weights are unsigned (0..16 or 0..32); without
+/// a stored min, `m = −8·d` or `−16·d`.
+struct Nibbles<const FIVE: bool, const MIN: bool>;
+impl<const FIVE: bool, const MIN: bool> Nibbles<FIVE, MIN> {
+    const BPB: usize = 2 + if MIN { 2 } else { 0 } + if FIVE { 4 } else { 0 } + 16;
+    const ZERO: f32 = if FIVE { -16.0 } else { -8.0 };
+    /// Offsets in a group of `len` blocks: the high-bit words, the nibbles.
+    const fn qh_at(len: usize) -> usize {
+        (2 + if MIN { 2 } else { 0 }) * len
     }
-    #[inline(always)]
-    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
-        let p = group_at(row, g, 20) as *const half::f16;
-        (h2f_x4(p), h2f_x4(p.add(GROUP)))
-    }
-    #[inline(always)]
-    unsafe fn scale_min(row: *const u8, g: usize, i: usize, len: usize) -> (f32, f32) {
-        let p = group_at(row, g, 20);
-        (f16_read(p.add(2 * i)), f16_read(p.add(2 * len + 2 * i)))
-    }
-    #[inline(always)]
-    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
-        nibbles(group_at(row, g, 20).add(4 * len + 16 * i))
-    }
-    /// Byte `j` holds weights `j` (low nibble) and `j + 16` (high nibble).
-    #[inline(always)]
-    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
-        let qp = group_at(row, g, 20).add(4 * len + 16 * i);
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
-        [_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)]
-    }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        dot_unsigned(w, x)
+    const fn qs_at(len: usize) -> usize {
+        (2 + if MIN { 2 } else { 0 } + if FIVE { 4 } else { 0 }) * len
     }
 }
-
-struct Q5_1;
-impl IntFormat for Q5_1 {
-    const GROUP_BYTES: usize = 96;
+impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
+    const GROUP_BYTES: usize = GROUP * Self::BPB;
     const HAS_MIN: bool = true;
     /// Weights ≤ 31 and |x| ≤ 127: eight products stay within ±31 496.
     const I16_FOLD: bool = true;
@@ -376,19 +350,26 @@ impl IntFormat for Q5_1 {
     }
     #[inline(always)]
     unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
-        let p = group_at(row, g, 24) as *const half::f16;
-        (h2f_x4(p), h2f_x4(p.add(GROUP)))
+        let p = group_at(row, g, Self::BPB) as *const half::f16;
+        let d = h2f_x4(p);
+        (d, if MIN { h2f_x4(p.add(GROUP)) } else { _mm_mul_ps(d, _mm_set1_ps(Self::ZERO)) })
     }
     #[inline(always)]
     unsafe fn scale_min(row: *const u8, g: usize, i: usize, len: usize) -> (f32, f32) {
-        let p = group_at(row, g, 24);
-        (f16_read(p.add(2 * i)), f16_read(p.add(2 * len + 2 * i)))
+        let p = group_at(row, g, Self::BPB);
+        let d = f16_read(p.add(2 * i));
+        (d, if MIN { f16_read(p.add(2 * len + 2 * i)) } else { Self::ZERO * d })
     }
-    /// The nibbles as Q4_1, with bit `j` of the block's high-bit word as bit 4 of weight `j`.
+    /// Nibbles as `nibbles` lays them out; for 5 bits, bit `j` of the block's high-bit word becomes bit 4 of
+    /// weight `j`.
     #[inline(always)]
     unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
-        let p = group_at(row, g, 24);
-        let qh = (p.add(4 * len + 4 * i) as *const i32).read_unaligned();
+        let p = group_at(row, g, Self::BPB);
+        let low = nibbles(p.add(Self::qs_at(len) + 16 * i));
+        if !FIVE {
+            return low;
+        }
+        let qh = (p.add(Self::qh_at(len) + 4 * i) as *const i32).read_unaligned();
         // Byte j of each lane takes the word's byte holding bit j (bytes 0, 1 in the low lane, 2, 3 in the
         // high one), then keeps bit j % 8: 0x10 where it is set.
         let spread = _mm256_shuffle_epi8(
@@ -397,11 +378,17 @@ impl IntFormat for Q5_1 {
         );
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
-        _mm256_or_si256(nibbles(p.add(8 * len + 16 * i)), high)
+        _mm256_or_si256(low, high)
     }
     #[inline(always)]
     unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
-        widen_u8(Self::load(row, g, i, len))
+        if FIVE {
+            return widen_u8(Self::load(row, g, i, len));
+        }
+        // Byte `j` holds weights `j` (low nibble) and `j + 16` (high nibble).
+        let qp = group_at(row, g, Self::BPB).add(Self::qs_at(len) + 16 * i);
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
+        [_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)]
     }
     #[inline(always)]
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
@@ -613,12 +600,13 @@ impl IntFormat for Q6K {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_int8(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
     match w.format {
-        QuantFormat::Q4_1 => rows_int8_as::<Q4_1>(w, r0, acts, n, out),
-        QuantFormat::Q5_1 => rows_int8_as::<Q5_1>(w, r0, acts, n, out),
+        QuantFormat::Q4_0 => rows_int8_as::<Nibbles<false, false>>(w, r0, acts, n, out),
+        QuantFormat::Q4_1 => rows_int8_as::<Nibbles<false, true>>(w, r0, acts, n, out),
+        QuantFormat::Q5_0 => rows_int8_as::<Nibbles<true, false>>(w, r0, acts, n, out),
+        QuantFormat::Q5_1 => rows_int8_as::<Nibbles<true, true>>(w, r0, acts, n, out),
         QuantFormat::Q8_0 => rows_int8_as::<Q8_0>(w, r0, acts, n, out),
         QuantFormat::Q4_K => rows_int8_as::<Q4K>(w, r0, acts, n, out),
         QuantFormat::Q6_K => rows_int8_as::<Q6K>(w, r0, acts, n, out),
-        QuantFormat::Q4_0 | QuantFormat::Q5_0 => unreachable!("stored as Q4_1 / Q5_1"),
     }
 }
 

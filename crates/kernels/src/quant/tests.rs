@@ -253,6 +253,12 @@ fn dequantize_follows_the_block_layout() {
     assert_eq!(row[16], 7.0);
     assert_eq!(row[31], -8.0);
     assert_eq!(w.weight_bytes(), 20);
+    // Every format keeps the file's bytes (Q4_0 and Q5_0 store no min: it is computed from the scale).
+    let mut rng = Lcg(3);
+    for format in FORMATS {
+        let w = random_matrix(&mut rng, format, 3, cols_for(format, 64));
+        assert_eq!(w.weight_bytes(), 3 * format.row_bytes(w.cols()), "{format:?}");
+    }
 }
 
 #[test]
