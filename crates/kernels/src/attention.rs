@@ -255,9 +255,9 @@ struct Span<'a, T> {
 /// `quant::Isa`), else the portable one.
 fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_, T>, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if sp.isa == Isa::Avx2 {
+    if sp.isa.avx2() {
         if sp.layout.head_dim.is_multiple_of(8) {
-            // SAFETY: `Isa::Avx2` means AVX2, FMA and F16C were detected at run time; the head size is a
+            // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected at run time; the head size is a
             // multiple of 8; `check` put every slot in range inside the caches; the caller sized `scores`.
             unsafe { avx2::attend_range(st, sp, scores) };
         } else {
@@ -361,7 +361,7 @@ pub fn paged_attention_on<T: KvElem>(
     seqs: &[AttnSeq<'_>],
     scale: f32,
 ) {
-    assert!(isa == Isa::Portable || Isa::detected() == isa, "{isa:?} kernels asked for on a CPU without them");
+    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     check(seqs, layout, k_cache.len().min(v_cache.len()));
     let hd = layout.head_dim;
     let nkv = layout.num_kv_heads;
@@ -537,11 +537,7 @@ mod tests {
     }
 
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if Isa::detected() != Isa::Portable {
-            v.push(Isa::detected());
-        }
-        v
+        Isa::all_on_this_cpu()
     }
 
     fn ragged_batches<T: KvElem>() {

@@ -146,6 +146,9 @@ impl std::str::FromStr for Activations {
 /// Instruction set the kernels use, detected once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// The AVX2 kernels with AVX-512 VNNI integer dot products on 256-bit vectors (`vpdpbusd`, `vpdpwssd`;
+    /// AVX512-VNNI with AVX512-VL: Intel since Ice Lake / Sapphire Rapids, AMD since Zen 4).
+    Avx512Vnni,
     /// AVX2 with FMA and F16C (x86-64 since Haswell / Zen).
     Avx2,
     /// Plain Rust, any target.
@@ -153,20 +156,53 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best path this CPU supports, unless `MLX_SERVING_ISA=portable` asks for the portable one (to
-    /// test it, or to compare). Read once.
+    /// The best path this CPU supports, unless `MLX_SERVING_ISA` asks for a lesser one: `portable`, or `avx2`
+    /// (AVX2 without VNNI), to test it or to compare. Read once.
     pub fn detected() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            if std::env::var("MLX_SERVING_ISA").is_ok_and(|v| v == "portable") {
-                return Isa::Portable;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if crate::vec::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
-                return Isa::Avx2;
-            }
-            Isa::Portable
+            let want = std::env::var("MLX_SERVING_ISA").unwrap_or_default();
+            [Isa::Avx512Vnni, Isa::Avx2]
+                .into_iter()
+                .filter(|isa| match want.as_str() {
+                    "portable" => false,
+                    "avx2" => *isa == Isa::Avx2,
+                    _ => true,
+                })
+                .find(|isa| isa.on_this_cpu())
+                .unwrap_or(Isa::Portable)
         })
+    }
+
+    /// Whether this CPU can run the path (whatever `MLX_SERVING_ISA` says).
+    pub fn on_this_cpu(self) -> bool {
+        static CPU: OnceLock<(bool, bool)> = OnceLock::new();
+        let (avx2, vnni) = *CPU.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let avx2 = crate::vec::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c");
+                let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl");
+                (avx2, avx2 && vnni)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            (false, false)
+        });
+        match self {
+            Isa::Avx512Vnni => vnni,
+            Isa::Avx2 => avx2,
+            Isa::Portable => true,
+        }
+    }
+
+    /// Whether the path runs the AVX2 kernels (with or without VNNI).
+    pub fn avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512Vnni)
+    }
+
+    /// Every path this CPU can run, best first (tests run them all).
+    pub fn all_on_this_cpu() -> Vec<Isa> {
+        [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.on_this_cpu()).collect()
     }
 }
 
@@ -445,8 +481,8 @@ impl<'a> RowRef<'a> {
     fn dot_f32(&self, isa: Isa, xs: &[f32], xsums: &[f32], t0: usize, out: &mut [f32]) {
         let (k, nb) = (self.nb * BLOCK, self.nb);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            // SAFETY: `Isa::Avx2` means AVX2, FMA and F16C were detected; `qmatmul` sized `xs` and `xsums`
+        if isa.avx2() {
+            // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; `qmatmul` sized `xs` and `xsums`
             // for every activation row.
             unsafe { avx2::rows_dot_f32(*self, &xs[t0 * k..], &xsums[t0 * nb..], out) };
             return;
@@ -461,7 +497,7 @@ impl<'a> RowRef<'a> {
     /// `dot_f32` for large batches: decodes the row into `raw` once, then runs the same arithmetic.
     fn dot_f32_predecoded(&self, isa: Isa, raw: &mut [f32], xs: &[f32], xsums: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
+        if isa.avx2() {
             self.decode_raw(raw);
             // SAFETY: as in `dot_f32`; `raw` holds the decoded row.
             unsafe { avx2::rows_dot_f32_raw(*self, raw, xs, xsums, out) };
@@ -522,13 +558,17 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
     let n = x.len() / k;
     assert_eq!(x.len(), n * k, "activation length");
     assert_eq!(y.len(), n * m, "output length");
-    if isa == Isa::Avx2 {
-        assert_eq!(Isa::detected(), Isa::Avx2, "AVX2 kernels asked for on a CPU without them");
-    }
+    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     match w.activations {
         Activations::Int8 | Activations::Int16 => {
             let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
             rows_parallel_tasks(y, n, m, |r0, out| {
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512Vnni {
+                    // SAFETY: as below, and AVX512-VNNI with AVX512-VL were detected.
+                    unsafe { avx2::rows_int8_vnni(w, r0, &acts, n, out) };
+                    return;
+                }
                 #[cfg(target_arch = "x86_64")]
                 if isa == Isa::Avx2 {
                     // SAFETY: `Isa::Avx2` means AVX2, FMA and F16C were detected; `acts` holds the `n`
@@ -676,7 +716,7 @@ impl Q8Acts {
 
     fn quantize_to(x: &[f32], k: usize, wide: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if Isa::detected() == Isa::Avx2 {
+        if Isa::detected().avx2() {
             let nb_total = x.len() / BLOCK;
             let (mut d, mut s) = (vec![0f32; nb_total], vec![0f32; nb_total]);
             let mut qs = vec![0i8; if wide { 0 } else { x.len() }];

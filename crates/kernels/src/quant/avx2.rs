@@ -280,6 +280,11 @@ trait IntFormat {
     unsafe fn pairs(w: Self::W, x: __m256i) -> __m256i;
     /// The dot product with 32 activation bytes as eight i32 partial sums.
     unsafe fn dot(w: Self::W, x: __m256i) -> __m256i;
+    /// `dot` with VNNI (the caller has AVX512-VNNI and AVX512-VL); the same sums.
+    #[inline(always)]
+    unsafe fn dot_vnni(w: Self::W, x: __m256i) -> __m256i {
+        Self::dot(w, x)
+    }
 }
 
 /// A block's dot product with 16-bit activations (`x[0]`: elements 0..16, `x[1]`: 16..32) as eight i32
@@ -398,6 +403,10 @@ impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
         dot_unsigned(w, x)
     }
+    #[inline(always)]
+    unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+    }
 }
 
 /// Signed weights × signed bytes: `|w|` (unsigned) times `x` with `w`'s sign moved onto it; |w| ≤ 128 and
@@ -445,6 +454,11 @@ impl IntFormat for Q8_0 {
     #[inline(always)]
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
         _mm256_madd_epi16(pairs_signed(w, x), _mm256_set1_epi16(1))
+    }
+    /// `|w|` × `x` with `w`'s sign, summed four bytes at a time.
+    #[inline(always)]
+    unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     }
 }
 
@@ -517,6 +531,10 @@ impl IntFormat for Q4K {
     #[inline(always)]
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
         dot_unsigned(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
     }
 }
 
@@ -599,28 +617,48 @@ impl IntFormat for Q6K {
 /// per-block scales and sums; the rows exist in `w`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_int8(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    rows_int8_on::<false>(w, r0, acts, n, out)
+}
+
+/// `rows_int8` with VNNI dot products (`vpdpbusd` for 8-bit activations, `vpdpwssd` for 16-bit): the same
+/// integer sums, so bitwise the same results.
+///
+/// SAFETY (caller): as `rows_int8`, and AVX512-VNNI with AVX512-VL available.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub unsafe fn rows_int8_vnni(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    rows_int8_on::<true>(w, r0, acts, n, out)
+}
+
+#[inline(always)]
+unsafe fn rows_int8_on<const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
     match w.format {
-        QuantFormat::Q4_0 => rows_int8_as::<Nibbles<false, false>>(w, r0, acts, n, out),
-        QuantFormat::Q4_1 => rows_int8_as::<Nibbles<false, true>>(w, r0, acts, n, out),
-        QuantFormat::Q5_0 => rows_int8_as::<Nibbles<true, false>>(w, r0, acts, n, out),
-        QuantFormat::Q5_1 => rows_int8_as::<Nibbles<true, true>>(w, r0, acts, n, out),
-        QuantFormat::Q8_0 => rows_int8_as::<Q8_0>(w, r0, acts, n, out),
-        QuantFormat::Q4_K => rows_int8_as::<Q4K>(w, r0, acts, n, out),
-        QuantFormat::Q6_K => rows_int8_as::<Q6K>(w, r0, acts, n, out),
+        QuantFormat::Q4_0 => rows_int8_as::<Nibbles<false, false>, VNNI>(w, r0, acts, n, out),
+        QuantFormat::Q4_1 => rows_int8_as::<Nibbles<false, true>, VNNI>(w, r0, acts, n, out),
+        QuantFormat::Q5_0 => rows_int8_as::<Nibbles<true, false>, VNNI>(w, r0, acts, n, out),
+        QuantFormat::Q5_1 => rows_int8_as::<Nibbles<true, true>, VNNI>(w, r0, acts, n, out),
+        QuantFormat::Q8_0 => rows_int8_as::<Q8_0, VNNI>(w, r0, acts, n, out),
+        QuantFormat::Q4_K => rows_int8_as::<Q4K, VNNI>(w, r0, acts, n, out),
+        QuantFormat::Q6_K => rows_int8_as::<Q6K, VNNI>(w, r0, acts, n, out),
     }
 }
 
 #[inline(always)]
-unsafe fn rows_int8_as<F: IntFormat>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+unsafe fn rows_int8_as<F: IntFormat, const VNNI: bool>(
+    w: &QMatrix,
+    r0: usize,
+    acts: &Q8Acts,
+    n: usize,
+    out: &mut [f32],
+) {
     if acts.is_wide() {
-        rows_int8_fmt::<F, true>(w, r0, acts, n, out)
+        rows_int8_fmt::<F, true, VNNI>(w, r0, acts, n, out)
     } else {
-        rows_int8_fmt::<F, false>(w, r0, acts, n, out)
+        rows_int8_fmt::<F, false, VNNI>(w, r0, acts, n, out)
     }
 }
 
 #[inline(always)]
-unsafe fn rows_int8_fmt<F: IntFormat, const WIDE: bool>(
+unsafe fn rows_int8_fmt<F: IntFormat, const WIDE: bool, const VNNI: bool>(
     w: &QMatrix,
     r0: usize,
     acts: &Q8Acts,
@@ -633,17 +671,17 @@ unsafe fn rows_int8_fmt<F: IntFormat, const WIDE: bool>(
     if n == 1 {
         let mut i = 0;
         while i + 2 <= rows {
-            int8_tile::<F, WIDE, 2, 1>([w.row(r0 + i), w.row(r0 + i + 1)], acts, 0, &mut out[i..i + 2]);
+            int8_tile::<F, WIDE, VNNI, 2, 1>([w.row(r0 + i), w.row(r0 + i + 1)], acts, 0, &mut out[i..i + 2]);
             i += 2;
         }
         if i < rows {
-            int8_tile::<F, WIDE, 1, 1>([w.row(r0 + i)], acts, 0, &mut out[i..i + 1]);
+            int8_tile::<F, WIDE, VNNI, 1, 1>([w.row(r0 + i)], acts, 0, &mut out[i..i + 1]);
         }
         return;
     }
     for (i, o) in out.chunks_exact_mut(n).enumerate() {
         let row = [w.row(r0 + i)];
-        in_groups!(o, |G, g0, og| int8_tile::<F, WIDE, 1, G>(row, acts, g0, og));
+        in_groups!(o, |G, g0, og| int8_tile::<F, WIDE, VNNI, 1, G>(row, acts, g0, og));
     }
 }
 
@@ -675,11 +713,16 @@ unsafe fn load_weights<F: IntFormat, const WIDE: bool>(
 
 /// The block's eight i32 partial sums (`load_weights` against `load_acts`).
 #[inline(always)]
-unsafe fn int_dot<F: IntFormat, const WIDE: bool>(w: (F::W, [__m256i; 2]), x: [__m256i; 2]) -> __m256i {
-    if WIDE {
-        dot16(w.1, x)
-    } else {
-        F::dot(w.0, x[0])
+unsafe fn int_dot<F: IntFormat, const WIDE: bool, const VNNI: bool>(
+    w: (F::W, [__m256i; 2]),
+    x: [__m256i; 2],
+) -> __m256i {
+    match (WIDE, VNNI) {
+        (true, false) => dot16(w.1, x),
+        // One `madd`, then the second pair of vectors multiplied and added by one `vpdpwssd`.
+        (true, true) => _mm256_dpwssd_epi32(_mm256_madd_epi16(w.1[0], x[0]), w.1[1], x[1]),
+        (false, false) => F::dot(w.0, x[0]),
+        (false, true) => F::dot_vnni(w.0, x[0]),
     }
 }
 
@@ -690,7 +733,7 @@ unsafe fn int_dot<F: IntFormat, const WIDE: bool>(w: (F::W, [__m256i; 2]), x: [_
 /// the same operations in the same order whatever `R` and `G` are.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
-unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const R: usize, const G: usize>(
+unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const VNNI: bool, const R: usize, const G: usize>(
     rows: [RowRef<'_>; R],
     acts: &Q8Acts,
     t0: usize,
@@ -737,7 +780,8 @@ unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const R: usize, const G: usi
         // allow it (`I16_FOLD`), the folds run on the i16 `maddubs` results and one `madd` widens the four
         // blocks at the end: the same integer sums, with three multiply-unit instructions fewer per four
         // blocks.
-        let i16_fold = F::I16_FOLD && !WIDE;
+        // With VNNI one `vpdpbusd` gives a block's i32 sums directly: no i16 fold.
+        let i16_fold = F::I16_FOLD && !WIDE && !VNNI;
         let mut pairs = [[[_mm256_setzero_si256(); G]; R]; 2];
         for (jp, pair) in pairs.iter_mut().enumerate() {
             let j = 2 * jp;
@@ -752,7 +796,7 @@ unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const R: usize, const G: usi
                     pair[r][g] = if i16_fold {
                         _mm256_hadd_epi16(F::pairs(w0.0, x0[g][0]), F::pairs(w1.0, x1[g][0]))
                     } else {
-                        _mm256_hadd_epi32(int_dot::<F, WIDE>(w0, x0[g]), int_dot::<F, WIDE>(w1, x1[g]))
+                        _mm256_hadd_epi32(int_dot::<F, WIDE, VNNI>(w0, x0[g]), int_dot::<F, WIDE, VNNI>(w1, x1[g]))
                     };
                 }
             }
@@ -783,7 +827,7 @@ unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const R: usize, const G: usi
                     tail_min[r][g] += mw * *xs.add(t * nb + b + i);
                 }
                 let x = load_acts::<WIDE>(xq, xl, t * k + (b + i) * BLOCK);
-                let p = _mm256_cvtepi32_ps(int_dot::<F, WIDE>(wv, x));
+                let p = _mm256_cvtepi32_ps(int_dot::<F, WIDE, VNNI>(wv, x));
                 acc[r][g] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(t * nb + b + i)), p, acc[r][g]);
             }
         }

@@ -41,11 +41,7 @@ fn random_matrix(rng: &mut Lcg, format: QuantFormat, rows: usize, cols: usize) -
 
 /// Every instruction set this machine can run: the portable one always.
 fn isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Portable];
-    if Isa::detected() == Isa::Avx2 {
-        v.push(Isa::Avx2);
-    }
-    v
+    Isa::all_on_this_cpu()
 }
 
 const FORMATS: [QuantFormat; 7] = [
