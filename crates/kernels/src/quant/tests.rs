@@ -209,6 +209,58 @@ fn int8_q8_0_extremes() {
     }
 }
 
+/// The largest integer sums the kernels can meet, on every path and both widths, against the f64 reference:
+/// Q6_K at 16 bits (weights `(q − 32)·s = (−32)·(−128) = 4096` times activations at 32767: a lane of the
+/// folded i32 sums reaches 2 147 418 112, 65 535 below `i32::MAX`), and Q5_1 at 8 bits (weights 31 times 127:
+/// the i16 fold of eight products reaches 31 496).
+#[test]
+fn integer_sums_at_their_extremes() {
+    let mut q6 = vec![0u8; 210];
+    q6[192..208].fill(0x80); // sub-scales −128; ql = qh = 0: q − 32 = −32
+    q6[208..].copy_from_slice(&f16::from_f32(1e-3).to_le_bytes());
+    let mut q5 = f16::from_f32(1e-3).to_le_bytes().to_vec();
+    q5.extend_from_slice(&f16::from_f32(0.0).to_le_bytes());
+    q5.extend([0xFF; 4 + 16]); // every value 31
+    for (format, block, cols) in [(QuantFormat::Q6_K, q6, 512), (QuantFormat::Q5_1, q5, 128)] {
+        let data: Vec<u8> = block.iter().copied().cycle().take(cols / format.block_len() * block.len()).collect();
+        let x = vec![1.0f32; cols]; // rounds to the top value: 127, or 32767
+        for acts in [Activations::Int8, Activations::Int16] {
+            let w = QMatrix::new(format, 1, cols, data.clone()).unwrap().with_activations(acts);
+            let mut want = vec![0f32; 1];
+            qmatmul_int8_reference(&w, &x, &mut want);
+            for isa in isas() {
+                let mut got = vec![0f32; 1];
+                qmatmul_on(isa, &w, &x, &mut got);
+                let ok = (got[0] - want[0]).abs() <= 1e-5 * want[0].abs();
+                assert!(ok, "{isa:?} {acts:?} {format:?}: {} vs {}", got[0], want[0]);
+            }
+        }
+    }
+}
+
+/// The VNNI path computes the same integer sums as the AVX2 one, so bitwise the same outputs (where the CPU
+/// has VNNI; elsewhere there is nothing to compare).
+#[test]
+fn vnni_matches_avx2_bitwise() {
+    if !Isa::Avx512Vnni.on_this_cpu() {
+        return;
+    }
+    let mut rng = Lcg(17);
+    for acts in [Activations::Int8, Activations::Int16] {
+        for format in FORMATS {
+            for n in [1, 3, 6] {
+                let cols = cols_for(format, 224);
+                let w = random_matrix(&mut rng, format, 9, cols).with_activations(acts);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                let (mut a, mut b) = (vec![0f32; n * 9], vec![0f32; n * 9]);
+                qmatmul_on(Isa::Avx2, &w, &x, &mut a);
+                qmatmul_on(Isa::Avx512Vnni, &w, &x, &mut b);
+                assert_eq!(a, b, "{acts:?} {format:?} n={n}");
+            }
+        }
+    }
+}
+
 /// Each activation row gets bitwise the same result alone, in a decode batch and in a prefill batch
 /// (what keeps seeded sampling independent of batching and of the prefix cache), on every path.
 #[test]
@@ -328,6 +380,10 @@ fn wrong_sizes_are_errors() {
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 0, vec![]).is_err());
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 30, vec![0; 68]).is_err());
     assert!(QMatrix::new(QuantFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
+    // K-quant rows must be whole 256-value super-blocks.
+    assert!(QMatrix::new(QuantFormat::Q4_K, 1, 224, vec![0; 126]).is_err());
+    assert!(QMatrix::new(QuantFormat::Q6_K, 1, 256, vec![0; 209]).is_err());
+    assert!(QMatrix::new(QuantFormat::Q6_K, 1, 256, vec![0; 210]).is_ok());
     assert_eq!("int8".parse::<Activations>(), Ok(Activations::Int8));
     assert_eq!("int16".parse::<Activations>(), Ok(Activations::Int16));
     assert!("fp8".parse::<Activations>().is_err());
