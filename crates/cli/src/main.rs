@@ -373,7 +373,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             "finish_reason": g.finish_reason.as_str(),
             "usage": { "prompt_tokens": g.prompt_token_ids.len(), "completion_tokens": g.token_ids.len() },
             "timings": timings,
-            // The kernels' instruction set (`avx2` or `portable`, see MLX_SERVING_ISA).
+            // The kernels' instruction set (`avx512vnni`, `avx2` or `portable`, see MLX_SERVING_ISA).
             "isa": format!("{:?}", mlx_serving_kernels::Isa::detected()).to_lowercase(),
         });
         writeln!(out, "{v}")?;

@@ -200,6 +200,7 @@ fn bench(c: &mut Criterion) {
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
         QuantFormat::Q8_0,
         QuantFormat::Q4_K,
         QuantFormat::Q6_K,

@@ -38,7 +38,8 @@
 //! flipped greedy tokens at logit gaps up to 1.2; with the fix, 8 bits everywhere measure 0.25–0.30
 //! (llama.cpp: 0.16–0.19, ≤ 0.22).
 //!
-//! Kernels are picked at run time ([`Isa`]): AVX2 (+FMA, F16C) or a portable one. Every kernel computes
+//! Kernels are picked at run time ([`Isa`]): AVX2 (+FMA, F16C), AVX2 with VNNI dot products, or a portable
+//! one. Every kernel computes
 //! each activation row's result with the same arithmetic whatever the batch, so a row gets bitwise the same
 //! output alone, in a decode batch or in a prefill (seeded sampling does not depend on batching or on the
 //! prefix cache).
@@ -156,22 +157,33 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best path this CPU supports, unless `MLX_SERVING_ISA` asks for a lesser one: `portable`, or `avx2`
-    /// (AVX2 without VNNI), to test it or to compare. Read once.
+    /// The best path this CPU supports, unless `MLX_SERVING_ISA` caps it: `portable`, `avx2` (AVX2 without
+    /// VNNI) or `avx512vnni` (the default where the CPU has it), to test a path or to compare. An unknown
+    /// value is reported on stderr and ignored. Read once.
     pub fn detected() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
             let want = std::env::var("MLX_SERVING_ISA").unwrap_or_default();
-            [Isa::Avx512Vnni, Isa::Avx2]
-                .into_iter()
-                .filter(|isa| match want.as_str() {
-                    "portable" => false,
-                    "avx2" => *isa == Isa::Avx2,
-                    _ => true,
-                })
-                .find(|isa| isa.on_this_cpu())
-                .unwrap_or(Isa::Portable)
+            let cap = match want.as_str() {
+                "portable" => Isa::Portable,
+                "avx2" => Isa::Avx2,
+                "" | "avx512vnni" => Isa::Avx512Vnni,
+                other => {
+                    eprintln!("MLX_SERVING_ISA={other:?} is not one of portable, avx2, avx512vnni: ignored");
+                    Isa::Avx512Vnni
+                }
+            };
+            Isa::all_on_this_cpu().into_iter().find(|isa| isa.rank() <= cap.rank()).unwrap_or(Isa::Portable)
         })
+    }
+
+    /// Order of capability: portable 0, AVX2 1, VNNI 2.
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Portable => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512Vnni => 2,
+        }
     }
 
     /// Whether this CPU can run the path (whatever `MLX_SERVING_ISA` says).

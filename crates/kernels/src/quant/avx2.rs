@@ -1,5 +1,6 @@
-//! AVX2 + FMA + F16C kernels. Every function here is `unsafe`: the caller guarantees those features
-//! (`Isa::Avx2`) and the slice sizes stated on each.
+//! AVX2 + FMA + F16C kernels (and the integer kernel's VNNI variant). Every function here is `unsafe`: the
+//! caller guarantees the features it enables (`Isa::Avx2`; `Isa::Avx512Vnni` for `rows_int8_vnni`) and the
+//! slice sizes stated on each.
 //!
 //! Activation rows go in groups of 4, then the remainder as one group of 3, 2 or 1: each group size is its
 //! own fully unrolled instance, so the accumulators stay in registers, and one decoded weight block serves
@@ -248,9 +249,6 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
     }
 }
 
-/// A weight format for the integer kernels. A row is a run of groups of four 32-value blocks (the last group
-/// of a 32-value format may hold fewer); `row` points at the row's stored bytes, `g` is a group and `i` a
-/// block in it, `len` the group's block count.
 /// How far ahead of its current group the integer kernel prefetches each weight row, in bytes. The hardware
 /// prefetcher alone left a decode pass at 10–15 GiB/s of the machine's 25 (2 threads): each thread has a
 /// few hundred bytes of loads in flight while it computes, where streaming at full speed needs about a
@@ -258,6 +256,9 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
 /// 10.5 → 14–16 (criterion `decode_pass*`; 0.5–6 KiB all helped, within noise of each other).
 const PREFETCH: usize = 3072;
 
+/// A weight format for the integer kernels. A row is a run of groups of four 32-value blocks (the last group
+/// of a 32-value format may hold fewer); `row` points at the row's stored bytes, `g` is a group and `i` a
+/// block in it, `len` the group's block count.
 trait IntFormat {
     /// Bytes of a full group of four blocks (on average, for the K-quants).
     const GROUP_BYTES: usize;
@@ -288,8 +289,8 @@ trait IntFormat {
 }
 
 /// A block's dot product with 16-bit activations (`x[0]`: elements 0..16, `x[1]`: 16..32) as eight i32
-/// partial sums. |w| ≤ 4096 (Q6_K with its sub-scale) and |x| ≤ 32767: a lane's four products stay within
-/// 2^29, and the kernel's two folds add four lanes: within i32.
+/// partial sums, four products per lane. The worst case is Q6_K's `(q − 32)·s = 4096` against 32767: the
+/// kernel's two folds then sum 16 products per lane, 2 147 418 112, within i32 by 65 535 (tested).
 #[inline(always)]
 unsafe fn dot16(w: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
     _mm256_add_epi32(_mm256_madd_epi16(w[0], x[0]), _mm256_madd_epi16(w[1], x[1]))
@@ -729,7 +730,8 @@ unsafe fn int_dot<F: IntFormat, const WIDE: bool, const VNNI: bool>(
 /// Weight rows `rows` against activation rows `t0 .. t0 + G`; `out` is `[R, G]`. Blocks go four at a time:
 /// their four scales are converted and multiplied by the activation scales as one vector
 /// `[d0 d1 d2 d3 | d0 d1 d2 d3]`, the four blocks' i32 partial sums are folded into the matching lanes
-/// and scaled by it with one FMA; the Q4_1 min terms (`m·s`) accumulate four blocks per FMA. A tail of fewer than four blocks goes one by one. Each (weight row, activation row) pair runs
+/// and scaled by it with one FMA; the min terms (`m·s`) accumulate four blocks per FMA. A tail of fewer than
+/// four blocks goes one by one. Each (weight row, activation row) pair runs
 /// the same operations in the same order whatever `R` and `G` are.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
