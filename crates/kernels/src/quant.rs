@@ -596,9 +596,7 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
         }
         Activations::F32 => {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-            // Q4_1 and Q8_0 have a fused AVX2 kernel that decodes blocks as it goes; the other formats always
-            // decode each weight row first.
-            if n <= SMALL_BATCH && matches!(w.format, QuantFormat::Q4_1 | QuantFormat::Q8_0) {
+            if n <= SMALL_BATCH {
                 rows_parallel(y, n, m, |r, o| w.row(r).dot_f32(isa, x, &xsums, 0, o));
             } else {
                 // Every batch size runs the same per-row arithmetic (the fused kernel's block order); large

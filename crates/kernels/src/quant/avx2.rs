@@ -77,7 +77,7 @@ unsafe fn i8x8_to_ps(v: __m128i) -> __m256 {
 }
 
 /// The 32 weights of block `b` as four vectors of unscaled quantized values (Q4_1 and Q8_0; the other
-/// formats go through `rows_dot_f32_raw`).
+/// formats go through `rows_dot_f32_as`).
 #[inline(always)]
 unsafe fn block_values(row: RowRef<'_>, b: usize) -> [__m256; 4] {
     let qp = row.data.as_ptr().add(row.field(b, row.format.fields().len() - 1));
@@ -107,13 +107,102 @@ unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
     _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), s)
 }
 
-/// SAFETY (caller): AVX2, FMA and F16C available; `row` is Q4_1 or Q8_0; `xs` holds `out.len()` rows of
-/// `nb * 32` floats and `xsums` `out.len() * nb` block sums.
+/// SAFETY (caller): AVX2, FMA and F16C available; `xs` holds `out.len()` rows of `nb * 32` floats and `xsums`
+/// `out.len() * nb` block sums.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_dot_f32(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
     let nb = row.nb;
     debug_assert!(xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
-    in_groups!(out, |G, t0, o| f32_group::<G>(row, |b| block_values(row, b), xs, xsums, t0, o));
+    match row.format {
+        QuantFormat::Q4_1 | QuantFormat::Q8_0 => {
+            in_groups!(out, |G, t0, o| f32_group::<G>(row, &Fused(row), xs, xsums, t0, o))
+        }
+        QuantFormat::Q4_0 => rows_dot_f32_as::<Nibbles<false, false>>(row, xs, xsums, out),
+        QuantFormat::Q5_0 => rows_dot_f32_as::<Nibbles<true, false>>(row, xs, xsums, out),
+        QuantFormat::Q5_1 => rows_dot_f32_as::<Nibbles<true, true>>(row, xs, xsums, out),
+        QuantFormat::Q4_K => rows_dot_f32_as::<Q4K>(row, xs, xsums, out),
+        QuantFormat::Q6_K => rows_dot_f32_as::<Q6K>(row, xs, xsums, out),
+    }
+}
+
+/// Where the f32 kernel's block values come from. Types with `inline(always)` methods rather than closures:
+/// a closure does not inherit its caller's target features, and once it is not inlined its intrinsics are
+/// calls (that made the f32 path several times slower).
+trait Blocks {
+    /// Block `b`'s 32 unscaled values as four vectors.
+    unsafe fn get(&self, b: usize) -> [__m256; 4];
+}
+
+/// Q4_1 and Q8_0 blocks decoded by `block_values`.
+struct Fused<'a>(RowRef<'a>);
+impl Blocks for Fused<'_> {
+    #[inline(always)]
+    unsafe fn get(&self, b: usize) -> [__m256; 4] {
+        block_values(self.0, b)
+    }
+}
+
+/// Any format's blocks through its integer load (`values_f32`).
+struct Widened<'a, F>(RowRef<'a>, std::marker::PhantomData<F>);
+impl<F: IntFormat> Blocks for Widened<'_, F> {
+    #[inline(always)]
+    unsafe fn get(&self, b: usize) -> [__m256; 4] {
+        values_f32::<F>(self.0, b)
+    }
+}
+
+/// A row decoded beforehand (`RowRef::decode_raw`).
+struct Decoded(*const f32);
+impl Blocks for Decoded {
+    #[inline(always)]
+    unsafe fn get(&self, b: usize) -> [__m256; 4] {
+        let p = self.0.add(b * BLOCK);
+        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
+    }
+}
+
+/// Block `b`'s scale and min (the values `RowRef::scale_min` gives, with F16C conversions).
+#[inline(always)]
+unsafe fn scale_min_of(row: RowRef<'_>, b: usize) -> (f32, f32) {
+    let (g, i) = (b / GROUP, b % GROUP);
+    let (p, len) = (row.data.as_ptr(), (row.nb - g * GROUP).min(GROUP));
+    match row.format {
+        QuantFormat::Q4_0 => Nibbles::<false, false>::scale_min(p, g, i, len),
+        QuantFormat::Q4_1 => Nibbles::<false, true>::scale_min(p, g, i, len),
+        QuantFormat::Q5_0 => Nibbles::<true, false>::scale_min(p, g, i, len),
+        QuantFormat::Q5_1 => Nibbles::<true, true>::scale_min(p, g, i, len),
+        QuantFormat::Q8_0 => Q8_0::scale_min(p, g, i, len),
+        QuantFormat::Q4_K => Q4K::scale_min(p, g, i, len),
+        QuantFormat::Q6_K => Q6K::scale_min(p, g, i, len),
+    }
+}
+
+/// Eight i16 widened to f32.
+#[inline(always)]
+unsafe fn i16x8_to_ps(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v))
+}
+
+/// Block `b`'s 32 values as four vectors of f32 (see `rows_dot_f32_as`).
+#[inline(always)]
+unsafe fn values_f32<F: IntFormat>(row: RowRef<'_>, b: usize) -> [__m256; 4] {
+    let g = b / GROUP;
+    let w = F::load16(row.data.as_ptr(), g, b % GROUP, (row.nb - g * GROUP).min(GROUP));
+    [
+        i16x8_to_ps(_mm256_castsi256_si128(w[0])),
+        i16x8_to_ps(_mm256_extracti128_si256(w[0], 1)),
+        i16x8_to_ps(_mm256_castsi256_si128(w[1])),
+        i16x8_to_ps(_mm256_extracti128_si256(w[1], 1)),
+    ]
+}
+
+/// `rows_dot_f32` for the formats without their own f32 decoder: each block's values from the integer
+/// kernels' 16-bit load (`IntFormat::load16`, Q6_K's sub-scales included), widened to f32: the integers
+/// `RowRef::block` gives, so the same arithmetic as the pre-decoded path.
+#[inline(always)]
+unsafe fn rows_dot_f32_as<F: IntFormat>(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
+    let values = Widened::<F>(row, std::marker::PhantomData);
+    in_groups!(out, |G, t0, o| f32_group::<G>(row, &values, xs, xsums, t0, o));
 }
 
 /// `rows_dot_f32` with the blocks already decoded into `raw` (unscaled quantized values as f32, laid out
@@ -126,11 +215,7 @@ pub unsafe fn rows_dot_f32_raw(row: RowRef<'_>, raw: &[f32], xs: &[f32], xsums: 
     let nb = row.nb;
     debug_assert!(raw.len() >= nb * BLOCK && xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
     let rp = raw.as_ptr();
-    let load = |b: usize| {
-        let p = rp.add(b * BLOCK);
-        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
-    };
-    in_groups!(out, |G, t0, o| f32_group::<G>(row, load, xs, xsums, t0, o));
+    in_groups!(out, |G, t0, o| f32_group::<G>(row, &Decoded(rp), xs, xsums, t0, o));
 }
 
 /// Activation rows `t0 .. t0 + G` of `xs` against one weight row; `block(b)` yields block `b`'s values.
@@ -138,7 +223,7 @@ pub unsafe fn rows_dot_f32_raw(row: RowRef<'_>, raw: &[f32], xs: &[f32], xsums: 
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
 unsafe fn f32_group<const G: usize>(
     row: RowRef<'_>,
-    block: impl Fn(usize) -> [__m256; 4],
+    block: &impl Blocks,
     xs: &[f32],
     xsums: &[f32],
     t0: usize,
@@ -147,18 +232,11 @@ unsafe fn f32_group<const G: usize>(
     let nb = row.nb;
     let k = nb * BLOCK;
     let has_mins = !matches!(row.format, QuantFormat::Q8_0 | QuantFormat::Q6_K);
-    let grouped = !row.format.fields().is_empty();
     let mut acc = [_mm256_setzero_ps(); G];
     let mut mins = [0f32; G];
     for b in 0..nb {
-        let w = block(b);
-        let (dw, mw) = if grouped {
-            let (d, m) = row.scale_min_f16(b);
-            let d = h2f(d);
-            (d, row.min_of(d, h2f(m)))
-        } else {
-            row.scale_min(b)
-        };
+        let w = block.get(b);
+        let (dw, mw) = scale_min_of(row, b);
         let d = _mm256_set1_ps(dw);
         for r in 0..G {
             let xb = xs.as_ptr().add((t0 + r) * k + b * BLOCK);
