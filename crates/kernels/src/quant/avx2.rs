@@ -266,6 +266,12 @@ unsafe fn round_half_away(x: __m256) -> __m256 {
     _mm256_add_ps(t, _mm256_and_ps(up, _mm256_or_ps(sign, _mm256_set1_ps(1.0))))
 }
 
+/// NaN lanes to 0.
+#[inline(always)]
+unsafe fn nan_to_zero(x: __m256) -> __m256 {
+    _mm256_and_ps(x, _mm256_cmp_ps::<_CMP_ORD_Q>(x, x))
+}
+
 /// Packs four vectors of i32 (each within i8 range) into 32 bytes in order.
 #[inline(always)]
 unsafe fn pack_i8(q: [__m256i; 4]) -> __m256i {
@@ -283,7 +289,7 @@ unsafe fn pack_i16(q: [__m256i; 4]) -> [__m256i; 2] {
     [a, b]
 }
 
-/// `Q8Acts::quantize_portable`, bitwise the same: per 32-value block `d = max|x| / top` (127, or 32767 for
+/// `Q8Acts::quantize_portable`, bitwise the same (NaN and infinities included): per 32-value block `d = max|x| / top` (127, or 32767 for
 /// 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; `q` goes to `qs` (8 bits) or `x16`.
 ///
 /// SAFETY (caller): AVX2 and FMA available; `x.len()` a multiple of 32; the buffer of the chosen width
@@ -296,9 +302,11 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
     let abs_mask = _mm256_set1_ps(-0.0);
     for (b, blk) in x.chunks_exact(BLOCK).enumerate() {
         let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
-        let mut amax = _mm256_andnot_ps(abs_mask, v[0]);
+        // NaN counts as 0 here and rounds to 0 below, as in the portable version (`f32::max` skips NaN,
+        // `NaN as i32` is 0).
+        let mut amax = nan_to_zero(_mm256_andnot_ps(abs_mask, v[0]));
         for vi in &v[1..] {
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(abs_mask, *vi));
+            amax = _mm256_max_ps(amax, nan_to_zero(_mm256_andnot_ps(abs_mask, *vi)));
         }
         let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -307,7 +315,7 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
         let inv = _mm256_set1_ps(super::inverse_scale(scale));
         let (lo_v, hi_v) = (_mm256_set1_ps(-top), _mm256_set1_ps(top));
         let qf: [__m256; 4] = std::array::from_fn(|i| {
-            _mm256_min_ps(_mm256_max_ps(round_half_away(_mm256_mul_ps(v[i], inv)), lo_v), hi_v)
+            _mm256_min_ps(_mm256_max_ps(nan_to_zero(round_half_away(_mm256_mul_ps(v[i], inv))), lo_v), hi_v)
         });
         let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvttps_epi32(qf[i]));
         let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));

@@ -392,8 +392,8 @@ fn wrong_sizes_are_errors() {
 }
 
 /// The AVX2 quantizer (called directly, whatever `MLX_SERVING_ISA` says) gives bitwise the portable one's
-/// values, scales and sums, 8 and 16 bits, on finite inputs: halfway cases at both widths, values just
-/// below a half, an all-zero block, and a block so small that `1 / scale` would overflow.
+/// values, scales and sums, 8 and 16 bits: halfway cases at both widths, values just below a half, an
+/// all-zero block, a block so small that `1 / scale` would overflow, and blocks with NaN and infinities.
 #[test]
 fn vectorized_quantize_matches_portable() {
     #[cfg(target_arch = "x86_64")]
@@ -418,6 +418,14 @@ fn vectorized_quantize_matches_portable() {
         x[3 * BLOCK..4 * BLOCK].fill(0.0);
         x[3 * BLOCK] = 1e-37;
         x[3 * BLOCK + 5] = -3e-38;
+        // Block 4: NaN among finite values (at the start, so the vector max meets it first). Block 5: an
+        // infinity and a NaN (the scale is infinite). Block 6: all NaN.
+        x[4 * BLOCK] = f32::NAN;
+        x[4 * BLOCK + 9] = -f32::NAN;
+        x[5 * BLOCK + 3] = f32::NEG_INFINITY;
+        x[5 * BLOCK + 4] = f32::NAN;
+        x[6 * BLOCK..7 * BLOCK].fill(f32::NAN);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         for wide in [false, true] {
             let slow = Q8Acts::quantize_portable(&x, 4 * BLOCK, wide);
             let nb = x.len() / BLOCK;
@@ -434,8 +442,8 @@ fn vectorized_quantize_matches_portable() {
             }
             assert_eq!(qs, slow.qs, "wide {wide}");
             assert_eq!(x16, slow.x16, "wide {wide}");
-            assert_eq!(d, slow.d, "wide {wide}");
-            assert_eq!(sums, slow.s, "wide {wide}");
+            assert_eq!(bits(&d), bits(&slow.d), "wide {wide}");
+            assert_eq!(bits(&sums), bits(&slow.s), "wide {wide}");
         }
         let a = Q8Acts::quantize_portable(&x, 4 * BLOCK, false);
         assert_eq!((a.qs[1], a.qs[3], a.qs[4]), (-16, 0, -1), "halves round away from zero, 0.49999997 down");
