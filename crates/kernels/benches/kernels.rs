@@ -4,9 +4,12 @@
 //!   Q4_1, and the tied Q8_0 head): 96 MB of weights, three times the L3 cache, so every step streams them
 //!   from memory as real decoding does. Criterion's throughput is the weight bytes read: compare it with the
 //!   machine's read bandwidth (BENCHMARKS.md has the roofline note).
+//! - `decode_pass_qwen/*`: the same for Qwen2.5-Coder-0.5B Q4_K_M's formats (Q5_0, Q4_K, Q6_K, Q8_0) and
+//!   shapes, `mixed` and 8-bit activations (398 MB a pass).
 //! - `decode_batch/*`: the same matmuls for 8 sequences decoding together; throughput in multiply-adds.
 //! - `prefill/*`: one layer's matmuls for 512 tokens (compute-bound); throughput in multiply-adds.
 //! - `hot/*`: one matrix that stays in cache, one activation row: the kernel's compute ceiling.
+//! - `formats/*`: every weight format at one in-cache shape (1536 × 1536), 8- and 16-bit activations.
 //! - `attention/*`: SmolLM2's attention (9 heads on 3 KV heads of 64) over 512 positions, f32 and f16 cache.
 //! - `memory/read`: a plain 256 MiB read on the same worker pool: the machine's read-bandwidth ceiling,
 //!   measured in the same run.
@@ -14,7 +17,8 @@
 //! Each runs with 8-bit, 16-bit and f32 activations on the detected instruction set, and on the portable path for
 //! the hot case. Threads: `MLX_SERVING_THREADS` (default: all cores).
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use mlx_serving_kernels::attention::{paged_attention_on, AttnSeq, KvElem, KvLayout};
 use mlx_serving_kernels::quant::{qmatmul_on, Activations, Isa, QMatrix, QuantFormat};
@@ -36,13 +40,8 @@ fn matrix(rng: &mut Rng, format: QuantFormat, rows: usize, cols: usize, a: Activ
     let bb = format.block_bytes();
     let mut data: Vec<u8> = (0..rows * cols / format.block_len() * bb).map(|_| rng.next() as u8).collect();
     // Small finite scales (and mins) where the format keeps them.
-    let scales: &[usize] = match format {
-        QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K => &[0, 2],
-        QuantFormat::Q6_K => &[208],
-        _ => &[0],
-    };
     for blk in data.chunks_exact_mut(bb) {
-        for &o in scales {
+        for &o in format.f16_offsets() {
             blk[o..o + 2].copy_from_slice(&f16::from_f32(rng.unit() * 0.05).to_le_bytes());
         }
     }
@@ -92,6 +91,22 @@ fn qwen_model(mixed: bool) -> Vec<QMatrix> {
     m
 }
 
+/// Benchmark `name` in `g`: every matrix of `mats` once, for one activation row; throughput in weight bytes.
+fn pass(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, mats: &[QMatrix], isa: Isa, rng: &mut Rng) {
+    let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
+    let cols = mats.iter().map(|m| m.cols()).max().unwrap_or(0);
+    let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
+    let mut y = vec![0f32; mats.iter().map(|m| m.rows()).max().unwrap_or(0)];
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
+        b.iter(|| {
+            for m in mats {
+                qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
+            }
+        })
+    });
+}
+
 fn acts_name(a: Activations) -> &'static str {
     match a {
         Activations::Int8 => "int8",
@@ -134,18 +149,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_pass");
     g.sample_size(20);
     for a in [Activations::Int8, Activations::Int16, Activations::F32] {
-        let mats = model(a);
-        let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
-        let x: Vec<f32> = (0..FFN).map(|_| rng.unit()).collect();
-        let mut y = vec![0f32; VOCAB];
-        g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}")), |b| {
-            b.iter(|| {
-                for m in &mats {
-                    qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
-                }
-            })
-        });
+        pass(&mut g, acts_name(a), &model(a), isa, &mut rng);
     }
     g.finish();
 
@@ -153,18 +157,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_pass_qwen");
     g.sample_size(10);
     for (name, mixed) in [("mixed", true), ("int8", false)] {
-        let mats = qwen_model(mixed);
-        let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
-        let x: Vec<f32> = (0..4864).map(|_| rng.unit()).collect();
-        let mut y = vec![0f32; 151_936];
-        g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
-            b.iter(|| {
-                for m in &mats {
-                    qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
-                }
-            })
-        });
+        pass(&mut g, name, &qwen_model(mixed), isa, &mut rng);
     }
     g.finish();
 
@@ -196,15 +189,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("formats");
     let (rows, cols) = (1536, 1536);
     g.throughput(Throughput::Elements((rows * cols) as u64));
-    for format in [
-        QuantFormat::Q4_0,
-        QuantFormat::Q4_1,
-        QuantFormat::Q5_0,
-        QuantFormat::Q5_1,
-        QuantFormat::Q8_0,
-        QuantFormat::Q4_K,
-        QuantFormat::Q6_K,
-    ] {
+    for format in QuantFormat::ALL {
         for a in [Activations::Int8, Activations::Int16] {
             let m = matrix(&mut rng, format, rows, cols, a);
             let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();

@@ -39,10 +39,9 @@
 //! (llama.cpp: 0.16–0.19, ≤ 0.22).
 //!
 //! Kernels are picked at run time ([`Isa`]): AVX2 (+FMA, F16C), AVX2 with VNNI dot products, or a portable
-//! one. Every kernel computes
-//! each activation row's result with the same arithmetic whatever the batch, so a row gets bitwise the same
-//! output alone, in a decode batch or in a prefill (seeded sampling does not depend on batching or on the
-//! prefix cache).
+//! one. Every kernel computes each activation row's result with the same arithmetic whatever the batch, so
+//! a row gets bitwise the same output alone, in a decode batch or in a prefill (seeded sampling does not
+//! depend on batching or on the prefix cache).
 
 use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with, for_each_split_mut};
 use half::f16;
@@ -70,6 +69,27 @@ pub enum QuantFormat {
 }
 
 impl QuantFormat {
+    /// Every format the kernels take.
+    pub const ALL: [QuantFormat; 7] = [
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_K,
+        QuantFormat::Q6_K,
+    ];
+
+    /// Byte offsets of the f16 fields (scales and stored mins) in a file block: what a test or benchmark
+    /// sets to finite values after filling a block with random bytes.
+    pub fn f16_offsets(self) -> &'static [usize] {
+        match self {
+            Self::Q4_1 | Self::Q5_1 | Self::Q4_K => &[0, 2],
+            Self::Q6_K => &[208],
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => &[0],
+        }
+    }
+
     /// Weights per block in the file: 32, or 256 for the K-quants.
     pub fn block_len(self) -> usize {
         match self {

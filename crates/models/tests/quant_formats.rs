@@ -23,12 +23,7 @@ fn random_blocks(rng: &mut Lcg, format: QuantFormat, rows: usize, cols: usize) -
     let bb = format.block_bytes();
     let mut data: Vec<u8> = (0..rows * cols / format.block_len() * bb).map(|_| rng.next()).collect();
     for blk in data.chunks_exact_mut(bb) {
-        let scales: &[usize] = match format {
-            QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K => &[0, 2],
-            QuantFormat::Q6_K => &[208],
-            _ => &[0],
-        };
-        for &o in scales {
+        for &o in format.f16_offsets() {
             blk[o..o + 2].copy_from_slice(&rng.scale(0.1));
         }
     }

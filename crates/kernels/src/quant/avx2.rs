@@ -62,42 +62,44 @@ macro_rules! in_groups {
     }};
 }
 
+/// Evaluates `$body` with `$F` naming the `IntFormat` type of `$format`.
+macro_rules! with_format {
+    ($format:expr, $F:ident => $body:expr) => {
+        match $format {
+            QuantFormat::Q4_0 => {
+                type $F = Nibbles<false, false>;
+                $body
+            }
+            QuantFormat::Q4_1 => {
+                type $F = Nibbles<false, true>;
+                $body
+            }
+            QuantFormat::Q5_0 => {
+                type $F = Nibbles<true, false>;
+                $body
+            }
+            QuantFormat::Q5_1 => {
+                type $F = Nibbles<true, true>;
+                $body
+            }
+            QuantFormat::Q8_0 => {
+                type $F = Q8_0;
+                $body
+            }
+            QuantFormat::Q4_K => {
+                type $F = Q4K;
+                $body
+            }
+            QuantFormat::Q6_K => {
+                type $F = Q6K;
+                $body
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // f32 activations
-
-/// Eight bytes (the low half of `v`) widened to f32.
-#[inline(always)]
-unsafe fn u8x8_to_ps(v: __m128i) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
-}
-
-#[inline(always)]
-unsafe fn i8x8_to_ps(v: __m128i) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-}
-
-/// The 32 weights of block `b` as four vectors of unscaled quantized values (Q4_1 and Q8_0; the other
-/// formats go through `rows_dot_f32_as`).
-#[inline(always)]
-unsafe fn block_values(row: RowRef<'_>, b: usize) -> [__m256; 4] {
-    let qp = row.data.as_ptr().add(row.field(b, row.format.fields().len() - 1));
-    match row.format {
-        QuantFormat::Q4_1 => {
-            let mask = _mm_set1_epi8(0x0F);
-            let q = _mm_loadu_si128(qp as *const __m128i);
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            [u8x8_to_ps(lo), u8x8_to_ps(_mm_srli_si128(lo, 8)), u8x8_to_ps(hi), u8x8_to_ps(_mm_srli_si128(hi, 8))]
-        }
-        QuantFormat::Q8_0 => {
-            let q = _mm256_loadu_si256(qp as *const __m256i);
-            let q0 = _mm256_castsi256_si128(q);
-            let q1 = _mm256_extracti128_si256(q, 1);
-            [i8x8_to_ps(q0), i8x8_to_ps(_mm_srli_si128(q0, 8)), i8x8_to_ps(q1), i8x8_to_ps(_mm_srli_si128(q1, 8))]
-        }
-        _ => unreachable!("no fused f32 kernel for {:?}", row.format),
-    }
-}
 
 #[inline(always)]
 unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
@@ -113,16 +115,10 @@ unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
 pub unsafe fn rows_dot_f32(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
     let nb = row.nb;
     debug_assert!(xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
-    match row.format {
-        QuantFormat::Q4_1 | QuantFormat::Q8_0 => {
-            in_groups!(out, |G, t0, o| f32_group::<G>(row, &Fused(row), xs, xsums, t0, o))
-        }
-        QuantFormat::Q4_0 => rows_dot_f32_as::<Nibbles<false, false>>(row, xs, xsums, out),
-        QuantFormat::Q5_0 => rows_dot_f32_as::<Nibbles<true, false>>(row, xs, xsums, out),
-        QuantFormat::Q5_1 => rows_dot_f32_as::<Nibbles<true, true>>(row, xs, xsums, out),
-        QuantFormat::Q4_K => rows_dot_f32_as::<Q4K>(row, xs, xsums, out),
-        QuantFormat::Q6_K => rows_dot_f32_as::<Q6K>(row, xs, xsums, out),
-    }
+    with_format!(row.format, F => {
+        let values = Widened::<F>(row, std::marker::PhantomData);
+        in_groups!(out, |G, t0, o| f32_group::<G>(row, &values, xs, xsums, t0, o))
+    })
 }
 
 /// Where the f32 kernel's block values come from. Types with `inline(always)` methods rather than closures:
@@ -133,16 +129,7 @@ trait Blocks {
     unsafe fn get(&self, b: usize) -> [__m256; 4];
 }
 
-/// Q4_1 and Q8_0 blocks decoded by `block_values`.
-struct Fused<'a>(RowRef<'a>);
-impl Blocks for Fused<'_> {
-    #[inline(always)]
-    unsafe fn get(&self, b: usize) -> [__m256; 4] {
-        block_values(self.0, b)
-    }
-}
-
-/// Any format's blocks through its integer load (`values_f32`).
+/// A row's blocks decoded as they go, through the integer kernels' 16-bit load (`values_f32`).
 struct Widened<'a, F>(RowRef<'a>, std::marker::PhantomData<F>);
 impl<F: IntFormat> Blocks for Widened<'_, F> {
     #[inline(always)]
@@ -166,15 +153,7 @@ impl Blocks for Decoded {
 unsafe fn scale_min_of(row: RowRef<'_>, b: usize) -> (f32, f32) {
     let (g, i) = (b / GROUP, b % GROUP);
     let (p, len) = (row.data.as_ptr(), (row.nb - g * GROUP).min(GROUP));
-    match row.format {
-        QuantFormat::Q4_0 => Nibbles::<false, false>::scale_min(p, g, i, len),
-        QuantFormat::Q4_1 => Nibbles::<false, true>::scale_min(p, g, i, len),
-        QuantFormat::Q5_0 => Nibbles::<true, false>::scale_min(p, g, i, len),
-        QuantFormat::Q5_1 => Nibbles::<true, true>::scale_min(p, g, i, len),
-        QuantFormat::Q8_0 => Q8_0::scale_min(p, g, i, len),
-        QuantFormat::Q4_K => Q4K::scale_min(p, g, i, len),
-        QuantFormat::Q6_K => Q6K::scale_min(p, g, i, len),
-    }
+    with_format!(row.format, F => F::scale_min(p, g, i, len))
 }
 
 /// Eight i16 widened to f32.
@@ -183,7 +162,8 @@ unsafe fn i16x8_to_ps(v: __m128i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v))
 }
 
-/// Block `b`'s 32 values as four vectors of f32 (see `rows_dot_f32_as`).
+/// Block `b`'s 32 unscaled values as four vectors of f32: the integers `RowRef::block` gives (Q6_K's
+/// sub-scales included), so the same arithmetic as the pre-decoded path.
 #[inline(always)]
 unsafe fn values_f32<F: IntFormat>(row: RowRef<'_>, b: usize) -> [__m256; 4] {
     let g = b / GROUP;
@@ -196,17 +176,8 @@ unsafe fn values_f32<F: IntFormat>(row: RowRef<'_>, b: usize) -> [__m256; 4] {
     ]
 }
 
-/// `rows_dot_f32` for the formats without their own f32 decoder: each block's values from the integer
-/// kernels' 16-bit load (`IntFormat::load16`, Q6_K's sub-scales included), widened to f32: the integers
-/// `RowRef::block` gives, so the same arithmetic as the pre-decoded path.
-#[inline(always)]
-unsafe fn rows_dot_f32_as<F: IntFormat>(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
-    let values = Widened::<F>(row, std::marker::PhantomData);
-    in_groups!(out, |G, t0, o| f32_group::<G>(row, &values, xs, xsums, t0, o));
-}
-
 /// `rows_dot_f32` with the blocks already decoded into `raw` (unscaled quantized values as f32, laid out
-/// like `block_values`): the same arithmetic in the same order, so bitwise the same results, without
+/// like `values_f32`): the same arithmetic in the same order, so bitwise the same results, without
 /// decoding each block again for every few activation rows. For large batches (prefill).
 ///
 /// SAFETY (caller): as `rows_dot_f32`, and `raw` holds `nb * 32` floats.
@@ -408,6 +379,30 @@ unsafe fn widen_u8(w: __m256i) -> [__m256i; 2] {
     [_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1))]
 }
 
+/// The `IntFormat` items of the formats whose weights load as unsigned bytes (4 or 5 bits): `maddubs`
+/// needs no sign fix-up, and `vpdpbusd` takes them as they are.
+macro_rules! unsigned_bytes {
+    () => {
+        type W = __m256i;
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+            _mm256_maddubs_epi16(w, x)
+        }
+        #[inline(always)]
+        unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+            dot_unsigned(w, x)
+        }
+        #[inline(always)]
+        unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+        }
+    };
+}
+
 /// Unsigned weights × signed bytes: `maddubs` needs no sign fix-up; pairs widened by one `madd`.
 #[inline(always)]
 unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
@@ -435,11 +430,6 @@ impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
     const HAS_MIN: bool = true;
     /// Weights ≤ 31 and |x| ≤ 127: eight products stay within ±31 496.
     const I16_FOLD: bool = true;
-    type W = __m256i;
-    #[inline(always)]
-    unsafe fn zero() -> __m256i {
-        _mm256_setzero_si256()
-    }
     #[inline(always)]
     unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
         let p = group_at(row, g, Self::BPB) as *const half::f16;
@@ -482,18 +472,7 @@ impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
         let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
         [_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)]
     }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        dot_unsigned(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-    }
+    unsigned_bytes!();
 }
 
 /// Signed weights × signed bytes: `|w|` (unsigned) times `x` with `w`'s sign moved onto it; |w| ≤ 128 and
@@ -579,11 +558,6 @@ impl IntFormat for Q4K {
     const GROUP_BYTES: usize = 72;
     const HAS_MIN: bool = true;
     const I16_FOLD: bool = true;
-    type W = __m256i;
-    #[inline(always)]
-    unsafe fn zero() -> __m256i {
-        _mm256_setzero_si256()
-    }
     /// `d·s` and `−dmin·m`: the same f32 products as the portable decoder.
     #[inline(always)]
     unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
@@ -611,18 +585,7 @@ impl IntFormat for Q4K {
     unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
         widen_u8(Self::load(row, g, i, len))
     }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        dot_unsigned(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-    }
+    unsigned_bytes!();
 }
 
 /// Q6_K: group `g` is half `g % 2` of super-block `g / 2`. A block's weights are `q − 32` as signed bytes,
@@ -718,15 +681,7 @@ pub unsafe fn rows_int8_vnni(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, ou
 
 #[inline(always)]
 unsafe fn rows_int8_on<const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
-    match w.format {
-        QuantFormat::Q4_0 => rows_int8_as::<Nibbles<false, false>, VNNI>(w, r0, acts, n, out),
-        QuantFormat::Q4_1 => rows_int8_as::<Nibbles<false, true>, VNNI>(w, r0, acts, n, out),
-        QuantFormat::Q5_0 => rows_int8_as::<Nibbles<true, false>, VNNI>(w, r0, acts, n, out),
-        QuantFormat::Q5_1 => rows_int8_as::<Nibbles<true, true>, VNNI>(w, r0, acts, n, out),
-        QuantFormat::Q8_0 => rows_int8_as::<Q8_0, VNNI>(w, r0, acts, n, out),
-        QuantFormat::Q4_K => rows_int8_as::<Q4K, VNNI>(w, r0, acts, n, out),
-        QuantFormat::Q6_K => rows_int8_as::<Q6K, VNNI>(w, r0, acts, n, out),
-    }
+    with_format!(w.format, F => rows_int8_as::<F, VNNI>(w, r0, acts, n, out))
 }
 
 #[inline(always)]

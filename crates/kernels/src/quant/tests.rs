@@ -11,29 +11,18 @@ impl Lcg {
     }
 }
 
-/// A small random f16 scale's bytes.
-fn scale(rng: &mut Lcg, size: f32) -> [u8; 2] {
-    f16::from_f32(rng.f32() * size).to_le_bytes()
-}
-
-/// Random blocks of `format` in the file layout: random quantized bytes, small random scales.
+/// Random blocks of `format` in the file layout: random quantized bytes, small random scales (smaller for
+/// the K-quants, whose sub-block scales multiply them by up to 63 or 128).
 fn random_matrix(rng: &mut Lcg, format: QuantFormat, rows: usize, cols: usize) -> QMatrix {
-    let mut data = Vec::new();
-    for _ in 0..rows * cols / format.block_len() {
-        let start = data.len();
-        data.extend((0..format.block_bytes()).map(|_| rng.next() as u8));
-        let blk = &mut data[start..];
-        match format {
-            QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
-                blk[..2].copy_from_slice(&scale(rng, 0.05));
-                blk[2..4].copy_from_slice(&scale(rng, 0.1));
-            }
-            QuantFormat::Q4_K => {
-                blk[..2].copy_from_slice(&scale(rng, 0.002));
-                blk[2..4].copy_from_slice(&scale(rng, 0.002));
-            }
-            QuantFormat::Q6_K => blk[208..].copy_from_slice(&scale(rng, 0.0005)),
-            _ => blk[..2].copy_from_slice(&scale(rng, 0.05)),
+    let size = match format {
+        QuantFormat::Q4_K => 0.002,
+        QuantFormat::Q6_K => 0.0005,
+        _ => 0.05,
+    };
+    let mut data: Vec<u8> = (0..rows * format.row_bytes(cols)).map(|_| rng.next() as u8).collect();
+    for blk in data.chunks_exact_mut(format.block_bytes()) {
+        for &o in format.f16_offsets() {
+            blk[o..o + 2].copy_from_slice(&f16::from_f32(rng.f32() * size).to_le_bytes());
         }
     }
     QMatrix::new(format, rows, cols, data).unwrap()
@@ -44,15 +33,7 @@ fn isas() -> Vec<Isa> {
     Isa::all_on_this_cpu()
 }
 
-const FORMATS: [QuantFormat; 7] = [
-    QuantFormat::Q4_0,
-    QuantFormat::Q4_1,
-    QuantFormat::Q5_0,
-    QuantFormat::Q5_1,
-    QuantFormat::Q8_0,
-    QuantFormat::Q4_K,
-    QuantFormat::Q6_K,
-];
+const FORMATS: [QuantFormat; 7] = QuantFormat::ALL;
 
 /// `cols` rounded up to whole blocks of `format` (256 for the K-quants).
 fn cols_for(format: QuantFormat, cols: usize) -> usize {
