@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Ours vs llama.cpp's llama-bench on the default model, interleaved round by round (ours, llama, ours, ...)
-# so machine drift hits both alike: pp512, tg128, and tg128 after 512 tokens of context. Prints each side's
-# medians and the ours/llama ratio per round (median, min–max).
+# Ours vs llama.cpp's llama-bench on one model (MODEL=, default SmolLM2), interleaved round by round (ours,
+# llama, ours, ...) so machine drift hits both alike: pp512, tg128, and tg128 after 512 tokens of context.
+# Prints each side's medians and the ours/llama ratio per round (median, min–max).
 # Usage: LLAMA_BENCH=/path/to/llama-bench [LOAD=N] scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
 # LOAD=N runs N busy-looping processes for the whole measurement (a competing load, both sides alike).
 # MODEL=path measures another GGUF (default: SmolLM2-135M Q4_1).

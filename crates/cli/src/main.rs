@@ -301,8 +301,8 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle (matmuls of formats our kernels lack, e.g. Q5_K or f16) runs on rayon, sized from RAYON_NUM_THREADS and the global
-        // pool; our kernels run on their own pool (`kernels::pool`).
+        // candle (matmuls of formats our kernels lack, e.g. Q5_K or f16) runs on rayon, sized from RAYON_NUM_THREADS
+        // and the global pool; our kernels run on their own pool (`kernels::pool`).
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
         mlx_serving_kernels::pool::set_threads(n);

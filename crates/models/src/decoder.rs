@@ -8,10 +8,9 @@
 //!   x ─ rms_norm ─ gate,up proj ─ silu(gate)·up ─ down proj ─(+)─
 //! ```
 //!
-//! Activations are plain f32 slices. Matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights use our kernels (8-bit, 16-bit or f32
-//! activations, see [`ActivationPrecision`]); other formats (and f32 weights when loaded with
-//! `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by
-//! `mlx_serving_kernels`.
+//! Activations are plain f32 slices. Matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights use our kernels (8-bit,
+//! 16-bit or f32 activations, see [`ActivationPrecision`]); other formats (and f32 weights when loaded with
+//! `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by `mlx_serving_kernels`.
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
@@ -41,8 +40,8 @@ pub struct LoadOptions {
 /// that adds up over the matmuls. Measured on SmolLM2 (first-step top-5 logprobs against transformers f32,
 /// one kind of matmul rounded at a time): the output head 0.16, the q/k/v projections 0.13–0.17, gate/up
 /// 0.14–0.18, down 0.07, o 0.06; all of them together 0.25–0.30, over the 0.25 the golden test allows.
-/// 16-bit activations (16-bit integer products, `madd`) cost little in decode, where the weights stream
-/// from memory (one decode step's matmuls: 6.7 ms against 6.2), and more in prefill, which is compute-bound.
+/// 16-bit activations (16-bit integer products, `madd`) cost compute: one SmolLM2 decode step's matmuls take
+/// 6.1–6.3 ms against 4.3–4.7 at 8 bits (criterion `decode_pass`), and more in prefill.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
     /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down: 0.08–0.11 on SmolLM2.

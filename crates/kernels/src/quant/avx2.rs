@@ -260,8 +260,9 @@ unsafe fn pack_i16(q: [__m256i; 4]) -> [__m256i; 2] {
     [a, b]
 }
 
-/// `Q8Acts::quantize_portable`, bitwise the same (NaN and infinities included): per 32-value block `d = max|x| / top` (127, or 32767 for
-/// 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; `q` goes to `qs` (8 bits) or `x16`.
+/// `Q8Acts::quantize_portable`, bitwise the same (NaN and infinities included): per 32-value block `d = max|x| / top`
+/// (127, or 32767 for 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; `q` goes to `qs` (8 bits) or
+/// `x16`.
 ///
 /// SAFETY (caller): AVX2 and FMA available; `x.len()` a multiple of 32; the buffer of the chosen width
 /// (`qs` for 8 bits, `x16` for 16) holds `x.len()` values; `d`, `s` hold one value per block.
