@@ -51,6 +51,8 @@ use std::sync::OnceLock;
 mod avx2;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod tiled;
 
 pub const BLOCK: usize = 32;
 /// Values per K-quant super-block.
@@ -137,7 +139,25 @@ impl QuantFormat {
     fn row_bytes(self, cols: usize) -> usize {
         cols / self.block_len() * self.block_bytes()
     }
+
+    /// Whether the format is stored in 8-row tiles (see the module header) rather than row by row.
+    pub(crate) fn tiled(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+    }
+
+    /// A tiled format's bytes per tile (one block of eight rows).
+    pub(crate) fn tile_bytes(self) -> usize {
+        TILE_ROWS * self.block_bytes()
+    }
+
+    /// Offset of the quantized values in a tile: after eight scales and, for Q4_1, eight mins.
+    pub(crate) fn tile_qs(self) -> usize {
+        TILE_ROWS * 2 * (self.fields().len() - 1)
+    }
 }
+
+/// Rows per tile in the tiled formats.
+pub(crate) const TILE_ROWS: usize = 8;
 
 /// How activations enter a quantized matmul.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -270,6 +290,9 @@ impl QMatrix {
         if fields.is_empty() {
             return Ok(Self { format, activations: Activations::default(), rows, cols, data });
         }
+        if format.tiled() {
+            return Ok(Self { format, activations: Activations::default(), rows, cols, data: tile(format, cols, &data) });
+        }
         let bb = format.block_bytes();
         let mut out = Vec::with_capacity(data.len());
         for group in data.chunks_exact(format.row_bytes(cols)).flat_map(|row| row.chunks(GROUP * bb)) {
@@ -305,9 +328,10 @@ impl QMatrix {
         self
     }
 
-    /// Bytes the kernels read per product: quantized values plus scales and mins (the file's size).
+    /// Bytes of quantized values plus scales and mins (the file's size; what a product reads, besides the
+    /// zero padding of a tiled matrix's last tile row).
     pub fn weight_bytes(&self) -> usize {
-        self.data.len()
+        self.rows * self.format.row_bytes(self.cols)
     }
 
     /// Stacks matrices with the same format and column count into one (rows of the first, then the
@@ -318,13 +342,16 @@ impl QMatrix {
         {
             return Err(QuantError("concatenated matrices must share format, column count and activations".into()));
         }
-        Ok(Self {
-            format: first.format,
-            activations: first.activations,
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
-        })
+        let (format, cols) = (first.format, first.cols);
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let data = if format.tiled() && parts.iter().rev().skip(1).any(|p| !p.rows.is_multiple_of(TILE_ROWS)) {
+            // A part ending inside a tile: tile the rows again.
+            let file: Vec<u8> = parts.iter().flat_map(|p| untile(format, p.rows, cols, &p.data)).collect();
+            tile(format, cols, &file)
+        } else {
+            parts.iter().flat_map(|p| p.data.iter().copied()).collect()
+        };
+        Ok(Self { format, activations: first.activations, rows, cols, data })
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -333,7 +360,19 @@ impl QMatrix {
 
     fn row(&self, r: usize) -> RowRef<'_> {
         let stride = self.format.row_bytes(self.cols);
-        RowRef { format: self.format, nb: self.blocks_per_row(), data: &self.data[r * stride..(r + 1) * stride] }
+        let (format, nb) = (self.format, self.blocks_per_row());
+        if format.tiled() {
+            // The row's tile row (`stride` per row of it), and its lane in each tile.
+            let g = r / TILE_ROWS * TILE_ROWS;
+            return RowRef { format, nb, data: &self.data[g * stride..(g + TILE_ROWS) * stride], lane: r - g };
+        }
+        RowRef { format, nb, data: &self.data[r * stride..(r + 1) * stride], lane: 0 }
+    }
+
+    /// The tiles of rows `8g .. 8g + 8` (tiled formats).
+    pub(crate) fn tile_row(&self, g: usize) -> &[u8] {
+        let stride = TILE_ROWS * self.format.row_bytes(self.cols);
+        &self.data[g * stride..(g + 1) * stride]
     }
 
     /// Row `r` dequantized into `out` (`cols` floats).
@@ -342,13 +381,60 @@ impl QMatrix {
     }
 }
 
-/// One weight row in the grouped layout.
+/// `file` (rows of GGUF blocks) in 8-row tiles: per tile row (rows `8g .. 8g + 8`, missing rows zeros)
+/// and block, the eight scales, the eight mins (Q4_1), then the eight rows' quantized values in 4-byte
+/// words: word `w` of the eight rows, then word `w + 1`, ...
+fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
+    let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
+    let rows = file.len() / rb;
+    let (tb, qs) = (format.tile_bytes(), format.tile_qs());
+    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * nb * tb];
+    for r in 0..rows {
+        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
+        for b in 0..nb {
+            let blk = &file[r * rb + b * bb..r * rb + (b + 1) * bb];
+            let t = &mut out[(g * nb + b) * tb..(g * nb + b + 1) * tb];
+            for f in 0..qs / (2 * TILE_ROWS) {
+                t[f * 2 * TILE_ROWS + 2 * lane..][..2].copy_from_slice(&blk[2 * f..2 * f + 2]);
+            }
+            for (w, word) in blk[qs / TILE_ROWS..].chunks_exact(4).enumerate() {
+                t[qs + 4 * (TILE_ROWS * w + lane)..][..4].copy_from_slice(word);
+            }
+        }
+    }
+    out
+}
+
+/// `tile`'s inverse: the first `rows` rows as GGUF blocks.
+fn untile(format: QuantFormat, rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
+    let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
+    let (tb, qs) = (format.tile_bytes(), format.tile_qs());
+    let mut out = vec![0u8; rows * rb];
+    for r in 0..rows {
+        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
+        for b in 0..nb {
+            let t = &tiles[(g * nb + b) * tb..(g * nb + b + 1) * tb];
+            let blk = &mut out[r * rb + b * bb..r * rb + (b + 1) * bb];
+            for f in 0..qs / (2 * TILE_ROWS) {
+                blk[2 * f..2 * f + 2].copy_from_slice(&t[f * 2 * TILE_ROWS + 2 * lane..][..2]);
+            }
+            for (w, word) in blk[qs / TILE_ROWS..].chunks_exact_mut(4).enumerate() {
+                word.copy_from_slice(&t[qs + 4 * (TILE_ROWS * w + lane)..][..4]);
+            }
+        }
+    }
+    out
+}
+
+/// One weight row: in the grouped layout, or (tiled formats) lane `lane` of a row of tiles.
 #[derive(Clone, Copy)]
 struct RowRef<'a> {
     format: QuantFormat,
     /// Blocks in the row.
     nb: usize,
+    /// The row's bytes, or its tile row's.
     data: &'a [u8],
+    lane: usize,
 }
 
 /// A 32-value block decoded: `w[j] = d·q[j] + m` (Q6_K's 16-value sub-scales are multiplied into `q`).
@@ -368,9 +454,13 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 impl<'a> RowRef<'a> {
-    /// Byte offset of field `f` (see [`QuantFormat::fields`]) of 32-value block `b` in the grouped layout.
+    /// Byte offset of field `f` (see [`QuantFormat::fields`]) of 32-value block `b` in the grouped layout, or
+    /// (tiled formats) of the row's scale or min in block `b`'s tile.
     #[inline(always)]
     fn field(&self, b: usize, f: usize) -> usize {
+        if self.format.tiled() {
+            return b * self.format.tile_bytes() + f * 2 * TILE_ROWS + 2 * self.lane;
+        }
         let widths = self.format.fields();
         let bpb: usize = widths.iter().sum();
         let first = b / GROUP * GROUP;
@@ -420,6 +510,23 @@ impl<'a> RowRef<'a> {
         }
     }
 
+    /// The quantized bytes of 32-value block `b` (16 or 32 of them) as the file stores them.
+    fn qs(&self, b: usize) -> [u8; BLOCK] {
+        let nf = self.format.fields().len();
+        let len = self.format.fields()[nf - 1];
+        let mut qs = [0u8; BLOCK];
+        if self.format.tiled() {
+            let t = b * self.format.tile_bytes() + self.format.tile_qs() + 4 * self.lane;
+            for (w, word) in qs[..len].chunks_exact_mut(4).enumerate() {
+                word.copy_from_slice(&self.data[t + 4 * TILE_ROWS * w..][..4]);
+            }
+        } else {
+            let o = self.field(b, nf - 1);
+            qs[..len].copy_from_slice(&self.data[o..o + len]);
+        }
+        qs
+    }
+
     /// Block `b` decoded.
     fn block(&self, b: usize) -> Decoded {
         let (d, m) = self.scale_min(b);
@@ -427,7 +534,7 @@ impl<'a> RowRef<'a> {
         match self.format {
             QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => {
                 let nf = self.format.fields().len();
-                let qs = &self.data[self.field(b, nf - 1)..];
+                let qs = self.qs(b);
                 let qh = if matches!(self.format, QuantFormat::Q5_0 | QuantFormat::Q5_1) {
                     let o = self.field(b, nf - 2);
                     u32::from_le_bytes(self.data[o..o + 4].try_into().unwrap())
@@ -440,7 +547,7 @@ impl<'a> RowRef<'a> {
                 }
             }
             QuantFormat::Q8_0 => {
-                let qs = &self.data[self.field(b, 1)..];
+                let qs = self.qs(b);
                 for j in 0..BLOCK {
                     q[j] = qs[j] as i8 as i32;
                 }
@@ -551,22 +658,22 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
 /// Several tasks per thread still let a fast thread take over work from a slow one.
 fn rows_per_task(m: usize) -> usize {
     let tasks = crate::pool::global().threads() * TASKS_PER_THREAD;
-    m.div_ceil(tasks).next_multiple_of(2).max(16)
+    m.div_ceil(tasks).next_multiple_of(TILE_ROWS).max(16)
 }
 
 const TASKS_PER_THREAD: usize = 4;
 
 /// Task boundaries over `m` weight rows for one activation row (decode): guided self-scheduling. Each task
-/// takes `1 / (2 · threads)` of the rows left (even, at least 16), so the first tasks are long contiguous
-/// runs (what the prefetcher needs) and the last ones short, so the thread that finishes first waits at
-/// most a short task for the other. With equal tasks (four per thread) the caller spent 5 % of decode
+/// takes `1 / (2 · threads)` of the rows left (whole tiles of 8 rows, at least 16), so the first tasks are
+/// long contiguous runs (what the prefetcher needs) and the last ones short, so the thread that finishes
+/// first waits at most a short task for the other. With equal tasks (four per thread) the caller spent 5 % of decode
 /// waiting at the end of each matmul.
 fn guided_bounds(m: usize) -> Vec<usize> {
     let div = 2 * crate::pool::global().threads();
     let mut bounds = vec![0];
     let mut start = 0;
     while start < m {
-        let size = (m - start).div_ceil(div).next_multiple_of(2).max(16);
+        let size = (m - start).div_ceil(div).next_multiple_of(TILE_ROWS).max(16);
         start = (start + size).min(m);
         bounds.push(start);
     }
@@ -595,6 +702,18 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
         Activations::Int8 | Activations::Int16 => {
             let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
             rows_parallel_tasks(y, n, m, |r0, out| {
+                #[cfg(target_arch = "x86_64")]
+                if isa.avx2() && w.format.tiled() {
+                    // SAFETY: as below; `w` is tiled, and tasks start at multiples of 8 rows.
+                    unsafe {
+                        if isa == Isa::Avx512Vnni {
+                            tiled::rows_tiled_vnni(w, r0, &acts, n, out)
+                        } else {
+                            tiled::rows_tiled(w, r0, &acts, n, out)
+                        }
+                    };
+                    return;
+                }
                 #[cfg(target_arch = "x86_64")]
                 if isa == Isa::Avx512Vnni {
                     // SAFETY: as below, and AVX512-VNNI with AVX512-VL were detected.

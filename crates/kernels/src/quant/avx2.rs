@@ -115,6 +115,9 @@ unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
 pub unsafe fn rows_dot_f32(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
     let nb = row.nb;
     debug_assert!(xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
+    if row.format.tiled() {
+        return in_groups!(out, |G, t0, o| f32_group::<G>(row, &Gathered(row), xs, xsums, t0, o));
+    }
     with_format!(row.format, F => {
         let values = Widened::<F>(row, std::marker::PhantomData);
         in_groups!(out, |G, t0, o| f32_group::<G>(row, &values, xs, xsums, t0, o))
@@ -138,6 +141,22 @@ impl<F: IntFormat> Blocks for Widened<'_, F> {
     }
 }
 
+/// A tiled row's blocks, gathered from its lane of each tile by the portable decoder.
+struct Gathered<'a>(RowRef<'a>);
+impl Blocks for Gathered<'_> {
+    #[inline(always)]
+    unsafe fn get(&self, b: usize) -> [__m256; 4] {
+        let q = self.0.block(b).q;
+        let p = q.as_ptr() as *const __m256i;
+        [
+            _mm256_cvtepi32_ps(_mm256_loadu_si256(p)),
+            _mm256_cvtepi32_ps(_mm256_loadu_si256(p.add(1))),
+            _mm256_cvtepi32_ps(_mm256_loadu_si256(p.add(2))),
+            _mm256_cvtepi32_ps(_mm256_loadu_si256(p.add(3))),
+        ]
+    }
+}
+
 /// A row decoded beforehand (`RowRef::decode_raw`).
 struct Decoded(*const f32);
 impl Blocks for Decoded {
@@ -151,6 +170,9 @@ impl Blocks for Decoded {
 /// Block `b`'s scale and min (the values `RowRef::scale_min` gives, with F16C conversions).
 #[inline(always)]
 unsafe fn scale_min_of(row: RowRef<'_>, b: usize) -> (f32, f32) {
+    if row.format.tiled() {
+        return row.scale_min(b);
+    }
     let (g, i) = (b / GROUP, b % GROUP);
     let (p, len) = (row.data.as_ptr(), (row.nb - g * GROUP).min(GROUP));
     with_format!(row.format, F => F::scale_min(p, g, i, len))

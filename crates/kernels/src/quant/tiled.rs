@@ -1,0 +1,283 @@
+//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q8_0) with 8- or 16-bit activations.
+//!
+//! A tile holds one 32-value block of eight weight rows, the rows' quantized values interleaved in 4-byte
+//! words (see `quant::tile`). One 32-byte vector is then one word of each of the eight rows: four
+//! consecutive values per row. Broadcasting the matching four activation values against it (`maddubs`,
+//! `vpdpbusd`, or `madd` on 16-bit values) puts each row's products in that row's own lane, so a block's
+//! eight integer sums come out with no horizontal folding, and one conversion and one FMA apply eight
+//! rows' scales at once. The weight vectors are decoded once per tile and serve every activation row of
+//! the batch (up to four at a time).
+//!
+//! Each (weight row, activation row) pair runs the same operations in the same order whatever the batch:
+//! its block sums are exact integers, and its lane accumulates `d·dx·Σq·qx`, then `m·s`, block by block.
+
+use super::{Q8Acts, QMatrix, QuantFormat, BLOCK, TILE_ROWS};
+use std::arch::x86_64::*;
+
+/// Bytes ahead of the tile being read that each tile's prefetches touch (as the grouped kernel's).
+const PREFETCH: usize = 3072;
+
+/// A tiled format as the kernels read it. Words `c` and `c + 4` of a block (`c` in 0..4) hold values
+/// `4c .. 4c + 4` and `16 + 4c .. 16 + 4c + 4` of each row.
+trait TiledFormat {
+    const FORMAT: QuantFormat;
+    /// Whether the tile stores eight mins after the eight scales (Q4_1).
+    const HAS_MIN: bool;
+    /// Without a stored min: `m = ZERO·d` (Q4_0: −8; Q8_0: 0, no min term).
+    const ZERO: f32;
+    /// Whether a block's eight `pairs` results per lane can be summed in i16 without overflow.
+    const I16_FOLD: bool;
+    /// Words `c` and `c + 4` of the eight rows, as bytes.
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2];
+    /// Words `c` and `c + 4` widened to i16: word `c` of rows 0..4, of rows 4..8, then word `c + 4`'s.
+    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4];
+    /// Sixteen i16 sums of adjacent products with four broadcast activation bytes (`maddubs`).
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i;
+    /// `acc` plus each lane's four products (`vpdpbusd`).
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+}
+
+/// Q4_0 (`MIN` false, `m = −8·d`) and Q4_1: a 32-byte vector holds word `c` in its low nibbles and word
+/// `c + 4` in its high ones (the file's byte `j` holds values `j` and `j + 16`).
+struct Nibbles<const MIN: bool>;
+impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
+    const FORMAT: QuantFormat = if MIN { QuantFormat::Q4_1 } else { QuantFormat::Q4_0 };
+    const HAS_MIN: bool = MIN;
+    const ZERO: f32 = -8.0;
+    /// Values ≤ 15 and |x| ≤ 127: eight pair sums stay within ±30 480.
+    const I16_FOLD: bool = true;
+    #[inline(always)]
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
+        let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+        let mask = _mm256_set1_epi8(0x0F);
+        [_mm256_and_si256(l, mask), _mm256_and_si256(_mm256_srli_epi16(l, 4), mask)]
+    }
+    #[inline(always)]
+    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
+        let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+        let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(l));
+        let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(l, 1));
+        let mask = _mm256_set1_epi16(0x0F);
+        [_mm256_and_si256(lo, mask), _mm256_and_si256(hi, mask), _mm256_srli_epi16(lo, 4), _mm256_srli_epi16(hi, 4)]
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
+/// Q8_0: eight 32-byte vectors of signed values, word `c` in vector `c`.
+struct Bytes;
+impl TiledFormat for Bytes {
+    const FORMAT: QuantFormat = QuantFormat::Q8_0;
+    const HAS_MIN: bool = false;
+    const ZERO: f32 = 0.0;
+    /// A pair sum reaches 2·128·127 = 32 512: no room for a second one.
+    const I16_FOLD: bool = false;
+    #[inline(always)]
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
+        let p = q as *const __m256i;
+        [_mm256_loadu_si256(p.add(c)), _mm256_loadu_si256(p.add(c + 4))]
+    }
+    #[inline(always)]
+    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
+        let [a, b] = Self::words(q, c);
+        [
+            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a)),
+            _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1)),
+            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b)),
+            _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1)),
+        ]
+    }
+    /// `|w|` (unsigned) times `x` with `w`'s sign moved onto it.
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+    }
+}
+
+/// `out[i * n + t] = Σ w[r0 + i]·x̂[t]` for the weight rows `r0 .. r0 + out.len() / n` (`r0` a multiple of
+/// 8) and every activation row `t` of `acts` (`n` rows).
+///
+/// SAFETY (caller): AVX2, FMA and F16C available; `w` is tiled; `acts` holds `n` rows of `w.cols()` values
+/// with their per-block scales and sums; the rows exist in `w`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    rows_tiled_on::<false>(w, r0, acts, n, out)
+}
+
+/// `rows_tiled` with VNNI dot products: the same integer sums, so bitwise the same results.
+///
+/// SAFETY (caller): as `rows_tiled`, and AVX512-VNNI with AVX512-VL available.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    rows_tiled_on::<true>(w, r0, acts, n, out)
+}
+
+#[inline(always)]
+unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+    match (w.format, acts.is_wide()) {
+        (QuantFormat::Q4_0, false) => rows_as::<Nibbles<false>, false, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q4_0, true) => rows_as::<Nibbles<false>, true, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q4_1, false) => rows_as::<Nibbles<true>, false, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q4_1, true) => rows_as::<Nibbles<true>, true, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q8_0, false) => rows_as::<Bytes, false, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, n, out),
+        (f, _) => unreachable!("{f:?} is not tiled"),
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
+    w: &QMatrix,
+    r0: usize,
+    acts: &Q8Acts,
+    n: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / n;
+    let nb = w.cols / BLOCK;
+    debug_assert!(r0.is_multiple_of(TILE_ROWS) && r0 + rows <= w.rows && acts.k == w.cols);
+    debug_assert!(acts.d.len() >= n * nb && acts.is_wide() == WIDE);
+    for i0 in (0..rows).step_by(TILE_ROWS) {
+        let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
+        let o = &mut out[i0 * n..];
+        let valid = (rows - i0).min(TILE_ROWS);
+        let mut t0 = 0;
+        while n - t0 >= 4 {
+            put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 4>(tiles, nb, acts, t0));
+            t0 += 4;
+        }
+        match n - t0 {
+            3 => put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 3>(tiles, nb, acts, t0)),
+            2 => put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 2>(tiles, nb, acts, t0)),
+            1 => put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 1>(tiles, nb, acts, t0)),
+            _ => {}
+        }
+    }
+}
+
+/// Writes the first `valid` lanes of `sums[g]` (weight rows) into `out[i * n + t0 + g]`.
+#[inline(always)]
+unsafe fn put(out: &mut [f32], n: usize, valid: usize, t0: usize, sums: &[__m256]) {
+    for (g, s) in sums.iter().enumerate() {
+        let mut lanes = [0f32; TILE_ROWS];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *s);
+        for (i, v) in lanes[..valid].iter().enumerate() {
+            out[i * n + t0 + g] = *v;
+        }
+    }
+}
+
+/// Lane order of a 16-bit block sum (`hadd` of the rows 0..4 and rows 4..8 accumulators): rows 0 1 4 5 |
+/// 2 3 6 7. Its own inverse.
+#[inline(always)]
+unsafe fn wide_order() -> __m256i {
+    _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
+}
+
+/// One row of tiles (`nb` blocks of eight weight rows) against activation rows `t0 .. t0 + G`: eight
+/// results per activation row, lane `i` for weight row `i`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
+unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G: usize>(
+    tiles: *const u8,
+    nb: usize,
+    acts: &Q8Acts,
+    t0: usize,
+) -> [__m256; G] {
+    let k = nb * BLOCK;
+    let (tb, qs) = (F::FORMAT.tile_bytes(), F::FORMAT.tile_qs());
+    let (xq, xl, xd, xs) = (acts.qs.as_ptr(), acts.x16.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [_mm256_setzero_ps(); G];
+    for b in 0..nb {
+        let tile = tiles.add(b * tb);
+        // Prefetches never fault, so running past the matrix is fine.
+        for line in 0..tb.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH + 64 * line) as *const i8);
+        }
+        let mut d = _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i));
+        let mut m = if F::HAS_MIN {
+            _mm256_cvtph_ps(_mm_loadu_si128(tile.add(2 * TILE_ROWS) as *const __m128i))
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(F::ZERO))
+        };
+        if WIDE {
+            d = _mm256_permutevar8x32_ps(d, wide_order());
+            m = _mm256_permutevar8x32_ps(m, wide_order());
+        }
+        let q = tile.add(qs);
+        // Integer block sums: 8-bit, one accumulator per activation row (i16 pair sums, or i32); 16-bit,
+        // one for rows 0..4 and one for rows 4..8 (two i32 lanes per row).
+        let mut acc = [[_mm256_setzero_si256(); 2]; G];
+        for c in 0..4 {
+            if WIDE {
+                let wv = F::words16(q, c);
+                for g in 0..G {
+                    let xp = xl.add((t0 + g) * k + b * BLOCK);
+                    let x0 = _mm256_set1_epi64x((xp.add(4 * c) as *const i64).read_unaligned());
+                    let x1 = _mm256_set1_epi64x((xp.add(16 + 4 * c) as *const i64).read_unaligned());
+                    let a = &mut acc[g];
+                    if VNNI {
+                        a[0] = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(a[0], wv[0], x0), wv[2], x1);
+                        a[1] = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(a[1], wv[1], x0), wv[3], x1);
+                    } else {
+                        let lo = _mm256_add_epi32(_mm256_madd_epi16(wv[0], x0), _mm256_madd_epi16(wv[2], x1));
+                        let hi = _mm256_add_epi32(_mm256_madd_epi16(wv[1], x0), _mm256_madd_epi16(wv[3], x1));
+                        a[0] = _mm256_add_epi32(a[0], lo);
+                        a[1] = _mm256_add_epi32(a[1], hi);
+                    }
+                }
+            } else {
+                let [w0, w1] = F::words(q, c);
+                for g in 0..G {
+                    let xp = xq.add((t0 + g) * k + b * BLOCK);
+                    let x0 = _mm256_set1_epi32((xp.add(4 * c) as *const i32).read_unaligned());
+                    let x1 = _mm256_set1_epi32((xp.add(16 + 4 * c) as *const i32).read_unaligned());
+                    let a = &mut acc[g][0];
+                    *a = if VNNI {
+                        F::dot_vnni(F::dot_vnni(*a, w0, x0), w1, x1)
+                    } else if F::I16_FOLD {
+                        _mm256_add_epi16(*a, _mm256_add_epi16(F::pairs(w0, x0), F::pairs(w1, x1)))
+                    } else {
+                        let p = _mm256_add_epi32(
+                            _mm256_madd_epi16(F::pairs(w0, x0), ones),
+                            _mm256_madd_epi16(F::pairs(w1, x1), ones),
+                        );
+                        _mm256_add_epi32(*a, p)
+                    };
+                }
+            }
+        }
+        for g in 0..G {
+            let t = t0 + g;
+            let isum = if WIDE {
+                _mm256_hadd_epi32(acc[g][0], acc[g][1])
+            } else if F::I16_FOLD && !VNNI {
+                _mm256_madd_epi16(acc[g][0], ones)
+            } else {
+                acc[g][0]
+            };
+            let sc = _mm256_mul_ps(d, _mm256_set1_ps(*xd.add(t * nb + b)));
+            facc[g] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), facc[g]);
+            if F::HAS_MIN || F::ZERO != 0.0 {
+                facc[g] = _mm256_fmadd_ps(m, _mm256_set1_ps(*xs.add(t * nb + b)), facc[g]);
+            }
+        }
+    }
+    if WIDE {
+        for f in &mut facc {
+            *f = _mm256_permutevar8x32_ps(*f, wide_order());
+        }
+    }
+    facc
+}
