@@ -25,11 +25,18 @@
 //! ```
 //!
 //! Q4_0 and Q5_0 compute as Q4_1 and Q5_1 with `m = −8·d` and `m = −16·d` (exact), by the same kernels.
-//! The 32-value formats' rows are regrouped at load four blocks at a time: the group's four scales, then
-//! its four mins (Q4_1, Q5_1), its four high-bit words (Q5_0, Q5_1), then its four blocks' quantized values
-//! (a row's last group may hold fewer blocks). Same bytes as the file, one sequential stream per row, and a
-//! kernel loads four scales with one instruction. The K-quants stay in their super-blocks; a kernel takes
-//! a super-block as two groups of four 32-value blocks.
+//!
+//! Q4_0, Q4_1 and Q8_0 are stored at load in 8-row tiles: for each run of eight rows (the last one padded
+//! with zero rows) and each 32-value block, the eight rows' scales, their eight mins (Q4_1), then their
+//! quantized bytes in 4-byte words, word 0 of rows 0..8, word 1 of rows 0..8, ... A 32-byte vector is then
+//! four consecutive values of each of eight rows, and the kernels (`tiled.rs`) get each row's block sum in
+//! its own lane: no horizontal folds, and one tile decode serves several activation rows. Same bytes as the
+//! file, one sequential stream per eight rows.
+//!
+//! Q5_0 and Q5_1 rows are regrouped at load four blocks at a time: the group's four scales, then its four
+//! mins (Q5_1), its four high-bit words, then its four blocks' quantized values (a row's last group may hold
+//! fewer blocks). The K-quants stay in their super-blocks; a kernel takes a super-block as two groups of
+//! four 32-value blocks.
 //!
 //! For a Q4_1 block and 8-bit activations `x ≈ dx·qx`: `Σ w·x ≈ d·dx·Σ q·qx + m·(dx·Σ qx)`. The min term
 //! uses the sum of the *rounded* activations (llama.cpp's `s` in `block_q8_1`): then the total error is

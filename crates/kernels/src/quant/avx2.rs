@@ -66,25 +66,16 @@ macro_rules! in_groups {
 macro_rules! with_format {
     ($format:expr, $F:ident => $body:expr) => {
         match $format {
-            QuantFormat::Q4_0 => {
-                type $F = Nibbles<false, false>;
-                $body
-            }
-            QuantFormat::Q4_1 => {
-                type $F = Nibbles<false, true>;
-                $body
-            }
             QuantFormat::Q5_0 => {
-                type $F = Nibbles<true, false>;
+                type $F = Five<false>;
                 $body
             }
             QuantFormat::Q5_1 => {
-                type $F = Nibbles<true, true>;
+                type $F = Five<true>;
                 $body
             }
-            QuantFormat::Q8_0 => {
-                type $F = Q8_0;
-                $body
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q8_0 => {
+                unreachable!("tiled formats take the tiled kernels")
             }
             QuantFormat::Q4_K => {
                 type $F = Q4K;
@@ -432,23 +423,22 @@ unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
 }
 
-/// The 4- and 5-bit formats with 32-value blocks: Q4_0 (`Nibbles<false, false>`), Q4_1 (`<false, true>`),
-/// Q5_0 (`<true, false>`), Q5_1 (`<true, true>`). A group holds four f16 scales, four f16 mins (`MIN`), four
-/// high-bit words (`FIVE`), then the four blocks' nibbles. Weights are unsigned (0..16 or 0..32); without
-/// a stored min, `m = −8·d` or `−16·d`.
-struct Nibbles<const FIVE: bool, const MIN: bool>;
-impl<const FIVE: bool, const MIN: bool> Nibbles<FIVE, MIN> {
-    const BPB: usize = 2 + if MIN { 2 } else { 0 } + if FIVE { 4 } else { 0 } + 16;
-    const ZERO: f32 = if FIVE { -16.0 } else { -8.0 };
+/// The 5-bit formats: Q5_0 (`Five<false>`) and Q5_1 (`Five<true>`). A group holds four f16 scales, four
+/// f16 mins (`MIN`), four high-bit words, then the four blocks' nibbles. Weights are unsigned (0..32);
+/// without a stored min, `m = −16·d`. (The 4-bit and 8-bit formats are tiled: `tiled.rs`.)
+struct Five<const MIN: bool>;
+impl<const MIN: bool> Five<MIN> {
+    const BPB: usize = 2 + if MIN { 2 } else { 0 } + 4 + 16;
+    const ZERO: f32 = -16.0;
     /// Offsets in a group of `len` blocks: the high-bit words, the nibbles.
     const fn qh_at(len: usize) -> usize {
         (2 + if MIN { 2 } else { 0 }) * len
     }
     const fn qs_at(len: usize) -> usize {
-        (2 + if MIN { 2 } else { 0 } + if FIVE { 4 } else { 0 }) * len
+        (2 + if MIN { 2 } else { 0 } + 4) * len
     }
 }
-impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
+impl<const MIN: bool> IntFormat for Five<MIN> {
     const GROUP_BYTES: usize = GROUP * Self::BPB;
     const HAS_MIN: bool = true;
     /// Weights ≤ 31 and |x| ≤ 127: eight products stay within ±31 496.
@@ -465,15 +455,11 @@ impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
         let d = f16_read(p.add(2 * i));
         (d, if MIN { f16_read(p.add(2 * len + 2 * i)) } else { Self::ZERO * d })
     }
-    /// Nibbles as `nibbles` lays them out; for 5 bits, bit `j` of the block's high-bit word becomes bit 4 of
-    /// weight `j`.
+    /// Nibbles as `nibbles` lays them out, and bit `j` of the block's high-bit word as bit 4 of weight `j`.
     #[inline(always)]
     unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
         let p = group_at(row, g, Self::BPB);
         let low = nibbles(p.add(Self::qs_at(len) + 16 * i));
-        if !FIVE {
-            return low;
-        }
         let qh = (p.add(Self::qh_at(len) + 4 * i) as *const i32).read_unaligned();
         // Byte j of each lane takes the word's byte holding bit j (bytes 0, 1 in the low lane, 2, 3 in the
         // high one), then keeps bit j % 8: 0x10 where it is set.
@@ -487,13 +473,7 @@ impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
     }
     #[inline(always)]
     unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
-        if FIVE {
-            return widen_u8(Self::load(row, g, i, len));
-        }
-        // Byte `j` holds weights `j` (low nibble) and `j + 16` (high nibble).
-        let qp = group_at(row, g, Self::BPB).add(Self::qs_at(len) + 16 * i);
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
-        [_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)]
+        widen_u8(Self::load(row, g, i, len))
     }
     unsigned_bytes!();
 }
@@ -503,52 +483,6 @@ impl<const FIVE: bool, const MIN: bool> IntFormat for Nibbles<FIVE, MIN> {
 #[inline(always)]
 unsafe fn pairs_signed(w: __m256i, x: __m256i) -> __m256i {
     _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-}
-
-struct Q8_0;
-impl IntFormat for Q8_0 {
-    const GROUP_BYTES: usize = 136;
-    const HAS_MIN: bool = false;
-    /// A pair sum alone reaches 32 512.
-    const I16_FOLD: bool = false;
-    type W = __m256i;
-    #[inline(always)]
-    unsafe fn zero() -> __m256i {
-        _mm256_setzero_si256()
-    }
-    #[inline(always)]
-    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
-        (h2f_x4(group_at(row, g, 34) as *const half::f16), _mm_setzero_ps())
-    }
-    #[inline(always)]
-    unsafe fn scale_min(row: *const u8, g: usize, i: usize, _len: usize) -> (f32, f32) {
-        (f16_read(group_at(row, g, 34).add(2 * i)), 0.0)
-    }
-    #[inline(always)]
-    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
-        _mm256_loadu_si256(group_at(row, g, 34).add(2 * len + 32 * i) as *const __m256i)
-    }
-    #[inline(always)]
-    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
-        let qp = group_at(row, g, 34).add(2 * len + 32 * i);
-        [
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp as *const __m128i)),
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16) as *const __m128i)),
-        ]
-    }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        pairs_signed(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_madd_epi16(pairs_signed(w, x), _mm256_set1_epi16(1))
-    }
-    /// `|w|` × `x` with `w`'s sign, summed four bytes at a time.
-    #[inline(always)]
-    unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-    }
 }
 
 /// Four bytes widened to four f32.

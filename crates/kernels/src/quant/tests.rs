@@ -293,6 +293,23 @@ fn dequantize_follows_the_block_layout() {
 }
 
 #[test]
+fn tiles_hold_the_file_bytes() {
+    let mut rng = Lcg(21);
+    for format in QuantFormat::ALL.into_iter().filter(|f| f.tiled()) {
+        for rows in [1, 7, 8, 9, 17] {
+            let cols = 96;
+            let file: Vec<u8> = (0..rows * format.row_bytes(cols)).map(|_| rng.next() as u8).collect();
+            let tiles = tile(format, cols, &file);
+            assert_eq!(tiles.len(), rows.div_ceil(TILE_ROWS) * TILE_ROWS * format.row_bytes(cols), "{format:?}");
+            assert_eq!(untile(format, rows, cols, &tiles), file, "{format:?} {rows} rows");
+            // Padding rows are zeros.
+            let padded = untile(format, rows.next_multiple_of(TILE_ROWS), cols, &tiles);
+            assert!(padded[file.len()..].iter().all(|&b| b == 0), "{format:?} {rows} rows");
+        }
+    }
+}
+
+#[test]
 fn concatenated_rows_give_the_same_products() {
     let mut rng = Lcg(11);
     let (a, b) = (random_matrix(&mut rng, QuantFormat::Q4_1, 7, 64), random_matrix(&mut rng, QuantFormat::Q4_1, 5, 64));
@@ -305,6 +322,16 @@ fn concatenated_rows_give_the_same_products() {
     for t in 0..2 {
         assert_eq!(&yab[t * 12..t * 12 + 7], &ya[t * 7..t * 7 + 7]);
         assert_eq!(&yab[t * 12 + 7..t * 12 + 12], &yb[t * 5..t * 5 + 5]);
+    }
+    // A first part of whole tiles (its tiles are kept as they are), then a ragged one.
+    let c = random_matrix(&mut rng, QuantFormat::Q4_1, 8, 64);
+    let cb = QMatrix::concat_rows(&[c.clone(), b.clone()]).unwrap();
+    let (mut yc, mut ycb) = (vec![0f32; 16], vec![0f32; 26]);
+    qmatmul(&c, &x, &mut yc);
+    qmatmul(&cb, &x, &mut ycb);
+    for t in 0..2 {
+        assert_eq!(&ycb[t * 13..t * 13 + 8], &yc[t * 8..t * 8 + 8]);
+        assert_eq!(&ycb[t * 13 + 8..t * 13 + 13], &yb[t * 5..t * 5 + 5]);
     }
     assert!(QMatrix::concat_rows(&[a.clone(), random_matrix(&mut rng, QuantFormat::Q8_0, 1, 64)]).is_err());
     // Parts with different activation precisions would silently take the first part's.

@@ -145,7 +145,8 @@ unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
 ) {
     let rows = out.len() / n;
     let nb = w.cols / BLOCK;
-    debug_assert!(r0.is_multiple_of(TILE_ROWS) && r0 + rows <= w.rows && acts.k == w.cols);
+    assert!(r0.is_multiple_of(TILE_ROWS), "tiled tasks start at a tile");
+    debug_assert!(r0 + rows <= w.rows && acts.k == w.cols);
     debug_assert!(acts.d.len() >= n * nb && acts.is_wide() == WIDE);
     for i0 in (0..rows).step_by(TILE_ROWS) {
         let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
