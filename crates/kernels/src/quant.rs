@@ -609,18 +609,20 @@ impl<'a> RowRef<'a> {
         s
     }
 
-    /// `Σ w·x̂` for activation row `t` of `acts` (8- or 16-bit), in integer arithmetic per block.
-    fn dot_int8_portable(&self, acts: &Q8Acts, t: usize) -> f32 {
+    /// `out[t] = Σ w·x̂` for every activation row `t` of `acts` (8- or 16-bit), in integer arithmetic per
+    /// block; each block is decoded once for all the rows.
+    fn dot_int8_portable(&self, acts: &Q8Acts, out: &mut [f32]) {
         let nb = self.nb;
-        let mut s = 0f32;
+        out.fill(0.0);
         for b in 0..nb {
             let blk = self.block(b);
-            let o = t * acts.k + b * BLOCK;
-            // i64: Q6_K's sub-scaled values times 16-bit activations can pass i32 over a block.
-            let isum: i64 = (0..BLOCK).map(|j| blk.q[j] as i64 * acts.value(o + j) as i64).sum();
-            s += blk.d * acts.d[t * nb + b] * isum as f32 + blk.m * acts.s[t * nb + b];
+            for (t, s) in out.iter_mut().enumerate() {
+                let o = t * acts.k + b * BLOCK;
+                // i64: Q6_K's sub-scaled values times 16-bit activations can pass i32 over a block.
+                let isum: i64 = (0..BLOCK).map(|j| blk.q[j] as i64 * acts.value(o + j) as i64).sum();
+                *s += blk.d * acts.d[t * nb + b] * isum as f32 + blk.m * acts.s[t * nb + b];
+            }
         }
-        s
     }
 
     /// `out[i] = Σ w·x[t0 + i]` with f32 activations.
@@ -736,7 +738,7 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
                 }
                 for (i, o) in out.chunks_exact_mut(n).enumerate() {
                     let row = w.row(r0 + i);
-                    o.iter_mut().enumerate().for_each(|(t, v)| *v = row.dot_int8_portable(&acts, t));
+                    row.dot_int8_portable(&acts, o);
                 }
             });
         }

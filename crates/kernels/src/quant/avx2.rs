@@ -132,12 +132,41 @@ impl<F: IntFormat> Blocks for Widened<'_, F> {
     }
 }
 
-/// A tiled row's blocks, gathered from its lane of each tile by the portable decoder.
+/// A tiled row's blocks, gathered from its lane of each tile: the words of its quantized bytes, then
+/// decoded as the file's block (the portable decoder's values).
 struct Gathered<'a>(RowRef<'a>);
 impl Blocks for Gathered<'_> {
     #[inline(always)]
     unsafe fn get(&self, b: usize) -> [__m256; 4] {
-        let q = self.0.block(b).q;
+        let row = self.0;
+        let f = row.format;
+        let t = row.data.as_ptr().add(b * f.tile_bytes() + f.tile_qs() + 4 * row.lane) as *const i32;
+        let word = |w: usize| t.add(8 * w).read_unaligned();
+        match f {
+            QuantFormat::Q8_0 => {
+                let v = _mm256_setr_epi32(word(0), word(1), word(2), word(3), word(4), word(5), word(6), word(7));
+                let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                return [
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                ];
+            }
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                // Byte `j` holds values `j` (low nibble) and `j + 16` (high nibble).
+                let v = _mm256_cvtepu8_epi16(_mm_setr_epi32(word(0), word(1), word(2), word(3)));
+                let (lo, hi) = (_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(v, 4));
+                return [
+                    i16x8_to_ps(_mm256_castsi256_si128(lo)),
+                    i16x8_to_ps(_mm256_extracti128_si256(lo, 1)),
+                    i16x8_to_ps(_mm256_castsi256_si128(hi)),
+                    i16x8_to_ps(_mm256_extracti128_si256(hi, 1)),
+                ];
+            }
+            _ => {}
+        }
+        let q = row.block(b).q;
         let p = q.as_ptr() as *const __m256i;
         [
             _mm256_cvtepi32_ps(_mm256_loadu_si256(p)),

@@ -218,8 +218,11 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         }
         let q = tile.add(qs);
         // Integer block sums: 8-bit, one accumulator per activation row (i16 pair sums, or i32); 16-bit,
-        // one for rows 0..4 and one for rows 4..8 (two i32 lanes per row).
-        let mut acc = [[_mm256_setzero_si256(); 2]; G];
+        // one for rows 0..4 and one for rows 4..8 (two i32 lanes per row). VNNI's multiply-accumulates
+        // chain through their accumulator (5 cycles each): with fewer than three activation rows to
+        // interleave, the products go round `chains` accumulators per row, summed at the end of the block.
+        let chains = if VNNI && G < 3 { 4 / G } else { 1 };
+        let mut acc = [[_mm256_setzero_si256(); 4]; G];
         for c in 0..4 {
             if WIDE {
                 let wv = F::words16(q, c);
@@ -229,8 +232,12 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                     let x1 = _mm256_set1_epi64x((xp.add(16 + 4 * c) as *const i64).read_unaligned());
                     let a = &mut acc[g];
                     if VNNI {
-                        a[0] = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(a[0], wv[0], x0), wv[2], x1);
-                        a[1] = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(a[1], wv[1], x0), wv[3], x1);
+                        // Rows 0..4 in accumulators 0 and 2, rows 4..8 in 1 and 3.
+                        let j = if chains > 1 { 2 } else { 0 };
+                        a[0] = _mm256_dpwssd_epi32(a[0], wv[0], x0);
+                        a[1] = _mm256_dpwssd_epi32(a[1], wv[1], x0);
+                        a[j] = _mm256_dpwssd_epi32(a[j], wv[2], x1);
+                        a[j + 1] = _mm256_dpwssd_epi32(a[j + 1], wv[3], x1);
                     } else {
                         let lo = _mm256_add_epi32(_mm256_madd_epi16(wv[0], x0), _mm256_madd_epi16(wv[2], x1));
                         let hi = _mm256_add_epi32(_mm256_madd_epi16(wv[1], x0), _mm256_madd_epi16(wv[3], x1));
@@ -244,10 +251,15 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                     let xp = xq.add((t0 + g) * k + b * BLOCK);
                     let x0 = _mm256_set1_epi32((xp.add(4 * c) as *const i32).read_unaligned());
                     let x1 = _mm256_set1_epi32((xp.add(16 + 4 * c) as *const i32).read_unaligned());
+                    if VNNI {
+                        let j = (2 * c) % chains;
+                        let j1 = if chains > 1 { j + 1 } else { 0 };
+                        acc[g][j] = F::dot_vnni(acc[g][j], w0, x0);
+                        acc[g][j1] = F::dot_vnni(acc[g][j1], w1, x1);
+                        continue;
+                    }
                     let a = &mut acc[g][0];
-                    *a = if VNNI {
-                        F::dot_vnni(F::dot_vnni(*a, w0, x0), w1, x1)
-                    } else if F::I16_FOLD {
+                    *a = if F::I16_FOLD {
                         _mm256_add_epi16(*a, _mm256_add_epi16(F::pairs(w0, x0), F::pairs(w1, x1)))
                     } else {
                         let p = _mm256_add_epi32(
@@ -261,12 +273,23 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         }
         for g in 0..G {
             let t = t0 + g;
+            let a = &acc[g];
             let isum = if WIDE {
-                _mm256_hadd_epi32(acc[g][0], acc[g][1])
-            } else if F::I16_FOLD && !VNNI {
-                _mm256_madd_epi16(acc[g][0], ones)
+                if VNNI && chains > 1 {
+                    _mm256_hadd_epi32(_mm256_add_epi32(a[0], a[2]), _mm256_add_epi32(a[1], a[3]))
+                } else {
+                    _mm256_hadd_epi32(a[0], a[1])
+                }
+            } else if VNNI {
+                let mut s = a[0];
+                for part in &a[1..chains] {
+                    s = _mm256_add_epi32(s, *part);
+                }
+                s
+            } else if F::I16_FOLD {
+                _mm256_madd_epi16(a[0], ones)
             } else {
-                acc[g][0]
+                a[0]
             };
             let sc = _mm256_mul_ps(d, _mm256_set1_ps(*xd.add(t * nb + b)));
             facc[g] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), facc[g]);
