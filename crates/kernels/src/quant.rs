@@ -26,17 +26,15 @@
 //!
 //! Q4_0 and Q5_0 compute as Q4_1 and Q5_1 with `m = −8·d` and `m = −16·d` (exact), by the same kernels.
 //!
-//! Q4_0, Q4_1 and Q8_0 are stored at load in 8-row tiles: for each run of eight rows (the last one padded
-//! with zero rows) and each 32-value block, the eight rows' scales, their eight mins (Q4_1), then their
-//! quantized bytes in 4-byte words, word 0 of rows 0..8, word 1 of rows 0..8, ... A 32-byte vector is then
-//! four consecutive values of each of eight rows, and the kernels (`tiled.rs`) get each row's block sum in
-//! its own lane: no horizontal folds, and one tile decode serves several activation rows. Same bytes as the
-//! file, one sequential stream per eight rows.
+//! The 32-value formats are stored at load in 8-row tiles: for each run of eight rows (the last one padded
+//! with zero rows) and each block, the eight rows' scales, their eight mins (Q4_1, Q5_1), their high bits
+//! as a 32-byte bit plane (Q5_0, Q5_1), then their quantized bytes in 4-byte words: word 0 of rows 0..8,
+//! word 1 of rows 0..8, ... A 32-byte vector is then four consecutive values of each of eight rows, and the
+//! kernels (`tiled.rs`) get each row's block sum in its own lane: no horizontal folds, and one tile decode
+//! serves several activation rows. Same bytes as the file, one sequential stream per eight rows.
 //!
-//! Q5_0 and Q5_1 rows are regrouped at load four blocks at a time: the group's four scales, then its four
-//! mins (Q5_1), its four high-bit words, then its four blocks' quantized values (a row's last group may hold
-//! fewer blocks). The K-quants stay in their super-blocks; a kernel takes a super-block as two groups of
-//! four 32-value blocks.
+//! The K-quants stay in their super-blocks, row by row; a kernel takes a super-block as two groups of four
+//! 32-value blocks.
 //!
 //! For a Q4_1 block and 8-bit activations `x ≈ dx·qx`: `Σ w·x ≈ d·dx·Σ q·qx + m·(dx·Σ qx)`. The min term
 //! uses the sum of the *rounded* activations (llama.cpp's `s` in `block_q8_1`): then the total error is
@@ -130,7 +128,7 @@ impl QuantFormat {
     }
 
     /// Widths of a stored 32-value block's fields in file order (scale, min, high bits, quantized values),
-    /// which the regrouped layout keeps in this order; empty for the K-quants.
+    /// which a tile keeps in this order; empty for the K-quants.
     fn fields(self) -> &'static [usize] {
         match self {
             Self::Q4_0 => &[2, 16],
@@ -149,7 +147,7 @@ impl QuantFormat {
 
     /// Whether the format is stored in 8-row tiles (see the module header) rather than row by row.
     pub(crate) fn tiled(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+        !self.fields().is_empty()
     }
 
     /// A tiled format's bytes per tile (one block of eight rows).
@@ -157,9 +155,16 @@ impl QuantFormat {
         TILE_ROWS * self.block_bytes()
     }
 
-    /// Offset of the quantized values in a tile: after eight scales and, for Q4_1, eight mins.
+    /// Offset of field `f` (see `fields`) in a tile; `tile_field(fields().len() - 1)` is the quantized
+    /// values'.
+    pub(crate) fn tile_field(self, f: usize) -> usize {
+        TILE_ROWS * self.fields()[..f].iter().sum::<usize>()
+    }
+
+    /// Offset of the quantized values in a tile: after the eight scales, eight mins (Q4_1, Q5_1) and the
+    /// high bits (Q5_0, Q5_1).
     pub(crate) fn tile_qs(self) -> usize {
-        TILE_ROWS * 2 * (self.fields().len() - 1)
+        self.tile_field(self.fields().len() - 1)
     }
 }
 
@@ -268,7 +273,7 @@ impl Isa {
 /// Blocks per group in the stored layout.
 pub(crate) const GROUP: usize = 4;
 
-/// A `[rows, cols]` weight matrix from GGUF blocks, rows regrouped as the module header describes.
+/// A `[rows, cols]` weight matrix from GGUF blocks, tiled or row by row as the module header describes.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     format: QuantFormat,
@@ -293,25 +298,8 @@ impl QMatrix {
         if data.len() != want {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
-        let fields = format.fields();
-        if fields.is_empty() {
-            return Ok(Self { format, activations: Activations::default(), rows, cols, data });
-        }
-        if format.tiled() {
-            return Ok(Self { format, activations: Activations::default(), rows, cols, data: tile(format, cols, &data) });
-        }
-        let bb = format.block_bytes();
-        let mut out = Vec::with_capacity(data.len());
-        for group in data.chunks_exact(format.row_bytes(cols)).flat_map(|row| row.chunks(GROUP * bb)) {
-            let mut start = 0;
-            for w in fields {
-                for blk in group.chunks_exact(bb) {
-                    out.extend_from_slice(&blk[start..start + w]);
-                }
-                start += w;
-            }
-        }
-        Ok(Self { format, activations: Activations::default(), rows, cols, data: out })
+        let data = if format.tiled() { tile(format, cols, &data) } else { data };
+        Ok(Self { format, activations: Activations::default(), rows, cols, data })
     }
 
     pub fn rows(&self) -> usize {
@@ -389,24 +377,29 @@ impl QMatrix {
 }
 
 /// `file` (rows of GGUF blocks) in 8-row tiles: per tile row (rows `8g .. 8g + 8`, missing rows zeros)
-/// and block, the eight scales, the eight mins (Q4_1), then the eight rows' quantized values in 4-byte
-/// words: word `w` of the eight rows, then word `w + 1`, ...
+/// and block, each field of the eight rows in turn (see `fields`): the scales, the mins (Q4_1, Q5_1), the
+/// high bits (Q5_0, Q5_1) as a bit plane (bit `i` of byte `4r + e`: bit `4i + e` of row `r`'s high-bit
+/// word, so bit `i` of the plane's byte `j` is the high bit of byte `j` of word vector `i`), then the
+/// quantized values in 4-byte words: word `w` of the eight rows, then word `w + 1`, ...
 fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
     let rows = file.len() / rb;
-    let (tb, qs) = (format.tile_bytes(), format.tile_qs());
+    let tb = format.tile_bytes();
     let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * nb * tb];
     for r in 0..rows {
         let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
         for b in 0..nb {
             let blk = &file[r * rb + b * bb..r * rb + (b + 1) * bb];
             let t = &mut out[(g * nb + b) * tb..(g * nb + b + 1) * tb];
-            for f in 0..qs / (2 * TILE_ROWS) {
-                t[f * 2 * TILE_ROWS + 2 * lane..][..2].copy_from_slice(&blk[2 * f..2 * f + 2]);
-            }
-            for (w, word) in blk[qs / TILE_ROWS..].chunks_exact(4).enumerate() {
-                t[qs + 4 * (TILE_ROWS * w + lane)..][..4].copy_from_slice(word);
-            }
+            tile_fields(format, lane, |tile_at, blk_at, len, kind| match kind {
+                Field::Scalar | Field::Words => t[tile_at..tile_at + len].copy_from_slice(&blk[blk_at..blk_at + len]),
+                Field::HighBits => {
+                    let qh = u32::from_le_bytes(blk[blk_at..blk_at + 4].try_into().unwrap());
+                    for (i, e) in (0..8).flat_map(|i| (0..4).map(move |e| (i, e))) {
+                        t[tile_at + e] |= (((qh >> (4 * i + e)) & 1) as u8) << i;
+                    }
+                }
+            });
         }
     }
     out
@@ -415,25 +408,59 @@ fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
 /// `tile`'s inverse: the first `rows` rows as GGUF blocks.
 fn untile(format: QuantFormat, rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
-    let (tb, qs) = (format.tile_bytes(), format.tile_qs());
+    let tb = format.tile_bytes();
     let mut out = vec![0u8; rows * rb];
     for r in 0..rows {
         let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
         for b in 0..nb {
             let t = &tiles[(g * nb + b) * tb..(g * nb + b + 1) * tb];
             let blk = &mut out[r * rb + b * bb..r * rb + (b + 1) * bb];
-            for f in 0..qs / (2 * TILE_ROWS) {
-                blk[2 * f..2 * f + 2].copy_from_slice(&t[f * 2 * TILE_ROWS + 2 * lane..][..2]);
-            }
-            for (w, word) in blk[qs / TILE_ROWS..].chunks_exact_mut(4).enumerate() {
-                word.copy_from_slice(&t[qs + 4 * (TILE_ROWS * w + lane)..][..4]);
-            }
+            tile_fields(format, lane, |tile_at, blk_at, len, kind| match kind {
+                Field::Scalar | Field::Words => blk[blk_at..blk_at + len].copy_from_slice(&t[tile_at..tile_at + len]),
+                Field::HighBits => {
+                    blk[blk_at..blk_at + 4].copy_from_slice(&plane_word(&t[tile_at..tile_at + 4]).to_le_bytes());
+                }
+            });
         }
     }
     out
 }
 
-/// One weight row: in the grouped layout, or (tiled formats) lane `lane` of a row of tiles.
+/// A row's high-bit word from its 4 bytes of a tile's bit plane (bit `4i + e` is bit `i` of byte `e`).
+fn plane_word(bytes: &[u8]) -> u32 {
+    (0..32).fold(0u32, |qh, j| qh | ((((bytes[j % 4] >> (j / 4)) & 1) as u32) << j))
+}
+
+/// How a block field sits in a tile.
+enum Field {
+    /// A 2-byte scale or min: at `2·lane` in the field's 16 bytes.
+    Scalar,
+    /// The high-bit word: the lane's 4 bytes of the 32-byte bit plane (`tile`).
+    HighBits,
+    /// One 4-byte word of quantized values: at `4·lane` in the word's 32 bytes.
+    Words,
+}
+
+/// Calls `f(tile_offset, block_offset, len, kind)` for each piece of a block of row `lane` of a tile.
+fn tile_fields(format: QuantFormat, lane: usize, mut f: impl FnMut(usize, usize, usize, Field)) {
+    let fields = format.fields();
+    let mut at = 0;
+    for (i, &w) in fields.iter().enumerate() {
+        let base = format.tile_field(i);
+        if i + 1 == fields.len() {
+            for word in 0..w / 4 {
+                f(base + 4 * (TILE_ROWS * word + lane), at + 4 * word, 4, Field::Words);
+            }
+        } else if w == 4 {
+            f(base + 4 * lane, at, 4, Field::HighBits);
+        } else {
+            f(base + 2 * lane, at, 2, Field::Scalar);
+        }
+        at += w;
+    }
+}
+
+/// One weight row: a K-quant row's super-blocks, or (tiled formats) lane `lane` of a row of tiles.
 #[derive(Clone, Copy)]
 struct RowRef<'a> {
     format: QuantFormat,
@@ -461,21 +488,13 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 impl<'a> RowRef<'a> {
-    /// Byte offset of field `f` (see [`QuantFormat::fields`]) of 32-value block `b` in the grouped layout, or
-    /// (tiled formats) of the row's scale or min in block `b`'s tile.
+    /// Byte offset of the row's field `f` (scale or min, see [`QuantFormat::fields`]) in block `b`'s tile.
     #[inline(always)]
     fn field(&self, b: usize, f: usize) -> usize {
-        if self.format.tiled() {
-            return b * self.format.tile_bytes() + f * 2 * TILE_ROWS + 2 * self.lane;
-        }
-        let widths = self.format.fields();
-        let bpb: usize = widths.iter().sum();
-        let first = b / GROUP * GROUP;
-        let len = (self.nb - first).min(GROUP);
-        first * bpb + widths[..f].iter().sum::<usize>() * len + widths[f] * (b - first)
+        b * self.format.tile_bytes() + self.format.tile_field(f) + 2 * self.lane
     }
 
-    /// The grouped formats' f16 scale and stored min of block `b` (zero where the format stores none).
+    /// The tiled formats' f16 scale and stored min of block `b` (zero where the format stores none).
     #[inline(always)]
     fn scale_min_f16(&self, b: usize) -> (f16, f16) {
         let d = f16_at(self.data, self.field(b, 0));
@@ -519,17 +538,11 @@ impl<'a> RowRef<'a> {
 
     /// The quantized bytes of 32-value block `b` (16 or 32 of them) as the file stores them.
     fn qs(&self, b: usize) -> [u8; BLOCK] {
-        let nf = self.format.fields().len();
-        let len = self.format.fields()[nf - 1];
+        let len = *self.format.fields().last().expect("a tiled format");
         let mut qs = [0u8; BLOCK];
-        if self.format.tiled() {
-            let t = b * self.format.tile_bytes() + self.format.tile_qs() + 4 * self.lane;
-            for (w, word) in qs[..len].chunks_exact_mut(4).enumerate() {
-                word.copy_from_slice(&self.data[t + 4 * TILE_ROWS * w..][..4]);
-            }
-        } else {
-            let o = self.field(b, nf - 1);
-            qs[..len].copy_from_slice(&self.data[o..o + len]);
+        let t = b * self.format.tile_bytes() + self.format.tile_qs() + 4 * self.lane;
+        for (w, word) in qs[..len].chunks_exact_mut(4).enumerate() {
+            word.copy_from_slice(&self.data[t + 4 * TILE_ROWS * w..][..4]);
         }
         qs
     }
@@ -543,8 +556,8 @@ impl<'a> RowRef<'a> {
                 let nf = self.format.fields().len();
                 let qs = self.qs(b);
                 let qh = if matches!(self.format, QuantFormat::Q5_0 | QuantFormat::Q5_1) {
-                    let o = self.field(b, nf - 2);
-                    u32::from_le_bytes(self.data[o..o + 4].try_into().unwrap())
+                    let o = b * self.format.tile_bytes() + self.format.tile_field(nf - 2) + 4 * self.lane;
+                    plane_word(&self.data[o..o + 4])
                 } else {
                     0
                 };

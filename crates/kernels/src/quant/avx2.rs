@@ -18,12 +18,6 @@ unsafe fn h2f(h: half::f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
 }
 
-/// Four consecutive f16 values at `p` as f32.
-#[inline(always)]
-unsafe fn h2f_x4(p: *const half::f16) -> __m128 {
-    _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i))
-}
-
 #[inline(always)]
 unsafe fn hsum128(v: __m128) -> f32 {
     let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -66,15 +60,7 @@ macro_rules! in_groups {
 macro_rules! with_format {
     ($format:expr, $F:ident => $body:expr) => {
         match $format {
-            QuantFormat::Q5_0 => {
-                type $F = Five<false>;
-                $body
-            }
-            QuantFormat::Q5_1 => {
-                type $F = Five<true>;
-                $body
-            }
-            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q8_0 => {
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 | QuantFormat::Q8_0 => {
                 unreachable!("tiled formats take the tiled kernels")
             }
             QuantFormat::Q4_K => {
@@ -396,24 +382,9 @@ unsafe fn dot16(w: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
     _mm256_add_epi32(_mm256_madd_epi16(w[0], x[0]), _mm256_madd_epi16(w[1], x[1]))
 }
 
-/// Start of group `g` of a grouped 32-value format with `bpb` bytes per block.
-#[inline(always)]
-unsafe fn group_at(row: *const u8, g: usize, bpb: usize) -> *const u8 {
-    row.add(g * GROUP * bpb)
-}
-
 #[inline(always)]
 unsafe fn f16_read(p: *const u8) -> f32 {
     h2f((p as *const half::f16).read_unaligned())
-}
-
-/// Four 4-bit values per byte pair, as Q4_1 and Q5_1 store them: low nibbles (weights 0..16) in the low lane,
-/// high nibbles (16..32) in the high lane.
-#[inline(always)]
-unsafe fn nibbles(qp: *const u8) -> __m256i {
-    // The 16 bytes in both lanes (one broadcast load), the high lane shifted by a nibble, then masked.
-    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qp as *const __m128i));
-    _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F))
 }
 
 /// 32 bytes widened to i16: bytes 0..16, then 16..32.
@@ -450,61 +421,6 @@ macro_rules! unsigned_bytes {
 #[inline(always)]
 unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-}
-
-/// The 5-bit formats: Q5_0 (`Five<false>`) and Q5_1 (`Five<true>`). A group holds four f16 scales, four
-/// f16 mins (`MIN`), four high-bit words, then the four blocks' nibbles. Weights are unsigned (0..32);
-/// without a stored min, `m = −16·d`. (The 4-bit and 8-bit formats are tiled: `tiled.rs`.)
-struct Five<const MIN: bool>;
-impl<const MIN: bool> Five<MIN> {
-    const BPB: usize = 2 + if MIN { 2 } else { 0 } + 4 + 16;
-    const ZERO: f32 = -16.0;
-    /// Offsets in a group of `len` blocks: the high-bit words, the nibbles.
-    const fn qh_at(len: usize) -> usize {
-        (2 + if MIN { 2 } else { 0 }) * len
-    }
-    const fn qs_at(len: usize) -> usize {
-        (2 + if MIN { 2 } else { 0 } + 4) * len
-    }
-}
-impl<const MIN: bool> IntFormat for Five<MIN> {
-    const GROUP_BYTES: usize = GROUP * Self::BPB;
-    const HAS_MIN: bool = true;
-    /// Weights ≤ 31 and |x| ≤ 127: eight products stay within ±31 496.
-    const I16_FOLD: bool = true;
-    #[inline(always)]
-    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
-        let p = group_at(row, g, Self::BPB) as *const half::f16;
-        let d = h2f_x4(p);
-        (d, if MIN { h2f_x4(p.add(GROUP)) } else { _mm_mul_ps(d, _mm_set1_ps(Self::ZERO)) })
-    }
-    #[inline(always)]
-    unsafe fn scale_min(row: *const u8, g: usize, i: usize, len: usize) -> (f32, f32) {
-        let p = group_at(row, g, Self::BPB);
-        let d = f16_read(p.add(2 * i));
-        (d, if MIN { f16_read(p.add(2 * len + 2 * i)) } else { Self::ZERO * d })
-    }
-    /// Nibbles as `nibbles` lays them out, and bit `j` of the block's high-bit word as bit 4 of weight `j`.
-    #[inline(always)]
-    unsafe fn load(row: *const u8, g: usize, i: usize, len: usize) -> __m256i {
-        let p = group_at(row, g, Self::BPB);
-        let low = nibbles(p.add(Self::qs_at(len) + 16 * i));
-        let qh = (p.add(Self::qh_at(len) + 4 * i) as *const i32).read_unaligned();
-        // Byte j of each lane takes the word's byte holding bit j (bytes 0, 1 in the low lane, 2, 3 in the
-        // high one), then keeps bit j % 8: 0x10 where it is set.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(qh),
-            _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
-        );
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
-        _mm256_or_si256(low, high)
-    }
-    #[inline(always)]
-    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
-        widen_u8(Self::load(row, g, i, len))
-    }
-    unsigned_bytes!();
 }
 
 /// Signed weights × signed bytes: `|w|` (unsigned) times `x` with `w`'s sign moved onto it; |w| ≤ 128 and

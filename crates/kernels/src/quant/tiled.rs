@@ -1,4 +1,4 @@
-//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q8_0) with 8- or 16-bit activations.
+//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with 8- or 16-bit activations.
 //!
 //! A tile holds one 32-value block of eight weight rows, the rows' quantized values interleaved in 4-byte
 //! words (see `quant::tile`). One 32-byte vector is then one word of each of the eight rows: four
@@ -25,8 +25,9 @@ trait TiledFormat {
     const HAS_MIN: bool;
     /// Without a stored min: `m = ZERO·d` (Q4_0: −8; Q8_0: 0, no min term).
     const ZERO: f32;
-    /// Whether a block's eight `pairs` results per lane can be summed in i16 without overflow.
-    const I16_FOLD: bool;
+    /// How many steps of the block loop (two `pairs` results each) can be summed in i16 lanes without
+    /// overflow before they are widened to i32; 0: none.
+    const FOLD: usize;
     /// Words `c` and `c + 4` of the eight rows, as bytes.
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2];
     /// Words `c` and `c + 4` widened to i16: word `c` of rows 0..4, of rows 4..8, then word `c + 4`'s.
@@ -44,8 +45,8 @@ impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
     const FORMAT: QuantFormat = if MIN { QuantFormat::Q4_1 } else { QuantFormat::Q4_0 };
     const HAS_MIN: bool = MIN;
     const ZERO: f32 = -8.0;
-    /// Values ≤ 15 and |x| ≤ 127: eight pair sums stay within ±30 480.
-    const I16_FOLD: bool = true;
+    /// Values ≤ 15 and |x| ≤ 127: a block's eight pair sums stay within ±30 480.
+    const FOLD: usize = 4;
     #[inline(always)]
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
         let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
@@ -70,6 +71,50 @@ impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
     }
 }
 
+/// Q5_0 (`MIN` false, `m = −16·d`) and Q5_1: nibbles as `Nibbles`, and the high bits' plane (32 bytes
+/// before the nibbles) holds bit 4 of byte `j` of word vector `i` as its byte `j`'s bit `i`.
+struct Five<const MIN: bool>;
+impl<const MIN: bool> TiledFormat for Five<MIN> {
+    const FORMAT: QuantFormat = if MIN { QuantFormat::Q5_1 } else { QuantFormat::Q5_0 };
+    const HAS_MIN: bool = MIN;
+    const ZERO: f32 = -16.0;
+    /// Values ≤ 31 and |x| ≤ 127: four pair sums stay within ±31 496.
+    const FOLD: usize = 2;
+    #[inline(always)]
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
+        let [lo, hi] = Nibbles::<MIN>::words(q, c);
+        let plane = _mm256_loadu_si256(q.sub(32) as *const __m256i);
+        // Bit `c` (word `c`) and bit `c + 4` (word `c + 4`) of each byte moved to bit 4: 16-bit shifts, then
+        // the mask drops what crossed from the neighbouring byte.
+        let (a, b) = match c {
+            0 => (_mm256_slli_epi16(plane, 4), plane),
+            1 => (_mm256_slli_epi16(plane, 3), _mm256_srli_epi16(plane, 1)),
+            2 => (_mm256_slli_epi16(plane, 2), _mm256_srli_epi16(plane, 2)),
+            _ => (_mm256_slli_epi16(plane, 1), _mm256_srli_epi16(plane, 3)),
+        };
+        let bit4 = _mm256_set1_epi8(0x10);
+        [_mm256_or_si256(lo, _mm256_and_si256(a, bit4)), _mm256_or_si256(hi, _mm256_and_si256(b, bit4))]
+    }
+    #[inline(always)]
+    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
+        let [a, b] = Self::words(q, c);
+        [
+            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(a)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(a, 1)),
+            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
 /// Q8_0: eight 32-byte vectors of signed values, word `c` in vector `c`.
 struct Bytes;
 impl TiledFormat for Bytes {
@@ -77,7 +122,7 @@ impl TiledFormat for Bytes {
     const HAS_MIN: bool = false;
     const ZERO: f32 = 0.0;
     /// A pair sum reaches 2·128·127 = 32 512: no room for a second one.
-    const I16_FOLD: bool = false;
+    const FOLD: usize = 0;
     #[inline(always)]
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
         let p = q as *const __m256i;
@@ -129,6 +174,10 @@ unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts,
         (QuantFormat::Q4_0, true) => rows_as::<Nibbles<false>, true, VNNI>(w, r0, acts, n, out),
         (QuantFormat::Q4_1, false) => rows_as::<Nibbles<true>, false, VNNI>(w, r0, acts, n, out),
         (QuantFormat::Q4_1, true) => rows_as::<Nibbles<true>, true, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q5_0, false) => rows_as::<Five<false>, false, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q5_0, true) => rows_as::<Five<false>, true, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q5_1, false) => rows_as::<Five<true>, false, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q5_1, true) => rows_as::<Five<true>, true, VNNI>(w, r0, acts, n, out),
         (QuantFormat::Q8_0, false) => rows_as::<Bytes, false, VNNI>(w, r0, acts, n, out),
         (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, n, out),
         (f, _) => unreachable!("{f:?} is not tiled"),
@@ -258,16 +307,21 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                         acc[g][j1] = F::dot_vnni(acc[g][j1], w1, x1);
                         continue;
                     }
-                    let a = &mut acc[g][0];
-                    *a = if F::I16_FOLD {
-                        _mm256_add_epi16(*a, _mm256_add_epi16(F::pairs(w0, x0), F::pairs(w1, x1)))
+                    // i32 sums in accumulator 0; with `FOLD`, i16 pair sums in 1, widened every `FOLD` steps.
+                    let a = &mut acc[g];
+                    if F::FOLD > 0 {
+                        a[1] = _mm256_add_epi16(a[1], _mm256_add_epi16(F::pairs(w0, x0), F::pairs(w1, x1)));
+                        if (c + 1) % F::FOLD == 0 {
+                            a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(a[1], ones));
+                            a[1] = _mm256_setzero_si256();
+                        }
                     } else {
                         let p = _mm256_add_epi32(
                             _mm256_madd_epi16(F::pairs(w0, x0), ones),
                             _mm256_madd_epi16(F::pairs(w1, x1), ones),
                         );
-                        _mm256_add_epi32(*a, p)
-                    };
+                        a[0] = _mm256_add_epi32(a[0], p);
+                    }
                 }
             }
         }
@@ -286,8 +340,6 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                     s = _mm256_add_epi32(s, *part);
                 }
                 s
-            } else if F::I16_FOLD {
-                _mm256_madd_epi16(a[0], ones)
             } else {
                 a[0]
             };
