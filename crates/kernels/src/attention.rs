@@ -15,7 +15,7 @@
 //! Grouped-query attention: query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 
 use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with};
 use crate::quant::Isa;

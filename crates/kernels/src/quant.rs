@@ -48,7 +48,7 @@
 //! a row gets bitwise the same output alone, in a decode batch or in a prefill (seeded sampling does not
 //! depend on batching or on the prefix cache).
 
-use crate::pool::{for_each_chunk_mut, for_each_chunk_mut_with, for_each_split_mut};
+use crate::pool::{for_each_chunk_mut_with, for_each_split_mut};
 use half::f16;
 use std::sync::OnceLock;
 
@@ -685,7 +685,7 @@ fn rows_per_task(m: usize) -> usize {
 
 const TASKS_PER_THREAD: usize = 4;
 
-/// Task boundaries over `m` weight rows for one activation row (decode): guided self-scheduling. Each task
+/// Task boundaries over `m` weight rows (integer paths): guided self-scheduling. Each task
 /// takes `1 / (2 · threads)` of the rows left (whole tiles of 8 rows, at least 16), so the first tasks are
 /// long contiguous runs (what the prefetcher needs) and the last ones short, so the thread that finishes
 /// first waits at most a short task for the other. With equal tasks (four per thread) the caller spent 5 % of decode
@@ -792,9 +792,8 @@ fn rows_parallel(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]
     });
 }
 
-/// Runs `f(r0, out)` over the pool for runs of weight rows starting at `r0` (`guided_bounds` for one
-/// activation row, `rows_per_task` rows otherwise), `out` being those rows' outputs as `[rows, n]`; writes
-/// `y` as `[n, m]`.
+/// Runs `f(r0, out)` over the pool for runs of weight rows starting at `r0` (`guided_bounds`), `out` being
+/// those rows' outputs as `[rows, n]`; writes `y` as `[n, m]`.
 fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if n == 1 {
         let bounds = guided_bounds(m);
@@ -802,14 +801,16 @@ fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut
         return;
     }
     // yt is [m, n]: each task owns a contiguous run of output features, and writes them into y's columns
-    // itself (in parallel, while its results are still in cache).
+    // itself (in parallel, while its results are still in cache). Guided task sizes here too, so the
+    // thread that finishes first waits for at most a short task.
     let mut yt = vec![0f32; m * n];
-    let rpt = rows_per_task(m);
+    let bounds = guided_bounds(m);
+    let split: Vec<usize> = bounds.iter().map(|b| b * n).collect();
     let cols = Columns::new(y, n);
-    for_each_chunk_mut(&mut yt, rpt * n, |t, out| {
-        f(t * rpt, out);
-        // SAFETY: task `t` owns output features `t * rpt ..`, disjoint from other tasks'.
-        unsafe { cols.put(t * rpt, out) };
+    for_each_split_mut(&mut yt, &split, |t, out| {
+        f(bounds[t], out);
+        // SAFETY: task `t` owns output features `bounds[t] .. bounds[t + 1]`, disjoint from other tasks'.
+        unsafe { cols.put(bounds[t], out) };
     });
 }
 

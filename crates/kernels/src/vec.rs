@@ -58,10 +58,46 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// SwiGLU: `gate[i] = silu(gate[i]) · up[i]`, `silu(g) = g / (1 + e^−g)`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    swiglu_on(crate::Isa::detected(), gate, up)
+}
+
+/// `swiglu` on a given instruction set (tests force each one).
+pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up lengths");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        done = gate.len() / 8 * 8;
+        // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; both slices hold `done` floats.
+        unsafe { simd::swiglu_avx2(&mut gate[..done], &up[..done]) };
+    }
+    let _ = isa;
+    for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
+
+    /// `swiglu` eight at a time (`gate.len()` a multiple of 8): `silu(g) = g·s / (1 + t)` with
+    /// `t = e^−|g|` (never overflows) and `s = 1` for `g ≥ 0`, `s = t` below.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let sign = _mm256_set1_ps(-0.0);
+        for (g, u) in gate.chunks_exact_mut(8).zip(up.chunks_exact(8)) {
+            let x = _mm256_loadu_ps(g.as_ptr());
+            let t = crate::attention::avx2::exp_nonpositive(_mm256_or_ps(x, sign));
+            let s = _mm256_blendv_ps(t, one, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps()));
+            let silu = _mm256_div_ps(_mm256_mul_ps(x, s), _mm256_add_ps(one, t));
+            _mm256_storeu_ps(g.as_mut_ptr(), _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr())));
+        }
+    }
 
     pub fn has_avx2() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
@@ -141,6 +177,24 @@ pub(crate) mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swiglu_paths_agree() {
+        let g: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.37).chain([0.0, -0.0, 90.0, -90.0, -200.0]).collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 + (i % 5) as f32 * 0.5).collect();
+        let want: Vec<f32> =
+            g.iter().zip(&u).map(|(g, u)| (*g as f64 / (1.0 + (-*g as f64).exp()) * *u as f64) as f32).collect();
+        for isa in crate::Isa::all_on_this_cpu() {
+            let mut got = g.clone();
+            swiglu_on(isa, &mut got, &u);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 4e-7 * b.abs().max(1e-30), "{isa:?} g={}: {a} vs {b}", g[i]);
+            }
+        }
+        let mut nan = vec![f32::NAN; 8];
+        swiglu(&mut nan, &[1.0; 8]);
+        assert!(nan.iter().all(|v| v.is_nan()), "NaN gates stay NaN");
+    }
 
     #[test]
     fn dot_matches_naive_on_odd_lengths() {

@@ -337,9 +337,7 @@ impl Model {
             rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hn);
             let [mut gate, up]: [Vec<f32>; 2] =
                 layer.gate_up.forward(&hn, n, dev)?.try_into().expect("two projections");
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            mlx_serving_kernels::vec::swiglu(&mut gate, &up);
             add_assign(&mut x, &layer.down.forward(&gate, n, dev)?);
         }
         let m = batch.logits_indices.len();
