@@ -723,19 +723,28 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
     match w.activations {
         Activations::Int8 | Activations::Int16 => {
             let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
-            rows_parallel_tasks(y, n, m, |r0, out| {
-                #[cfg(target_arch = "x86_64")]
-                if isa.avx2() && w.format.tiled() {
-                    // SAFETY: as below; `w` is tiled, and tasks start at multiples of 8 rows.
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx2() && w.format.tiled() {
+                // The tiled kernels write each activation row's eight results straight into `y`'s row.
+                let bounds = guided_bounds(m);
+                let cols = Columns::new(y, n);
+                crate::pool::global().run(bounds.len() - 1, &|t, _| {
+                    let (r0, rows) = (bounds[t], bounds[t + 1] - bounds[t]);
+                    // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path);
+                    // `w` is tiled and `r0` a multiple of 8 (`guided_bounds`); `acts` holds the `n` activation
+                    // rows; `y` is `[n, m]` and borrowed for this call, and task `t` writes only its columns
+                    // `r0 .. r0 + rows`.
                     unsafe {
                         if isa == Isa::Avx512Vnni {
-                            tiled::rows_tiled_vnni(w, r0, &acts, n, out)
+                            tiled::rows_tiled_vnni(w, r0, rows, &acts, n, cols.base())
                         } else {
-                            tiled::rows_tiled(w, r0, &acts, n, out)
+                            tiled::rows_tiled(w, r0, rows, &acts, n, cols.base())
                         }
                     };
-                    return;
-                }
+                });
+                return;
+            }
+            rows_parallel_tasks(y, n, m, |r0, out| {
                 #[cfg(target_arch = "x86_64")]
                 if isa == Isa::Avx512Vnni {
                     // SAFETY: as below, and AVX512-VNNI with AVX512-VL were detected.
@@ -828,6 +837,12 @@ unsafe impl Sync for Columns {}
 impl Columns {
     fn new(y: &mut [f32], n: usize) -> Self {
         Self { ptr: y.as_mut_ptr(), n, m: y.len() / n }
+    }
+
+    /// The output's first element, for a kernel that writes its own columns (see `put`'s contract).
+    #[cfg(target_arch = "x86_64")]
+    fn base(&self) -> *mut f32 {
+        self.ptr
     }
 
     /// Writes `chunk` (`[rows, n]`: features `r0 .. r0 + rows`, each with its `n` outputs) into columns

@@ -149,80 +149,87 @@ impl TiledFormat for Bytes {
     }
 }
 
-/// `out[i * n + t] = Σ w[r0 + i]·x̂[t]` for the weight rows `r0 .. r0 + out.len() / n` (`r0` a multiple of
-/// 8) and every activation row `t` of `acts` (`n` rows).
+/// `y[t * m + r] = Σ w[r]·x̂[t]` for the weight rows `r0 .. r0 + rows` (`r0` a multiple of 8) and every
+/// activation row `t` of `acts` (`n` rows); `y` is `[n, m]`, `m = w.rows()`.
 ///
 /// SAFETY (caller): AVX2, FMA and F16C available; `w` is tiled; `acts` holds `n` rows of `w.cols()` values
-/// with their per-block scales and sums; the rows exist in `w`.
+/// with their per-block scales and sums; the rows exist in `w`; `y` points to `n · m` floats that nothing
+/// else reads or writes at these places meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
-    rows_tiled_on::<false>(w, r0, acts, n, out)
+pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+    rows_tiled_on::<false>(w, r0, rows, acts, n, y)
 }
 
 /// `rows_tiled` with VNNI dot products: the same integer sums, so bitwise the same results.
 ///
 /// SAFETY (caller): as `rows_tiled`, and AVX512-VNNI with AVX512-VL available.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
-    rows_tiled_on::<true>(w, r0, acts, n, out)
+pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+    rows_tiled_on::<true>(w, r0, rows, acts, n, y)
 }
 
 #[inline(always)]
-unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, n: usize, out: &mut [f32]) {
+unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+    let out = Out { y, m: w.rows, rows, n };
     match (w.format, acts.is_wide()) {
-        (QuantFormat::Q4_0, false) => rows_as::<Nibbles<false>, false, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q4_0, true) => rows_as::<Nibbles<false>, true, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q4_1, false) => rows_as::<Nibbles<true>, false, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q4_1, true) => rows_as::<Nibbles<true>, true, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q5_0, false) => rows_as::<Five<false>, false, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q5_0, true) => rows_as::<Five<false>, true, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q5_1, false) => rows_as::<Five<true>, false, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q5_1, true) => rows_as::<Five<true>, true, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q8_0, false) => rows_as::<Bytes, false, VNNI>(w, r0, acts, n, out),
-        (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, n, out),
+        (QuantFormat::Q4_0, false) => rows_as::<Nibbles<false>, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q4_0, true) => rows_as::<Nibbles<false>, true, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q4_1, false) => rows_as::<Nibbles<true>, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q4_1, true) => rows_as::<Nibbles<true>, true, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q5_0, false) => rows_as::<Five<false>, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q5_0, true) => rows_as::<Five<false>, true, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q5_1, false) => rows_as::<Five<true>, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q5_1, true) => rows_as::<Five<true>, true, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q8_0, false) => rows_as::<Bytes, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, out),
         (f, _) => unreachable!("{f:?} is not tiled"),
     }
 }
 
-#[inline(always)]
-unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
-    w: &QMatrix,
-    r0: usize,
-    acts: &Q8Acts,
+/// Where a task's results go: `y` (`[n, m]`), for `rows` weight rows.
+#[derive(Clone, Copy)]
+struct Out {
+    y: *mut f32,
+    m: usize,
+    rows: usize,
     n: usize,
-    out: &mut [f32],
-) {
-    let rows = out.len() / n;
+}
+
+#[inline(always)]
+unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) {
+    let Out { rows, n, .. } = out;
     let nb = w.cols / BLOCK;
     assert!(r0.is_multiple_of(TILE_ROWS), "tiled tasks start at a tile");
     debug_assert!(r0 + rows <= w.rows && acts.k == w.cols);
     debug_assert!(acts.d.len() >= n * nb && acts.is_wide() == WIDE);
     for i0 in (0..rows).step_by(TILE_ROWS) {
         let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
-        let o = &mut out[i0 * n..];
-        let valid = (rows - i0).min(TILE_ROWS);
+        let (r, valid) = (r0 + i0, (rows - i0).min(TILE_ROWS));
         let mut t0 = 0;
         while n - t0 >= 4 {
-            put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 4>(tiles, nb, acts, t0));
+            put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 4>(tiles, nb, acts, t0));
             t0 += 4;
         }
         match n - t0 {
-            3 => put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 3>(tiles, nb, acts, t0)),
-            2 => put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 2>(tiles, nb, acts, t0)),
-            1 => put(o, n, valid, t0, &tile_sums::<F, WIDE, VNNI, 1>(tiles, nb, acts, t0)),
+            3 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 3>(tiles, nb, acts, t0)),
+            2 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 2>(tiles, nb, acts, t0)),
+            1 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 1>(tiles, nb, acts, t0)),
             _ => {}
         }
     }
 }
 
-/// Writes the first `valid` lanes of `sums[g]` (weight rows) into `out[i * n + t0 + g]`.
+/// Writes the first `valid` lanes of `sums[g]` (weight rows `r ..`) into activation row `t0 + g` of `y`.
 #[inline(always)]
-unsafe fn put(out: &mut [f32], n: usize, valid: usize, t0: usize, sums: &[__m256]) {
+unsafe fn put(out: Out, r: usize, valid: usize, t0: usize, sums: &[__m256]) {
     for (g, s) in sums.iter().enumerate() {
-        let mut lanes = [0f32; TILE_ROWS];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *s);
-        for (i, v) in lanes[..valid].iter().enumerate() {
-            out[i * n + t0 + g] = *v;
+        let dst = out.y.add((t0 + g) * out.m + r);
+        if valid == TILE_ROWS {
+            _mm256_storeu_ps(dst, *s);
+        } else {
+            let mut lanes = [0f32; TILE_ROWS];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *s);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, valid);
         }
     }
 }
