@@ -766,6 +766,17 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
         }
         Activations::F32 => {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx2() && w.format.tiled() {
+                let bounds = guided_bounds(m);
+                let cols = Columns::new(y, n);
+                crate::pool::global().run(bounds.len() - 1, &|t, _| {
+                    let (r0, rows) = (bounds[t], bounds[t + 1] - bounds[t]);
+                    // SAFETY: as for the integer paths above; `x` and `xsums` hold the `n` activation rows.
+                    unsafe { tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, cols.base()) };
+                });
+                return;
+            }
             if n <= SMALL_BATCH {
                 rows_parallel(y, n, m, |r, o| w.row(r).dot_f32(isa, x, &xsums, 0, o));
             } else {

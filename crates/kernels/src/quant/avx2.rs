@@ -7,7 +7,7 @@
 //! the whole group. A row's arithmetic is the same in every group size, so results do not depend on the
 //! batch.
 
-use super::{Q8Acts, QMatrix, QuantFormat, RowRef, BLOCK, GROUP, TILE_ROWS};
+use super::{Q8Acts, QMatrix, QuantFormat, RowRef, BLOCK, GROUP};
 use std::arch::x86_64::*;
 
 use crate::vec::simd::hsum;
@@ -92,9 +92,6 @@ unsafe fn block_dot(w: &[__m256; 4], xb: *const f32) -> __m256 {
 pub unsafe fn rows_dot_f32(row: RowRef<'_>, xs: &[f32], xsums: &[f32], out: &mut [f32]) {
     let nb = row.nb;
     debug_assert!(xs.len() >= out.len() * nb * BLOCK && xsums.len() >= out.len() * nb);
-    if row.format.tiled() {
-        return in_groups!(out, |G, t0, o| f32_group::<G>(row, &Gathered(row), xs, xsums, t0, o));
-    }
     with_format!(row.format, F => {
         let values = Widened::<F>(row, std::marker::PhantomData);
         in_groups!(out, |G, t0, o| f32_group::<G>(row, &values, xs, xsums, t0, o))
@@ -118,57 +115,6 @@ impl<F: IntFormat> Blocks for Widened<'_, F> {
     }
 }
 
-/// A tiled row's blocks, gathered from its lane of each tile: the words of its quantized bytes, then
-/// decoded as the file's block (the portable decoder's values).
-struct Gathered<'a>(RowRef<'a>);
-impl Blocks for Gathered<'_> {
-    #[inline(always)]
-    unsafe fn get(&self, b: usize) -> [__m256; 4] {
-        let row = self.0;
-        let f = row.format;
-        let t = row.data.as_ptr().add(b * f.tile_bytes() + f.tile_qs() + 4 * row.lane) as *const i32;
-        let word = |w: usize| t.add(8 * w).read_unaligned();
-        let v = if f == QuantFormat::Q8_0 {
-            let v = _mm256_setr_epi32(word(0), word(1), word(2), word(3), word(4), word(5), word(6), word(7));
-            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            return [
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
-            ];
-        } else {
-            // Byte `j` holds values `j` (low nibble) and `j + 16` (high nibble): values 0..32 in byte order.
-            let q = _mm_setr_epi32(word(0), word(1), word(2), word(3));
-            let mask = _mm_set1_epi8(0x0F);
-            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_and_si128(q, mask))
-        };
-        let v = if matches!(f, QuantFormat::Q5_0 | QuantFormat::Q5_1) {
-            // The lane's 4 bytes of the bit plane in every 4 bytes; value `j = 4i + e` takes bit `i` of byte
-            // `e` as its bit 4.
-            let plane = row.data.as_ptr().add(b * f.tile_bytes() + f.tile_field(f.fields().len() - 2) + 4 * row.lane);
-            let p = _mm256_set1_epi32((plane as *const i32).read_unaligned());
-            let bit = _mm256_setr_epi64x(
-                0x0202_0202_0101_0101,
-                0x0808_0808_0404_0404,
-                0x2020_2020_1010_1010,
-                -0x7f7f_7f7f_bfbf_bfc0,
-            );
-            let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(p, bit), bit), _mm256_set1_epi8(0x10));
-            _mm256_or_si256(v, high)
-        } else {
-            v
-        };
-        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        [
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-        ]
-    }
-}
-
 /// A row decoded beforehand (`RowRef::decode_raw`).
 struct Decoded(*const f32);
 impl Blocks for Decoded {
@@ -182,14 +128,6 @@ impl Blocks for Decoded {
 /// Block `b`'s scale and min (the values `RowRef::scale_min` gives, with F16C conversions).
 #[inline(always)]
 unsafe fn scale_min_of(row: RowRef<'_>, b: usize) -> (f32, f32) {
-    if row.format.tiled() {
-        let t = row.data.as_ptr().add(b * row.format.tile_bytes() + 2 * row.lane);
-        let d = f16_read(t);
-        return match row.format {
-            QuantFormat::Q4_1 | QuantFormat::Q5_1 => (d, f16_read(t.add(2 * TILE_ROWS))),
-            f => (d, f.zero_point().map_or(0.0, |z| z * d)),
-        };
-    }
     let (g, i) = (b / GROUP, b % GROUP);
     let (p, len) = (row.data.as_ptr(), (row.nb - g * GROUP).min(GROUP));
     with_format!(row.format, F => F::scale_min(p, g, i, len))

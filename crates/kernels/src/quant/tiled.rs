@@ -28,6 +28,8 @@ trait TiledFormat {
     /// How many steps of the block loop (two `pairs` results each) can be summed in i16 lanes without
     /// overflow before they are widened to i32; 0: none.
     const FOLD: usize;
+    /// Whether `words` gives signed bytes (Q8_0) rather than unsigned ones.
+    const SIGNED: bool = false;
     /// Words `c` and `c + 4` of the eight rows, as bytes.
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2];
     /// Words `c` and `c + 4` widened to i16: word `c` of rows 0..4, of rows 4..8, then word `c + 4`'s.
@@ -123,6 +125,7 @@ impl TiledFormat for Bytes {
     const ZERO: f32 = 0.0;
     /// A pair sum reaches 2·128·127 = 32 512: no room for a second one.
     const FOLD: usize = 0;
+    const SIGNED: bool = true;
     #[inline(always)]
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
         let p = q as *const __m256i;
@@ -363,4 +366,103 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         }
     }
     facc
+}
+
+/// `y[t * m + r] = Σ w[r]·x[t]` with f32 activations `xs` (`[n, k]`, per-block sums in `xsums`), for the
+/// weight rows `r0 .. r0 + rows` (`r0` a multiple of 8): the float32 product with the dequantized weights, up
+/// to summation order. Each activation row runs alone, so results do not depend on the batch.
+///
+/// SAFETY (caller): as `rows_tiled`, with `xs` and `xsums` holding `n` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xsums: &[f32], n: usize, y: *mut f32) {
+    let out = Out { y, m: w.rows, rows, n };
+    match w.format {
+        QuantFormat::Q4_0 => rows_f32::<Nibbles<false>>(w, r0, xs, xsums, out),
+        QuantFormat::Q4_1 => rows_f32::<Nibbles<true>>(w, r0, xs, xsums, out),
+        QuantFormat::Q5_0 => rows_f32::<Five<false>>(w, r0, xs, xsums, out),
+        QuantFormat::Q5_1 => rows_f32::<Five<true>>(w, r0, xs, xsums, out),
+        QuantFormat::Q8_0 => rows_f32::<Bytes>(w, r0, xs, xsums, out),
+        f => unreachable!("{f:?} is not tiled"),
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_f32<F: TiledFormat>(w: &QMatrix, r0: usize, xs: &[f32], xsums: &[f32], out: Out) {
+    let Out { rows, n, .. } = out;
+    let (k, nb) = (w.cols, w.cols / BLOCK);
+    assert!(r0.is_multiple_of(TILE_ROWS), "tiled tasks start at a tile");
+    assert!(xs.len() >= n * k && xsums.len() >= n * nb);
+    for i0 in (0..rows).step_by(TILE_ROWS) {
+        let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
+        let (r, valid) = (r0 + i0, (rows - i0).min(TILE_ROWS));
+        for t in 0..n {
+            let sums = tile_f32::<F>(tiles, nb, xs.as_ptr().add(t * k), xsums.as_ptr().add(t * nb));
+            put(out, r, valid, t, &[sums]);
+        }
+    }
+}
+
+/// Eight bytes widened to eight f32 (sign-extended for `F::SIGNED`).
+#[inline(always)]
+unsafe fn bytes_f32<F: TiledFormat>(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(if F::SIGNED { _mm256_cvtepi8_epi32(v) } else { _mm256_cvtepu8_epi32(v) })
+}
+
+/// One row of tiles against one f32 activation row (`x`, its block sums `xsum`): lane `i` for weight row
+/// `i`. A word vector's bytes 8p .. 8p + 8 are rows 2p and 2p + 1, four values each, so accumulator `p` holds
+/// four partial sums of each of those two rows; a block's partial sums take the rows' scales, and the eight
+/// rows' sums are folded out at the end.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
+unsafe fn tile_f32<F: TiledFormat>(tiles: *const u8, nb: usize, x: *const f32, xsum: *const f32) -> __m256 {
+    let (tb, qs) = (F::FORMAT.tile_bytes(), F::FORMAT.tile_qs());
+    let mut facc = [_mm256_setzero_ps(); 4];
+    let mut macc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let tile = tiles.add(b * tb);
+        for line in 0..tb.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH + 64 * line) as *const i8);
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i));
+        let q = tile.add(qs);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in 0..4 {
+            let [w0, w1] = F::words(q, c);
+            let xb = x.add(b * BLOCK + 4 * c);
+            for (wv, xv) in [
+                (w0, _mm256_broadcast_ps(&*(xb as *const __m128))),
+                (w1, _mm256_broadcast_ps(&*(xb.add(16) as *const __m128))),
+            ] {
+                let (lo, hi) = (_mm256_castsi256_si128(wv), _mm256_extracti128_si256(wv, 1));
+                acc[0] = _mm256_fmadd_ps(bytes_f32::<F>(lo), xv, acc[0]);
+                acc[1] = _mm256_fmadd_ps(bytes_f32::<F>(_mm_srli_si128(lo, 8)), xv, acc[1]);
+                acc[2] = _mm256_fmadd_ps(bytes_f32::<F>(hi), xv, acc[2]);
+                acc[3] = _mm256_fmadd_ps(bytes_f32::<F>(_mm_srli_si128(hi, 8)), xv, acc[3]);
+            }
+        }
+        for p in 0..4 {
+            let rows = _mm256_setr_epi32(
+                2 * p as i32,
+                2 * p as i32,
+                2 * p as i32,
+                2 * p as i32,
+                2 * p as i32 + 1,
+                2 * p as i32 + 1,
+                2 * p as i32 + 1,
+                2 * p as i32 + 1,
+            );
+            facc[p] = _mm256_fmadd_ps(acc[p], _mm256_permutevar8x32_ps(d, rows), facc[p]);
+        }
+        if F::HAS_MIN || F::ZERO != 0.0 {
+            let m = if F::HAS_MIN {
+                _mm256_cvtph_ps(_mm_loadu_si128(tile.add(2 * TILE_ROWS) as *const __m128i))
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(F::ZERO))
+            };
+            macc = _mm256_fmadd_ps(m, _mm256_set1_ps(*xsum.add(b)), macc);
+        }
+    }
+    // [r0 r0 r2 r2 | r1 r1 r3 r3], [r4 r4 r6 r6 | r5 r5 r7 r7], then [r0 r2 r4 r6 | r1 r3 r5 r7].
+    let h = _mm256_hadd_ps(_mm256_hadd_ps(facc[0], facc[1]), _mm256_hadd_ps(facc[2], facc[3]));
+    _mm256_add_ps(_mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)), macc)
 }
