@@ -1,4 +1,4 @@
-//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with 8- or 16-bit activations.
+//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with 8-, 16-bit or f32 activations.
 //!
 //! A tile holds one 32-value block of eight weight rows, the rows' quantized values interleaved in 4-byte
 //! words (see `quant::tile`). One 32-byte vector is then one word of each of the eight rows: four
@@ -21,7 +21,7 @@ const PREFETCH: usize = 3072;
 /// `4c .. 4c + 4` and `16 + 4c .. 16 + 4c + 4` of each row.
 trait TiledFormat {
     const FORMAT: QuantFormat;
-    /// Whether the tile stores eight mins after the eight scales (Q4_1).
+    /// Whether the tile stores eight mins after the eight scales (Q4_1, Q5_1).
     const HAS_MIN: bool;
     /// Without a stored min: `m = ZERO·d` (Q4_0: −8; Q8_0: 0, no min term).
     const ZERO: f32;
@@ -202,9 +202,10 @@ struct Out {
 unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) {
     let Out { rows, n, .. } = out;
     let nb = w.cols / BLOCK;
-    assert!(r0.is_multiple_of(TILE_ROWS), "tiled tasks start at a tile");
-    debug_assert!(r0 + rows <= w.rows && acts.k == w.cols);
-    debug_assert!(acts.d.len() >= n * nb && acts.is_wide() == WIDE);
+    // The kernel reads and writes through raw pointers: these bounds are what keeps it in range.
+    assert!(r0.is_multiple_of(TILE_ROWS) && r0 + rows <= w.rows, "tiled tasks cover whole tiles of `w`");
+    let values = if WIDE { acts.x16.len() } else { acts.qs.len() };
+    assert!(acts.k == w.cols && values >= n * w.cols && acts.d.len() >= n * nb && acts.s.len() >= n * nb);
     for i0 in (0..rows).step_by(TILE_ROWS) {
         let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
         let (r, valid) = (r0 + i0, (rows - i0).min(TILE_ROWS));
@@ -390,7 +391,7 @@ pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xs
 unsafe fn rows_f32<F: TiledFormat>(w: &QMatrix, r0: usize, xs: &[f32], xsums: &[f32], out: Out) {
     let Out { rows, n, .. } = out;
     let (k, nb) = (w.cols, w.cols / BLOCK);
-    assert!(r0.is_multiple_of(TILE_ROWS), "tiled tasks start at a tile");
+    assert!(r0.is_multiple_of(TILE_ROWS) && r0 + rows <= w.rows, "tiled tasks cover whole tiles of `w`");
     assert!(xs.len() >= n * k && xsums.len() >= n * nb);
     for i0 in (0..rows).step_by(TILE_ROWS) {
         let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
