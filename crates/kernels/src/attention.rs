@@ -248,6 +248,7 @@ struct Span<'a, T> {
     slot_of: &'a dyn Fn(usize) -> usize,
     range: std::ops::Range<usize>,
     scale: f32,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
     isa: Isa,
 }
 

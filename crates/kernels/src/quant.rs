@@ -272,6 +272,7 @@ impl Isa {
 }
 
 /// Blocks per group in the stored layout.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
 pub(crate) const GROUP: usize = 4;
 
 /// A `[rows, cols]` weight matrix from GGUF blocks, tiled or row by row as the module header describes.
@@ -366,6 +367,7 @@ impl QMatrix {
     }
 
     /// The tiles of rows `8g .. 8g + 8` (tiled formats).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
     pub(crate) fn tile_row(&self, g: usize) -> &[u8] {
         let stride = TILE_ROWS * self.format.row_bytes(self.cols);
         &self.data[g * stride..(g + 1) * stride]
@@ -604,6 +606,7 @@ impl<'a> RowRef<'a> {
     }
 
     /// The row's quantized values as f32, unscaled, in block order (what the f32 kernel decodes per block).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
     fn decode_raw(&self, out: &mut [f32]) {
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(self.nb) {
             for (o, q) in o.iter_mut().zip(self.block(b).q) {

@@ -66,14 +66,20 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// `swiglu` on a given instruction set (tests force each one).
 pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up lengths");
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa.avx2() {
-        done = gate.len() / 8 * 8;
+    let done = if isa.avx2() {
+        let done = gate.len() / 8 * 8;
         // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; both slices hold `done` floats.
         unsafe { simd::swiglu_avx2(&mut gate[..done], &up[..done]) };
-    }
-    let _ = isa;
+        done
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = {
+        let _ = isa;
+        0
+    };
     for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
