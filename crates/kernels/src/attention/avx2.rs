@@ -9,104 +9,19 @@
 use super::{KvElem, Partial, Span, TILE};
 use std::arch::x86_64::*;
 
-/// `[Σ a[0], Σ a[1], Σ a[2], Σ a[3]]`: four horizontal sums in one vector.
+/// `[Σ a[0], Σ a[1], …, Σ a[7]]`: eight horizontal sums in one vector.
 #[inline(always)]
-unsafe fn sum4(a: &[__m256; 4]) -> __m128 {
-    // [a0 a0 a1 a1 | a0 a0 a1 a1] pair sums, the same for a2, a3, then one sum per vector per half.
-    let u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1))
-}
-
-/// Scores of `GH` query heads (`q`, `hd` floats each) against the keys at `offs` (a multiple of 4 of
-/// them), times `scale`, into `sc` (head `g`'s at `sc + g·TILE`): four positions at a time, each key
-/// converted once for the `GH` heads.
-#[inline(always)]
-#[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
-unsafe fn score_keys<T: KvElem, const GH: usize>(
-    q: *const f32,
-    hd: usize,
-    kp: *const T,
-    offs: &[usize],
-    scale: f32,
-    sc: *mut f32,
-) {
-    let scale4 = _mm_set1_ps(scale);
-    for j0 in (0..offs.len()).step_by(4) {
-        let mut a = [[_mm256_setzero_ps(); 4]; GH];
-        for d in (0..hd).step_by(8) {
-            for p in 0..4 {
-                let k = T::load8(kp.add(offs[j0 + p] + d));
-                for g in 0..GH {
-                    a[g][p] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * hd + d)), k, a[g][p]);
-                }
-            }
-        }
-        for g in 0..GH {
-            _mm_storeu_ps(sc.add(g * TILE + j0), _mm_mul_ps(sum4(&a[g]), scale4));
-        }
-    }
-}
-
-/// `acc[g·hd + d0 ..][.. 8·NV] += Σ_j w[g·TILE + j] · V[offs[j]][d0 ..]` for `GH` query heads, each value
-/// converted once for all of them; the accumulators stay in registers across positions.
-#[inline(always)]
-#[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
-unsafe fn accumulate<T: KvElem, const GH: usize, const NV: usize>(
-    acc: *mut f32,
-    hd: usize,
-    w: *const f32,
-    vp: *const T,
-    offs: &[usize],
-) {
-    let mut a = [[_mm256_setzero_ps(); NV]; GH];
-    for g in 0..GH {
-        for i in 0..NV {
-            a[g][i] = _mm256_loadu_ps(acc.add(g * hd + 8 * i));
-        }
-    }
-    for (j, &o) in offs.iter().enumerate() {
-        let mut wj = [_mm256_setzero_ps(); GH];
-        for g in 0..GH {
-            wj[g] = _mm256_set1_ps(*w.add(g * TILE + j));
-        }
-        for i in 0..NV {
-            let v = T::load8(vp.add(o + 8 * i));
-            for g in 0..GH {
-                a[g][i] = _mm256_fmadd_ps(wj[g], v, a[g][i]);
-            }
-        }
-    }
-    for g in 0..GH {
-        for i in 0..NV {
-            _mm256_storeu_ps(acc.add(g * hd + 8 * i), a[g][i]);
-        }
-    }
-}
-
-/// Runs `$body` with `$GH` the size (3, 2 or 1) of each run of query heads from `$g0` over `$group` heads.
-macro_rules! head_runs {
-    ($group:expr, |$GH:ident, $g0:ident| $body:expr) => {{
-        let mut $g0 = 0;
-        while $g0 < $group {
-            match $group - $g0 {
-                1 => {
-                    const $GH: usize = 1;
-                    $body;
-                    $g0 += 1;
-                }
-                2 => {
-                    const $GH: usize = 2;
-                    $body;
-                    $g0 += 2;
-                }
-                _ => {
-                    const $GH: usize = 3;
-                    $body;
-                    $g0 += 3;
-                }
-            }
-        }
-    }};
+unsafe fn transpose_sum(a: &[__m256; 8]) -> __m256 {
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    // Lane halves: [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums, then the same for a4..a7.
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    let lo = _mm256_permute2f128_ps(u0, u1, 0x20);
+    let hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+    _mm256_add_ps(lo, hi)
 }
 
 #[inline(always)]
@@ -141,6 +56,24 @@ pub(crate) unsafe fn exp_nonpositive(x: __m256) -> __m256 {
     _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(pow2)), keep)
 }
 
+/// `acc[d0 .. d0 + 8·NV] += Σ_j w[j] · V[offs[j]][d0 ..]`, the accumulator in registers across positions.
+#[inline(always)]
+unsafe fn accumulate<T: KvElem, const NV: usize>(acc: *mut f32, w: *const f32, vp: *const T, offs: &[usize]) {
+    let mut a = [_mm256_setzero_ps(); NV];
+    for (i, r) in a.iter_mut().enumerate() {
+        *r = _mm256_loadu_ps(acc.add(8 * i));
+    }
+    for (j, &o) in offs.iter().enumerate() {
+        let wj = _mm256_broadcast_ss(&*w.add(j));
+        for (i, r) in a.iter_mut().enumerate() {
+            *r = _mm256_fmadd_ps(wj, T::load8(vp.add(o + 8 * i)), *r);
+        }
+    }
+    for (i, r) in a.iter().enumerate() {
+        _mm256_storeu_ps(acc.add(8 * i), *r);
+    }
+}
+
 /// Folds `sp` into `st` (see the portable `attend_range_impl`).
 ///
 /// # Safety
@@ -153,6 +86,7 @@ pub(super) unsafe fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_,
     let group = qg.len() / hd;
     debug_assert!(hd.is_multiple_of(8) && scores.len() >= group * TILE);
     let (kp, vp) = (k_cache.as_ptr(), v_cache.as_ptr());
+    let scale_v = _mm256_set1_ps(scale);
     let mut offs = [0usize; TILE];
     let mut t0 = range.start;
     while t0 < range.end {
@@ -165,17 +99,19 @@ pub(super) unsafe fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_,
         // Positions past the tile's end repeat its last one (valid reads); their scores are masked below.
         let last = offs[tl - 1];
         offs[tl..padded].fill(last);
-        // Query heads in runs of up to three share each key's and each value's conversion.
-        head_runs!(group, |GH, g0| score_keys::<T, GH>(
-            qg.as_ptr().add(g0 * hd),
-            hd,
-            kp,
-            &offs[..padded],
-            scale,
-            scores.as_mut_ptr().add(g0 * TILE)
-        ));
         for g in 0..group {
+            let q = qg.as_ptr().add(g * hd);
             let sc = scores.as_mut_ptr().add(g * TILE);
+            for j0 in (0..padded).step_by(8) {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for d in (0..hd).step_by(8) {
+                    let qv = _mm256_loadu_ps(q.add(d));
+                    for (p, r) in a.iter_mut().enumerate() {
+                        *r = _mm256_fmadd_ps(qv, T::load8(kp.add(offs[j0 + p] + d)), *r);
+                    }
+                }
+                _mm256_storeu_ps(sc.add(j0), _mm256_mul_ps(transpose_sum(&a), scale_v));
+            }
             for j in tl..padded {
                 *sc.add(j) = f32::NEG_INFINITY;
             }
@@ -200,19 +136,23 @@ pub(super) unsafe fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_,
             }
             st.l[g] += crate::vec::simd::hsum(sum);
         }
-        head_runs!(group, |GH, g0| {
-            let w = scores.as_ptr().add(g0 * TILE);
-            let acc = st.acc.as_mut_ptr().add(g0 * hd);
+        for g in 0..group {
+            let w = scores.as_ptr().add(g * TILE);
+            let acc = st.acc.as_mut_ptr().add(g * hd);
             let mut d0 = 0;
+            while d0 + 64 <= hd {
+                accumulate::<T, 8>(acc.add(d0), w, vp.add(d0), &offs[..tl]);
+                d0 += 64;
+            }
             while d0 + 32 <= hd {
-                accumulate::<T, GH, 4>(acc.add(d0), hd, w, vp.add(d0), &offs[..tl]);
+                accumulate::<T, 4>(acc.add(d0), w, vp.add(d0), &offs[..tl]);
                 d0 += 32;
             }
             while d0 < hd {
-                accumulate::<T, GH, 1>(acc.add(d0), hd, w, vp.add(d0), &offs[..tl]);
+                accumulate::<T, 1>(acc.add(d0), w, vp.add(d0), &offs[..tl]);
                 d0 += 8;
             }
-        });
+        }
         t0 += tl;
     }
 }
