@@ -32,7 +32,8 @@
 //! as a 32-byte bit plane (Q5_0, Q5_1), then their quantized bytes in 4-byte words: word 0 of rows 0..8,
 //! word 1 of rows 0..8, ... A 32-byte vector is then four consecutive values of each of eight rows, and the
 //! kernels (`tiled.rs`) get each row's block sum in its own lane: no horizontal folds, and one tile decode
-//! serves several activation rows. Same bytes as the file, one sequential stream per eight rows.
+//! serves several activation rows. The file's bytes rearranged (Q5's high bits bit by bit; the last tile row
+//! zero-padded), one sequential stream per eight rows.
 //!
 //! The K-quants stay in their super-blocks, row by row; a kernel takes a super-block as two groups of four
 //! 32-value blocks.
@@ -271,7 +272,7 @@ impl Isa {
     }
 }
 
-/// Blocks per group in the stored layout.
+/// Blocks per group in the K-quant kernels (half a super-block).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
 pub(crate) const GROUP: usize = 4;
 

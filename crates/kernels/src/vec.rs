@@ -71,7 +71,18 @@ pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
         let done = gate.len() / 8 * 8;
         // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; both slices hold `done` floats.
         unsafe { simd::swiglu_avx2(&mut gate[..done], &up[..done]) };
-        done
+        // The tail through the same vector code (padded), so every element gets the same arithmetic
+        // wherever it falls: a row's result must not depend on the rows batched before it.
+        let rest = gate.len() - done;
+        if rest > 0 {
+            let (mut g, mut u) = ([0f32; 8], [0f32; 8]);
+            g[..rest].copy_from_slice(&gate[done..]);
+            u[..rest].copy_from_slice(&up[done..]);
+            // SAFETY: as above; eight floats each.
+            unsafe { simd::swiglu_avx2(&mut g, &u) };
+            gate[done..].copy_from_slice(&g[..rest]);
+        }
+        gate.len()
     } else {
         0
     };
@@ -196,6 +207,16 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 4e-7 * b.abs().max(1e-30), "{isa:?} g={}: {a} vs {b}", g[i]);
             }
+        }
+        // An element's result does not depend on where it falls (vector body or tail).
+        let g: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.707_106_77).sin() * 12.0).collect();
+        let u = vec![1f32; g.len()];
+        let mut whole = g.clone();
+        swiglu(&mut whole, &u);
+        for start in [1, 3, 5, 8, 13] {
+            let mut part = g[start..].to_vec();
+            swiglu(&mut part, &u[start..]);
+            assert_eq!(part, whole[start..], "offset {start}");
         }
         let mut nan = vec![f32::NAN; 8];
         swiglu(&mut nan, &[1.0; 8]);

@@ -291,9 +291,9 @@ pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i1
 /// 10.5 → 14–16 (criterion `decode_pass*`; 0.5–6 KiB all helped, within noise of each other).
 const PREFETCH: usize = 3072;
 
-/// A weight format for the integer kernels. A row is a run of groups of four 32-value blocks (the last group
-/// of a 32-value format may hold fewer); `row` points at the row's stored bytes, `g` is a group and `i` a
-/// block in it, `len` the group's block count.
+/// A weight format for the grouped integer kernels (the K-quants). A row is a run of groups of four 32-value
+/// blocks (K-quant rows are whole super-blocks, so every group is full; `len` stays general); `row` points at
+/// the row's stored bytes, `g` is a group and `i` a block in it, `len` the group's block count.
 trait IntFormat {
     /// Bytes of a full group of four blocks (on average, for the K-quants).
     const GROUP_BYTES: usize;
@@ -708,7 +708,7 @@ unsafe fn int8_tile<F: IntFormat, const WIDE: bool, const VNNI: bool, const R: u
         }
         b += GROUP;
     }
-    // The last group holds `len` < GROUP blocks: `len` scales, `len` mins, then the blocks.
+    // A last group of `len` < GROUP blocks (none for the K-quants' whole super-blocks).
     let len = nb - b;
     let mut tail_min = [[0f32; G]; R];
     for i in 0..len {

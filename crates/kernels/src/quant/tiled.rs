@@ -5,8 +5,8 @@
 //! consecutive values per row. Broadcasting the matching four activation values against it (`maddubs`,
 //! `vpdpbusd`, or `madd` on 16-bit values) puts each row's products in that row's own lane, so a block's
 //! eight integer sums come out with no horizontal folding, and one conversion and one FMA apply eight
-//! rows' scales at once. The weight vectors are decoded once per tile and serve every activation row of
-//! the batch (up to four at a time).
+//! rows' scales at once. A tile's weight vectors, once decoded, serve up to four activation rows (a batch of
+//! eight decodes each tile twice).
 //!
 //! Each (weight row, activation row) pair runs the same operations in the same order whatever the batch:
 //! its block sums are exact integers, and its lane accumulates `d·dx·Σq·qx`, then `m·s`, block by block.
@@ -430,10 +430,9 @@ unsafe fn tile_f32<F: TiledFormat>(tiles: *const u8, nb: usize, x: *const f32, x
         for c in 0..4 {
             let [w0, w1] = F::words(q, c);
             let xb = x.add(b * BLOCK + 4 * c);
-            for (wv, xv) in [
-                (w0, _mm256_broadcast_ps(&*(xb as *const __m128))),
-                (w1, _mm256_broadcast_ps(&*(xb.add(16) as *const __m128))),
-            ] {
+            for (wv, xv) in
+                [(w0, _mm256_broadcast_ps(&_mm_loadu_ps(xb))), (w1, _mm256_broadcast_ps(&_mm_loadu_ps(xb.add(16))))]
+            {
                 let (lo, hi) = (_mm256_castsi256_si128(wv), _mm256_extracti128_si256(wv, 1));
                 acc[0] = _mm256_fmadd_ps(bytes_f32::<F>(lo), xv, acc[0]);
                 acc[1] = _mm256_fmadd_ps(bytes_f32::<F>(_mm_srli_si128(lo, 8)), xv, acc[1]);
