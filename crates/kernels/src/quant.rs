@@ -730,22 +730,15 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
             let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
             #[cfg(target_arch = "x86_64")]
             if isa.avx2() && w.format.tiled() {
-                // The tiled kernels write each activation row's eight results straight into `y`'s row.
-                let bounds = guided_bounds(m);
-                let cols = Columns::new(y, n);
-                crate::pool::global().run(bounds.len() - 1, &|t, _| {
-                    let (r0, rows) = (bounds[t], bounds[t + 1] - bounds[t]);
-                    // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path);
-                    // `w` is tiled and `r0` a multiple of 8 (`guided_bounds`); `acts` holds the `n` activation
-                    // rows; `y` is `[n, m]` and borrowed for this call, and task `t` writes only its columns
-                    // `r0 .. r0 + rows`.
-                    unsafe {
-                        if isa == Isa::Avx512Vnni {
-                            tiled::rows_tiled_vnni(w, r0, rows, &acts, n, cols.base())
-                        } else {
-                            tiled::rows_tiled(w, r0, rows, &acts, n, cols.base())
-                        }
-                    };
+                // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path); `w` is
+                // tiled; `acts` holds the `n` activation rows; `tiled_tasks` gives each task whole tiles and
+                // its own columns of `y`.
+                tiled_tasks(y, n, m, |r0, rows, yp| unsafe {
+                    if isa == Isa::Avx512Vnni {
+                        tiled::rows_tiled_vnni(w, r0, rows, &acts, n, yp)
+                    } else {
+                        tiled::rows_tiled(w, r0, rows, &acts, n, yp)
+                    }
                 });
                 return;
             }
@@ -773,13 +766,8 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
             #[cfg(target_arch = "x86_64")]
             if isa.avx2() && w.format.tiled() {
-                let bounds = guided_bounds(m);
-                let cols = Columns::new(y, n);
-                crate::pool::global().run(bounds.len() - 1, &|t, _| {
-                    let (r0, rows) = (bounds[t], bounds[t + 1] - bounds[t]);
-                    // SAFETY: as for the integer paths above; `x` and `xsums` hold the `n` activation rows.
-                    unsafe { tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, cols.base()) };
-                });
+                // SAFETY: as for the integer paths above; `x` and `xsums` hold the `n` activation rows.
+                tiled_tasks(y, n, m, |r0, rows, yp| unsafe { tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, yp) });
                 return;
             }
             if n <= SMALL_BATCH {
@@ -815,6 +803,17 @@ fn rows_parallel(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]
             f(r0 + i, o);
         }
     });
+}
+
+/// Runs `f(r0, rows, y)` over the pool for the runs of weight rows `r0 .. r0 + rows` of `guided_bounds` (whole
+/// tiles of 8 rows, but for the end of the matrix), `y` pointing to the `[n, m]` output: each call may write
+/// the columns `r0 .. r0 + rows` of every output row, which no other call touches. The tiled kernels write
+/// each activation row's eight results straight into the output row.
+#[cfg(target_arch = "x86_64")]
+fn tiled_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, usize, *mut f32) + Sync) {
+    let bounds = guided_bounds(m);
+    let cols = Columns::new(y, n);
+    crate::pool::global().run(bounds.len() - 1, &|t, _| f(bounds[t], bounds[t + 1] - bounds[t], cols.base()));
 }
 
 /// Runs `f(r0, out)` over the pool for runs of weight rows starting at `r0` (`guided_bounds`), `out` being

@@ -39,17 +39,18 @@ pub struct LoadOptions {
 /// Rounding activations to 8 bits per block (llama.cpp's scheme) is the fastest, but its error is noise
 /// that adds up over the matmuls. Measured on SmolLM2 (first-step top-5 logprobs against transformers f32,
 /// one kind of matmul rounded at a time): the output head 0.16, the q/k/v projections 0.13–0.17, gate/up
-/// 0.14–0.18, down 0.07, o 0.06; all of them together 0.25–0.30, over the 0.25 the golden test allows.
-/// 16-bit activations (16-bit integer products, `madd`) cost compute: one SmolLM2 decode step's matmuls take
-/// 6.1–6.3 ms against 4.3–4.7 at 8 bits (criterion `decode_pass`), and more in prefill.
+/// 0.14–0.18, down 0.07, o 0.06; all of them together 0.18–0.30 depending on the kernels' summation order,
+/// up to over the 0.25 the golden test allows. 16-bit activations (16-bit integer products, `madd`) cost
+/// compute: one SmolLM2 decode step's matmuls take 5.1 ms against 3.9 at 8 bits (criterion `decode_pass`),
+/// and twice the 8-bit time where multiplies set the pace (batches, prompts).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
-    /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down: 0.08–0.11 on SmolLM2.
+    /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down: 0.08–0.14 on SmolLM2.
     /// (16 bits into the head and q/k/v only measured 0.12–0.22, too close to 0.25 as the 8-bit noise is
     /// redrawn by any change of summation order.)
     #[default]
     Mixed,
-    /// 8 bits everywhere: the fastest, 0.25–0.30 on SmolLM2.
+    /// 8 bits everywhere: the fastest, 0.18–0.30 on SmolLM2.
     Int8,
     /// 16 bits everywhere: 0.002–0.005 on SmolLM2.
     Int16,

@@ -284,10 +284,13 @@ fn dequantize_follows_the_block_layout() {
     assert_eq!(row[16], 7.0);
     assert_eq!(row[31], -8.0);
     assert_eq!(w.weight_bytes(), 20);
-    // Every format keeps the file's bytes (Q4_0 and Q5_0 store no min: it is computed from the scale).
+    // Every format stores the file's bytes and no more: the K-quants as they are, the tiled formats padded to
+    // whole tiles of 8 rows (Q4_0 and Q5_0 store no min: it is computed from the scale).
     let mut rng = Lcg(3);
     for format in FORMATS {
         let w = random_matrix(&mut rng, format, 3, cols_for(format, 64));
+        let stored_rows = if format.tiled() { TILE_ROWS } else { 3 };
+        assert_eq!(w.data.len(), stored_rows * format.row_bytes(w.cols()), "{format:?}");
         assert_eq!(w.weight_bytes(), 3 * format.row_bytes(w.cols()), "{format:?}");
     }
 }

@@ -33,11 +33,30 @@ trait TiledFormat {
     /// Words `c` and `c + 4` of the eight rows, as bytes.
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2];
     /// Words `c` and `c + 4` widened to i16: word `c` of rows 0..4, of rows 4..8, then word `c + 4`'s.
-    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4];
+    #[inline(always)]
+    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
+        let [a, b] = Self::words(q, c);
+        [
+            widen16::<Self>(_mm256_castsi256_si128(a)),
+            widen16::<Self>(_mm256_extracti128_si256(a, 1)),
+            widen16::<Self>(_mm256_castsi256_si128(b)),
+            widen16::<Self>(_mm256_extracti128_si256(b, 1)),
+        ]
+    }
     /// Sixteen i16 sums of adjacent products with four broadcast activation bytes (`maddubs`).
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i;
     /// `acc` plus each lane's four products (`vpdpbusd`).
     unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+}
+
+/// Sixteen bytes widened to i16 (sign-extended for `F::SIGNED`).
+#[inline(always)]
+unsafe fn widen16<F: TiledFormat + ?Sized>(v: __m128i) -> __m256i {
+    if F::SIGNED {
+        _mm256_cvtepi8_epi16(v)
+    } else {
+        _mm256_cvtepu8_epi16(v)
+    }
 }
 
 /// Q4_0 (`MIN` false, `m = −8·d`) and Q4_1: a 32-byte vector holds word `c` in its low nibbles and word
@@ -98,16 +117,6 @@ impl<const MIN: bool> TiledFormat for Five<MIN> {
         [_mm256_or_si256(lo, _mm256_and_si256(a, bit4)), _mm256_or_si256(hi, _mm256_and_si256(b, bit4))]
     }
     #[inline(always)]
-    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
-        let [a, b] = Self::words(q, c);
-        [
-            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(a)),
-            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(a, 1)),
-            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b)),
-            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1)),
-        ]
-    }
-    #[inline(always)]
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
         _mm256_maddubs_epi16(w, x)
     }
@@ -130,16 +139,6 @@ impl TiledFormat for Bytes {
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
         let p = q as *const __m256i;
         [_mm256_loadu_si256(p.add(c)), _mm256_loadu_si256(p.add(c + 4))]
-    }
-    #[inline(always)]
-    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
-        let [a, b] = Self::words(q, c);
-        [
-            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a)),
-            _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1)),
-            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b)),
-            _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1)),
-        ]
     }
     /// `|w|` (unsigned) times `x` with `w`'s sign moved onto it.
     #[inline(always)]
