@@ -30,18 +30,20 @@ trait TiledFormat {
     const FOLD: usize;
     /// Whether `words` gives signed bytes (Q8_0) rather than unsigned ones.
     const SIGNED: bool = false;
+    /// Whether `words16` gives rows 0..4 and rows 4..8 (so a 16-bit block sum's lanes are rows 0 1 4 5 |
+    /// 2 3 6 7, see `wide_order`) rather than the in-lane order.
+    const WIDE_PERMUTED: bool = false;
     /// Words `c` and `c + 4` of the eight rows, as bytes.
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2];
-    /// Words `c` and `c + 4` widened to i16: word `c` of rows 0..4, of rows 4..8, then word `c + 4`'s.
+    /// Words `c` and `c + 4` widened to i16, within 128-bit lanes: word `c` of rows 0, 1 | 4, 5, of rows
+    /// 2, 3 | 6, 7, then word `c + 4`'s. Two i32 lanes per row; `hadd` of the two accumulators gives rows
+    /// 0..8 in order.
     #[inline(always)]
     unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
         let [a, b] = Self::words(q, c);
-        [
-            widen16::<Self>(_mm256_castsi256_si128(a)),
-            widen16::<Self>(_mm256_extracti128_si256(a, 1)),
-            widen16::<Self>(_mm256_castsi256_si128(b)),
-            widen16::<Self>(_mm256_extracti128_si256(b, 1)),
-        ]
+        let [a0, a1] = widen16::<Self>(a);
+        let [b0, b1] = widen16::<Self>(b);
+        [a0, a1, b0, b1]
     }
     /// Sixteen i16 sums of adjacent products with four broadcast activation bytes (`maddubs`).
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i;
@@ -49,13 +51,16 @@ trait TiledFormat {
     unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
 }
 
-/// Sixteen bytes widened to i16 (sign-extended for `F::SIGNED`).
+/// The low and high eight bytes of each 128-bit lane widened to i16 (sign-extended for `F::SIGNED`):
+/// in-lane unpacks, no lane crossing. (Q8_0 widens its own: sign extension straight from memory is cheaper.)
 #[inline(always)]
-unsafe fn widen16<F: TiledFormat + ?Sized>(v: __m128i) -> __m256i {
+unsafe fn widen16<F: TiledFormat + ?Sized>(v: __m256i) -> [__m256i; 2] {
     if F::SIGNED {
-        _mm256_cvtepi8_epi16(v)
+        // Each byte doubled into both halves of an i16, then shifted down with its sign.
+        [_mm256_srai_epi16(_mm256_unpacklo_epi8(v, v), 8), _mm256_srai_epi16(_mm256_unpackhi_epi8(v, v), 8)]
     } else {
-        _mm256_cvtepu8_epi16(v)
+        let zero = _mm256_setzero_si256();
+        [_mm256_unpacklo_epi8(v, zero), _mm256_unpackhi_epi8(v, zero)]
     }
 }
 
@@ -73,14 +78,6 @@ impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
         let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
         let mask = _mm256_set1_epi8(0x0F);
         [_mm256_and_si256(l, mask), _mm256_and_si256(_mm256_srli_epi16(l, 4), mask)]
-    }
-    #[inline(always)]
-    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
-        let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
-        let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(l));
-        let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(l, 1));
-        let mask = _mm256_set1_epi16(0x0F);
-        [_mm256_and_si256(lo, mask), _mm256_and_si256(hi, mask), _mm256_srli_epi16(lo, 4), _mm256_srli_epi16(hi, 4)]
     }
     #[inline(always)]
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
@@ -135,10 +132,17 @@ impl TiledFormat for Bytes {
     /// A pair sum reaches 2·128·127 = 32 512: no room for a second one.
     const FOLD: usize = 0;
     const SIGNED: bool = true;
+    const WIDE_PERMUTED: bool = true;
     #[inline(always)]
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
         let p = q as *const __m256i;
         [_mm256_loadu_si256(p.add(c)), _mm256_loadu_si256(p.add(c + 4))]
+    }
+    /// Rows 0..4 and rows 4..8 of each word, sign-extended straight from memory.
+    #[inline(always)]
+    unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
+        let half = |i: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16 * i) as *const __m128i));
+        [half(2 * c), half(2 * c + 1), half(2 * c + 8), half(2 * c + 9)]
     }
     /// `|w|` (unsigned) times `x` with `w`'s sign moved onto it.
     #[inline(always)]
@@ -237,8 +241,8 @@ unsafe fn put(out: Out, r: usize, valid: usize, t0: usize, sums: &[__m256]) {
     }
 }
 
-/// Lane order of a 16-bit block sum (`hadd` of the rows 0..4 and rows 4..8 accumulators): rows 0 1 4 5 |
-/// 2 3 6 7. Its own inverse.
+/// Lane order of a 16-bit block sum when `words16` gives rows 0..4 and 4..8: rows 0 1 4 5 | 2 3 6 7. Its
+/// own inverse.
 #[inline(always)]
 unsafe fn wide_order() -> __m256i {
     _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
@@ -271,13 +275,13 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         } else {
             _mm256_mul_ps(d, _mm256_set1_ps(F::ZERO))
         };
-        if WIDE {
+        if WIDE && F::WIDE_PERMUTED {
             d = _mm256_permutevar8x32_ps(d, wide_order());
             m = _mm256_permutevar8x32_ps(m, wide_order());
         }
         let q = tile.add(qs);
         // Integer block sums: 8-bit, one accumulator per activation row (i16 pair sums, or i32); 16-bit,
-        // one for rows 0..4 and one for rows 4..8 (two i32 lanes per row). VNNI's multiply-accumulates
+        // one for rows 0, 1, 4, 5 and one for rows 2, 3, 6, 7 (two i32 lanes per row). VNNI's multiply-accumulates
         // chain through their accumulator (5 cycles each): with fewer than three activation rows to
         // interleave, the products go round `chains` accumulators per row, summed at the end of the block.
         let chains = if VNNI && G < 3 { 4 / G } else { 1 };
@@ -291,7 +295,7 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                     let x1 = _mm256_set1_epi64x((xp.add(16 + 4 * c) as *const i64).read_unaligned());
                     let a = &mut acc[g];
                     if VNNI {
-                        // Rows 0..4 in accumulators 0 and 2, rows 4..8 in 1 and 3.
+                        // Rows 0, 1, 4, 5 in accumulators 0 and 2, rows 2, 3, 6, 7 in 1 and 3.
                         let j = if chains > 1 { 2 } else { 0 };
                         a[0] = _mm256_dpwssd_epi32(a[0], wv[0], x0);
                         a[1] = _mm256_dpwssd_epi32(a[1], wv[1], x0);
@@ -360,7 +364,7 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
             }
         }
     }
-    if WIDE {
+    if WIDE && F::WIDE_PERMUTED {
         for f in &mut facc {
             *f = _mm256_permutevar8x32_ps(*f, wide_order());
         }

@@ -1,0 +1,51 @@
+//! In-cache kernel probe: multiply-adds per second of one quantized matmul (the weights stay in cache), per
+//! activation precision and batch size. `MLX_SERVING_THREADS=1 cargo run --release -p mlx-serving-kernels
+//! --example probe [format] [rows] [cols]`.
+
+use half::f16;
+use mlx_serving_kernels::quant::{qmatmul, Activations, QMatrix, QuantFormat};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let format = match args.get(1).map(String::as_str) {
+        Some("q8_0") => QuantFormat::Q8_0,
+        Some("q4_0") => QuantFormat::Q4_0,
+        Some("q5_0") => QuantFormat::Q5_0,
+        _ => QuantFormat::Q4_1,
+    };
+    let rows: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1536);
+    let cols: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(576);
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let bb = format.block_bytes();
+    let mut data: Vec<u8> = (0..rows * cols / format.block_len() * bb).map(|_| next() as u8).collect();
+    for blk in data.chunks_exact_mut(bb) {
+        for &o in format.f16_offsets() {
+            blk[o..o + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        }
+    }
+    for a in [Activations::Int8, Activations::Int16] {
+        let m = QMatrix::new(format, rows, cols, data.clone()).unwrap().with_activations(a);
+        for n in [1usize, 4, 8] {
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0).collect();
+            let mut y = vec![0f32; n * rows];
+            let reps = (200_000_000 / (rows * cols * n)).max(3);
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    qmatmul(&m, &x, &mut y);
+                }
+                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            let gmacs = (rows * cols * n) as f64 / best / 1e9;
+            println!("{format:?} {rows}x{cols} {a:?} n={n}: {:.1} us, {gmacs:.1} GMAC/s", best * 1e6);
+        }
+    }
+}
