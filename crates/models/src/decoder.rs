@@ -50,7 +50,8 @@ pub enum ActivationPrecision {
     /// redrawn by any change of summation order.)
     #[default]
     Mixed,
-    /// 8 bits everywhere: the fastest, 0.18–0.30 on SmolLM2.
+    /// 8 bits everywhere but into Q8_0 weights (16 bits there, see `for_weight`; SmolLM2's tied head is
+    /// Q8_0): the fastest, 0.21 on SmolLM2 (0.32 with the head at 8 bits too).
     Int8,
     /// 16 bits everywhere: 0.002–0.005 on SmolLM2.
     Int16,
@@ -72,8 +73,20 @@ impl std::str::FromStr for ActivationPrecision {
 }
 
 impl ActivationPrecision {
-    /// The kernel precision for the GGUF tensor `name`.
-    pub fn for_tensor(self, name: &str) -> Activations {
+    /// The kernel precision for the GGUF tensor `name` stored as `format`. Q8_0 weights never take 8-bit
+    /// activations: on x86 their 8-bit product is no faster than the 16-bit one (`maddubs` wants one
+    /// unsigned operand, so signed weights pay a sign transfer and a widening per product; in-cache probe
+    /// `examples/probe.rs q8_0`, 8 rows: 0.9-1.0x the 16-bit time, within this machine's noise), and
+    /// SmolLM2's tied Q8_0 head at 8 bits alone moves `int8`'s first-step logprobs from 0.21 to 0.32.
+    pub fn for_weight(self, name: &str, format: QuantFormat) -> Activations {
+        match self.for_tensor(name) {
+            Activations::Int8 if format == QuantFormat::Q8_0 => Activations::Int16,
+            a => a,
+        }
+    }
+
+    /// The kernel precision for the GGUF tensor `name`, whatever its format.
+    fn for_tensor(self, name: &str) -> Activations {
         match self {
             Self::Int8 => Activations::Int8,
             Self::Int16 => Activations::Int16,
@@ -440,7 +453,7 @@ fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Resul
         (Some(format), &[rows, cols]) => {
             let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
             QMatrix::new(format, rows, cols, data)
-                .map(|m| Weight::Kernel(m.with_activations(opts.activations.for_tensor(name))))
+                .map(|m| Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
                 .map_err(|e| bad(e.to_string()))
         }
         _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
