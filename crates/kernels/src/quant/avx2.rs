@@ -60,12 +60,13 @@ macro_rules! in_groups {
 macro_rules! with_format {
     ($format:expr, $F:ident => $body:expr) => {
         match $format {
-            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 | QuantFormat::Q8_0 => {
+            QuantFormat::Q4_0
+            | QuantFormat::Q4_1
+            | QuantFormat::Q5_0
+            | QuantFormat::Q5_1
+            | QuantFormat::Q8_0
+            | QuantFormat::Q4_K => {
                 unreachable!("tiled formats take the tiled kernels")
-            }
-            QuantFormat::Q4_K => {
-                type $F = Q4K;
-                $body
             }
             QuantFormat::Q6_K => {
                 type $F = Q6K;
@@ -336,107 +337,11 @@ unsafe fn f16_read(p: *const u8) -> f32 {
     h2f((p as *const half::f16).read_unaligned())
 }
 
-/// 32 bytes widened to i16: bytes 0..16, then 16..32.
-#[inline(always)]
-unsafe fn widen_u8(w: __m256i) -> [__m256i; 2] {
-    [_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1))]
-}
-
-/// The `IntFormat` items of the formats whose weights load as unsigned bytes (4 or 5 bits): `maddubs`
-/// needs no sign fix-up, and `vpdpbusd` takes them as they are.
-macro_rules! unsigned_bytes {
-    () => {
-        type W = __m256i;
-        #[inline(always)]
-        unsafe fn zero() -> __m256i {
-            _mm256_setzero_si256()
-        }
-        #[inline(always)]
-        unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-            _mm256_maddubs_epi16(w, x)
-        }
-        #[inline(always)]
-        unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-            dot_unsigned(w, x)
-        }
-        #[inline(always)]
-        unsafe fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-        }
-    };
-}
-
-/// Unsigned weights × signed bytes: `maddubs` needs no sign fix-up; pairs widened by one `madd`.
-#[inline(always)]
-unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-}
-
 /// Signed weights × signed bytes: `|w|` (unsigned) times `x` with `w`'s sign moved onto it; |w| ≤ 128 and
 /// |x| ≤ 127, so each pair sum fits in i16.
 #[inline(always)]
 unsafe fn pairs_signed(w: __m256i, x: __m256i) -> __m256i {
     _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-}
-
-/// Four bytes widened to four f32.
-#[inline(always)]
-unsafe fn u8x4_to_ps(v: u32) -> __m128 {
-    _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v as i32)))
-}
-
-/// Q4_K: group `g` is half `g % 2` of super-block `g / 2` (sub-blocks 4·(g % 2) .. +4).
-struct Q4K;
-impl Q4K {
-    #[inline(always)]
-    unsafe fn sb(row: *const u8, g: usize) -> *const u8 {
-        row.add(g / 2 * 144)
-    }
-    /// The half's four 6-bit scales and four mins, a byte each (`q4k_scale_min`, four at a time).
-    #[inline(always)]
-    unsafe fn scale_min_bytes(sb: *const u8, half: usize) -> (u32, u32) {
-        let s = |o: usize| (sb.add(4 + o) as *const u32).read_unaligned();
-        let (a, b, c) = (s(0), s(4), s(8));
-        if half == 0 {
-            (a & 0x3F3F_3F3F, b & 0x3F3F_3F3F)
-        } else {
-            // Low four bits from bytes 8..12, the top two from bits 6..7 of bytes 0..4 (scales) or 4..8 (mins).
-            ((c & 0x0F0F_0F0F) | ((a >> 2) & 0x3030_3030), ((c >> 4) & 0x0F0F_0F0F) | ((b >> 2) & 0x3030_3030))
-        }
-    }
-}
-impl IntFormat for Q4K {
-    const GROUP_BYTES: usize = 72;
-    const HAS_MIN: bool = true;
-    const I16_FOLD: bool = true;
-    /// `d·s` and `−dmin·m`: the same f32 products as the portable decoder.
-    #[inline(always)]
-    unsafe fn scales(row: *const u8, g: usize) -> (__m128, __m128) {
-        let sb = Self::sb(row, g);
-        let (sc, m) = Self::scale_min_bytes(sb, g % 2);
-        let d = _mm_set1_ps(f16_read(sb));
-        let dmin = _mm_set1_ps(f16_read(sb.add(2)));
-        (_mm_mul_ps(d, u8x4_to_ps(sc)), _mm_xor_ps(_mm_mul_ps(dmin, u8x4_to_ps(m)), _mm_set1_ps(-0.0)))
-    }
-    #[inline(always)]
-    unsafe fn scale_min(row: *const u8, g: usize, i: usize, _len: usize) -> (f32, f32) {
-        let (d4, m4) = Self::scales(row, g);
-        let (mut d, mut m) = ([0f32; 4], [0f32; 4]);
-        _mm_storeu_ps(d.as_mut_ptr(), d4);
-        _mm_storeu_ps(m.as_mut_ptr(), m4);
-        (d[i], m[i])
-    }
-    #[inline(always)]
-    unsafe fn load(row: *const u8, g: usize, i: usize, _len: usize) -> __m256i {
-        let q = _mm256_loadu_si256(Self::sb(row, g).add(16 + 32 * (2 * (g % 2) + i / 2)) as *const __m256i);
-        let q = if i.is_multiple_of(2) { q } else { _mm256_srli_epi16(q, 4) };
-        _mm256_and_si256(q, _mm256_set1_epi8(0x0F))
-    }
-    #[inline(always)]
-    unsafe fn load16(row: *const u8, g: usize, i: usize, len: usize) -> [__m256i; 2] {
-        widen_u8(Self::load(row, g, i, len))
-    }
-    unsigned_bytes!();
 }
 
 /// Q6_K: group `g` is half `g % 2` of super-block `g / 2`. A block's weights are `q − 32` as signed bytes,

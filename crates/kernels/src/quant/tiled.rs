@@ -1,4 +1,5 @@
-//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with 8-, 16-bit or f32 activations.
+//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and Q4_K's sub-blocks) with 8-, 16-bit or
+//! f32 activations.
 //!
 //! A tile holds one 32-value block of eight weight rows, the rows' quantized values interleaved in 4-byte
 //! words (see `quant::tile`). One 32-byte vector is then one word of each of the eight rows: four
@@ -11,7 +12,7 @@
 //! Each (weight row, activation row) pair runs the same operations in the same order whatever the batch:
 //! its block sums are exact integers, and its lane accumulates `d·dx·Σq·qx`, then `m·s`, block by block.
 
-use super::{Q8Acts, QMatrix, QuantFormat, BLOCK, TILE_ROWS};
+use super::{Q8Acts, QMatrix, QuantFormat, BLOCK, K4_MINS, K4_QS, K4_SCALES, K4_TILE, SUPER, TILE_ROWS};
 use std::arch::x86_64::*;
 
 /// Bytes ahead of the tile being read that each tile's prefetches touch (as the grouped kernel's).
@@ -21,7 +22,7 @@ const PREFETCH: usize = 3072;
 /// `4c .. 4c + 4` and `16 + 4c .. 16 + 4c + 4` of each row.
 trait TiledFormat {
     const FORMAT: QuantFormat;
-    /// Whether the tile stores eight mins after the eight scales (Q4_1, Q5_1).
+    /// Whether a block has a min of its own (Q4_1, Q5_1: stored after the scales; Q4_K) rather than `ZERO·d`.
     const HAS_MIN: bool;
     /// Without a stored min: `m = ZERO·d` (Q4_0: −8; Q8_0: 0, no min term).
     const ZERO: f32;
@@ -44,6 +45,24 @@ trait TiledFormat {
         let [a0, a1] = widen16::<Self>(a);
         let [b0, b1] = widen16::<Self>(b);
         [a0, a1, b0, b1]
+    }
+    /// Block `b` of a row of tiles: its quantized values, and the eight rows' scales and mins (`m`, or
+    /// `ZERO·d`). The default reads a 32-value format's tile.
+    #[inline(always)]
+    unsafe fn block_at(tiles: *const u8, b: usize) -> (*const u8, __m256, __m256) {
+        let tile = tiles.add(b * Self::FORMAT.tile_bytes());
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i));
+        let m = if Self::HAS_MIN {
+            _mm256_cvtph_ps(_mm_loadu_si128(tile.add(2 * TILE_ROWS) as *const __m128i))
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(Self::ZERO))
+        };
+        (tile.add(Self::FORMAT.tile_qs()), d, m)
+    }
+    /// Bytes of a row of tiles per 32-value block (how far ahead to prefetch per block).
+    #[inline(always)]
+    fn block_stride() -> usize {
+        Self::FORMAT.tile_bytes()
     }
     /// Sixteen i16 sums of adjacent products with four broadcast activation bytes (`maddubs`).
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i;
@@ -78,6 +97,41 @@ impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
         let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
         let mask = _mm256_set1_epi8(0x0F);
         [_mm256_and_si256(l, mask), _mm256_and_si256(_mm256_srli_epi16(l, 4), mask)]
+    }
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
+/// Q4_K: each 32-value sub-block's nibbles tiled as Q4_1's (see `quant::tile_q4k`), with scale `d·s` and min
+/// `−dmin·m` per row (exact f32 products: the values the portable decoder gives).
+struct K4;
+impl TiledFormat for K4 {
+    const FORMAT: QuantFormat = QuantFormat::Q4_K;
+    const HAS_MIN: bool = true;
+    const ZERO: f32 = 0.0;
+    const FOLD: usize = 4;
+    #[inline(always)]
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
+        Nibbles::<true>::words(q, c)
+    }
+    #[inline(always)]
+    unsafe fn block_at(tiles: *const u8, b: usize) -> (*const u8, __m256, __m256) {
+        let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K4_TILE), b % (SUPER / BLOCK));
+        let bytes = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(t.add(o) as *const __m128i)));
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(t as *const __m128i));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.add(2 * TILE_ROWS) as *const __m128i));
+        let m = _mm256_mul_ps(dmin, bytes(K4_MINS + 8 * j));
+        (t.add(K4_QS + 128 * j), _mm256_mul_ps(d, bytes(K4_SCALES + 8 * j)), _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
+    }
+    #[inline(always)]
+    fn block_stride() -> usize {
+        K4_TILE / (SUPER / BLOCK)
     }
     #[inline(always)]
     unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
@@ -188,6 +242,8 @@ unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, rows: usize, a
         (QuantFormat::Q5_1, true) => rows_as::<Five<true>, true, VNNI>(w, r0, acts, out),
         (QuantFormat::Q8_0, false) => rows_as::<Bytes, false, VNNI>(w, r0, acts, out),
         (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q4_K, false) => rows_as::<K4, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q4_K, true) => rows_as::<K4, true, VNNI>(w, r0, acts, out),
         (f, _) => unreachable!("{f:?} is not tiled"),
     }
 }
@@ -259,27 +315,20 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
     t0: usize,
 ) -> [__m256; G] {
     let k = nb * BLOCK;
-    let (tb, qs) = (F::FORMAT.tile_bytes(), F::FORMAT.tile_qs());
+    let stride = F::block_stride();
     let (xq, xl, xd, xs) = (acts.qs.as_ptr(), acts.x16.as_ptr(), acts.d.as_ptr(), acts.s.as_ptr());
     let ones = _mm256_set1_epi16(1);
     let mut facc = [_mm256_setzero_ps(); G];
     for b in 0..nb {
-        let tile = tiles.add(b * tb);
         // Prefetches never fault, so running past the matrix is fine.
-        for line in 0..tb.div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH + 64 * line) as *const i8);
+        for line in 0..stride.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(tiles.wrapping_add(b * stride + PREFETCH + 64 * line) as *const i8);
         }
-        let mut d = _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i));
-        let mut m = if F::HAS_MIN {
-            _mm256_cvtph_ps(_mm_loadu_si128(tile.add(2 * TILE_ROWS) as *const __m128i))
-        } else {
-            _mm256_mul_ps(d, _mm256_set1_ps(F::ZERO))
-        };
+        let (q, mut d, mut m) = F::block_at(tiles, b);
         if WIDE && F::WIDE_PERMUTED {
             d = _mm256_permutevar8x32_ps(d, wide_order());
             m = _mm256_permutevar8x32_ps(m, wide_order());
         }
-        let q = tile.add(qs);
         // Integer block sums: 8-bit, one accumulator per activation row (i16 pair sums, or i32); 16-bit,
         // one for rows 0, 1, 4, 5 and one for rows 2, 3, 6, 7 (two i32 lanes per row). VNNI's multiply-accumulates
         // chain through their accumulator (5 cycles each): with fewer than three activation rows to
@@ -386,6 +435,7 @@ pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xs
         QuantFormat::Q5_0 => rows_f32::<Five<false>>(w, r0, xs, xsums, out),
         QuantFormat::Q5_1 => rows_f32::<Five<true>>(w, r0, xs, xsums, out),
         QuantFormat::Q8_0 => rows_f32::<Bytes>(w, r0, xs, xsums, out),
+        QuantFormat::Q4_K => rows_f32::<K4>(w, r0, xs, xsums, out),
         f => unreachable!("{f:?} is not tiled"),
     }
 }
@@ -419,16 +469,14 @@ unsafe fn bytes_f32<F: TiledFormat>(v: __m128i) -> __m256 {
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
 unsafe fn tile_f32<F: TiledFormat>(tiles: *const u8, nb: usize, x: *const f32, xsum: *const f32) -> __m256 {
-    let (tb, qs) = (F::FORMAT.tile_bytes(), F::FORMAT.tile_qs());
+    let stride = F::block_stride();
     let mut facc = [_mm256_setzero_ps(); 4];
     let mut macc = _mm256_setzero_ps();
     for b in 0..nb {
-        let tile = tiles.add(b * tb);
-        for line in 0..tb.div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH + 64 * line) as *const i8);
+        for line in 0..stride.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(tiles.wrapping_add(b * stride + PREFETCH + 64 * line) as *const i8);
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i));
-        let q = tile.add(qs);
+        let (q, d, m) = F::block_at(tiles, b);
         let mut acc = [_mm256_setzero_ps(); 4];
         for c in 0..4 {
             let [w0, w1] = F::words(q, c);
@@ -457,11 +505,6 @@ unsafe fn tile_f32<F: TiledFormat>(tiles: *const u8, nb: usize, x: *const f32, x
             facc[p] = _mm256_fmadd_ps(acc[p], _mm256_permutevar8x32_ps(d, rows), facc[p]);
         }
         if F::HAS_MIN || F::ZERO != 0.0 {
-            let m = if F::HAS_MIN {
-                _mm256_cvtph_ps(_mm_loadu_si128(tile.add(2 * TILE_ROWS) as *const __m128i))
-            } else {
-                _mm256_mul_ps(d, _mm256_set1_ps(F::ZERO))
-            };
             macc = _mm256_fmadd_ps(m, _mm256_set1_ps(*xsum.add(b)), macc);
         }
     }
