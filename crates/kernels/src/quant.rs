@@ -42,8 +42,11 @@
 //! with scale `d·s` and min `−dmin·m` (exact products in f32). 2.8 % more bytes than the file (the
 //! unpacked scales).
 //!
-//! Q6_K stays in its super-blocks, row by row; a kernel takes a super-block as two groups of four 32-value
-//! blocks.
+//! Q6_K is tiled per super-block of eight rows too, in as many bytes as the file (`K6_TILE`): the eight `d`,
+//! the rows' sixteen 16-value sub-block scales (a byte each), then per 32-value block the low four bits as a
+//! Q4_1 tile's nibbles and the top two bits in two 32-byte vectors. The kernels take `q − 32` as signed bytes
+//! (8-bit activations: one i16 accumulator per 16-value half, scaled by `madd` with the half's scales) or as
+//! i16 multiplied by the scales (16-bit activations, `|·| ≤ 4096`).
 //!
 //! For a Q4_1 block and 8-bit activations `x ≈ dx·qx`: `Σ w·x ≈ d·dx·Σ q·qx + m·(dx·Σ qx)`. The min term
 //! uses the sum of the *rounded* activations (llama.cpp's `s` in `block_q8_1`): then the total error is
@@ -57,7 +60,7 @@
 //! a row gets bitwise the same output alone, in a decode batch or in a prefill (seeded sampling does not
 //! depend on batching or on the prefix cache).
 
-use crate::pool::{for_each_chunk_mut_with, for_each_split_mut};
+use crate::pool::for_each_split_mut;
 use half::f16;
 use std::sync::OnceLock;
 
@@ -137,7 +140,7 @@ impl QuantFormat {
     }
 
     /// Widths of a stored 32-value block's fields in file order (scale, min, high bits, quantized values),
-    /// which a tile keeps in this order; empty for the K-quants.
+    /// which a tile keeps in this order; empty for the K-quants (their tiles: `tile_q4k`, `tile_q6k`).
     fn fields(self) -> &'static [usize] {
         match self {
             Self::Q4_0 => &[2, 16],
@@ -154,15 +157,11 @@ impl QuantFormat {
         cols / self.block_len() * self.block_bytes()
     }
 
-    /// Whether the format is stored in 8-row tiles (see the module header) rather than row by row.
-    pub(crate) fn tiled(self) -> bool {
-        !self.fields().is_empty() || self == Self::Q4_K
-    }
-
     /// Stored bytes of a tiled format's row of tiles (eight rows of `cols` values).
     pub(crate) fn tile_row_bytes(self, cols: usize) -> usize {
         match self {
             Self::Q4_K => cols / SUPER * K4_TILE,
+            Self::Q6_K => cols / SUPER * K6_TILE,
             _ => TILE_ROWS * self.row_bytes(cols),
         }
     }
@@ -195,6 +194,14 @@ pub(crate) const K4_TILE: usize = K4_QS + 8 * 128;
 pub(crate) const K4_SCALES: usize = 32;
 pub(crate) const K4_MINS: usize = 96;
 pub(crate) const K4_QS: usize = 160;
+
+/// A Q6_K tile (eight rows' super-block, as many bytes as the file's): `d` (eight f16), the sixteen 16-value
+/// sub-blocks' scales (byte `8k + lane`, i8), then per 32-value block `K6_BLOCK` bytes: the low four bits as a
+/// Q4_1 tile's nibbles, then the top two bits in two 32-byte vectors (see `tile_q6k`).
+pub(crate) const K6_TILE: usize = K6_BLOCKS + 8 * K6_BLOCK;
+pub(crate) const K6_SCALES: usize = 16;
+pub(crate) const K6_BLOCKS: usize = K6_SCALES + 128;
+pub(crate) const K6_BLOCK: usize = 128 + 64;
 
 /// How activations enter a quantized matmul.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -295,11 +302,7 @@ impl Isa {
     }
 }
 
-/// Blocks per group in the K-quant kernels (half a super-block).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
-pub(crate) const GROUP: usize = 4;
-
-/// A `[rows, cols]` weight matrix from GGUF blocks, tiled or row by row as the module header describes.
+/// A `[rows, cols]` weight matrix from GGUF blocks, tiled as the module header describes.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     format: QuantFormat,
@@ -324,7 +327,7 @@ impl QMatrix {
         if data.len() != want {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
-        let data = if format.tiled() { tile(format, cols, &data) } else { data };
+        let data = tile(format, cols, &data);
         Ok(Self { format, activations: Activations::default(), rows, cols, data })
     }
 
@@ -365,7 +368,7 @@ impl QMatrix {
         }
         let (format, cols) = (first.format, first.cols);
         let rows = parts.iter().map(|p| p.rows).sum();
-        let data = if format.tiled() && parts.iter().rev().skip(1).any(|p| !p.rows.is_multiple_of(TILE_ROWS)) {
+        let data = if parts.iter().rev().skip(1).any(|p| !p.rows.is_multiple_of(TILE_ROWS)) {
             // A part ending inside a tile: tile the rows again.
             let file: Vec<u8> = parts.iter().flat_map(|p| untile(format, p.rows, cols, &p.data)).collect();
             tile(format, cols, &file)
@@ -379,17 +382,13 @@ impl QMatrix {
         self.cols / BLOCK
     }
 
+    /// Row `r`: its row of tiles, and its lane in each tile.
     fn row(&self, r: usize) -> RowRef<'_> {
-        let stride = self.format.row_bytes(self.cols);
         let (format, nb) = (self.format, self.blocks_per_row());
-        if format.tiled() {
-            // The row's tile row, and its lane in each tile.
-            return RowRef { format, nb, data: self.tile_row(r / TILE_ROWS), lane: r % TILE_ROWS };
-        }
-        RowRef { format, nb, data: &self.data[r * stride..(r + 1) * stride], lane: 0 }
+        RowRef { format, nb, data: self.tile_row(r / TILE_ROWS), lane: r % TILE_ROWS }
     }
 
-    /// The tiles of rows `8g .. 8g + 8` (tiled formats).
+    /// The tiles of rows `8g .. 8g + 8`.
     pub(crate) fn tile_row(&self, g: usize) -> &[u8] {
         let stride = self.format.tile_row_bytes(self.cols);
         &self.data[g * stride..(g + 1) * stride]
@@ -407,8 +406,10 @@ impl QMatrix {
 /// word, so bit `i` of the plane's byte `j` is the high bit of byte `j` of word vector `i`), then the
 /// quantized values in 4-byte words: word `w` of the eight rows, then word `w + 1`, ...
 fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
-    if format == QuantFormat::Q4_K {
-        return tile_q4k(cols, file);
+    match format {
+        QuantFormat::Q4_K => return tile_q4k(cols, file),
+        QuantFormat::Q6_K => return tile_q6k(cols, file),
+        _ => {}
     }
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
     let rows = file.len() / rb;
@@ -435,8 +436,10 @@ fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
 
 /// `tile`'s inverse: the first `rows` rows as GGUF blocks.
 fn untile(format: QuantFormat, rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
-    if format == QuantFormat::Q4_K {
-        return untile_q4k(rows, cols, tiles);
+    match format {
+        QuantFormat::Q4_K => return untile_q4k(rows, cols, tiles),
+        QuantFormat::Q6_K => return untile_q6k(rows, cols, tiles),
+        _ => {}
     }
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
     let tb = format.tile_bytes();
@@ -524,6 +527,84 @@ fn untile_q4k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Where Q6_K value `l` (0..256) of a super-block sits in the file: its low-nibble byte and shift in `ql`,
+/// its 2-bit field's byte and shift in `qh` (offsets from the super-block's start), and its scale's index.
+fn q6k_place(l: usize) -> (usize, u32, usize, u32, usize) {
+    let (h, i, li) = (l / 128, l % 128 / 32, l % 32);
+    (64 * h + 32 * (i % 2) + li, 4 * (i / 2) as u32, 128 + 32 * h + li, 2 * i as u32, l / 16)
+}
+
+/// Byte offset, within a Q6_K tile's block, of the top-two-bits field of value `4c + e` (bits 0..2 of the
+/// nibble at the returned shift) and of value `16 + 4c + e` (bits 2..4), for one row.
+fn q6k_high_offset(c: usize, lane: usize, e: usize) -> (usize, u32) {
+    (128 + 32 * (c / 2) + 4 * lane + e, 4 * (c % 2) as u32)
+}
+
+/// Q6_K rows (GGUF super-blocks) as tiles (`K6_TILE`): per 32-value block, word vector `c`'s low nibbles
+/// are values `4c .. 4c + 4` of the eight rows, its high nibbles values `16 + 4c ..` (as Q4_1's), and the
+/// top two bits of both sit in one nibble of the high-bit vector `c / 2` (`q6k_high_offset`).
+fn tile_q6k(cols: usize, file: &[u8]) -> Vec<u8> {
+    let (rb, ns, bb) = (QuantFormat::Q6_K.row_bytes(cols), cols / SUPER, QuantFormat::Q6_K.block_bytes());
+    let rows = file.len() / rb;
+    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * ns * K6_TILE];
+    for r in 0..rows {
+        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
+        for s in 0..ns {
+            let sb = &file[r * rb + s * bb..r * rb + (s + 1) * bb];
+            let t = &mut out[(g * ns + s) * K6_TILE..(g * ns + s + 1) * K6_TILE];
+            t[2 * lane..2 * lane + 2].copy_from_slice(&sb[208..210]);
+            for k in 0..SUPER / 16 {
+                t[K6_SCALES + 8 * k + lane] = sb[192 + k];
+            }
+            let v = |l: usize| {
+                let (ql, qs, qh, hs, _) = q6k_place(l);
+                ((sb[ql] >> qs) & 0xF, (sb[qh] >> hs) & 3)
+            };
+            for j in 0..SUPER / BLOCK {
+                let blk = &mut t[K6_BLOCKS + K6_BLOCK * j..K6_BLOCKS + K6_BLOCK * (j + 1)];
+                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
+                    let ((lo0, hi0), (lo1, hi1)) = (v(32 * j + 4 * c + e), v(32 * j + 16 + 4 * c + e));
+                    blk[nibble_word_offset(c, lane, e)] = lo0 | (lo1 << 4);
+                    let (o, shift) = q6k_high_offset(c, lane, e);
+                    blk[o] |= (hi0 | (hi1 << 2)) << shift;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `tile_q6k`'s inverse: the first `rows` rows as GGUF super-blocks.
+fn untile_q6k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
+    let (rb, ns, bb) = (QuantFormat::Q6_K.row_bytes(cols), cols / SUPER, QuantFormat::Q6_K.block_bytes());
+    let mut out = vec![0u8; rows * rb];
+    for r in 0..rows {
+        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
+        for s in 0..ns {
+            let t = &tiles[(g * ns + s) * K6_TILE..(g * ns + s + 1) * K6_TILE];
+            let sb = &mut out[r * rb + s * bb..r * rb + (s + 1) * bb];
+            sb[208..210].copy_from_slice(&t[2 * lane..2 * lane + 2]);
+            for k in 0..SUPER / 16 {
+                sb[192 + k] = t[K6_SCALES + 8 * k + lane];
+            }
+            for j in 0..SUPER / BLOCK {
+                let blk = &t[K6_BLOCKS + K6_BLOCK * j..K6_BLOCKS + K6_BLOCK * (j + 1)];
+                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
+                    let byte = blk[nibble_word_offset(c, lane, e)];
+                    let (o, shift) = q6k_high_offset(c, lane, e);
+                    let hb = blk[o] >> shift;
+                    for (l, lo, hi) in [(4 * c + e, byte & 0xF, hb & 3), (16 + 4 * c + e, byte >> 4, (hb >> 2) & 3)] {
+                        let (ql, qs, qh, hs, _) = q6k_place(32 * j + l);
+                        sb[ql] |= lo << qs;
+                        sb[qh] |= hi << hs;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A row's high-bit word from its 4 bytes of a tile's bit plane (bit `4i + e` is bit `i` of byte `e`).
 fn plane_word(bytes: &[u8]) -> u32 {
     (0..32).fold(0u32, |qh, j| qh | ((((bytes[j % 4] >> (j / 4)) & 1) as u32) << j))
@@ -558,7 +639,7 @@ fn tile_fields(format: QuantFormat, lane: usize, mut f: impl FnMut(usize, usize,
     }
 }
 
-/// One weight row: a Q6_K row's super-blocks, or (tiled formats) lane `lane` of a row of tiles.
+/// One weight row: lane `lane` of a row of tiles.
 #[derive(Clone, Copy)]
 struct RowRef<'a> {
     format: QuantFormat,
@@ -617,11 +698,10 @@ impl<'a> RowRef<'a> {
         &self.data[s * K4_TILE..(s + 1) * K4_TILE]
     }
 
-    /// Block `b`'s super-block (Q6_K) and its index in it.
-    fn super_block(&self, b: usize) -> (&'a [u8], usize) {
-        let bytes = self.format.block_bytes();
+    /// The tile (eight rows' super-block) holding Q6_K block `b`.
+    fn q6k_tile(&self, b: usize) -> &'a [u8] {
         let s = b / (SUPER / BLOCK);
-        (&self.data[s * bytes..(s + 1) * bytes], b % (SUPER / BLOCK))
+        &self.data[s * K6_TILE..(s + 1) * K6_TILE]
     }
 
     /// Block `b`'s scale and min as f32.
@@ -632,7 +712,7 @@ impl<'a> RowRef<'a> {
                 let (sc, m) = (t[K4_SCALES + 8 * j + lane], t[K4_MINS + 8 * j + lane]);
                 (f16_at(t, 2 * lane).to_f32() * sc as f32, -(f16_at(t, 16 + 2 * lane).to_f32() * m as f32))
             }
-            QuantFormat::Q6_K => (f16_at(self.super_block(b).0, 208).to_f32(), 0.0),
+            QuantFormat::Q6_K => (f16_at(self.q6k_tile(b), 2 * self.lane).to_f32(), 0.0),
             _ => {
                 let (d, m) = self.scale_min_f16(b);
                 (d.to_f32(), self.min_of(d.to_f32(), m.to_f32()))
@@ -685,13 +765,18 @@ impl<'a> RowRef<'a> {
                 }
             }
             QuantFormat::Q6_K => {
-                let (sb, j) = self.super_block(b);
-                let (h, i) = (j / 4, j % 4);
-                let ql = &sb[64 * h + 32 * (i % 2)..];
-                let qh = &sb[128 + 32 * h..];
-                for l in 0..BLOCK {
-                    let v = ((ql[l] >> (4 * (i / 2))) & 0xF) | (((qh[l] >> (2 * i)) & 3) << 4);
-                    q[l] = (v as i32 - 32) * sb[192 + 8 * h + 2 * i + l / 16] as i8 as i32;
+                let (t, j, lane) = (self.q6k_tile(b), b % (SUPER / BLOCK), self.lane);
+                let blk = &t[K6_BLOCKS + K6_BLOCK * j..];
+                let sc = |k: usize| t[K6_SCALES + 8 * k + lane] as i8 as i32;
+                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
+                    let byte = blk[nibble_word_offset(c, lane, e)];
+                    let (o, shift) = q6k_high_offset(c, lane, e);
+                    let hb = blk[o] >> shift;
+                    q[4 * c + e] = ((byte & 0xF) | ((hb & 3) << 4)) as i32 - 32;
+                    q[16 + 4 * c + e] = ((byte >> 4) | (((hb >> 2) & 3) << 4)) as i32 - 32;
+                }
+                for (l, v) in q.iter_mut().enumerate() {
+                    *v *= sc(2 * j + l / 16);
                 }
             }
         }
@@ -703,16 +788,6 @@ impl<'a> RowRef<'a> {
             let blk = self.block(b);
             for (o, q) in o.iter_mut().zip(blk.q) {
                 *o = blk.d * q as f32 + blk.m;
-            }
-        }
-    }
-
-    /// The row's quantized values as f32, unscaled, in block order (what the f32 kernel decodes per block).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels
-    fn decode_raw(&self, out: &mut [f32]) {
-        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(self.nb) {
-            for (o, q) in o.iter_mut().zip(self.block(b).q) {
-                *o = q as f32;
             }
         }
     }
@@ -743,53 +818,12 @@ impl<'a> RowRef<'a> {
             }
         }
     }
-
-    /// `out[i] = Σ w·x[t0 + i]` with f32 activations.
-    fn dot_f32(&self, isa: Isa, xs: &[f32], xsums: &[f32], t0: usize, out: &mut [f32]) {
-        let (k, nb) = (self.nb * BLOCK, self.nb);
-        #[cfg(target_arch = "x86_64")]
-        if isa.avx2() {
-            // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; `qmatmul` sized `xs` and `xsums`
-            // for every activation row.
-            unsafe { avx2::rows_dot_f32(*self, &xs[t0 * k..], &xsums[t0 * nb..], out) };
-            return;
-        }
-        let _ = isa;
-        for (i, o) in out.iter_mut().enumerate() {
-            let t = t0 + i;
-            *o = self.dot_f32_portable(&xs[t * k..(t + 1) * k], &xsums[t * nb..(t + 1) * nb]);
-        }
-    }
-
-    /// `dot_f32` for large batches: decodes the row into `raw` once, then runs the same arithmetic.
-    fn dot_f32_predecoded(&self, isa: Isa, raw: &mut [f32], xs: &[f32], xsums: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if isa.avx2() {
-            self.decode_raw(raw);
-            // SAFETY: as in `dot_f32`; `raw` holds the decoded row.
-            unsafe { avx2::rows_dot_f32_raw(*self, raw, xs, xsums, out) };
-            return;
-        }
-        let _ = raw;
-        self.dot_f32(isa, xs, xsums, 0, out);
-    }
 }
 
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
-
-/// Weight rows per parallel task for an `m`-row matrix: a few tasks per thread, each a long contiguous run.
-/// Each task streams its rows from memory, and the hardware prefetcher ramps up again at every jump:
-/// on the decode-pass benchmark (2 threads), 16-row tasks streamed 8.8 GiB/s, four tasks per thread 11-12.
-/// Several tasks per thread still let a fast thread take over work from a slow one.
-fn rows_per_task(m: usize) -> usize {
-    let tasks = crate::pool::global().threads() * TASKS_PER_THREAD;
-    m.div_ceil(tasks).next_multiple_of(TILE_ROWS).max(16)
-}
-
-const TASKS_PER_THREAD: usize = 4;
 
 /// Task boundaries over `m` weight rows (integer paths): guided self-scheduling. Each task
 /// takes `1 / (2 · threads)` of the rows left (whole tiles of 8 rows, at least 16), so the first tasks are
@@ -807,9 +841,6 @@ fn guided_bounds(m: usize) -> Vec<usize> {
     }
     bounds
 }
-
-/// Above this many activation rows, the f32 kernel decodes each weight row once and reuses it.
-const SMALL_BATCH: usize = 16;
 
 /// `y = x · wᵀ`: `x` is `[n, cols]`, `y` is `[n, rows]`, both row-major.
 ///
@@ -830,7 +861,7 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
         Activations::Int8 | Activations::Int16 => {
             let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
             #[cfg(target_arch = "x86_64")]
-            if isa.avx2() && w.format.tiled() {
+            if isa.avx2() {
                 // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path); `w` is
                 // tiled; `acts` holds the `n` activation rows; `tiled_tasks` gives each task whole tiles and
                 // its own columns of `y`.
@@ -843,55 +874,21 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
                 });
                 return;
             }
-            rows_parallel_tasks(y, n, m, |r0, out| {
-                #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx512Vnni {
-                    // SAFETY: as below, and AVX512-VNNI with AVX512-VL were detected.
-                    unsafe { avx2::rows_int8_vnni(w, r0, &acts, n, out) };
-                    return;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx2 {
-                    // SAFETY: `Isa::Avx2` means AVX2, FMA and F16C were detected; `acts` holds the `n`
-                    // activation rows and `out` covers rows `r0 ..` of `w`, `n` values each.
-                    unsafe { avx2::rows_int8(w, r0, &acts, n, out) };
-                    return;
-                }
-                for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                    let row = w.row(r0 + i);
-                    row.dot_int8_portable(&acts, o);
-                }
-            });
+            rows_parallel(y, n, m, |r, o| w.row(r).dot_int8_portable(&acts, o));
         }
         Activations::F32 => {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
             #[cfg(target_arch = "x86_64")]
-            if isa.avx2() && w.format.tiled() {
+            if isa.avx2() {
                 // SAFETY: as for the integer paths above; `x` and `xsums` hold the `n` activation rows.
                 tiled_tasks(y, n, m, |r0, rows, yp| unsafe { tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, yp) });
                 return;
             }
-            if n <= SMALL_BATCH {
-                rows_parallel(y, n, m, |r, o| w.row(r).dot_f32(isa, x, &xsums, 0, o));
-            } else {
-                // Every batch size runs the same per-row arithmetic (the fused kernel's block order); large
-                // batches decode each weight row once up front instead of once per few activation rows.
-                let mut yt = vec![0f32; m * n];
-                let rpt = rows_per_task(m);
-                let cols = Columns::new(y, n);
-                for_each_chunk_mut_with(
-                    &mut yt,
-                    rpt * n,
-                    || vec![0f32; k],
-                    |raw, t, out| {
-                        for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                            w.row(t * rpt + i).dot_f32_predecoded(isa, raw, x, &xsums, o);
-                        }
-                        // SAFETY: task `t` owns output features `t * rpt ..`, disjoint from other tasks'.
-                        unsafe { cols.put(t * rpt, out) };
-                    },
-                );
-            }
+            rows_parallel(y, n, m, |r, o| {
+                for (t, o) in o.iter_mut().enumerate() {
+                    *o = w.row(r).dot_f32_portable(&x[t * k..(t + 1) * k], &xsums[t * w.blocks_per_row()..]);
+                }
+            });
         }
     }
 }

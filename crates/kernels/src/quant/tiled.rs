@@ -1,5 +1,5 @@
-//! AVX2 kernels for the tiled formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and Q4_K's sub-blocks) with 8-, 16-bit or
-//! f32 activations.
+//! AVX2 kernels for every format, tiled (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the K-quants' 32-value blocks), with
+//! 8-, 16-bit or f32 activations.
 //!
 //! A tile holds one 32-value block of eight weight rows, the rows' quantized values interleaved in 4-byte
 //! words (see `quant::tile`). One 32-byte vector is then one word of each of the eight rows: four
@@ -12,10 +12,16 @@
 //! Each (weight row, activation row) pair runs the same operations in the same order whatever the batch:
 //! its block sums are exact integers, and its lane accumulates `d·dx·Σq·qx`, then `m·s`, block by block.
 
-use super::{Q8Acts, QMatrix, QuantFormat, BLOCK, K4_MINS, K4_QS, K4_SCALES, K4_TILE, SUPER, TILE_ROWS};
+use super::{
+    Q8Acts, QMatrix, QuantFormat, BLOCK, K4_MINS, K4_QS, K4_SCALES, K4_TILE, K6_BLOCK, K6_BLOCKS, K6_SCALES, K6_TILE,
+    SUPER, TILE_ROWS,
+};
 use std::arch::x86_64::*;
 
-/// Bytes ahead of the tile being read that each tile's prefetches touch (as the grouped kernel's).
+/// Bytes ahead of the block being read that each block's prefetches touch. The hardware prefetcher alone left
+/// a decode pass at 10–15 GiB/s of the machine's 25 (2 threads): each thread has a few hundred bytes of loads
+/// in flight while it computes, where streaming at full speed needs a kilobyte or two. 3 KiB ahead took
+/// SmolLM2's pass from 14.7 to 17–19 GiB/s (criterion `decode_pass`; 0.5–6 KiB all helped, within noise).
 const PREFETCH: usize = 3072;
 
 /// A tiled format as the kernels read it. Words `c` and `c + 4` of a block (`c` in 0..4) hold values
@@ -31,6 +37,19 @@ trait TiledFormat {
     const FOLD: usize;
     /// Whether `words` gives signed bytes (Q8_0) rather than unsigned ones.
     const SIGNED: bool = false;
+    /// Whether a block is two 16-value halves with i8 scales of their own (Q6_K): words `c` (values 0..16) take
+    /// the first, words `c + 4` the second. `words` then gives unsigned values with an offset of 32.
+    const HALVES: bool = false;
+    /// (`HALVES`) Block `b`'s eight rows' scales of each half as i32 lanes `(s, s)` of i16 (natural row order).
+    #[inline(always)]
+    unsafe fn half_scales(_tiles: *const u8, _b: usize) -> [__m256i; 2] {
+        [_mm256_setzero_si256(); 2]
+    }
+    /// (`HALVES`) Block `b`'s eight rows' scales of each half as f32 (natural row order).
+    #[inline(always)]
+    unsafe fn f32_half_scales(_tiles: *const u8, _b: usize) -> [__m256; 2] {
+        [_mm256_setzero_ps(); 2]
+    }
     /// Whether `words16` gives rows 0..4 and rows 4..8 (so a 16-bit block sum's lanes are rows 0 1 4 5 |
     /// 2 3 6 7, see `wide_order`) rather than the in-lane order.
     const WIDE_PERMUTED: bool = false;
@@ -143,6 +162,65 @@ impl TiledFormat for K4 {
     }
 }
 
+/// Q6_K (see `quant::tile_q6k`): each 32-value block's low four bits tiled as Q4_1's nibbles and the top two
+/// bits in two vectors (word vector `c`'s in nibble `c % 2` of vector `c / 2`: bits 0..2 for word `c`, 2..4 for
+/// word `c + 4`); values `q − 32` times the half's scale, times `d`.
+struct K6;
+impl TiledFormat for K6 {
+    const FORMAT: QuantFormat = QuantFormat::Q6_K;
+    const HAS_MIN: bool = false;
+    const ZERO: f32 = 0.0;
+    /// Unused: the halves keep their own accumulators (`HALVES`).
+    const FOLD: usize = 0;
+    const HALVES: bool = true;
+    #[inline(always)]
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
+        let [lo, hi] = Nibbles::<false>::words(q, c);
+        let hv = _mm256_loadu_si256(q.add(128 + 32 * (c / 2)) as *const __m256i);
+        let hv = if c % 2 == 1 { _mm256_srli_epi16(hv, 4) } else { hv };
+        // Bits 0..2 and 2..4 of each byte moved to bits 4..6 (the mask drops what crossed bytes).
+        let top = _mm256_set1_epi8(0x30);
+        [
+            _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(hv, 4), top)),
+            _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(hv, 2), top)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn block_at(tiles: *const u8, b: usize) -> (*const u8, __m256, __m256) {
+        let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K6_TILE), b % (SUPER / BLOCK));
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(t as *const __m128i));
+        (t.add(K6_BLOCKS + K6_BLOCK * j), d, _mm256_setzero_ps())
+    }
+    #[inline(always)]
+    fn block_stride() -> usize {
+        K6_TILE / (SUPER / BLOCK)
+    }
+    #[inline(always)]
+    unsafe fn half_scales(tiles: *const u8, b: usize) -> [__m256i; 2] {
+        let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K6_TILE), b % (SUPER / BLOCK));
+        let half = |h: usize| {
+            let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(t.add(K6_SCALES + 8 * (2 * j + h)) as *const __m128i));
+            _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(s, 16))
+        };
+        [half(0), half(1)]
+    }
+    #[inline(always)]
+    unsafe fn f32_half_scales(tiles: *const u8, b: usize) -> [__m256; 2] {
+        let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K6_TILE), b % (SUPER / BLOCK));
+        let half = |h: usize| _mm_loadl_epi64(t.add(K6_SCALES + 8 * (2 * j + h)) as *const __m128i);
+        [_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(0))), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(1)))]
+    }
+    /// Unused: the halves take `maddubs` of `|q − 32|` (see `tile_sums`).
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
 /// Q5_0 (`MIN` false, `m = −16·d`) and Q5_1: nibbles as `Nibbles`, and the high bits' plane (32 bytes
 /// before the nibbles) holds bit 4 of byte `j` of word vector `i` as its byte `j`'s bit `i`.
 struct Five<const MIN: bool>;
@@ -244,7 +322,8 @@ unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, rows: usize, a
         (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, out),
         (QuantFormat::Q4_K, false) => rows_as::<K4, false, VNNI>(w, r0, acts, out),
         (QuantFormat::Q4_K, true) => rows_as::<K4, true, VNNI>(w, r0, acts, out),
-        (f, _) => unreachable!("{f:?} is not tiled"),
+        (QuantFormat::Q6_K, false) => rows_as::<K6, false, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q6_K, true) => rows_as::<K6, true, VNNI>(w, r0, acts, out),
     }
 }
 
@@ -334,10 +413,25 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         // chain through their accumulator (5 cycles each): with fewer than three activation rows to
         // interleave, the products go round `chains` accumulators per row, summed at the end of the block.
         let chains = if VNNI && G < 3 { 4 / G } else { 1 };
+        // Q6_K: each half's scales, in the 8-bit accumulators' lane order and in the 16-bit words' (rows 0, 1,
+        // 4, 5 and 2, 3, 6, 7, four values a row), where they multiply the weights `q − 32` (|·| ≤ 4096).
+        let halves = if F::HALVES { F::half_scales(tiles, b) } else { [_mm256_setzero_si256(); 2] };
+        let wide_scales = if F::HALVES && WIDE {
+            let (ra, rb) = (_mm256_setr_epi32(0, 0, 1, 1, 4, 4, 5, 5), _mm256_setr_epi32(2, 2, 3, 3, 6, 6, 7, 7));
+            let p = |v: __m256i, r: __m256i| _mm256_permutevar8x32_epi32(v, r);
+            [p(halves[0], ra), p(halves[0], rb), p(halves[1], ra), p(halves[1], rb)]
+        } else {
+            [_mm256_setzero_si256(); 4]
+        };
         let mut acc = [[_mm256_setzero_si256(); 4]; G];
         for c in 0..4 {
             if WIDE {
-                let wv = F::words16(q, c);
+                let mut wv = F::words16(q, c);
+                if F::HALVES {
+                    for (w, s) in wv.iter_mut().zip(wide_scales) {
+                        *w = _mm256_mullo_epi16(_mm256_sub_epi16(*w, _mm256_set1_epi16(32)), s);
+                    }
+                }
                 for g in 0..G {
                     let xp = xl.add((t0 + g) * k + b * BLOCK);
                     let x0 = _mm256_set1_epi64x((xp.add(4 * c) as *const i64).read_unaligned());
@@ -359,10 +453,20 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                 }
             } else {
                 let [w0, w1] = F::words(q, c);
+                // Q6_K: signed weights `q − 32` (|·| ≤ 32), as `|w|` times `x` with `w`'s sign moved onto it.
+                let (s0, s1) = (_mm256_sub_epi8(w0, _mm256_set1_epi8(32)), _mm256_sub_epi8(w1, _mm256_set1_epi8(32)));
+                let (u0, u1) = (_mm256_abs_epi8(s0), _mm256_abs_epi8(s1));
                 for g in 0..G {
                     let xp = xq.add((t0 + g) * k + b * BLOCK);
                     let x0 = _mm256_set1_epi32((xp.add(4 * c) as *const i32).read_unaligned());
                     let x1 = _mm256_set1_epi32((xp.add(16 + 4 * c) as *const i32).read_unaligned());
+                    if F::HALVES {
+                        // One i16 accumulator per half: pair sums ≤ 2·32·127, four steps ≤ 32 512.
+                        let a = &mut acc[g];
+                        a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(u0, _mm256_sign_epi8(x0, s0)));
+                        a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(u1, _mm256_sign_epi8(x1, s1)));
+                        continue;
+                    }
                     if VNNI {
                         let j = (2 * c) % chains;
                         let j1 = if chains > 1 { j + 1 } else { 0 };
@@ -391,23 +495,39 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         for g in 0..G {
             let t = t0 + g;
             let a = &acc[g];
-            let isum = if WIDE {
-                if VNNI && chains > 1 {
+            let sum = if WIDE && F::HALVES {
+                // Q6_K: a lane reaches 2 147 418 112 (16 products of 4096 · 32767), so a row's two lanes are
+                // added as floats.
+                let f = [0, 1, 2, 3].map(|i| _mm256_cvtepi32_ps(a[i]));
+                let (l, r) = if VNNI && chains > 1 {
+                    (_mm256_add_ps(f[0], f[2]), _mm256_add_ps(f[1], f[3]))
+                } else {
+                    (f[0], f[1])
+                };
+                _mm256_hadd_ps(l, r)
+            } else if WIDE {
+                _mm256_cvtepi32_ps(if VNNI && chains > 1 {
                     _mm256_hadd_epi32(_mm256_add_epi32(a[0], a[2]), _mm256_add_epi32(a[1], a[3]))
                 } else {
                     _mm256_hadd_epi32(a[0], a[1])
-                }
+                })
+            } else if F::HALVES {
+                // Each half's pair sums times its scale (exact: |·| ≤ 2·32 512·128).
+                _mm256_cvtepi32_ps(_mm256_add_epi32(
+                    _mm256_madd_epi16(a[0], halves[0]),
+                    _mm256_madd_epi16(a[1], halves[1]),
+                ))
             } else if VNNI {
                 let mut s = a[0];
                 for part in &a[1..chains] {
                     s = _mm256_add_epi32(s, *part);
                 }
-                s
+                _mm256_cvtepi32_ps(s)
             } else {
-                a[0]
+                _mm256_cvtepi32_ps(a[0])
             };
             let sc = _mm256_mul_ps(d, _mm256_set1_ps(*xd.add(t * nb + b)));
-            facc[g] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), facc[g]);
+            facc[g] = _mm256_fmadd_ps(sc, sum, facc[g]);
             if F::HAS_MIN || F::ZERO != 0.0 {
                 facc[g] = _mm256_fmadd_ps(m, _mm256_set1_ps(*xs.add(t * nb + b)), facc[g]);
             }
@@ -436,7 +556,7 @@ pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xs
         QuantFormat::Q5_1 => rows_f32::<Five<true>>(w, r0, xs, xsums, out),
         QuantFormat::Q8_0 => rows_f32::<Bytes>(w, r0, xs, xsums, out),
         QuantFormat::Q4_K => rows_f32::<K4>(w, r0, xs, xsums, out),
-        f => unreachable!("{f:?} is not tiled"),
+        QuantFormat::Q6_K => rows_f32::<K6>(w, r0, xs, xsums, out),
     }
 }
 
@@ -462,6 +582,24 @@ unsafe fn bytes_f32<F: TiledFormat>(v: __m128i) -> __m256 {
     _mm256_cvtepi32_ps(if F::SIGNED { _mm256_cvtepi8_epi32(v) } else { _mm256_cvtepu8_epi32(v) })
 }
 
+/// Lanes of rows `2p` and `2p + 1`, four each: how a word vector's bytes `8p .. 8p + 8` widen.
+#[inline(always)]
+unsafe fn pair_lanes(p: usize) -> __m256i {
+    let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+    _mm256_setr_epi32(a, a, a, a, b, b, b, b)
+}
+
+/// Eight weight bytes as f32: the values (Q6_K: `(q − 32)·s`, `s` the half's scales in `scale`).
+#[inline(always)]
+unsafe fn weights_f32<F: TiledFormat>(v: __m128i, scale: __m256) -> __m256 {
+    let w = bytes_f32::<F>(v);
+    if F::HALVES {
+        _mm256_mul_ps(_mm256_sub_ps(w, _mm256_set1_ps(32.0)), scale)
+    } else {
+        w
+    }
+}
+
 /// One row of tiles against one f32 activation row (`x`, its block sums `xsum`): lane `i` for weight row
 /// `i`. A word vector's bytes 8p .. 8p + 8 are rows 2p and 2p + 1, four values each, so accumulator `p` holds
 /// four partial sums of each of those two rows; a block's partial sums take the rows' scales, and the eight
@@ -477,32 +615,30 @@ unsafe fn tile_f32<F: TiledFormat>(tiles: *const u8, nb: usize, x: *const f32, x
             _mm_prefetch::<_MM_HINT_T0>(tiles.wrapping_add(b * stride + PREFETCH + 64 * line) as *const i8);
         }
         let (q, d, m) = F::block_at(tiles, b);
+        // Q6_K: each half's scales for the four row pairs (`pair_lanes`), applied to `q − 32`.
+        let mut hs = [[_mm256_setzero_ps(); 4]; 2];
+        if F::HALVES {
+            for (h, s) in F::f32_half_scales(tiles, b).into_iter().enumerate() {
+                for p in 0..4 {
+                    hs[h][p] = _mm256_permutevar8x32_ps(s, pair_lanes(p));
+                }
+            }
+        }
         let mut acc = [_mm256_setzero_ps(); 4];
         for c in 0..4 {
             let [w0, w1] = F::words(q, c);
             let xb = x.add(b * BLOCK + 4 * c);
-            for (wv, xv) in
-                [(w0, _mm256_broadcast_ps(&_mm_loadu_ps(xb))), (w1, _mm256_broadcast_ps(&_mm_loadu_ps(xb.add(16))))]
-            {
+            let (x0, x1) = (_mm256_broadcast_ps(&_mm_loadu_ps(xb)), _mm256_broadcast_ps(&_mm_loadu_ps(xb.add(16))));
+            for (h, (wv, xv)) in [(w0, x0), (w1, x1)].into_iter().enumerate() {
                 let (lo, hi) = (_mm256_castsi256_si128(wv), _mm256_extracti128_si256(wv, 1));
-                acc[0] = _mm256_fmadd_ps(bytes_f32::<F>(lo), xv, acc[0]);
-                acc[1] = _mm256_fmadd_ps(bytes_f32::<F>(_mm_srli_si128(lo, 8)), xv, acc[1]);
-                acc[2] = _mm256_fmadd_ps(bytes_f32::<F>(hi), xv, acc[2]);
-                acc[3] = _mm256_fmadd_ps(bytes_f32::<F>(_mm_srli_si128(hi, 8)), xv, acc[3]);
+                acc[0] = _mm256_fmadd_ps(weights_f32::<F>(lo, hs[h][0]), xv, acc[0]);
+                acc[1] = _mm256_fmadd_ps(weights_f32::<F>(_mm_srli_si128(lo, 8), hs[h][1]), xv, acc[1]);
+                acc[2] = _mm256_fmadd_ps(weights_f32::<F>(hi, hs[h][2]), xv, acc[2]);
+                acc[3] = _mm256_fmadd_ps(weights_f32::<F>(_mm_srli_si128(hi, 8), hs[h][3]), xv, acc[3]);
             }
         }
         for p in 0..4 {
-            let rows = _mm256_setr_epi32(
-                2 * p as i32,
-                2 * p as i32,
-                2 * p as i32,
-                2 * p as i32,
-                2 * p as i32 + 1,
-                2 * p as i32 + 1,
-                2 * p as i32 + 1,
-                2 * p as i32 + 1,
-            );
-            facc[p] = _mm256_fmadd_ps(acc[p], _mm256_permutevar8x32_ps(d, rows), facc[p]);
+            facc[p] = _mm256_fmadd_ps(acc[p], _mm256_permutevar8x32_ps(d, pair_lanes(p)), facc[p]);
         }
         if F::HAS_MIN || F::ZERO != 0.0 {
             macc = _mm256_fmadd_ps(m, _mm256_set1_ps(*xsum.add(b)), macc);
