@@ -89,6 +89,18 @@ trait TiledFormat {
     unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
 }
 
+/// Eight bytes at `p` as eight f32 (unsigned).
+#[inline(always)]
+unsafe fn u8x8_ps(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+}
+
+/// Eight i8 at `p` as i32 lanes.
+#[inline(always)]
+unsafe fn i8x8_epi32(p: *const u8) -> __m256i {
+    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
+}
+
 /// The low and high eight bytes of each 128-bit lane widened to i16 (sign-extended for `F::SIGNED`):
 /// in-lane unpacks, no lane crossing. (Q8_0 widens its own: sign extension straight from memory is cheaper.)
 #[inline(always)]
@@ -142,11 +154,14 @@ impl TiledFormat for K4 {
     #[inline(always)]
     unsafe fn block_at(tiles: *const u8, b: usize) -> (*const u8, __m256, __m256) {
         let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K4_TILE), b % (SUPER / BLOCK));
-        let bytes = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(t.add(o) as *const __m128i)));
         let d = _mm256_cvtph_ps(_mm_loadu_si128(t as *const __m128i));
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.add(2 * TILE_ROWS) as *const __m128i));
-        let m = _mm256_mul_ps(dmin, bytes(K4_MINS + 8 * j));
-        (t.add(K4_QS + 128 * j), _mm256_mul_ps(d, bytes(K4_SCALES + 8 * j)), _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
+        let m = _mm256_mul_ps(dmin, u8x8_ps(t.add(K4_MINS + 8 * j)));
+        (
+            t.add(K4_QS + 128 * j),
+            _mm256_mul_ps(d, u8x8_ps(t.add(K4_SCALES + 8 * j))),
+            _mm256_xor_ps(m, _mm256_set1_ps(-0.0)),
+        )
     }
     #[inline(always)]
     fn block_stride() -> usize {
@@ -198,17 +213,18 @@ impl TiledFormat for K6 {
     #[inline(always)]
     unsafe fn half_scales(tiles: *const u8, b: usize) -> [__m256i; 2] {
         let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K6_TILE), b % (SUPER / BLOCK));
-        let half = |h: usize| {
-            let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(t.add(K6_SCALES + 8 * (2 * j + h)) as *const __m128i));
-            _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(s, 16))
-        };
-        [half(0), half(1)]
+        let mut out = [_mm256_setzero_si256(); 2];
+        for (h, o) in out.iter_mut().enumerate() {
+            let s = i8x8_epi32(t.add(K6_SCALES + 8 * (2 * j + h)));
+            *o = _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(s, 16));
+        }
+        out
     }
     #[inline(always)]
     unsafe fn f32_half_scales(tiles: *const u8, b: usize) -> [__m256; 2] {
         let (t, j) = (tiles.add(b / (SUPER / BLOCK) * K6_TILE), b % (SUPER / BLOCK));
-        let half = |h: usize| _mm_loadl_epi64(t.add(K6_SCALES + 8 * (2 * j + h)) as *const __m128i);
-        [_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(0))), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(1)))]
+        let s = t.add(K6_SCALES + 16 * j);
+        [_mm256_cvtepi32_ps(i8x8_epi32(s)), _mm256_cvtepi32_ps(i8x8_epi32(s.add(8)))]
     }
     /// Unused: the halves take `maddubs` of `|q − 32|` (see `tile_sums`).
     #[inline(always)]
@@ -273,8 +289,11 @@ impl TiledFormat for Bytes {
     /// Rows 0..4 and rows 4..8 of each word, sign-extended straight from memory.
     #[inline(always)]
     unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
-        let half = |i: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16 * i) as *const __m128i));
-        [half(2 * c), half(2 * c + 1), half(2 * c + 8), half(2 * c + 9)]
+        let mut out = [_mm256_setzero_si256(); 4];
+        for (o, i) in out.iter_mut().zip([2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9]) {
+            *o = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16 * i) as *const __m128i));
+        }
+        out
     }
     /// `|w|` (unsigned) times `x` with `w`'s sign moved onto it.
     #[inline(always)]
@@ -418,8 +437,12 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         let halves = if F::HALVES { F::half_scales(tiles, b) } else { [_mm256_setzero_si256(); 2] };
         let wide_scales = if F::HALVES && WIDE {
             let (ra, rb) = (_mm256_setr_epi32(0, 0, 1, 1, 4, 4, 5, 5), _mm256_setr_epi32(2, 2, 3, 3, 6, 6, 7, 7));
-            let p = |v: __m256i, r: __m256i| _mm256_permutevar8x32_epi32(v, r);
-            [p(halves[0], ra), p(halves[0], rb), p(halves[1], ra), p(halves[1], rb)]
+            [
+                _mm256_permutevar8x32_epi32(halves[0], ra),
+                _mm256_permutevar8x32_epi32(halves[0], rb),
+                _mm256_permutevar8x32_epi32(halves[1], ra),
+                _mm256_permutevar8x32_epi32(halves[1], rb),
+            ]
         } else {
             [_mm256_setzero_si256(); 4]
         };
@@ -498,11 +521,13 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
             let sum = if WIDE && F::HALVES {
                 // Q6_K: a lane reaches 2 147 418 112 (16 products of 4096 · 32767), so a row's two lanes are
                 // added as floats.
-                let f = [0, 1, 2, 3].map(|i| _mm256_cvtepi32_ps(a[i]));
                 let (l, r) = if VNNI && chains > 1 {
-                    (_mm256_add_ps(f[0], f[2]), _mm256_add_ps(f[1], f[3]))
+                    (
+                        _mm256_add_ps(_mm256_cvtepi32_ps(a[0]), _mm256_cvtepi32_ps(a[2])),
+                        _mm256_add_ps(_mm256_cvtepi32_ps(a[1]), _mm256_cvtepi32_ps(a[3])),
+                    )
                 } else {
-                    (f[0], f[1])
+                    (_mm256_cvtepi32_ps(a[0]), _mm256_cvtepi32_ps(a[1]))
                 };
                 _mm256_hadd_ps(l, r)
             } else if WIDE {
