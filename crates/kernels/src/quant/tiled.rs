@@ -521,14 +521,14 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
             let sum = if WIDE && F::HALVES {
                 // Q6_K: a lane reaches 2 147 418 112 (16 products of 4096 · 32767), so a row's two lanes are
                 // added as floats.
+                // The chains' lanes add up to the single chain's exact lane sums (within i32), so the result
+                // does not depend on the batch.
                 let (l, r) = if VNNI && chains > 1 {
-                    (
-                        _mm256_add_ps(_mm256_cvtepi32_ps(a[0]), _mm256_cvtepi32_ps(a[2])),
-                        _mm256_add_ps(_mm256_cvtepi32_ps(a[1]), _mm256_cvtepi32_ps(a[3])),
-                    )
+                    (_mm256_add_epi32(a[0], a[2]), _mm256_add_epi32(a[1], a[3]))
                 } else {
-                    (_mm256_cvtepi32_ps(a[0]), _mm256_cvtepi32_ps(a[1]))
+                    (a[0], a[1])
                 };
+                let (l, r) = (_mm256_cvtepi32_ps(l), _mm256_cvtepi32_ps(r));
                 _mm256_hadd_ps(l, r)
             } else if WIDE {
                 _mm256_cvtepi32_ps(if VNNI && chains > 1 {
