@@ -53,7 +53,9 @@ const FFN: usize = 1536;
 const LAYERS: usize = 30;
 const VOCAB: usize = 49152;
 
-/// SmolLM2-135M's matmuls in execution order: per layer qkv, o, gate_up, down; then the head.
+/// SmolLM2-135M's matmuls in execution order: per layer qkv, o, gate_up, down; then the head; every one at
+/// activation precision `a` (the kernels' rate per precision; the loader gives the Q8_0 head 16 bits even
+/// with `--activations int8`).
 fn model(a: Activations) -> Vec<QMatrix> {
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut m = Vec::new();
@@ -69,7 +71,8 @@ fn model(a: Activations) -> Vec<QMatrix> {
 
 /// Qwen2.5-Coder-0.5B Q4_K_M's matmuls in execution order, with the file's formats: q/k/v (Q5_0; v is Q8_0
 /// in every other layer), o (Q5_0), gate/up (Q5_0), down (Q4_K and Q6_K alternating), the Q8_0 head. `mixed`:
-/// 16-bit activations into q/k/v, gate/up and the head, 8-bit into o and down (the default); else 8-bit.
+/// 16-bit activations into q/k/v, gate/up and the head, 8-bit into o and down (the default); else 8-bit but
+/// into the Q8_0 weights (as the loader's `--activations int8` does).
 fn qwen_model(mixed: bool) -> Vec<QMatrix> {
     let (h, ffn, kv) = (896, 4864, 128);
     let wide = if mixed { Activations::Int16 } else { Activations::Int8 };
@@ -80,14 +83,14 @@ fn qwen_model(mixed: bool) -> Vec<QMatrix> {
             m.push(matrix(&mut rng, QuantFormat::Q5_0, h + 2 * kv, h, wide));
         } else {
             m.push(matrix(&mut rng, QuantFormat::Q5_0, h + kv, h, wide));
-            m.push(matrix(&mut rng, QuantFormat::Q8_0, kv, h, wide));
+            m.push(matrix(&mut rng, QuantFormat::Q8_0, kv, h, Activations::Int16));
         }
         m.push(matrix(&mut rng, QuantFormat::Q5_0, h, h, Activations::Int8));
         m.push(matrix(&mut rng, QuantFormat::Q5_0, 2 * ffn, h, wide));
         let down = if layer % 2 == 0 { QuantFormat::Q4_K } else { QuantFormat::Q6_K };
         m.push(matrix(&mut rng, down, h, ffn, Activations::Int8));
     }
-    m.push(matrix(&mut rng, QuantFormat::Q8_0, 151_936, h, wide));
+    m.push(matrix(&mut rng, QuantFormat::Q8_0, 151_936, h, Activations::Int16));
     m
 }
 

@@ -166,14 +166,16 @@ impl QuantFormat {
         }
     }
 
-    /// A tiled format's bytes per tile (one block of eight rows).
+    /// A 32-value format's bytes per tile (one block of eight rows); the K-quants' tiles: `K4_TILE`, `K6_TILE`.
     pub(crate) fn tile_bytes(self) -> usize {
+        debug_assert!(!self.fields().is_empty(), "{self:?}: tile_bytes is for the 32-value formats");
         TILE_ROWS * self.block_bytes()
     }
 
     /// Offset of field `f` (see `fields`) in a tile; `tile_field(fields().len() - 1)` is the quantized
     /// values'.
     pub(crate) fn tile_field(self, f: usize) -> usize {
+        debug_assert!(!self.fields().is_empty(), "{self:?}: tile_field is for the 32-value formats");
         TILE_ROWS * self.fields()[..f].iter().sum::<usize>()
     }
 
@@ -352,8 +354,9 @@ impl QMatrix {
         self
     }
 
-    /// Bytes of quantized values plus scales and mins (the file's size; what a product reads, besides the
-    /// zero padding of a tiled matrix's last tile row).
+    /// Bytes of quantized values plus scales and mins: the file's size. A product reads about this much: the
+    /// same bytes rearranged, plus the zero padding of the last tile row (and for Q4_K 2.8 % more: its
+    /// sub-block scales and mins unpacked to a byte each).
     pub fn weight_bytes(&self) -> usize {
         self.rows * self.format.row_bytes(self.cols)
     }
@@ -645,7 +648,7 @@ struct RowRef<'a> {
     format: QuantFormat,
     /// Blocks in the row.
     nb: usize,
-    /// The row's bytes, or its tile row's.
+    /// The row's tile row.
     data: &'a [u8],
     lane: usize,
 }

@@ -45,7 +45,8 @@ pub struct LoadOptions {
 /// and twice the 8-bit time where multiplies set the pace (batches, prompts).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
-    /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down: 0.08–0.14 on SmolLM2.
+    /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down (16 where those are Q8_0, see
+    /// `for_weight`): 0.08–0.14 on SmolLM2.
     /// (16 bits into the head and q/k/v only measured 0.12–0.22, too close to 0.25 as the 8-bit noise is
     /// redrawn by any change of summation order.)
     #[default]

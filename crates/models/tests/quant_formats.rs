@@ -43,8 +43,9 @@ fn every_format_dequantizes_as_candle_does() {
         (QuantFormat::Q6_K, GgmlDType::Q6K),
     ];
     for (ours, theirs) in formats {
-        // Three rows, and (for the 32-value formats) a row length whose last group of blocks is short.
-        let (rows, cols) = (3, if ours.block_len() == 32 { 7 * 32 } else { 2 * 256 });
+        // 17 rows: every lane of a tile, a second tile row and a padded third; for the 32-value formats an odd
+        // number of blocks per row.
+        let (rows, cols) = (17, if ours.block_len() == 32 { 7 * 32 } else { 2 * 256 });
         let data = random_blocks(&mut rng, ours, rows, cols);
         let want = qtensor_from_ggml(theirs, &data, vec![rows, cols], &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))

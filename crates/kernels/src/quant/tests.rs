@@ -40,8 +40,8 @@ fn cols_for(format: QuantFormat, cols: usize) -> usize {
     cols.next_multiple_of(format.block_len())
 }
 
-/// Shapes `(rows, cols, n)`: block counts per row with every remainder mod 4 (the int8 kernel's tail),
-/// activation counts with every remainder mod 4 (its row groups), and both sides of `SMALL_BATCH`.
+/// Shapes `(rows, cols, n)`: row counts that end inside a tile, activation counts with every remainder mod 4
+/// (the tiled kernels take four activation rows per pass, then 3, 2 or 1), and batches up to 64 rows.
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 32, 1),
     (33, 64, 1),
@@ -255,7 +255,7 @@ fn results_are_bitwise_independent_of_batch_size() {
                 // 25 rows: the last task has an odd count, so decode runs a single-row tile after the pairs.
                 let (rows, cols) = (25, cols_for(format, 224));
                 let w = random_matrix(&mut rng, format, rows, cols).with_activations(acts);
-                for n in [2usize, 5, 16, 17, 40] {
+                for n in [2usize, 3, 5, 7, 16, 17, 40] {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
                     let mut batched = vec![0f32; n * rows];
                     qmatmul_on(isa, &w, &x, &mut batched);
@@ -329,6 +329,18 @@ fn concatenated_rows_give_the_same_products() {
     for t in 0..2 {
         assert_eq!(&yab[t * 12..t * 12 + 7], &ya[t * 7..t * 7 + 7]);
         assert_eq!(&yab[t * 12 + 7..t * 12 + 12], &yb[t * 5..t * 5 + 5]);
+    }
+    // The K-quants' tiles re-tiled the same way.
+    for format in [QuantFormat::Q4_K, QuantFormat::Q6_K] {
+        let (a, b) = (random_matrix(&mut rng, format, 7, 256), random_matrix(&mut rng, format, 5, 256));
+        let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
+        let x: Vec<f32> = (0..256).map(|_| rng.f32()).collect();
+        let (mut ya, mut yb, mut yab) = (vec![0f32; 7], vec![0f32; 5], vec![0f32; 12]);
+        qmatmul(&a, &x, &mut ya);
+        qmatmul(&b, &x, &mut yb);
+        qmatmul(&ab, &x, &mut yab);
+        assert_eq!(&yab[..7], &ya[..], "{format:?}");
+        assert_eq!(&yab[7..], &yb[..], "{format:?}");
     }
     // A first part of whole tiles (its tiles are kept as they are), then a ragged one.
     let c = random_matrix(&mut rng, QuantFormat::Q4_1, 8, 64);

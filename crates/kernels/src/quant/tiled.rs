@@ -2,7 +2,7 @@
 //! 8-, 16-bit or f32 activations.
 //!
 //! A tile holds one 32-value block of eight weight rows, the rows' quantized values interleaved in 4-byte
-//! words (see `quant::tile`). One 32-byte vector is then one word of each of the eight rows: four
+//! words (see `quant::tile`; a K-quant tile is a super-block of eight rows, its header then eight such blocks). One 32-byte vector is then one word of each of the eight rows: four
 //! consecutive values per row. Broadcasting the matching four activation values against it (`maddubs`,
 //! `vpdpbusd`, or `madd` on 16-bit values) puts each row's products in that row's own lane, so a block's
 //! eight integer sums come out with no horizontal folding, and one conversion and one FMA apply eight
@@ -61,8 +61,8 @@ trait TiledFormat {
     #[inline(always)]
     unsafe fn words16(q: *const u8, c: usize) -> [__m256i; 4] {
         let [a, b] = Self::words(q, c);
-        let [a0, a1] = widen16::<Self>(a);
-        let [b0, b1] = widen16::<Self>(b);
+        let [a0, a1] = widen16(a);
+        let [b0, b1] = widen16(b);
         [a0, a1, b0, b1]
     }
     /// Block `b` of a row of tiles: its quantized values, and the eight rows' scales and mins (`m`, or
@@ -83,10 +83,17 @@ trait TiledFormat {
     fn block_stride() -> usize {
         Self::FORMAT.tile_bytes()
     }
-    /// Sixteen i16 sums of adjacent products with four broadcast activation bytes (`maddubs`).
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i;
-    /// `acc` plus each lane's four products (`vpdpbusd`).
-    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+    /// Sixteen i16 sums of adjacent products with four broadcast activation bytes (`maddubs`; the default
+    /// takes `w` as unsigned bytes).
+    #[inline(always)]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(w, x)
+    }
+    /// `acc` plus each lane's four products (`vpdpbusd`; the default takes `w` as unsigned bytes).
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
 }
 
 /// Eight bytes at `p` as eight f32 (unsigned).
@@ -101,17 +108,12 @@ unsafe fn i8x8_epi32(p: *const u8) -> __m256i {
     _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
 }
 
-/// The low and high eight bytes of each 128-bit lane widened to i16 (sign-extended for `F::SIGNED`):
-/// in-lane unpacks, no lane crossing. (Q8_0 widens its own: sign extension straight from memory is cheaper.)
+/// The low and high eight (unsigned) bytes of each 128-bit lane widened to i16: in-lane unpacks, no lane
+/// crossing. (Q8_0, the signed format, widens its own: sign extension straight from memory is cheaper.)
 #[inline(always)]
-unsafe fn widen16<F: TiledFormat + ?Sized>(v: __m256i) -> [__m256i; 2] {
-    if F::SIGNED {
-        // Each byte doubled into both halves of an i16, then shifted down with its sign.
-        [_mm256_srai_epi16(_mm256_unpacklo_epi8(v, v), 8), _mm256_srai_epi16(_mm256_unpackhi_epi8(v, v), 8)]
-    } else {
-        let zero = _mm256_setzero_si256();
-        [_mm256_unpacklo_epi8(v, zero), _mm256_unpackhi_epi8(v, zero)]
-    }
+unsafe fn widen16(v: __m256i) -> [__m256i; 2] {
+    let zero = _mm256_setzero_si256();
+    [_mm256_unpacklo_epi8(v, zero), _mm256_unpackhi_epi8(v, zero)]
 }
 
 /// Q4_0 (`MIN` false, `m = −8·d`) and Q4_1: a 32-byte vector holds word `c` in its low nibbles and word
@@ -128,14 +130,6 @@ impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
         let l = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
         let mask = _mm256_set1_epi8(0x0F);
         [_mm256_and_si256(l, mask), _mm256_and_si256(_mm256_srli_epi16(l, 4), mask)]
-    }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, x)
     }
 }
 
@@ -167,14 +161,6 @@ impl TiledFormat for K4 {
     fn block_stride() -> usize {
         K4_TILE / (SUPER / BLOCK)
     }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, x)
-    }
 }
 
 /// Q6_K (see `quant::tile_q6k`): each 32-value block's low four bits tiled as Q4_1's nibbles and the top two
@@ -185,7 +171,7 @@ impl TiledFormat for K6 {
     const FORMAT: QuantFormat = QuantFormat::Q6_K;
     const HAS_MIN: bool = false;
     const ZERO: f32 = 0.0;
-    /// Unused: the halves keep their own accumulators (`HALVES`).
+    /// Unused: the halves keep their own accumulators, and their own product (`HALVES` in `tile_sums`).
     const FOLD: usize = 0;
     const HALVES: bool = true;
     #[inline(always)]
@@ -226,15 +212,6 @@ impl TiledFormat for K6 {
         let s = t.add(K6_SCALES + 16 * j);
         [_mm256_cvtepi32_ps(i8x8_epi32(s)), _mm256_cvtepi32_ps(i8x8_epi32(s.add(8)))]
     }
-    /// Unused: the halves take `maddubs` of `|q − 32|` (see `tile_sums`).
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, x)
-    }
 }
 
 /// Q5_0 (`MIN` false, `m = −16·d`) and Q5_1: nibbles as `Nibbles`, and the high bits' plane (32 bytes
@@ -260,14 +237,6 @@ impl<const MIN: bool> TiledFormat for Five<MIN> {
         };
         let bit4 = _mm256_set1_epi8(0x10);
         [_mm256_or_si256(lo, _mm256_and_si256(a, bit4)), _mm256_or_si256(hi, _mm256_and_si256(b, bit4))]
-    }
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
-    }
-    #[inline(always)]
-    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, x)
     }
 }
 
@@ -537,7 +506,8 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                     _mm256_hadd_epi32(a[0], a[1])
                 })
             } else if F::HALVES {
-                // Each half's pair sums times its scale (exact: |·| ≤ 2·32 512·128).
+                // Each half's pair sums times its scale: |·| ≤ 4·32 512·128 = 16 646 144, under 2^24, so the
+                // conversion is exact too.
                 _mm256_cvtepi32_ps(_mm256_add_epi32(
                     _mm256_madd_epi16(a[0], halves[0]),
                     _mm256_madd_epi16(a[1], halves[1]),
