@@ -4,7 +4,8 @@
 # Prints each side's medians and the ours/llama ratio per round (median, min–max).
 # Usage: LLAMA_BENCH=/path/to/llama-bench [LOAD=N] scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
 # LOAD=N runs N busy-looping processes for the whole measurement (a competing load, both sides alike).
-# MODEL=path measures another GGUF (default: SmolLM2-135M Q4_1).
+# MODEL=path measures another GGUF (default: SmolLM2-135M Q4_1). LLAMA_FLAGS="..." go to llama-bench (e.g.
+# "--repack 0": no repacked or AMX weights, where its build has them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 busy=()
@@ -24,8 +25,8 @@ for i in $(seq "$rounds"); do
   short=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json "$@")
   echo "ours $i $long"
   echo "ours $i $short"
-  echo "llama $i $("$LLAMA_BENCH" -m "$model" -t "$threads" -p 512 -n 128 -r 1 -o json 2>/dev/null | tr -d '\n')"
-  echo "llama $i $("$LLAMA_BENCH" -m "$model" -t "$threads" -p 0 -n 128 -d 512 -r 1 -o json 2>/dev/null | tr -d '\n')"
+  echo "llama $i $("$LLAMA_BENCH" -m "$model" -t "$threads" -p 512 -n 128 -r 1 -o json ${LLAMA_FLAGS:-} 2>/dev/null | tr -d '\n')"
+  echo "llama $i $("$LLAMA_BENCH" -m "$model" -t "$threads" -p 0 -n 128 -d 512 -r 1 -o json ${LLAMA_FLAGS:-} 2>/dev/null | tr -d '\n')"
 done | python3 -c '
 import json, statistics, sys
 runs = {}

@@ -104,7 +104,7 @@ fn pass(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, mats: &[QMatrix], isa:
     g.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
         b.iter(|| {
             for m in mats {
-                qmatmul_on(isa, m, &x[..m.cols()], &mut y[..m.rows()]);
+                qmatmul_on(isa.for_rows(1), m, &x[..m.cols()], &mut y[..m.rows()]);
             }
         })
     });
@@ -182,7 +182,9 @@ fn bench(c: &mut Criterion) {
             }
             for on in isas {
                 let id = format!("{format:?}/{rows}x{cols}/{on:?}");
-                g.bench_function(BenchmarkId::new(acts_name(a), id), |b| b.iter(|| qmatmul_on(on, &m, &x, &mut y)));
+                g.bench_function(BenchmarkId::new(acts_name(a), id), |b| {
+                    b.iter(|| qmatmul_on(on.for_rows(1), &m, &x, &mut y))
+                });
             }
         }
     }
@@ -198,7 +200,7 @@ fn bench(c: &mut Criterion) {
             let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
             let mut y = vec![0f32; rows];
             g.bench_function(BenchmarkId::new(acts_name(a), format!("{format:?}")), |b| {
-                b.iter(|| qmatmul_on(isa, &m, &x, &mut y))
+                b.iter(|| qmatmul_on(isa.for_rows(1), &m, &x, &mut y))
             });
         }
     }
@@ -229,7 +231,7 @@ fn batched(
         g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
             b.iter(|| {
                 for m in &mats {
-                    qmatmul_on(isa, m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
+                    qmatmul_on(isa.for_rows(n), m, &x[..n * m.cols()], &mut y[..n * m.rows()]);
                 }
             })
         });

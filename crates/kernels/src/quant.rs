@@ -233,6 +233,14 @@ impl std::str::FromStr for Activations {
 /// Instruction set the kernels use, detected once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// 512-bit kernels for the integer paths (AVX-512 F, BW, VL and VNNI): two tiles (16 weight rows) per
+    /// vector, `vpdpbusd` / `vpdpwssd` on 64 bytes; f32 activations and attention run the AVX2 kernels.
+    /// `qmatmul` runs them for products of at least 64 activation rows (prompts; `MLX_SERVING_ZMM_MIN_ROWS`)
+    /// and the 256-bit VNNI ones for fewer (decode). On the device's Xeon (Sapphire Rapids class, 2 cores):
+    /// in cache they are 1.15–1.3x faster at 4–8 rows, and `pp512` gains 1.16–1.18x; but running them for
+    /// decode too made single-stream decode 0.76–0.92x and 8 streams 0.95–0.96x. Why is not pinned down:
+    /// the weights of two tiles streamed at once from L3, or the core's lower clock under 512-bit work.
+    Avx512,
     /// The AVX2 kernels with AVX-512 VNNI integer dot products on 256-bit vectors (`vpdpbusd`, `vpdpwssd`;
     /// AVX512-VNNI with AVX512-VL: Intel since Ice Lake / Sapphire Rapids, AMD since Zen 4).
     Avx512Vnni,
@@ -244,8 +252,8 @@ pub enum Isa {
 
 impl Isa {
     /// The best path this CPU supports, unless `MLX_SERVING_ISA` caps it: `portable`, `avx2` (AVX2 without
-    /// VNNI) or `avx512vnni` (the default where the CPU has it), to test a path or to compare. An unknown
-    /// value is reported on stderr and ignored. Read once.
+    /// VNNI), `avx512vnni` (256-bit vectors with VNNI) or `avx512` (the default where the CPU has it), to test
+    /// a path or to compare. An unknown value is reported on stderr and ignored. Read once.
     pub fn detected() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
@@ -253,54 +261,70 @@ impl Isa {
             let cap = match want.as_str() {
                 "portable" => Isa::Portable,
                 "avx2" => Isa::Avx2,
-                "" | "avx512vnni" => Isa::Avx512Vnni,
+                "avx512vnni" => Isa::Avx512Vnni,
+                "" | "avx512" => Isa::Avx512,
                 other => {
-                    eprintln!("MLX_SERVING_ISA={other:?} is not one of portable, avx2, avx512vnni: ignored");
-                    Isa::Avx512Vnni
+                    eprintln!("MLX_SERVING_ISA={other:?} is not one of portable, avx2, avx512vnni, avx512: ignored");
+                    Isa::Avx512
                 }
             };
             Isa::all_on_this_cpu().into_iter().find(|isa| isa.rank() <= cap.rank()).unwrap_or(Isa::Portable)
         })
     }
 
-    /// Order of capability: portable 0, AVX2 1, VNNI 2.
+    /// Order of capability: portable 0, AVX2 1, VNNI 2, AVX-512 3.
     fn rank(self) -> u8 {
         match self {
             Isa::Portable => 0,
             Isa::Avx2 => 1,
             Isa::Avx512Vnni => 2,
+            Isa::Avx512 => 3,
         }
     }
 
     /// Whether this CPU can run the path (whatever `MLX_SERVING_ISA` says).
     pub fn on_this_cpu(self) -> bool {
-        static CPU: OnceLock<(bool, bool)> = OnceLock::new();
-        let (avx2, vnni) = *CPU.get_or_init(|| {
+        static CPU: OnceLock<(bool, bool, bool)> = OnceLock::new();
+        let (avx2, vnni, avx512) = *CPU.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
                 let avx2 = crate::vec::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c");
                 let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("avx512vl");
-                (avx2, avx2 && vnni)
+                let wide =
+                    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw");
+                (avx2, avx2 && vnni, avx2 && vnni && wide)
             }
             #[cfg(not(target_arch = "x86_64"))]
-            (false, false)
+            (false, false, false)
         });
         match self {
+            Isa::Avx512 => avx512,
             Isa::Avx512Vnni => vnni,
             Isa::Avx2 => avx2,
             Isa::Portable => true,
         }
     }
 
-    /// Whether the path runs the AVX2 kernels (with or without VNNI).
+    /// The path for a product over `n` activation rows: `Avx512` runs 256-bit VNNI below `zmm_min_rows`.
+    /// The two give bitwise the same results, so this keeps results independent of the batch.
+    pub fn for_rows(self, n: usize) -> Isa {
+        if self == Isa::Avx512 && n < zmm_min_rows() {
+            Isa::Avx512Vnni
+        } else {
+            self
+        }
+    }
+
+    /// Whether the path runs the AVX2 kernels (with or without VNNI; the 512-bit path runs them where it has
+    /// none of its own).
     pub fn avx2(self) -> bool {
-        matches!(self, Isa::Avx2 | Isa::Avx512Vnni)
+        matches!(self, Isa::Avx2 | Isa::Avx512Vnni | Isa::Avx512)
     }
 
     /// Every path this CPU can run, best first (tests run them all).
     pub fn all_on_this_cpu() -> Vec<Isa> {
-        [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.on_this_cpu()).collect()
+        [Isa::Avx512, Isa::Avx512Vnni, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.on_this_cpu()).collect()
     }
 }
 
@@ -842,8 +866,16 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
 
+/// The fewest activation rows for which the AVX-512 path runs its 512-bit kernels (the 256-bit VNNI ones
+/// below): `MLX_SERVING_ZMM_MIN_ROWS`, default 64, read once. See `Isa::Avx512` for why.
+fn zmm_min_rows() -> usize {
+    static MIN: OnceLock<usize> = OnceLock::new();
+    *MIN.get_or_init(|| std::env::var("MLX_SERVING_ZMM_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(64))
+}
+
 /// Task boundaries over `m` weight rows (integer paths): guided self-scheduling. Each task
-/// takes `1 / (2 · threads)` of the rows left (whole tiles of 8 rows, at least 16), so the first tasks are
+/// takes `1 / (2 · threads)` of the rows left (whole pairs of 8-row tiles: the 512-bit kernels take two at
+/// once), so the first tasks are
 /// long contiguous runs (what the prefetcher needs) and the last ones short, so the thread that finishes
 /// first waits at most a short task for the other. With equal tasks (four per thread) the caller spent 5 % of decode
 /// waiting at the end of each matmul.
@@ -852,7 +884,7 @@ fn guided_bounds(m: usize) -> Vec<usize> {
     let mut bounds = vec![0];
     let mut start = 0;
     while start < m {
-        let size = (m - start).div_ceil(div).next_multiple_of(TILE_ROWS).max(16);
+        let size = (m - start).div_ceil(div).next_multiple_of(2 * TILE_ROWS);
         start = (start + size).min(m);
         bounds.push(start);
     }
@@ -864,7 +896,7 @@ fn guided_bounds(m: usize) -> Vec<usize> {
 /// Parallel over weight rows; each task reads its weight rows once and applies them to every activation row
 /// (the weight read is shared across the batch, which is where batching pays on a CPU).
 pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
-    qmatmul_on(Isa::detected(), w, x, y)
+    qmatmul_on(Isa::detected().for_rows(x.len() / w.cols), w, x, y)
 }
 
 /// `qmatmul` on a given instruction set (tests force each one).
@@ -883,10 +915,10 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
                 // tiled; `acts` holds the `n` activation rows; `tiled_tasks` gives each task whole tiles and
                 // its own columns of `y`.
                 tiled_tasks(y, n, m, |r0, rows, yp| unsafe {
-                    if isa == Isa::Avx512Vnni {
-                        tiled::rows_tiled_vnni(w, r0, rows, &acts, n, yp)
-                    } else {
-                        tiled::rows_tiled(w, r0, rows, &acts, n, yp)
+                    match isa {
+                        Isa::Avx512 => tiled::rows_tiled_512(w, r0, rows, &acts, n, yp),
+                        Isa::Avx512Vnni => tiled::rows_tiled_vnni(w, r0, rows, &acts, n, yp),
+                        _ => tiled::rows_tiled(w, r0, rows, &acts, n, yp),
                     }
                 });
                 return;

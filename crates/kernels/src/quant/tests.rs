@@ -219,29 +219,35 @@ fn integer_sums_at_their_extremes() {
     }
 }
 
-/// The VNNI path computes the same integer sums as the AVX2 one, so bitwise the same outputs (where the CPU
-/// has VNNI; elsewhere there is nothing to compare).
+/// The VNNI paths (256- and 512-bit) compute the same integer sums as the AVX2 one and the same float
+/// operations, so bitwise the same outputs (where the CPU has them; elsewhere there is nothing to compare).
+/// Row counts give the 512-bit kernel pairs of tiles, a partial second tile and a last odd tile.
 #[test]
-fn vnni_matches_avx2_bitwise() {
-    if !Isa::Avx512Vnni.on_this_cpu() {
+fn vnni_paths_match_avx2_bitwise() {
+    let others: Vec<Isa> = [Isa::Avx512, Isa::Avx512Vnni].into_iter().filter(|i| i.on_this_cpu()).collect();
+    if others.is_empty() {
         println!("no VNNI on this CPU: nothing to compare");
         return;
     }
     let mut rng = Lcg(17);
-    for acts in [Activations::Int8, Activations::Int16] {
-        for format in FORMATS {
-            for n in [1, 3, 6] {
-                let cols = cols_for(format, 224);
-                let w = random_matrix(&mut rng, format, 9, cols).with_activations(acts);
-                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
-                let (mut a, mut b) = (vec![0f32; n * 9], vec![0f32; n * 9]);
-                qmatmul_on(Isa::Avx2, &w, &x, &mut a);
-                qmatmul_on(Isa::Avx512Vnni, &w, &x, &mut b);
-                assert_eq!(a, b, "{acts:?} {format:?} n={n}");
+    for isa in &others {
+        for acts in [Activations::Int8, Activations::Int16] {
+            for format in FORMATS {
+                for rows in [9, 16, 25, 40] {
+                    for n in [1, 2, 3, 4, 6, 9] {
+                        let cols = cols_for(format, 224);
+                        let w = random_matrix(&mut rng, format, rows, cols).with_activations(acts);
+                        let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                        let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                        qmatmul_on(Isa::Avx2, &w, &x, &mut a);
+                        qmatmul_on(*isa, &w, &x, &mut b);
+                        assert_eq!(a, b, "{isa:?} {acts:?} {format:?} rows={rows} n={n}");
+                    }
+                }
             }
         }
     }
-    println!("VNNI and AVX2 compared: {} formats, 2 widths, 3 batch sizes", FORMATS.len());
+    println!("{others:?} and AVX2 compared: {} formats, 2 widths, 4 row counts, 6 batch sizes", FORMATS.len());
 }
 
 /// Each activation row gets bitwise the same result alone, in a decode batch and in a prefill batch
@@ -482,4 +488,18 @@ fn vectorized_quantize_matches_portable() {
             "16-bit halves round away from zero"
         );
     }
+}
+
+/// `qmatmul` on the AVX-512 path takes the 512-bit kernels for prompt-sized products only, and never hands a
+/// CPU a path it lacks.
+#[test]
+fn avx512_runs_512_bit_kernels_for_prompts_only() {
+    assert_eq!(Isa::Avx512.for_rows(1), Isa::Avx512Vnni);
+    assert_eq!(Isa::Avx512.for_rows(63), Isa::Avx512Vnni);
+    assert_eq!(Isa::Avx512.for_rows(64), Isa::Avx512);
+    for isa in [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable] {
+        assert_eq!(isa.for_rows(1), isa);
+        assert_eq!(isa.for_rows(512), isa);
+    }
+    assert!(Isa::detected().for_rows(1).on_this_cpu() && Isa::detected().for_rows(512).on_this_cpu());
 }

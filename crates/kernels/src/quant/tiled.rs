@@ -94,7 +94,21 @@ trait TiledFormat {
     unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, w, x)
     }
+    /// (512-bit) `words` of two tiles' blocks at `qa` and `qb`: tile A's rows in lanes 0..8, B's in 8..16.
+    #[inline(always)]
+    unsafe fn words512(qa: *const u8, qb: *const u8, c: usize) -> [__m512i; 2] {
+        let ([a0, a1], [b0, b1]) = (Self::words(qa, c), Self::words(qb, c));
+        [zmm::join(a0, b0), zmm::join(a1, b1)]
+    }
+    /// (512-bit) `dot_vnni` on 64 bytes.
+    #[inline(always)]
+    unsafe fn dot512(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, w, x)
+    }
 }
+
+mod zmm;
+use zmm::rows_as512;
 
 /// Eight bytes at `p` as eight f32 (unsigned).
 #[inline(always)]
@@ -131,6 +145,10 @@ impl<const MIN: bool> TiledFormat for Nibbles<MIN> {
         let mask = _mm256_set1_epi8(0x0F);
         [_mm256_and_si256(l, mask), _mm256_and_si256(_mm256_srli_epi16(l, 4), mask)]
     }
+    #[inline(always)]
+    unsafe fn words512(qa: *const u8, qb: *const u8, c: usize) -> [__m512i; 2] {
+        zmm::nibbles(qa.add(32 * c), qb.add(32 * c))
+    }
 }
 
 /// Q4_K: each 32-value sub-block's nibbles tiled as Q4_1's (see `quant::tile_q4k`), with scale `d·s` and min
@@ -144,6 +162,10 @@ impl TiledFormat for K4 {
     #[inline(always)]
     unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
         Nibbles::<true>::words(q, c)
+    }
+    #[inline(always)]
+    unsafe fn words512(qa: *const u8, qb: *const u8, c: usize) -> [__m512i; 2] {
+        Nibbles::<true>::words512(qa, qb, c)
     }
     #[inline(always)]
     unsafe fn block_at(tiles: *const u8, b: usize) -> (*const u8, __m256, __m256) {
@@ -273,6 +295,10 @@ impl TiledFormat for Bytes {
     unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
     }
+    #[inline(always)]
+    unsafe fn dot512(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(w), zmm::sign_of(x, w))
+    }
 }
 
 /// `y[t * m + r] = Σ w[r]·x̂[t]` for the weight rows `r0 .. r0 + rows` (`r0` a multiple of 8) and every
@@ -283,7 +309,7 @@ impl TiledFormat for Bytes {
 /// else reads or writes at these places meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
-    rows_tiled_on::<false>(w, r0, rows, acts, n, y)
+    by_format::<Ymm<false>>(w, r0, rows, acts, n, y)
 }
 
 /// `rows_tiled` with VNNI dot products: the same integer sums, so bitwise the same results.
@@ -291,27 +317,60 @@ pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: 
 /// SAFETY (caller): as `rows_tiled`, and AVX512-VNNI with AVX512-VL available.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
-    rows_tiled_on::<true>(w, r0, rows, acts, n, y)
+    by_format::<Ymm<true>>(w, r0, rows, acts, n, y)
 }
 
+/// `rows_tiled` on 512-bit vectors (see `tile_sums512`): the same integer sums and float operations per
+/// (weight row, activation row), so bitwise the same results.
+///
+/// SAFETY (caller): as `rows_tiled`, and AVX512 F, BW, VL and VNNI available.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn rows_tiled_512(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+    by_format::<Zmm>(w, r0, rows, acts, n, y)
+}
+
+/// A kernel over whole rows of tiles, for any format and activation width (what `by_format` picks).
+trait Rows {
+    unsafe fn rows<F: TiledFormat, const WIDE: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out);
+}
+
+/// The 256-bit kernels (`VNNI`: with `vpdpbusd` / `vpdpwssd`).
+struct Ymm<const VNNI: bool>;
+impl<const VNNI: bool> Rows for Ymm<VNNI> {
+    #[inline(always)]
+    unsafe fn rows<F: TiledFormat, const WIDE: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) {
+        rows_as::<F, WIDE, VNNI>(w, r0, acts, out)
+    }
+}
+
+/// The 512-bit kernels: two tiles per vector.
+struct Zmm;
+impl Rows for Zmm {
+    #[inline(always)]
+    unsafe fn rows<F: TiledFormat, const WIDE: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) {
+        rows_as512::<F, WIDE>(w, r0, acts, out)
+    }
+}
+
+/// Runs `R`'s kernel for `w`'s format and the activations' width.
 #[inline(always)]
-unsafe fn rows_tiled_on<const VNNI: bool>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+unsafe fn by_format<R: Rows>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
     let out = Out { y, m: w.rows, rows, n };
     match (w.format, acts.is_wide()) {
-        (QuantFormat::Q4_0, false) => rows_as::<Nibbles<false>, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q4_0, true) => rows_as::<Nibbles<false>, true, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q4_1, false) => rows_as::<Nibbles<true>, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q4_1, true) => rows_as::<Nibbles<true>, true, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q5_0, false) => rows_as::<Five<false>, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q5_0, true) => rows_as::<Five<false>, true, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q5_1, false) => rows_as::<Five<true>, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q5_1, true) => rows_as::<Five<true>, true, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q8_0, false) => rows_as::<Bytes, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q8_0, true) => rows_as::<Bytes, true, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q4_K, false) => rows_as::<K4, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q4_K, true) => rows_as::<K4, true, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q6_K, false) => rows_as::<K6, false, VNNI>(w, r0, acts, out),
-        (QuantFormat::Q6_K, true) => rows_as::<K6, true, VNNI>(w, r0, acts, out),
+        (QuantFormat::Q4_0, false) => R::rows::<Nibbles<false>, false>(w, r0, acts, out),
+        (QuantFormat::Q4_0, true) => R::rows::<Nibbles<false>, true>(w, r0, acts, out),
+        (QuantFormat::Q4_1, false) => R::rows::<Nibbles<true>, false>(w, r0, acts, out),
+        (QuantFormat::Q4_1, true) => R::rows::<Nibbles<true>, true>(w, r0, acts, out),
+        (QuantFormat::Q5_0, false) => R::rows::<Five<false>, false>(w, r0, acts, out),
+        (QuantFormat::Q5_0, true) => R::rows::<Five<false>, true>(w, r0, acts, out),
+        (QuantFormat::Q5_1, false) => R::rows::<Five<true>, false>(w, r0, acts, out),
+        (QuantFormat::Q5_1, true) => R::rows::<Five<true>, true>(w, r0, acts, out),
+        (QuantFormat::Q8_0, false) => R::rows::<Bytes, false>(w, r0, acts, out),
+        (QuantFormat::Q8_0, true) => R::rows::<Bytes, true>(w, r0, acts, out),
+        (QuantFormat::Q4_K, false) => R::rows::<K4, false>(w, r0, acts, out),
+        (QuantFormat::Q4_K, true) => R::rows::<K4, true>(w, r0, acts, out),
+        (QuantFormat::Q6_K, false) => R::rows::<K6, false>(w, r0, acts, out),
+        (QuantFormat::Q6_K, true) => R::rows::<K6, true>(w, r0, acts, out),
     }
 }
 
@@ -326,26 +385,45 @@ struct Out {
 
 #[inline(always)]
 unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) {
-    let Out { rows, n, .. } = out;
-    let nb = w.cols / BLOCK;
-    // The kernel reads and writes through raw pointers: these bounds are what keeps it in range.
-    assert!(r0.is_multiple_of(TILE_ROWS) && r0 + rows <= w.rows, "tiled tasks cover whole tiles of `w`");
-    let values = if WIDE { acts.x16.len() } else { acts.qs.len() };
-    assert!(acts.k == w.cols && values >= n * w.cols && acts.d.len() >= n * nb && acts.s.len() >= n * nb);
+    let (rows, nb) = (out.rows, check_bounds::<WIDE>(w, r0, acts, out));
     for i0 in (0..rows).step_by(TILE_ROWS) {
         let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
-        let (r, valid) = (r0 + i0, (rows - i0).min(TILE_ROWS));
-        let mut t0 = 0;
-        while n - t0 >= 4 {
-            put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 4>(tiles, nb, acts, t0));
-            t0 += 4;
-        }
-        match n - t0 {
-            3 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 3>(tiles, nb, acts, t0)),
-            2 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 2>(tiles, nb, acts, t0)),
-            1 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 1>(tiles, nb, acts, t0)),
-            _ => {}
-        }
+        tile_row_ymm::<F, WIDE, VNNI>(tiles, nb, acts, out, r0 + i0, (rows - i0).min(TILE_ROWS));
+    }
+}
+
+/// Checks what keeps the kernels' raw pointers in range (whole tiles of `w`, `n` rows of activations);
+/// returns the blocks per row.
+#[inline(always)]
+fn check_bounds<const WIDE: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) -> usize {
+    let (nb, n) = (w.cols / BLOCK, out.n);
+    assert!(r0.is_multiple_of(TILE_ROWS) && r0 + out.rows <= w.rows, "tiled tasks cover whole tiles of `w`");
+    let values = if WIDE { acts.x16.len() } else { acts.qs.len() };
+    assert!(acts.k == w.cols && values >= n * w.cols && acts.d.len() >= n * nb && acts.s.len() >= n * nb);
+    nb
+}
+
+/// One row of tiles (weight rows `r ..`, `valid` of them) against every activation row, four at a time.
+#[inline(always)]
+unsafe fn tile_row_ymm<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
+    tiles: *const u8,
+    nb: usize,
+    acts: &Q8Acts,
+    out: Out,
+    r: usize,
+    valid: usize,
+) {
+    let n = out.n;
+    let mut t0 = 0;
+    while n - t0 >= 4 {
+        put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 4>(tiles, nb, acts, t0));
+        t0 += 4;
+    }
+    match n - t0 {
+        3 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 3>(tiles, nb, acts, t0)),
+        2 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 2>(tiles, nb, acts, t0)),
+        1 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 1>(tiles, nb, acts, t0)),
+        _ => {}
     }
 }
 
