@@ -476,9 +476,16 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         }
         // Integer block sums: 8-bit, one accumulator per activation row (i16 pair sums, or i32); 16-bit,
         // one for rows 0, 1, 4, 5 and one for rows 2, 3, 6, 7 (two i32 lanes per row). VNNI's multiply-accumulates
-        // chain through their accumulator (5 cycles each): with fewer than three activation rows to
-        // interleave, the products go round `chains` accumulators per row, summed at the end of the block.
-        let chains = if VNNI && G < 3 { 4 / G } else { 1 };
+        // chain through their accumulator (5 cycles each), so the products go round `chains` accumulators
+        // per row (four with one or two activation rows to interleave, two with more), summed at the end of
+        // the block.
+        let chains = if !VNNI {
+            1
+        } else if G < 3 {
+            4 / G
+        } else {
+            2
+        };
         // Q6_K: each half's scales, in the 8-bit accumulators' lane order and in the 16-bit words' (rows 0, 1,
         // 4, 5 and 2, 3, 6, 7, four values a row), where they multiply the weights `q − 32` (|·| ≤ 4096).
         let halves = if F::HALVES { F::half_scales(tiles, b) } else { [_mm256_setzero_si256(); 2] };
