@@ -238,18 +238,34 @@ pub fn for_each_chunk_mut_with<T: Send, S: Send>(
     drop(scratch);
 }
 
+/// `for_each_split_mut` with a scratch value per thread (made by `init`), as `for_each_chunk_mut_with`.
+pub fn for_each_split_mut_with<T: Send, S: Send>(
+    data: &mut [T],
+    bounds: &[usize],
+    init: impl Fn() -> S,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync,
+) {
+    assert!(bounds.windows(2).all(|w| w[0] <= w[1]) && bounds.last().is_none_or(|&b| b <= data.len()));
+    let pool = global();
+    let mut scratch: Vec<UnsafeCell<S>> = (0..pool.threads()).map(|_| UnsafeCell::new(init())).collect();
+    let scratch_ptr = SendPtr(scratch.as_mut_ptr());
+    let base = SendPtr(data.as_mut_ptr());
+    let task = |t: usize, worker: usize| {
+        // SAFETY: tasks get disjoint, in-range parts of `data` (ascending bounds, checked above), which
+        // outlives the job.
+        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(bounds[t]), bounds[t + 1] - bounds[t]) };
+        // SAFETY: as in `for_each_chunk_mut_with`: one running task per worker slot.
+        let slot = unsafe { &mut *(*scratch_ptr.get().add(worker)).get() };
+        f(slot, t, part);
+    };
+    pool.run(bounds.len().saturating_sub(1), &task);
+    drop(scratch);
+}
+
 /// Runs `f(task, part)` in parallel over `data` split at `bounds` (ascending offsets: task `t` gets
 /// `data[bounds[t] .. bounds[t + 1]]`; the last bound is `data.len()`). Tasks are claimed in order.
 pub fn for_each_split_mut<T: Send>(data: &mut [T], bounds: &[usize], f: impl Fn(usize, &mut [T]) + Sync) {
-    assert!(bounds.windows(2).all(|w| w[0] <= w[1]) && bounds.last().is_none_or(|&e| e <= data.len()));
-    let base = SendPtr(data.as_mut_ptr());
-    let task = |t: usize, _worker: usize| {
-        let (start, end) = (bounds[t], bounds[t + 1]);
-        // SAFETY: the bounds ascend within `data`, so tasks get disjoint ranges; `data` outlives the job.
-        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-        f(t, part);
-    };
-    global().run(bounds.len().saturating_sub(1), &task);
+    for_each_split_mut_with(data, bounds, || (), |_, t, part| f(t, part));
 }
 
 #[cfg(test)]

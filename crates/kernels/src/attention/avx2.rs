@@ -74,6 +74,90 @@ unsafe fn accumulate<T: KvElem, const NV: usize>(acc: *mut f32, w: *const f32, v
     }
 }
 
+/// Scores of query head `g` (`q`) against the tile's `padded` K rows at `kp + offs[p]` (rows from `tl` on are
+/// masked), the online-softmax update of `st`'s head `g`, and the tile's weights left in `sc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_tile<T: KvElem>(
+    st: &mut Partial<'_>,
+    g: usize,
+    q: *const f32,
+    kp: *const T,
+    offs: &[usize],
+    tl: usize,
+    sc: *mut f32,
+    scale: f32,
+) {
+    let hd = st.acc.len() / st.m.len();
+    let padded = tl.div_ceil(8) * 8;
+    for j0 in (0..padded).step_by(8) {
+        let mut a = [_mm256_setzero_ps(); 8];
+        for d in (0..hd).step_by(8) {
+            let qv = _mm256_loadu_ps(q.add(d));
+            for (p, r) in a.iter_mut().enumerate() {
+                *r = _mm256_fmadd_ps(qv, T::load8(kp.add(offs[j0 + p] + d)), *r);
+            }
+        }
+        _mm256_storeu_ps(sc.add(j0), _mm256_mul_ps(transpose_sum(&a), _mm256_set1_ps(scale)));
+    }
+    for j in tl..padded {
+        *sc.add(j) = f32::NEG_INFINITY;
+    }
+    let mut mx = _mm256_loadu_ps(sc);
+    for j0 in (8..padded).step_by(8) {
+        mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc.add(j0)));
+    }
+    let m_new = st.m[g].max(hmax(mx));
+    if st.m[g] != m_new {
+        // exp(-inf) = 0 clears the empty initial state.
+        let corr = (st.m[g] - m_new).exp();
+        st.l[g] *= corr;
+        st.acc[g * hd..(g + 1) * hd].iter_mut().for_each(|a| *a *= corr);
+        st.m[g] = m_new;
+    }
+    let mv = _mm256_set1_ps(m_new);
+    let mut sum = _mm256_setzero_ps();
+    for j0 in (0..padded).step_by(8) {
+        let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc.add(j0)), mv));
+        _mm256_storeu_ps(sc.add(j0), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    st.l[g] += crate::vec::simd::hsum(sum);
+}
+
+/// `acc[..hd] += Σ_j w[j] · V[offs[j]]` for one head, 64, 32 or 8 dimensions at a time.
+#[inline(always)]
+unsafe fn accumulate_head<T: KvElem>(acc: *mut f32, w: *const f32, vp: *const T, offs: &[usize], hd: usize) {
+    let mut d0 = 0;
+    while d0 + 64 <= hd {
+        accumulate::<T, 8>(acc.add(d0), w, vp.add(d0), offs);
+        d0 += 64;
+    }
+    while d0 + 32 <= hd {
+        accumulate::<T, 4>(acc.add(d0), w, vp.add(d0), offs);
+        d0 += 32;
+    }
+    while d0 < hd {
+        accumulate::<T, 1>(acc.add(d0), w, vp.add(d0), offs);
+        d0 += 8;
+    }
+}
+
+/// The cache offsets of the tile's `tl` positions from `t0`, then (up to a multiple of 8) its last one again:
+/// valid reads whose scores are masked. Returns the padded count.
+#[inline(always)]
+fn tile_offsets<T: KvElem>(sp: &Span<'_, T>, t0: usize, tl: usize, offs: &mut [usize; TILE]) -> usize {
+    let hd = sp.layout.head_dim;
+    for (j, o) in offs[..tl].iter_mut().enumerate() {
+        *o = sp.layout.offset((sp.slot_of)(t0 + j), sp.kvh);
+        debug_assert!(*o + hd <= sp.k_cache.len() && *o + hd <= sp.v_cache.len());
+    }
+    let padded = tl.div_ceil(8) * 8;
+    let last = offs[tl - 1];
+    offs[tl..padded].fill(last);
+    padded
+}
+
 /// Folds `sp` into `st` (see the portable `attend_range_impl`).
 ///
 /// # Safety
@@ -81,76 +165,80 @@ unsafe fn accumulate<T: KvElem, const NV: usize>(acc: *mut f32, w: *const f32, v
 /// `check` establishes for the block tables); `scores.len() ≥ group · TILE`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_, T>, scores: &mut [f32]) {
-    let Span { qg, k_cache, v_cache, layout, kvh, slot_of, ref range, scale, .. } = *sp;
-    let hd = layout.head_dim;
-    let group = qg.len() / hd;
+    let hd = sp.layout.head_dim;
+    let group = sp.qg.len() / hd;
     debug_assert!(hd.is_multiple_of(8) && scores.len() >= group * TILE);
-    let (kp, vp) = (k_cache.as_ptr(), v_cache.as_ptr());
-    let scale_v = _mm256_set1_ps(scale);
+    let (kp, vp) = (sp.k_cache.as_ptr(), sp.v_cache.as_ptr());
     let mut offs = [0usize; TILE];
-    let mut t0 = range.start;
-    while t0 < range.end {
-        let tl = TILE.min(range.end - t0);
-        let padded = tl.div_ceil(8) * 8;
-        for (j, o) in offs[..tl].iter_mut().enumerate() {
-            *o = layout.offset(slot_of(t0 + j), kvh);
-            debug_assert!(*o + hd <= k_cache.len() && *o + hd <= v_cache.len());
-        }
-        // Positions past the tile's end repeat its last one (valid reads); their scores are masked below.
-        let last = offs[tl - 1];
-        offs[tl..padded].fill(last);
+    let mut t0 = sp.range.start;
+    while t0 < sp.range.end {
+        let tl = TILE.min(sp.range.end - t0);
+        tile_offsets(sp, t0, tl, &mut offs);
         for g in 0..group {
-            let q = qg.as_ptr().add(g * hd);
-            let sc = scores.as_mut_ptr().add(g * TILE);
-            for j0 in (0..padded).step_by(8) {
-                let mut a = [_mm256_setzero_ps(); 8];
-                for d in (0..hd).step_by(8) {
-                    let qv = _mm256_loadu_ps(q.add(d));
-                    for (p, r) in a.iter_mut().enumerate() {
-                        *r = _mm256_fmadd_ps(qv, T::load8(kp.add(offs[j0 + p] + d)), *r);
-                    }
-                }
-                _mm256_storeu_ps(sc.add(j0), _mm256_mul_ps(transpose_sum(&a), scale_v));
-            }
-            for j in tl..padded {
-                *sc.add(j) = f32::NEG_INFINITY;
-            }
-            let mut mx = _mm256_loadu_ps(sc);
-            for j0 in (8..padded).step_by(8) {
-                mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc.add(j0)));
-            }
-            let m_new = st.m[g].max(hmax(mx));
-            if st.m[g] != m_new {
-                // exp(-inf) = 0 clears the empty initial state.
-                let corr = (st.m[g] - m_new).exp();
-                st.l[g] *= corr;
-                st.acc[g * hd..(g + 1) * hd].iter_mut().for_each(|a| *a *= corr);
-                st.m[g] = m_new;
-            }
-            let mv = _mm256_set1_ps(m_new);
-            let mut sum = _mm256_setzero_ps();
-            for j0 in (0..padded).step_by(8) {
-                let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc.add(j0)), mv));
-                _mm256_storeu_ps(sc.add(j0), e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            st.l[g] += crate::vec::simd::hsum(sum);
+            score_tile(st, g, sp.qg.as_ptr().add(g * hd), kp, &offs, tl, scores.as_mut_ptr().add(g * TILE), sp.scale);
         }
         for g in 0..group {
-            let w = scores.as_ptr().add(g * TILE);
-            let acc = st.acc.as_mut_ptr().add(g * hd);
-            let mut d0 = 0;
-            while d0 + 64 <= hd {
-                accumulate::<T, 8>(acc.add(d0), w, vp.add(d0), &offs[..tl]);
-                d0 += 64;
+            accumulate_head(st.acc.as_mut_ptr().add(g * hd), scores.as_ptr().add(g * TILE), vp, &offs[..tl], hd);
+        }
+        t0 += tl;
+    }
+}
+
+/// `attend_range` for several query tokens at once (a prefill block): token `i` (queries `qs[i]`, state
+/// `states[i]`) over positions `sp.range.start .. ends[i]`. Each tile's K and V rows are converted to f32 once
+/// for all of them; per token the operations and their order are `attend_range`'s on the same values, so
+/// the results are bitwise its results.
+///
+/// # Safety
+/// As `attend_range`, for every token's range; `scores.len() ≥ tokens · group · TILE`, `rows.len() ≥ 2 · TILE
+/// · head_dim`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn attend_block<T: KvElem>(
+    states: &mut [Partial<'_>],
+    qs: &[&[f32]],
+    ends: &[usize],
+    sp: &Span<'_, T>,
+    scores: &mut [f32],
+    rows: &mut [f32],
+) {
+    let hd = sp.layout.head_dim;
+    let group = qs[0].len() / hd;
+    debug_assert!(hd.is_multiple_of(8) && scores.len() >= qs.len() * group * TILE && rows.len() >= 2 * TILE * hd);
+    let (kp, vp) = (sp.k_cache.as_ptr(), sp.v_cache.as_ptr());
+    let (kb, vb) = rows.split_at_mut(TILE * hd);
+    let mut offs = [0usize; TILE];
+    let mut local = [0usize; TILE];
+    for (j, o) in local.iter_mut().enumerate() {
+        *o = j * hd;
+    }
+    let end = ends.iter().copied().max().unwrap_or(sp.range.start);
+    let mut t0 = sp.range.start;
+    while t0 < end {
+        let tl = TILE.min(end - t0);
+        let padded = tile_offsets(sp, t0, tl, &mut offs);
+        for (j, &o) in offs[..padded].iter().enumerate() {
+            for d in (0..hd).step_by(8) {
+                _mm256_storeu_ps(kb.as_mut_ptr().add(j * hd + d), T::load8(kp.add(o + d)));
             }
-            while d0 + 32 <= hd {
-                accumulate::<T, 4>(acc.add(d0), w, vp.add(d0), &offs[..tl]);
-                d0 += 32;
+        }
+        for (j, &o) in offs[..tl].iter().enumerate() {
+            for d in (0..hd).step_by(8) {
+                _mm256_storeu_ps(vb.as_mut_ptr().add(j * hd + d), T::load8(vp.add(o + d)));
             }
-            while d0 < hd {
-                accumulate::<T, 1>(acc.add(d0), w, vp.add(d0), &offs[..tl]);
-                d0 += 8;
+        }
+        for (i, st) in states.iter_mut().enumerate() {
+            if ends[i] <= t0 {
+                continue;
+            }
+            let tli = tl.min(ends[i] - t0);
+            let sc = scores.as_mut_ptr().add(i * group * TILE);
+            for g in 0..group {
+                let q = qs[i].as_ptr().add(g * hd);
+                score_tile::<f32>(st, g, q, kb.as_ptr(), &local, tli, sc.add(g * TILE), sp.scale);
+            }
+            for g in 0..group {
+                let acc = st.acc.as_mut_ptr().add(g * hd);
+                accumulate_head::<f32>(acc, sc.add(g * TILE), vb.as_ptr(), &local[..tli], hd);
             }
         }
         t0 += tl;
