@@ -101,7 +101,7 @@ fn pass(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, mats: &[QMatrix], isa:
     let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
     let mut y = vec![0f32; mats.iter().map(|m| m.rows()).max().unwrap_or(0)];
     g.throughput(Throughput::Bytes(bytes as u64));
-    g.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
+    g.bench_function(BenchmarkId::new(name, format!("{:?}", isa.for_rows(1))), |b| {
         b.iter(|| {
             for m in mats {
                 qmatmul_on(isa.for_rows(1), m, &x[..m.cols()], &mut y[..m.rows()]);
@@ -181,7 +181,7 @@ fn bench(c: &mut Criterion) {
                 isas.push(Isa::Portable);
             }
             for on in isas {
-                let id = format!("{format:?}/{rows}x{cols}/{on:?}");
+                let id = format!("{format:?}/{rows}x{cols}/{:?}", on.for_rows(1));
                 g.bench_function(BenchmarkId::new(acts_name(a), id), |b| {
                     b.iter(|| qmatmul_on(on.for_rows(1), &m, &x, &mut y))
                 });
@@ -228,7 +228,7 @@ fn batched(
         let x: Vec<f32> = (0..n * FFN).map(|_| rng.unit()).collect();
         let mut y = vec![0f32; n * mats.iter().map(|m| m.rows()).max().unwrap_or(0)];
         g.throughput(Throughput::Elements(macs as u64));
-        g.bench_function(BenchmarkId::new(acts_name(a), format!("{isa:?}/n{n}")), |b| {
+        g.bench_function(BenchmarkId::new(acts_name(a), format!("{:?}/n{n}", isa.for_rows(n))), |b| {
             b.iter(|| {
                 for m in &mats {
                     qmatmul_on(isa.for_rows(n), m, &x[..n * m.cols()], &mut y[..n * m.rows()]);

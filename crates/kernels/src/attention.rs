@@ -209,6 +209,13 @@ pub struct AttnSeq<'a> {
     pub block_table: &'a [u32],
 }
 
+impl AttnSeq<'_> {
+    /// Positions query `i` sees (causal): `0 .. context_len - query_len + i + 1`.
+    fn query_context(&self, i: usize) -> usize {
+        self.context_len - self.query_len + i + 1
+    }
+}
+
 fn check(seqs: &[AttnSeq<'_>], layout: KvLayout, cache_len: usize) {
     for s in seqs {
         assert!(s.query_len <= s.context_len, "query_len > context_len");
@@ -235,6 +242,15 @@ struct Partial<'a> {
     m: &'a mut [f32],
     l: &'a mut [f32],
     acc: &'a mut [f32],
+}
+
+impl<'a> Partial<'a> {
+    /// The state of `group` heads kept in `buf`: `m` per head, then `l`, then `acc` (`head_dim` per head).
+    fn of(buf: &'a mut [f32], group: usize) -> Self {
+        let (ml, acc) = buf.split_at_mut(2 * group);
+        let (m, l) = ml.split_at_mut(group);
+        Partial { m, l, acc }
+    }
 }
 
 /// One work item: the `group` query heads in `qg` (sharing kv head `kvh`) over positions `range` of one
@@ -379,7 +395,7 @@ pub fn paged_attention_on<T: KvElem>(
     // Per pair: its (block, kv head)'s first item, its token's place in the block, its chunk count.
     let mut pair_items = vec![(0usize, 0usize, 0usize); pairs];
     for (si, s) in seqs.iter().enumerate() {
-        let ctx = |i: usize| s.context_len - s.query_len + i + 1;
+        let ctx = |i: usize| s.query_context(i);
         let bq = if s.query_len > 1 { BLOCK_TOKENS } else { 1 };
         for i0 in (0..s.query_len).step_by(bq) {
             let nq = bq.min(s.query_len - i0);
@@ -403,34 +419,40 @@ pub fn paged_attention_on<T: KvElem>(
         let s = &seqs[si];
         let bs = layout.block_size;
         let slot_of = |p: usize| s.block_table[p / bs] as usize * bs + p % bs;
+        // The item's tokens: queries, where their positions end, their states (no allocation: decode runs this
+        // per token, kv head and layer).
         let tokens = nq - jmin;
-        let mut qs: Vec<&[f32]> = Vec::with_capacity(tokens);
-        let mut ends: Vec<usize> = Vec::with_capacity(tokens);
-        let mut states: Vec<Partial<'_>> = Vec::with_capacity(tokens);
-        for (j, b) in (jmin..nq).zip(buf.chunks_exact_mut(stride)) {
-            let i = i0 + j;
-            let q0 = ((s.query_start + i) * num_heads + kvh * group) * hd;
-            qs.push(&q[q0..q0 + group * hd]);
-            ends.push((s.context_len - s.query_len + i + 1).min(c0 + CHUNK));
-            let (ml, acc) = b.split_at_mut(2 * group);
-            let (m, l) = ml.split_at_mut(group);
-            m.fill(f32::NEG_INFINITY);
-            l.fill(0.0);
-            acc.fill(0.0);
-            states.push(Partial { m, l, acc });
+        let mut qs: [&[f32]; BLOCK_TOKENS] = [&[]; BLOCK_TOKENS];
+        let mut ends = [0usize; BLOCK_TOKENS];
+        for (t, j) in (jmin..nq).enumerate() {
+            let q0 = ((s.query_start + i0 + j) * num_heads + kvh * group) * hd;
+            qs[t] = &q[q0..q0 + group * hd];
+            ends[t] = s.query_context(i0 + j).min(c0 + CHUNK);
         }
+        let buf = &mut buf[..tokens * stride];
+        for b in buf.chunks_exact_mut(stride) {
+            let (m, rest) = b.split_at_mut(group);
+            m.fill(f32::NEG_INFINITY);
+            rest.fill(0.0);
+        }
+        // `qg` and `range` are set per token below (`attend_block` reads only the rest).
         let span = Span { qg: qs[0], k_cache, v_cache, layout, kvh, slot_of: &slot_of, range: c0..c0, scale, isa };
         scratch.scores.resize(tokens * group * TILE, 0.0);
         #[cfg(target_arch = "x86_64")]
         if tokens > 1 && isa.avx2() && hd.is_multiple_of(8) {
             scratch.rows.resize(2 * TILE * hd, 0.0);
+            let (qs, ends) = (&qs[..tokens], &ends[..tokens]);
             // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; the head size is a multiple of 8;
             // `check` put every slot of every token's range inside the caches; the scratch is sized above.
-            unsafe { avx2::attend_block(&mut states, &qs, &ends, &span, &mut scratch.scores, &mut scratch.rows) };
+            unsafe { avx2::attend_block(buf, qs, ends, c0, &span, &mut scratch.scores, &mut scratch.rows) };
             return;
         }
-        for ((st, qg), &end) in states.iter_mut().zip(&qs).zip(&ends) {
-            attend_range(st, &Span { qg, range: c0..end, ..span }, &mut scratch.scores);
+        for (t, b) in buf.chunks_exact_mut(stride).enumerate() {
+            attend_range(
+                &mut Partial::of(b, group),
+                &Span { qg: qs[t], range: c0..ends[t], ..span },
+                &mut scratch.scores,
+            );
         }
     };
     if items.len() == pairs && items.iter().all(|it| it.nq == 1) {
@@ -490,8 +512,8 @@ pub fn paged_attention_on<T: KvElem>(
 
 /// Query tokens of one sequence's prefill that one work item takes together: each K/V tile is converted once
 /// for all of them (and read from L1), not once per token. Criterion `attention/prefill_128_after_384` (2
-/// threads): f16 cache 3.49 ms per token alone, 2.63 ms in blocks of 4, 2.27 in blocks of 8 (16: no better);
-/// f32 cache 4.41 -> 2.26 ms.
+/// threads): f16 cache 3.49 ms with every token on its own, 2.63 ms in blocks of 4, 2.27 in blocks of 8 (16:
+/// no better); f32 cache 4.41 -> 2.26 ms.
 const BLOCK_TOKENS: usize = 8;
 
 /// A work item of `paged_attention_on`: tokens `i0 + jmin .. i0 + nq` of sequence `si` (those of the block
@@ -680,14 +702,19 @@ mod tests {
             paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125);
             assert_eq!(out[..], alone[i * row..(i + 1) * row], "row {i} decoded alone");
         }
-        // Eleven prefill rows (blocks of eight and three query tokens) whose contexts, 250 ..= 260, end on
-        // both sides of a chunk boundary (256), against each row decoded alone.
-        let prefill = run(&[AttnSeq { query_start: 0, query_len: 11, context_len: 260, block_table: &long }], 11);
-        for i in 0..11 {
-            let one = AttnSeq { query_start: 0, query_len: 1, context_len: 250 + i, block_table: &long };
-            let mut out = vec![0f32; row];
-            paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125);
-            assert_eq!(out[..], prefill[i * row..(i + 1) * row], "prefill row {i} against decoding alone");
+        // Eleven prefill rows (blocks of eight and three query tokens) against each row decoded alone: contexts
+        // 253 ..= 263 end on both sides of a chunk boundary (256; the first block's last chunk has only its
+        // last four tokens), contexts 220 ..= 230 on both sides of a tile boundary (224) inside a chunk.
+        for last in [263, 230] {
+            let first = last - 10;
+            let seq = AttnSeq { query_start: 0, query_len: 11, context_len: last, block_table: &long };
+            let prefill = run(&[seq], 11);
+            for i in 0..11 {
+                let one = AttnSeq { query_start: 0, query_len: 1, context_len: first + i, block_table: &long };
+                let mut out = vec![0f32; row];
+                paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125);
+                assert_eq!(out[..], prefill[i * row..(i + 1) * row], "context {}: prefill row {i}", first + i);
+            }
         }
     }
 

@@ -218,24 +218,9 @@ pub fn for_each_chunk_mut_with<T: Send, S: Send>(
 ) {
     let chunk = chunk.max(1);
     let len = data.len();
-    let n = len.div_ceil(chunk);
-    let pool = global();
-    // One scratch value per thread of the pool (the caller is worker 0).
-    let mut scratch: Vec<UnsafeCell<S>> = (0..pool.threads()).map(|_| UnsafeCell::new(init())).collect();
-    let scratch_ptr = SendPtr(scratch.as_mut_ptr());
-    let base = SendPtr(data.as_mut_ptr());
-    let task = |t: usize, worker: usize| {
-        let start = t * chunk;
-        let end = (start + chunk).min(len);
-        // SAFETY: tasks get disjoint ranges of `data`, which outlives the job.
-        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-        // SAFETY: `worker < threads` and worker ids are unique among running tasks, so each slot is used by
-        // one thread at a time; `scratch` outlives the job.
-        let slot = unsafe { &mut *(*scratch_ptr.get().add(worker)).get() };
-        f(slot, t, part);
-    };
-    pool.run(n, &task);
-    drop(scratch);
+    let part = |t: usize| (t * chunk, ((t + 1) * chunk).min(len));
+    // SAFETY: consecutive chunks of `data`: in range and disjoint.
+    unsafe { run_parts(data, len.div_ceil(chunk), part, init, f) }
 }
 
 /// `for_each_split_mut` with a scratch value per thread (made by `init`), as `for_each_chunk_mut_with`.
@@ -246,19 +231,38 @@ pub fn for_each_split_mut_with<T: Send, S: Send>(
     f: impl Fn(&mut S, usize, &mut [T]) + Sync,
 ) {
     assert!(bounds.windows(2).all(|w| w[0] <= w[1]) && bounds.last().is_none_or(|&b| b <= data.len()));
+    let part = |t: usize| (bounds[t], bounds[t + 1]);
+    // SAFETY: ascending bounds within `data` (checked above): in range and disjoint.
+    unsafe { run_parts(data, bounds.len().saturating_sub(1), part, init, f) }
+}
+
+/// Runs `f(scratch, t, &mut data[a .. b])` with `(a, b) = part(t)` for every task `t < n` over the pool, with
+/// a scratch value per thread made by `init`.
+///
+/// # Safety
+/// Every `part(t)` lies within `data`, and no two overlap.
+unsafe fn run_parts<T: Send, S: Send>(
+    data: &mut [T],
+    n: usize,
+    part: impl Fn(usize) -> (usize, usize) + Sync,
+    init: impl Fn() -> S,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync,
+) {
     let pool = global();
+    // One scratch value per thread of the pool (the caller is worker 0).
     let mut scratch: Vec<UnsafeCell<S>> = (0..pool.threads()).map(|_| UnsafeCell::new(init())).collect();
     let scratch_ptr = SendPtr(scratch.as_mut_ptr());
     let base = SendPtr(data.as_mut_ptr());
     let task = |t: usize, worker: usize| {
-        // SAFETY: tasks get disjoint, in-range parts of `data` (ascending bounds, checked above), which
-        // outlives the job.
-        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(bounds[t]), bounds[t + 1] - bounds[t]) };
-        // SAFETY: as in `for_each_chunk_mut_with`: one running task per worker slot.
+        let (start, end) = part(t);
+        // SAFETY: tasks get disjoint ranges of `data` (the caller's contract), which outlives the job.
+        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        // SAFETY: `worker < threads` and worker ids are unique among running tasks, so each slot is used by
+        // one thread at a time; `scratch` outlives the job.
         let slot = unsafe { &mut *(*scratch_ptr.get().add(worker)).get() };
         f(slot, t, part);
     };
-    pool.run(bounds.len().saturating_sub(1), &task);
+    pool.run(n, &task);
     drop(scratch);
 }
 

@@ -875,10 +875,9 @@ fn zmm_min_rows() -> usize {
 
 /// Task boundaries over `m` weight rows (integer paths): guided self-scheduling. Each task
 /// takes `1 / (2 · threads)` of the rows left (whole pairs of 8-row tiles: the 512-bit kernels take two at
-/// once), so the first tasks are
-/// long contiguous runs (what the prefetcher needs) and the last ones short, so the thread that finishes
-/// first waits at most a short task for the other. With equal tasks (four per thread) the caller spent 5 % of decode
-/// waiting at the end of each matmul.
+/// once), so the first tasks are long contiguous runs (what the prefetcher needs) and the last ones short,
+/// so the thread that finishes first waits at most a short task for the other. With equal tasks (four per
+/// thread) the caller spent 5 % of decode waiting at the end of each matmul.
 fn guided_bounds(m: usize) -> Vec<usize> {
     let div = 2 * crate::pool::global().threads();
     let mut bounds = vec![0];
@@ -953,7 +952,7 @@ fn rows_parallel(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]
 }
 
 /// Runs `f(r0, rows, y)` over the pool for the runs of weight rows `r0 .. r0 + rows` of `guided_bounds` (whole
-/// tiles of 8 rows, but for the end of the matrix), `y` pointing to the `[n, m]` output: each call may write
+/// pairs of 8-row tiles, but for the end of the matrix), `y` pointing to the `[n, m]` output: each call may write
 /// the columns `r0 .. r0 + rows` of every output row, which no other call touches. The tiled kernels write
 /// each activation row's eight results straight into the output row.
 #[cfg(target_arch = "x86_64")]

@@ -1,4 +1,5 @@
-//! AVX2 build of the attention inner loop (`attend_range`), for head sizes that are a multiple of 8.
+//! AVX2 build of the attention inner loop (`attend_range`, and `attend_block` for several query tokens of a
+//! prefill at once), for head sizes that are a multiple of 8.
 //!
 //! Per tile of `TILE` positions and per query head: scores for eight positions at a time, with one
 //! accumulator per position and a transposing reduction at the end (instead of a horizontal sum per dot
@@ -184,25 +185,28 @@ pub(super) unsafe fn attend_range<T: KvElem>(st: &mut Partial<'_>, sp: &Span<'_,
     }
 }
 
-/// `attend_range` for several query tokens at once (a prefill block): token `i` (queries `qs[i]`, state
-/// `states[i]`) over positions `sp.range.start .. ends[i]`. Each tile's K and V rows are converted to f32 once
-/// for all of them; per token the operations and their order are `attend_range`'s on the same values, so
-/// the results are bitwise its results.
+/// `attend_range` for several query tokens at once (a prefill block): token `i` (queries `qs[i]`, state in
+/// `states`' `i`-th stretch, see `Partial::of`) over positions `start .. ends[i]`; `sp` gives the caches, kv
+/// head and scale (its `qg` and `range` are not read). Each tile's K and V rows are converted to f32 once for
+/// all of them; per token the operations and their order are `attend_range`'s on the same values, so the
+/// results are bitwise its results.
 ///
 /// # Safety
 /// As `attend_range`, for every token's range; `scores.len() ≥ tokens · group · TILE`, `rows.len() ≥ 2 · TILE
 /// · head_dim`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn attend_block<T: KvElem>(
-    states: &mut [Partial<'_>],
+    states: &mut [f32],
     qs: &[&[f32]],
     ends: &[usize],
+    start: usize,
     sp: &Span<'_, T>,
     scores: &mut [f32],
     rows: &mut [f32],
 ) {
     let hd = sp.layout.head_dim;
     let group = qs[0].len() / hd;
+    let stride = group * (hd + 2);
     debug_assert!(hd.is_multiple_of(8) && scores.len() >= qs.len() * group * TILE && rows.len() >= 2 * TILE * hd);
     let (kp, vp) = (sp.k_cache.as_ptr(), sp.v_cache.as_ptr());
     let (kb, vb) = rows.split_at_mut(TILE * hd);
@@ -211,8 +215,8 @@ pub(super) unsafe fn attend_block<T: KvElem>(
     for (j, o) in local.iter_mut().enumerate() {
         *o = j * hd;
     }
-    let end = ends.iter().copied().max().unwrap_or(sp.range.start);
-    let mut t0 = sp.range.start;
+    let end = ends.iter().copied().max().unwrap_or(start);
+    let mut t0 = start;
     while t0 < end {
         let tl = TILE.min(end - t0);
         let padded = tile_offsets(sp, t0, tl, &mut offs);
@@ -226,10 +230,11 @@ pub(super) unsafe fn attend_block<T: KvElem>(
                 _mm256_storeu_ps(vb.as_mut_ptr().add(j * hd + d), T::load8(vp.add(o + d)));
             }
         }
-        for (i, st) in states.iter_mut().enumerate() {
+        for (i, buf) in states.chunks_exact_mut(stride).enumerate() {
             if ends[i] <= t0 {
                 continue;
             }
+            let st = &mut Partial::of(buf, group);
             let tli = tl.min(ends[i] - t0);
             let sc = scores.as_mut_ptr().add(i * group * TILE);
             for g in 0..group {

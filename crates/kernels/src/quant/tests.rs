@@ -176,16 +176,23 @@ fn int8_q8_0_extremes() {
         data.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
         data.extend((0..32).map(|j| if (j + b) % 3 == 0 { 0x80u8 } else { 0x7F }));
     }
-    let x: Vec<f32> = (0..cols).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    // 17 equal rows (a pair of tiles and a lone one on the 512-bit path), 1 to 4 activation rows (every
+    // kernel's batch shapes).
+    let rows = 17;
+    let data = data.repeat(rows);
     for acts in [Activations::Int8, Activations::Int16] {
-        let w = QMatrix::new(QuantFormat::Q8_0, 1, cols, data.clone()).unwrap().with_activations(acts);
-        let mut want = vec![0f32; 1];
-        qmatmul_int8_reference(&w, &x, &mut want);
-        for isa in isas() {
-            let mut got = vec![0f32; 1];
-            qmatmul_on(isa, &w, &x, &mut got);
-            let ok = (got[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0);
-            assert!(ok, "{isa:?} {acts:?}: {} vs {}", got[0], want[0]);
+        let w = QMatrix::new(QuantFormat::Q8_0, rows, cols, data.clone()).unwrap().with_activations(acts);
+        for n in 1..=4 {
+            let x: Vec<f32> = (0..n * cols).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            let mut want = vec![0f32; n * rows];
+            qmatmul_int8_reference(&w, &x, &mut want);
+            for isa in isas() {
+                let mut got = vec![0f32; n * rows];
+                qmatmul_on(isa, &w, &x, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{isa:?} {acts:?} n={n}: {g} vs {w}");
+                }
+            }
         }
     }
 }
@@ -203,17 +210,23 @@ fn integer_sums_at_their_extremes() {
     q5.extend_from_slice(&f16::from_f32(0.0).to_le_bytes());
     q5.extend([0xFF; 4 + 16]); // every value 31
     for (format, block, cols) in [(QuantFormat::Q6_K, q6, 512), (QuantFormat::Q5_1, q5, 128)] {
-        let data: Vec<u8> = block.iter().copied().cycle().take(cols / format.block_len() * block.len()).collect();
-        let x = vec![1.0f32; cols]; // rounds to the top value: 127, or 32767
+        // 17 equal rows and 1 to 4 activation rows, as in `int8_q8_0_extremes`.
+        let rows = 17;
+        let row: Vec<u8> = block.iter().copied().cycle().take(cols / format.block_len() * block.len()).collect();
+        let data = row.repeat(rows);
         for acts in [Activations::Int8, Activations::Int16] {
-            let w = QMatrix::new(format, 1, cols, data.clone()).unwrap().with_activations(acts);
-            let mut want = vec![0f32; 1];
-            qmatmul_int8_reference(&w, &x, &mut want);
-            for isa in isas() {
-                let mut got = vec![0f32; 1];
-                qmatmul_on(isa, &w, &x, &mut got);
-                let ok = (got[0] - want[0]).abs() <= 1e-5 * want[0].abs();
-                assert!(ok, "{isa:?} {acts:?} {format:?}: {} vs {}", got[0], want[0]);
+            let w = QMatrix::new(format, rows, cols, data.clone()).unwrap().with_activations(acts);
+            for n in 1..=4 {
+                let x = vec![1.0f32; n * cols]; // rounds to the top value: 127, or 32767
+                let mut want = vec![0f32; n * rows];
+                qmatmul_int8_reference(&w, &x, &mut want);
+                for isa in isas() {
+                    let mut got = vec![0f32; n * rows];
+                    qmatmul_on(isa, &w, &x, &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() <= 1e-5 * w.abs(), "{isa:?} {acts:?} {format:?} n={n}: {g} vs {w}");
+                    }
+                }
             }
         }
     }
@@ -494,9 +507,12 @@ fn vectorized_quantize_matches_portable() {
 /// CPU a path it lacks.
 #[test]
 fn avx512_runs_512_bit_kernels_for_prompts_only() {
-    assert_eq!(Isa::Avx512.for_rows(1), Isa::Avx512Vnni);
-    assert_eq!(Isa::Avx512.for_rows(63), Isa::Avx512Vnni);
-    assert_eq!(Isa::Avx512.for_rows(64), Isa::Avx512);
+    let min = super::zmm_min_rows(); // 64 unless MLX_SERVING_ZMM_MIN_ROWS says otherwise
+    if min > 1 {
+        assert_eq!(Isa::Avx512.for_rows(1), Isa::Avx512Vnni);
+        assert_eq!(Isa::Avx512.for_rows(min - 1), Isa::Avx512Vnni);
+    }
+    assert_eq!(Isa::Avx512.for_rows(min), Isa::Avx512);
     for isa in [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable] {
         assert_eq!(isa.for_rows(1), isa);
         assert_eq!(isa.for_rows(512), isa);

@@ -475,7 +475,8 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
             m = _mm256_permutevar8x32_ps(m, wide_order());
         }
         // Integer block sums: 8-bit, one accumulator per activation row (i16 pair sums, or i32); 16-bit,
-        // one for rows 0, 1, 4, 5 and one for rows 2, 3, 6, 7 (two i32 lanes per row). VNNI's multiply-accumulates
+        // one for rows 0, 1, 4, 5 and one for rows 2, 3, 6, 7 (two i32 lanes per row). (VNNI: more, below.)
+        // VNNI's multiply-accumulates
         // chain through their accumulator (5 cycles each), so the products go round `chains` accumulators
         // per row (four with one or two activation rows to interleave, two with more), summed at the end of
         // the block.
