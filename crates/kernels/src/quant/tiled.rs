@@ -413,17 +413,103 @@ unsafe fn tile_row_ymm<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
     r: usize,
     valid: usize,
 ) {
+    if WIDE && out.n > 4 {
+        // Several passes over the tile row: widen its weights once, into this thread's buffer. (The kernels
+        // run outside the closure: a closure does not inherit the target features, and its intrinsics would
+        // become calls.)
+        let dec = DECODED.with_borrow_mut(|dec| {
+            // SAFETY: an all-zero __m256i is a valid value.
+            dec.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
+            dec.as_mut_ptr()
+        });
+        // The buffer stays put meanwhile: only this function, on this thread, resizes it, and not re-entrantly.
+        decode16::<F>(tiles, nb, dec);
+        tile_passes::<F, WIDE, VNNI, true>(tiles, nb, acts, out, r, valid, dec);
+    } else {
+        tile_passes::<F, WIDE, VNNI, false>(tiles, nb, acts, out, r, valid, std::ptr::null());
+    }
+}
+
+thread_local! {
+    /// A row of tiles' 16-bit weights (`decode16`), reused across calls.
+    static DECODED: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `tile_sums` over every activation row, four at a time (`DEC`: the weights come widened in `dec`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_passes<F: TiledFormat, const WIDE: bool, const VNNI: bool, const DEC: bool>(
+    tiles: *const u8,
+    nb: usize,
+    acts: &Q8Acts,
+    out: Out,
+    r: usize,
+    valid: usize,
+    dec: *const __m256i,
+) {
     let n = out.n;
     let mut t0 = 0;
     while n - t0 >= 4 {
-        put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 4>(tiles, nb, acts, t0));
+        put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, DEC, 4>(tiles, nb, acts, t0, dec));
         t0 += 4;
     }
     match n - t0 {
-        3 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 3>(tiles, nb, acts, t0)),
-        2 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 2>(tiles, nb, acts, t0)),
-        1 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, 1>(tiles, nb, acts, t0)),
+        3 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, DEC, 3>(tiles, nb, acts, t0, dec)),
+        2 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, DEC, 2>(tiles, nb, acts, t0, dec)),
+        1 => put(out, r, valid, t0, &tile_sums::<F, WIDE, VNNI, DEC, 1>(tiles, nb, acts, t0, dec)),
         _ => {}
+    }
+}
+
+/// Prefetches the lines `PREFETCH` bytes past block `b` of a row of tiles (`stride` bytes a block). Prefetches
+/// never fault, so running past the matrix is fine.
+#[inline(always)]
+unsafe fn prefetch_ahead(tiles: *const u8, b: usize, stride: usize) {
+    for line in 0..stride.div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(tiles.wrapping_add(b * stride + PREFETCH + 64 * line) as *const i8);
+    }
+}
+
+/// Q6_K: block `b`'s half scales in the 16-bit words' row order (rows 0, 1, 4, 5 and 2, 3, 6, 7, four values a
+/// row), where they multiply the weights `q − 32` (|·| ≤ 4096).
+#[inline(always)]
+unsafe fn wide_scales<F: TiledFormat>(tiles: *const u8, b: usize) -> [__m256i; 4] {
+    let halves = F::half_scales(tiles, b);
+    let (ra, rb) = (_mm256_setr_epi32(0, 0, 1, 1, 4, 4, 5, 5), _mm256_setr_epi32(2, 2, 3, 3, 6, 6, 7, 7));
+    [
+        _mm256_permutevar8x32_epi32(halves[0], ra),
+        _mm256_permutevar8x32_epi32(halves[0], rb),
+        _mm256_permutevar8x32_epi32(halves[1], ra),
+        _mm256_permutevar8x32_epi32(halves[1], rb),
+    ]
+}
+
+/// Words `c` and `c + 4` of a block as the 16-bit kernel multiplies them (`words16`; Q6_K: `(q − 32)·s`).
+#[inline(always)]
+unsafe fn words16_scaled<F: TiledFormat>(q: *const u8, c: usize, scales: &[__m256i; 4]) -> [__m256i; 4] {
+    let mut wv = F::words16(q, c);
+    if F::HALVES {
+        for (w, s) in wv.iter_mut().zip(scales) {
+            *w = _mm256_mullo_epi16(_mm256_sub_epi16(*w, _mm256_set1_epi16(32)), *s);
+        }
+    }
+    wv
+}
+
+/// Every block's `words16_scaled` of a row of tiles into `dec`: 16 vectors per block, word `c`'s four at
+/// `16b + 4c`.
+#[inline(always)]
+unsafe fn decode16<F: TiledFormat>(tiles: *const u8, nb: usize, dec: *mut __m256i) {
+    let stride = F::block_stride();
+    for b in 0..nb {
+        prefetch_ahead(tiles, b, stride);
+        let (q, _, _) = F::block_at(tiles, b);
+        let scales = if F::HALVES { wide_scales::<F>(tiles, b) } else { [_mm256_setzero_si256(); 4] };
+        for c in 0..4 {
+            for (i, w) in words16_scaled::<F>(q, c, &scales).into_iter().enumerate() {
+                _mm256_store_si256(dec.add(16 * b + 4 * c + i), w);
+            }
+        }
     }
 }
 
@@ -453,11 +539,12 @@ unsafe fn wide_order() -> __m256i {
 /// results per activation row, lane `i` for weight row `i`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops over constant bounds: unrolled, registers
-unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G: usize>(
+unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const DEC: bool, const G: usize>(
     tiles: *const u8,
     nb: usize,
     acts: &Q8Acts,
     t0: usize,
+    dec: *const __m256i,
 ) -> [__m256; G] {
     let k = nb * BLOCK;
     let stride = F::block_stride();
@@ -465,9 +552,8 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
     let ones = _mm256_set1_epi16(1);
     let mut facc = [_mm256_setzero_ps(); G];
     for b in 0..nb {
-        // Prefetches never fault, so running past the matrix is fine.
-        for line in 0..stride.div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(tiles.wrapping_add(b * stride + PREFETCH + 64 * line) as *const i8);
+        if !DEC {
+            prefetch_ahead(tiles, b, stride);
         }
         let (q, mut d, mut m) = F::block_at(tiles, b);
         if WIDE && F::WIDE_PERMUTED {
@@ -487,29 +573,24 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const G:
         } else {
             2
         };
-        // Q6_K: each half's scales, in the 8-bit accumulators' lane order and in the 16-bit words' (rows 0, 1,
-        // 4, 5 and 2, 3, 6, 7, four values a row), where they multiply the weights `q − 32` (|·| ≤ 4096).
-        let halves = if F::HALVES { F::half_scales(tiles, b) } else { [_mm256_setzero_si256(); 2] };
-        let wide_scales = if F::HALVES && WIDE {
-            let (ra, rb) = (_mm256_setr_epi32(0, 0, 1, 1, 4, 4, 5, 5), _mm256_setr_epi32(2, 2, 3, 3, 6, 6, 7, 7));
-            [
-                _mm256_permutevar8x32_epi32(halves[0], ra),
-                _mm256_permutevar8x32_epi32(halves[0], rb),
-                _mm256_permutevar8x32_epi32(halves[1], ra),
-                _mm256_permutevar8x32_epi32(halves[1], rb),
-            ]
-        } else {
-            [_mm256_setzero_si256(); 4]
-        };
+        // Q6_K: each half's scales, in the 8-bit accumulators' lane order, and for the 16-bit words
+        // (`wide_scales`; already applied when the weights come widened).
+        let halves = if F::HALVES && !WIDE { F::half_scales(tiles, b) } else { [_mm256_setzero_si256(); 2] };
+        let scales = if F::HALVES && WIDE && !DEC { wide_scales::<F>(tiles, b) } else { [_mm256_setzero_si256(); 4] };
         let mut acc = [[_mm256_setzero_si256(); 4]; G];
         for c in 0..4 {
             if WIDE {
-                let mut wv = F::words16(q, c);
-                if F::HALVES {
-                    for (w, s) in wv.iter_mut().zip(wide_scales) {
-                        *w = _mm256_mullo_epi16(_mm256_sub_epi16(*w, _mm256_set1_epi16(32)), s);
-                    }
-                }
+                let wv = if DEC {
+                    let p = dec.add(16 * b + 4 * c);
+                    [
+                        _mm256_load_si256(p),
+                        _mm256_load_si256(p.add(1)),
+                        _mm256_load_si256(p.add(2)),
+                        _mm256_load_si256(p.add(3)),
+                    ]
+                } else {
+                    words16_scaled::<F>(q, c, &scales)
+                };
                 for g in 0..G {
                     let xp = xl.add((t0 + g) * k + b * BLOCK);
                     let x0 = _mm256_set1_epi64x((xp.add(4 * c) as *const i64).read_unaligned());
@@ -695,9 +776,7 @@ unsafe fn tile_f32<F: TiledFormat>(tiles: *const u8, nb: usize, x: *const f32, x
     let mut facc = [_mm256_setzero_ps(); 4];
     let mut macc = _mm256_setzero_ps();
     for b in 0..nb {
-        for line in 0..stride.div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(tiles.wrapping_add(b * stride + PREFETCH + 64 * line) as *const i8);
-        }
+        prefetch_ahead(tiles, b, stride);
         let (q, d, m) = F::block_at(tiles, b);
         // Q6_K: each half's scales for the four row pairs (`pair_lanes`), applied to `q − 32`.
         let mut hs = [[_mm256_setzero_ps(); 4]; 2];
