@@ -176,13 +176,13 @@ fn int8_q8_0_extremes() {
         data.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
         data.extend((0..32).map(|j| if (j + b) % 3 == 0 { 0x80u8 } else { 0x7F }));
     }
-    // 17 equal rows (a pair of tiles and a lone one on the 512-bit path), 1 to 4 activation rows (every
-    // kernel's batch shapes).
+    // 17 equal rows (a pair of tiles and a lone one on the 512-bit path), 1 to 5 and 8 activation rows (every
+    // kernel's batch shapes, and the widened-weights buffer from five rows).
     let rows = 17;
     let data = data.repeat(rows);
     for acts in [Activations::Int8, Activations::Int16] {
         let w = QMatrix::new(QuantFormat::Q8_0, rows, cols, data.clone()).unwrap().with_activations(acts);
-        for n in 1..=4 {
+        for n in [1, 2, 3, 4, 5, 8] {
             let x: Vec<f32> = (0..n * cols).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
             let mut want = vec![0f32; n * rows];
             qmatmul_int8_reference(&w, &x, &mut want);
@@ -210,13 +210,13 @@ fn integer_sums_at_their_extremes() {
     q5.extend_from_slice(&f16::from_f32(0.0).to_le_bytes());
     q5.extend([0xFF; 4 + 16]); // every value 31
     for (format, block, cols) in [(QuantFormat::Q6_K, q6, 512), (QuantFormat::Q5_1, q5, 128)] {
-        // 17 equal rows and 1 to 4 activation rows, as in `int8_q8_0_extremes`.
+        // 17 equal rows and 1 to 5 and 8 activation rows, as in `int8_q8_0_extremes`.
         let rows = 17;
         let row: Vec<u8> = block.iter().copied().cycle().take(cols / format.block_len() * block.len()).collect();
         let data = row.repeat(rows);
         for acts in [Activations::Int8, Activations::Int16] {
             let w = QMatrix::new(format, rows, cols, data.clone()).unwrap().with_activations(acts);
-            for n in 1..=4 {
+            for n in [1, 2, 3, 4, 5, 8] {
                 let x = vec![1.0f32; n * cols]; // rounds to the top value: 127, or 32767
                 let mut want = vec![0f32; n * rows];
                 qmatmul_int8_reference(&w, &x, &mut want);
@@ -272,7 +272,8 @@ fn results_are_bitwise_independent_of_batch_size() {
         for acts in [Activations::Int8, Activations::Int16, Activations::F32] {
             for format in FORMATS {
                 // 25 rows: the last task has an odd count, so decode runs a single-row tile after the pairs.
-                let (rows, cols) = (25, cols_for(format, 224));
+                // 480 columns: two super-blocks of the K-quants.
+                let (rows, cols) = (25, cols_for(format, 480));
                 let w = random_matrix(&mut rng, format, rows, cols).with_activations(acts);
                 for n in [2usize, 3, 5, 7, 16, 17, 40] {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();

@@ -414,17 +414,15 @@ unsafe fn tile_row_ymm<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
     valid: usize,
 ) {
     if WIDE && out.n > 4 {
-        // Several passes over the tile row: widen its weights once, into this thread's buffer. (The kernels
-        // run outside the closure: a closure does not inherit the target features, and its intrinsics would
-        // become calls.)
-        let dec = DECODED.with_borrow_mut(|dec| {
-            // SAFETY: an all-zero __m256i is a valid value.
-            dec.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
-            dec.as_mut_ptr()
-        });
-        // The buffer stays put meanwhile: only this function, on this thread, resizes it, and not re-entrantly.
-        decode16::<F>(tiles, nb, dec);
-        tile_passes::<F, WIDE, VNNI, true>(tiles, nb, acts, out, r, valid, dec);
+        // Several passes over the tile row: widen its weights once, into this thread's buffer, taken out of
+        // the thread-local for the call (so no other user can touch it meanwhile, and the kernels run outside
+        // any closure: a closure does not inherit the target features, and its intrinsics would become calls).
+        let mut dec = DECODED.take();
+        // SAFETY: an all-zero __m256i is a valid value.
+        dec.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
+        decode16::<F>(tiles, nb, dec.as_mut_ptr());
+        tile_passes::<F, WIDE, VNNI, true>(tiles, nb, acts, out, r, valid, dec.as_ptr());
+        DECODED.set(dec);
     } else {
         tile_passes::<F, WIDE, VNNI, false>(tiles, nb, acts, out, r, valid, std::ptr::null());
     }
