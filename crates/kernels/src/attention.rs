@@ -217,7 +217,11 @@ impl AttnSeq<'_> {
 }
 
 fn check(seqs: &[AttnSeq<'_>], layout: KvLayout, cache_len: usize) {
+    let mut next = 0;
     for s in seqs {
+        // The (token, kv head) pairs are numbered by packed query row, so the rows must be packed in order.
+        assert_eq!(s.query_start, next, "sequences' query rows are not packed in order");
+        next += s.query_len;
         assert!(s.query_len <= s.context_len, "query_len > context_len");
         let needed = s.context_len.div_ceil(layout.block_size);
         assert!(s.block_table.len() >= needed, "block table too short");
@@ -389,7 +393,7 @@ pub fn paged_attention_on<T: KvElem>(
     let pairs = num_tokens * nkv;
     let out = &mut out[..pairs * group * hd];
     // Work items: (block of query tokens, kv head, chunk of positions); item `i` writes the partial states of
-    // its tokens that reach the chunk (a suffix of the block) into slots `slots[i] .. slots[i + 1]`.
+    // its tokens that reach the chunk (a suffix of the block) into state slots `slots[i] .. slots[i + 1]`.
     let mut items: Vec<Item> = Vec::new();
     let mut slots = vec![0usize];
     // Per pair: its (block, kv head)'s first item, its token's place in the block, its chunk count.

@@ -517,14 +517,43 @@ fn for_each_super_block(
     }
 }
 
-/// Q4_K rows (GGUF super-blocks) as tiles (`K4_TILE`).
-fn tile_q4k(cols: usize, file: &[u8]) -> Vec<u8> {
-    let format = QuantFormat::Q4_K;
+/// A K-quant matrix's rows (`file`) as tiles of `tile` bytes per super-block of eight rows: `f(lane, sb, t)`
+/// writes row lane `lane`'s super-block `sb` into its tile `t`.
+fn tile_super_blocks(
+    format: QuantFormat,
+    cols: usize,
+    file: &[u8],
+    tile: usize,
+    mut f: impl FnMut(usize, &[u8], &mut [u8]),
+) -> Vec<u8> {
     let rows = file.len() / format.row_bytes(cols);
     let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols)];
-    for_each_super_block(format, rows, cols, K4_TILE, |lane, at, tile_at| {
-        let sb = &file[at..at + format.block_bytes()];
-        let t = &mut out[tile_at..tile_at + K4_TILE];
+    for_each_super_block(format, rows, cols, tile, |lane, at, tile_at| {
+        f(lane, &file[at..at + format.block_bytes()], &mut out[tile_at..tile_at + tile]);
+    });
+    out
+}
+
+/// `tile_super_blocks`' inverse: `f(lane, t, sb)` reads row lane `lane`'s super-block back from its tile `t`
+/// into `sb` (zeroed); the first `rows` rows as GGUF super-blocks.
+fn untile_super_blocks(
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    tiles: &[u8],
+    tile: usize,
+    mut f: impl FnMut(usize, &[u8], &mut [u8]),
+) -> Vec<u8> {
+    let mut out = vec![0u8; rows * format.row_bytes(cols)];
+    for_each_super_block(format, rows, cols, tile, |lane, at, tile_at| {
+        f(lane, &tiles[tile_at..tile_at + tile], &mut out[at..at + format.block_bytes()]);
+    });
+    out
+}
+
+/// Q4_K rows (GGUF super-blocks) as tiles (`K4_TILE`).
+fn tile_q4k(cols: usize, file: &[u8]) -> Vec<u8> {
+    tile_super_blocks(QuantFormat::Q4_K, cols, file, K4_TILE, |lane, sb, t| {
         t[2 * lane..2 * lane + 2].copy_from_slice(&sb[0..2]);
         t[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&sb[2..4]);
         for j in 0..SUPER / BLOCK {
@@ -537,17 +566,12 @@ fn tile_q4k(cols: usize, file: &[u8]) -> Vec<u8> {
                 t[K4_QS + 128 * j + nibble_word_offset(c, lane, e)] = v(4 * c + e) | (v(16 + 4 * c + e) << 4);
             }
         }
-    });
-    out
+    })
 }
 
 /// `tile_q4k`'s inverse: the first `rows` rows as GGUF super-blocks.
 fn untile_q4k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
-    let format = QuantFormat::Q4_K;
-    let mut out = vec![0u8; rows * format.row_bytes(cols)];
-    for_each_super_block(format, rows, cols, K4_TILE, |lane, at, tile_at| {
-        let t = &tiles[tile_at..tile_at + K4_TILE];
-        let sb = &mut out[at..at + format.block_bytes()];
+    untile_super_blocks(QuantFormat::Q4_K, rows, cols, tiles, K4_TILE, |lane, t, sb| {
         sb[0..2].copy_from_slice(&t[2 * lane..2 * lane + 2]);
         sb[2..4].copy_from_slice(&t[16 + 2 * lane..16 + 2 * lane + 2]);
         let sc = |j: usize| t[K4_SCALES + 8 * j + lane];
@@ -568,8 +592,7 @@ fn untile_q4k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
                 sb[16 + 32 * (j / 2) + 16 + 4 * c + e] |= (byte >> 4) << shift;
             }
         }
-    });
-    out
+    })
 }
 
 /// Where Q6_K value `l` (0..256) of a super-block sits in the file: its low-nibble byte and shift in `ql`,
@@ -598,12 +621,7 @@ fn q6k_tile_values(blk: &[u8], c: usize, lane: usize, e: usize) -> [u8; 2] {
 /// are values `4c .. 4c + 4` of the eight rows, its high nibbles values `16 + 4c ..` (as Q4_1's), and the
 /// top two bits of both sit in one nibble of the high-bit vector `c / 2` (`q6k_high_offset`).
 fn tile_q6k(cols: usize, file: &[u8]) -> Vec<u8> {
-    let format = QuantFormat::Q6_K;
-    let rows = file.len() / format.row_bytes(cols);
-    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols)];
-    for_each_super_block(format, rows, cols, K6_TILE, |lane, at, tile_at| {
-        let sb = &file[at..at + format.block_bytes()];
-        let t = &mut out[tile_at..tile_at + K6_TILE];
+    tile_super_blocks(QuantFormat::Q6_K, cols, file, K6_TILE, |lane, sb, t| {
         t[2 * lane..2 * lane + 2].copy_from_slice(&sb[208..210]);
         for k in 0..SUPER / 16 {
             t[K6_SCALES + 8 * k + lane] = sb[192 + k];
@@ -621,17 +639,12 @@ fn tile_q6k(cols: usize, file: &[u8]) -> Vec<u8> {
                 blk[o] |= (hi0 | (hi1 << 2)) << shift;
             }
         }
-    });
-    out
+    })
 }
 
 /// `tile_q6k`'s inverse: the first `rows` rows as GGUF super-blocks.
 fn untile_q6k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
-    let format = QuantFormat::Q6_K;
-    let mut out = vec![0u8; rows * format.row_bytes(cols)];
-    for_each_super_block(format, rows, cols, K6_TILE, |lane, at, tile_at| {
-        let t = &tiles[tile_at..tile_at + K6_TILE];
-        let sb = &mut out[at..at + format.block_bytes()];
+    untile_super_blocks(QuantFormat::Q6_K, rows, cols, tiles, K6_TILE, |lane, t, sb| {
         sb[208..210].copy_from_slice(&t[2 * lane..2 * lane + 2]);
         for k in 0..SUPER / 16 {
             sb[192 + k] = t[K6_SCALES + 8 * k + lane];
@@ -646,8 +659,7 @@ fn untile_q6k(rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
                 }
             }
         }
-    });
-    out
+    })
 }
 
 /// A row's high-bit word from its 4 bytes of a tile's bit plane (bit `4i + e` is bit `i` of byte `e`).

@@ -42,7 +42,8 @@ pub struct LoadOptions {
 /// 0.14–0.18, down 0.07, o 0.06; all of them together 0.18–0.30 depending on the kernels' summation order,
 /// up to over the 0.25 the golden test allows. 16-bit activations (16-bit integer products, `madd`) cost
 /// compute: one SmolLM2 decode step's matmuls take 4.8 ms against 3.8 at 8 bits (criterion `decode_pass`),
-/// and 1.4x (8 decode rows) to 1.9x (a 512-token prompt) the 8-bit time where multiplies set the pace.
+/// and 1.4x (8 decode rows) to about 1.5x (a 512-token prompt; 1.9x before the 16-bit weights were widened
+/// once per row of tiles) the 8-bit time where multiplies set the pace.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationPrecision {
     /// 16 bits into the output head, q/k/v and gate/up; 8 bits into o and down (16 where those are Q8_0, see

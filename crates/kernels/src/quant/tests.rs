@@ -176,21 +176,33 @@ fn int8_q8_0_extremes() {
         data.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
         data.extend((0..32).map(|j| if (j + b) % 3 == 0 { 0x80u8 } else { 0x7F }));
     }
-    // 17 equal rows (a pair of tiles and a lone one on the 512-bit path), 1 to 5 and 8 activation rows (every
-    // kernel's batch shapes, and the widened-weights buffer from five rows).
+    let x = |i: usize| if i.is_multiple_of(2) { 1.0 } else { -1.0 };
+    extremes_match_reference(QuantFormat::Q8_0, &data, cols, x, |w| 1e-4 * w.abs().max(1.0));
+}
+
+/// One row's `data` repeated over 17 rows (a pair of tiles and a lone one on the 512-bit path) against 1 to 5
+/// and 8 activation rows of `x(i)` (every kernel's batch shapes, and the widened-weights buffer from five
+/// rows), at both widths on every path: each output within `tol(reference)` of the f64 reference.
+fn extremes_match_reference(
+    format: QuantFormat,
+    row: &[u8],
+    cols: usize,
+    x: impl Fn(usize) -> f32,
+    tol: impl Fn(f32) -> f32,
+) {
     let rows = 17;
-    let data = data.repeat(rows);
+    let data = row.repeat(rows);
     for acts in [Activations::Int8, Activations::Int16] {
-        let w = QMatrix::new(QuantFormat::Q8_0, rows, cols, data.clone()).unwrap().with_activations(acts);
+        let w = QMatrix::new(format, rows, cols, data.clone()).unwrap().with_activations(acts);
         for n in [1, 2, 3, 4, 5, 8] {
-            let x: Vec<f32> = (0..n * cols).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            let x: Vec<f32> = (0..n * cols).map(&x).collect();
             let mut want = vec![0f32; n * rows];
             qmatmul_int8_reference(&w, &x, &mut want);
             for isa in isas() {
                 let mut got = vec![0f32; n * rows];
                 qmatmul_on(isa, &w, &x, &mut got);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{isa:?} {acts:?} n={n}: {g} vs {w}");
+                    assert!((g - w).abs() <= tol(*w), "{isa:?} {acts:?} {format:?} n={n}: {g} vs {w}");
                 }
             }
         }
@@ -210,25 +222,9 @@ fn integer_sums_at_their_extremes() {
     q5.extend_from_slice(&f16::from_f32(0.0).to_le_bytes());
     q5.extend([0xFF; 4 + 16]); // every value 31
     for (format, block, cols) in [(QuantFormat::Q6_K, q6, 512), (QuantFormat::Q5_1, q5, 128)] {
-        // 17 equal rows and 1 to 5 and 8 activation rows, as in `int8_q8_0_extremes`.
-        let rows = 17;
         let row: Vec<u8> = block.iter().copied().cycle().take(cols / format.block_len() * block.len()).collect();
-        let data = row.repeat(rows);
-        for acts in [Activations::Int8, Activations::Int16] {
-            let w = QMatrix::new(format, rows, cols, data.clone()).unwrap().with_activations(acts);
-            for n in [1, 2, 3, 4, 5, 8] {
-                let x = vec![1.0f32; n * cols]; // rounds to the top value: 127, or 32767
-                let mut want = vec![0f32; n * rows];
-                qmatmul_int8_reference(&w, &x, &mut want);
-                for isa in isas() {
-                    let mut got = vec![0f32; n * rows];
-                    qmatmul_on(isa, &w, &x, &mut got);
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!((g - w).abs() <= 1e-5 * w.abs(), "{isa:?} {acts:?} {format:?} n={n}: {g} vs {w}");
-                    }
-                }
-            }
-        }
+        // Activations of 1.0 round to the top value: 127, or 32767.
+        extremes_match_reference(format, &row, cols, |_| 1.0, |w| 1e-5 * w.abs());
     }
 }
 
