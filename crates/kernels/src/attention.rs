@@ -54,6 +54,11 @@ impl KvDtype {
 pub trait KvElem: Copy + Default + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `dst[i] = from_f32(src[i])`, bitwise, in one vectorized pass where the type has one.
+    fn store(dst: &mut [Self], src: &[f32]) {
+        assert_eq!(dst.len(), src.len(), "store lengths");
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = Self::from_f32(*s));
+    }
     /// `Σ q·k`, portable.
     fn dot(q: &[f32], k: &[Self]) -> f32;
     /// `acc += a·v`, portable.
@@ -81,6 +86,9 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
 impl KvElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
+    }
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
     }
     fn to_f32(self) -> f32 {
         self
@@ -115,6 +123,10 @@ impl KvElem for f32 {
 impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    fn store(dst: &mut [f16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

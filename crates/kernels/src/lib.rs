@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod pool;
 pub mod quant;
+pub mod rope;
 pub mod vec;
 
 pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvDtype, KvElem, KvLayout};

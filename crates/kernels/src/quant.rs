@@ -912,6 +912,47 @@ pub fn qmatmul(w: &QMatrix, x: &[f32], y: &mut [f32]) {
 
 /// `qmatmul` on a given instruction set (tests force each one).
 pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
+    matmul(isa, w, x, y, false)
+}
+
+/// `y += x · wᵀ` (a residual added in the same pass): bitwise `y + qmatmul(w, x)`.
+pub fn qmatmul_add(w: &QMatrix, x: &[f32], y: &mut [f32]) {
+    qmatmul_add_on(Isa::detected().for_rows(x.len() / w.cols), w, x, y)
+}
+
+/// `qmatmul_add` on a given instruction set.
+pub fn qmatmul_add_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
+    matmul(isa, w, x, y, true)
+}
+
+/// `qmatmul` of activations already rounded (`Q8Acts::rms_norm`, `Q8Acts::swiglu`), stored into `y`, or added
+/// to it with `add`. `w` must take integer activations of the width `acts` has (`Int16` for 16-bit ones).
+pub fn qmatmul_acts(w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add: bool) {
+    qmatmul_acts_on(Isa::detected().for_rows(acts.rows()), w, acts, y, add)
+}
+
+/// `qmatmul_acts` on a given instruction set.
+pub fn qmatmul_acts_on(isa: Isa, w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add: bool) {
+    let n = acts.rows();
+    assert_eq!(acts.k, w.cols, "activation row length");
+    assert_eq!(y.len(), n * w.rows, "output length");
+    let want = match w.activations {
+        Activations::Int8 => Some(false),
+        Activations::Int16 => Some(true),
+        Activations::F32 => None,
+    };
+    assert_eq!(
+        want,
+        Some(acts.is_wide()),
+        "{:?} weights given {}-bit activations",
+        w.activations,
+        if acts.is_wide() { 16 } else { 8 }
+    );
+    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
+    int_matmul(isa, w, acts, y, add);
+}
+
+fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
     let (k, m) = (w.cols, w.rows);
     let n = x.len() / k;
     assert_eq!(x.len(), n * k, "activation length");
@@ -919,32 +960,21 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
     assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     match w.activations {
         Activations::Int8 | Activations::Int16 => {
-            let acts = Q8Acts::quantize_to(x, k, w.activations == Activations::Int16);
-            #[cfg(target_arch = "x86_64")]
-            if isa.avx2() {
-                // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path); `w` is
-                // tiled; `acts` holds the `n` activation rows; `tiled_tasks` gives each task whole tiles and
-                // its own columns of `y`.
-                tiled_tasks(y, n, m, |r0, rows, yp| unsafe {
-                    match isa {
-                        Isa::Avx512 => tiled::rows_tiled_512(w, r0, rows, &acts, n, yp),
-                        Isa::Avx512Vnni => tiled::rows_tiled_vnni(w, r0, rows, &acts, n, yp),
-                        _ => tiled::rows_tiled(w, r0, rows, &acts, n, yp),
-                    }
-                });
-                return;
-            }
-            rows_parallel(y, n, m, |r, o| w.row(r).dot_int8_portable(&acts, o));
+            let wide = w.activations == Activations::Int16;
+            let acts = Q8Acts::build(isa, RowSource::Plain(x), n, k, wide);
+            int_matmul(isa, w, &acts, y, add);
         }
         Activations::F32 => {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
             #[cfg(target_arch = "x86_64")]
             if isa.avx2() {
-                // SAFETY: as for the integer paths above; `x` and `xsums` hold the `n` activation rows.
-                tiled_tasks(y, n, m, |r0, rows, yp| unsafe { tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, yp) });
+                // SAFETY: as for the integer paths (`int_matmul`); `x` and `xsums` hold the `n` activation rows.
+                tiled_tasks(y, n, m, add, |r0, rows, yp| unsafe {
+                    tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, yp)
+                });
                 return;
             }
-            rows_parallel(y, n, m, |r, o| {
+            rows_parallel(y, n, m, add, |r, o| {
                 for (t, o) in o.iter_mut().enumerate() {
                     *o = w.row(r).dot_f32_portable(&x[t * k..(t + 1) * k], &xsums[t * w.blocks_per_row()..]);
                 }
@@ -953,10 +983,30 @@ pub fn qmatmul_on(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// The integer-activation product of `qmatmul` (stored or added).
+fn int_matmul(isa: Isa, w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add: bool) {
+    let (n, m) = (acts.rows(), w.rows);
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path); `w` is tiled;
+        // `acts` holds the `n` activation rows; `tiled_tasks` gives each task whole tiles and its own columns
+        // of `y`.
+        tiled_tasks(y, n, m, add, |r0, rows, yp| unsafe {
+            match isa {
+                Isa::Avx512 => tiled::rows_tiled_512(w, r0, rows, acts, n, yp),
+                Isa::Avx512Vnni => tiled::rows_tiled_vnni(w, r0, rows, acts, n, yp),
+                _ => tiled::rows_tiled(w, r0, rows, acts, n, yp),
+            }
+        });
+        return;
+    }
+    rows_parallel(y, n, m, add, |r, o| w.row(r).dot_int8_portable(acts, o));
+}
+
 /// Runs `f(row, out)` for every weight row over the pool, `out` being that row's `n` outputs; writes
 /// `y` as `[n, m]`.
-fn rows_parallel(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    rows_parallel_tasks(y, n, m, |r0, out| {
+fn rows_parallel(y: &mut [f32], n: usize, m: usize, add: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    rows_parallel_tasks(y, n, m, add, |r0, out| {
         for (i, o) in out.chunks_exact_mut(n).enumerate() {
             f(r0 + i, o);
         }
@@ -968,16 +1018,17 @@ fn rows_parallel(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]
 /// the columns `r0 .. r0 + rows` of every output row, which no other call touches. The tiled kernels write
 /// each activation row's eight results straight into the output row.
 #[cfg(target_arch = "x86_64")]
-fn tiled_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, usize, *mut f32) + Sync) {
+fn tiled_tasks(y: &mut [f32], n: usize, m: usize, add: bool, f: impl Fn(usize, usize, tiled::Dst) + Sync) {
     let bounds = guided_bounds(m);
     let cols = Columns::new(y, n);
-    crate::pool::global().run(bounds.len() - 1, &|t, _| f(bounds[t], bounds[t + 1] - bounds[t], cols.base()));
+    let dst = tiled::Dst { y: cols.base(), add };
+    crate::pool::global().run(bounds.len() - 1, &|t, _| f(bounds[t], bounds[t + 1] - bounds[t], dst));
 }
 
 /// Runs `f(r0, out)` over the pool for runs of weight rows starting at `r0` (`guided_bounds`), `out` being
 /// those rows' outputs as `[rows, n]`; writes `y` as `[n, m]`.
-fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if n == 1 {
+fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, add: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if n == 1 && !add {
         let bounds = guided_bounds(m);
         for_each_split_mut(y, &bounds, |t, out| f(bounds[t], out));
         return;
@@ -992,7 +1043,7 @@ fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, f: impl Fn(usize, &mut
     for_each_split_mut(&mut yt, &split, |t, out| {
         f(bounds[t], out);
         // SAFETY: task `t` owns output features `bounds[t] .. bounds[t + 1]`, disjoint from other tasks'.
-        unsafe { cols.put(bounds[t], out) };
+        unsafe { cols.put(bounds[t], out, add) };
     });
 }
 
@@ -1019,19 +1070,20 @@ impl Columns {
     }
 
     /// Writes `chunk` (`[rows, n]`: features `r0 .. r0 + rows`, each with its `n` outputs) into columns
-    /// `r0 .. r0 + rows`.
+    /// `r0 .. r0 + rows`, or adds it to what they hold (`add`).
     ///
     /// # Safety
     /// No other thread writes these columns meanwhile, and `r0 + rows ≤ m`; the `y` given to `new` is
     /// still borrowed by the caller and not otherwise accessed until the tasks finish.
-    unsafe fn put(&self, r0: usize, chunk: &[f32]) {
+    unsafe fn put(&self, r0: usize, chunk: &[f32], add: bool) {
         let rows = chunk.len() / self.n;
         assert!(r0 + rows <= self.m, "columns out of range");
         // Row by row of `y`, so the writes are sequential (the chunk is still in cache).
         for t in 0..self.n {
             let dst = self.ptr.add(t * self.m + r0);
             for i in 0..rows {
-                *dst.add(i) = chunk[i * self.n + t];
+                let v = chunk[i * self.n + t];
+                *dst.add(i) = if add { *dst.add(i) + v } else { v };
             }
         }
     }
@@ -1063,6 +1115,56 @@ fn inverse_scale(scale: f32) -> f32 {
 /// Largest 16-bit activation magnitude.
 const WIDE_MAX: f32 = 32767.0;
 
+/// How each row of activations is made before it is rounded (`Q8Acts::build`).
+#[derive(Clone, Copy)]
+enum RowSource<'a> {
+    /// `x` (`[n, k]`) as it is.
+    Plain(&'a [f32]),
+    /// The RMS norm of `x` (`[n, k]`) with weight `w` (`crate::vec::rms_norm`).
+    Normed { x: &'a [f32], w: &'a [f32], eps: f32 },
+    /// SwiGLU of `gate_up` (`[n, 2k]`: each row the `k` gate values, then the `k` up values; `crate::vec::swiglu`).
+    Gated(&'a [f32]),
+}
+
+/// Activation rows per task when they are built over the pool; fewer than two tasks' worth run on the caller.
+const ROWS_PER_TASK: usize = 32;
+
+/// The value buffers of a `Q8Acts` under construction, for tasks that each fill their own rows.
+struct RowsOut {
+    qs: *mut i8,
+    x16: *mut i16,
+    d: *mut f32,
+    s: *mut f32,
+    k: usize,
+    wide: bool,
+}
+
+// SAFETY: `row`'s contract makes concurrent writers disjoint; `Q8Acts::build` keeps the buffers alive and
+// otherwise untouched while tasks run.
+unsafe impl Sync for RowsOut {}
+
+impl RowsOut {
+    /// Row `r`'s values (the unused width's slice is empty), scales and sums.
+    ///
+    /// # Safety
+    /// `r` is a row of the buffers, and no one else uses row `r` while the slices live.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize) -> (&mut [i8], &mut [i16], &mut [f32], &mut [f32]) {
+        let (k, nb) = (self.k, self.k / BLOCK);
+        let (qs, x16) = if self.wide {
+            (&mut [][..], std::slice::from_raw_parts_mut(self.x16.add(r * k), k))
+        } else {
+            (std::slice::from_raw_parts_mut(self.qs.add(r * k), k), &mut [][..])
+        };
+        (
+            qs,
+            x16,
+            std::slice::from_raw_parts_mut(self.d.add(r * nb), nb),
+            std::slice::from_raw_parts_mut(self.s.add(r * nb), nb),
+        )
+    }
+}
+
 impl Q8Acts {
     /// `x` is `[n, k]`; each 32-value block gets its own scale `max|x| / 127`.
     pub fn quantize(x: &[f32], k: usize) -> Self {
@@ -1075,50 +1177,85 @@ impl Q8Acts {
     }
 
     fn quantize_to(x: &[f32], k: usize, wide: bool) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if Isa::detected().avx2() {
-            let nb_total = x.len() / BLOCK;
-            let (mut d, mut s) = (vec![0f32; nb_total], vec![0f32; nb_total]);
-            let mut qs = vec![0i8; if wide { 0 } else { x.len() }];
-            let mut x16 = vec![0i16; if wide { x.len() } else { 0 }];
-            // SAFETY: AVX2 detected; the value buffer of the chosen width holds `x.len()` values, the other is
-            // empty; one scale and sum per block.
-            unsafe {
-                if wide {
-                    avx2::quantize::<true>(x, &mut qs, &mut x16, &mut d, &mut s)
-                } else {
-                    avx2::quantize::<false>(x, &mut qs, &mut x16, &mut d, &mut s)
-                }
-            };
-            return Self { k, qs, x16, d, s };
-        }
-        Self::quantize_portable(x, k, wide)
+        Self::build(Isa::detected(), RowSource::Plain(x), x.len() / k.max(1), k, wide)
     }
 
     /// The plain version of `quantize_to` (the AVX2 one gives bitwise the same result).
+    #[cfg(test)]
     fn quantize_portable(x: &[f32], k: usize, wide: bool) -> Self {
-        let nb_total = x.len() / BLOCK;
-        let mut qs = vec![0i8; if wide { 0 } else { x.len() }];
-        let mut x16 = vec![0i16; if wide { x.len() } else { 0 }];
-        let mut d = Vec::with_capacity(nb_total);
-        let mut s = Vec::with_capacity(nb_total);
-        let top = if wide { WIDE_MAX } else { 127.0 };
-        for (i, blk) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / top;
-            let inv = inverse_scale(scale);
-            let mut sum = 0i32;
-            for (j, v) in blk.iter().enumerate() {
-                let q = ((v * inv).round() as i32).clamp(-(top as i32), top as i32);
-                if wide {
-                    x16[i * BLOCK + j] = q as i16;
-                } else {
-                    qs[i * BLOCK + j] = q as i8;
-                }
-                sum += q;
+        Self::build(Isa::Portable, RowSource::Plain(x), x.len() / k, k, wide)
+    }
+
+    /// The rows of `crate::vec::rms_norm(x, w, eps)` (`x` is `[n, w.len()]`), rounded as `quantize` (or
+    /// `quantize_wide`) rounds them, bitwise, without the normed rows ever being written out: norm and
+    /// rounding in one pass.
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, wide: bool) -> Self {
+        Self::rms_norm_on(Isa::detected(), x, w, eps, wide)
+    }
+
+    /// `rms_norm` on a given instruction set (tests force each one).
+    pub fn rms_norm_on(isa: Isa, x: &[f32], w: &[f32], eps: f32, wide: bool) -> Self {
+        let k = w.len();
+        assert!(k > 0 && x.len().is_multiple_of(k), "rms_norm: x is not whole rows of the weight's length");
+        Self::build(isa, RowSource::Normed { x, w, eps }, x.len() / k, k, wide)
+    }
+
+    /// `silu(gate) · up` (`crate::vec::swiglu`) of each row of `gate_up` (`[n, 2k]`: the `k` gate values, then
+    /// the `k` up values), rounded as `quantize` (or `quantize_wide`) rounds it, bitwise, in one pass.
+    pub fn swiglu(gate_up: &[f32], k: usize, wide: bool) -> Self {
+        Self::swiglu_on(Isa::detected(), gate_up, k, wide)
+    }
+
+    /// `swiglu` on a given instruction set (tests force each one).
+    pub fn swiglu_on(isa: Isa, gate_up: &[f32], k: usize, wide: bool) -> Self {
+        assert!(k > 0 && gate_up.len().is_multiple_of(2 * k), "swiglu: gate_up is not whole rows of 2k values");
+        Self::build(isa, RowSource::Gated(gate_up), gate_up.len() / (2 * k), k, wide)
+    }
+
+    /// Activation rows held.
+    pub fn rows(&self) -> usize {
+        self.d.len() * BLOCK / self.k
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Whether the values are 16-bit (`Activations::Int16`) rather than 8-bit.
+    pub fn wide(&self) -> bool {
+        self.is_wide()
+    }
+
+    /// `n` rows of `k` values from `src`, each row made and rounded in one pass; over the pool for long
+    /// batches (rows are independent, so the split does not change any result).
+    fn build(isa: Isa, src: RowSource<'_>, n: usize, k: usize, wide: bool) -> Self {
+        assert!(k > 0 && k.is_multiple_of(BLOCK), "activation rows of {k} values are not whole 32-value blocks");
+        let need = match src {
+            RowSource::Plain(x) | RowSource::Normed { x, .. } => x.len(),
+            RowSource::Gated(gu) => gu.len() / 2,
+        };
+        assert_eq!(need, n * k, "activation length");
+        let nb_total = n * k / BLOCK;
+        let (mut d, mut s) = (vec![0f32; nb_total], vec![0f32; nb_total]);
+        let mut qs = vec![0i8; if wide { 0 } else { n * k }];
+        let mut x16 = vec![0i16; if wide { n * k } else { 0 }];
+        let out = RowsOut { qs: qs.as_mut_ptr(), x16: x16.as_mut_ptr(), d: d.as_mut_ptr(), s: s.as_mut_ptr(), k, wide };
+        let fill = |r0: usize, r1: usize| {
+            for r in r0..r1 {
+                // SAFETY: `r < n`, and each row is filled by exactly one task.
+                let (q, x, dd, ss) = unsafe { out.row(r) };
+                fill_row(isa, src, r, k, q, x, dd, ss);
             }
-            d.push(scale);
-            s.push(scale * sum as f32);
+        };
+        let tasks = n / ROWS_PER_TASK;
+        if tasks >= 2 {
+            crate::pool::global().run(tasks, &|t, _| {
+                let r1 = if t + 1 == tasks { n } else { (t + 1) * ROWS_PER_TASK };
+                fill(t * ROWS_PER_TASK, r1)
+            });
+        } else {
+            fill(0, n);
         }
         Self { k, qs, x16, d, s }
     }
@@ -1135,6 +1272,100 @@ impl Q8Acts {
         } else {
             self.qs[i] as i32
         }
+    }
+}
+
+/// Makes row `r` of `src` (`k` values) and rounds it into that row's buffers (`qs` or `x16` by width).
+#[allow(clippy::too_many_arguments)]
+fn fill_row(
+    isa: Isa,
+    src: RowSource<'_>,
+    r: usize,
+    k: usize,
+    qs: &mut [i8],
+    x16: &mut [i16],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        let wide = !x16.is_empty();
+        // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; each source reads row `r` (checked
+        // lengths in `build`), and the buffers hold this row's `k` values and `k / 32` scales and sums.
+        unsafe {
+            match src {
+                RowSource::Plain(x) => round_row(&avx2::Plain(x[r * k..(r + 1) * k].as_ptr()), wide, qs, x16, d, s),
+                RowSource::Normed { x, w, eps } => {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let inv = crate::vec::inv_rms_on(isa, xr, eps);
+                    round_row(&avx2::Normed { x: xr.as_ptr(), w: w.as_ptr(), inv }, wide, qs, x16, d, s)
+                }
+                RowSource::Gated(gu) => {
+                    let gr = &gu[2 * r * k..2 * (r + 1) * k];
+                    round_row(&avx2::Gated { gate: gr.as_ptr(), up: gr[k..].as_ptr() }, wide, qs, x16, d, s)
+                }
+            }
+        }
+        return;
+    }
+    let vals: std::borrow::Cow<'_, [f32]> = match src {
+        RowSource::Plain(x) => x[r * k..(r + 1) * k].into(),
+        RowSource::Normed { x, w, eps } => {
+            let mut v = vec![0f32; k];
+            crate::vec::rms_norm_on(isa, &x[r * k..(r + 1) * k], w, eps, &mut v);
+            v.into()
+        }
+        RowSource::Gated(gu) => {
+            let gr = &gu[2 * r * k..2 * (r + 1) * k];
+            let mut v = gr[..k].to_vec();
+            crate::vec::swiglu_on(isa, &mut v, &gr[k..]);
+            v.into()
+        }
+    };
+    round_row_portable(&vals, qs, x16, d, s);
+}
+
+/// `avx2::quantize` at the buffers' width.
+///
+/// SAFETY (caller): as `avx2::quantize`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn round_row<S: avx2::Blocks>(
+    src: &S,
+    wide: bool,
+    qs: &mut [i8],
+    x16: &mut [i16],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    if wide {
+        avx2::quantize::<true, S>(src, qs, x16, d, s)
+    } else {
+        avx2::quantize::<false, S>(src, qs, x16, d, s)
+    }
+}
+
+/// Rounds `x` per 32-value block into `qs` (8 bits) or, where `x16` is not empty, `x16` (16 bits), with the
+/// blocks' scales in `d` and `scale · Σ q` in `s`.
+fn round_row_portable(x: &[f32], qs: &mut [i8], x16: &mut [i16], d: &mut [f32], s: &mut [f32]) {
+    let wide = !x16.is_empty();
+    let top = if wide { WIDE_MAX } else { 127.0 };
+    for (i, blk) in x.chunks_exact(BLOCK).enumerate() {
+        let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / top;
+        let inv = inverse_scale(scale);
+        let mut sum = 0i32;
+        for (j, v) in blk.iter().enumerate() {
+            let q = ((v * inv).round() as i32).clamp(-(top as i32), top as i32);
+            if wide {
+                x16[i * BLOCK + j] = q as i16;
+            } else {
+                qs[i * BLOCK + j] = q as i8;
+            }
+            sum += q;
+        }
+        d[i] = scale;
+        s[i] = scale * sum as f32;
     }
 }
 

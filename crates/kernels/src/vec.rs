@@ -96,23 +96,95 @@ pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// RMS norm of each row of `x` (`[n, w.len()]`): `out = x · inv_rms(x) · w`, as transformers computes it in
+/// f32 (`(x · inv) · w`, rounded after each product).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    rms_norm_on(crate::Isa::detected(), x, w, eps, out)
+}
+
+/// `rms_norm` on a given instruction set; every path gives bitwise the same result.
+pub fn rms_norm_on(isa: crate::Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    assert!(h > 0 && x.len().is_multiple_of(h) && out.len() == x.len(), "rms_norm shapes");
+    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let inv = inv_rms_on(isa, xr, eps);
+        for ((o, xi), wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = xi * inv * wi;
+        }
+    }
+}
+
+/// `1 / √(mean(x²) + eps)`. The squares are summed in eight lanes (element `i` into lane `i % 8`, each product
+/// and sum rounded, no fused multiply-add), the lanes added as `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, then
+/// the tail past the last multiple of 8 in order: the AVX2 and portable paths give bitwise the same.
+pub fn inv_rms_on(isa: crate::Isa, x: &[f32], eps: f32) -> f32 {
+    let body = x.len() / 8 * 8;
+    #[cfg(target_arch = "x86_64")]
+    let l = if isa.avx2() {
+        // SAFETY: an AVX2 path means AVX2 was detected; `body` is a multiple of 8 within `x`.
+        unsafe { simd::square_lanes(&x[..body]) }
+    } else {
+        square_lanes_portable(&x[..body])
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let l = {
+        let _ = isa;
+        square_lanes_portable(&x[..body])
+    };
+    let mut sum = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    for v in &x[body..] {
+        sum += v * v;
+    }
+    1.0 / (sum / x.len() as f32 + eps).sqrt()
+}
+
+/// Lane `l` of the result: `Σ x[i]²` over `i % 8 == l`, in order (`x.len()` a multiple of 8).
+fn square_lanes_portable(x: &[f32]) -> [f32; 8] {
+    let mut acc = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
+    /// `square_lanes_portable` with AVX2, bitwise the same.
+    ///
+    /// SAFETY (caller): AVX2 available; `x.len()` a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn square_lanes(x: &[f32]) -> [f32; 8] {
+        let mut acc = _mm256_setzero_ps();
+        for c in x.chunks_exact(8) {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        out
+    }
+
+    /// `silu(x) · u` on eight lanes, as `swiglu_avx2` computes it.
+    #[inline(always)]
+    pub unsafe fn silu_mul(x: __m256, u: __m256) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        let t = crate::attention::avx2::exp_nonpositive(_mm256_or_ps(x, _mm256_set1_ps(-0.0)));
+        let s = _mm256_blendv_ps(t, one, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps()));
+        _mm256_mul_ps(_mm256_div_ps(_mm256_mul_ps(x, s), _mm256_add_ps(one, t)), u)
+    }
+
     /// `swiglu` eight at a time (`gate.len()` a multiple of 8): `silu(g) = g·s / (1 + t)` with
     /// `t = e^−|g|` (never overflows) and `s = 1` for `g ≥ 0`, `s = t` below.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
-        let one = _mm256_set1_ps(1.0);
-        let sign = _mm256_set1_ps(-0.0);
         for (g, u) in gate.chunks_exact_mut(8).zip(up.chunks_exact(8)) {
-            let x = _mm256_loadu_ps(g.as_ptr());
-            let t = crate::attention::avx2::exp_nonpositive(_mm256_or_ps(x, sign));
-            let s = _mm256_blendv_ps(t, one, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps()));
-            let silu = _mm256_div_ps(_mm256_mul_ps(x, s), _mm256_add_ps(one, t));
-            _mm256_storeu_ps(g.as_mut_ptr(), _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr())));
+            let v = silu_mul(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()));
+            _mm256_storeu_ps(g.as_mut_ptr(), v);
         }
     }
 

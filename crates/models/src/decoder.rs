@@ -18,9 +18,9 @@ use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, KvLayers, LayerKv, PagedKvCache};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use mlx_serving_kernels::{
-    paged_attention, qmatmul, Activations, AttnSeq, KvDtype, KvElem, KvLayout, QMatrix, QuantFormat,
-};
+use mlx_serving_kernels::quant::{qmatmul_acts, qmatmul_add, Q8Acts};
+use mlx_serving_kernels::rope::{self, rope_qkv_store, QkvStore, RopeTables};
+use mlx_serving_kernels::{paged_attention, qmatmul, Activations, AttnSeq, KvDtype, KvElem, QMatrix, QuantFormat};
 use std::path::Path;
 
 #[derive(Clone, Debug, Default)]
@@ -113,41 +113,63 @@ enum Weight {
     Candle(QMatMul),
 }
 
+/// Activations entering a projection: f32 rows, or rows already rounded for our integer kernels (by a fused
+/// norm or SwiGLU pass).
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    F32(&'a [f32]),
+    Rounded(&'a Q8Acts),
+}
+
 impl Weight {
-    /// `x` is `[n, in]`; returns `[n, out]`.
-    fn forward(&self, x: &[f32], n: usize, device: &Device) -> Result<Vec<f32>> {
+    /// `Some(wide)` when this matrix takes rounded integer activations (16-bit when `wide`): then a fused
+    /// pass can hand them over already rounded.
+    fn rounded(&self) -> Option<bool> {
         match self {
-            Self::Kernel(w) => {
-                let mut y = vec![0f32; n * w.rows()];
-                qmatmul(w, x, &mut y);
-                Ok(y)
-            }
-            Self::Candle(w) => {
-                let xt = Tensor::from_slice(x, (n, x.len() / n), device)?;
-                Ok(w.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
-            }
+            Self::Kernel(w) => rounded(w),
+            Self::Candle(_) => None,
         }
+    }
+
+    /// `y = x · Wᵀ` (`x` is `[n, in]`, `y` `[n, out]`), or `y += x · Wᵀ` with `add` (a residual in the same pass).
+    fn forward_into(&self, x: Input<'_>, n: usize, y: &mut [f32], add: bool, device: &Device) -> Result<()> {
+        match (self, x) {
+            (Self::Kernel(w), Input::Rounded(a)) => qmatmul_acts(w, a, y, add),
+            (Self::Kernel(w), Input::F32(x)) if add => qmatmul_add(w, x, y),
+            (Self::Kernel(w), Input::F32(x)) => qmatmul(w, x, y),
+            (Self::Candle(w), Input::F32(x)) => {
+                let xt = Tensor::from_slice(x, (n, x.len() / n), device)?;
+                let out = w.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
+                if add {
+                    add_assign(y, &out);
+                } else {
+                    y.copy_from_slice(&out);
+                }
+            }
+            (Self::Candle(_), Input::Rounded(_)) => unreachable!("rounded activations only go to our kernels"),
+        }
+        Ok(())
+    }
+}
+
+/// `Some(wide)` when `w` takes rounded integer activations (16-bit when `wide`).
+fn rounded(w: &QMatrix) -> Option<bool> {
+    match w.activations() {
+        Activations::Int8 => Some(false),
+        Activations::Int16 => Some(true),
+        Activations::F32 => None,
     }
 }
 
 struct Linear {
     weight: Weight,
+    /// Output features.
+    rows: usize,
     bias: Option<Vec<f32>>,
 }
 
-impl Linear {
-    fn forward(&self, x: &[f32], n: usize, device: &Device) -> Result<Vec<f32>> {
-        let mut y = self.weight.forward(x, n, device)?;
-        if let Some(b) = &self.bias {
-            for row in y.chunks_mut(b.len()) {
-                for (yi, bi) in row.iter_mut().zip(b) {
-                    *yi += bi;
-                }
-            }
-        }
-        Ok(y)
-    }
-}
+/// A projection's width in a group's output, and its bias.
+type Part<'a> = (usize, Option<&'a [f32]>);
 
 /// Projections that read the same input (q/k/v; gate/up). When all are our kernel's format they run as
 /// one stacked matmul: one parallel pass over the weights per step instead of several.
@@ -175,32 +197,57 @@ impl ProjGroup {
         Self::Separate(parts)
     }
 
-    /// Each projection's output, `[n, rows_i]`.
-    fn forward(&self, x: &[f32], n: usize, device: &Device) -> Result<Vec<Vec<f32>>> {
+    /// `Some(wide)` when the group runs as one matmul of rounded activations (see `Weight::rounded`).
+    fn rounded(&self) -> Option<bool> {
         match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x, n, device)).collect(),
+            Self::Fused { weight, .. } => rounded(weight),
+            Self::Separate(_) => None,
+        }
+    }
+
+    /// Every projection's output side by side, biases added: `[n, Σ rows_i]`, each row the first projection's
+    /// values, then the second's, and so on (what a stacked matmul writes).
+    fn forward(&self, x: Input<'_>, n: usize, device: &Device) -> Result<Vec<f32>> {
+        let (mut y, parts): (Vec<f32>, Vec<Part<'_>>) = match self {
             Self::Fused { weight, sizes, biases } => {
-                let total = weight.rows();
-                let mut y = vec![0f32; n * total];
-                qmatmul(weight, x, &mut y);
-                let mut outs: Vec<Vec<f32>> = sizes.iter().map(|s| Vec::with_capacity(n * s)).collect();
-                for row in y.chunks_exact(total) {
-                    let mut off = 0;
-                    for (o, &sz) in outs.iter_mut().zip(sizes) {
-                        o.extend_from_slice(&row[off..off + sz]);
-                        off += sz;
+                let mut y = vec![0f32; n * weight.rows()];
+                match x {
+                    Input::Rounded(a) => qmatmul_acts(weight, a, &mut y, false),
+                    Input::F32(x) => qmatmul(weight, x, &mut y),
+                }
+                (y, sizes.iter().zip(biases).map(|(&s, b)| (s, b.as_deref())).collect())
+            }
+            Self::Separate(parts) => {
+                let Input::F32(xf) = x else { unreachable!("a separate group takes f32 activations") };
+                let outs: Vec<Vec<f32>> = parts
+                    .iter()
+                    .map(|p| {
+                        let mut o = vec![0f32; n * p.rows];
+                        p.weight.forward_into(Input::F32(xf), n, &mut o, false, device).map(|_| o)
+                    })
+                    .collect::<Result<_>>()?;
+                let mut y = Vec::with_capacity(outs.iter().map(Vec::len).sum());
+                for t in 0..n {
+                    for (o, p) in outs.iter().zip(parts) {
+                        y.extend_from_slice(&o[t * p.rows..(t + 1) * p.rows]);
                     }
                 }
-                for (o, b) in outs.iter_mut().zip(biases) {
+                (y, parts.iter().map(|p| (p.rows, p.bias.as_deref())).collect())
+            }
+        };
+        if parts.iter().any(|(_, b)| b.is_some()) {
+            let total: usize = parts.iter().map(|(sz, _)| sz).sum();
+            for row in y.chunks_exact_mut(total) {
+                let mut off = 0;
+                for &(sz, b) in &parts {
                     if let Some(b) = b {
-                        for r in o.chunks_mut(b.len()) {
-                            r.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
-                        }
+                        row[off..off + sz].iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
                     }
+                    off += sz;
                 }
-                Ok(outs)
             }
         }
+        Ok(y)
     }
 }
 
@@ -266,14 +313,17 @@ impl Model {
             };
             let q = Linear {
                 weight: matmul(g, &format!("{p}.attn_q.weight"), &[cfg.q_size(), h])?,
+                rows: cfg.q_size(),
                 bias: bias(g, "attn_q", cfg.q_size())?,
             };
             let k = Linear {
                 weight: matmul(g, &format!("{p}.attn_k.weight"), &[cfg.kv_size(), h])?,
+                rows: cfg.kv_size(),
                 bias: bias(g, "attn_k", cfg.kv_size())?,
             };
             let v = Linear {
                 weight: matmul(g, &format!("{p}.attn_v.weight"), &[cfg.kv_size(), h])?,
+                rows: cfg.kv_size(),
                 bias: bias(g, "attn_v", cfg.kv_size())?,
             };
             layers.push(Layer {
@@ -282,8 +332,8 @@ impl Model {
                 o: matmul(g, &format!("{p}.attn_output.weight"), &[h, cfg.q_size()])?,
                 ffn_norm: vector(g, &format!("{p}.ffn_norm.weight"), h, device)?,
                 gate_up: ProjGroup::new(vec![
-                    Linear { weight: matmul(g, &format!("{p}.ffn_gate.weight"), &[ffn, h])?, bias: None },
-                    Linear { weight: matmul(g, &format!("{p}.ffn_up.weight"), &[ffn, h])?, bias: None },
+                    Linear { weight: matmul(g, &format!("{p}.ffn_gate.weight"), &[ffn, h])?, rows: ffn, bias: None },
+                    Linear { weight: matmul(g, &format!("{p}.ffn_up.weight"), &[ffn, h])?, rows: ffn, bias: None },
                 ]),
                 down: matmul(g, &format!("{p}.ffn_down.weight"), &[h, ffn])?,
             });
@@ -307,12 +357,11 @@ impl Model {
         let cfg = &self.cfg;
         let dev = &self.device;
         let n = batch.token_ids.len();
-        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (h, hd, nh) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads);
         let mut x = Vec::with_capacity(n * h);
         for &t in batch.token_ids {
             x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
         }
-        let (cos, sin) = self.rope_tables(batch.positions);
         let layout = cache.layout();
         let mut row = 0;
         let seqs: Vec<AttnSeq<'_>> = batch
@@ -330,8 +379,6 @@ impl Model {
             })
             .collect();
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut attn = vec![0f32; n * nh * hd];
-        let mut hn = vec![0f32; n * h];
         if cache.dtype() != cfg.kv_dtype {
             return Err(crate::error::Error::InvalidBatch(format!(
                 "KV cache holds {:?}, the model was loaded for {:?}",
@@ -339,23 +386,56 @@ impl Model {
                 cfg.kv_dtype
             )));
         }
+        let tables = RopeTables::new(&self.inv_freq, batch.positions);
+        let style = match cfg.rope_style {
+            RopeStyle::Interleaved => rope::RopeStyle::Interleaved,
+            RopeStyle::Neox => rope::RopeStyle::Neox,
+        };
+        let eps = cfg.rms_norm_eps;
+        let ffn = cfg.intermediate_size;
+        // Buffers reused by every layer (a fresh large allocation per layer costs page faults).
+        let mut q = vec![0f32; n * nh * hd];
+        let mut attn = vec![0f32; n * nh * hd];
+        let mut hn = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut hn);
-            let [mut q, mut k, v]: [Vec<f32>; 3] =
-                layer.qkv.forward(&hn, n, dev)?.try_into().expect("three projections");
-            self.apply_rope(&mut q, nh, &cos, &sin);
-            self.apply_rope(&mut k, nkv, &cos, &sin);
-            let step = AttnStep { layout, slots: batch.slot_mapping, seqs: &seqs, num_heads: nh, scale };
+            // Norm and rounding in one pass when the q/k/v matmul takes rounded activations.
+            let qkv = match layer.qkv.rounded() {
+                Some(wide) => {
+                    layer.qkv.forward(Input::Rounded(&Q8Acts::rms_norm(&x, &layer.attn_norm, eps, wide)), n, dev)?
+                }
+                None => layer.qkv.forward(Input::F32(normed(&x, &layer.attn_norm, eps, &mut hn)), n, dev)?,
+            };
+            // Rotation of q and k and the cache write in one pass over the projection's output.
+            let store =
+                QkvStore { qkv: &qkv, num_heads: nh, layout, tables: &tables, style, slots: batch.slot_mapping };
             match &mut cache.layers {
-                KvLayers::F16(l) => step.run(&mut l[i], &k, &v, &q, &mut attn),
-                KvLayers::F32(l) => step.run(&mut l[i], &k, &v, &q, &mut attn),
+                KvLayers::F16(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
+                KvLayers::F32(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
             }
-            add_assign(&mut x, &layer.o.forward(&attn, n, dev)?);
-            rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hn);
-            let [mut gate, up]: [Vec<f32>; 2] =
-                layer.gate_up.forward(&hn, n, dev)?.try_into().expect("two projections");
-            mlx_serving_kernels::vec::swiglu(&mut gate, &up);
-            add_assign(&mut x, &layer.down.forward(&gate, n, dev)?);
+            layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?;
+            let gate_up = match layer.gate_up.rounded() {
+                Some(wide) => {
+                    layer.gate_up.forward(Input::Rounded(&Q8Acts::rms_norm(&x, &layer.ffn_norm, eps, wide)), n, dev)?
+                }
+                None => layer.gate_up.forward(Input::F32(normed(&x, &layer.ffn_norm, eps, &mut hn)), n, dev)?,
+            };
+            // SwiGLU and rounding in one pass, the residual added by the down matmul itself.
+            match layer.down.rounded() {
+                Some(wide) => {
+                    let acts = Q8Acts::swiglu(&gate_up, ffn, wide);
+                    layer.down.forward_into(Input::Rounded(&acts), n, &mut x, true, dev)?;
+                }
+                None => {
+                    let mut gate = Vec::with_capacity(n * ffn);
+                    let mut up = Vec::with_capacity(n * ffn);
+                    for row in gate_up.chunks_exact(2 * ffn) {
+                        gate.extend_from_slice(&row[..ffn]);
+                        up.extend_from_slice(&row[ffn..]);
+                    }
+                    mlx_serving_kernels::vec::swiglu(&mut gate, &up);
+                    layer.down.forward_into(Input::F32(&gate), n, &mut x, true, dev)?;
+                }
+            }
         }
         let m = batch.logits_indices.len();
         if m == 0 {
@@ -365,75 +445,36 @@ impl Model {
         for &r in batch.logits_indices {
             last.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
         }
-        let mut normed = vec![0f32; m * h];
-        rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut normed);
-        self.lm_head.forward(&normed, m, dev)
-    }
-
-    /// cos/sin per token and frequency, `[n, rope_dim / 2]`.
-    fn rope_tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+        let mut logits = vec![0f32; m * cfg.vocab_size];
+        match self.lm_head.rounded() {
+            Some(wide) => {
+                let acts = Q8Acts::rms_norm(&last, &self.norm, eps, wide);
+                self.lm_head.forward_into(Input::Rounded(&acts), m, &mut logits, false, dev)?
             }
+            None => self.lm_head.forward_into(
+                Input::F32(normed(&last, &self.norm, eps, &mut hn)),
+                m,
+                &mut logits,
+                false,
+                dev,
+            )?,
         }
-        (cos, sin)
-    }
-
-    /// Rotates `x` (`[n, heads, head_dim]`) in place.
-    fn apply_rope(&self, x: &mut [f32], heads: usize, cos: &[f32], sin: &[f32]) {
-        let hd = self.cfg.head_dim;
-        let half = self.inv_freq.len();
-        for (t, tok) in x.chunks_mut(heads * hd).enumerate() {
-            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
-            for head in tok.chunks_mut(hd) {
-                match self.cfg.rope_style {
-                    RopeStyle::Interleaved => {
-                        for i in 0..half {
-                            let (a, b) = (head[2 * i], head[2 * i + 1]);
-                            head[2 * i] = a * c[i] - b * s[i];
-                            head[2 * i + 1] = a * s[i] + b * c[i];
-                        }
-                    }
-                    RopeStyle::Neox => {
-                        for i in 0..half {
-                            let (a, b) = (head[i], head[i + half]);
-                            head[i] = a * c[i] - b * s[i];
-                            head[i + half] = a * s[i] + b * c[i];
-                        }
-                    }
-                }
-            }
-        }
+        Ok(logits)
     }
 }
 
-/// One layer's cache write and attention over a batch.
-struct AttnStep<'a> {
-    layout: KvLayout,
-    slots: &'a [u32],
-    seqs: &'a [AttnSeq<'a>],
-    num_heads: usize,
+/// One layer's rotation, cache write and attention over a batch: the queries rotated into `q`, the keys and
+/// values into the layer's cache, the attention output into `out`.
+fn attend<T: KvElem>(
+    s: &QkvStore<'_>,
+    seqs: &[AttnSeq<'_>],
     scale: f32,
-}
-
-impl AttnStep<'_> {
-    /// Stores each token's `k`/`v` rows (`[n, kv_heads * head_dim]`) at its slot, then attends.
-    fn run<T: KvElem>(&self, kv: &mut LayerKv<T>, k: &[f32], v: &[f32], q: &[f32], out: &mut [f32]) {
-        let row = self.layout.num_kv_heads * self.layout.head_dim;
-        for (t, &slot) in self.slots.iter().enumerate() {
-            let dst = self.layout.offset(slot as usize, 0);
-            let src = t * row..(t + 1) * row;
-            kv.k[dst..dst + row].iter_mut().zip(&k[src.clone()]).for_each(|(d, s)| *d = T::from_f32(*s));
-            kv.v[dst..dst + row].iter_mut().zip(&v[src]).for_each(|(d, s)| *d = T::from_f32(*s));
-        }
-        paged_attention(out, q, &kv.k, &kv.v, self.layout, self.num_heads, self.seqs, self.scale);
-    }
+    q: &mut [f32],
+    kv: &mut LayerKv<T>,
+    out: &mut [f32],
+) {
+    rope_qkv_store(s, q, &mut kv.k, &mut kv.v);
+    paged_attention(out, q, &kv.k, &kv.v, s.layout, s.num_heads, seqs, scale);
 }
 
 fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
@@ -468,16 +509,11 @@ fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec
     qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
 }
 
-/// `out = x / rms(x) * w` per row, as transformers computes it in f32.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let h = w.len();
-    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, xi), wi) in or.iter_mut().zip(xr).zip(w) {
-            *o = xi * inv * wi;
-        }
-    }
+/// `x`'s rows RMS-normed (`vec::rms_norm`: as transformers computes it in f32) into `buf`, returned.
+fn normed<'a>(x: &[f32], w: &[f32], eps: f32, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    buf.resize(x.len(), 0.0);
+    mlx_serving_kernels::vec::rms_norm(x, w, eps, buf);
+    buf
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

@@ -37,20 +37,84 @@ unsafe fn pack_i16(q: [__m256i; 4]) -> [__m256i; 2] {
     [a, b]
 }
 
-/// `Q8Acts::quantize_portable`, bitwise the same (NaN and infinities included): per 32-value block `d = max|x| / top`
-/// (127, or 32767 for 16 bits), `q = round(x · (1 / d))` clamped to `±top`, `s = d · Σ q`; `q` goes to `qs` (8 bits) or
-/// `x16`.
+/// Where a row's 32-value blocks come from, computed as they are rounded (no pass over memory in between).
+pub trait Blocks {
+    /// The 32 values of block `b`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; block `b` lies within the source's row.
+    unsafe fn block(&self, b: usize) -> [__m256; 4];
+}
+
+/// Four vectors from `p`.
+#[inline(always)]
+unsafe fn load4(p: *const f32) -> [__m256; 4] {
+    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
+}
+
+/// Values as they are.
+pub struct Plain(pub *const f32);
+impl Blocks for Plain {
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> [__m256; 4] {
+        load4(self.0.add(b * BLOCK))
+    }
+}
+
+/// `(x · inv) · w`: a row of RMS norm (`crate::vec::rms_norm`'s arithmetic).
+pub struct Normed {
+    pub x: *const f32,
+    pub w: *const f32,
+    pub inv: f32,
+}
+impl Blocks for Normed {
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> [__m256; 4] {
+        let (x, w, inv) = (load4(self.x.add(b * BLOCK)), load4(self.w.add(b * BLOCK)), _mm256_set1_ps(self.inv));
+        [
+            _mm256_mul_ps(_mm256_mul_ps(x[0], inv), w[0]),
+            _mm256_mul_ps(_mm256_mul_ps(x[1], inv), w[1]),
+            _mm256_mul_ps(_mm256_mul_ps(x[2], inv), w[2]),
+            _mm256_mul_ps(_mm256_mul_ps(x[3], inv), w[3]),
+        ]
+    }
+}
+
+/// `silu(gate) · up` (`crate::vec::swiglu`'s AVX2 arithmetic).
+pub struct Gated {
+    pub gate: *const f32,
+    pub up: *const f32,
+}
+impl Blocks for Gated {
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> [__m256; 4] {
+        let (g, u) = (load4(self.gate.add(b * BLOCK)), load4(self.up.add(b * BLOCK)));
+        use crate::vec::simd::silu_mul;
+        [silu_mul(g[0], u[0]), silu_mul(g[1], u[1]), silu_mul(g[2], u[2]), silu_mul(g[3], u[3])]
+    }
+}
+
+/// `Q8Acts::quantize_portable`, bitwise the same (NaN and infinities included), for the `d.len()` blocks of
+/// `src`: per 32-value block `d = max|x| / top` (127, or 32767 for 16 bits), `q = round(x · (1 / d))` clamped
+/// to `±top`, `s = d · Σ q`; `q` goes to `qs` (8 bits) or `x16`.
 ///
-/// SAFETY (caller): AVX2 and FMA available; `x.len()` a multiple of 32; the buffer of the chosen width
-/// (`qs` for 8 bits, `x16` for 16) holds `x.len()` values; `d`, `s` hold one value per block.
+/// SAFETY (caller): AVX2, FMA and F16C available; `src` has `d.len()` blocks; the buffer of the chosen width
+/// (`qs` for 8 bits, `x16` for 16) holds 32 values per block; `s` one value per block.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize<const WIDE: bool>(x: &[f32], qs: &mut [i8], x16: &mut [i16], d: &mut [f32], s: &mut [f32]) {
-    assert!(d.len() == x.len() / BLOCK && s.len() == d.len());
-    assert!(if WIDE { x16.len() == x.len() } else { qs.len() == x.len() });
+pub unsafe fn quantize<const WIDE: bool, S: Blocks>(
+    src: &S,
+    qs: &mut [i8],
+    x16: &mut [i16],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    let nb = d.len();
+    assert!(s.len() == nb);
+    assert!(if WIDE { x16.len() == nb * BLOCK } else { qs.len() == nb * BLOCK });
     let top = if WIDE { super::WIDE_MAX } else { 127.0 };
     let abs_mask = _mm256_set1_ps(-0.0);
-    for (b, blk) in x.chunks_exact(BLOCK).enumerate() {
-        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
+    for b in 0..nb {
+        let v = src.block(b);
         // NaN counts as 0 here and rounds to 0 below, as in the portable version (`f32::max` skips NaN,
         // `NaN as i32` is 0).
         let mut amax = nan_to_zero(_mm256_andnot_ps(abs_mask, v[0]));

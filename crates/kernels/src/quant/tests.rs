@@ -471,18 +471,8 @@ fn vectorized_quantize_matches_portable() {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         for wide in [false, true] {
             let slow = Q8Acts::quantize_portable(&x, 4 * BLOCK, wide);
-            let nb = x.len() / BLOCK;
-            let (mut qs, mut x16) =
-                (vec![0i8; if wide { 0 } else { x.len() }], vec![0i16; if wide { x.len() } else { 0 }]);
-            let (mut d, mut sums) = (vec![0f32; nb], vec![0f32; nb]);
-            // SAFETY: AVX2, FMA and F16C checked above; buffers sized as `quantize` requires.
-            unsafe {
-                if wide {
-                    avx2::quantize::<true>(&x, &mut qs, &mut x16, &mut d, &mut sums)
-                } else {
-                    avx2::quantize::<false>(&x, &mut qs, &mut x16, &mut d, &mut sums)
-                }
-            }
+            let fast = Q8Acts::build(Isa::Avx2, RowSource::Plain(&x), x.len() / (4 * BLOCK), 4 * BLOCK, wide);
+            let Q8Acts { qs, x16, d, s: sums, .. } = fast;
             assert_eq!(qs, slow.qs, "wide {wide}");
             assert_eq!(x16, slow.x16, "wide {wide}");
             assert_eq!(bits(&d), bits(&slow.d), "wide {wide}");
@@ -515,4 +505,128 @@ fn avx512_runs_512_bit_kernels_for_prompts_only() {
         assert_eq!(isa.for_rows(512), isa);
     }
     assert!(Isa::detected().for_rows(1).on_this_cpu() && Isa::detected().for_rows(512).on_this_cpu());
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// Two sets of rounded activations hold bitwise the same values, scales and sums.
+fn same_acts(a: &Q8Acts, b: &Q8Acts, what: &str) {
+    assert_eq!(a.k, b.k, "{what}");
+    assert_eq!(a.qs, b.qs, "{what}: 8-bit values");
+    assert_eq!(a.x16, b.x16, "{what}: 16-bit values");
+    assert_eq!(bits(&a.d), bits(&b.d), "{what}: scales");
+    assert_eq!(bits(&a.s), bits(&b.s), "{what}: sums");
+}
+
+/// Rows of varied size, some with a spike, so scales differ per block and per row.
+fn varied_rows(rng: &mut Lcg, n: usize, k: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|i| {
+            let row_scale = 0.05 + (i / k % 7) as f32;
+            let spike = if i % 97 == 5 { 40.0 } else { 1.0 };
+            rng.f32() * row_scale * spike
+        })
+        .collect()
+}
+
+#[test]
+fn fused_norm_and_swiglu_round_like_the_separate_steps() {
+    let mut rng = Lcg(41);
+    // 1 and 3 rows run on the caller; 70 rows over the pool in tasks of 32 (a ragged last task).
+    for (n, k) in [(1usize, 32usize), (3, 576), (70, 96), (70, 1536)] {
+        let x = varied_rows(&mut rng, n, k);
+        let w: Vec<f32> = (0..k).map(|_| 0.5 + rng.f32()).collect();
+        let gu = varied_rows(&mut rng, n, 2 * k);
+        for isa in isas() {
+            for wide in [false, true] {
+                let what = format!("{isa:?} n {n} k {k} wide {wide}");
+                let mut normed = vec![0f32; n * k];
+                crate::vec::rms_norm_on(isa, &x, &w, 1e-5, &mut normed);
+                let fused = Q8Acts::rms_norm_on(isa, &x, &w, 1e-5, wide);
+                same_acts(&fused, &Q8Acts::build(isa, RowSource::Plain(&normed), n, k, wide), &format!("norm {what}"));
+                assert_eq!((fused.rows(), fused.cols(), fused.wide()), (n, k, wide));
+
+                let mut gated = Vec::with_capacity(n * k);
+                for row in gu.chunks_exact(2 * k) {
+                    let mut g = row[..k].to_vec();
+                    crate::vec::swiglu_on(isa, &mut g, &row[k..]);
+                    gated.extend_from_slice(&g);
+                }
+                let fused = Q8Acts::swiglu_on(isa, &gu, k, wide);
+                same_acts(&fused, &Q8Acts::build(isa, RowSource::Plain(&gated), n, k, wide), &format!("swiglu {what}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_paths_agree_bitwise_and_with_f64() {
+    let mut rng = Lcg(43);
+    for k in [1usize, 7, 8, 13, 64, 576, 581] {
+        let n = 3;
+        let x = varied_rows(&mut rng, n, k);
+        let w: Vec<f32> = (0..k).map(|_| rng.f32() * 2.0).collect();
+        let mut want = vec![0f32; n * k];
+        crate::vec::rms_norm_on(Isa::Portable, &x, &w, 1e-6, &mut want);
+        for (xr, wr) in x.chunks_exact(k).zip(want.chunks_exact(k)) {
+            let ms = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64;
+            let inv = 1.0 / (ms + 1e-6).sqrt();
+            for ((xi, wi), got) in xr.iter().zip(&w).zip(wr) {
+                let exact = *xi as f64 * inv * *wi as f64;
+                assert!((exact - *got as f64).abs() <= 1e-6 * exact.abs().max(1e-3), "k {k}: {got} vs {exact}");
+            }
+        }
+        for isa in isas() {
+            let mut got = vec![0f32; n * k];
+            crate::vec::rms_norm_on(isa, &x, &w, 1e-6, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{isa:?} k {k}");
+        }
+    }
+}
+
+#[test]
+fn products_add_into_the_output_and_take_rounded_activations() {
+    let mut rng = Lcg(47);
+    for format in [QuantFormat::Q4_1, QuantFormat::Q8_0, QuantFormat::Q6_K] {
+        for (rows, n) in [(24usize, 1usize), (40, 5), (17, 70)] {
+            let cols = cols_for(format, 256);
+            let base = random_matrix(&mut rng, format, rows, cols);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+            let y0: Vec<f32> = (0..n * rows).map(|_| rng.f32() * 3.0).collect();
+            for act in [Activations::Int8, Activations::Int16, Activations::F32] {
+                let w = base.clone().with_activations(act);
+                for isa in isas() {
+                    let what = format!("{format:?} {act:?} {isa:?} rows {rows} n {n}");
+                    let isa = isa.for_rows(n);
+                    let mut plain = vec![0f32; n * rows];
+                    qmatmul_on(isa, &w, &x, &mut plain);
+                    let mut added = y0.clone();
+                    qmatmul_add_on(isa, &w, &x, &mut added);
+                    let want: Vec<f32> = y0.iter().zip(&plain).map(|(a, b)| a + b).collect();
+                    assert_eq!(bits(&added), bits(&want), "add: {what}");
+                    if act == Activations::F32 {
+                        continue;
+                    }
+                    let acts = Q8Acts::build(isa, RowSource::Plain(&x), n, cols, act == Activations::Int16);
+                    let mut got = vec![f32::NAN; n * rows];
+                    qmatmul_acts_on(isa, &w, &acts, &mut got, false);
+                    assert_eq!(bits(&got), bits(&plain), "rounded activations: {what}");
+                    let mut got = y0.clone();
+                    qmatmul_acts_on(isa, &w, &acts, &mut got, true);
+                    assert_eq!(bits(&got), bits(&want), "rounded activations, added: {what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn activations_of_the_wrong_width_are_refused() {
+    let mut rng = Lcg(53);
+    let w = random_matrix(&mut rng, QuantFormat::Q4_1, 8, 64).with_activations(Activations::Int16);
+    let acts = Q8Acts::quantize(&[0.5; 64], 64);
+    let r = std::panic::catch_unwind(|| qmatmul_acts(&w, &acts, &mut [0f32; 8], false));
+    assert!(r.is_err(), "8-bit activations into a 16-bit product");
 }

@@ -308,7 +308,7 @@ impl TiledFormat for Bytes {
 /// with their per-block scales and sums; the rows exist in `w`; `y` points to `n · m` floats that nothing
 /// else reads or writes at these places meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: Dst) {
     by_format::<Ymm<false>>(w, r0, rows, acts, n, y)
 }
 
@@ -316,7 +316,7 @@ pub unsafe fn rows_tiled(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: 
 ///
 /// SAFETY (caller): as `rows_tiled`, and AVX512-VNNI with AVX512-VL available.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: Dst) {
     by_format::<Ymm<true>>(w, r0, rows, acts, n, y)
 }
 
@@ -325,7 +325,7 @@ pub unsafe fn rows_tiled_vnni(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts
 ///
 /// SAFETY (caller): as `rows_tiled`, and AVX512 F, BW, VL and VNNI available.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn rows_tiled_512(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
+pub unsafe fn rows_tiled_512(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: Dst) {
     by_format::<Zmm>(w, r0, rows, acts, n, y)
 }
 
@@ -354,8 +354,8 @@ impl Rows for Zmm {
 
 /// Runs `R`'s kernel for `w`'s format and the activations' width.
 #[inline(always)]
-unsafe fn by_format<R: Rows>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: *mut f32) {
-    let out = Out { y, m: w.rows, rows, n };
+unsafe fn by_format<R: Rows>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts, n: usize, y: Dst) {
+    let out = Out { y: y.y, add: y.add, m: w.rows, rows, n };
     match (w.format, acts.is_wide()) {
         (QuantFormat::Q4_0, false) => R::rows::<Nibbles<false>, false>(w, r0, acts, out),
         (QuantFormat::Q4_0, true) => R::rows::<Nibbles<false>, true>(w, r0, acts, out),
@@ -374,10 +374,22 @@ unsafe fn by_format<R: Rows>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts,
     }
 }
 
-/// Where a task's results go: `y` (`[n, m]`), for `rows` weight rows.
+/// The `[n, m]` output of a tiled kernel: results are stored into `y`, or added to what it holds (`add`).
+#[derive(Clone, Copy)]
+pub struct Dst {
+    pub y: *mut f32,
+    pub add: bool,
+}
+
+// SAFETY: a `Dst` is shared by the tasks of one product, and the kernels' contract (`rows_tiled`) keeps their
+// writes to disjoint places.
+unsafe impl Sync for Dst {}
+
+/// Where a task's results go: `y` (`[n, m]`; stored, or added with `add`), for `rows` weight rows.
 #[derive(Clone, Copy)]
 struct Out {
     y: *mut f32,
+    add: bool,
     m: usize,
     rows: usize,
     n: usize,
@@ -511,17 +523,21 @@ unsafe fn decode16<F: TiledFormat>(tiles: *const u8, nb: usize, dec: *mut __m256
     }
 }
 
-/// Writes the first `valid` lanes of `sums[g]` (weight rows `r ..`) into activation row `t0 + g` of `y`.
+/// Writes (or adds, `out.add`) the first `valid` lanes of `sums[g]` (weight rows `r ..`) into activation row
+/// `t0 + g` of `y`.
 #[inline(always)]
 unsafe fn put(out: Out, r: usize, valid: usize, t0: usize, sums: &[__m256]) {
     for (g, s) in sums.iter().enumerate() {
         let dst = out.y.add((t0 + g) * out.m + r);
         if valid == TILE_ROWS {
-            _mm256_storeu_ps(dst, *s);
+            let v = if out.add { _mm256_add_ps(_mm256_loadu_ps(dst), *s) } else { *s };
+            _mm256_storeu_ps(dst, v);
         } else {
             let mut lanes = [0f32; TILE_ROWS];
             _mm256_storeu_ps(lanes.as_mut_ptr(), *s);
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, valid);
+            for (i, v) in lanes[..valid].iter().enumerate() {
+                *dst.add(i) = if out.add { *dst.add(i) + v } else { *v };
+            }
         }
     }
 }
@@ -710,8 +726,8 @@ unsafe fn tile_sums<F: TiledFormat, const WIDE: bool, const VNNI: bool, const DE
 ///
 /// SAFETY (caller): as `rows_tiled`, with `xs` and `xsums` holding `n` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xsums: &[f32], n: usize, y: *mut f32) {
-    let out = Out { y, m: w.rows, rows, n };
+pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xsums: &[f32], n: usize, y: Dst) {
+    let out = Out { y: y.y, add: y.add, m: w.rows, rows, n };
     match w.format {
         QuantFormat::Q4_0 => rows_f32::<Nibbles<false>>(w, r0, xs, xsums, out),
         QuantFormat::Q4_1 => rows_f32::<Nibbles<true>>(w, r0, xs, xsums, out),

@@ -111,12 +111,15 @@ pub(super) unsafe fn rows_as512<F: TiledFormat, const WIDE: bool>(w: &QMatrix, r
     }
 }
 
-/// Writes the first `valid` lanes of `sums[g]` (weight rows `r ..`) into activation row `t0 + g` of `y`.
+/// Writes (or adds, `out.add`) the first `valid` lanes of `sums[g]` (weight rows `r ..`) into activation row
+/// `t0 + g` of `y`.
 #[inline(always)]
 unsafe fn put16(out: Out, r: usize, valid: usize, t0: usize, sums: &[__m512]) {
     let mask = if valid >= 16 { u16::MAX } else { (1u16 << valid) - 1 };
     for (g, s) in sums.iter().enumerate() {
-        _mm512_mask_storeu_ps(out.y.add((t0 + g) * out.m + r), mask, *s);
+        let dst = out.y.add((t0 + g) * out.m + r);
+        let v = if out.add { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), *s) } else { *s };
+        _mm512_mask_storeu_ps(dst, mask, v);
     }
 }
 
