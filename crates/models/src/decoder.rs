@@ -206,16 +206,17 @@ impl ProjGroup {
     }
 
     /// Every projection's output side by side, biases added: `[n, Σ rows_i]`, each row the first projection's
-    /// values, then the second's, and so on (what a stacked matmul writes).
-    fn forward(&self, x: Input<'_>, n: usize, device: &Device) -> Result<Vec<f32>> {
-        let (mut y, parts): (Vec<f32>, Vec<Part<'_>>) = match self {
+    /// values, then the second's, and so on (what a stacked matmul writes). Into `y`, resized: a buffer the
+    /// caller reuses across layers (the matmul overwrites every element, so nothing is zeroed first).
+    fn forward(&self, x: Input<'_>, n: usize, device: &Device, y: &mut Vec<f32>) -> Result<()> {
+        let parts: Vec<Part<'_>> = match self {
             Self::Fused { weight, sizes, biases } => {
-                let mut y = vec![0f32; n * weight.rows()];
+                y.resize(n * weight.rows(), 0.0);
                 match x {
-                    Input::Rounded(a) => qmatmul_acts(weight, a, &mut y, false),
-                    Input::F32(x) => qmatmul(weight, x, &mut y),
+                    Input::Rounded(a) => qmatmul_acts(weight, a, y, false),
+                    Input::F32(x) => qmatmul(weight, x, y),
                 }
-                (y, sizes.iter().zip(biases).map(|(&s, b)| (s, b.as_deref())).collect())
+                sizes.iter().zip(biases).map(|(&s, b)| (s, b.as_deref())).collect()
             }
             Self::Separate(parts) => {
                 let Input::F32(xf) = x else { unreachable!("a separate group takes f32 activations") };
@@ -226,13 +227,13 @@ impl ProjGroup {
                         p.weight.forward_into(Input::F32(xf), n, &mut o, false, device).map(|_| o)
                     })
                     .collect::<Result<_>>()?;
-                let mut y = Vec::with_capacity(outs.iter().map(Vec::len).sum());
+                y.clear();
                 for t in 0..n {
                     for (o, p) in outs.iter().zip(parts) {
                         y.extend_from_slice(&o[t * p.rows..(t + 1) * p.rows]);
                     }
                 }
-                (y, parts.iter().map(|p| (p.rows, p.bias.as_deref())).collect())
+                parts.iter().map(|p| (p.rows, p.bias.as_deref())).collect()
             }
         };
         if parts.iter().any(|(_, b)| b.is_some()) {
@@ -247,7 +248,7 @@ impl ProjGroup {
                 }
             }
         }
-        Ok(y)
+        Ok(())
     }
 }
 
@@ -396,15 +397,16 @@ impl Model {
         // Buffers reused by every layer (a fresh large allocation per layer costs page faults).
         let mut q = vec![0f32; n * nh * hd];
         let mut attn = vec![0f32; n * nh * hd];
-        let mut hn = Vec::new();
+        let (mut hn, mut qkv, mut gate_up) = (Vec::new(), Vec::new(), Vec::new());
         for (i, layer) in self.layers.iter().enumerate() {
             // Norm and rounding in one pass when the q/k/v matmul takes rounded activations.
-            let qkv = match layer.qkv.rounded() {
+            match layer.qkv.rounded() {
                 Some(wide) => {
-                    layer.qkv.forward(Input::Rounded(&Q8Acts::rms_norm(&x, &layer.attn_norm, eps, wide)), n, dev)?
+                    let acts = Q8Acts::rms_norm(&x, &layer.attn_norm, eps, wide);
+                    layer.qkv.forward(Input::Rounded(&acts), n, dev, &mut qkv)?
                 }
-                None => layer.qkv.forward(Input::F32(normed(&x, &layer.attn_norm, eps, &mut hn)), n, dev)?,
-            };
+                None => layer.qkv.forward(Input::F32(normed(&x, &layer.attn_norm, eps, &mut hn)), n, dev, &mut qkv)?,
+            }
             // Rotation of q and k and the cache write in one pass over the projection's output.
             let store =
                 QkvStore { qkv: &qkv, num_heads: nh, layout, tables: &tables, style, slots: batch.slot_mapping };
@@ -413,12 +415,18 @@ impl Model {
                 KvLayers::F32(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
             }
             layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?;
-            let gate_up = match layer.gate_up.rounded() {
+            match layer.gate_up.rounded() {
                 Some(wide) => {
-                    layer.gate_up.forward(Input::Rounded(&Q8Acts::rms_norm(&x, &layer.ffn_norm, eps, wide)), n, dev)?
+                    let acts = Q8Acts::rms_norm(&x, &layer.ffn_norm, eps, wide);
+                    layer.gate_up.forward(Input::Rounded(&acts), n, dev, &mut gate_up)?
                 }
-                None => layer.gate_up.forward(Input::F32(normed(&x, &layer.ffn_norm, eps, &mut hn)), n, dev)?,
-            };
+                None => layer.gate_up.forward(
+                    Input::F32(normed(&x, &layer.ffn_norm, eps, &mut hn)),
+                    n,
+                    dev,
+                    &mut gate_up,
+                )?,
+            }
             // SwiGLU and rounding in one pass, the residual added by the down matmul itself.
             match layer.down.rounded() {
                 Some(wide) => {
