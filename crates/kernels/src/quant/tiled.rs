@@ -398,9 +398,41 @@ struct Out {
 #[inline(always)]
 unsafe fn rows_as<F: TiledFormat, const WIDE: bool, const VNNI: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Out) {
     let (rows, nb) = (out.rows, check_bounds::<WIDE>(w, r0, acts, out));
+    let mut dec = Widened::take::<WIDE>(nb, out.n);
     for i0 in (0..rows).step_by(TILE_ROWS) {
         let tiles = w.tile_row((r0 + i0) / TILE_ROWS).as_ptr();
-        tile_row_ymm::<F, WIDE, VNNI>(tiles, nb, acts, out, r0 + i0, (rows - i0).min(TILE_ROWS));
+        tile_row_ymm::<F, WIDE, VNNI>(tiles, nb, acts, out, r0 + i0, (rows - i0).min(TILE_ROWS), dec.ptr());
+    }
+    dec.done();
+}
+
+/// This thread's buffer for a row of tiles' widened 16-bit weights (`decode16`), taken out of the
+/// thread-local for one task (so no other user can touch it meanwhile) and put back by `done`; empty when
+/// the product does not widen (8-bit activations, or four activation rows or fewer: one pass per tile row).
+pub(super) struct Widened(Vec<__m256i>);
+
+impl Widened {
+    #[inline(always)]
+    pub(super) fn take<const WIDE: bool>(nb: usize, n: usize) -> Self {
+        if !(WIDE && n > 4) {
+            return Self(Vec::new());
+        }
+        let mut v = DECODED.take();
+        // SAFETY: an all-zero __m256i is a valid value.
+        v.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
+        Self(v)
+    }
+
+    #[inline(always)]
+    pub(super) fn ptr(&mut self) -> *mut __m256i {
+        self.0.as_mut_ptr()
+    }
+
+    #[inline(always)]
+    pub(super) fn done(self) {
+        if !self.0.is_empty() {
+            DECODED.set(self.0);
+        }
     }
 }
 
@@ -416,6 +448,8 @@ fn check_bounds<const WIDE: bool>(w: &QMatrix, r0: usize, acts: &Q8Acts, out: Ou
 }
 
 /// One row of tiles (weight rows `r ..`, `valid` of them) against every activation row, four at a time.
+/// With 16-bit activations and more than four rows, the tile row's weights are widened once into `dec`
+/// (`Widened`: `nb · 16` vectors) and every pass reads them from there.
 #[inline(always)]
 unsafe fn tile_row_ymm<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
     tiles: *const u8,
@@ -424,17 +458,11 @@ unsafe fn tile_row_ymm<F: TiledFormat, const WIDE: bool, const VNNI: bool>(
     out: Out,
     r: usize,
     valid: usize,
+    dec: *mut __m256i,
 ) {
     if WIDE && out.n > 4 {
-        // Several passes over the tile row: widen its weights once, into this thread's buffer, taken out of
-        // the thread-local for the call (so no other user can touch it meanwhile, and the kernels run outside
-        // any closure: a closure does not inherit the target features, and its intrinsics would become calls).
-        let mut dec = DECODED.take();
-        // SAFETY: an all-zero __m256i is a valid value.
-        dec.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
-        decode16::<F>(tiles, nb, dec.as_mut_ptr());
-        tile_passes::<F, WIDE, VNNI, true>(tiles, nb, acts, out, r, valid, dec.as_ptr());
-        DECODED.set(dec);
+        decode16::<F>(tiles, nb, dec);
+        tile_passes::<F, WIDE, VNNI, true>(tiles, nb, acts, out, r, valid, dec);
     } else {
         tile_passes::<F, WIDE, VNNI, false>(tiles, nb, acts, out, r, valid, std::ptr::null());
     }

@@ -10,7 +10,7 @@
 //! and the float operations are theirs in the same order, so the results are bitwise theirs (and so
 //! independent of the batch).
 
-use super::{check_bounds, tile_row_ymm, Out, TiledFormat, PREFETCH};
+use super::{check_bounds, tile_row_ymm, Out, TiledFormat, Widened, PREFETCH};
 use crate::quant::{Q8Acts, QMatrix, BLOCK, TILE_ROWS};
 use std::arch::x86_64::*;
 
@@ -90,7 +90,9 @@ pub(super) unsafe fn rows_as512<F: TiledFormat, const WIDE: bool>(w: &QMatrix, r
         let (r, left) = (r0 + i0, rows - i0);
         let ta = w.tile_row(r / TILE_ROWS).as_ptr();
         if left <= TILE_ROWS {
-            tile_row_ymm::<F, WIDE, true>(ta, nb, acts, out, r, left);
+            let mut dec = Widened::take::<WIDE>(nb, out.n);
+            tile_row_ymm::<F, WIDE, true>(ta, nb, acts, out, r, left, dec.ptr());
+            dec.done();
             break;
         }
         // More than eight rows left: the next tile row exists.
