@@ -550,6 +550,7 @@ struct Item {
 struct Scratch {
     scores: Vec<f32>,
     /// A tile's K and V rows in f32 (`attend_block`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     rows: Vec<f32>,
 }
 

@@ -986,6 +986,8 @@ fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
 /// The integer-activation product of `qmatmul` (stored or added).
 fn int_matmul(isa: Isa, w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add: bool) {
     let (n, m) = (acts.rows(), w.rows);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
         // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected (and VNNI for its path); `w` is tiled;
@@ -1181,7 +1183,7 @@ impl Q8Acts {
     }
 
     /// The plain version of `quantize_to` (the AVX2 one gives bitwise the same result).
-    #[cfg(test)]
+    #[cfg(all(test, target_arch = "x86_64"))]
     fn quantize_portable(x: &[f32], k: usize, wide: bool) -> Self {
         Self::build(Isa::Portable, RowSource::Plain(x), x.len() / k, k, wide)
     }
