@@ -3,15 +3,18 @@
 # Two servers side by side on a 2-vCPU VM differed by up to ~8 % with the same binary depending on start order
 # and port, so this runs two sessions with the order (and ports) swapped and prints both; quote their
 # geometric mean.
-# Usage: [MODEL=...] [CONC=1,8] [ROUNDS=2] [A_FLAGS=...] [B_FLAGS=...] scripts/ab-serve.sh BIN_A BIN_B
+# Usage: [MODEL=...] [CONC=1,8] [ROUNDS=2] [A_FLAGS=...] [B_FLAGS=...] [SERVER_CPUS=2,3 CLIENT_CPUS=4-7]
+#        scripts/ab-serve.sh BIN_A BIN_B
+# (SERVER_CPUS / CLIENT_CPUS: `taskset` lists pinning both servers, and the bench client, to those CPUs.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a="$1"; b="$2"
 model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 conc="${CONC:-1,8}"; rounds="${ROUNDS:-2}"
+pin() { local cpus="$1"; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 serve() { # BIN PORT FLAGS
   # shellcheck disable=SC2086  # flags are split on purpose
-  "$1" serve --model "$model" --port "$2" --threads 2 --max-num-seqs 16 --log-level warn $3 >/dev/null 2>&1 &
+  pin "${SERVER_CPUS:-}" "$1" serve --model "$model" --port "$2" --threads 2 --max-num-seqs 16 --log-level warn $3 >/dev/null 2>&1 &
   echo $!
 }
 wait_up() { for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return; sleep 0.2; done; echo "server on $1 did not start" >&2; exit 1; }
@@ -19,7 +22,7 @@ for order in AB BA; do
   if [ "$order" = AB ]; then pa=$(serve "$a" 8181 "${A_FLAGS:-}"); wait_up 8181; pb=$(serve "$b" 8182 "${B_FLAGS:-}"); wait_up 8182; ua=8181; ub=8182
   else pb=$(serve "$b" 8181 "${B_FLAGS:-}"); wait_up 8181; pa=$(serve "$a" 8182 "${A_FLAGS:-}"); wait_up 8182; ua=8182; ub=8181; fi
   echo "## $order started first (A on $ua, B on $ub)"
-  "$b" bench --url "http://127.0.0.1:$ua" --url "http://127.0.0.1:$ub" --concurrency "$conc" --max-tokens 128 \
+  pin "${CLIENT_CPUS:-}" "$b" bench --url "http://127.0.0.1:$ua" --url "http://127.0.0.1:$ub" --concurrency "$conc" --max-tokens 128 \
     --ignore-eos --num-prompts 16 --rounds "$rounds" --warmup 2 --markdown | grep -E "^\| (load|---|concurrency)" | grep -E "load|/ " || true
   kill "$pa" "$pb"; wait "$pa" "$pb" 2>/dev/null || true
 done
