@@ -11,6 +11,16 @@
 //! Activations are plain f32 slices. Matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights use our kernels (8-bit,
 //! 16-bit or f32 activations, see [`ActivationPrecision`]); other formats (and f32 weights when loaded with
 //! `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by `mlx_serving_kernels`.
+//!
+//! Where our kernels take rounded integer activations, the steps between matmuls are fused so that the
+//! activations make one pass through memory instead of several, with bitwise the results of the separate steps:
+//! - `rms_norm` and the rounding for the next matmul (`Q8Acts::rms_norm`): the normed rows are never written;
+//! - `silu(gate)·up` and the rounding for `down` (`Q8Acts::swiglu`), read straight from the gate/up output;
+//! - RoPE and the K/V cache write (`rope::rope_qkv_store`): one pass over the q/k/v output rotates the queries
+//!   into the attention's buffer and writes the rotated keys and the values into the cache, converted;
+//! - the residual adds: the `o` and `down` matmuls add their results into `x` as they store them.
+//!
+//! Long batches (prompts) build the rounded activations and do the cache writes over the kernel pool.
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
