@@ -622,6 +622,42 @@ mod tests {
     /// (the reference reads the same stored values); error bound 1e-4 absolute on outputs that are convex
     /// combinations of values in [-1, 1].
     #[test]
+    fn slice_store_converts_as_from_f32() {
+        // f16's vectorized slice conversion against the scalar one, edges included (subnormals, the largest
+        // finite value, values that round to infinity, infinities, NaN), and lengths with vector tails.
+        let mut src = vec![
+            0.0,
+            -0.0,
+            1e-8,
+            -3e-7,
+            6.1e-5,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e6,
+            -1e6,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        src.extend((0..37).map(|i| ((i as f32) * 0.917).sin() * 300.0));
+        for len in [src.len(), 7, 9, 16, 1] {
+            let mut fast = vec![f16::ZERO; len];
+            f16::store(&mut fast, &src[..len]);
+            let slow: Vec<f16> = src[..len].iter().map(|&v| f16::from_f32(v)).collect();
+            assert_eq!(
+                fast.iter().map(|h| h.to_bits()).collect::<Vec<_>>(),
+                slow.iter().map(|h| h.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        let mut nan = [f16::ZERO; 9];
+        f16::store(&mut nan, &[f32::NAN; 9]);
+        assert!(nan.iter().all(|h| h.is_nan()));
+        let mut f = [0f32; 3];
+        f32::store(&mut f, &[1.5, -2.0, f32::MAX]);
+        assert_eq!(f, [1.5, -2.0, f32::MAX]);
+    }
+
+    #[test]
     fn fast_matches_reference_on_random_ragged_batches() {
         ragged_batches::<f32>();
         ragged_batches::<f16>();
