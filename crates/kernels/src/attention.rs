@@ -618,9 +618,6 @@ mod tests {
         }
     }
 
-    /// Ragged mixed batch (decode rows and prefill chunks), shuffled block tables, GQA, f32 and f16 caches
-    /// (the reference reads the same stored values); error bound 1e-4 absolute on outputs that are convex
-    /// combinations of values in [-1, 1].
     #[test]
     fn slice_store_converts_as_from_f32() {
         // f16's vectorized slice conversion against the scalar one, edges included (subnormals, the largest
@@ -657,6 +654,9 @@ mod tests {
         assert_eq!(f, [1.5, -2.0, f32::MAX]);
     }
 
+    /// Ragged mixed batch (decode rows and prefill chunks), shuffled block tables, GQA, f32 and f16 caches
+    /// (the reference reads the same stored values); error bound 1e-4 absolute on outputs that are convex
+    /// combinations of values in [-1, 1].
     #[test]
     fn fast_matches_reference_on_random_ragged_batches() {
         ragged_batches::<f32>();

@@ -958,6 +958,9 @@ fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
     assert_eq!(x.len(), n * k, "activation length");
     assert_eq!(y.len(), n * m, "output length");
     assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
+    if n == 0 {
+        return;
+    }
     match w.activations {
         Activations::Int8 | Activations::Int16 => {
             let wide = w.activations == Activations::Int16;
@@ -986,6 +989,9 @@ fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
 /// The integer-activation product of `qmatmul` (stored or added).
 fn int_matmul(isa: Isa, w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add: bool) {
     let (n, m) = (acts.rows(), w.rows);
+    if n == 0 {
+        return;
+    }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
     #[cfg(target_arch = "x86_64")]
@@ -1095,6 +1101,9 @@ impl Columns {
 /// 8 bits: `v` in `qs`, within ±127. 16 bits: `v` in `x16`, within ±32767.
 pub struct Q8Acts {
     k: usize,
+    /// 16-bit values (in `x16`) rather than 8-bit (in `qs`); kept apart from the buffers so that an empty
+    /// batch still knows its width.
+    wide: bool,
     /// 8-bit values; empty for 16-bit activations.
     qs: Vec<i8>,
     /// 16-bit values; empty for 8-bit activations.
@@ -1232,6 +1241,7 @@ impl Q8Acts {
     /// `n` rows of `k` values from `src`, each row made and rounded in one pass; over the pool for long
     /// batches (rows are independent, so the split does not change any result).
     fn build(isa: Isa, src: RowSource<'_>, n: usize, k: usize, wide: bool) -> Self {
+        assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
         assert!(k > 0 && k.is_multiple_of(BLOCK), "activation rows of {k} values are not whole 32-value blocks");
         let need = match src {
             RowSource::Plain(x) | RowSource::Normed { x, .. } => x.len(),
@@ -1259,11 +1269,11 @@ impl Q8Acts {
         } else {
             fill(0, n);
         }
-        Self { k, qs, x16, d, s }
+        Self { k, wide, qs, x16, d, s }
     }
 
     fn is_wide(&self) -> bool {
-        !self.x16.is_empty()
+        self.wide
     }
 
     /// The integer value of activation `i` (over all rows).

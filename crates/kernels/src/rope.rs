@@ -187,17 +187,25 @@ mod tests {
         }
     }
 
-    fn check<T: KvElem + PartialEq + std::fmt::Debug>(n: usize, style: RopeStyle, slots: Vec<u32>) {
-        let layout = KvLayout { block_size: 16, num_kv_heads: 2, head_dim: 64 };
-        let num_heads = 6;
-        let stride = (num_heads + 4) * 64;
+    /// `num_kv_heads` KV heads of `hd` dimensions (three query heads each), `half` rotated pairs per head.
+    struct Shape {
+        kvh: usize,
+        hd: usize,
+        half: usize,
+    }
+
+    fn check<T: KvElem + PartialEq + std::fmt::Debug>(n: usize, style: RopeStyle, slots: Vec<u32>, sh: &Shape) {
+        let layout = KvLayout { block_size: 16, num_kv_heads: sh.kvh, head_dim: sh.hd };
+        let num_heads = 3 * sh.kvh;
+        let (qw, kw) = (num_heads * sh.hd, sh.kvh * sh.hd);
+        let stride = qw + 2 * kw;
         let qkv: Vec<f32> = (0..n * stride).map(|i| ((i as f32) * 0.618).sin() * 3.0).collect();
-        let inv_freq: Vec<f32> = (0..32).map(|i| 1.0 / 10000f32.powf(i as f32 / 32.0)).collect();
+        let inv_freq: Vec<f32> = (0..sh.half).map(|i| 1.0 / 10000f32.powf(i as f32 / sh.half as f32)).collect();
         let positions: Vec<u32> = (0..n as u32).map(|p| p * 7 + 3).collect();
         let tables = RopeTables::new(&inv_freq, &positions);
         let s = QkvStore { qkv: &qkv, num_heads, layout, tables: &tables, style, slots: &slots };
-        let cache = 64 * 16 * 2 * 64;
-        let (mut q1, mut k1, mut v1) = (vec![0f32; n * 384], vec![T::default(); cache], vec![T::default(); cache]);
+        let cache = 1024 * kw;
+        let (mut q1, mut k1, mut v1) = (vec![0f32; n * qw], vec![T::default(); cache], vec![T::default(); cache]);
         let (mut q2, mut k2, mut v2) = (q1.clone(), k1.clone(), v1.clone());
         rope_qkv_store(&s, &mut q1, &mut k1, &mut v1);
         unfused(&s, &mut q2, &mut k2, &mut v2);
@@ -206,20 +214,32 @@ mod tests {
             q2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
         assert!(k1 == k2 && v1 == v2, "n {n} {style:?}: cache contents differ");
-        assert!(k1.iter().zip(&v1).filter(|(k, _)| **k != T::default()).count() > 0, "something was written");
+        assert!(k1.iter().filter(|k| **k != T::default()).count() > 0, "something was written");
+        if 2 * sh.half < sh.hd {
+            // Dimensions past the rotated ones pass through unrotated.
+            let t = n - 1;
+            let row = &qkv[t * stride..];
+            assert_eq!(q1[t * qw + sh.hd - 1], row[sh.hd - 1], "unrotated query dimension");
+        }
     }
 
     #[test]
     fn fused_pass_matches_the_separate_steps() {
+        let full = Shape { kvh: 2, hd: 64, half: 32 };
         for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
             for n in [1usize, 5, 33, 70] {
                 // Slots scattered over blocks, distinct.
                 let slots: Vec<u32> = (0..n as u32).map(|t| (t * 37 + 11) % 1024).collect();
-                check::<f32>(n, style, slots.clone());
-                check::<f16>(n, style, slots);
+                check::<f32>(n, style, slots.clone(), &full);
+                check::<f16>(n, style, slots, &full);
             }
             // Repeated slots (serial, last write wins in both).
-            check::<f16>(40, style, (0..40u32).map(|t| t % 9).collect());
+            check::<f16>(40, style, (0..40u32).map(|t| t % 9).collect(), &full);
+            // Partial rotary (16 pairs: 32 of 64 dimensions rotated), and rows of keys wider than
+            // the stack buffer (20 KV heads of 64: 1,280 values).
+            let slots: Vec<u32> = (0..35u32).map(|t| (t * 5 + 2) % 1024).collect();
+            check::<f16>(35, style, slots.clone(), &Shape { kvh: 2, hd: 64, half: 16 });
+            check::<f32>(35, style, slots, &Shape { kvh: 20, hd: 64, half: 32 });
         }
     }
 

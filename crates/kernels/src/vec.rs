@@ -66,6 +66,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// `swiglu` on a given instruction set (tests force each one).
 pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up lengths");
+    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     #[cfg(target_arch = "x86_64")]
     let done = if isa.avx2() {
         let done = gate.len() / 8 * 8;
@@ -118,6 +119,7 @@ pub fn rms_norm_on(isa: crate::Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f
 /// and sum rounded, no fused multiply-add), the lanes added as `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, then
 /// the tail past the last multiple of 8 in order: the AVX2 and portable paths give bitwise the same.
 pub fn inv_rms_on(isa: crate::Isa, x: &[f32], eps: f32) -> f32 {
+    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     let body = x.len() / 8 * 8;
     #[cfg(target_arch = "x86_64")]
     let l = if isa.avx2() {

@@ -208,10 +208,15 @@ impl ProjGroup {
     }
 
     /// `Some(wide)` when the group runs as one matmul of rounded activations (see `Weight::rounded`).
+    /// A separate group qualifies when all its parts are our kernels of one width (e.g. Q4_K_M files, whose
+    /// q/k and v formats differ): the rounded activations are made once and shared.
     fn rounded(&self) -> Option<bool> {
         match self {
             Self::Fused { weight, .. } => rounded(weight),
-            Self::Separate(_) => None,
+            Self::Separate(parts) => {
+                let first = parts.first()?.weight.rounded()?;
+                parts.iter().all(|p| p.weight.rounded() == Some(first)).then_some(first)
+            }
         }
     }
 
@@ -229,12 +234,11 @@ impl ProjGroup {
                 sizes.iter().zip(biases).map(|(&s, b)| (s, b.as_deref())).collect()
             }
             Self::Separate(parts) => {
-                let Input::F32(xf) = x else { unreachable!("a separate group takes f32 activations") };
                 let outs: Vec<Vec<f32>> = parts
                     .iter()
                     .map(|p| {
                         let mut o = vec![0f32; n * p.rows];
-                        p.weight.forward_into(Input::F32(xf), n, &mut o, false, device).map(|_| o)
+                        p.weight.forward_into(x, n, &mut o, false, device).map(|_| o)
                     })
                     .collect::<Result<_>>()?;
                 y.clear();

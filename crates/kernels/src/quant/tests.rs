@@ -590,7 +590,8 @@ fn rms_norm_paths_agree_bitwise_and_with_f64() {
 fn products_add_into_the_output_and_take_rounded_activations() {
     let mut rng = Lcg(47);
     for format in [QuantFormat::Q4_1, QuantFormat::Q8_0, QuantFormat::Q6_K] {
-        for (rows, n) in [(24usize, 1usize), (40, 5), (17, 70)] {
+        // 29 rows with 70 activation rows: the 512-bit kernels' last pair of tiles is partial (masked adds).
+        for (rows, n) in [(24usize, 1usize), (40, 5), (17, 70), (29, 70)] {
             let cols = cols_for(format, 256);
             let base = random_matrix(&mut rng, format, rows, cols);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
@@ -629,4 +630,9 @@ fn activations_of_the_wrong_width_are_refused() {
     let acts = Q8Acts::quantize(&[0.5; 64], 64);
     let r = std::panic::catch_unwind(|| qmatmul_acts(&w, &acts, &mut [0f32; 8], false));
     assert!(r.is_err(), "8-bit activations into a 16-bit product");
+    // An empty batch keeps its width, and multiplies to nothing.
+    let empty = Q8Acts::quantize_wide(&[], 64);
+    assert!(empty.wide() && empty.rows() == 0);
+    qmatmul_acts(&w, &empty, &mut [], false);
+    qmatmul(&w, &[], &mut []);
 }
