@@ -100,7 +100,8 @@ pub fn rope_qkv_store<T: KvElem>(s: &QkvStore<'_>, q: &mut [f32], k_cache: &mut 
         assert!(s.layout.offset(slot as usize, 0) + kw <= cache_len, "slot {slot} is outside the cache");
     }
     let out = Dest { q: q.as_mut_ptr(), k: k_cache.as_mut_ptr(), v: v_cache.as_mut_ptr() };
-    let token = |t: usize| {
+    // `kr`: the token's keys, rotated before they are converted (one buffer per task, reused by its tokens).
+    let token = |t: usize, kr: &mut [f32]| {
         let row = &s.qkv[t * stride..(t + 1) * stride];
         let (cos, sin) = s.tables.of(t);
         let dst = s.layout.offset(s.slots[t] as usize, 0);
@@ -111,8 +112,6 @@ pub fn rope_qkv_store<T: KvElem>(s: &QkvStore<'_>, q: &mut [f32], k_cache: &mut 
         for head in qd.chunks_exact_mut(hd) {
             rotate(head, cos, sin, s.style);
         }
-        let mut kr = [0f32; 1024];
-        let kr = if kw <= kr.len() { &mut kr[..kw] } else { &mut vec![0f32; kw][..] };
         kr.copy_from_slice(&row[qw..qw + kw]);
         for head in kr.chunks_exact_mut(hd) {
             rotate(head, cos, sin, s.style);
@@ -124,10 +123,12 @@ pub fn rope_qkv_store<T: KvElem>(s: &QkvStore<'_>, q: &mut [f32], k_cache: &mut 
     if tasks >= 2 && distinct(s.slots) {
         crate::pool::global().run(tasks, &|i, _| {
             let end = if i + 1 == tasks { n } else { (i + 1) * TOKENS_PER_TASK };
-            (i * TOKENS_PER_TASK..end).for_each(token)
+            let mut kr = vec![0f32; kw];
+            (i * TOKENS_PER_TASK..end).for_each(|t| token(t, &mut kr))
         });
     } else {
-        (0..n).for_each(token);
+        let mut kr = vec![0f32; kw];
+        (0..n).for_each(|t| token(t, &mut kr));
     }
 }
 
@@ -235,8 +236,8 @@ mod tests {
             }
             // Repeated slots (serial, last write wins in both).
             check::<f16>(40, style, (0..40u32).map(|t| t % 9).collect(), &full);
-            // Partial rotary (16 pairs: 32 of 64 dimensions rotated), and rows of keys wider than
-            // the stack buffer (20 KV heads of 64: 1,280 values).
+            // Partial rotary (16 pairs: 32 of 64 dimensions rotated), and wide rows of keys (20 KV heads of
+            // 64: 1,280 values).
             let slots: Vec<u32> = (0..35u32).map(|t| (t * 5 + 2) % 1024).collect();
             check::<f16>(35, style, slots.clone(), &Shape { kvh: 2, hd: 64, half: 16 });
             check::<f32>(35, style, slots, &Shape { kvh: 20, hd: 64, half: 32 });
