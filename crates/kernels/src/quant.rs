@@ -1254,10 +1254,12 @@ impl Q8Acts {
         let mut x16 = vec![0i16; if wide { n * k } else { 0 }];
         let out = RowsOut { qs: qs.as_mut_ptr(), x16: x16.as_mut_ptr(), d: d.as_mut_ptr(), s: s.as_mut_ptr(), k, wide };
         let fill = |r0: usize, r1: usize| {
+            // The portable path's row of values before rounding (unused on AVX2), one per task.
+            let mut vals = Vec::new();
             for r in r0..r1 {
                 // SAFETY: `r < n`, and each row is filled by exactly one task.
                 let (q, x, dd, ss) = unsafe { out.row(r) };
-                fill_row(isa, src, r, k, q, x, dd, ss);
+                fill_row(isa, src, r, k, &mut vals, q, x, dd, ss);
             }
         };
         let tasks = n / ROWS_PER_TASK;
@@ -1287,13 +1289,15 @@ impl Q8Acts {
     }
 }
 
-/// Makes row `r` of `src` (`k` values) and rounds it into that row's buffers (`qs` or `x16` by width).
+/// Makes row `r` of `src` (`k` values) and rounds it into that row's buffers (`qs` or `x16` by width); the
+/// portable path makes the row in `vals` first.
 #[allow(clippy::too_many_arguments)]
 fn fill_row(
     isa: Isa,
     src: RowSource<'_>,
     r: usize,
     k: usize,
+    vals: &mut Vec<f32>,
     qs: &mut [i8],
     x16: &mut [i16],
     d: &mut [f32],
@@ -1320,21 +1324,22 @@ fn fill_row(
         }
         return;
     }
-    let vals: std::borrow::Cow<'_, [f32]> = match src {
-        RowSource::Plain(x) => x[r * k..(r + 1) * k].into(),
+    let row: &[f32] = match src {
+        RowSource::Plain(x) => &x[r * k..(r + 1) * k],
         RowSource::Normed { x, w, eps } => {
-            let mut v = vec![0f32; k];
-            crate::vec::rms_norm_on(isa, &x[r * k..(r + 1) * k], w, eps, &mut v);
-            v.into()
+            vals.resize(k, 0.0);
+            crate::vec::rms_norm_on(isa, &x[r * k..(r + 1) * k], w, eps, vals);
+            vals
         }
         RowSource::Gated(gu) => {
             let gr = &gu[2 * r * k..2 * (r + 1) * k];
-            let mut v = gr[..k].to_vec();
-            crate::vec::swiglu_on(isa, &mut v, &gr[k..]);
-            v.into()
+            vals.clear();
+            vals.extend_from_slice(&gr[..k]);
+            crate::vec::swiglu_on(isa, vals, &gr[k..]);
+            vals
         }
     };
-    round_row_portable(&vals, qs, x16, d, s);
+    round_row_portable(row, qs, x16, d, s);
 }
 
 /// `avx2::quantize` at the buffers' width.

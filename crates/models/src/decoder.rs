@@ -413,14 +413,8 @@ impl Model {
         let mut attn = vec![0f32; n * nh * hd];
         let (mut hn, mut qkv, mut gate_up) = (Vec::new(), Vec::new(), Vec::new());
         for (i, layer) in self.layers.iter().enumerate() {
-            // Norm and rounding in one pass when the q/k/v matmul takes rounded activations.
-            match layer.qkv.rounded() {
-                Some(wide) => {
-                    let acts = Q8Acts::rms_norm(&x, &layer.attn_norm, eps, wide);
-                    layer.qkv.forward(Input::Rounded(&acts), n, dev, &mut qkv)?
-                }
-                None => layer.qkv.forward(Input::F32(normed(&x, &layer.attn_norm, eps, &mut hn)), n, dev, &mut qkv)?,
-            }
+            let normed = NormedRows::new(&x, &layer.attn_norm, eps, layer.qkv.rounded(), &mut hn);
+            layer.qkv.forward(normed.input(), n, dev, &mut qkv)?;
             // Rotation of q and k and the cache write in one pass over the projection's output.
             let store =
                 QkvStore { qkv: &qkv, num_heads: nh, layout, tables: &tables, style, slots: batch.slot_mapping };
@@ -429,18 +423,8 @@ impl Model {
                 KvLayers::F32(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
             }
             layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?;
-            match layer.gate_up.rounded() {
-                Some(wide) => {
-                    let acts = Q8Acts::rms_norm(&x, &layer.ffn_norm, eps, wide);
-                    layer.gate_up.forward(Input::Rounded(&acts), n, dev, &mut gate_up)?
-                }
-                None => layer.gate_up.forward(
-                    Input::F32(normed(&x, &layer.ffn_norm, eps, &mut hn)),
-                    n,
-                    dev,
-                    &mut gate_up,
-                )?,
-            }
+            let normed = NormedRows::new(&x, &layer.ffn_norm, eps, layer.gate_up.rounded(), &mut hn);
+            layer.gate_up.forward(normed.input(), n, dev, &mut gate_up)?;
             // SwiGLU and rounding in one pass, the residual added by the down matmul itself.
             match layer.down.rounded() {
                 Some(wide) => {
@@ -468,19 +452,8 @@ impl Model {
             last.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
         }
         let mut logits = vec![0f32; m * cfg.vocab_size];
-        match self.lm_head.rounded() {
-            Some(wide) => {
-                let acts = Q8Acts::rms_norm(&last, &self.norm, eps, wide);
-                self.lm_head.forward_into(Input::Rounded(&acts), m, &mut logits, false, dev)?
-            }
-            None => self.lm_head.forward_into(
-                Input::F32(normed(&last, &self.norm, eps, &mut hn)),
-                m,
-                &mut logits,
-                false,
-                dev,
-            )?,
-        }
+        let normed = NormedRows::new(&last, &self.norm, eps, self.lm_head.rounded(), &mut hn);
+        self.lm_head.forward_into(normed.input(), m, &mut logits, false, dev)?;
         Ok(logits)
     }
 }
@@ -531,11 +504,32 @@ fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec
     qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
 }
 
-/// `x`'s rows RMS-normed (`vec::rms_norm`: as transformers computes it in f32) into `buf`, returned.
-fn normed<'a>(x: &[f32], w: &[f32], eps: f32, buf: &'a mut Vec<f32>) -> &'a [f32] {
-    buf.resize(x.len(), 0.0);
-    mlx_serving_kernels::vec::rms_norm(x, w, eps, buf);
-    buf
+/// The RMS norm of `x`'s rows (`vec::rms_norm`: as transformers computes it in f32) as a projection's input:
+/// rounded in the same pass where the projection takes rounded activations (`rounded`: their width), else
+/// f32 rows in `buf` (a buffer reused across layers).
+enum NormedRows<'a> {
+    Rounded(Q8Acts),
+    F32(&'a [f32]),
+}
+
+impl<'a> NormedRows<'a> {
+    fn new(x: &[f32], w: &[f32], eps: f32, rounded: Option<bool>, buf: &'a mut Vec<f32>) -> Self {
+        match rounded {
+            Some(wide) => Self::Rounded(Q8Acts::rms_norm(x, w, eps, wide)),
+            None => {
+                buf.resize(x.len(), 0.0);
+                mlx_serving_kernels::vec::rms_norm(x, w, eps, buf);
+                Self::F32(buf)
+            }
+        }
+    }
+
+    fn input(&self) -> Input<'_> {
+        match self {
+            Self::Rounded(a) => Input::Rounded(a),
+            Self::F32(x) => Input::F32(x),
+        }
+    }
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

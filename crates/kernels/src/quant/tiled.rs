@@ -418,8 +418,11 @@ impl Widened {
             return Self(Vec::new());
         }
         let mut v = DECODED.take();
-        // SAFETY: an all-zero __m256i is a valid value.
-        v.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
+        // Only ever grown (`decode16` writes the `nb · 16` vectors a task reads), so alternating matrices of
+        // different widths do not zero it again each time. SAFETY: an all-zero __m256i is a valid value.
+        if v.len() < nb * 16 {
+            v.resize_with(nb * 16, || unsafe { std::mem::zeroed() });
+        }
         Self(v)
     }
 
