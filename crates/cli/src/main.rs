@@ -325,7 +325,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             if !messages.is_array() {
                 bail!("--chat must be a JSON array of messages");
             }
-            bundle.encode_chat(&messages)?
+            bundle.encode_chat(&messages, mlx_serving_models::ChatContent::Text)?
         }
         (None, None) => unreachable!("clap requires --prompt or --chat"),
     };

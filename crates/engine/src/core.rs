@@ -6,7 +6,8 @@
 //! ```
 //!
 //! A failed or panicking step fails only the requests in it; the loop goes on. The loop stamps a heartbeat
-//! every iteration (and while idle) so liveness checks see a stuck engine.
+//! every iteration (and while idle), and the executor stamps it from inside a step as it makes progress (per
+//! layer), so liveness checks see a stuck engine but not a long step.
 
 use crate::request::{EngineOutput, EngineRequest, RequestId};
 use crate::scheduler::{AddError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput};
@@ -24,6 +25,23 @@ pub trait Executor: Send + 'static {
     fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError>;
     /// Drops per-request state (the request finished, failed or was aborted).
     fn remove_request(&mut self, id: RequestId);
+    /// Called once before the loop starts: an executor whose steps can be long should `beat()` as it makes
+    /// progress inside a step, so that `/health` reads a long prefill as alive.
+    fn set_heartbeat(&mut self, _heartbeat: Heartbeat) {}
+}
+
+/// The engine's liveness stamp. The loop beats every iteration; executors beat from inside long steps.
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    stats: Arc<EngineStats>,
+    started: Instant,
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        self.stats.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+        self.stats.beats.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -40,10 +58,15 @@ enum Command {
 pub struct EngineStats {
     /// Milliseconds since the engine started at its last loop iteration.
     pub heartbeat_ms: AtomicU64,
+    /// Heartbeats so far (loop iterations and progress inside steps).
+    pub beats: AtomicU64,
     /// Adds sent but not yet seen by the loop.
     pub pending: AtomicUsize,
     pub pending_tokens: AtomicUsize,
+    /// Waiting requests, new and preempted.
     pub waiting: AtomicUsize,
+    /// Waiting requests never admitted yet: what `max_waiting_requests` bounds.
+    pub waiting_new: AtomicUsize,
     pub waiting_tokens: AtomicUsize,
     pub running: AtomicUsize,
     /// KV cache usage in millionths.
@@ -71,7 +94,10 @@ impl EngineHandle {
         let cfg = &self.cfg;
         cfg.check_request(&r)?;
         let prompt = r.prompt_token_ids.len();
-        let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst) + self.stats.waiting.load(Ordering::SeqCst);
+        // The loop raises `waiting_new` before it lowers `pending` for a request it takes in, so this sum never
+        // undercounts: a request refused by the scheduler after passing here (a 500 instead of a 429) cannot
+        // happen.
+        let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst) + self.stats.waiting_new.load(Ordering::SeqCst);
         let queued_tokens = self.stats.pending_tokens.fetch_add(prompt, Ordering::SeqCst)
             + self.stats.waiting_tokens.load(Ordering::SeqCst);
         let undo = || {
@@ -119,8 +145,7 @@ pub struct EngineCore<E: Executor> {
     executor: E,
     rx: Receiver<Command>,
     sinks: HashMap<RequestId, UnboundedSender<EngineOutput>>,
-    stats: Arc<EngineStats>,
-    started: Instant,
+    heartbeat: Heartbeat,
 }
 
 impl<E: Executor> EngineCore<E> {
@@ -130,8 +155,10 @@ impl<E: Executor> EngineCore<E> {
         let stats = Arc::new(EngineStats::default());
         let started = Instant::now();
         let handle = EngineHandle { tx, stats: stats.clone(), cfg: Arc::new(cfg.clone()), started };
-        let mut core =
-            EngineCore { scheduler: Scheduler::new(cfg), executor, rx, sinks: HashMap::new(), stats, started };
+        let heartbeat = Heartbeat { stats: stats.clone(), started };
+        let mut executor = executor;
+        executor.set_heartbeat(heartbeat.clone());
+        let mut core = EngineCore { scheduler: Scheduler::new(cfg), executor, rx, sinks: HashMap::new(), heartbeat };
         let join = std::thread::Builder::new()
             .name("engine-core".into())
             .spawn(move || core.run())
@@ -157,16 +184,24 @@ impl<E: Executor> EngineCore<E> {
     }
 
     fn beat(&self) {
-        self.stats.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+        self.heartbeat.beat();
+    }
+
+    fn stats(&self) -> &EngineStats {
+        &self.heartbeat.stats
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Add(r, sink) => {
-                self.stats.pending.fetch_sub(1, Ordering::SeqCst);
-                self.stats.pending_tokens.fetch_sub(r.prompt_token_ids.len(), Ordering::SeqCst);
-                let id = r.id;
-                match self.scheduler.add_request(r, Instant::now()) {
+                let (id, prompt) = (r.id, r.prompt_token_ids.len());
+                let added = self.scheduler.add_request(r, Instant::now());
+                // Publish the new waiting count before the request leaves `pending`, so that admission's sum
+                // of the two never misses it.
+                self.publish();
+                self.stats().pending.fetch_sub(1, Ordering::SeqCst);
+                self.stats().pending_tokens.fetch_sub(prompt, Ordering::SeqCst);
+                match added {
                     Ok(()) => {
                         self.sinks.insert(id, sink);
                     }
@@ -211,8 +246,10 @@ impl<E: Executor> EngineCore<E> {
             }
             return;
         }
+        // Counters first: a long step should show its requests as running, not waiting.
+        self.publish();
         let result = catch_unwind(AssertUnwindSafe(|| self.executor.execute(&sched)));
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats().steps.fetch_add(1, Ordering::SeqCst);
         let outputs = match result {
             Ok(Ok(run)) => self.scheduler.update_from_output(&sched, &run),
             Ok(Err(e)) => self.fail_step(&sched, &format!("step failed: {e}")),
@@ -228,7 +265,7 @@ impl<E: Executor> EngineCore<E> {
     }
 
     fn fail_step(&mut self, sched: &SchedulerOutput, msg: &str) -> Vec<EngineOutput> {
-        self.stats.failed_steps.fetch_add(1, Ordering::Relaxed);
+        self.stats().failed_steps.fetch_add(1, Ordering::Relaxed);
         let ids: Vec<RequestId> = sched.seqs.iter().map(|s| s.id).collect();
         self.scheduler.fail(&ids, msg)
     }
@@ -249,8 +286,9 @@ impl<E: Executor> EngineCore<E> {
     }
 
     fn publish(&self) {
-        let s = &self.stats;
+        let s = self.stats();
         s.waiting.store(self.scheduler.num_waiting(), Ordering::SeqCst);
+        s.waiting_new.store(self.scheduler.num_waiting_new(), Ordering::SeqCst);
         s.waiting_tokens.store(self.scheduler.waiting_prompt_tokens(), Ordering::SeqCst);
         s.running.store(self.scheduler.num_running(), Ordering::SeqCst);
         let kv = self.scheduler.kv();

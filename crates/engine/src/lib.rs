@@ -9,7 +9,7 @@ pub mod params;
 pub mod request;
 pub mod scheduler;
 
-pub use crate::core::{EngineCore, EngineHandle, Executor, ExecutorError};
+pub use crate::core::{EngineCore, EngineHandle, EngineStats, Executor, ExecutorError, Heartbeat};
 pub use params::{FinishReason, ParamError, SamplingParams, MAX_LOGPROBS};
 pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus, TokenLogprobs};
 pub use scheduler::{

@@ -31,7 +31,7 @@ impl FinishReason {
     }
 }
 
-/// Per-request sampling configuration. `temperature == 0` means greedy.
+/// Per-request sampling configuration. `temperature == 0` (or below [`MIN_TEMPERATURE`]) means greedy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     pub temperature: f32,
@@ -99,13 +99,18 @@ pub const MAX_STOP_STRINGS: usize = 16;
 /// Most alternatives a request may ask for per step (OpenAI's limit for `top_logprobs`).
 pub const MAX_LOGPROBS: u32 = 20;
 
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`).
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 impl SamplingParams {
     pub fn greedy(max_tokens: u32) -> Self {
         Self { temperature: 0.0, max_tokens, ..Self::default() }
     }
 
+    /// Greedy at temperature 0 and at temperatures too small to sample at (below [`MIN_TEMPERATURE`]), as
+    /// vLLM does: scaling by their inverse overflows f32 (1e-38 and below) and the result is the argmax anyway.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature < MIN_TEMPERATURE
     }
 
     /// Checks every field against its range. `vocab_size` bounds `logit_bias` keys.

@@ -2,10 +2,14 @@
 //!
 //! Every step has one token budget (`max_num_batched_tokens`). Each request has `num_computed_tokens` and
 //! `num_tokens`; the step gives it `min(num_tokens - num_computed_tokens, budget left)` new tokens, so
-//! chunked prefill, decode and prefix hits are the same thing. Running requests go first; if blocks run out
-//! the lowest-priority newest running request is preempted (its blocks freed, its tokens recomputed later)
-//! and no waiting request is admitted that step. Waiting requests are admitted by priority class, raised one
-//! class per `aging_interval` waited so low priority is never starved, then by arrival.
+//! chunked prefill, decode and prefix hits are the same thing. Running requests go first, most urgent class
+//! first, then by arrival. If blocks run out, the least urgent class's newest running request that is not yet
+//! scheduled this step is preempted (its blocks freed, its tokens recomputed later); a request never
+//! preempts itself nor anything more urgent than itself: when nothing below it is left it just waits for
+//! the next step, keeping its blocks. No waiting request is admitted in a step that preempted or stalled.
+//! Waiting requests are admitted by priority class, raised one class per `aging_interval` waited so low
+//! priority is never starved, then by arrival. A preempted request keeps its arrival order, and the waiting
+//! limit counts new requests only, so preemption never pushes the queue past its bound.
 //!
 //! No clocks are read here (`now` is passed in), no I/O, no tensors.
 
@@ -24,7 +28,8 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     pub num_blocks: usize,
     pub enable_prefix_caching: bool,
-    /// Requests allowed to wait; more are refused at once (the server answers 429).
+    /// New requests allowed to wait (preempted ones do not count); more are refused at once (the server
+    /// answers 429).
     pub max_waiting_requests: usize,
     /// Prompt tokens allowed to wait.
     pub max_waiting_tokens: usize,
@@ -140,6 +145,8 @@ pub struct Scheduler {
     announced: std::collections::HashSet<RequestId>,
     first_output_sent: std::collections::HashSet<RequestId>,
     waiting_prompt_tokens: usize,
+    /// Waiting requests never admitted yet (the ones the waiting limit counts).
+    num_waiting_new: usize,
     next_seq: u64,
     num_preemptions: u64,
 }
@@ -156,6 +163,7 @@ impl Scheduler {
             announced: Default::default(),
             first_output_sent: Default::default(),
             waiting_prompt_tokens: 0,
+            num_waiting_new: 0,
             next_seq: 0,
             num_preemptions: 0,
         }
@@ -169,8 +177,19 @@ impl Scheduler {
         &self.kv
     }
 
+    /// Waiting requests, new and preempted.
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Waiting requests never admitted yet: what the waiting limit bounds.
+    pub fn num_waiting_new(&self) -> usize {
+        self.num_waiting_new
+    }
+
+    /// Running requests, in admission order.
+    pub fn running(&self) -> &[RequestId] {
+        &self.running
     }
 
     /// Prompt tokens of requests not yet admitted.
@@ -203,14 +222,15 @@ impl Scheduler {
         }
         cfg.check_request(&r)?;
         let prompt = r.prompt_token_ids.len();
-        if self.waiting.len() >= cfg.max_waiting_requests {
-            return Err(AddError::Overloaded(format!("{} requests already waiting", self.waiting.len())));
+        if self.num_waiting_new >= cfg.max_waiting_requests {
+            return Err(AddError::Overloaded(format!("{} requests already waiting", self.num_waiting_new)));
         }
         if self.waiting_prompt_tokens + prompt > cfg.max_waiting_tokens {
             return Err(AddError::Overloaded(format!("{} prompt tokens already waiting", self.waiting_prompt_tokens)));
         }
         let id = r.id;
         self.waiting_prompt_tokens += prompt;
+        self.num_waiting_new += 1;
         self.requests.insert(id, Request::new(r, now, self.next_seq));
         self.next_seq += 1;
         self.waiting.push(id);
@@ -233,6 +253,7 @@ impl Scheduler {
             self.waiting.remove(i);
             if req.num_cached_tokens.is_none() {
                 self.waiting_prompt_tokens -= req.num_prompt_tokens;
+                self.num_waiting_new -= 1;
             }
         }
         self.running.retain(|&r| r != id);
@@ -259,6 +280,12 @@ impl Scheduler {
         r.priority.rank().saturating_sub(steps)
     }
 
+    /// Preemption order: larger is preempted first (least urgent class, then newest).
+    fn preempt_key(&self, id: &RequestId) -> (u32, u64) {
+        let r = &self.requests[id];
+        (r.priority.rank(), r.seq)
+    }
+
     fn preempt(&mut self, id: RequestId) {
         self.kv.free(id.0);
         self.running.retain(|&r| r != id);
@@ -279,32 +306,54 @@ impl Scheduler {
         }
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut scheduled: Vec<(RequestId, usize)> = Vec::new();
+        // A running request that got no blocks this step (nothing less urgent left to preempt).
+        let mut stalled = false;
 
-        // Running requests first, in admission order.
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let id = self.running[i];
-            let r = &self.requests[&id];
-            let num_new = (r.num_tokens() - r.num_computed_tokens).min(budget);
-            let target = r.num_computed_tokens + num_new;
-            if self.kv.allocate_slots(id.0, target, None) {
-                scheduled.push((id, num_new));
-                budget -= num_new;
-                i += 1;
-                continue;
+        // Running requests first: most urgent class first, then by arrival. So everything scheduled before a
+        // request is at least as urgent as it, and everything after it less urgent or newer.
+        let mut order = self.running.clone();
+        order.sort_by_key(|id| self.preempt_key(id));
+        for id in order {
+            if budget == 0 {
+                break;
             }
-            // Out of blocks: preempt the lowest-priority, newest request not yet scheduled this step.
-            let victim = self.running[i..]
-                .iter()
-                .copied()
-                .max_by_key(|v| (self.requests[v].priority.rank(), self.requests[v].seq))
-                .expect("non-empty");
-            self.preempt(victim);
-            out.preempted.push(victim);
+            if !self.running.contains(&id) {
+                continue; // preempted earlier this step
+            }
+            loop {
+                let r = &self.requests[&id];
+                let num_new = (r.num_tokens() - r.num_computed_tokens).min(budget);
+                let target = r.num_computed_tokens + num_new;
+                if self.kv.allocate_slots(id.0, target, None) {
+                    scheduled.push((id, num_new));
+                    budget -= num_new;
+                    break;
+                }
+                // Out of blocks: preempt the least urgent class's newest request not yet scheduled this step,
+                // if it is less urgent than this one; never this request itself.
+                let key = self.preempt_key(&id);
+                let victim = self
+                    .running
+                    .iter()
+                    .copied()
+                    .filter(|v| *v != id && !scheduled.iter().any(|(s, _)| s == v))
+                    .max_by_key(|v| self.preempt_key(v))
+                    .filter(|v| self.preempt_key(v) > key);
+                match victim {
+                    Some(v) => {
+                        self.preempt(v);
+                        out.preempted.push(v);
+                    }
+                    None => {
+                        stalled = true;
+                        break;
+                    }
+                }
+            }
         }
 
-        // Then waiting requests, unless this step had to preempt.
-        if out.preempted.is_empty() {
+        // Then waiting requests, unless this step had to preempt or a running request found no blocks.
+        if out.preempted.is_empty() && !stalled {
             let mut order: Vec<RequestId> = self.waiting.clone();
             order.sort_by_key(|id| {
                 let r = &self.requests[id];
@@ -324,6 +373,10 @@ impl Scheduler {
                 if r.num_cached_tokens.is_none() {
                     r.num_cached_tokens = Some(hit.num_tokens);
                     self.waiting_prompt_tokens -= r.num_prompt_tokens;
+                    self.num_waiting_new -= 1;
+                    // Counted once per request, at its first admission (a request that kept waiting for
+                    // blocks was looked up on every attempt).
+                    self.kv.record_prefix_lookup(r.num_prompt_tokens, hit.num_tokens);
                 }
                 r.num_computed_tokens = hit.num_tokens;
                 r.status = RequestStatus::Running;

@@ -143,3 +143,81 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
     };
     assert!(matches!(h.add_request(too_long, unbounded_channel().0), Err(AddError::ContextLengthExceeded { .. })));
 }
+
+/// Regression (#27, item 5): under overload a request could pass admission and then be refused inside the
+/// loop (the loop lowered `pending` before it raised `waiting`, so concurrent admissions undercounted), which
+/// the server turned into a 500 instead of a 429. Every request is either refused at `add_request` or runs
+/// to its end.
+#[test]
+fn overload_refuses_at_admission_never_after() {
+    struct Slow;
+    impl Executor for Slow {
+        fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
+            std::thread::sleep(Duration::from_micros(200));
+            Ok(RunnerOutput {
+                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect(),
+                ..Default::default()
+            })
+        }
+        fn remove_request(&mut self, _: RequestId) {}
+    }
+    let (h, _join) = EngineCore::spawn(SchedulerConfig { max_num_seqs: 2, max_waiting_requests: 3, ..cfg() }, Slow);
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let (mut accepted, mut refused) = (Vec::new(), 0);
+                for i in 0..1500 {
+                    match submit(&h, t * 100_000 + i, 1, 1) {
+                        Ok(rx) => accepted.push(rx),
+                        Err(AddError::Overloaded(_)) => refused += 1,
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                let failed: Vec<String> = accepted
+                    .iter_mut()
+                    .map(finish)
+                    .filter(|o| o.finish_reason != Some(FinishReason::Length))
+                    .map(|o| format!("{:?}: {:?}", o.finish_reason, o.error))
+                    .collect();
+                (accepted.len(), refused, failed)
+            })
+        })
+        .collect();
+    let (mut accepted, mut refused) = (0, 0);
+    for t in threads {
+        let (a, r, failed) = t.join().unwrap();
+        assert!(failed.is_empty(), "accepted requests failed: {:?}", &failed[..failed.len().min(3)]);
+        (accepted, refused) = (accepted + a, refused + r);
+    }
+    assert!(accepted > 0 && refused > 0, "accepted {accepted}, refused {refused}");
+}
+
+/// Regression (#27, item 1): the heartbeat was stamped only between steps, so one long step made `/health`
+/// fail. An executor that beats as it works keeps it fresh from inside the step.
+#[test]
+fn executors_beat_from_inside_a_step() {
+    struct Beating(Option<Heartbeat>);
+    impl Executor for Beating {
+        fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(20));
+                self.0.as_ref().expect("heartbeat set before the loop starts").beat();
+            }
+            Ok(RunnerOutput {
+                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect(),
+                ..Default::default()
+            })
+        }
+        fn remove_request(&mut self, _: RequestId) {}
+        fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+            self.0 = Some(heartbeat);
+        }
+    }
+    let (h, _join) = EngineCore::spawn(cfg(), Beating(None));
+    let before = h.stats().beats.load(std::sync::atomic::Ordering::SeqCst);
+    let mut rx = submit(&h, 1, 1, 1).unwrap();
+    finish(&mut rx);
+    // Five beats from inside the one step, plus the loop's own.
+    assert!(h.stats().beats.load(std::sync::atomic::Ordering::SeqCst) >= before + 5);
+}

@@ -273,3 +273,141 @@ fn eos_and_max_tokens_finish_requests() {
     assert_eq!(outs[0].finish_reason, Some(FinishReason::Stop));
     assert!(!s.has_work());
 }
+
+/// A small deterministic generator for the property tests (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+/// Regression (#27, item 4): preemption inverted priorities. Running requests were visited in admission order
+/// and the victim was chosen among the unvisited ones only, so a `critical` request could preempt itself, or a
+/// high-class request lose its blocks while an earlier-admitted low-class one kept them. Over random mixes of
+/// arrivals, priorities and lengths on a scarce cache: every preempted request is less urgent (class, then
+/// newer) than every request still running after the step, and a request never preempts itself.
+#[test]
+fn preemption_never_takes_blocks_from_a_more_urgent_request() {
+    let classes = [Priority::Critical, Priority::High, Priority::Normal, Priority::Low];
+    let mut total_preemptions = 0;
+    for seed in 1..=60u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut s = Scheduler::new(cfg(|c| {
+            c.num_blocks = 10 + rng.below(10) as usize;
+            c.max_num_seqs = 6;
+            c.max_num_batched_tokens = 16 + rng.below(48) as usize;
+            c.max_model_len = 40;
+            c.aging_interval = Duration::ZERO;
+        }));
+        let now = Instant::now();
+        let (mut next_id, mut steps) = (1u64, 0);
+        while next_id <= 40 || s.has_work() {
+            for _ in 0..rng.below(3) {
+                if next_id <= 40 {
+                    let pr = classes[rng.below(4) as usize];
+                    let len = 1 + rng.below(16) as usize;
+                    let max_tokens = 1 + rng.below(20) as u32;
+                    let _ = s.add_request(req(next_id, prompt(len, next_id as u32), max_tokens, pr), now);
+                    next_id += 1;
+                }
+            }
+            let out = s.schedule(now);
+            let key = |id: &RequestId| {
+                let r = s.request(*id).expect("request exists");
+                (r.priority.rank(), r.seq)
+            };
+            for v in &out.preempted {
+                assert!(!out.seqs.iter().any(|q| q.id == *v), "seed {seed}: {v:?} was scheduled and preempted");
+                for r in s.running() {
+                    assert!(
+                        key(r) < key(v),
+                        "seed {seed}: {v:?} {:?} was preempted while {r:?} {:?} keeps running",
+                        key(v),
+                        key(r)
+                    );
+                }
+            }
+            total_preemptions += out.preempted.len();
+            let run = fake_run(&out);
+            s.update_from_output(&out, &run);
+            s.kv().check_invariants();
+            steps += 1;
+            assert!(steps < 5000, "seed {seed}: no progress");
+        }
+        assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks(), "seed {seed}: leaked blocks");
+    }
+    assert!(total_preemptions > 50, "the mixes must exercise preemption: {total_preemptions}");
+}
+
+/// Regression (#27, item 5): preempted requests re-entered the waiting queue and counted against its limit,
+/// pushing it past the bound and refusing new requests. The limit counts new requests only, and a preempted
+/// request keeps its place (it is admitted again before a newer one of its class).
+#[test]
+fn waiting_limit_counts_new_requests_and_preempted_ones_keep_their_place() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(cfg(|c| {
+        c.num_blocks = 6;
+        c.max_waiting_requests = 1;
+    }));
+    s.add_request(req(1, prompt(8, 1), 12, Priority::High), now).unwrap();
+    let o = s.schedule(now);
+    s.update_from_output(&o, &fake_run(&o));
+    s.add_request(req(2, prompt(8, 2), 12, Priority::Normal), now).unwrap();
+    // Run until request 2 is preempted by the high one.
+    let mut steps = 0;
+    loop {
+        let o = s.schedule(now);
+        let hit = o.preempted.contains(&RequestId(2));
+        s.update_from_output(&o, &fake_run(&o));
+        if hit {
+            break;
+        }
+        steps += 1;
+        assert!(steps < 100, "request 2 was never preempted");
+    }
+    assert_eq!(s.num_waiting(), 1);
+    assert_eq!(s.num_waiting_new(), 0, "a preempted request is not a new one");
+    s.add_request(req(3, prompt(8, 3), 4, Priority::Normal), now).expect("the limit holds for new requests only");
+    assert!(matches!(s.add_request(req(4, prompt(8, 4), 4, Priority::Normal), now), Err(AddError::Overloaded(_))));
+    // Request 2 (older) is admitted before request 3.
+    let mut first_scheduled = Vec::new();
+    while s.has_work() {
+        let o = s.schedule(now);
+        for q in &o.seqs {
+            if (q.id.0 == 2 || q.id.0 == 3) && !first_scheduled.contains(&q.id.0) {
+                first_scheduled.push(q.id.0);
+            }
+        }
+        s.update_from_output(&o, &fake_run(&o));
+    }
+    assert_eq!(first_scheduled.first(), Some(&2), "{first_scheduled:?}");
+}
+
+/// Regression (#27, item 12): prefix-cache metrics counted every scheduling attempt of a waiting request, so a
+/// request that waited for blocks was counted once per step. Each request is counted once, at admission.
+#[test]
+fn prefix_cache_metrics_count_each_request_once() {
+    let now = Instant::now();
+    // 8 blocks of 4: the first request (20 prompt + 8 output tokens = 7 blocks) leaves too few for the second.
+    let mut s = Scheduler::new(cfg(|c| c.num_blocks = 8));
+    s.add_request(req(1, prompt(20, 1), 8, Priority::Normal), now).unwrap();
+    let o = s.schedule(now);
+    s.update_from_output(&o, &fake_run(&o));
+    s.add_request(req(2, prompt(12, 2), 4, Priority::Normal), now).unwrap();
+    let mut steps_waiting = 0;
+    while s.has_work() {
+        let o = s.schedule(now);
+        if !o.seqs.iter().any(|q| q.id.0 == 2) {
+            steps_waiting += 1;
+        }
+        s.update_from_output(&o, &fake_run(&o));
+    }
+    assert!(steps_waiting > 2, "request 2 must wait for blocks over several steps: {steps_waiting}");
+    assert_eq!(s.kv().prefix_queries, 20 + 12, "one lookup per request, in prompt tokens");
+    assert_eq!(s.kv().prefix_hits, 0);
+}

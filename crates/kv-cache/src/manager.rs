@@ -35,7 +35,7 @@ pub struct KvCacheManager {
     enable_prefix_caching: bool,
     extra_key: u64,
     reqs: HashMap<RequestKey, ReqBlocks>,
-    /// Prompt tokens looked up in / served from the prefix cache (for metrics).
+    /// Prompt tokens looked up in / served from the prefix cache (for metrics), each request counted once.
     pub prefix_queries: u64,
     pub prefix_hits: u64,
 }
@@ -93,9 +93,17 @@ impl KvCacheManager {
             parent = Some(h);
         }
         hit.num_tokens = hit.blocks.len() * self.block_size;
-        self.prefix_queries += prompt.len() as u64;
-        self.prefix_hits += hit.num_tokens as u64;
         hit
+    }
+
+    /// Counts one request's prefix-cache lookup for metrics: `queried` prompt tokens, `hit` of them cached.
+    /// The caller records each request once, when it is first admitted (as vLLM counts), not on every
+    /// [`Self::find_prefix`] of a request that then had to keep waiting.
+    pub fn record_prefix_lookup(&mut self, queried: usize, hit: usize) {
+        if self.enable_prefix_caching {
+            self.prefix_queries += queried as u64;
+            self.prefix_hits += hit as u64;
+        }
     }
 
     /// Makes `req`'s block table cover `num_tokens` tokens. On the request's first allocation `hit` (from

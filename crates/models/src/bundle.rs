@@ -1,6 +1,7 @@
 //! Everything needed to serve one model file: weights, tokenizer, chat template, special tokens.
 
 use crate::chat_template::ChatTemplate;
+use crate::chat_tokens::{SpecialTokenText, TokenBytes};
 use crate::decoder::{LoadOptions, Model};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -14,6 +15,22 @@ pub struct ModelBundle {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub special_tokens: SpecialTokens,
+    /// Each token's exact bytes (logprobs' `bytes`, `text_offset`).
+    pub token_bytes: TokenBytes,
+    /// The longest token in bytes: a text of more than `n × max_token_bytes` bytes has more than `n` tokens.
+    pub max_token_bytes: usize,
+    special_text: SpecialTokenText,
+}
+
+/// How a chat's message strings are tokenized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChatContent {
+    /// Special-token texts inside messages are plain text: only the template's markup is control tokens.
+    #[default]
+    Text,
+    /// Special-token texts inside messages become control tokens (the old behaviour; lets a message forge
+    /// turns).
+    ParseSpecial,
 }
 
 impl std::fmt::Debug for ModelBundle {
@@ -35,17 +52,31 @@ impl ModelBundle {
             None => None,
         };
         let model = Model::from_gguf(&mut g, opts, &candle_core::Device::Cpu)?;
-        Ok(Self { path, model, tokenizer, chat_template, special_tokens })
+        let token_bytes = TokenBytes::new(&tokenizer, model.config().vocab_size);
+        let max_token_bytes =
+            (0..model.config().vocab_size as u32).map(|id| token_bytes.get(id).len()).max().unwrap_or(1).max(1);
+        let special_text = SpecialTokenText::new(&tokenizer)?;
+        Ok(Self { path, model, tokenizer, chat_template, special_tokens, token_bytes, max_token_bytes, special_text })
     }
 
-    /// Renders a chat with the model's template and tokenizes it (the template writes any BOS itself).
-    pub fn encode_chat<M: serde::Serialize>(&self, messages: &M) -> Result<Vec<u32>> {
+    /// Renders a chat with the model's template and tokenizes it (the template writes any BOS itself). With
+    /// [`ChatContent::Text`], special-token texts inside the messages are tokenized as text, so a message
+    /// cannot forge a turn; only the template's own markup becomes control tokens.
+    pub fn encode_chat<M: serde::Serialize>(&self, messages: &M, content: ChatContent) -> Result<Vec<u32>> {
         let tmpl = self
             .chat_template
             .as_ref()
             .ok_or_else(|| Error::Template(format!("{} has no chat template", self.path.display())))?;
-        let text = tmpl.render(messages, None::<&()>, true)?;
-        self.encode(&text, false)
+        match content {
+            ChatContent::ParseSpecial => {
+                let text = tmpl.render(messages, None::<&()>, true)?;
+                self.encode(&text, false)
+            }
+            ChatContent::Text => {
+                let messages = serde_json::to_value(messages).map_err(|e| Error::Template(e.to_string()))?;
+                self.special_text.encode_rendered_chat(&messages, |m| tmpl.render(m, None::<&()>, true))
+            }
+        }
     }
 
     /// Tokenizes raw text, adding BOS when the model asks for it and `add_special_tokens` is set.

@@ -368,6 +368,17 @@ impl Model {
     /// Runs one step over a flattened batch, writing each token's K/V into `cache` at its slot, and returns
     /// the logits of the rows in `batch.logits_indices`, row-major `[logits_indices.len(), vocab_size]`.
     pub fn forward(&self, batch: &BatchInput<'_>, cache: &mut PagedKvCache) -> Result<Vec<f32>> {
+        self.forward_with_progress(batch, cache, &|| {})
+    }
+
+    /// [`Self::forward`], calling `progress` after each layer's attention and after its MLP, so that a long
+    /// step can show it is alive (the engine's heartbeat).
+    pub fn forward_with_progress(
+        &self,
+        batch: &BatchInput<'_>,
+        cache: &mut PagedKvCache,
+        progress: &dyn Fn(),
+    ) -> Result<Vec<f32>> {
         batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size)?;
         let cfg = &self.cfg;
         let dev = &self.device;
@@ -423,6 +434,7 @@ impl Model {
                 KvLayers::F32(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
             }
             layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?;
+            progress();
             let normed = NormedRows::new(&x, &layer.ffn_norm, eps, layer.gate_up.rounded(), &mut hn);
             layer.gate_up.forward(normed.input(), n, dev, &mut gate_up)?;
             // SwiGLU and rounding in one pass, the residual added by the down matmul itself.
@@ -442,6 +454,7 @@ impl Model {
                     layer.down.forward_into(Input::F32(&gate), n, &mut x, true, dev)?;
                 }
             }
+            progress();
         }
         let m = batch.logits_indices.len();
         if m == 0 {

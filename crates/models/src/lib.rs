@@ -12,6 +12,7 @@
 
 pub mod bundle;
 pub mod chat_template;
+pub mod chat_tokens;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -19,8 +20,9 @@ pub mod gguf;
 pub mod kv;
 pub mod tokenizer;
 
-pub use bundle::ModelBundle;
+pub use bundle::{ChatContent, ModelBundle};
 pub use chat_template::ChatTemplate;
+pub use chat_tokens::{SpecialTokenText, TokenBytes};
 pub use config::{Architecture, ModelConfig, RopeStyle};
 pub use decoder::{ActivationPrecision, LoadOptions, Model};
 pub use error::{Error, Result};

@@ -5,7 +5,9 @@
 //! step until `remove_request`, so a preempted request resumes with the same RNG stream.
 
 use crate::sampler::{token_logprobs, Sampler};
-use mlx_serving_engine::{Executor, ExecutorError, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput};
+use mlx_serving_engine::{
+    Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
+};
 use mlx_serving_models::{BatchInput, ModelBundle, PagedKvCache, SeqInput};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,13 +22,15 @@ pub struct ModelExecutor {
     bundle: Arc<ModelBundle>,
     cache: PagedKvCache,
     states: HashMap<RequestId, SeqState>,
+    /// Beaten after every layer's attention and MLP: a long prefill keeps `/health` green.
+    heartbeat: Option<Heartbeat>,
 }
 
 impl ModelExecutor {
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for `bundle`'s model.
     pub fn new(bundle: Arc<ModelBundle>, block_size: usize, num_blocks: usize) -> Self {
         let cache = PagedKvCache::new(bundle.model.config(), block_size, num_blocks);
-        Self { bundle, cache, states: HashMap::new() }
+        Self { bundle, cache, states: HashMap::new(), heartbeat: None }
     }
 
     /// Scheduler settings matching this model: context length, EOS ids, and as many blocks as
@@ -86,8 +90,17 @@ impl Executor for ModelExecutor {
             seqs: &seqs,
             logits_indices: &logits_rows,
         };
-        let mut logits =
-            self.bundle.model.forward(&input, &mut self.cache).map_err(|e| ExecutorError(e.to_string()))?;
+        let heartbeat = self.heartbeat.clone();
+        let progress = move || {
+            if let Some(h) = &heartbeat {
+                h.beat();
+            }
+        };
+        let mut logits = self
+            .bundle
+            .model
+            .forward_with_progress(&input, &mut self.cache, &progress)
+            .map_err(|e| ExecutorError(e.to_string()))?;
         let vocab = self.bundle.model.config().vocab_size;
         let mut out = RunnerOutput::default();
         for (s, row) in batch.seqs.iter().filter(|s| s.sample).zip(logits.chunks_mut(vocab)) {
@@ -108,5 +121,9 @@ impl Executor for ModelExecutor {
 
     fn remove_request(&mut self, id: RequestId) {
         self.states.remove(&id);
+    }
+
+    fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+        self.heartbeat = Some(heartbeat);
     }
 }

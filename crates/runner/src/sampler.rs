@@ -130,17 +130,18 @@ impl Sampler {
 
     fn sample_from(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
         let cands = &mut self.candidates;
         cands.clear();
-        cands.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (l * inv_t, i as u32)));
+        cands.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (l, i as u32)));
         if cands.is_empty() {
             return argmax(logits);
         }
         let max = cands.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
-        // Probabilities (unnormalized) relative to the top token: exp(l - max) in (0, 1].
+        // Probabilities (unnormalized) relative to the top token: exp((l - max) / t) in (0, 1]. Subtracting
+        // before scaling keeps every exponent at or below 0 whatever the temperature (scaling first overflows
+        // to inf - inf = NaN at tiny temperatures).
         for c in cands.iter_mut() {
-            c.0 = (c.0 - max).exp();
+            c.0 = ((c.0 - max) / p.temperature).exp();
         }
         if p.min_p > 0.0 {
             cands.retain(|c| c.0 >= p.min_p);
@@ -228,6 +229,19 @@ mod tests {
     fn draw_many(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(p);
         (0..n).map(|_| s.sample(&mut logits.to_vec(), &[], &[])).collect()
+    }
+
+    /// Regression (#27, item 13): at temperatures of 1e-38 and 1e-45 (f32 subnormals) the scaled logits
+    /// overflowed to inf, inf - inf gave NaN, and every draw fell through to the last candidate: SmolLM2 said
+    /// "ectableectable...". Tiny temperatures give the argmax.
+    #[test]
+    fn tiny_temperatures_give_the_argmax() {
+        let logits: Vec<f32> = (0..101).map(|i| 12.0 + ((i * 37) % 101) as f32 * 0.07).collect();
+        let best = argmax(&logits);
+        for t in [1e-4, 1e-5, 1e-6, 1e-20, 1e-38, 1e-45, f32::MIN_POSITIVE] {
+            let draws = draw_many(&params(|p| p.temperature = t), &logits, 50);
+            assert!(draws.iter().all(|&d| d == best), "temperature {t:e}: {draws:?}, argmax {best}");
+        }
     }
 
     #[test]

@@ -161,3 +161,41 @@ fn seeded_sampling_is_independent_of_the_batch() {
     }
     assert!(counts.len() > 3, "sampling should produce varied tokens");
 }
+
+/// Regression (#27, item 1): the heartbeat was written only between steps, so one long prefill step made
+/// `/health` answer 503 for its whole length. The model beats after every layer's attention and MLP: while
+/// a single long step runs (no step finished yet), heartbeats keep arriving.
+#[test]
+fn the_heartbeat_advances_inside_a_long_step() {
+    use std::sync::atomic::Ordering;
+    let h = engine(|c| c.max_num_batched_tokens = 4096);
+    let prompt: Vec<u32> = (0..1500).map(|i| 100 + (i * 7) % 5000).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = EngineRequest {
+        id: RequestId(1),
+        prompt_token_ids: prompt,
+        params: Arc::new(SamplingParams::greedy(1)),
+        priority: Priority::Normal,
+        deadline: None,
+    };
+    h.add_request(request, tx).unwrap();
+    let st = h.stats();
+    // The loop publishes `running` just before it executes the step.
+    while st.running.load(Ordering::SeqCst) == 0 {
+        std::hint::spin_loop();
+    }
+    let at_start = st.beats.load(Ordering::SeqCst);
+    let mut inside = at_start;
+    loop {
+        let beats = st.beats.load(Ordering::SeqCst);
+        // Read after the beats: while no step has finished, those beats came from inside the one step.
+        if st.steps.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        inside = beats;
+        std::thread::yield_now();
+    }
+    let o = rx.blocking_recv().unwrap();
+    assert_eq!(o.finish_reason, Some(FinishReason::Length), "one step did the whole prompt");
+    assert!(inside > at_start, "no heartbeat from inside the {}-layer step", bundle().model.config().num_layers);
+}

@@ -7,7 +7,9 @@
 
 use mlx_serving_engine::SamplingParams;
 use mlx_serving_kernels::{Isa, KvDtype};
-use mlx_serving_models::{ActivationPrecision, BatchInput, LoadOptions, ModelBundle, PagedKvCache, SeqInput};
+use mlx_serving_models::{
+    ActivationPrecision, BatchInput, ChatContent, LoadOptions, ModelBundle, PagedKvCache, SeqInput,
+};
 use mlx_serving_runner::{generate, logprob, GenerateOptions};
 use mlx_serving_test_support::{qwen2_path, reference, smollm2_path};
 use serde_json::Value;
@@ -32,7 +34,7 @@ fn run_golden(path: &Path, ref_file: &str, opts: &LoadOptions) {
         let prompt_ids = ids(&item["prompt_ids"]);
         let ours_prompt = match item["kind"].as_str().unwrap() {
             "completion" => bundle.encode(item["prompt"].as_str().unwrap(), true).unwrap(),
-            _ => bundle.encode_chat(&item["prompt"]).unwrap(),
+            _ => bundle.encode_chat(&item["prompt"], ChatContent::Text).unwrap(),
         };
         assert_eq!(ours_prompt, prompt_ids, "item {n}: prompt ids");
         let g = generate(

@@ -150,8 +150,10 @@ pub async fn chat_completions(
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
     let messages = normalize_messages(&req.messages)?;
-    let prompt_ids =
-        s.bundle.encode_chat(&messages).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+    let prompt_ids = s
+        .bundle
+        .encode_chat(&messages, mlx_serving_models::ChatContent::Text)
+        .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
     let max_model_len = s.engine.config().max_model_len;
     let mut fields = req.sampling_fields();
     fields.max_tokens = req.max_completion_tokens.or(fields.max_tokens);
@@ -249,7 +251,9 @@ pub async fn tokenize(
                 ));
             }
             let messages = normalize_messages(msgs)?;
-            s.bundle.encode_chat(&messages).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
+            s.bundle
+                .encode_chat(&messages, mlx_serving_models::ChatContent::Text)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
         }
         _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
     };
