@@ -55,6 +55,15 @@ pub struct ServerSection {
     pub max_body_bytes: usize,
     /// After SIGTERM/SIGINT, how long in-flight requests may take to finish before the server exits.
     pub shutdown_grace_seconds: f64,
+    /// A connection must send a whole request head this long after it opens (or after its last response).
+    pub header_read_timeout_seconds: f64,
+    /// Most connections served at once; more wait in the listen queue.
+    pub max_connections: usize,
+    /// A stream with nothing to send for this long sends an SSE comment, `: keep-alive`.
+    pub sse_keepalive_seconds: f64,
+    /// Tokenize special-token texts inside chat messages as control tokens, as before: lets a user's
+    /// message forge a system or assistant turn. Off: message text is text.
+    pub allow_special_tokens_in_chat: bool,
 }
 
 impl Default for ServerSection {
@@ -67,6 +76,10 @@ impl Default for ServerSection {
             cors_allowed_origins: Vec::new(),
             max_body_bytes: mlx_serving_server::MAX_BODY_BYTES,
             shutdown_grace_seconds: 30.0,
+            header_read_timeout_seconds: 10.0,
+            max_connections: 1024,
+            sse_keepalive_seconds: 15.0,
+            allow_special_tokens_in_chat: false,
         }
     }
 }
@@ -173,6 +186,7 @@ impl RuntimeConfig {
             ("engine.max_waiting_requests", e.max_waiting_requests),
             ("engine.max_waiting_tokens", e.max_waiting_tokens),
             ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_connections", self.server.max_connections),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -201,12 +215,22 @@ impl RuntimeConfig {
             ("engine.priority_aging_seconds", Some(e.priority_aging_seconds)),
             ("engine.request_timeout_seconds", e.request_timeout_seconds),
             ("server.shutdown_grace_seconds", Some(self.server.shutdown_grace_seconds)),
+            ("server.header_read_timeout_seconds", Some(self.server.header_read_timeout_seconds)),
+            ("server.sse_keepalive_seconds", Some(self.server.sse_keepalive_seconds)),
         ];
         for (key, v) in seconds {
             if let Some(v) = v {
                 if !(v.is_finite() && (0.0..=1e7).contains(&v)) {
                     bail!("{key}: must be a number of seconds between 0 and 1e7, got {v}");
                 }
+            }
+        }
+        for (key, v) in [
+            ("server.header_read_timeout_seconds", self.server.header_read_timeout_seconds),
+            ("server.sse_keepalive_seconds", self.server.sse_keepalive_seconds),
+        ] {
+            if v < 0.01 {
+                bail!("{key}: must be at least 0.01 seconds, got {v}");
             }
         }
         if e.request_timeout_seconds == Some(0.0) {
@@ -315,5 +339,8 @@ mod tests {
         );
         assert!(err("engine:\n  request_timeout_seconds: -1\n").starts_with("engine.request_timeout_seconds:"));
         assert!(err("colour: blue\n").contains("unknown field `colour`"));
+        assert!(err("server:\n  max_connections: 0\n").starts_with("server.max_connections:"));
+        assert!(err("server:\n  header_read_timeout_seconds: 0\n").starts_with("server.header_read_timeout_seconds:"));
+        assert!(err("server:\n  sse_keepalive_seconds: -3\n").starts_with("server.sse_keepalive_seconds:"));
     }
 }

@@ -493,9 +493,13 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         cors_allowed_origins: c.server.cors_allowed_origins.clone(),
         max_body_bytes: c.server.max_body_bytes,
         request_timeout: e.request_timeout_seconds.map(std::time::Duration::from_secs_f64),
+        header_read_timeout: std::time::Duration::from_secs_f64(c.server.header_read_timeout_seconds),
+        max_connections: c.server.max_connections,
+        sse_keepalive: std::time::Duration::from_secs_f64(c.server.sse_keepalive_seconds),
+        allow_special_tokens_in_chat: c.server.allow_special_tokens_in_chat,
+        ..mlx_serving_server::ServerOptions::default()
     };
     let state = std::sync::Arc::new(mlx_serving_server::AppState::with_options(engine, bundle, name.clone(), options));
-    let app = mlx_serving_server::router(state);
     let grace = std::time::Duration::from_secs_f64(c.server.shutdown_grace_seconds);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -503,7 +507,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("serving {name} on http://{addr}");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = mlx_serving_server::serve(listener, state, async move {
             shutdown_signal().await;
             tracing::info!(
                 grace_seconds = grace.as_secs_f64(),
@@ -511,7 +515,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
             );
             let _ = stop_tx.send(());
         });
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         // Once the signal came, in-flight requests get `grace` to finish; then we exit regardless.
         let deadline = async move {
             if stop_rx.await.is_ok() {

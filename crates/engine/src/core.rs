@@ -119,6 +119,13 @@ impl EngineHandle {
         Ok(())
     }
 
+    /// True when a new request would now be refused for lack of room in the waiting queue: a cheap check
+    /// front ends make before tokenizing a prompt (`add_request` still decides).
+    pub fn queue_full(&self) -> bool {
+        self.stats.pending.load(Ordering::SeqCst) + self.stats.waiting_new.load(Ordering::SeqCst)
+            >= self.cfg.max_waiting_requests
+    }
+
     /// Aborts a request and frees its KV blocks (a no-op if it already finished).
     pub fn abort(&self, id: RequestId) {
         // The loop may have exited; nothing left to free then.

@@ -129,12 +129,18 @@ openai_request! {
     }
 }
 
+/// Unknown fields are refused (a 400 naming them) rather than dropped: `tool_calls` and `tool_call_id`
+/// until tool calling lands.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
     /// A string or a list of `{"type": "text", "text": ...}` parts.
     #[serde(default)]
     pub content: Value,
+    /// The participant's name (passed to the chat template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 openai_request! {

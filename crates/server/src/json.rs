@@ -1,5 +1,7 @@
 //! `ApiJson<T>`: the JSON body extractor. A malformed body, a wrong type or an unknown field is an
-//! OpenAI-shaped 400 that says what is wrong; an oversized body is a 413.
+//! OpenAI-shaped 400 that says what is wrong; an oversized body is a 413; a body declared as anything but
+//! JSON (`application/json`, `*/*+json`, or no Content-Type at all) is a 415, as FastAPI (and so vLLM)
+//! answers, so that a web page cannot drive a keyless local server with a no-preflight `text/plain` POST.
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -14,6 +16,12 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
+            let given = String::from_utf8_lossy(ct.as_bytes());
+            if !is_json(&given) {
+                return Err(ApiError::unsupported_media_type(&given));
+            }
+        }
         let limit = state.options.max_body_bytes;
         let bytes = Bytes::from_request(req, state).await.map_err(|_| ApiError::too_large(limit))?;
         if bytes.len() > limit {
@@ -32,6 +40,15 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
             ApiError::bad_request(format!("invalid request body: {inner}{at}"), param.as_deref())
         })
     }
+}
+
+/// `application/json` or any `type/subtype+json`, parameters (`; charset=utf-8`) ignored.
+fn is_json(content_type: &str) -> bool {
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Some((kind, subtype)) = mime.split_once('/') else {
+        return false;
+    };
+    !kind.is_empty() && (subtype == "json" && kind == "application" || subtype.ends_with("+json"))
 }
 
 /// Pulls a field name out of serde's messages ("unknown field `x`", "missing field `x`").

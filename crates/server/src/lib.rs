@@ -5,14 +5,20 @@
 //! aborts it in the engine, so a client that goes away frees its KV blocks.
 //! Must not know about: tensors, scheduling internals.
 
+mod driver;
 mod error;
 mod generate;
 mod json;
 pub mod metrics;
 mod params;
+mod prompts;
+mod respond;
+mod serve;
 
 pub use error::ApiError;
 pub use params::MAX_N;
+pub use prompts::MAX_CHOICES;
+pub use serve::serve;
 
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -45,6 +51,18 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Requests unfinished this long after arrival end with a timeout error (504).
     pub request_timeout: Option<Duration>,
+    /// A connection that has not sent a whole request head this long after it opened (or after its last
+    /// response, when kept alive) is closed.
+    pub header_read_timeout: Duration,
+    /// Most connections served at once; more wait in the listen queue.
+    pub max_connections: usize,
+    /// A stream with nothing to send for this long sends an SSE comment (`: keep-alive`).
+    pub sse_keepalive: Duration,
+    /// Tokenize special-token texts inside chat messages as control tokens (lets a message forge turns).
+    pub allow_special_tokens_in_chat: bool,
+    /// Threads that tokenize, render templates and build large responses at once (the CPU pool), so that
+    /// this work never runs on the async threads that answer `/health` and stream tokens.
+    pub cpu_workers: usize,
 }
 
 impl Default for ServerOptions {
@@ -54,6 +72,12 @@ impl Default for ServerOptions {
             cors_allowed_origins: Vec::new(),
             max_body_bytes: MAX_BODY_BYTES,
             request_timeout: None,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            sse_keepalive: Duration::from_secs(15),
+            allow_special_tokens_in_chat: false,
+            // Leave a core to the engine and the async threads.
+            cpu_workers: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
         }
     }
 }
@@ -68,6 +92,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Makes generated request ids differ between server runs.
     id_salt: u64,
+    /// Permits of the CPU pool (see [`ServerOptions::cpu_workers`]).
+    cpu_pool: tokio::sync::Semaphore,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -94,10 +120,11 @@ impl AppState {
             bundle,
             model_name,
             created: now.as_secs(),
-            options,
             metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
             id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            cpu_pool: tokio::sync::Semaphore::new(options.cpu_workers.max(1)),
+            options,
         }
     }
 
@@ -109,6 +136,30 @@ impl AppState {
     fn new_request_id(&self) -> String {
         let n = self.next_number();
         format!("{:016x}", n.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.id_salt)
+    }
+
+    /// Runs CPU-heavy request work (tokenizing, template rendering, large response bodies) on a blocking
+    /// thread, at most `cpu_workers` at once; the caller waits without holding an async thread.
+    pub(crate) async fn on_cpu_pool<T: Send + 'static>(
+        &self,
+        request_id: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self.cpu_pool.acquire().await.expect("the CPU pool's semaphore is never closed");
+        tokio::task::spawn_blocking(f).await.map_err(|e| {
+            tracing::error!(error = %e, "CPU pool task failed");
+            ApiError::internal(request_id)
+        })
+    }
+
+    /// Renders and tokenizes a chat; message text is text unless `allow_special_tokens_in_chat`.
+    pub(crate) fn encode_chat(&self, messages: &[serde_json::Value]) -> Result<Vec<u32>, ApiError> {
+        let content = if self.options.allow_special_tokens_in_chat {
+            mlx_serving_models::ChatContent::ParseSpecial
+        } else {
+            mlx_serving_models::ChatContent::Text
+        };
+        self.bundle.encode_chat(&messages, content).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
     }
 
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
@@ -127,8 +178,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
-        .route("/tokenize", post(generate::tokenize))
-        .route("/detokenize", post(generate::detokenize))
+        .route("/tokenize", post(prompts::tokenize))
+        .route("/detokenize", post(prompts::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let mut app = Router::new()
         .route("/health", get(health))

@@ -1,6 +1,6 @@
 //! Shared by the server's integration tests.
 
-use mlx_serving_server::{router, AppState};
+use mlx_serving_server::AppState;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ pub fn serve(state: Arc<AppState>) -> SocketAddr {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(l, router(state)).await.unwrap();
+            mlx_serving_server::serve(l, state, std::future::pending()).await.unwrap();
         });
     });
     addr

@@ -1,0 +1,192 @@
+//! Prompts: chat messages → the template's input, completion prompts → token ids, `/tokenize` and
+//! `/detokenize`. Tokenizing and rendering are CPU work: the handlers run them on the bounded CPU pool
+//! ([`AppState::on_cpu_pool`]), after the cheap checks (shape, counts, a byte bound on the length) that can
+//! refuse a request without tokenizing it.
+
+use crate::error::ApiError;
+use crate::json::ApiJson;
+use crate::respond::Prompt;
+use crate::{AppState, RequestCtx};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use mlx_serving_protocol::ChatMessage;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Most engine requests (prompts × n) one HTTP request may start.
+pub const MAX_CHOICES: usize = 64;
+
+/// OpenAI messages → the `{role, content: string}` list chat templates expect (plus `name` when given).
+/// Text parts are joined with newlines, as vLLM joins them.
+pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
+    let mut messages = Vec::with_capacity(messages_in.len());
+    for (i, m) in messages_in.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}].role `{}` is not supported (system, user, assistant)", m.role),
+                Some("messages"),
+            ));
+        }
+        let content = match &m.content {
+            Value::String(t) => t.clone(),
+            Value::Array(parts) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => texts.push(t),
+                        _ => {
+                            return Err(ApiError::bad_request(
+                                format!("messages[{i}].content: only text parts are supported"),
+                                Some("messages"),
+                            ))
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+            Value::Null if m.role == "assistant" => String::new(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}].content must be a string or a list of text parts"),
+                    Some("messages"),
+                ))
+            }
+        };
+        let mut msg = json!({"role": m.role, "content": content});
+        if let Some(name) = &m.name {
+            msg["name"] = json!(name);
+        }
+        messages.push(msg);
+    }
+    Ok(messages)
+}
+
+/// A lower bound on a text's token count from its length: no token is longer than `max_token_bytes`.
+pub(crate) fn min_tokens(s: &AppState, text_bytes: usize) -> usize {
+    text_bytes.div_ceil(s.bundle.max_token_bytes)
+}
+
+/// The cheap checks of a completion `prompt`, before any tokenizing: its shape and batch size. Returns a
+/// lower bound on each prompt's length in tokens.
+pub(crate) fn completion_prompt_bounds(s: &AppState, prompt: &Value) -> Result<Vec<usize>, ApiError> {
+    let bad = |m: &str| ApiError::bad_request(m, Some("prompt"));
+    let shape = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists";
+    match prompt {
+        Value::String(t) => Ok(vec![min_tokens(s, t.len())]),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => Ok(vec![items.len()]),
+        Value::Array(items) if !items.is_empty() => {
+            if items.len() > MAX_CHOICES {
+                return Err(bad(&format!("at most {MAX_CHOICES} prompts per request, got {}", items.len())));
+            }
+            items
+                .iter()
+                .map(|item| match item {
+                    Value::String(t) => Ok(min_tokens(s, t.len())),
+                    Value::Array(ids) if ids.iter().all(Value::is_number) => Ok(ids.len()),
+                    _ => Err(bad(shape)),
+                })
+                .collect()
+        }
+        _ => Err(bad(shape)),
+    }
+}
+
+/// A lower bound on a chat prompt's length in tokens: its message texts alone.
+pub(crate) fn chat_prompt_bound(s: &AppState, messages: &[Value]) -> usize {
+    messages.iter().map(|m| min_tokens(s, m["content"].as_str().map_or(0, str::len))).sum()
+}
+
+pub async fn tokenize(
+    State(s): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<mlx_serving_protocol::TokenizeRequest>,
+) -> Result<Response, ApiError> {
+    if let Some(m) = &req.model {
+        s.check_model(m)?;
+    }
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(p), None) => s
+            .bundle
+            .encode(p, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?,
+        (None, Some(msgs)) => {
+            if req.add_generation_prompt == Some(false) {
+                return Err(ApiError::bad_request(
+                    "add_generation_prompt = false is not supported yet",
+                    Some("add_generation_prompt"),
+                ));
+            }
+            let messages = normalize_messages(msgs)?;
+            s.bundle
+                .encode_chat(&messages, mlx_serving_models::ChatContent::Text)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
+        }
+        _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
+    };
+    let max_model_len = s.engine.config().max_model_len;
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": max_model_len, "tokens": tokens})).into_response())
+}
+
+pub async fn detokenize(
+    State(s): State<Arc<AppState>>,
+    Extension(ctx): Extension<RequestCtx>,
+    ApiJson(req): ApiJson<mlx_serving_protocol::DetokenizeRequest>,
+) -> Result<Response, ApiError> {
+    if let Some(m) = &req.model {
+        s.check_model(m)?;
+    }
+    let vocab = s.bundle.model.config().vocab_size;
+    let ids = req
+        .tokens
+        .iter()
+        .map(|&t| u32::try_from(t).ok().filter(|&id| (id as usize) < vocab))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| ApiError::bad_request(format!("tokens must be integers in [0, {vocab})"), Some("tokens")))?;
+    let st = s.clone();
+    let text = s
+        .on_cpu_pool(&ctx.id, move || st.bundle.tokenizer.decode(&ids, false))
+        .await?
+        .map_err(|e| ApiError::bad_request(e.to_string(), Some("tokens")))?;
+    Ok(Json(json!({"prompt": text})).into_response())
+}
+
+/// `prompt` as OpenAI allows it: a string, a list of strings, a list of token ids, or a list of token-id
+/// lists. With `echo`, each prompt keeps its text (given, or decoded from its ids).
+pub(crate) fn completion_prompts(s: &AppState, prompt: &Value, echo: bool) -> Result<Vec<Prompt>, ApiError> {
+    let bad = |m: &str| ApiError::bad_request(m, Some("prompt"));
+    let vocab = s.bundle.model.config().vocab_size;
+    let from_text = |t: &str| -> Result<Prompt, ApiError> {
+        let ids = s.bundle.encode(t, true).map_err(|e| bad(&e.to_string()))?;
+        Ok(Prompt { ids, echo: echo.then(|| t.to_string()) })
+    };
+    let from_ids = |items: &[Value]| -> Result<Prompt, ApiError> {
+        let ids = items
+            .iter()
+            .map(|v| v.as_u64().filter(|&id| (id as usize) < vocab).map(|id| id as u32))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| bad(&format!("token ids must be integers in [0, {vocab})")))?;
+        let echo = match echo {
+            true => Some(s.bundle.tokenizer.decode(&ids, false).map_err(|e| bad(&e.to_string()))?),
+            false => None,
+        };
+        Ok(Prompt { ids, echo })
+    };
+    let shape = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists";
+    let prompts = match prompt {
+        Value::String(t) => vec![from_text(t)?],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => vec![from_ids(items)?],
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|item| match item {
+                Value::String(t) => from_text(t),
+                Value::Array(ids) if ids.iter().all(Value::is_number) => from_ids(ids),
+                _ => Err(bad(shape)),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(bad(shape)),
+    };
+    if prompts.iter().any(|p| p.ids.is_empty()) {
+        return Err(bad("prompt is empty"));
+    }
+    Ok(prompts)
+}

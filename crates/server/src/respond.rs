@@ -1,0 +1,357 @@
+//! Writing a response from the pieces of its choices: one JSON body, or SSE chunks (with keep-alive comments
+//! while nothing is due); usage; logprobs in chat's and completions' shapes.
+
+use crate::driver::Piece;
+use crate::error::ApiError;
+use crate::AppState;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use mlx_serving_engine::TokenLogprobs;
+use mlx_serving_protocol::{PromptTokensDetails, Usage};
+use serde_json::{json, Map, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Completion,
+    Chat,
+}
+
+/// One HTTP request, as the response writers need it.
+pub(crate) struct Job {
+    pub kind: Kind,
+    /// The response's `id`.
+    pub id: String,
+    pub request_id: Arc<str>,
+    /// One or more prompts (completions accept a batch); choice `i` answers prompt `i / n`.
+    pub prompts: Vec<Prompt>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    pub return_token_ids: bool,
+}
+
+pub(crate) struct Prompt {
+    pub ids: Vec<u32>,
+    /// Completions with `echo`: the prompt text, which starts the text of this prompt's choices.
+    pub echo: Option<String>,
+}
+
+impl Job {
+    pub fn num_choices(&self) -> usize {
+        self.prompts.len() * self.n
+    }
+
+    fn echo_of(&self, choice: usize) -> Option<&str> {
+        self.prompts[choice / self.n].echo.as_deref()
+    }
+
+    /// `prompt_token_ids` for the response: the ids, or a list of them for a batch of prompts.
+    fn prompt_token_ids(&self) -> Value {
+        match self.prompts.as_slice() {
+            [one] => json!(one.ids),
+            many => many.iter().map(|p| json!(p.ids)).collect(),
+        }
+    }
+}
+
+/// Per-choice state of a response being assembled or streamed.
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    /// Characters of generated text so far, counted by their first bytes (completions' `text_offset`).
+    chars: usize,
+    finish_reason: Option<&'static str>,
+    generated: usize,
+    cached: usize,
+}
+
+/// Prompt tokens count once per prompt (not per choice); cached tokens are those of each prompt's first choice.
+fn usage(job: &Job, choices: &[ChoiceAcc]) -> Usage {
+    let prompt_tokens = job.prompts.iter().map(|p| p.ids.len()).sum();
+    let completion_tokens = choices.iter().map(|c| c.generated).sum();
+    let cached_tokens = choices.iter().step_by(job.n).map(|c| c.cached).sum();
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens },
+    }
+}
+
+fn object_name(kind: Kind, stream: bool) -> &'static str {
+    match (kind, stream) {
+        (Kind::Completion, _) => "text_completion",
+        (Kind::Chat, false) => "chat.completion",
+        (Kind::Chat, true) => "chat.completion.chunk",
+    }
+}
+
+pub(crate) async fn collect_response(
+    s: Arc<AppState>,
+    job: Job,
+    mut pieces: mpsc::Receiver<Piece>,
+) -> Result<Response, ApiError> {
+    let mut acc: Vec<ChoiceAcc> = (0..job.num_choices()).map(|_| ChoiceAcc::default()).collect();
+    let mut open = acc.len();
+    while open > 0 {
+        match pieces.recv().await {
+            Some(Piece::Text { index, text, tokens, logprobs }) => {
+                let c = &mut acc[index];
+                c.text.push_str(&text);
+                c.tokens.extend(tokens);
+                c.logprobs.extend(logprobs);
+            }
+            Some(Piece::Done { index, finish_reason, generated, cached }) => {
+                let c = &mut acc[index];
+                (c.finish_reason, c.generated, c.cached) = (Some(finish_reason), generated, cached);
+                open -= 1;
+            }
+            Some(Piece::Failed(e)) => return Err(e),
+            None => return Err(ApiError::internal(&job.request_id)),
+        }
+    }
+    // With logprobs the body decodes up to 21 tokens per generated token: build it off the async threads.
+    if job.logprobs {
+        let (st, request_id) = (s.clone(), job.request_id.clone());
+        s.on_cpu_pool(&request_id, move || response_body(&st, &job, acc)).await.map(|b| Json(b).into_response())
+    } else {
+        Ok(Json(response_body(&s, &job, acc)).into_response())
+    }
+}
+
+fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
+    let choices: Vec<Value> = acc
+        .iter_mut()
+        .enumerate()
+        .map(|(index, c)| {
+            let echo = job.echo_of(index).unwrap_or("");
+            let logprobs =
+                job.logprobs.then(|| logprobs_json(s, job.kind, &c.logprobs, &mut c.chars, echo.chars().count()));
+            let mut v = match job.kind {
+                Kind::Completion => {
+                    let text = format!("{echo}{}", c.text);
+                    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+                }
+                Kind::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }),
+            };
+            if job.return_token_ids {
+                v["token_ids"] = json!(c.tokens);
+            }
+            v
+        })
+        .collect();
+    let mut body = json!({
+        "id": job.id,
+        "object": object_name(job.kind, false),
+        "created": s.created,
+        "model": s.model_name,
+        "choices": choices,
+        "usage": usage(job, &acc),
+    });
+    if job.return_token_ids {
+        body["prompt_token_ids"] = job.prompt_token_ids();
+    }
+    body
+}
+
+/// A token as text, for logprobs: its own decoding, special tokens included.
+fn token_text(s: &AppState, id: u32) -> String {
+    s.bundle.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// JSON cannot hold -inf; report what vLLM reports for impossible tokens.
+fn finite(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        -9999.0
+    }
+}
+
+/// The `logprobs` object of a choice (or chunk) for `lps`: chat's `{"content": [...]}` or completions'
+/// `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`.
+///
+/// Chat's `bytes` are each token's own bytes, so joining them gives the content's UTF-8 even where a token
+/// holds part of a character. Completions' `text_offset` counts characters (as OpenAI and vLLM do): a
+/// token's offset is the index of the character holding its first byte. `chars` carries the count of
+/// generated characters across chunks; `base` is the echoed prompt's length in characters.
+fn logprobs_json(s: &AppState, kind: Kind, lps: &[TokenLogprobs], chars: &mut usize, base: usize) -> Value {
+    let bytes = |id: u32| s.bundle.token_bytes.get(id);
+    match kind {
+        Kind::Chat => {
+            let entry =
+                |id: u32, lp: f32| json!({"token": token_text(s, id), "logprob": finite(lp), "bytes": bytes(id)});
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    let mut e = entry(l.token, l.logprob);
+                    e["top_logprobs"] = l.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+            for l in lps {
+                let t = token_text(s, l.token);
+                let b = bytes(l.token);
+                // A token that starts inside a character belongs at that character, counted already.
+                let continues = b.first().is_some_and(|&x| is_continuation(x));
+                offsets.push(base + *chars - usize::from(continues && *chars > 0));
+                *chars += b.iter().filter(|&&x| !is_continuation(x)).count();
+                token_logprobs.push(finite(l.logprob));
+                // As in vLLM, each step's alternatives include the chosen token.
+                let mut alts = Map::new();
+                for &(id, lp) in &l.top {
+                    alts.insert(token_text(s, id), json!(finite(lp)));
+                }
+                alts.insert(t.clone(), json!(finite(l.logprob)));
+                top.push(Value::Object(alts));
+                tokens.push(t);
+            }
+            json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+        }
+    }
+}
+
+/// A UTF-8 continuation byte (`10xxxxxx`): not the start of a character.
+fn is_continuation(b: u8) -> bool {
+    b & 0xC0 == 0x80
+}
+
+pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Receiver<Piece>) -> Response {
+    let keepalive = s.options.sse_keepalive;
+    let (ev_tx, ev_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    // Pieces → SSE events. If the client disconnects the event channel closes, this task ends, the piece
+    // channel closes, and every driver's abort guard frees its request in the engine.
+    let task = async move {
+        let mut first = true;
+        let mut chunk = |choices: Value, usage: Option<Usage>| -> Event {
+            let mut v = json!({
+                "id": job.id,
+                "object": object_name(job.kind, true),
+                "created": s.created,
+                "model": s.model_name,
+                "choices": choices,
+            });
+            if let Some(u) = usage {
+                v["usage"] = json!(u);
+            }
+            if std::mem::take(&mut first) && job.return_token_ids {
+                v["prompt_token_ids"] = job.prompt_token_ids();
+            }
+            Event::default().data(v.to_string())
+        };
+        let mut acc: Vec<ChoiceAcc> = (0..job.num_choices()).map(|_| ChoiceAcc::default()).collect();
+        let mut opening = Vec::new();
+        for index in 0..acc.len() {
+            match (job.kind, job.echo_of(index)) {
+                (Kind::Chat, _) => opening.push(chunk(
+                    json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )),
+                (Kind::Completion, Some(prompt)) => opening.push(chunk(
+                    json!([{"index": index, "text": prompt, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )),
+                (Kind::Completion, None) => {}
+            }
+        }
+        for e in opening {
+            if ev_tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+        let mut open = acc.len();
+        while open > 0 {
+            let piece = tokio::select! {
+                p = pieces.recv() => p,
+                // The client is gone: end now, so the drivers see their piece channel close and abort.
+                _ = ev_tx.closed() => return,
+            };
+            let events: Vec<Event> = match piece {
+                Some(Piece::Text { index, text, tokens, logprobs }) => {
+                    if text.is_empty() && !job.logprobs && !job.return_token_ids {
+                        continue;
+                    }
+                    let c = &mut acc[index];
+                    let lp = if job.logprobs {
+                        let base = job.echo_of(index).map_or(0, |e| e.chars().count());
+                        logprobs_json(&s, job.kind, &logprobs, &mut c.chars, base)
+                    } else {
+                        Value::Null
+                    };
+                    let mut choice = match job.kind {
+                        Kind::Completion => {
+                            json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                        }
+                    };
+                    if job.return_token_ids {
+                        choice["token_ids"] = json!(tokens);
+                    }
+                    vec![chunk(json!([choice]), None)]
+                }
+                Some(Piece::Done { index, finish_reason, generated, cached }) => {
+                    let c = &mut acc[index];
+                    (c.finish_reason, c.generated, c.cached) = (Some(finish_reason), generated, cached);
+                    open -= 1;
+                    let choice = match job.kind {
+                        Kind::Completion => {
+                            json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                        }
+                    };
+                    let mut ev = vec![chunk(json!([choice]), None)];
+                    if open == 0 {
+                        if job.include_usage {
+                            ev.push(chunk(json!([]), Some(usage(&job, &acc))));
+                        }
+                        ev.push(Event::default().data("[DONE]"));
+                    }
+                    ev
+                }
+                // An error after the stream began: one error event, then the stream ends.
+                Some(Piece::Failed(e)) => {
+                    let _ = ev_tx.send(Ok(Event::default().data(json!(e.body()).to_string()))).await;
+                    return;
+                }
+                None => {
+                    let e = ApiError::internal(&job.request_id);
+                    let _ = ev_tx.send(Ok(Event::default().data(json!(e.body()).to_string()))).await;
+                    return;
+                }
+            };
+            for e in events {
+                if ev_tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::spawn(task.in_current_span());
+    // Comments while nothing is due (queued, or a long prefill) keep proxies and clients with idle timeouts
+    // from dropping the stream.
+    Sse::new(ReceiverStream::new(ev_rx))
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response()
+}
