@@ -30,17 +30,51 @@ pub trait Executor: Send + 'static {
     fn set_heartbeat(&mut self, _heartbeat: Heartbeat) {}
 }
 
-/// The engine's liveness stamp. The loop beats every iteration; executors beat from inside long steps.
+/// The engine's liveness stamp. The loop beats every iteration; executors beat from inside long steps, and
+/// ask it whether the step is still wanted.
 #[derive(Clone, Debug)]
 pub struct Heartbeat {
     stats: Arc<EngineStats>,
     started: Instant,
+    step: Arc<StepWatch>,
 }
 
 impl Heartbeat {
     pub fn beat(&self) {
         self.stats.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
         self.stats.beats.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// True when every request of the step now executing has been aborted (their clients left): the
+    /// executor may stop the step early, since nobody will use its results.
+    pub fn step_abandoned(&self) -> bool {
+        self.step.abandoned()
+    }
+}
+
+/// The requests of the step being executed that have not been aborted. `abort` takes a request out at
+/// once (the loop itself only sees the abort command after the step), so a long prefill whose clients all
+/// left can stop mid-step instead of running to its end.
+#[derive(Debug, Default)]
+struct StepWatch(std::sync::Mutex<Option<std::collections::HashSet<RequestId>>>);
+
+impl StepWatch {
+    fn start(&self, ids: impl IntoIterator<Item = RequestId>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(ids.into_iter().collect());
+    }
+
+    fn end(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn aborted(&self, id: RequestId) {
+        if let Some(live) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            live.remove(&id);
+        }
+    }
+
+    fn abandoned(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|live| live.is_empty())
     }
 }
 
@@ -82,6 +116,7 @@ pub struct EngineStats {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: Sender<Command>,
+    step: Arc<StepWatch>,
     stats: Arc<EngineStats>,
     cfg: Arc<SchedulerConfig>,
     started: Instant,
@@ -128,6 +163,7 @@ impl EngineHandle {
 
     /// Aborts a request and frees its KV blocks (a no-op if it already finished).
     pub fn abort(&self, id: RequestId) {
+        self.step.aborted(id);
         // The loop may have exited; nothing left to free then.
         let _ = self.tx.send(Command::Abort(id));
     }
@@ -161,8 +197,9 @@ impl<E: Executor> EngineCore<E> {
         let (tx, rx) = channel();
         let stats = Arc::new(EngineStats::default());
         let started = Instant::now();
-        let handle = EngineHandle { tx, stats: stats.clone(), cfg: Arc::new(cfg.clone()), started };
-        let heartbeat = Heartbeat { stats: stats.clone(), started };
+        let step = Arc::new(StepWatch::default());
+        let handle = EngineHandle { tx, step: step.clone(), stats: stats.clone(), cfg: Arc::new(cfg.clone()), started };
+        let heartbeat = Heartbeat { stats: stats.clone(), started, step };
         let mut executor = executor;
         executor.set_heartbeat(heartbeat.clone());
         let mut core = EngineCore { scheduler: Scheduler::new(cfg), executor, rx, sinks: HashMap::new(), heartbeat };
@@ -255,10 +292,17 @@ impl<E: Executor> EngineCore<E> {
         }
         // Counters first: a long step should show its requests as running, not waiting.
         self.publish();
+        let step = &self.heartbeat.step;
+        step.start(sched.seqs.iter().map(|s| s.id));
         let result = catch_unwind(AssertUnwindSafe(|| self.executor.execute(&sched)));
+        let abandoned = step.abandoned();
+        step.end();
         self.stats().steps.fetch_add(1, Ordering::SeqCst);
         let outputs = match result {
             Ok(Ok(run)) => self.scheduler.update_from_output(&sched, &run),
+            // Every request of the step was aborted while it ran (the executor may have stopped early): they
+            // end as aborted, and their blocks, holding partly written K/V, are freed.
+            Ok(Err(_)) if abandoned => sched.seqs.iter().filter_map(|s| self.scheduler.abort(s.id)).collect(),
             Ok(Err(e)) => self.fail_step(&sched, &format!("step failed: {e}")),
             Err(_) => self.fail_step(&sched, "internal error while executing the step"),
         };

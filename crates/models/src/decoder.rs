@@ -368,16 +368,18 @@ impl Model {
     /// Runs one step over a flattened batch, writing each token's K/V into `cache` at its slot, and returns
     /// the logits of the rows in `batch.logits_indices`, row-major `[logits_indices.len(), vocab_size]`.
     pub fn forward(&self, batch: &BatchInput<'_>, cache: &mut PagedKvCache) -> Result<Vec<f32>> {
-        self.forward_with_progress(batch, cache, &|| {})
+        self.forward_with_progress(batch, cache, &|| true)
     }
 
     /// [`Self::forward`], calling `progress` after each layer's attention and after its MLP, so that a long
-    /// step can show it is alive (the engine's heartbeat).
+    /// step can show it is alive (the engine's heartbeat). When `progress` returns false the step stops there
+    /// with [`Error::Cancelled`](crate::Error::Cancelled) (its requests were abandoned); the K/V written so far
+    /// is garbage the caller must not use.
     pub fn forward_with_progress(
         &self,
         batch: &BatchInput<'_>,
         cache: &mut PagedKvCache,
-        progress: &dyn Fn(),
+        progress: &dyn Fn() -> bool,
     ) -> Result<Vec<f32>> {
         batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size)?;
         let cfg = &self.cfg;
@@ -434,7 +436,9 @@ impl Model {
                 KvLayers::F32(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
             }
             layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?;
-            progress();
+            if !progress() {
+                return Err(crate::error::Error::Cancelled);
+            }
             let normed = NormedRows::new(&x, &layer.ffn_norm, eps, layer.gate_up.rounded(), &mut hn);
             layer.gate_up.forward(normed.input(), n, dev, &mut gate_up)?;
             // SwiGLU and rounding in one pass, the residual added by the down matmul itself.
@@ -454,7 +458,9 @@ impl Model {
                     layer.down.forward_into(Input::F32(&gate), n, &mut x, true, dev)?;
                 }
             }
-            progress();
+            if !progress() {
+                return Err(crate::error::Error::Cancelled);
+            }
         }
         let m = batch.logits_indices.len();
         if m == 0 {

@@ -28,6 +28,9 @@ pub enum Error {
     Template(String),
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// The caller's progress callback asked to stop (every request of the step was abandoned).
+    #[error("step cancelled")]
+    Cancelled,
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -91,10 +91,12 @@ impl Executor for ModelExecutor {
             logits_indices: &logits_rows,
         };
         let heartbeat = self.heartbeat.clone();
+        // Beat, and stop early once every request of the step has been abandoned.
         let progress = move || {
-            if let Some(h) = &heartbeat {
+            heartbeat.as_ref().is_none_or(|h| {
                 h.beat();
-            }
+                !h.step_abandoned()
+            })
         };
         let mut logits = self
             .bundle

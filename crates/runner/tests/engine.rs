@@ -199,3 +199,38 @@ fn the_heartbeat_advances_inside_a_long_step() {
     assert_eq!(o.finish_reason, Some(FinishReason::Length), "one step did the whole prompt");
     assert!(inside > at_start, "no heartbeat from inside the {}-layer step", bundle().model.config().num_layers);
 }
+
+/// Regression (#27, item 3): a long prefill whose client left ran to its end (a single step of a big
+/// `max_num_batched_tokens` can take minutes on a CPU). When every request of the running step is aborted,
+/// the model stops at its next layer and the request ends as aborted.
+#[test]
+fn a_step_whose_requests_were_all_aborted_stops_early() {
+    use std::sync::atomic::Ordering;
+    let h = engine(|c| c.max_num_batched_tokens = 4096);
+    let prompt: Vec<u32> = (0..1500).map(|i| 100 + (i * 11) % 5000).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = EngineRequest {
+        id: RequestId(7),
+        prompt_token_ids: prompt,
+        params: Arc::new(SamplingParams::greedy(1)),
+        priority: Priority::Normal,
+        deadline: None,
+    };
+    h.add_request(request, tx).unwrap();
+    let st = h.stats();
+    while st.running.load(Ordering::SeqCst) == 0 {
+        std::hint::spin_loop();
+    }
+    let at_start = st.beats.load(Ordering::SeqCst);
+    h.abort(RequestId(7));
+    let o = rx.blocking_recv().unwrap();
+    assert_eq!(o.finish_reason, Some(FinishReason::Abort), "{o:?}");
+    assert!(o.new_token_ids.is_empty());
+    let layers = bundle().model.config().num_layers as u64;
+    let beats = st.beats.load(Ordering::SeqCst) - at_start;
+    assert!(beats < layers, "the step ran on for {beats} beats ({layers} layers, two beats each)");
+    assert_eq!(st.failed_steps.load(Ordering::SeqCst), 0, "a cancelled step is not a failure");
+    // The engine serves on.
+    let out = run_all(&h, vec![((1..20).collect(), SamplingParams::greedy(3))]);
+    assert_eq!(out[0].0.len(), 3);
+}
