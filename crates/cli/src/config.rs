@@ -20,7 +20,7 @@ pub struct RuntimeConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// GGUF model file.
+    /// GGUF file, Hugging Face directory (safetensors), or repository id (`org/name`) in the local HF cache.
     pub path: PathBuf,
     /// The name clients use; default: the file name without `.gguf`.
     pub served_model_name: Option<String>,

@@ -104,7 +104,7 @@ struct ServeArgs {
     /// Print the resolved configuration as YAML (API keys masked) and exit.
     #[arg(long)]
     print_config: bool,
-    /// GGUF model file [model.path; default: the model scripts/fetch-model.sh fetches].
+    /// GGUF file, Hugging Face directory, or repository id in the local HF cache [model.path; default: the model scripts/fetch-model.sh fetches].
     #[arg(long, env = "MLX_SERVING_MODEL")]
     model: Option<PathBuf>,
     /// Model name clients use [model.served_model_name; default: the file name without .gguf].
@@ -224,7 +224,7 @@ impl ServeArgs {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat"])))]
 struct GenerateArgs {
-    /// GGUF model file.
+    /// GGUF file, Hugging Face directory, or repository id (`org/name`) in the local Hugging Face cache.
     #[arg(long, env = "MLX_SERVING_MODEL")]
     model: PathBuf,
     /// Raw text prompt (no chat template).
@@ -312,11 +312,12 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
+    let path = mlx_serving_models::resolve_model(&a.model)?;
     let bundle = ModelBundle::load(
-        &a.model,
+        &path,
         &LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype },
     )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    .with_context(|| format!("loading {}", path.display()))?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
         (None, Some(chat)) => {
@@ -455,7 +456,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     init_logging(&c.logging)?;
     init_threads(c.engine.threads)?;
     let api_keys = c.api_keys()?;
-    let path = &c.model.path;
+    let path = &mlx_serving_models::resolve_model(&c.model.path)?;
     let bundle = std::sync::Arc::new(
         ModelBundle::load(
             path,
@@ -467,7 +468,11 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         )
         .with_context(|| format!("loading {}", path.display()))?,
     );
+    // Default name: a repository id as given, else the file name without `.gguf` (or the directory's name).
     let name = c.model.served_model_name.clone().unwrap_or_else(|| {
+        if !c.model.path.exists() {
+            return c.model.path.display().to_string();
+        }
         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     });
     let e = &c.engine;

@@ -2,11 +2,11 @@
 //!
 //! Every step has one token budget (`max_num_batched_tokens`). Each request has `num_computed_tokens` and
 //! `num_tokens`; the step gives it `min(num_tokens - num_computed_tokens, budget left)` new tokens, so
-//! chunked prefill, decode and prefix hits are the same thing. Running requests go first, most urgent class
-//! first, then by arrival. If blocks run out, the least urgent class's newest running request that is not yet
-//! scheduled this step is preempted (its blocks freed, its tokens recomputed later); a request never
-//! preempts itself nor anything more urgent than itself: when nothing below it is left it just waits for
-//! the next step, keeping its blocks. No waiting request is admitted in a step that preempted or stalled.
+//! chunked prefill, decode and prefix hits are the same thing. Running requests go first, by class raised
+//! with age, then by arrival. If blocks run out, the least urgent class's newest running request is preempted
+//! (its blocks freed, its tokens recomputed later; if it was already scheduled this step, its tokens go back
+//! to the budget); a request never preempts itself nor anything more urgent than itself: when nothing below
+//! it is left it just waits for the next step, keeping its blocks. No waiting request is admitted in a step that preempted or stalled.
 //! Waiting requests are admitted by priority class, raised one class per `aging_interval` waited so low
 //! priority is never starved, then by arrival. A preempted request keeps its arrival order, and the waiting
 //! limit counts new requests only, so preemption never pushes the queue past its bound.
@@ -309,10 +309,13 @@ impl Scheduler {
         // A running request that got no blocks this step (nothing less urgent left to preempt).
         let mut stalled = false;
 
-        // Running requests first: most urgent class first, then by arrival. So everything scheduled before a
-        // request is at least as urgent as it, and everything after it less urgent or newer.
+        // Running requests first, by class raised with age (as waiting ones are admitted), then by arrival: a
+        // running request of a low class is not starved of tokens by a stream of urgent prefills.
         let mut order = self.running.clone();
-        order.sort_by_key(|id| self.preempt_key(id));
+        order.sort_by_key(|id| {
+            let r = &self.requests[id];
+            (self.effective_rank(r, now), r.seq)
+        });
         for id in order {
             if budget == 0 {
                 break;
@@ -329,18 +332,22 @@ impl Scheduler {
                     budget -= num_new;
                     break;
                 }
-                // Out of blocks: preempt the least urgent class's newest request not yet scheduled this step,
-                // if it is less urgent than this one; never this request itself.
+                // Out of blocks: preempt the least urgent class's newest running request, if it is less urgent
+                // than this one (never this request itself); one already scheduled this step gives its tokens
+                // back.
                 let key = self.preempt_key(&id);
                 let victim = self
                     .running
                     .iter()
                     .copied()
-                    .filter(|v| *v != id && !scheduled.iter().any(|(s, _)| s == v))
+                    .filter(|v| *v != id)
                     .max_by_key(|v| self.preempt_key(v))
                     .filter(|v| self.preempt_key(v) > key);
                 match victim {
                     Some(v) => {
+                        if let Some(at) = scheduled.iter().position(|(s, _)| *s == v) {
+                            budget += scheduled.remove(at).1;
+                        }
                         self.preempt(v);
                         out.preempted.push(v);
                     }

@@ -302,11 +302,13 @@ fn preemption_never_takes_blocks_from_a_more_urgent_request() {
             c.max_num_seqs = 6;
             c.max_num_batched_tokens = 16 + rng.below(48) as usize;
             c.max_model_len = 40;
-            c.aging_interval = Duration::ZERO;
+            // Half the mixes age waiting and running requests (one class per 5 steps of a fake clock).
+            c.aging_interval = if seed % 2 == 0 { Duration::ZERO } else { Duration::from_millis(5) };
         }));
-        let now = Instant::now();
+        let start = Instant::now();
         let (mut next_id, mut steps) = (1u64, 0);
         while next_id <= 40 || s.has_work() {
+            let now = start + Duration::from_millis(steps);
             for _ in 0..rng.below(3) {
                 if next_id <= 40 {
                     let pr = classes[rng.below(4) as usize];

@@ -5,6 +5,7 @@ use crate::chat_tokens::{SpecialTokenText, TokenBytes};
 use crate::decoder::{LoadOptions, Model};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::hf::HfDir;
 use crate::tokenizer::{load_tokenizer, SpecialTokens};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -40,8 +41,12 @@ impl std::fmt::Debug for ModelBundle {
 }
 
 impl ModelBundle {
+    /// Loads a GGUF file, or a Hugging Face directory (told apart by what `path` is).
     pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            return Self::load_hf_dir(path, opts);
+        }
         let mut g = GgufFile::open(&path)?;
         let tokenizer = load_tokenizer(&path, &g)?;
         let special_tokens = SpecialTokens::from_gguf(&g)?;
@@ -52,9 +57,50 @@ impl ModelBundle {
             None => None,
         };
         let model = Model::from_gguf(&mut g, opts, &candle_core::Device::Cpu)?;
+        Self::assemble(path, model, tokenizer, chat_template, special_tokens)
+    }
+
+    /// A Hugging Face directory: `config.json`, safetensors, `tokenizer.json`, the chat template from
+    /// `tokenizer_config.json` or `chat_template.jinja`.
+    fn load_hf_dir(path: PathBuf, opts: &LoadOptions) -> Result<Self> {
+        if !HfDir::is_model_dir(&path) {
+            return Err(Error::Io {
+                path: path.join("config.json"),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory (no config.json)"),
+            });
+        }
+        let mut dir = HfDir::open(&path)?;
+        let json = path.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
+        let special_tokens = dir.special_tokens(&tokenizer)?;
+        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let (bos, eos) = (token_text(special_tokens.bos), token_text(special_tokens.eos));
+        let chat_template = match dir_chat_template(&path)? {
+            Some(src) => Some(ChatTemplate::new(&src, bos, eos)?),
+            None => None,
+        };
+        let cfg = dir.model_config()?;
+        let model = Model::from_source(&mut dir, cfg, opts, &candle_core::Device::Cpu)?;
+        Self::assemble(path, model, tokenizer, chat_template, special_tokens)
+    }
+
+    fn assemble(
+        path: PathBuf,
+        model: Model,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        special_tokens: SpecialTokens,
+    ) -> Result<Self> {
         let token_bytes = TokenBytes::new(&tokenizer, model.config().vocab_size);
-        let max_token_bytes =
-            (0..model.config().vocab_size as u32).map(|id| token_bytes.get(id).len()).max().unwrap_or(1).max(1);
+        // Special tokens' texts count too: a raw prompt parses them as one token each.
+        let special_len = tokenizer.get_added_tokens_decoder().values().map(|t| t.content.len()).max().unwrap_or(0);
+        let max_token_bytes = (0..model.config().vocab_size as u32)
+            .map(|id| token_bytes.get(id).len())
+            .max()
+            .unwrap_or(1)
+            .max(special_len)
+            .max(1);
         let special_text = SpecialTokenText::new(&tokenizer)?;
         Ok(Self { path, model, tokenizer, chat_template, special_tokens, token_bytes, max_token_bytes, special_text })
     }
@@ -92,16 +138,29 @@ fn chat_template_source(path: &Path, g: &GgufFile) -> Result<Option<String>> {
     if let Some(t) = g.get_str_opt("tokenizer.chat_template")? {
         return Ok(Some(t.to_string()));
     }
-    let Some(dir) = path.parent() else {
-        return Ok(None);
-    };
+    match path.parent() {
+        Some(dir) => dir_chat_template(dir),
+        None => Ok(None),
+    }
+}
+
+/// `chat_template` from `dir/tokenizer_config.json` (a string, or the entry named `default` of a list),
+/// else `dir/chat_template.jinja`.
+fn dir_chat_template(dir: &Path) -> Result<Option<String>> {
     let cfg = dir.join("tokenizer_config.json");
     if cfg.is_file() {
         let text = std::fs::read_to_string(&cfg).map_err(|source| Error::Io { path: cfg.clone(), source })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::Template(format!("{}: {e}", cfg.display())))?;
-        if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
-            return Ok(Some(t.to_string()));
+        match v.get("chat_template") {
+            Some(serde_json::Value::String(t)) => return Ok(Some(t.clone())),
+            Some(serde_json::Value::Array(named)) => {
+                let default = named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str());
+                if let Some(t) = default {
+                    return Ok(Some(t.to_string()));
+                }
+            }
+            _ => {}
         }
     }
     let jinja = dir.join("chat_template.jinja");

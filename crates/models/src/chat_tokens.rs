@@ -12,6 +12,10 @@
 //!   encode   specials as their ids; the text between them with special tokens read as plain text
 //! ```
 //!
+//! Templates see a placeholder character where a message had a special-token text, so one that inspects
+//! content (its length, `startswith`) may render it differently; and a message's tail that forms a special
+//! token together with the template's next text is not prevented (templates emit whole special tokens).
+//!
 //! The tokenizer splits its input at added tokens before anything else, so splitting at the special ones here
 //! and encoding the pieces gives the same ids as encoding the whole text, except that a special token's text
 //! coming from a message is encoded as text. (Special tokens with `lstrip`/`rstrip`, which eat neighbouring
@@ -186,7 +190,10 @@ impl TokenBytes {
         offsets.push(0);
         for id in 0..vocab_size as u32 {
             if let Some(t) = added.get(&id) {
-                bytes.extend_from_slice(t.content.as_bytes());
+                // Special tokens add no text to the output (the detokenizer skips them).
+                if !t.special {
+                    bytes.extend_from_slice(t.content.as_bytes());
+                }
             } else if let Some(piece) = tokenizer.id_to_token(id) {
                 if byte_level {
                     for c in piece.chars() {
@@ -206,7 +213,7 @@ impl TokenBytes {
         Self { offsets, bytes }
     }
 
-    /// The bytes of token `id` (empty outside the vocabulary).
+    /// The bytes of token `id` (empty for special tokens and outside the vocabulary).
     pub fn get(&self, id: u32) -> &[u8] {
         let i = id as usize;
         match (self.offsets.get(i), self.offsets.get(i + 1)) {

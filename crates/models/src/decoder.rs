@@ -26,6 +26,7 @@ use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, KvLayers, LayerKv, PagedKvCache};
+use crate::source::TensorSource;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use mlx_serving_kernels::quant::{qmatmul_acts, qmatmul_add, Q8Acts};
@@ -300,10 +301,20 @@ impl Model {
     }
 
     pub fn from_gguf(g: &mut GgufFile, opts: &LoadOptions, device: &Device) -> Result<Self> {
-        let mut cfg = ModelConfig::from_gguf(g)?;
+        let cfg = ModelConfig::from_gguf(g)?;
+        Self::from_source(g, cfg, opts, device)
+    }
+
+    /// Loads the model described by `cfg` from `g`'s tensors (named as in GGUF).
+    pub fn from_source<S: TensorSource>(
+        g: &mut S,
+        mut cfg: ModelConfig,
+        opts: &LoadOptions,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.kv_dtype = opts.kv_cache_dtype;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
-        let matmul = |g: &mut GgufFile, name: &str, shape: &[usize]| -> Result<Weight> {
+        let matmul = |g: &mut S, name: &str, shape: &[usize]| -> Result<Weight> {
             let qt = g.tensor(name, shape, device)?;
             to_matmul(g, name, qt, opts)
         };
@@ -320,7 +331,7 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("blk.{i}");
-            let bias = |g: &mut GgufFile, name: &str, n: usize| -> Result<Option<Vec<f32>>> {
+            let bias = |g: &mut S, name: &str, n: usize| -> Result<Option<Vec<f32>>> {
                 if !cfg.attention_bias {
                     return Ok(None);
                 }
@@ -491,7 +502,7 @@ fn attend<T: KvElem>(
     paged_attention(out, q, &kv.k, &kv.v, s.layout, s.num_heads, seqs, scale);
 }
 
-fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
+fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
     let bad = |e: String| g.bad_tensor(name, e);
     if opts.dequantize {
         let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
@@ -518,7 +529,7 @@ fn to_matmul(g: &GgufFile, name: &str, qt: QTensor, opts: &LoadOptions) -> Resul
     }
 }
 
-fn vector(g: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
+fn vector<S: TensorSource>(g: &mut S, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
     let qt = g.tensor(name, &[n], device)?;
     qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
 }

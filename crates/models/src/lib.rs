@@ -17,7 +17,10 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod gguf;
+pub mod hf;
 pub mod kv;
+pub mod resolve;
+pub mod source;
 pub mod tokenizer;
 
 pub use bundle::{ChatContent, ModelBundle};
@@ -29,4 +32,5 @@ pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv::{BatchInput, PagedKvCache, SeqInput};
 pub use mlx_serving_kernels::Activations;
+pub use resolve::resolve_model;
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf, SpecialTokens};

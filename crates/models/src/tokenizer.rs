@@ -23,6 +23,10 @@ const QWEN2_PATTERN: &str =
 /// The Llama 3 split (digits in runs of up to three).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Control tokens models use to end a turn; all of them end generation, as in llama.cpp.
+pub(crate) const EOG_TEXTS: [&str; 6] =
+    ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>"];
+
 /// Special token ids a generation loop needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpecialTokens {
@@ -45,8 +49,6 @@ impl SpecialTokens {
             eog.push(id as u32);
         }
         let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
-        const EOG_TEXTS: [&str; 6] =
-            ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>"];
         for (id, t) in tokens.iter().enumerate() {
             if EOG_TEXTS.contains(t) && !eog.contains(&(id as u32)) {
                 eog.push(id as u32);

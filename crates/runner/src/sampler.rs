@@ -244,6 +244,16 @@ mod tests {
         }
     }
 
+    /// The scaling itself cannot overflow, whatever reaches it: `(l - max) / t` keeps exponents at or below 0.
+    #[test]
+    fn scaling_at_a_tiny_temperature_picks_the_top_token() {
+        let logits: Vec<f32> = (0..101).map(|i| 12.0 + ((i * 37) % 101) as f32 * 0.07).collect();
+        let mut s = Sampler::new(&params(|p| p.temperature = 1e-30));
+        for _ in 0..20 {
+            assert_eq!(s.sample_from(&logits), argmax(&logits));
+        }
+    }
+
     #[test]
     fn min_tokens_holds_back_eos_and_stop_ids_then_releases_them() {
         let p = SamplingParams { min_tokens: 2, stop_token_ids: vec![3], ..SamplingParams::greedy(8) };

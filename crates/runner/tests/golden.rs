@@ -11,7 +11,7 @@ use mlx_serving_models::{
     ActivationPrecision, BatchInput, ChatContent, LoadOptions, ModelBundle, PagedKvCache, SeqInput,
 };
 use mlx_serving_runner::{generate, logprob, GenerateOptions};
-use mlx_serving_test_support::{qwen2_path, reference, smollm2_path};
+use mlx_serving_test_support::{hf_dir, qwen2_path, reference, smollm2_path};
 use serde_json::Value;
 use std::path::Path;
 
@@ -85,6 +85,35 @@ fn smollm2_greedy_matches_transformers_portable_kernels() {
 #[test]
 fn qwen2_greedy_matches_transformers() {
     run_golden(&qwen2_path(), "greedy-Qwen2.5-Coder-0.5B-Instruct-transformers-f32.json", &LoadOptions::default());
+}
+
+/// Hugging Face directories (#17) written from the GGUFs by the `gguf` package's dequantizer (not our code):
+/// f32 and bf16 safetensors, the models' real `config.json`, `tokenizer.json` and `tokenizer_config.json`.
+#[test]
+fn smollm2_hf_dir_f32_greedy_matches_transformers() {
+    run_golden(
+        &hf_dir("SmolLM2-135M-Instruct-f32"),
+        "greedy-SmolLM2-135M-Instruct-transformers-f32.json",
+        &LoadOptions::default(),
+    );
+}
+
+#[test]
+fn smollm2_hf_dir_bf16_greedy_matches_transformers() {
+    run_golden(
+        &hf_dir("SmolLM2-135M-Instruct-bf16"),
+        "greedy-SmolLM2-135M-Instruct-transformers-f32.json",
+        &LoadOptions::default(),
+    );
+}
+
+#[test]
+fn qwen2_hf_dir_bf16_greedy_matches_transformers() {
+    run_golden(
+        &hf_dir("Qwen2.5-Coder-0.5B-Instruct-bf16"),
+        "greedy-Qwen2.5-Coder-0.5B-Instruct-transformers-f32.json",
+        &LoadOptions::default(),
+    );
 }
 
 /// Logits of the prompt's last position, one forward over the whole prompt.

@@ -121,7 +121,17 @@ fn precheck(
     let cfg = s.engine.config();
     let vocab = s.bundle.model.config().vocab_size;
     let longest = bounds.iter().copied().max().unwrap_or(0);
-    let (_, _, n) = sampling_params(fields.clone(), default_max_tokens(longest), longest, cfg.max_model_len, vocab)?;
+    let (_, _, n) = sampling_params(fields.clone(), default_max_tokens(longest), longest, cfg.max_model_len, vocab)
+        .map_err(|mut e| {
+            if e.code.as_deref() == Some("context_length_exceeded") {
+                e.message = format!(
+                    "This model's maximum context length is {} tokens, and the prompt alone has at least {longest} \
+                     tokens (from its length in bytes) plus the tokens requested for the completion.",
+                    cfg.max_model_len
+                );
+            }
+            e
+        })?;
     check_choices(bounds.len(), n)?;
     if s.engine.queue_full() {
         return Err(ApiError::overloaded("server overloaded: the waiting queue is full"));

@@ -93,7 +93,7 @@ pub struct AppState {
     /// Makes generated request ids differ between server runs.
     id_salt: u64,
     /// Permits of the CPU pool (see [`ServerOptions::cpu_workers`]).
-    cpu_pool: tokio::sync::Semaphore,
+    cpu_pool: Arc<tokio::sync::Semaphore>,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -123,7 +123,7 @@ impl AppState {
             metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
             id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            cpu_pool: tokio::sync::Semaphore::new(options.cpu_workers.max(1)),
+            cpu_pool: Arc::new(tokio::sync::Semaphore::new(options.cpu_workers.max(1))),
             options,
         }
     }
@@ -139,14 +139,20 @@ impl AppState {
     }
 
     /// Runs CPU-heavy request work (tokenizing, template rendering, large response bodies) on a blocking
-    /// thread, at most `cpu_workers` at once; the caller waits without holding an async thread.
+    /// thread, at most `cpu_workers` at once; the caller waits without holding an async thread. The permit
+    /// travels with the work: a client that disconnects drops its handler, not the running work's slot.
     pub(crate) async fn on_cpu_pool<T: Send + 'static>(
         &self,
         request_id: &str,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let _permit = self.cpu_pool.acquire().await.expect("the CPU pool's semaphore is never closed");
-        tokio::task::spawn_blocking(f).await.map_err(|e| {
+        let permit = self.cpu_pool.clone().acquire_owned().await.expect("the CPU pool's semaphore is never closed");
+        let work = move || {
+            let out = f();
+            drop(permit);
+            out
+        };
+        tokio::task::spawn_blocking(work).await.map_err(|e| {
             tracing::error!(error = %e, "CPU pool task failed");
             ApiError::internal(request_id)
         })

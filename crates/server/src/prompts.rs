@@ -92,23 +92,32 @@ pub(crate) fn completion_prompt_bounds(s: &AppState, prompt: &Value) -> Result<V
     }
 }
 
-/// A lower bound on a chat prompt's length in tokens: its message texts alone.
+/// A lower bound on a chat prompt's length in tokens: its system and user texts alone, trimmed (templates
+/// may trim them, or drop parts of assistant turns such as earlier reasoning, but keep the rest).
 pub(crate) fn chat_prompt_bound(s: &AppState, messages: &[Value]) -> usize {
-    messages.iter().map(|m| min_tokens(s, m["content"].as_str().map_or(0, str::len))).sum()
+    messages
+        .iter()
+        .filter(|m| m["role"] != "assistant")
+        .map(|m| min_tokens(s, m["content"].as_str().map_or(0, |c| c.trim().len())))
+        .sum()
 }
 
 pub async fn tokenize(
     State(s): State<Arc<AppState>>,
+    Extension(ctx): Extension<RequestCtx>,
     ApiJson(req): ApiJson<mlx_serving_protocol::TokenizeRequest>,
 ) -> Result<Response, ApiError> {
     if let Some(m) = &req.model {
         s.check_model(m)?;
     }
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => s
-            .bundle
-            .encode(p, req.add_special_tokens.unwrap_or(true))
-            .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?,
+    let st = s.clone();
+    let tokens = match (req.prompt, req.messages) {
+        (Some(p), None) => {
+            let add_special = req.add_special_tokens.unwrap_or(true);
+            s.on_cpu_pool(&ctx.id, move || st.bundle.encode(&p, add_special))
+                .await?
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?
+        }
         (None, Some(msgs)) => {
             if req.add_generation_prompt == Some(false) {
                 return Err(ApiError::bad_request(
@@ -116,10 +125,8 @@ pub async fn tokenize(
                     Some("add_generation_prompt"),
                 ));
             }
-            let messages = normalize_messages(msgs)?;
-            s.bundle
-                .encode_chat(&messages, mlx_serving_models::ChatContent::Text)
-                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
+            let messages = normalize_messages(&msgs)?;
+            s.on_cpu_pool(&ctx.id, move || st.encode_chat(&messages)).await??
         }
         _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
     };

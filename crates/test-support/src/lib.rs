@@ -16,7 +16,7 @@ fn model(file: &str, fetch_arg: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("models"));
     let p = dir.join(file);
-    assert!(p.is_file(), "{} is missing: run scripts/fetch-model.sh {fetch_arg}", p.display());
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh {fetch_arg}", p.display());
     p
 }
 
@@ -28,6 +28,15 @@ pub fn smollm2_path() -> PathBuf {
 /// Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M.
 pub fn qwen2_path() -> PathBuf {
     model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-0.5b")
+}
+
+/// A Hugging Face directory written from one of the GGUFs by `scripts/make-hf-dir.py` (the `gguf` package's
+/// dequantizer, not our code): `SmolLM2-135M-Instruct-f32`, `SmolLM2-135M-Instruct-bf16`,
+/// `Qwen2.5-Coder-0.5B-Instruct-bf16`.
+pub fn hf_dir(name: &str) -> PathBuf {
+    let p = model("hf", "hf").join(name);
+    assert!(p.join("model.safetensors").is_file(), "{} is missing: run scripts/fetch-model.sh hf", p.display());
+    p
 }
 
 pub fn testdata() -> PathBuf {

@@ -1,0 +1,332 @@
+//! Hugging Face model directories: `config.json`, `*.safetensors` (one file, or shards listed by
+//! `model.safetensors.index.json`; f32, f16 or bf16), `tokenizer.json`, `tokenizer_config.json` and
+//! `generation_config.json`.
+//!
+//! Tensors are read by their GGUF names (the decoder's), mapped onto the checkpoint's:
+//!
+//! ```text
+//!   token_embd.weight        model.embed_tokens.weight      output.weight   lm_head.weight
+//!   output_norm.weight       model.norm.weight
+//!   blk.N.attn_norm.weight   model.layers.N.input_layernorm.weight
+//!   blk.N.attn_{q,k,v}.*     model.layers.N.self_attn.{q,k,v}_proj.*       attn_output → o_proj
+//!   blk.N.ffn_norm.weight    model.layers.N.post_attention_layernorm.weight
+//!   blk.N.ffn_{gate,up,down} model.layers.N.mlp.{gate,up,down}_proj.weight
+//! ```
+//!
+//! Hugging Face keeps llama's Q/K rows in their original order (rotate-half RoPE), where llama.cpp's converter
+//! permutes them for interleaved RoPE; so a directory's llama runs with the NeoX rotation. MLX-quantized
+//! directories (`quantization` in `config.json`) are refused with a clear error for now.
+
+use crate::config::{Architecture, ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+use crate::source::TensorSource;
+use crate::tokenizer::SpecialTokens;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::Device;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Where one tensor lives: its shard, element type, shape and byte range in the shard.
+#[derive(Clone, Debug)]
+struct TensorInfo {
+    shard: usize,
+    dtype: GgmlDType,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+/// An opened Hugging Face model directory.
+pub struct HfDir {
+    dir: PathBuf,
+    config: Value,
+    shards: Vec<(PathBuf, File)>,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl std::fmt::Debug for HfDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfDir").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    serde_json::from_str(&text).map_err(|e| Error::BadMetadata {
+        path: path.into(),
+        key: "-".into(),
+        reason: e.to_string(),
+    })
+}
+
+impl HfDir {
+    /// True when `dir` looks like a Hugging Face model directory (it has a `config.json`).
+    pub fn is_model_dir(dir: &Path) -> bool {
+        dir.join("config.json").is_file()
+    }
+
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config = read_json(&dir.join("config.json"))?;
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<String> = if index.is_file() {
+            let v = read_json(&index)?;
+            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::BadMetadata {
+                path: index.clone(),
+                key: "weight_map".into(),
+                reason: "missing or not an object".into(),
+            })?;
+            let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(String::from).collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            vec!["model.safetensors".into()]
+        };
+        let mut me = Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new() };
+        for f in files {
+            let path = dir.join(&f);
+            let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let shard = me.shards.len();
+            for (name, info) in read_safetensors_header(&path, &file, shard)? {
+                me.tensors.insert(name, info);
+            }
+            me.shards.push((path, file));
+        }
+        Ok(me)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    fn cfg_err(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::BadMetadata { path: self.config_path(), key: key.into(), reason: reason.into() }
+    }
+
+    fn usize_key(&self, key: &str) -> Result<usize> {
+        self.config
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::MissingMetadata { path: self.config_path(), key: key.into() })
+    }
+
+    fn opt_f64(&self, key: &str) -> Option<f64> {
+        self.config.get(key).and_then(Value::as_f64)
+    }
+
+    /// The model's hyper-parameters from `config.json`.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        if self.config.get("quantization").is_some() || self.config.get("quantization_config").is_some() {
+            return Err(self.cfg_err("quantization", "quantized directories (MLX, GPTQ, ...) are not supported yet"));
+        }
+        let arch_name = self
+            .config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::MissingMetadata { path: self.config_path(), key: "model_type".into() })?;
+        let architecture = match arch_name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => return Err(Error::UnsupportedArchitecture { path: self.config_path(), arch: other.to_string() }),
+        };
+        let hidden_size = self.usize_key("hidden_size")?;
+        let num_heads = self.usize_key("num_attention_heads")?;
+        if num_heads == 0 || hidden_size % num_heads != 0 {
+            return Err(self.cfg_err("num_attention_heads", format!("{num_heads} does not divide {hidden_size}")));
+        }
+        let num_kv_heads = self.usize_key("num_key_value_heads").unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(self.cfg_err("num_key_value_heads", format!("{num_kv_heads} does not divide {num_heads}")));
+        }
+        let head_dim = self.usize_key("head_dim").unwrap_or(hidden_size / num_heads);
+        let tie = self.config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+        let attention_bias = match architecture {
+            Architecture::Qwen2 => true,
+            _ => self.config.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+        };
+        Ok(ModelConfig {
+            architecture,
+            num_layers: self.usize_key("num_hidden_layers")?,
+            hidden_size,
+            intermediate_size: self.usize_key("intermediate_size")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: self.usize_key("vocab_size")?,
+            max_position_embeddings: self.usize_key("max_position_embeddings")?,
+            rope_theta: self.opt_f64("rope_theta").unwrap_or(10_000.0) as f32,
+            rope_dim: head_dim,
+            rope_style: RopeStyle::Neox,
+            rms_norm_eps: self.opt_f64("rms_norm_eps").unwrap_or(1e-6) as f32,
+            attention_bias,
+            // A checkpoint without `lm_head.weight` ties it whatever the config says.
+            tie_word_embeddings: tie || !self.tensors.contains_key("lm_head.weight"),
+            kv_dtype: Default::default(),
+        })
+    }
+
+    /// BOS/EOS and end-of-generation ids from `config.json`, `generation_config.json` and the tokenizer's
+    /// end-of-turn tokens (as for GGUF); `add_bos` from `tokenizer_config.json`.
+    pub fn special_tokens(&self, tokenizer: &tokenizers::Tokenizer) -> Result<SpecialTokens> {
+        let generation = self.dir.join("generation_config.json");
+        let generation = if generation.is_file() { read_json(&generation)? } else { Value::Null };
+        let ids = |key: &str| -> Vec<u32> {
+            let v = generation.get(key).filter(|v| !v.is_null()).or_else(|| self.config.get(key));
+            match v {
+                Some(Value::Number(n)) => n.as_u64().map(|i| i as u32).into_iter().collect(),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|i| i as u32).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let tokenizer_config = self.dir.join("tokenizer_config.json");
+        let tokenizer_config = if tokenizer_config.is_file() { read_json(&tokenizer_config)? } else { Value::Null };
+        let eos_ids = ids("eos_token_id");
+        let mut eog = eos_ids.clone();
+        for t in crate::tokenizer::EOG_TEXTS {
+            if let Some(id) = tokenizer.token_to_id(t) {
+                if !eog.contains(&id) {
+                    eog.push(id);
+                }
+            }
+        }
+        Ok(SpecialTokens {
+            bos: ids("bos_token_id").first().copied(),
+            eos: eos_ids.first().copied(),
+            eog,
+            add_bos: tokenizer_config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+}
+
+impl TensorSource for HfDir {
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let hf = hf_name(name);
+        let Some(info) = self.tensors.get(&hf).cloned() else {
+            return Err(Error::MissingTensor { path: self.dir.clone(), name: hf });
+        };
+        let (path, file) = &mut self.shards[info.shard];
+        let bad = |reason: String| Error::BadTensor { path: path.clone(), name: hf.clone(), reason };
+        if info.shape != shape {
+            return Err(bad(format!("shape {:?}, expected {shape:?}", info.shape)));
+        }
+        let mut data = vec![0u8; (info.end - info.start) as usize];
+        file.seek(SeekFrom::Start(info.start)).map_err(|e| bad(e.to_string()))?;
+        file.read_exact(&mut data).map_err(|e| bad(format!("truncated: {e}")))?;
+        qtensor_from_ggml(info.dtype, &data, info.shape.clone(), device).map_err(|e| bad(e.to_string()))
+    }
+
+    fn bad_tensor(&self, name: &str, reason: String) -> Error {
+        Error::BadTensor { path: self.dir.clone(), name: hf_name(name), reason }
+    }
+}
+
+/// The checkpoint name of the tensor the decoder calls `name` (GGUF's naming).
+fn hf_name(name: &str) -> String {
+    match name {
+        "token_embd.weight" => return "model.embed_tokens.weight".into(),
+        "output.weight" => return "lm_head.weight".into(),
+        "output_norm.weight" => return "model.norm.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return name.to_string();
+    };
+    let Some((layer, rest)) = rest.split_once('.') else {
+        return name.to_string();
+    };
+    let (module, suffix) = rest.split_once('.').unwrap_or((rest, ""));
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        other => other,
+    };
+    format!("model.layers.{layer}.{hf}.{suffix}")
+}
+
+/// Parses a safetensors header: an 8-byte little-endian length, then that many bytes of JSON mapping each
+/// tensor name to `{dtype, shape, data_offsets}` (offsets relative to the end of the header).
+fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, TensorInfo)>> {
+    let bad = |reason: String| Error::BadTensor { path: path.into(), name: "(header)".into(), reason };
+    let file_len = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?.len();
+    let mut f = file;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 100 << 20 || 8 + header_len > file_len {
+        return Err(bad(format!("header length {header_len} does not fit the file ({file_len} bytes)")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let v: Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let map = v.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::with_capacity(map.len());
+    for (name, t) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let tbad = |reason: String| Error::BadTensor { path: path.into(), name: name.clone(), reason };
+        let dtype = match t.get("dtype").and_then(Value::as_str) {
+            Some("F32") => GgmlDType::F32,
+            Some("F16") => GgmlDType::F16,
+            Some("BF16") => GgmlDType::BF16,
+            other => return Err(tbad(format!("dtype {other:?} is not supported (F32, F16, BF16)"))),
+        };
+        let shape: Vec<usize> = t
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| tbad("bad shape".into()))?;
+        let offsets: Vec<u64> = t
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| tbad("bad data_offsets".into()))?;
+        let [begin, end] = offsets[..] else {
+            return Err(tbad("data_offsets must hold two numbers".into()));
+        };
+        let elem = if dtype == GgmlDType::F32 { 4 } else { 2 };
+        let want = shape.iter().try_fold(elem as u64, |acc, &d| acc.checked_mul(d as u64));
+        if end < begin || Some(end - begin) != want {
+            return Err(tbad(format!("data_offsets {begin}..{end} do not hold shape {shape:?}")));
+        }
+        if data_start + end > file_len {
+            return Err(tbad(format!(
+                "data ends at byte {} but the file has {file_len} (truncated)",
+                data_start + end
+            )));
+        }
+        out.push((name.clone(), TensorInfo { shard, dtype, shape, start: data_start + begin, end: data_start + end }));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hf_name;
+
+    #[test]
+    fn gguf_names_map_onto_checkpoint_names() {
+        assert_eq!(hf_name("blk.3.attn_q.weight"), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.3.attn_q.bias"), "model.layers.3.self_attn.q_proj.bias");
+        assert_eq!(hf_name("blk.12.ffn_down.weight"), "model.layers.12.mlp.down_proj.weight");
+        assert_eq!(hf_name("blk.0.ffn_norm.weight"), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
+}
