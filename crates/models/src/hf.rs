@@ -14,8 +14,15 @@
 //! ```
 //!
 //! Hugging Face keeps llama's Q/K rows in their original order (rotate-half RoPE), where llama.cpp's converter
-//! permutes them for interleaved RoPE; so a directory's llama runs with the NeoX rotation. MLX-quantized
-//! directories (`quantization` in `config.json`) are refused with a clear error for now.
+//! permutes them for interleaved RoPE; so a directory's llama runs with the NeoX rotation.
+//!
+//! MLX-quantized directories (mlx-lm's, the "mlx-community" models) store each quantized linear layer (and
+//! possibly the embeddings) as `weight` (uint32, `bits`-bit values packed low bits first), `scales` and
+//! `biases` (one per group of `group_size` inputs; w = scale · q + bias). Bits and group size are read off
+//! the shapes, so per-layer overrides need no special case. 4-bit groups of 32, 64 or 128 become Q4_1 blocks
+//! (32 values, an f16 scale and an f16 minimum: the same affine form), which our kernels run; the scales and
+//! biases are exact in f16 wherever they lie in its normal range. Other widths are dequantized to f32 for
+//! now.
 
 use crate::config::{Architecture, ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
@@ -29,11 +36,30 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// A safetensors element type we read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DType {
+    F32,
+    F16,
+    BF16,
+    /// MLX's packed quantized weights.
+    U32,
+}
+
+impl DType {
+    fn size(self) -> u64 {
+        match self {
+            Self::F32 | Self::U32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+}
+
 /// Where one tensor lives: its shard, element type, shape and byte range in the shard.
 #[derive(Clone, Debug)]
 struct TensorInfo {
     shard: usize,
-    dtype: GgmlDType,
+    dtype: DType,
     shape: Vec<usize>,
     start: u64,
     end: u64,
@@ -125,8 +151,15 @@ impl HfDir {
 
     /// The model's hyper-parameters from `config.json`.
     pub fn model_config(&self) -> Result<ModelConfig> {
-        if self.config.get("quantization").is_some() || self.config.get("quantization_config").is_some() {
-            return Err(self.cfg_err("quantization", "quantized directories (MLX, GPTQ, ...) are not supported yet"));
+        if let Some(method) = self.config.get("quantization_config").and_then(|q| q.get("quant_method")) {
+            return Err(self.cfg_err("quantization_config", format!("quantization method {method} is not supported")));
+        }
+        if let Some(q) = self.config.get("quantization") {
+            let bits = q.get("bits").and_then(Value::as_u64);
+            let mode = q.get("mode").and_then(Value::as_str).unwrap_or("affine");
+            if !matches!(bits, Some(2 | 4 | 8)) || mode != "affine" {
+                return Err(self.cfg_err("quantization", format!("{q} is not supported (affine, 2, 4 or 8 bits)")));
+            }
         }
         let arch_name = self
             .config
@@ -207,21 +240,127 @@ impl HfDir {
     }
 }
 
+impl HfDir {
+    fn info(&self, name: &str) -> Result<TensorInfo> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), name: name.into() })
+    }
+
+    fn bad(&self, info: &TensorInfo, name: &str, reason: String) -> Error {
+        Error::BadTensor { path: self.shards[info.shard].0.clone(), name: name.into(), reason }
+    }
+
+    fn read(&mut self, name: &str, info: &TensorInfo) -> Result<Vec<u8>> {
+        let mut data = vec![0u8; (info.end - info.start) as usize];
+        let file = &mut self.shards[info.shard].1;
+        let read = file.seek(SeekFrom::Start(info.start)).and_then(|_| file.read_exact(&mut data));
+        read.map_err(|e| self.bad(info, name, format!("truncated: {e}")))?;
+        Ok(data)
+    }
+
+    /// A float tensor as f32 values (scales and biases).
+    fn read_f32(&mut self, name: &str) -> Result<(TensorInfo, Vec<f32>)> {
+        let info = self.info(name)?;
+        let data = self.read(name, &info)?;
+        let values = match info.dtype {
+            DType::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::U32 => return Err(self.bad(&info, name, "expected floats, found U32".into())),
+        };
+        Ok((info, values))
+    }
+
+    /// An MLX-quantized `[rows, cols]` weight (`base.weight`, `base.scales`, `base.biases`).
+    fn quantized(&mut self, base: &str, rows: usize, cols: usize, device: &Device) -> Result<QTensor> {
+        let wname = format!("{base}.weight");
+        let winfo = self.info(&wname)?;
+        let packed = self.read(&wname, &winfo)?;
+        let (sinfo, scales) = self.read_f32(&format!("{base}.scales"))?;
+        let (_, biases) = self.read_f32(&format!("{base}.biases"))?;
+        let bad = |me: &Self, reason: String| me.bad(&winfo, &wname, reason);
+        let (&[wr, wc], &[sr, sc]) = (&winfo.shape[..], &sinfo.shape[..]) else {
+            return Err(bad(self, format!("weight {:?} / scales {:?} are not matrices", winfo.shape, sinfo.shape)));
+        };
+        let bits = wc * 32 / cols.max(1);
+        if wr != rows || sr != rows || wc * 32 != bits * cols || !matches!(bits, 2 | 4 | 8) {
+            return Err(bad(
+                self,
+                format!("packed shape {:?} does not hold [{rows}, {cols}] at 2, 4 or 8 bits", winfo.shape),
+            ));
+        }
+        if sc == 0 || cols % sc != 0 || biases.len() != scales.len() {
+            return Err(bad(self, format!("scales {:?} do not divide {cols} inputs into groups", sinfo.shape)));
+        }
+        let words: Vec<u32> = packed.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let (dtype, data) = affine_to_ggml(&words, &scales, &biases, [rows, cols], bits, cols / sc, true);
+        qtensor_from_ggml(dtype, &data, vec![rows, cols], device).map_err(|e| bad(self, e.to_string()))
+    }
+}
+
+/// MLX affine-quantized rows (`bits`-bit values packed low bits first in `words`, one scale and bias per
+/// `group` inputs) as GGML data: Q4_1 blocks for 4 bits in groups of a multiple of 32 (when `q4_1`), else
+/// dequantized f32.
+fn affine_to_ggml(
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    [rows, cols]: [usize; 2],
+    bits: usize,
+    group: usize,
+    q4_1: bool,
+) -> (GgmlDType, Vec<u8>) {
+    let (per_word, groups) = (32 / bits, cols / group);
+    let words_per_row = cols / per_word;
+    let mask = (1u32 << bits) - 1;
+    let q = |r: usize, c: usize| ((words[r * words_per_row + c / per_word] >> ((c % per_word) * bits)) & mask) as u8;
+    if q4_1 && bits == 4 && group % 32 == 0 {
+        // Q4_1 blocks: f16 scale d, f16 minimum m, 16 bytes holding q[j] (low nibble) and q[j + 16] (high).
+        let mut out = Vec::with_capacity(rows * cols / 32 * 20);
+        for r in 0..rows {
+            for b in 0..cols / 32 {
+                let g = r * groups + b * 32 / group;
+                out.extend_from_slice(&half::f16::from_f32(scales[g]).to_le_bytes());
+                out.extend_from_slice(&half::f16::from_f32(biases[g]).to_le_bytes());
+                for j in 0..16 {
+                    out.push(q(r, b * 32 + j) | (q(r, b * 32 + j + 16) << 4));
+                }
+            }
+        }
+        return (GgmlDType::Q4_1, out);
+    }
+    let mut out = Vec::with_capacity(rows * cols * 4);
+    for r in 0..rows {
+        for c in 0..cols {
+            let g = r * groups + c / group;
+            out.extend_from_slice(&(scales[g] * q(r, c) as f32 + biases[g]).to_le_bytes());
+        }
+    }
+    (GgmlDType::F32, out)
+}
+
 impl TensorSource for HfDir {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
         let hf = hf_name(name);
-        let Some(info) = self.tensors.get(&hf).cloned() else {
-            return Err(Error::MissingTensor { path: self.dir.clone(), name: hf });
-        };
-        let (path, file) = &mut self.shards[info.shard];
-        let bad = |reason: String| Error::BadTensor { path: path.clone(), name: hf.clone(), reason };
-        if info.shape != shape {
-            return Err(bad(format!("shape {:?}, expected {shape:?}", info.shape)));
+        let info = self.info(&hf)?;
+        if info.dtype == DType::U32 {
+            let (Some(base), &[rows, cols]) = (hf.strip_suffix(".weight"), shape) else {
+                return Err(self.bad(&info, &hf, format!("packed weights for a tensor of shape {shape:?}")));
+            };
+            return self.quantized(base, rows, cols, device);
         }
-        let mut data = vec![0u8; (info.end - info.start) as usize];
-        file.seek(SeekFrom::Start(info.start)).map_err(|e| bad(e.to_string()))?;
-        file.read_exact(&mut data).map_err(|e| bad(format!("truncated: {e}")))?;
-        qtensor_from_ggml(info.dtype, &data, info.shape.clone(), device).map_err(|e| bad(e.to_string()))
+        if info.shape != shape {
+            return Err(self.bad(&info, &hf, format!("shape {:?}, expected {shape:?}", info.shape)));
+        }
+        let data = self.read(&hf, &info)?;
+        let dtype = match info.dtype {
+            DType::F32 => GgmlDType::F32,
+            DType::F16 => GgmlDType::F16,
+            _ => GgmlDType::BF16,
+        };
+        qtensor_from_ggml(dtype, &data, info.shape.clone(), device).map_err(|e| self.bad(&info, &hf, e.to_string()))
     }
 
     fn bad_tensor(&self, name: &str, reason: String) -> Error {
@@ -283,10 +422,11 @@ fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec
         }
         let tbad = |reason: String| Error::BadTensor { path: path.into(), name: name.clone(), reason };
         let dtype = match t.get("dtype").and_then(Value::as_str) {
-            Some("F32") => GgmlDType::F32,
-            Some("F16") => GgmlDType::F16,
-            Some("BF16") => GgmlDType::BF16,
-            other => return Err(tbad(format!("dtype {other:?} is not supported (F32, F16, BF16)"))),
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some("U32") => DType::U32,
+            other => return Err(tbad(format!("dtype {other:?} is not supported (F32, F16, BF16, U32)"))),
         };
         let shape: Vec<usize> = t
             .get("shape")
@@ -301,8 +441,7 @@ fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec
         let [begin, end] = offsets[..] else {
             return Err(tbad("data_offsets must hold two numbers".into()));
         };
-        let elem = if dtype == GgmlDType::F32 { 4 } else { 2 };
-        let want = shape.iter().try_fold(elem as u64, |acc, &d| acc.checked_mul(d as u64));
+        let want = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d as u64));
         if end < begin || Some(end - begin) != want {
             return Err(tbad(format!("data_offsets {begin}..{end} do not hold shape {shape:?}")));
         }
@@ -319,7 +458,38 @@ fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec
 
 #[cfg(test)]
 mod tests {
-    use super::hf_name;
+    use super::*;
+
+    /// 4-bit affine rows as Q4_1 blocks dequantize to the same values as the plain f32 dequantization (up to
+    /// the scales' and biases' rounding to f16, exact here).
+    #[test]
+    fn q4_1_repacking_matches_the_affine_values() {
+        let (rows, cols) = (3, 256);
+        let mut x = 0x1234_5678u32;
+        let words: Vec<u32> = (0..rows * cols / 8)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x
+            })
+            .collect();
+        for group in [32, 64, 128] {
+            let n = rows * cols / group;
+            let scales: Vec<f32> = (0..n).map(|i| 0.25 + i as f32 / 64.0).collect();
+            let biases: Vec<f32> = (0..n).map(|i| -1.0 + i as f32 / 32.0).collect();
+            let dequant = |(dtype, data): (GgmlDType, Vec<u8>)| -> Vec<f32> {
+                let t = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+                t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let q4_1 = dequant(affine_to_ggml(&words, &scales, &biases, [rows, cols], 4, group, true));
+            let f32s = dequant(affine_to_ggml(&words, &scales, &biases, [rows, cols], 4, group, false));
+            assert_eq!(q4_1, f32s, "group {group}");
+            // Spot-check the packing order: element 9 of row 1 is the second word's second nibble.
+            let w = words[cols / 8 + 1];
+            assert_eq!(f32s[cols + 9], scales[cols / group] * ((w >> 4) & 15) as f32 + biases[cols / group]);
+        }
+    }
 
     #[test]
     fn gguf_names_map_onto_checkpoint_names() {

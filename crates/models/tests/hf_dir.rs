@@ -88,9 +88,13 @@ fn broken_directories_are_one_line_errors_naming_what_is_wrong() {
     c["model_type"] = json!("mamba");
     let e = error(dir_with(c, &tensors()).path());
     assert!(e.contains("config.json") && e.contains("mamba"), "{e}");
-    // Quantized (not yet supported).
+    // Quantization we do not read: another method, or MLX widths other than 2, 4 and 8 bits.
     let mut c = config();
-    c["quantization"] = json!({"group_size": 64, "bits": 4});
+    c["quantization_config"] = json!({"quant_method": "gptq", "bits": 4});
+    let e = error(dir_with(c, &tensors()).path());
+    assert!(e.contains("config.json") && e.contains("gptq"), "{e}");
+    let mut c = config();
+    c["quantization"] = json!({"group_size": 64, "bits": 3});
     let e = error(dir_with(c, &tensors()).path());
     assert!(e.contains("config.json") && e.contains("quantization"), "{e}");
     // A missing key.

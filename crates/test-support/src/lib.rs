@@ -39,6 +39,15 @@ pub fn hf_dir(name: &str) -> PathBuf {
     p
 }
 
+/// An MLX-quantized directory written by mlx-lm's own `convert` from the bf16 Hugging Face directory
+/// (`SmolLM2-135M-Instruct-4bit`, `SmolLM2-135M-Instruct-8bit`); mlx-lm's greedy ids on it are
+/// `reference("mlx-lm-greedy-NAME.json")`.
+pub fn mlx_dir(name: &str) -> PathBuf {
+    let p = model("mlx", "mlx").join(name);
+    assert!(p.join("model.safetensors").is_file(), "{} is missing: run scripts/fetch-model.sh mlx", p.display());
+    p
+}
+
 pub fn testdata() -> PathBuf {
     workspace_root().join("testdata")
 }
