@@ -291,7 +291,7 @@ impl HfDir {
                 format!("packed shape {:?} does not hold [{rows}, {cols}] at 2, 4 or 8 bits", winfo.shape),
             ));
         }
-        if sc == 0 || cols % sc != 0 || biases.len() != scales.len() {
+        if sc == 0 || !cols.is_multiple_of(sc) || biases.len() != scales.len() {
             return Err(bad(self, format!("scales {:?} do not divide {cols} inputs into groups", sinfo.shape)));
         }
         let words: Vec<u32> = packed.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
@@ -316,7 +316,7 @@ fn affine_to_ggml(
     let words_per_row = cols / per_word;
     let mask = (1u32 << bits) - 1;
     let q = |r: usize, c: usize| ((words[r * words_per_row + c / per_word] >> ((c % per_word) * bits)) & mask) as u8;
-    if q4_1 && bits == 4 && group % 32 == 0 {
+    if q4_1 && bits == 4 && group.is_multiple_of(32) {
         // Q4_1 blocks: f16 scale d, f16 minimum m, 16 bytes holding q[j] (low nibble) and q[j + 16] (high).
         let mut out = Vec::with_capacity(rows * cols / 32 * 20);
         for r in 0..rows {
