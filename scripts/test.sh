@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: fetches the real models the tests use (and writes Hugging Face
-# directories from them with llama.cpp's `gguf` package), runs cargo test, then
+# directories from them with llama.cpp's `gguf` package, and MLX ones with mlx-lm), runs cargo test, then
 # drives a real `mlx-serving serve` with the official `openai` Python client (installed into .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh smollm2
 scripts/fetch-model.sh qwen2.5-0.5b
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -c "import openai, gguf, numpy" 2>/dev/null || .venv/bin/pip install -q openai gguf numpy
+.venv/bin/python -c "import openai, gguf, numpy, mlx_lm" 2>/dev/null ||
+  .venv/bin/pip install -q openai gguf numpy "mlx[cpu]==0.32.4" "mlx-lm==0.32.2"
 scripts/fetch-model.sh hf
+scripts/fetch-model.sh mlx
 cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving

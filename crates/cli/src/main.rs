@@ -30,6 +30,30 @@ enum Command {
     Generate(GenerateArgs),
     /// Benchmark one or more OpenAI-compatible servers (ours or a peer's) side by side.
     Bench(BenchArgs),
+    /// Write a GGUF model as a Hugging Face directory (`--format hf`).
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The model to convert (a GGUF file).
+    #[arg(long = "from")]
+    from: PathBuf,
+    /// The directory to write.
+    #[arg(long = "to")]
+    to: PathBuf,
+    /// `hf` (safetensors, config, tokenizer, chat template); `mlx` (MLX-quantized) is not built yet.
+    #[arg(long, default_value = "hf")]
+    format: String,
+    /// Weight type for `hf`: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Bits per weight for `mlx` (4 or 8).
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Inputs per scale and bias for `mlx`.
+    #[arg(long, default_value_t = 64)]
+    group_size: usize,
 }
 
 #[derive(Args)]
@@ -283,6 +307,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Convert(args) => run_convert(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),
     };
@@ -307,6 +332,34 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
         mlx_serving_kernels::pool::set_threads(n);
     }
+    Ok(())
+}
+
+fn run_convert(a: ConvertArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    match a.format.as_str() {
+        "hf" => {}
+        "mlx" => bail!(
+            "--format mlx is not built yet (--bits {}, --group-size {}): convert to hf, then use mlx-lm's convert",
+            a.bits,
+            a.group_size
+        ),
+        other => bail!("--format: `{other}` is not hf or mlx"),
+    }
+    let dtype: mlx_serving_models::export::ExportDtype =
+        a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let from = mlx_serving_models::resolve_model(&a.from)?;
+    let tty = std::io::stderr().is_terminal();
+    mlx_serving_models::export::export_hf(&from, &a.to, dtype, |done, total| {
+        if tty {
+            eprint!("\rconverting: {done}/{total} tensors");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })
+    .with_context(|| format!("converting {} to {}", from.display(), a.to.display()))?;
+    eprintln!("wrote {}", a.to.display());
     Ok(())
 }
 

@@ -169,6 +169,13 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// Every tensor's name, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     pub fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
         self.content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec())
     }

@@ -369,7 +369,7 @@ impl TensorSource for HfDir {
 }
 
 /// The checkpoint name of the tensor the decoder calls `name` (GGUF's naming).
-fn hf_name(name: &str) -> String {
+pub(crate) fn hf_name(name: &str) -> String {
     match name {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output.weight" => return "lm_head.weight".into(),

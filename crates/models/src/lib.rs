@@ -16,6 +16,7 @@ pub mod chat_tokens;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod kv;

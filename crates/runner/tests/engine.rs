@@ -162,29 +162,37 @@ fn seeded_sampling_is_independent_of_the_batch() {
     assert!(counts.len() > 3, "sampling should produce varied tokens");
 }
 
-/// Regression (#27, item 1): the heartbeat was written only between steps, so one long prefill step made
-/// `/health` answer 503 for its whole length. The model beats after every layer's attention and MLP: while
-/// a single long step runs (no step finished yet), heartbeats keep arriving.
-#[test]
-fn the_heartbeat_advances_inside_a_long_step() {
+/// An engine doing a 1,500-token prompt in one step, with that step just started: (engine, the request's
+/// output receiver, the heartbeat count when the step began).
+fn one_long_step(id: u64, salt: u32) -> (EngineHandle, tokio::sync::mpsc::UnboundedReceiver<EngineOutput>, u64) {
     use std::sync::atomic::Ordering;
     let h = engine(|c| c.max_num_batched_tokens = 4096);
-    let prompt: Vec<u32> = (0..1500).map(|i| 100 + (i * 7) % 5000).collect();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let prompt: Vec<u32> = (0..1500).map(|i| 100 + (i * salt) % 5000).collect();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let request = EngineRequest {
-        id: RequestId(1),
+        id: RequestId(id),
         prompt_token_ids: prompt,
         params: Arc::new(SamplingParams::greedy(1)),
         priority: Priority::Normal,
         deadline: None,
     };
     h.add_request(request, tx).unwrap();
-    let st = h.stats();
     // The loop publishes `running` just before it executes the step.
-    while st.running.load(Ordering::SeqCst) == 0 {
+    while h.stats().running.load(Ordering::SeqCst) == 0 {
         std::hint::spin_loop();
     }
-    let at_start = st.beats.load(Ordering::SeqCst);
+    let at_start = h.stats().beats.load(Ordering::SeqCst);
+    (h, rx, at_start)
+}
+
+/// Regression (#27, item 1): the heartbeat was written only between steps, so one long prefill step made
+/// `/health` answer 503 for its whole length. The model beats after every layer's attention and MLP: while
+/// a single long step runs (no step finished yet), heartbeats keep arriving.
+#[test]
+fn the_heartbeat_advances_inside_a_long_step() {
+    use std::sync::atomic::Ordering;
+    let (h, mut rx, at_start) = one_long_step(1, 7);
+    let st = h.stats();
     let mut inside = at_start;
     loop {
         let beats = st.beats.load(Ordering::SeqCst);
@@ -206,22 +214,8 @@ fn the_heartbeat_advances_inside_a_long_step() {
 #[test]
 fn a_step_whose_requests_were_all_aborted_stops_early() {
     use std::sync::atomic::Ordering;
-    let h = engine(|c| c.max_num_batched_tokens = 4096);
-    let prompt: Vec<u32> = (0..1500).map(|i| 100 + (i * 11) % 5000).collect();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let request = EngineRequest {
-        id: RequestId(7),
-        prompt_token_ids: prompt,
-        params: Arc::new(SamplingParams::greedy(1)),
-        priority: Priority::Normal,
-        deadline: None,
-    };
-    h.add_request(request, tx).unwrap();
+    let (h, mut rx, at_start) = one_long_step(7, 11);
     let st = h.stats();
-    while st.running.load(Ordering::SeqCst) == 0 {
-        std::hint::spin_loop();
-    }
-    let at_start = st.beats.load(Ordering::SeqCst);
     h.abort(RequestId(7));
     let o = rx.blocking_recv().unwrap();
     assert_eq!(o.finish_reason, Some(FinishReason::Abort), "{o:?}");
