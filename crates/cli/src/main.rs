@@ -30,7 +30,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Benchmark one or more OpenAI-compatible servers (ours or a peer's) side by side.
     Bench(BenchArgs),
-    /// Write a GGUF model as a Hugging Face directory (`--format hf`).
+    /// Write a GGUF model as a Hugging Face directory (`--format hf`) or an MLX-quantized one (`--format mlx`).
     Convert(ConvertArgs),
 }
 
@@ -42,10 +42,10 @@ struct ConvertArgs {
     /// The directory to write.
     #[arg(long = "to")]
     to: PathBuf,
-    /// `hf` (safetensors, config, tokenizer, chat template); `mlx` (MLX-quantized) is not built yet.
+    /// `hf` (float safetensors, config, tokenizer, chat template) or `mlx` (MLX affine-quantized).
     #[arg(long, default_value = "hf")]
     format: String,
-    /// Weight type for `hf`: f32, bf16 or f16.
+    /// Weight type for `hf` (f32, bf16 or f16); `mlx` keeps norms in bf16.
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Bits per weight for `mlx` (4 or 8).
@@ -336,21 +336,16 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
+    use mlx_serving_models::export::{export, ExportFormat};
     use std::io::IsTerminal;
-    match a.format.as_str() {
-        "hf" => {}
-        "mlx" => bail!(
-            "--format mlx is not built yet (--bits {}, --group-size {}): convert to hf, then use mlx-lm's convert",
-            a.bits,
-            a.group_size
-        ),
+    let format = match a.format.as_str() {
+        "hf" => ExportFormat::Hf(a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?),
+        "mlx" => ExportFormat::Mlx { bits: a.bits as usize, group_size: a.group_size },
         other => bail!("--format: `{other}` is not hf or mlx"),
-    }
-    let dtype: mlx_serving_models::export::ExportDtype =
-        a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    };
     let from = mlx_serving_models::resolve_model(&a.from)?;
     let tty = std::io::stderr().is_terminal();
-    mlx_serving_models::export::export_hf(&from, &a.to, dtype, |done, total| {
+    export(&from, &a.to, format, |done, total| {
         if tty {
             eprint!("\rconverting: {done}/{total} tensors");
             if done == total {

@@ -1,8 +1,10 @@
-//! `convert --format hf`: a GGUF model written out as a Hugging Face directory that transformers, mlx-lm and
-//! our own loader read: weights dequantized to f32, f16 or bf16 safetensors (llama's Q/K rows put back in
-//! Hugging Face's order, undoing the permutation llama.cpp's converter applies for interleaved RoPE),
-//! `config.json`, `generation_config.json`, `tokenizer.json` (the tokenizer built from the GGUF) and
-//! `tokenizer_config.json` with the chat template.
+//! `convert`: a GGUF model written out as a Hugging Face directory that transformers, mlx-lm and our own
+//! loader read: weights dequantized to f32, f16 or bf16 safetensors (llama's Q/K rows put back in Hugging
+//! Face's order, undoing the permutation llama.cpp's converter applies for interleaved RoPE), `config.json`,
+//! `generation_config.json`, `tokenizer.json` (the tokenizer built from the GGUF) and `tokenizer_config.json`
+//! with the chat template; or as an MLX-quantized directory (`--format mlx`), the same files with every
+//! linear layer and the embeddings stored as mlx-lm stores them: `weight` (uint32, `bits`-bit values packed
+//! low bits first), `scales` and `biases` (bf16, one per `group_size` inputs; w = scale · q + bias).
 
 use crate::bundle::ModelBundle;
 use crate::config::{Architecture, RopeStyle};
@@ -62,9 +64,23 @@ impl ExportDtype {
     }
 }
 
+/// How the weights are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// Float safetensors of this type.
+    Hf(ExportDtype),
+    /// MLX affine quantization; norms stay bf16.
+    Mlx { bits: usize, group_size: usize },
+}
+
 /// Writes the GGUF model at `src` as a Hugging Face directory `out`. `progress(done, total)` is called after
 /// each tensor.
-pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, progress: impl FnMut(usize, usize)) -> Result<()> {
+    export(src, out, ExportFormat::Hf(dtype), progress)
+}
+
+/// Writes the GGUF model at `src` as `format` into `out`. `progress(done, total)` is called after each tensor.
+pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl FnMut(usize, usize)) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
@@ -74,18 +90,49 @@ pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, mut progress: impl 
     let mut g = GgufFile::open(src)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let names = g.tensor_names();
+    let dtype = match format {
+        ExportFormat::Hf(d) => d,
+        ExportFormat::Mlx { bits, group_size } => {
+            if !matches!(bits, 4 | 8) || group_size == 0 || !group_size.is_multiple_of(32) {
+                return Err(Error::BadMetadata {
+                    path: out.to_path_buf(),
+                    key: "quantization".into(),
+                    reason: format!("4 or 8 bits in groups of a multiple of 32, not {bits} bits in {group_size}"),
+                });
+            }
+            ExportDtype::Bf16
+        }
+    };
+    // What each GGUF tensor becomes: (HF name, dtype, shape) entries, in this order in the file.
+    let plan = |name: &str, dims: &[usize]| -> Vec<(String, &'static str, Vec<usize>)> {
+        let hf = hf_name(name);
+        match (format, dims) {
+            (ExportFormat::Mlx { bits, group_size }, &[rows, cols])
+                if quantizable(name) && cols.is_multiple_of(group_size) =>
+            {
+                let base = hf.trim_end_matches(".weight").to_string();
+                vec![
+                    (format!("{base}.weight"), "U32", vec![rows, cols * bits / 32]),
+                    (format!("{base}.scales"), "BF16", vec![rows, cols / group_size]),
+                    (format!("{base}.biases"), "BF16", vec![rows, cols / group_size]),
+                ]
+            }
+            _ => vec![(hf, dtype.name(), dims.to_vec())],
+        }
+    };
     // Header first (it needs every tensor's size), then the data in the same order.
     let mut header = serde_json::Map::new();
+    let kind = if matches!(format, ExportFormat::Mlx { .. }) { "mlx" } else { "pt" };
+    header.insert("__metadata__".into(), json!({ "format": kind }));
     let mut offset = 0u64;
-    let elem = if dtype == ExportDtype::F32 { 4 } else { 2 };
     for name in &names {
         let dims = g.tensor_dims(name).unwrap_or_default();
-        let n: u64 = dims.iter().map(|&d| d as u64).product();
-        header.insert(
-            hf_name(name),
-            json!({"dtype": dtype.name(), "shape": dims, "data_offsets": [offset, offset + n * elem]}),
-        );
-        offset += n * elem;
+        for (hf, kind, shape) in plan(name, &dims) {
+            let elem = if kind == "F32" || kind == "U32" { 4 } else { 2 };
+            let n: u64 = shape.iter().map(|&d| d as u64).product::<u64>() * elem;
+            header.insert(hf, json!({"dtype": kind, "shape": shape, "data_offsets": [offset, offset + n]}));
+            offset += n;
+        }
     }
     let mut head = Value::Object(header).to_string().into_bytes();
     head.resize(head.len().next_multiple_of(8), b' ');
@@ -109,7 +156,16 @@ pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, mut progress: impl 
             }
         }
         buf.clear();
-        dtype.encode(&values, &mut buf);
+        match (format, &dims[..]) {
+            (ExportFormat::Mlx { bits, group_size }, &[_, cols])
+                if quantizable(name) && cols.is_multiple_of(group_size) =>
+            {
+                let (words, scales, biases) = quantize_affine(&values, cols, bits, group_size);
+                words.iter().for_each(|w| buf.extend_from_slice(&w.to_le_bytes()));
+                scales.iter().chain(&biases).for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+            }
+            _ => dtype.encode(&values, &mut buf),
+        }
         f.write_all(&buf).map_err(io(&part))?;
         progress(i + 1, names.len());
     }
@@ -146,6 +202,12 @@ pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, mut progress: impl 
         "eos_token_id": st.eos,
         "torch_dtype": dtype.torch(),
     });
+    let mut config = config;
+    if let ExportFormat::Mlx { bits, group_size } = format {
+        let q = json!({"group_size": group_size, "bits": bits, "mode": "affine"});
+        config["quantization"] = q.clone();
+        config["quantization_config"] = q;
+    }
     let text = |id: Option<u32>| id.and_then(|i| bundle.tokenizer.id_to_token(i));
     let mut tokenizer_config = json!({
         "bos_token": text(st.bos),
@@ -170,6 +232,40 @@ pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, mut progress: impl 
     Ok(())
 }
 
+/// Matrices MLX quantizes: the embeddings, the output head and every projection (not the norms).
+fn quantizable(name: &str) -> bool {
+    !name.contains("norm")
+}
+
+/// MLX's affine quantization of `[rows, cols]` values in groups of `group` inputs: per group, a bf16 scale
+/// `(max - min) / (2^bits - 1)` and bias `min`, values `round((w - bias) / scale)` computed from the rounded
+/// scale and bias, packed low bits first into u32 words. Returns (words, scales, biases).
+fn quantize_affine(
+    values: &[f32],
+    cols: usize,
+    bits: usize,
+    group: usize,
+) -> (Vec<u32>, Vec<half::bf16>, Vec<half::bf16>) {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let per_word = 32 / bits;
+    let (mut words, mut scales, mut biases) = (vec![0u32; values.len() / per_word], Vec::new(), Vec::new());
+    for (gi, chunk) in values.chunks_exact(group).enumerate() {
+        let (lo, hi) = chunk.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let scale = half::bf16::from_f32(((hi - lo) / levels).max(1e-8));
+        let bias = half::bf16::from_f32(lo);
+        let (s, b) = (scale.to_f32(), bias.to_f32());
+        for (j, &v) in chunk.iter().enumerate() {
+            let q = ((v - b) / s).round().clamp(0.0, levels) as u32;
+            let at = gi * group + j;
+            let (row, col) = (at / cols, at % cols);
+            words[row * (cols / per_word) + col / per_word] |= q << ((col % per_word) * bits);
+        }
+        scales.push(scale);
+        biases.push(bias);
+    }
+    (words, scales, biases)
+}
+
 fn chat_template_text(g: &GgufFile) -> Option<String> {
     g.get_str_opt("tokenizer.chat_template").ok().flatten().map(String::from)
 }
@@ -190,4 +286,40 @@ fn unpermute(values: &[f32], heads: usize, rows: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+
+    /// Quantized as MLX does and read back by our MLX loader's unpacking: every value within half a step (plus
+    /// the scale's and bias's bf16 rounding) of the original, for 4 and 8 bits and several group sizes.
+    #[test]
+    fn affine_quantization_round_trips_through_the_loader() {
+        let (rows, cols) = (4, 256);
+        let values: Vec<f32> =
+            (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 + (i / cols) as f32).collect();
+        for (bits, group) in [(4, 32), (4, 64), (4, 128), (8, 64)] {
+            let (words, scales, biases) = quantize_affine(&values, cols, bits, group);
+            let (s, b): (Vec<f32>, Vec<f32>) =
+                (scales.iter().map(|v| v.to_f32()).collect(), biases.iter().map(|v| v.to_f32()).collect());
+            for q4_1 in [false, true] {
+                let (dtype, data) = crate::hf::affine_to_ggml(&words, &s, &b, [rows, cols], bits, group, q4_1);
+                if q4_1 && dtype != GgmlDType::Q4_1 {
+                    assert_eq!(bits, 8);
+                }
+                let t = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+                let back: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (i, (&v, &w)) in values.iter().zip(&back).enumerate() {
+                    let g = i / group;
+                    let bound = s[g] / 2.0 + 0.01 * (v.abs() + s[g]);
+                    assert!(
+                        (v - w).abs() <= bound,
+                        "{bits} bits, group {group}, value {i}: {v} -> {w} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
 }

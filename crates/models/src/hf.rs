@@ -303,7 +303,7 @@ impl HfDir {
 /// MLX affine-quantized rows (`bits`-bit values packed low bits first in `words`, one scale and bias per
 /// `group` inputs) as GGML data: Q4_1 blocks for 4 bits in groups of a multiple of 32 (when `q4_1`), else
 /// dequantized f32.
-fn affine_to_ggml(
+pub(crate) fn affine_to_ggml(
     words: &[u32],
     scales: &[f32],
     biases: &[f32],
