@@ -75,19 +75,21 @@ PY
       models/hf/Qwen2.5-Coder-0.5B-Instruct-bf16 testdata/tokenizers/Qwen2.5-Coder-0.5B-Instruct --dtype bf16
     ;;
   mlx)
-    # MLX-quantized directories written by mlx-lm's own `convert` (group 64; bf16 scales, from the bf16
-    # Hugging Face directory), for the MLX loader's differential test against mlx-lm's greedy ids in
+    # MLX-quantized directories written by mlx-lm's own `convert` (group 64, from the bf16 Hugging Face
+    # directory, `--dtype float32`: mlx computes in the weights' type, and its CPU bf16 is both slow and far
+    # from f32), for the MLX loader's differential test against mlx-lm's greedy ids in
     # testdata/reference/mlx-lm-greedy-*.json (computed on these exact files: the hashes are checked).
     # Needs mlx[cpu]==0.32.4 and mlx-lm==0.32.2 in .venv (scripts/test.sh installs them).
     py=.venv/bin/python
     "$0" hf
-    for spec in 4:2525fccc45236b7f7a4db34db12894a79fef37f2d28322af6ca17e4756ef9927 8:898fca9f3f1b2ec4db8f356f8febedec203a989e3c314c70228d147e9f164e52; do
+    for spec in 4:3c3263ef8304d722142a3f33c3c6cd6c11b78a1781bb5973988a94043d60c17b \
+      8:4670e7e32d1a64282ac62e64dd76bcee7beb69a01be20c41301f2b2dd2297295; do
       bits=${spec%%:*}; sha=${spec#*:}
       out=models/mlx/SmolLM2-135M-Instruct-${bits}bit
       if [ ! -f "$out/model.safetensors" ]; then
         rm -rf "$out"
         "$py" -m mlx_lm convert --hf-path models/hf/SmolLM2-135M-Instruct-bf16 --mlx-path "$out" \
-          -q --q-bits "$bits" --q-group-size 64 >/dev/null
+          -q --q-bits "$bits" --q-group-size 64 --dtype float32 >/dev/null
       fi
       verify_sha "$out/model.safetensors" "$sha" || {
         echo "$out/model.safetensors differs from the one mlx-lm's reference ids were computed on" >&2; exit 1; }

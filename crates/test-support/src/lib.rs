@@ -39,7 +39,8 @@ pub fn hf_dir(name: &str) -> PathBuf {
     p
 }
 
-/// An MLX-quantized directory written by mlx-lm's own `convert` from the bf16 Hugging Face directory
+/// An MLX-quantized directory written by mlx-lm's own `convert` (group 64, f32 scales) from the bf16 Hugging
+/// Face directory
 /// (`SmolLM2-135M-Instruct-4bit`, `SmolLM2-135M-Instruct-8bit`); mlx-lm's greedy ids on it are
 /// `reference("mlx-lm-greedy-NAME.json")`.
 pub fn mlx_dir(name: &str) -> PathBuf {
