@@ -172,3 +172,23 @@ fn emit(text: &mut String, t: &str, on_delta: &mut impl FnMut(&str)) {
         on_delta(t);
     }
 }
+
+/// The logits of `prompt`'s last position, from one forward pass over the whole prompt in a cache of its own
+/// (for tests and tools that compare models' next-token distributions).
+pub fn last_position_logits(model: &Model, prompt: &[u32]) -> mlx_serving_models::Result<Vec<f32>> {
+    let bs = 16;
+    let nb = prompt.len().div_ceil(bs);
+    let mut cache = PagedKvCache::new(model.config(), bs, nb);
+    let table: Vec<u32> = (0..nb as u32).collect();
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let seqs = [SeqInput { query_len: prompt.len(), context_len: prompt.len(), block_table: &table }];
+    let last = [prompt.len().saturating_sub(1) as u32];
+    let batch = BatchInput {
+        token_ids: prompt,
+        positions: &positions,
+        slot_mapping: &positions,
+        seqs: &seqs,
+        logits_indices: &last,
+    };
+    model.forward(&batch, &mut cache)
+}

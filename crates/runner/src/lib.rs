@@ -8,5 +8,5 @@ pub mod generate;
 pub mod sampler;
 
 pub use executor::ModelExecutor;
-pub use generate::{generate, GenerateError, GenerateOptions, Generation};
+pub use generate::{generate, last_position_logits, GenerateError, GenerateOptions, Generation};
 pub use sampler::{argmax, logprob, Sampler};

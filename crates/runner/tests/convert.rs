@@ -3,8 +3,8 @@
 
 use mlx_serving_engine::SamplingParams;
 use mlx_serving_models::export::{export, export_hf, ExportDtype, ExportFormat};
-use mlx_serving_models::{BatchInput, ChatContent, LoadOptions, ModelBundle, PagedKvCache, SeqInput};
-use mlx_serving_runner::{generate, GenerateOptions};
+use mlx_serving_models::{ChatContent, LoadOptions, ModelBundle};
+use mlx_serving_runner::{generate, last_position_logits, GenerateOptions};
 use mlx_serving_test_support::{reference, smollm2_path};
 
 #[test]
@@ -39,25 +39,6 @@ fn gguf_to_hf_and_back_gives_the_same_tokens() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// Logits of the prompt's last position.
-fn last_logits(b: &ModelBundle, prompt: &[u32]) -> Vec<f32> {
-    let bs = 16;
-    let nb = prompt.len().div_ceil(bs);
-    let mut cache = PagedKvCache::new(b.model.config(), bs, nb);
-    let table: Vec<u32> = (0..nb as u32).collect();
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let seqs = [SeqInput { query_len: prompt.len(), context_len: prompt.len(), block_table: &table }];
-    let last = [prompt.len() as u32 - 1];
-    let batch = BatchInput {
-        token_ids: prompt,
-        positions: &positions,
-        slot_mapping: &positions,
-        seqs: &seqs,
-        logits_indices: &last,
-    };
-    b.model.forward(&batch, &mut cache).unwrap()
-}
-
 /// `convert --format mlx`: the MLX 4- and 8-bit directories we write load back (4-bit through the Q4_1
 /// repacking), and wherever the f32 model is sure of its next token the quantized ones pick it too: 8-bit
 /// where the top-1 leads by 0.25 logits, 4-bit by 3. (Requantizing SmolLM2's Q4_1 weights to 4 bits in groups
@@ -76,7 +57,7 @@ fn gguf_to_mlx_loads_and_keeps_the_confident_tokens() {
         for item in refs["items"].as_array().unwrap() {
             let prompt: Vec<u32> =
                 item["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let want = last_logits(&f32_model, &prompt);
+            let want = last_position_logits(&f32_model.model, &prompt).unwrap();
             let mut sorted = want.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
             if sorted[0] - sorted[1] < sure {
@@ -84,7 +65,12 @@ fn gguf_to_mlx_loads_and_keeps_the_confident_tokens() {
             }
             confident += 1;
             let top = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
-            assert_eq!(top(&last_logits(&q, &prompt)), top(&want), "{bits} bits: {:?}", item["prompt"]);
+            assert_eq!(
+                top(&last_position_logits(&q.model, &prompt).unwrap()),
+                top(&want),
+                "{bits} bits: {:?}",
+                item["prompt"]
+            );
         }
         assert!(confident >= at_least, "{bits} bits: only {confident} confident prompts");
         std::fs::remove_dir_all(&out).unwrap();

@@ -7,10 +7,8 @@
 
 use mlx_serving_engine::SamplingParams;
 use mlx_serving_kernels::{Isa, KvDtype};
-use mlx_serving_models::{
-    ActivationPrecision, BatchInput, ChatContent, LoadOptions, ModelBundle, PagedKvCache, SeqInput,
-};
-use mlx_serving_runner::{generate, logprob, GenerateOptions};
+use mlx_serving_models::{ActivationPrecision, ChatContent, LoadOptions, ModelBundle};
+use mlx_serving_runner::{generate, last_position_logits, logprob, GenerateOptions};
 use mlx_serving_test_support::{hf_dir, mlx_dir, qwen2_path, reference, smollm2_path};
 use serde_json::Value;
 use std::path::Path;
@@ -177,21 +175,7 @@ fn smollm2_mlx_8bit_matches_mlx_lm() {
 
 /// Logits of the prompt's last position, one forward over the whole prompt.
 fn first_step_logits(bundle: &ModelBundle, prompt: &[u32]) -> Vec<f32> {
-    let bs = 16;
-    let nb = prompt.len().div_ceil(bs);
-    let mut cache = PagedKvCache::new(bundle.model.config(), bs, nb);
-    let table: Vec<u32> = (0..nb as u32).collect();
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let seqs = [SeqInput { query_len: prompt.len(), context_len: prompt.len(), block_table: &table }];
-    let last = [prompt.len() as u32 - 1];
-    let batch = BatchInput {
-        token_ids: prompt,
-        positions: &positions,
-        slot_mapping: &positions,
-        seqs: &seqs,
-        logits_indices: &last,
-    };
-    bundle.model.forward(&batch, &mut cache).unwrap()
+    last_position_logits(&bundle.model, prompt).unwrap()
 }
 
 fn check_top5(opts: &LoadOptions, tolerance: f32) {
