@@ -59,6 +59,8 @@ pub struct ServerSection {
     pub header_read_timeout_seconds: f64,
     /// Most connections served at once; more wait in the listen queue.
     pub max_connections: usize,
+    /// A request body must arrive whole this long after its head (else 408 and the connection closes).
+    pub body_read_timeout_seconds: f64,
     /// A stream with nothing to send for this long sends an SSE comment, `: keep-alive`.
     pub sse_keepalive_seconds: f64,
     /// Tokenize special-token texts inside chat messages as control tokens, as before: lets a user's
@@ -78,6 +80,7 @@ impl Default for ServerSection {
             shutdown_grace_seconds: 30.0,
             header_read_timeout_seconds: 10.0,
             max_connections: 1024,
+            body_read_timeout_seconds: 60.0,
             sse_keepalive_seconds: 15.0,
             allow_special_tokens_in_chat: false,
         }
@@ -216,6 +219,7 @@ impl RuntimeConfig {
             ("engine.request_timeout_seconds", e.request_timeout_seconds),
             ("server.shutdown_grace_seconds", Some(self.server.shutdown_grace_seconds)),
             ("server.header_read_timeout_seconds", Some(self.server.header_read_timeout_seconds)),
+            ("server.body_read_timeout_seconds", Some(self.server.body_read_timeout_seconds)),
             ("server.sse_keepalive_seconds", Some(self.server.sse_keepalive_seconds)),
         ];
         for (key, v) in seconds {
@@ -227,6 +231,7 @@ impl RuntimeConfig {
         }
         for (key, v) in [
             ("server.header_read_timeout_seconds", self.server.header_read_timeout_seconds),
+            ("server.body_read_timeout_seconds", self.server.body_read_timeout_seconds),
             ("server.sse_keepalive_seconds", self.server.sse_keepalive_seconds),
         ] {
             if v < 0.01 {

@@ -548,6 +548,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         request_timeout: e.request_timeout_seconds.map(std::time::Duration::from_secs_f64),
         header_read_timeout: std::time::Duration::from_secs_f64(c.server.header_read_timeout_seconds),
         max_connections: c.server.max_connections,
+        body_read_timeout: std::time::Duration::from_secs_f64(c.server.body_read_timeout_seconds),
         sse_keepalive: std::time::Duration::from_secs_f64(c.server.sse_keepalive_seconds),
         allow_special_tokens_in_chat: c.server.allow_special_tokens_in_chat,
         ..mlx_serving_server::ServerOptions::default()

@@ -23,7 +23,11 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
             }
         }
         let limit = state.options.max_body_bytes;
-        let bytes = Bytes::from_request(req, state).await.map_err(|_| ApiError::too_large(limit))?;
+        let deadline = state.options.body_read_timeout;
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::body_timeout(deadline))?
+            .map_err(|_| ApiError::too_large(limit))?;
         if bytes.len() > limit {
             return Err(ApiError::too_large(limit));
         }

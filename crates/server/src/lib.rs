@@ -56,6 +56,9 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     /// Most connections served at once; more wait in the listen queue.
     pub max_connections: usize,
+    /// A request body not received whole this long after its head ends with a 408 (and the connection
+    /// closes), so trickled bodies cannot hold connection slots.
+    pub body_read_timeout: Duration,
     /// A stream with nothing to send for this long sends an SSE comment (`: keep-alive`).
     pub sse_keepalive: Duration,
     /// Tokenize special-token texts inside chat messages as control tokens (lets a message forge turns).
@@ -74,6 +77,7 @@ impl Default for ServerOptions {
             request_timeout: None,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            body_read_timeout: Duration::from_secs(60),
             sse_keepalive: Duration::from_secs(15),
             allow_special_tokens_in_chat: false,
             // Leave a core to the engine and the async threads.

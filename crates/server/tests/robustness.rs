@@ -178,7 +178,8 @@ fn only_json_content_types_are_accepted() {
 }
 
 /// Item 8: connections that sent half a request header stayed open forever. They are closed after
-/// `header_read_timeout`; and past `max_connections` new connections wait in the accept queue.
+/// `header_read_timeout` (and a stalled body after `body_read_timeout`); past `max_connections` new
+/// connections wait in the accept queue.
 #[test]
 fn slow_headers_are_cut_off_and_connections_are_capped() {
     let options = ServerOptions { header_read_timeout: Duration::from_millis(500), ..ServerOptions::default() };
@@ -205,6 +206,19 @@ fn slow_headers_are_cut_off_and_connections_are_capped() {
             }
         }
     }
+
+    // A body trickled (here: stalled) after a complete head is cut off too: 408, then the connection closes.
+    let options = ServerOptions { body_read_timeout: Duration::from_millis(500), ..ServerOptions::default() };
+    let (addr, _engine) = start(options, |_| {});
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut out = Vec::new();
+    let r = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(r.is_ok() && out.starts_with("HTTP/1.1 408"), "{r:?}: {out}");
+    assert!(out.contains("request_timeout"), "{out}");
 
     let options = ServerOptions { max_connections: 2, ..ServerOptions::default() };
     let (addr, _engine) = start(options, |_| {});
