@@ -54,27 +54,42 @@ impl Heartbeat {
 
 /// The requests of the step being executed that have not been aborted. `abort` takes a request out at
 /// once (the loop itself only sees the abort command after the step), so a long prefill whose clients all
-/// left can stop mid-step instead of running to its end.
+/// left can stop mid-step instead of running to its end. The set is reused from step to step.
 #[derive(Debug, Default)]
-struct StepWatch(std::sync::Mutex<Option<std::collections::HashSet<RequestId>>>);
+struct StepWatch(std::sync::Mutex<LiveSet>);
+
+#[derive(Debug, Default)]
+struct LiveSet {
+    running: bool,
+    live: std::collections::HashSet<RequestId>,
+}
 
 impl StepWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveSet> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn start(&self, ids: impl IntoIterator<Item = RequestId>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(ids.into_iter().collect());
+        let mut s = self.lock();
+        s.live.clear();
+        s.live.extend(ids);
+        s.running = true;
     }
 
     fn end(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.lock().running = false;
     }
 
     fn aborted(&self, id: RequestId) {
-        if let Some(live) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            live.remove(&id);
+        let mut s = self.lock();
+        if s.running {
+            s.live.remove(&id);
         }
     }
 
     fn abandoned(&self) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|live| live.is_empty())
+        let s = self.lock();
+        s.running && s.live.is_empty()
     }
 }
 

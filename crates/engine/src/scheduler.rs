@@ -6,7 +6,8 @@
 //! with age, then by arrival. If blocks run out, the least urgent class's newest running request is preempted
 //! (its blocks freed, its tokens recomputed later; if it was already scheduled this step, its tokens go back
 //! to the budget); a request never preempts itself nor anything more urgent than itself: when nothing below
-//! it is left it just waits for the next step, keeping its blocks. No waiting request is admitted in a step that preempted or stalled.
+//! it is left it just waits for the next step, keeping its blocks. No waiting request is admitted in a step
+//! that preempted or stalled.
 //! Waiting requests are admitted by priority class, raised one class per `aging_interval` waited so low
 //! priority is never starved, then by arrival. A preempted request keeps its arrival order, and the waiting
 //! limit counts new requests only, so preemption never pushes the queue past its bound.

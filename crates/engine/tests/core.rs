@@ -193,10 +193,10 @@ fn overload_refuses_at_admission_never_after() {
     assert!(accepted > 0 && refused > 0, "accepted {accepted}, refused {refused}");
 }
 
-/// Regression (#27, item 1): the heartbeat was stamped only between steps, so one long step made `/health`
-/// fail. An executor that beats as it works keeps it fresh from inside the step.
+/// (#27, item 1) The loop hands its heartbeat to the executor before the first step, so an executor can beat
+/// from inside a long step (the real model's beats are tested in `runner/tests/engine.rs`).
 #[test]
-fn executors_beat_from_inside_a_step() {
+fn the_loop_hands_the_executor_its_heartbeat() {
     struct Beating(Option<Heartbeat>);
     impl Executor for Beating {
         fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {

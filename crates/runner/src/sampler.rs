@@ -138,10 +138,14 @@ impl Sampler {
         }
         let max = cands.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
         // Probabilities (unnormalized) relative to the top token: exp((l - max) / t) in (0, 1]. Subtracting
-        // before scaling keeps every exponent at or below 0 whatever the temperature (scaling first overflows
-        // to inf - inf = NaN at tiny temperatures).
+        // before scaling keeps every exponent at or below 0 (scaling first overflowed to inf - inf = NaN at
+        // tiny temperatures); a temperature whose inverse is not finite is the argmax.
+        let inv_t = 1.0 / p.temperature;
+        if !inv_t.is_finite() {
+            return argmax(logits);
+        }
         for c in cands.iter_mut() {
-            c.0 = ((c.0 - max) / p.temperature).exp();
+            c.0 = ((c.0 - max) * inv_t).exp();
         }
         if p.min_p > 0.0 {
             cands.retain(|c| c.0 >= p.min_p);
@@ -248,9 +252,11 @@ mod tests {
     #[test]
     fn scaling_at_a_tiny_temperature_picks_the_top_token() {
         let logits: Vec<f32> = (0..101).map(|i| 12.0 + ((i * 37) % 101) as f32 * 0.07).collect();
-        let mut s = Sampler::new(&params(|p| p.temperature = 1e-30));
-        for _ in 0..20 {
-            assert_eq!(s.sample_from(&logits), argmax(&logits));
+        for t in [1e-30, 1e-45] {
+            let mut s = Sampler::new(&params(|p| p.temperature = t));
+            for _ in 0..20 {
+                assert_eq!(s.sample_from(&logits), argmax(&logits), "temperature {t:e}");
+            }
         }
     }
 

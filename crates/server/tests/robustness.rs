@@ -252,13 +252,18 @@ fn slow_headers_are_cut_off_and_connections_are_capped() {
 #[test]
 fn a_queued_stream_gets_keep_alive_comments() {
     let options = ServerOptions { sse_keepalive: Duration::from_millis(100), ..ServerOptions::default() };
-    let (addr, _engine) = start(options, |c| {
+    let (addr, engine) = start(options, |c| {
         c.max_num_batched_tokens = 64;
         c.max_num_seqs = 1;
     });
     let long = json!({"model": "smollm2", "prompt": "alpha ".repeat(1500), "max_tokens": 1});
     let mut first = send(addr, "/v1/completions", &long);
-    std::thread::sleep(Duration::from_millis(100));
+    // The long prompt holds the only slot before the stream arrives.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.stats().running.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the long request never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut s =
         send(addr, "/v1/completions", &json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "stream": true}));
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
