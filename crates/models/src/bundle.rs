@@ -52,11 +52,14 @@ impl ModelBundle {
         let special_tokens = SpecialTokens::from_gguf(&g)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let (bos, eos) = (token_text(special_tokens.bos), token_text(special_tokens.eos));
-        let chat_template = match chat_template_source(&path, &g)? {
+        let model = Model::from_gguf(&mut g, opts, &candle_core::Device::Cpu)?;
+        // A file without a template (a base model) gets its family's format where there is one.
+        let source = chat_template_source(&path, &g)?
+            .or_else(|| crate::chat_template::builtin(model.config().architecture).map(String::from));
+        let chat_template = match source {
             Some(src) => Some(ChatTemplate::new(&src, bos, eos)?),
             None => None,
         };
-        let model = Model::from_gguf(&mut g, opts, &candle_core::Device::Cpu)?;
         Self::assemble(path, model, tokenizer, chat_template, special_tokens)
     }
 
@@ -76,11 +79,13 @@ impl ModelBundle {
         let special_tokens = dir.special_tokens(&tokenizer)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let (bos, eos) = (token_text(special_tokens.bos), token_text(special_tokens.eos));
-        let chat_template = match dir_chat_template(&path)? {
+        let cfg = dir.model_config()?;
+        let source =
+            dir_chat_template(&path)?.or_else(|| crate::chat_template::builtin(cfg.architecture).map(String::from));
+        let chat_template = match source {
             Some(src) => Some(ChatTemplate::new(&src, bos, eos)?),
             None => None,
         };
-        let cfg = dir.model_config()?;
         let model = Model::from_source(&mut dir, cfg, opts, &candle_core::Device::Cpu)?;
         Self::assemble(path, model, tokenizer, chat_template, special_tokens)
     }

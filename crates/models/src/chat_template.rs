@@ -7,6 +7,40 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
+/// Gemma's turn format (the template its instruction-tuned checkpoints ship, written for this project): a
+/// system message becomes the start of the first user turn, assistant turns are `model` turns.
+const GEMMA_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+{%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set first_user_prefix = '' -%}
+{%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+{%- endif -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{ '<start_of_turn>model
+' }}
+{%- endif -%}"#;
+
+/// The chat format of a model family whose files may come without a template (gemma base checkpoints).
+pub(crate) fn builtin(arch: crate::config::Architecture) -> Option<&'static str> {
+    match arch {
+        crate::config::Architecture::Gemma3 => Some(GEMMA_TEMPLATE),
+        _ => None,
+    }
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,

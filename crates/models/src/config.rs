@@ -10,6 +10,47 @@ use serde::{Deserialize, Serialize};
 pub enum Architecture {
     Llama,
     Qwen2,
+    /// Qwen 3: per-head RMS norms on q and k, no q/k/v biases.
+    Qwen3,
+    /// Gemma 3 (text): q/k norms, post-attention and post-FFN norms, GELU-tanh gated FFN, embeddings scaled
+    /// by sqrt(hidden), interleaved sliding-window and global layers with their own RoPE bases, tied head.
+    Gemma3,
+}
+
+impl Architecture {
+    /// The name GGUF (`general.architecture`) and Hugging Face (`model_type`) give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Qwen2, Self::Qwen3, Self::Gemma3].into_iter().find(|a| a.name() == name)
+    }
+}
+
+/// The gated FFN's activation: `act(gate) · up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FfnActivation {
+    /// SwiGLU (llama, qwen).
+    Silu,
+    /// GELU with the tanh approximation (gemma).
+    GeluTanh,
+}
+
+/// Which layers attend to a sliding window of recent positions instead of the whole context.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    /// Positions a query sees, itself included.
+    pub size: usize,
+    /// Every `pattern`-th layer (`i % pattern == pattern - 1`) is global, the others slide (gemma 3: 6).
+    pub pattern: usize,
+    /// RoPE base of the sliding layers (the global ones use `rope_theta`).
+    pub rope_theta: f32,
 }
 
 /// Which pairs of a head's dimensions RoPE rotates together.
@@ -40,6 +81,18 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// The output head reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Per-head RMS norms on q and k before RoPE (qwen3, gemma3).
+    pub qk_norm: bool,
+    /// RMS norms on the attention and FFN outputs before their residual adds (gemma3).
+    pub post_norms: bool,
+    pub ffn_activation: FfnActivation,
+    /// Embeddings are multiplied by this on the way in (gemma: sqrt(hidden)).
+    pub embed_scale: Option<f32>,
+    /// Attention logits scale (1/sqrt(head_dim) unless the model says otherwise).
+    pub attn_scale: f32,
+    pub sliding_window: Option<SlidingWindow>,
+    /// `cap · tanh(logits / cap)` on the output logits.
+    pub final_logit_softcap: Option<f32>,
     /// KV cache element type: not from the file, chosen at load (`LoadOptions::kv_cache_dtype`); caches
     /// made for this config use it.
     #[serde(skip)]
@@ -49,10 +102,8 @@ pub struct ModelConfig {
 impl ModelConfig {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch_name = g.get_str("general.architecture")?.to_string();
-        let architecture = match arch_name.as_str() {
-            "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            _ => return Err(Error::UnsupportedArchitecture { path: g.path().to_path_buf(), arch: arch_name }),
+        let Some(architecture) = Architecture::from_name(&arch_name) else {
+            return Err(Error::UnsupportedArchitecture { path: g.path().to_path_buf(), arch: arch_name });
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| g.get_u64(&key(k)).map(|v| v as usize);
@@ -79,7 +130,16 @@ impl ModelConfig {
             None => g.get_str_array("tokenizer.ggml.tokens")?.len(),
         };
         let tie_word_embeddings = !g.has_tensor("output.weight");
-        Ok(Self {
+        let gemma = architecture == Architecture::Gemma3;
+        let sliding_window = match g.get_u64_opt(&key("attention.sliding_window"))? {
+            Some(size) if gemma && size > 0 => Some(SlidingWindow {
+                size: size as usize,
+                pattern: g.get_u64_opt(&key("attention.sliding_window_pattern"))?.map_or(6, |v| v as usize).max(1),
+                rope_theta: g.get_f32_opt(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0),
+            }),
+            _ => None,
+        };
+        let mut cfg = Self {
             architecture,
             num_layers: usize_of("block_count")?,
             hidden_size,
@@ -93,13 +153,68 @@ impl ModelConfig {
             rope_dim: g.get_u64_opt(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize),
             rope_style: match architecture {
                 Architecture::Llama => RopeStyle::Interleaved,
-                Architecture::Qwen2 => RopeStyle::Neox,
+                _ => RopeStyle::Neox,
             },
             rms_norm_eps: g.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
             attention_bias: g.has_tensor("blk.0.attn_q.bias"),
             tie_word_embeddings,
+            sliding_window,
+            final_logit_softcap: g.get_f32_opt(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0),
+            ..Self::defaults(architecture)
+        };
+        cfg.set_arch_flags();
+        Ok(cfg)
+    }
+
+    /// A config with the architecture's flags and placeholder sizes, for the loaders to fill in.
+    pub(crate) fn defaults(architecture: Architecture) -> Self {
+        let mut cfg = Self {
+            architecture,
+            num_layers: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 0,
+            vocab_size: 0,
+            max_position_embeddings: 0,
+            rope_theta: 10_000.0,
+            rope_dim: 0,
+            rope_style: RopeStyle::Neox,
+            rms_norm_eps: 1e-6,
+            attention_bias: false,
+            tie_word_embeddings: false,
+            qk_norm: false,
+            post_norms: false,
+            ffn_activation: FfnActivation::Silu,
+            embed_scale: None,
+            attn_scale: 0.0,
+            sliding_window: None,
+            final_logit_softcap: None,
             kv_dtype: Default::default(),
-        })
+        };
+        cfg.set_arch_flags();
+        cfg
+    }
+
+    /// Sets the flags that follow from the architecture and the sizes (call after the sizes are known).
+    pub(crate) fn set_arch_flags(&mut self) {
+        let gemma = self.architecture == Architecture::Gemma3;
+        self.qk_norm = matches!(self.architecture, Architecture::Qwen3 | Architecture::Gemma3);
+        self.post_norms = gemma;
+        self.ffn_activation = if gemma { FfnActivation::GeluTanh } else { FfnActivation::Silu };
+        self.embed_scale = gemma.then(|| (self.hidden_size as f32).sqrt());
+        if gemma {
+            self.tie_word_embeddings = true;
+        }
+        if self.attn_scale == 0.0 && self.head_dim > 0 {
+            self.attn_scale = 1.0 / (self.head_dim as f32).sqrt();
+        }
+    }
+
+    /// The window layer `layer` attends over, if it slides.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|w| layer % w.pattern != w.pattern - 1).map(|w| w.size)
     }
 
     pub fn q_size(&self) -> usize {

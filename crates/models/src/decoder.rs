@@ -22,7 +22,7 @@
 //!
 //! Long batches (prompts) build the rounded activations and do the cache writes over the kernel pool.
 
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::{FfnActivation, ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, KvLayers, LayerKv, PagedKvCache};
@@ -270,21 +270,35 @@ impl ProjGroup {
 struct Layer {
     attn_norm: Vec<f32>,
     qkv: ProjGroup,
+    /// Per-head RMS norm weights of q and of k, applied before RoPE (qwen3, gemma3).
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     o: Weight,
     ffn_norm: Vec<f32>,
     gate_up: ProjGroup,
     down: Weight,
+    /// Norms of the attention output and of the FFN output before their residual adds (gemma3).
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Where token embeddings come from.
+enum Embedding {
+    /// Dequantized rows `[vocab, hidden]`.
+    Dense(Vec<f32>),
+    /// Rows of the tied output head's kernel matrix, dequantized on lookup (no second copy of a large
+    /// vocabulary's table: gemma's 262k rows would take 671 MB in f32).
+    Head,
 }
 
 pub struct Model {
     cfg: ModelConfig,
     device: Device,
-    /// Token embeddings, dequantized: `[vocab, hidden]`.
-    embed: Vec<f32>,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Weight,
     inv_freq: Vec<f32>,
+    /// RoPE frequencies of the sliding-window layers, when their base differs (gemma3).
+    inv_freq_local: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -319,14 +333,17 @@ impl Model {
             to_matmul(g, name, qt, opts)
         };
         let embed_q = g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?;
-        let embed = embed_q
-            .dequantize(device)
-            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            to_matmul(g, "token_embd.weight", embed_q, opts)?
+        let dense = |g: &S, q: &QTensor| {
+            q.dequantize(device)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))
+        };
+        let (embed, lm_head) = if cfg.tie_word_embeddings {
+            let on_kernels = !opts.dequantize && kernel_format(embed_q.dtype()).is_some();
+            let embed = if on_kernels { Embedding::Head } else { Embedding::Dense(dense(g, &embed_q)?) };
+            (embed, to_matmul(g, "token_embd.weight", embed_q, opts)?)
         } else {
-            matmul(g, "output.weight", &[cfg.vocab_size, h])?
+            (Embedding::Dense(dense(g, &embed_q)?), matmul(g, "output.weight", &[cfg.vocab_size, h])?)
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -352,9 +369,20 @@ impl Model {
                 rows: cfg.kv_size(),
                 bias: bias(g, "attn_v", cfg.kv_size())?,
             };
+            let pair = |g: &mut S, a: &str, b: &str, n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+                Ok((
+                    vector(g, &format!("{p}.{a}.weight"), n, device)?,
+                    vector(g, &format!("{p}.{b}.weight"), n, device)?,
+                ))
+            };
+            let qk_norm = if cfg.qk_norm { Some(pair(g, "attn_q_norm", "attn_k_norm", cfg.head_dim)?) } else { None };
+            let post_norms =
+                if cfg.post_norms { Some(pair(g, "post_attention_norm", "post_ffw_norm", h)?) } else { None };
             layers.push(Layer {
                 attn_norm: vector(g, &format!("{p}.attn_norm.weight"), h, device)?,
                 qkv: ProjGroup::new(vec![q, k, v]),
+                qk_norm,
+                post_norms,
                 o: matmul(g, &format!("{p}.attn_output.weight"), &[h, cfg.q_size()])?,
                 ffn_norm: vector(g, &format!("{p}.ffn_norm.weight"), h, device)?,
                 gate_up: ProjGroup::new(vec![
@@ -366,10 +394,14 @@ impl Model {
         }
         let norm = vector(g, "output_norm.weight", h, device)?;
         // inv_freq[i] = theta^(-2i/d), as transformers computes it, rounded to f32.
-        let inv_freq = (0..cfg.rope_dim / 2)
-            .map(|i| (1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32)
-            .collect();
-        Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq })
+        let freqs = |theta: f32| -> Vec<f32> {
+            (0..cfg.rope_dim / 2)
+                .map(|i| (1.0 / (theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32)
+                .collect()
+        };
+        let inv_freq = freqs(cfg.rope_theta);
+        let inv_freq_local = cfg.sliding_window.filter(|w| w.rope_theta != cfg.rope_theta).map(|w| freqs(w.rope_theta));
+        Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq, inv_freq_local })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -397,9 +429,17 @@ impl Model {
         let dev = &self.device;
         let n = batch.token_ids.len();
         let (h, hd, nh) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads);
-        let mut x = Vec::with_capacity(n * h);
-        for &t in batch.token_ids {
-            x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+        let mut x = vec![0f32; n * h];
+        for (&t, row) in batch.token_ids.iter().zip(x.chunks_exact_mut(h)) {
+            let t = t as usize;
+            match (&self.embed, &self.lm_head) {
+                (Embedding::Dense(e), _) => row.copy_from_slice(&e[t * h..(t + 1) * h]),
+                (Embedding::Head, Weight::Kernel(m)) => m.dequantize_row(t, row),
+                (Embedding::Head, Weight::Candle(_)) => unreachable!("embeddings from a head only of our kernels"),
+            }
+            if let Some(s) = cfg.embed_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
         }
         let layout = cache.layout();
         let mut row = 0;
@@ -417,7 +457,7 @@ impl Model {
                 a
             })
             .collect();
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = cfg.attn_scale;
         if cache.dtype() != cfg.kv_dtype {
             return Err(crate::error::Error::InvalidBatch(format!(
                 "KV cache holds {:?}, the model was loaded for {:?}",
@@ -426,6 +466,7 @@ impl Model {
             )));
         }
         let tables = RopeTables::new(&self.inv_freq, batch.positions);
+        let local_tables = self.inv_freq_local.as_ref().map(|f| RopeTables::new(f, batch.positions));
         let style = match cfg.rope_style {
             RopeStyle::Interleaved => rope::RopeStyle::Interleaved,
             RopeStyle::Neox => rope::RopeStyle::Neox,
@@ -436,38 +477,73 @@ impl Model {
         let mut q = vec![0f32; n * nh * hd];
         let mut attn = vec![0f32; n * nh * hd];
         let (mut hn, mut qkv, mut gate_up) = (Vec::new(), Vec::new(), Vec::new());
+        // Outputs waiting for their post norm (gemma3), and that norm's result.
+        let (mut out, mut out_normed) = (Vec::new(), Vec::new());
+        let nq = nh * hd;
+        let nkv = cfg.num_kv_heads * hd;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = NormedRows::new(&x, &layer.attn_norm, eps, layer.qkv.rounded(), &mut hn);
             layer.qkv.forward(normed.input(), n, dev, &mut qkv)?;
-            // Rotation of q and k and the cache write in one pass over the projection's output.
-            let store =
-                QkvStore { qkv: &qkv, num_heads: nh, layout, tables: &tables, style, slots: batch.slot_mapping };
-            match &mut cache.layers {
-                KvLayers::F16(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
-                KvLayers::F32(l) => attend(&store, &seqs, scale, &mut q, &mut l[i], &mut attn),
+            if let Some((qn, kn)) = &layer.qk_norm {
+                for row in qkv.chunks_exact_mut(nq + 2 * nkv) {
+                    mlx_serving_kernels::vec::rms_norm_in_place(&mut row[..nq], qn, eps);
+                    mlx_serving_kernels::vec::rms_norm_in_place(&mut row[nq..nq + nkv], kn, eps);
+                }
             }
-            layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?;
+            let window = cfg.layer_window(i);
+            let tables = match (&local_tables, window) {
+                (Some(local), Some(_)) => local,
+                _ => &tables,
+            };
+            // Rotation of q and k and the cache write in one pass over the projection's output.
+            let store = QkvStore { qkv: &qkv, num_heads: nh, layout, tables, style, slots: batch.slot_mapping };
+            match &mut cache.layers {
+                KvLayers::F16(l) => attend(&store, &seqs, scale, window, &mut q, &mut l[i], &mut attn),
+                KvLayers::F32(l) => attend(&store, &seqs, scale, window, &mut q, &mut l[i], &mut attn),
+            }
+            match &layer.post_norms {
+                None => layer.o.forward_into(Input::F32(&attn), n, &mut x, true, dev)?,
+                Some((post, _)) => {
+                    out.resize(n * h, 0.0);
+                    layer.o.forward_into(Input::F32(&attn), n, &mut out, false, dev)?;
+                    add_normed(&mut x, &out, post, eps, &mut out_normed);
+                }
+            }
             if !progress() {
                 return Err(crate::error::Error::Cancelled);
             }
             let normed = NormedRows::new(&x, &layer.ffn_norm, eps, layer.gate_up.rounded(), &mut hn);
             layer.gate_up.forward(normed.input(), n, dev, &mut gate_up)?;
-            // SwiGLU and rounding in one pass, the residual added by the down matmul itself.
-            match layer.down.rounded() {
-                Some(wide) => {
-                    let acts = Q8Acts::swiglu(&gate_up, ffn, wide);
-                    layer.down.forward_into(Input::Rounded(&acts), n, &mut x, true, dev)?;
+            // The activation and rounding in one pass where they fuse, the residual added by the down matmul
+            // itself unless the output is normed first.
+            let (dst, add) = match layer.post_norms {
+                None => (&mut x, true),
+                Some(_) => {
+                    out.resize(n * h, 0.0);
+                    (&mut out, false)
                 }
-                None => {
+            };
+            match (cfg.ffn_activation, layer.down.rounded()) {
+                (FfnActivation::Silu, Some(wide)) => {
+                    let acts = Q8Acts::swiglu(&gate_up, ffn, wide);
+                    layer.down.forward_into(Input::Rounded(&acts), n, dst, add, dev)?;
+                }
+                (act, _) => {
                     let mut gate = Vec::with_capacity(n * ffn);
                     let mut up = Vec::with_capacity(n * ffn);
                     for row in gate_up.chunks_exact(2 * ffn) {
                         gate.extend_from_slice(&row[..ffn]);
                         up.extend_from_slice(&row[ffn..]);
                     }
-                    mlx_serving_kernels::vec::swiglu(&mut gate, &up);
-                    layer.down.forward_into(Input::F32(&gate), n, &mut x, true, dev)?;
+                    match act {
+                        FfnActivation::Silu => mlx_serving_kernels::vec::swiglu(&mut gate, &up),
+                        FfnActivation::GeluTanh => mlx_serving_kernels::vec::gelu_tanh_mul(&mut gate, &up),
+                    }
+                    layer.down.forward_into(Input::F32(&gate), n, dst, add, dev)?;
                 }
+            }
+            if let Some((_, post)) = &layer.post_norms {
+                add_normed(&mut x, &out, post, eps, &mut out_normed);
             }
             if !progress() {
                 return Err(crate::error::Error::Cancelled);
@@ -484,6 +560,9 @@ impl Model {
         let mut logits = vec![0f32; m * cfg.vocab_size];
         let normed = NormedRows::new(&last, &self.norm, eps, self.lm_head.rounded(), &mut hn);
         self.lm_head.forward_into(normed.input(), m, &mut logits, false, dev)?;
+        if let Some(cap) = cfg.final_logit_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
         Ok(logits)
     }
 }
@@ -494,12 +573,20 @@ fn attend<T: KvElem>(
     s: &QkvStore<'_>,
     seqs: &[AttnSeq<'_>],
     scale: f32,
+    window: Option<usize>,
     q: &mut [f32],
     kv: &mut LayerKv<T>,
     out: &mut [f32],
 ) {
     rope_qkv_store(s, q, &mut kv.k, &mut kv.v);
-    paged_attention(out, q, &kv.k, &kv.v, s.layout, s.num_heads, seqs, scale);
+    paged_attention(out, q, &kv.k, &kv.v, s.layout, s.num_heads, seqs, scale, window);
+}
+
+/// `x += rms_norm(y) · w` (a post norm before the residual add); `buf` is scratch reused across layers.
+fn add_normed(x: &mut [f32], y: &[f32], w: &[f32], eps: f32, buf: &mut Vec<f32>) {
+    buf.resize(y.len(), 0.0);
+    mlx_serving_kernels::vec::rms_norm(y, w, eps, buf);
+    add_assign(x, buf);
 }
 
 fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
@@ -508,7 +595,20 @@ fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions
         let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
-    let format = match qt.dtype() {
+    match (kernel_format(qt.dtype()), qt.shape().dims()) {
+        (Some(format), &[rows, cols]) => {
+            let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
+            QMatrix::new(format, rows, cols, data)
+                .map(|m| Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
+                .map_err(|e| bad(e.to_string()))
+        }
+        _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
+    }
+}
+
+/// Our kernels' format for GGML type `t`, if they cover it.
+fn kernel_format(t: GgmlDType) -> Option<QuantFormat> {
+    match t {
         GgmlDType::Q4_0 => Some(QuantFormat::Q4_0),
         GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
         GgmlDType::Q5_0 => Some(QuantFormat::Q5_0),
@@ -517,15 +617,6 @@ fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions
         GgmlDType::Q4K => Some(QuantFormat::Q4_K),
         GgmlDType::Q6K => Some(QuantFormat::Q6_K),
         _ => None,
-    };
-    match (format, qt.shape().dims()) {
-        (Some(format), &[rows, cols]) => {
-            let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
-            QMatrix::new(format, rows, cols, data)
-                .map(|m| Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
-                .map_err(|e| bad(e.to_string()))
-        }
-        _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
     }
 }
 

@@ -88,6 +88,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     let bundle = ModelBundle::load(src, &crate::decoder::LoadOptions { dequantize: false, ..Default::default() })?;
     let cfg = bundle.model.config().clone();
     let mut g = GgufFile::open(src)?;
+    let gemma = cfg.architecture == Architecture::Gemma3;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let names = g.tensor_names();
     let dtype = match format {
@@ -105,7 +106,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     };
     // What each GGUF tensor becomes: (HF name, dtype, shape) entries, in this order in the file.
     let plan = |name: &str, dims: &[usize]| -> Vec<(String, &'static str, Vec<usize>)> {
-        let hf = hf_name(name);
+        let hf = hf_name(name, gemma);
         match (format, dims) {
             (ExportFormat::Mlx { bits, group_size }, &[rows, cols])
                 if quantizable(name) && cols.is_multiple_of(group_size) =>
@@ -148,6 +149,10 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
             .dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
             .map_err(|e| g.bad_tensor(name, e.to_string()))?;
+        if gemma && name.ends_with("norm.weight") {
+            // Gemma checkpoints scale by `1 + w`.
+            values.iter_mut().for_each(|v| *v -= 1.0);
+        }
         if cfg.rope_style == RopeStyle::Interleaved {
             if name.ends_with(".attn_q.weight") || name.ends_with(".attn_q.bias") {
                 values = unpermute(&values, cfg.num_heads, dims[0]);
@@ -174,13 +179,11 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     std::fs::rename(&part, &path).map_err(io(&path))?;
 
     let st = &bundle.special_tokens;
-    let model_type = match cfg.architecture {
-        Architecture::Llama => "llama",
-        Architecture::Qwen2 => "qwen2",
-    };
-    let architectures = match cfg.architecture {
-        Architecture::Llama => "LlamaForCausalLM",
-        Architecture::Qwen2 => "Qwen2ForCausalLM",
+    let (model_type, architectures) = match cfg.architecture {
+        Architecture::Llama => ("llama", "LlamaForCausalLM"),
+        Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        Architecture::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        Architecture::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
     };
     let config = json!({
         "architectures": [architectures],
@@ -197,12 +200,27 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
         "rms_norm_eps": cfg.rms_norm_eps,
         "attention_bias": cfg.attention_bias,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu",
+        "hidden_act": if gemma { "gelu_pytorch_tanh" } else { "silu" },
         "bos_token_id": st.bos,
         "eos_token_id": st.eos,
         "torch_dtype": dtype.torch(),
     });
     let mut config = config;
+    if gemma {
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+        config["query_pre_attn_scalar"] = json!((1.0 / (cfg.attn_scale * cfg.attn_scale)).round());
+        config["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
+        config["rope_scaling"] = Value::Null;
+        if let Some(w) = cfg.sliding_window {
+            config["sliding_window"] = json!(w.size);
+            config["sliding_window_pattern"] = json!(w.pattern);
+            config["rope_local_base_freq"] = json!(w.rope_theta);
+            let types: Vec<&str> = (0..cfg.num_layers)
+                .map(|i| if cfg.layer_window(i).is_some() { "sliding_attention" } else { "full_attention" })
+                .collect();
+            config["layer_types"] = json!(types);
+        }
+    }
     if let ExportFormat::Mlx { bits, group_size } = format {
         let q = json!({"group_size": group_size, "bits": bits, "mode": "affine"});
         config["quantization"] = q.clone();
@@ -215,7 +233,8 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
         "add_bos_token": st.add_bos,
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
-    if let Some(src) = chat_template_text(&g) {
+    let builtin = crate::chat_template::builtin(cfg.architecture).map(String::from);
+    if let Some(src) = chat_template_text(&g).or(builtin) {
         tokenizer_config["chat_template"] = json!(src);
     }
     let generation = json!({"bos_token_id": st.bos, "eos_token_id": st.eog});

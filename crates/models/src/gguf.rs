@@ -148,6 +148,20 @@ impl GgufFile {
         }
     }
 
+    pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>> {
+        match self.require(key)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    Value::F32(x) => Ok(*x),
+                    Value::F64(x) => Ok(*x as f32),
+                    other => Err(self.bad_meta(key, format!("expected floats, found {:?}", other.value_type()))),
+                })
+                .collect(),
+            v => Err(self.bad_meta(key, format!("expected an array, got {:?}", v.value_type()))),
+        }
+    }
+
     pub fn get_int_array_opt(&self, key: &str) -> Result<Option<Vec<i64>>> {
         match self.metadata(key) {
             None => Ok(None),

@@ -24,7 +24,7 @@
 //! biases are exact in f16 wherever they lie in its normal range. Other widths are dequantized to f32 for
 //! now.
 
-use crate::config::{Architecture, ModelConfig, RopeStyle};
+use crate::config::{Architecture, ModelConfig, RopeStyle, SlidingWindow};
 use crate::error::{Error, Result};
 use crate::source::TensorSource;
 use crate::tokenizer::SpecialTokens;
@@ -71,6 +71,8 @@ pub struct HfDir {
     config: Value,
     shards: Vec<(PathBuf, File)>,
     tensors: HashMap<String, TensorInfo>,
+    /// Gemma checkpoints name their norms differently and store norm weights as `w - 1`.
+    gemma: bool,
 }
 
 impl std::fmt::Debug for HfDir {
@@ -112,7 +114,8 @@ impl HfDir {
         } else {
             vec!["model.safetensors".into()]
         };
-        let mut me = Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new() };
+        let gemma = config.get("model_type").and_then(Value::as_str).is_some_and(|t| t.starts_with("gemma"));
+        let mut me = Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new(), gemma };
         for f in files {
             let path = dir.join(&f);
             let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
@@ -166,28 +169,46 @@ impl HfDir {
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| Error::MissingMetadata { path: self.config_path(), key: "model_type".into() })?;
-        let architecture = match arch_name {
-            "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            other => return Err(Error::UnsupportedArchitecture { path: self.config_path(), arch: other.to_string() }),
+        let Some(architecture) = Architecture::from_name(arch_name).or(match arch_name {
+            "gemma3_text" => Some(Architecture::Gemma3),
+            _ => None,
+        }) else {
+            return Err(Error::UnsupportedArchitecture { path: self.config_path(), arch: arch_name.to_string() });
         };
         let hidden_size = self.usize_key("hidden_size")?;
         let num_heads = self.usize_key("num_attention_heads")?;
-        if num_heads == 0 || hidden_size % num_heads != 0 {
-            return Err(self.cfg_err("num_attention_heads", format!("{num_heads} does not divide {hidden_size}")));
+        let head_dim = match self.usize_key("head_dim") {
+            Ok(d) => d,
+            Err(_) if num_heads > 0 && hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+            Err(_) => {
+                return Err(self.cfg_err("num_attention_heads", format!("{num_heads} does not divide {hidden_size}")))
+            }
+        };
+        if num_heads == 0 || head_dim == 0 {
+            return Err(self.cfg_err("num_attention_heads", format!("{num_heads} heads of size {head_dim}")));
         }
         let num_kv_heads = self.usize_key("num_key_value_heads").unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(self.cfg_err("num_key_value_heads", format!("{num_kv_heads} does not divide {num_heads}")));
         }
-        let head_dim = self.usize_key("head_dim").unwrap_or(hidden_size / num_heads);
         let tie = self.config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
         let attention_bias = match architecture {
             Architecture::Qwen2 => true,
             _ => self.config.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
         };
-        Ok(ModelConfig {
-            architecture,
+        if let Some(s) = self.config.get("rope_scaling").filter(|s| !s.is_null()) {
+            return Err(self.cfg_err("rope_scaling", format!("{s} is not supported yet")));
+        }
+        let gemma = architecture == Architecture::Gemma3;
+        let sliding_window = match self.config.get("sliding_window").and_then(Value::as_u64) {
+            Some(size) if gemma && size > 0 => Some(SlidingWindow {
+                size: size as usize,
+                pattern: self.sliding_pattern()?,
+                rope_theta: self.opt_f64("rope_local_base_freq").unwrap_or(10_000.0) as f32,
+            }),
+            _ => None,
+        };
+        let mut cfg = ModelConfig {
             num_layers: self.usize_key("num_hidden_layers")?,
             hidden_size,
             intermediate_size: self.usize_key("intermediate_size")?,
@@ -203,8 +224,39 @@ impl HfDir {
             attention_bias,
             // A checkpoint without `lm_head.weight` ties it whatever the config says.
             tie_word_embeddings: tie || !self.tensors.contains_key("lm_head.weight"),
-            kv_dtype: Default::default(),
-        })
+            attn_scale: self
+                .opt_f64("query_pre_attn_scalar")
+                .filter(|&s| gemma && s > 0.0)
+                .map_or(0.0, |s| s.powf(-0.5) as f32),
+            sliding_window,
+            final_logit_softcap: self.opt_f64("final_logit_softcapping").filter(|&c| c > 0.0).map(|c| c as f32),
+            ..ModelConfig::defaults(architecture)
+        };
+        cfg.set_arch_flags();
+        Ok(cfg)
+    }
+
+    /// Gemma 3's layer pattern: `sliding_window_pattern`, or the period of `layer_types` (which must then
+    /// be that many layers repeated: `pattern - 1` sliding ones and a full one).
+    fn sliding_pattern(&self) -> Result<usize> {
+        if let Some(types) = self.config.get("layer_types").and_then(Value::as_array) {
+            let full: Vec<usize> = types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.as_str() == Some("full_attention"))
+                .map(|(i, _)| i)
+                .collect();
+            let pattern = full.first().map_or(types.len() + 1, |i| i + 1);
+            let regular = types.iter().enumerate().all(|(i, t)| {
+                let want = if i % pattern == pattern - 1 { "full_attention" } else { "sliding_attention" };
+                t.as_str() == Some(want)
+            });
+            if !regular {
+                return Err(self.cfg_err("layer_types", "not a repeating pattern of sliding layers and one full one"));
+            }
+            return Ok(pattern);
+        }
+        Ok(self.config.get("sliding_window_pattern").and_then(Value::as_u64).map_or(6, |p| p as usize).max(1))
     }
 
     /// BOS/EOS and end-of-generation ids from `config.json`, `generation_config.json` and the tokenizer's
@@ -343,7 +395,7 @@ pub(crate) fn affine_to_ggml(
 
 impl TensorSource for HfDir {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-        let hf = hf_name(name);
+        let hf = hf_name(name, self.gemma);
         let info = self.info(&hf)?;
         if info.dtype == DType::U32 {
             let (Some(base), &[rows, cols]) = (hf.strip_suffix(".weight"), shape) else {
@@ -353,6 +405,14 @@ impl TensorSource for HfDir {
         }
         if info.shape != shape {
             return Err(self.bad(&info, &hf, format!("shape {:?}, expected {shape:?}", info.shape)));
+        }
+        if self.gemma && name.ends_with("norm.weight") {
+            // Gemma scales by `1 + w`; GGUF (and our decoder) by `w`.
+            let (_, mut values) = self.read_f32(&hf)?;
+            values.iter_mut().for_each(|v| *v += 1.0);
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            return qtensor_from_ggml(GgmlDType::F32, &bytes, info.shape.clone(), device)
+                .map_err(|e| self.bad(&info, &hf, e.to_string()));
         }
         let data = self.read(&hf, &info)?;
         let dtype = match info.dtype {
@@ -364,12 +424,13 @@ impl TensorSource for HfDir {
     }
 
     fn bad_tensor(&self, name: &str, reason: String) -> Error {
-        Error::BadTensor { path: self.dir.clone(), name: hf_name(name), reason }
+        Error::BadTensor { path: self.dir.clone(), name: hf_name(name, self.gemma), reason }
     }
 }
 
-/// The checkpoint name of the tensor the decoder calls `name` (GGUF's naming).
-pub(crate) fn hf_name(name: &str) -> String {
+/// The checkpoint name of the tensor the decoder calls `name` (GGUF's naming); `gemma` checkpoints name
+/// their four norms per layer differently.
+pub(crate) fn hf_name(name: &str, gemma: bool) -> String {
     match name {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output.weight" => return "lm_head.weight".into(),
@@ -385,7 +446,12 @@ pub(crate) fn hf_name(name: &str) -> String {
     let (module, suffix) = rest.split_once('.').unwrap_or((rest, ""));
     let hf = match module {
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -493,10 +559,15 @@ mod tests {
 
     #[test]
     fn gguf_names_map_onto_checkpoint_names() {
-        assert_eq!(hf_name("blk.3.attn_q.weight"), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.3.attn_q.bias"), "model.layers.3.self_attn.q_proj.bias");
-        assert_eq!(hf_name("blk.12.ffn_down.weight"), "model.layers.12.mlp.down_proj.weight");
-        assert_eq!(hf_name("blk.0.ffn_norm.weight"), "model.layers.0.post_attention_layernorm.weight");
-        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+        assert_eq!(hf_name("blk.3.attn_q.weight", false), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.3.attn_q.bias", false), "model.layers.3.self_attn.q_proj.bias");
+        assert_eq!(hf_name("blk.12.ffn_down.weight", false), "model.layers.12.mlp.down_proj.weight");
+        assert_eq!(hf_name("blk.0.ffn_norm.weight", false), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(hf_name("output.weight", false), "lm_head.weight");
+        assert_eq!(hf_name("blk.2.attn_q_norm.weight", false), "model.layers.2.self_attn.q_norm.weight");
+        // Gemma's four norms per layer.
+        assert_eq!(hf_name("blk.1.ffn_norm.weight", true), "model.layers.1.pre_feedforward_layernorm.weight");
+        assert_eq!(hf_name("blk.1.post_attention_norm.weight", true), "model.layers.1.post_attention_layernorm.weight");
+        assert_eq!(hf_name("blk.1.post_ffw_norm.weight", true), "model.layers.1.post_feedforward_layernorm.weight");
     }
 }

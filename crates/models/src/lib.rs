@@ -27,7 +27,7 @@ pub mod tokenizer;
 pub use bundle::{ChatContent, ModelBundle};
 pub use chat_template::ChatTemplate;
 pub use chat_tokens::{SpecialTokenText, TokenBytes};
-pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use config::{Architecture, FfnActivation, ModelConfig, RopeStyle, SlidingWindow};
 pub use decoder::{ActivationPrecision, LoadOptions, Model};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;

@@ -4,8 +4,13 @@
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use std::path::Path;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -14,6 +19,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_NORMAL: i64 = 1;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
@@ -58,14 +64,19 @@ impl SpecialTokens {
     }
 }
 
-/// Builds the tokenizer described by the GGUF metadata.
+/// Builds the tokenizer described by the GGUF metadata: byte-level BPE (`gpt2`) or SentencePiece BPE
+/// (`llama`, as gemma's).
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let model = g.get_str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(Error::Tokenizer(format!(
-            "{}: tokenizer.ggml.model `{model}` is not supported yet (only byte-level BPE, `gpt2`); put a tokenizer.json next to the model",
-            g.path().display()
-        )));
+    match model {
+        "gpt2" => {}
+        "llama" => return spm_tokenizer(g),
+        _ => {
+            return Err(Error::Tokenizer(format!(
+                "{}: tokenizer.ggml.model `{model}` is not supported yet (byte-level BPE `gpt2` or SentencePiece `llama`); put a tokenizer.json next to the model",
+                g.path().display()
+            )))
+        }
     }
     let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
     let merges = g.get_str_array("tokenizer.ggml.merges")?;
@@ -84,7 +95,74 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let pre = g.get_str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
     tok.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
+    finish(g, tok, &tokens, &types)
+}
 
+/// SentencePiece's BPE (`tokenizer.ggml.model = llama`) as a `tokenizers` BPE: spaces become `▁` (with one
+/// prepended when `add_space_prefix`), and every split of a normal piece into two pieces is a merge, ranked by
+/// the merged piece's score, highest first. Merging the best-scoring adjacent pair first is exactly what
+/// SentencePiece (and llama.cpp's `llm_tokenizer_spm`) does; characters outside the vocabulary fall back to
+/// their bytes (`<0xAB>` pieces).
+fn spm_tokenizer(g: &GgufFile) -> Result<Tokenizer> {
+    let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+    let scores = g.get_f32_array("tokenizer.ggml.scores")?;
+    let types = g.get_int_array_opt("tokenizer.ggml.token_type")?.unwrap_or_default();
+    if scores.len() != tokens.len() {
+        return Err(Error::Tokenizer(format!(
+            "{}: {} scores for {} tokens",
+            g.path().display(),
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let normal = |id: usize| types.get(id).is_none_or(|&t| t == TOKEN_TYPE_NORMAL);
+    let mut merges: Vec<(f32, u32, String, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if !normal(id) {
+            continue;
+        }
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(cut);
+            let known = |t: &str| vocab.get(t).is_some_and(|&i| normal(i as usize));
+            if known(a) && known(b) {
+                merges.push((scores[id], id as u32, a.to_string(), b.to_string()));
+            }
+        }
+    }
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    let merges = merges.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true);
+    if let Some(unk) = g.get_u64_opt("tokenizer.ggml.unknown_token_id")?.and_then(|i| tokens.get(i as usize)) {
+        builder = builder.unk_token(unk.to_string());
+    }
+    let bpe = builder.build().map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut tok = Tokenizer::new(bpe);
+    let space = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    let replace = Replace::new(" ", "\u{2581}").map_err(space)?;
+    if g.get_bool_opt("tokenizer.ggml.add_space_prefix")?.unwrap_or(true) {
+        let prepend = Prepend::new("\u{2581}".into());
+        tok.with_normalizer(Some(NormalizerSequence::new(vec![prepend.into(), replace.into()]))).map_err(space)?;
+        tok.with_decoder(Some(DecoderSequence::new(vec![
+            Replace::new("\u{2581}", " ").map_err(space)?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+            Strip::new(' ', 1, 0).into(),
+        ])));
+    } else {
+        tok.with_normalizer(Some(replace)).map_err(space)?;
+        tok.with_decoder(Some(DecoderSequence::new(vec![
+            Replace::new("\u{2581}", " ").map_err(space)?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ])));
+    }
+    finish(g, tok, &tokens, &types)
+}
+
+/// The control and user-defined tokens as added tokens (matched whole before the model runs), and BOS
+/// prepended when the file asks for it.
+fn finish(g: &GgufFile, mut tok: Tokenizer, tokens: &[&str], types: &[i64]) -> Result<Tokenizer> {
     let mut added = Vec::new();
     for (id, ty) in types.iter().enumerate() {
         let special = match *ty {

@@ -2,7 +2,9 @@
 //! the model's own chat template renders and tokenizes the reference chat prompts exactly.
 
 use mlx_serving_models::{tokenizer_from_gguf, ChatTemplate, GgufFile, SpecialTokens};
-use mlx_serving_test_support::{qwen2_path, reference, reference_chat_template, reference_tokenizer, smollm2_path};
+use mlx_serving_test_support::{
+    gemma3_path, qwen2_path, reference, reference_chat_template, reference_tokenizer, smollm2_path,
+};
 use std::path::Path;
 
 const EXTRA_TEXTS: &[&str] = &[
@@ -125,4 +127,24 @@ fn special_tokens_come_from_the_gguf() {
     assert!(s.eog.contains(&2) && s.eog.contains(&0), "{:?}", s.eog);
     let q = SpecialTokens::from_gguf(&GgufFile::open(qwen2_path()).unwrap()).unwrap();
     assert!(q.eog.contains(&151645) && q.eog.contains(&151643), "{:?}", q.eog);
+}
+
+/// Gemma's SentencePiece tokenizer, built from the GGUF alone (scores, byte fallback, user-defined tokens),
+/// against llama.cpp's own tokenizer on the same file (`testdata/reference/llama.cpp-tokens-gemma-3-270m.json`:
+/// spaces, tabs and newline runs, accents, CJK, emoji, bytes outside the vocabulary, control characters), and
+/// decoding gives the text back.
+#[test]
+fn gemma3_gguf_tokenizer_matches_llama_cpp() {
+    let g = GgufFile::open(gemma3_path()).unwrap();
+    let ours = tokenizer_from_gguf(&g).unwrap();
+    let refs = reference("llama.cpp-tokens-gemma-3-270m.json");
+    for item in refs["items"].as_array().unwrap() {
+        let text = item["text"].as_str().unwrap();
+        let want: Vec<u32> = item["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = ours.encode(text, false).unwrap();
+        assert_eq!(got.get_ids(), &want[..], "ids differ for {text:?}");
+        assert_eq!(ours.decode(got.get_ids(), false).unwrap(), text, "decode does not round-trip");
+    }
+    // BOS is prepended as the file asks.
+    assert_eq!(ours.encode("Hello", true).unwrap().get_ids()[0], 2);
 }

@@ -3,23 +3,43 @@
 
 use mlx_serving_engine::SamplingParams;
 use mlx_serving_models::export::{export, export_hf, ExportDtype, ExportFormat};
-use mlx_serving_models::{ChatContent, LoadOptions, ModelBundle};
+use mlx_serving_models::{ChatContent, LoadOptions, ModelBundle, ModelConfig};
 use mlx_serving_runner::{generate, last_position_logits, GenerateOptions};
-use mlx_serving_test_support::{reference, smollm2_path};
+use mlx_serving_test_support::{gemma3_path, reference, smollm2_path};
+use std::path::Path;
 
 #[test]
 fn gguf_to_hf_and_back_gives_the_same_tokens() {
-    let out = std::env::temp_dir().join(format!("mlx-serving-convert-{}", std::process::id()));
+    roundtrip(&smollm2_path(), "greedy-SmolLM2-135M-Instruct-transformers-f32.json", &[0, 1, 2, 3, 12, 13, 14, 15]);
+}
+
+/// Gemma 3 through the Hugging Face layout: its norms written as `w - 1` and read back as `1 + w`, the four
+/// norms per layer under Gemma's names, the sliding-window layout in `config.json`, the SentencePiece
+/// tokenizer and the built-in chat format carried over.
+#[test]
+fn gemma3_gguf_to_hf_and_back_gives_the_same_tokens() {
+    roundtrip(&gemma3_path(), "llama.cpp-greedy-gemma-3-270m.json", &[0, 5, 12, 14]);
+}
+
+/// Writes `gguf` as an f32 Hugging Face directory, loads it back, and checks that the reference `items`'
+/// prompts encode alike and give the same 16 greedy ids as the GGUF dequantized at load (the same weights).
+fn roundtrip(gguf: &Path, ref_file: &str, items: &[usize]) {
+    let name = gguf.file_stem().unwrap().to_string_lossy();
+    let out = std::env::temp_dir().join(format!("mlx-serving-convert-{name}-{}", std::process::id()));
     let mut calls = 0;
-    export_hf(&smollm2_path(), &out, ExportDtype::F32, |_, _| calls += 1).unwrap();
+    export_hf(gguf, &out, ExportDtype::F32, |_, _| calls += 1).unwrap();
     assert!(calls > 100, "progress after each tensor");
     let hf = ModelBundle::load(&out, &LoadOptions::default()).unwrap();
     // The same f32 weights: the GGUF dequantized at load.
-    let gguf = ModelBundle::load(smollm2_path(), &LoadOptions { dequantize: true, ..LoadOptions::default() }).unwrap();
+    let gguf = ModelBundle::load(gguf, &LoadOptions { dequantize: true, ..LoadOptions::default() }).unwrap();
+    // The same hyper-parameters, but for llama's RoPE layout (the export undoes llama.cpp's Q/K permutation).
+    let same_layout = ModelConfig { rope_style: hf.model.config().rope_style, ..gguf.model.config().clone() };
+    assert_eq!(hf.model.config(), &same_layout);
     assert_eq!(hf.special_tokens.eog, gguf.special_tokens.eog);
-    let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
+    let refs = reference(ref_file);
     let opts = |b: &ModelBundle| GenerateOptions { eog_token_ids: b.special_tokens.eog.clone(), ..Default::default() };
-    for item in refs["items"].as_array().unwrap().iter().take(8) {
+    for &i in items {
+        let item = &refs["items"][i];
         let (a, b) = match item["kind"].as_str().unwrap() {
             "completion" => {
                 let p = item["prompt"].as_str().unwrap();

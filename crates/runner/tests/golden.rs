@@ -9,7 +9,7 @@ use mlx_serving_engine::SamplingParams;
 use mlx_serving_kernels::{Isa, KvDtype};
 use mlx_serving_models::{ActivationPrecision, ChatContent, LoadOptions, ModelBundle};
 use mlx_serving_runner::{generate, last_position_logits, logprob, GenerateOptions};
-use mlx_serving_test_support::{hf_dir, mlx_dir, qwen2_path, reference, smollm2_path};
+use mlx_serving_test_support::{gemma3_path, hf_dir, mlx_dir, qwen2_path, reference, smollm2_path};
 use serde_json::Value;
 use std::path::Path;
 
@@ -286,4 +286,12 @@ fn smollm2_first_step_top5_logprobs_f16_kv_alone() {
         &LoadOptions { activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F16, dequantize: false },
         0.005,
     );
+}
+
+/// Gemma 3 (sliding-window and global layers, q/k and post norms, GELU, SentencePiece tokenizer from the GGUF,
+/// the built-in chat format) against llama.cpp on the same file: `scripts/llama-reference.py` ran the peer's
+/// `llama-server`; its prompt ids come from llama.cpp's own tokenizer and its gaps from its own arithmetic.
+#[test]
+fn gemma3_greedy_matches_llama_cpp() {
+    run_golden(&gemma3_path(), "llama.cpp-greedy-gemma-3-270m.json", &LoadOptions::default());
 }

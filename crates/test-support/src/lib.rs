@@ -30,6 +30,11 @@ pub fn qwen2_path() -> PathBuf {
     model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-0.5b")
 }
 
+/// Gemma-3-270M (base), GGUF Q4_K_M.
+pub fn gemma3_path() -> PathBuf {
+    model("gemma-3-270m-q4_k_m.gguf", "gemma3-270m")
+}
+
 /// A Hugging Face directory written from one of the GGUFs by `scripts/make-hf-dir.py` (the `gguf` package's
 /// dequantizer, not our code): `SmolLM2-135M-Instruct-f32`, `SmolLM2-135M-Instruct-bf16`,
 /// `Qwen2.5-Coder-0.5B-Instruct-bf16`.

@@ -14,12 +14,29 @@ pub struct TinyLlama {
     pub kv_heads: usize,
     pub vocab: usize,
     pub context: usize,
+    /// `llama`, `qwen2` (no biases written), `qwen3` (q/k norms) or `gemma3` (q/k norms, post norms,
+    /// sliding-window layers).
     pub arch: &'static str,
+    /// Head size, when not `hidden / heads` (written as `attention.key_length`).
+    pub head_dim: Option<usize>,
+    /// Gemma 3's window (`attention.sliding_window`; every third layer global, see `write`).
+    pub sliding_window: Option<usize>,
 }
 
 impl Default for TinyLlama {
     fn default() -> Self {
-        Self { layers: 2, hidden: 64, ffn: 128, heads: 4, kv_heads: 2, vocab: 96, context: 256, arch: "llama" }
+        Self {
+            layers: 2,
+            hidden: 64,
+            ffn: 128,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 96,
+            context: 256,
+            arch: "llama",
+            head_dim: None,
+            sliding_window: None,
+        }
     }
 }
 
@@ -42,7 +59,12 @@ impl TinyLlama {
         };
         let q8 = |t: Tensor| QTensor::quantize(&t, GgmlDType::Q8_0).expect("quantize");
         let f32t = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).expect("f32");
-        let hd = self.hidden / self.heads;
+        let hd = self.head_dim.unwrap_or(self.hidden / self.heads);
+        let (qk_norm, post_norms) = match self.arch {
+            "qwen3" => (true, false),
+            "gemma3" => (true, true),
+            _ => (false, false),
+        };
         let mut tensors: Vec<(String, QTensor)> = vec![
             ("token_embd.weight".into(), q8(rand(&[self.vocab, self.hidden], 1.0))),
             ("output_norm.weight".into(), f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add"))),
@@ -58,6 +80,16 @@ impl TinyLlama {
             tensors.push((format!("{p}.ffn_gate.weight"), q8(rand(&[self.ffn, self.hidden], 0.3))));
             tensors.push((format!("{p}.ffn_up.weight"), q8(rand(&[self.ffn, self.hidden], 0.3))));
             tensors.push((format!("{p}.ffn_down.weight"), q8(rand(&[self.hidden, self.ffn], 0.3))));
+            if qk_norm {
+                for n in ["attn_q_norm", "attn_k_norm"] {
+                    tensors.push((format!("{p}.{n}.weight"), f32t((rand(&[hd], 0.2) + 1.0).expect("add"))));
+                }
+            }
+            if post_norms {
+                for n in ["post_attention_norm", "post_ffw_norm"] {
+                    tensors.push((format!("{p}.{n}.weight"), f32t((rand(&[self.hidden], 0.2) + 1.0).expect("add"))));
+                }
+            }
         }
         let a = self.arch;
         let tokens: Vec<Value> = (0..self.vocab)
@@ -79,6 +111,18 @@ impl TinyLlama {
             ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         ];
+        let mut md = md;
+        if let Some(d) = self.head_dim {
+            md.push((format!("{a}.attention.key_length"), Value::U32(d as u32)));
+            md.push((format!("{a}.attention.value_length"), Value::U32(d as u32)));
+        }
+        if let Some(w) = self.sliding_window {
+            md.push((format!("{a}.attention.sliding_window"), Value::U32(w as u32)));
+            md.push((format!("{a}.attention.sliding_window_pattern"), Value::U32(3)));
+            // Global layers on another RoPE base than the sliding ones (10 000), as gemma 3's.
+            md.retain(|(k, _)| !k.ends_with(".rope.freq_base"));
+            md.push((format!("{a}.rope.freq_base"), Value::F32(1_000_000.0)));
+        }
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> =
             tensors.iter().filter(|(n, _)| !omit.contains(&n.as_str())).map(|(n, t)| (n.as_str(), t)).collect();
