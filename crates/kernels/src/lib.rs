@@ -6,10 +6,12 @@
 //! layouts documented on each function, so the engine crates stay free of candle.
 
 pub mod attention;
+pub mod half_matmul;
 pub mod pool;
 pub mod quant;
 pub mod rope;
 pub mod vec;
 
 pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvDtype, KvElem, KvLayout};
+pub use half_matmul::{half_matmul, HalfKind, HalfMatrix};
 pub use quant::{qmatmul, qmatmul_reference, Activations, Isa, QMatrix, QuantFormat};

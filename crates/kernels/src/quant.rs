@@ -342,6 +342,12 @@ pub struct QMatrix {
 #[error("{0}")]
 pub struct QuantError(String);
 
+impl QuantError {
+    pub(crate) fn new(msg: String) -> Self {
+        Self(msg)
+    }
+}
+
 impl QMatrix {
     /// Takes the tensor's raw GGUF bytes.
     pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
@@ -1035,7 +1041,7 @@ fn tiled_tasks(y: &mut [f32], n: usize, m: usize, add: bool, f: impl Fn(usize, u
 
 /// Runs `f(r0, out)` over the pool for runs of weight rows starting at `r0` (`guided_bounds`), `out` being
 /// those rows' outputs as `[rows, n]`; writes `y` as `[n, m]`.
-fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, add: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn rows_parallel_tasks(y: &mut [f32], n: usize, m: usize, add: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
     if n == 1 && !add {
         let bounds = guided_bounds(m);
         for_each_split_mut(y, &bounds, |t, out| f(bounds[t], out));

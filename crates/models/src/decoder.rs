@@ -9,8 +9,8 @@
 //! ```
 //!
 //! Activations are plain f32 slices. Matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights use our kernels (8-bit,
-//! 16-bit or f32 activations, see [`ActivationPrecision`]); other formats (and f32 weights when loaded with
-//! `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by `mlx_serving_kernels`.
+//! 16-bit or f32 activations, see [`ActivationPrecision`]), bf16/f16 weights our 16-bit float kernels (f32
+//! activations); other formats (and f32 weights when loaded with `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by `mlx_serving_kernels`.
 //!
 //! Where our kernels take rounded integer activations, the steps between matmuls are fused so that the
 //! activations make one pass through memory instead of several, with bitwise the results of the separate steps:
@@ -31,7 +31,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use mlx_serving_kernels::quant::{qmatmul_acts, qmatmul_add, Q8Acts};
 use mlx_serving_kernels::rope::{self, rope_qkv_store, QkvStore, RopeTables};
-use mlx_serving_kernels::{paged_attention, qmatmul, Activations, AttnSeq, KvDtype, KvElem, QMatrix, QuantFormat};
+use mlx_serving_kernels::{
+    half_matmul, paged_attention, qmatmul, Activations, AttnSeq, HalfKind, HalfMatrix, KvDtype, KvElem, QMatrix,
+    QuantFormat,
+};
 use std::path::Path;
 
 #[derive(Clone, Debug, Default)]
@@ -118,9 +121,11 @@ impl ActivationPrecision {
     }
 }
 
-/// A weight matrix `[out, in]`: our kernels where they cover the format, candle otherwise.
+/// A weight matrix `[out, in]`: our kernels where they cover the format (block formats; 16-bit floats),
+/// candle otherwise.
 enum Weight {
     Kernel(QMatrix),
+    Half(HalfMatrix),
     Candle(QMatMul),
 }
 
@@ -138,7 +143,7 @@ impl Weight {
     fn rounded(&self) -> Option<bool> {
         match self {
             Self::Kernel(w) => rounded(w),
-            Self::Candle(_) => None,
+            Self::Half(_) | Self::Candle(_) => None,
         }
     }
 
@@ -148,6 +153,7 @@ impl Weight {
             (Self::Kernel(w), Input::Rounded(a)) => qmatmul_acts(w, a, y, add),
             (Self::Kernel(w), Input::F32(x)) if add => qmatmul_add(w, x, y),
             (Self::Kernel(w), Input::F32(x)) => qmatmul(w, x, y),
+            (Self::Half(w), Input::F32(x)) => half_matmul(w, x, y, add),
             (Self::Candle(w), Input::F32(x)) => {
                 let xt = Tensor::from_slice(x, (n, x.len() / n), device)?;
                 let out = w.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
@@ -157,7 +163,9 @@ impl Weight {
                     y.copy_from_slice(&out);
                 }
             }
-            (Self::Candle(_), Input::Rounded(_)) => unreachable!("rounded activations only go to our kernels"),
+            (Self::Candle(_) | Self::Half(_), Input::Rounded(_)) => {
+                unreachable!("rounded activations only go to the block-format kernels")
+            }
         }
         Ok(())
     }
@@ -182,30 +190,46 @@ struct Linear {
 /// A projection's width in a group's output, and its bias.
 type Part<'a> = (usize, Option<&'a [f32]>);
 
-/// Projections that read the same input (q/k/v; gate/up). When all are our kernel's format they run as
-/// one stacked matmul: one parallel pass over the weights per step instead of several.
+/// Projections that read the same input (q/k/v; gate/up). When all are one of our kernels' formats they
+/// run as one stacked matmul: one parallel pass over the weights per step instead of several.
 enum ProjGroup {
-    Fused { weight: QMatrix, sizes: Vec<usize>, biases: Vec<Option<Vec<f32>>> },
+    /// `weight` is `Weight::Kernel` or `Weight::Half`.
+    Fused {
+        weight: Weight,
+        sizes: Vec<usize>,
+        biases: Vec<Option<Vec<f32>>>,
+    },
     Separate(Vec<Linear>),
 }
 
 impl ProjGroup {
     fn new(parts: Vec<Linear>) -> Self {
-        let kernels: Vec<QMatrix> = parts
+        let sizes: Vec<usize> = parts.iter().map(|p| p.rows).collect();
+        let blocks: Vec<QMatrix> = parts
             .iter()
             .filter_map(|p| match &p.weight {
                 Weight::Kernel(m) => Some(m.clone()),
-                Weight::Candle(_) => None,
+                _ => None,
             })
             .collect();
-        if kernels.len() == parts.len() {
-            if let Ok(weight) = QMatrix::concat_rows(&kernels) {
-                let sizes = kernels.iter().map(|k| k.rows()).collect();
-                let biases = parts.into_iter().map(|p| p.bias).collect();
-                return Self::Fused { weight, sizes, biases };
-            }
+        let halves: Vec<HalfMatrix> = parts
+            .iter()
+            .filter_map(|p| match &p.weight {
+                Weight::Half(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        let weight = if blocks.len() == parts.len() {
+            QMatrix::concat_rows(&blocks).ok().map(Weight::Kernel)
+        } else if halves.len() == parts.len() {
+            HalfMatrix::concat_rows(&halves).ok().map(Weight::Half)
+        } else {
+            None
+        };
+        match weight {
+            Some(weight) => Self::Fused { weight, sizes, biases: parts.into_iter().map(|p| p.bias).collect() },
+            None => Self::Separate(parts),
         }
-        Self::Separate(parts)
     }
 
     /// `Some(wide)` when the group runs as one matmul of rounded activations (see `Weight::rounded`).
@@ -213,7 +237,7 @@ impl ProjGroup {
     /// q/k and v formats differ): the rounded activations are made once and shared.
     fn rounded(&self) -> Option<bool> {
         match self {
-            Self::Fused { weight, .. } => rounded(weight),
+            Self::Fused { weight, .. } => weight.rounded(),
             Self::Separate(parts) => {
                 let first = parts.first()?.weight.rounded()?;
                 parts.iter().all(|p| p.weight.rounded() == Some(first)).then_some(first)
@@ -227,11 +251,8 @@ impl ProjGroup {
     fn forward(&self, x: Input<'_>, n: usize, device: &Device, y: &mut Vec<f32>) -> Result<()> {
         let parts: Vec<Part<'_>> = match self {
             Self::Fused { weight, sizes, biases } => {
-                y.resize(n * weight.rows(), 0.0);
-                match x {
-                    Input::Rounded(a) => qmatmul_acts(weight, a, y, false),
-                    Input::F32(x) => qmatmul(weight, x, y),
-                }
+                y.resize(n * sizes.iter().sum::<usize>(), 0.0);
+                weight.forward_into(x, n, y, false, device)?;
                 sizes.iter().zip(biases).map(|(&s, b)| (s, b.as_deref())).collect()
             }
             Self::Separate(parts) => {
@@ -339,7 +360,8 @@ impl Model {
                 .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))
         };
         let (embed, lm_head) = if cfg.tie_word_embeddings {
-            let on_kernels = !opts.dequantize && kernel_format(embed_q.dtype()).is_some();
+            let on_kernels =
+                !opts.dequantize && (kernel_format(embed_q.dtype()).is_some() || half_kind(embed_q.dtype()).is_some());
             let embed = if on_kernels { Embedding::Head } else { Embedding::Dense(dense(g, &embed_q)?) };
             (embed, to_matmul(g, "token_embd.weight", embed_q, opts)?)
         } else {
@@ -435,6 +457,7 @@ impl Model {
             match (&self.embed, &self.lm_head) {
                 (Embedding::Dense(e), _) => row.copy_from_slice(&e[t * h..(t + 1) * h]),
                 (Embedding::Head, Weight::Kernel(m)) => m.dequantize_row(t, row),
+                (Embedding::Head, Weight::Half(m)) => m.dequantize_row(t, row),
                 (Embedding::Head, Weight::Candle(_)) => unreachable!("embeddings from a head only of our kernels"),
             }
             if let Some(s) = cfg.embed_scale {
@@ -595,6 +618,10 @@ fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions
         let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
+    if let (Some(kind), &[rows, cols]) = (half_kind(qt.dtype()), qt.shape().dims()) {
+        let data = qt.data().map_err(|e| bad(e.to_string()))?;
+        return HalfMatrix::from_le_bytes(kind, rows, cols, &data).map(Weight::Half).map_err(|e| bad(e.to_string()));
+    }
     match (kernel_format(qt.dtype()), qt.shape().dims()) {
         (Some(format), &[rows, cols]) => {
             let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
@@ -616,6 +643,15 @@ fn kernel_format(t: GgmlDType) -> Option<QuantFormat> {
         GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
         GgmlDType::Q4K => Some(QuantFormat::Q4_K),
         GgmlDType::Q6K => Some(QuantFormat::Q6_K),
+        _ => None,
+    }
+}
+
+/// Our 16-bit float kernels' kind for GGML type `t`.
+fn half_kind(t: GgmlDType) -> Option<HalfKind> {
+    match t {
+        GgmlDType::BF16 => Some(HalfKind::Bf16),
+        GgmlDType::F16 => Some(HalfKind::F16),
         _ => None,
     }
 }
