@@ -5,7 +5,8 @@
 # Usage: LLAMA_BENCH=/path/to/llama-bench [LOAD=N] scripts/vs-llama.sh [rounds] [threads] [extra mlx-serving flags...]
 # LOAD=N runs N busy-looping processes for the whole measurement (a competing load, both sides alike).
 # MODEL=path measures another GGUF (default: SmolLM2-135M Q4_1). LLAMA_FLAGS="..." go to llama-bench (e.g.
-# "--repack 0": no repacked or AMX weights, where its build has them).
+# "--repack 0": no repacked or AMX weights, where its build has them). OURS_MODEL=path gives ours another form
+# of the same weights (a Hugging Face or MLX directory) while llama.cpp runs MODEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 busy=()
@@ -18,11 +19,12 @@ rounds="${1:-5}"; threads="${2:-2}"; shift $(( $# < 2 ? $# : 2 ))
 bin=target/release/mlx-serving
 [ -x "$bin" ] || cargo build --release
 model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+ours_model="${OURS_MODEL:-$model}"
 [ -n "${LLAMA_BENCH:-}" ] || { echo "set LLAMA_BENCH to llama.cpp's llama-bench" >&2; exit 1; }
 prompt="$(python3 -c "print(' '.join(['The quick brown fox jumps over the lazy dog.']*51) + ' Hello there')")"
 for i in $(seq "$rounds"); do
-  long=$("$bin" generate --model "$model" --prompt "$prompt" --max-tokens 128 --ignore-eos --threads "$threads" --json "$@")
-  short=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json "$@")
+  long=$("$bin" generate --model "$ours_model" --prompt "$prompt" --max-tokens 128 --ignore-eos --threads "$threads" --json "$@")
+  short=$("$bin" generate --model "$ours_model" --prompt "Hello" --max-tokens 129 --ignore-eos --threads "$threads" --json "$@")
   echo "ours $i $long"
   echo "ours $i $short"
   echo "llama $i $("$LLAMA_BENCH" -m "$model" -t "$threads" -p 512 -n 128 -r 1 -o json ${LLAMA_FLAGS:-} 2>/dev/null | tr -d '\n')"

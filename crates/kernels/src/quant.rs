@@ -336,6 +336,8 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    /// Per-block offsets added to the weights, `[rows, cols / 32]` (see [`QMatrix::with_block_mins`]).
+    mins: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -360,7 +362,7 @@ impl QMatrix {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
         let data = tile(format, cols, &data);
-        Ok(Self { format, activations: Activations::default(), rows, cols, data })
+        Ok(Self { format, activations: Activations::default(), rows, cols, data, mins: None })
     }
 
     pub fn rows(&self) -> usize {
@@ -408,7 +410,11 @@ impl QMatrix {
         } else {
             parts.iter().flat_map(|p| p.data.iter().copied()).collect()
         };
-        Ok(Self { format, activations: first.activations, rows, cols, data })
+        let mins = parts.iter().any(|p| p.mins.is_some()).then(|| {
+            let zeros = |p: &QMatrix| vec![0f32; p.rows * (cols / BLOCK)];
+            parts.iter().flat_map(|p| p.mins.clone().unwrap_or_else(|| zeros(p))).collect()
+        });
+        Ok(Self { format, activations: first.activations, rows, cols, data, mins })
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -430,6 +436,26 @@ impl QMatrix {
     /// Row `r` dequantized into `out` (`cols` floats).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         self.row(r).dequantize(out);
+        if let Some(mins) = &self.mins {
+            let nb = self.blocks_per_row();
+            for (o, &m) in out.chunks_exact_mut(BLOCK).zip(&mins[r * nb..(r + 1) * nb]) {
+                o.iter_mut().for_each(|v| *v += m);
+            }
+        }
+    }
+
+    /// Adds an offset per 32-value block: row `r`'s block `b` holds `w + mins[r · cols/32 + b]`. This is how a
+    /// format with a zero point per block that the tiles do not carry runs on our kernels: MLX's 8-bit affine
+    /// `s·q + b` (`q` in 0..256) is Q8_0's `d·(q − 128)` with `d = s` plus the offset `b + 128·s`. A product
+    /// adds `Σ_b mins · (the block's activation sum)` (of the rounded activations on the integer paths, as
+    /// Q4_1's minimum does), in a fixed order per output: still bitwise independent of the batch.
+    pub fn with_block_mins(mut self, mins: Vec<f32>) -> Result<Self, QuantError> {
+        let want = self.rows * self.blocks_per_row();
+        if mins.len() != want {
+            return Err(QuantError(format!("{} block offsets for {want} blocks", mins.len())));
+        }
+        self.mins = Some(mins);
+        Ok(self)
     }
 }
 
@@ -975,19 +1001,22 @@ fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
         }
         Activations::F32 => {
             let xsums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+            let tiled = isa.avx2();
             #[cfg(target_arch = "x86_64")]
-            if isa.avx2() {
+            if tiled {
                 // SAFETY: as for the integer paths (`int_matmul`); `x` and `xsums` hold the `n` activation rows.
                 tiled_tasks(y, n, m, add, |r0, rows, yp| unsafe {
                     tiled::rows_tiled_f32(w, r0, rows, x, &xsums, n, yp)
                 });
-                return;
             }
-            rows_parallel(y, n, m, add, |r, o| {
-                for (t, o) in o.iter_mut().enumerate() {
-                    *o = w.row(r).dot_f32_portable(&x[t * k..(t + 1) * k], &xsums[t * w.blocks_per_row()..]);
-                }
-            });
+            if !tiled {
+                rows_parallel(y, n, m, add, |r, o| {
+                    for (t, o) in o.iter_mut().enumerate() {
+                        *o = w.row(r).dot_f32_portable(&x[t * k..(t + 1) * k], &xsums[t * w.blocks_per_row()..]);
+                    }
+                });
+            }
+            add_block_mins(w, &xsums, n, y);
         }
     }
 }
@@ -1012,9 +1041,29 @@ fn int_matmul(isa: Isa, w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add: bool) {
                 _ => tiled::rows_tiled(w, r0, rows, acts, n, yp),
             }
         });
+        add_block_mins(w, &acts.s, n, y);
         return;
     }
     rows_parallel(y, n, m, add, |r, o| w.row(r).dot_int8_portable(acts, o));
+    add_block_mins(w, &acts.s, n, y);
+}
+
+/// `y[t, r] += Σ_b mins[r, b] · sums[t, b]`: the per-block offsets of `w` (`with_block_mins`) times the
+/// activations' block sums `sums` (`[n, cols/32]`). Each output's sum runs in the same order whatever `n`.
+fn add_block_mins(w: &QMatrix, sums: &[f32], n: usize, y: &mut [f32]) {
+    let Some(mins) = &w.mins else { return };
+    let (m, nb) = (w.rows, w.blocks_per_row());
+    let one = |t: usize, yrow: &mut [f32]| {
+        let s = &sums[t * nb..(t + 1) * nb];
+        for (o, mr) in yrow.iter_mut().zip(mins.chunks_exact(nb)) {
+            *o += crate::vec::dot(mr, s);
+        }
+    };
+    if n == 1 {
+        one(0, &mut y[..m]);
+    } else {
+        crate::pool::for_each_chunk_mut(y, m, one);
+    }
 }
 
 /// Runs `f(row, out)` for every weight row over the pool, `out` being that row's `n` outputs; writes
@@ -1422,6 +1471,9 @@ pub fn qmatmul_int8_reference(w: &QMatrix, x: &[f32], y: &mut [f32]) {
                 let dot: f64 = (0..BLOCK).map(|j| blk.q[j] as f64 * acts.value(t * k + b * BLOCK + j) as f64).sum();
                 sum += blk.d as f64 * acts.d[t * nb + b] as f64 * dot;
                 sum += blk.m as f64 * acts.s[t * nb + b] as f64;
+                if let Some(mins) = &w.mins {
+                    sum += mins[r * nb + b] as f64 * acts.s[t * nb + b] as f64;
+                }
             }
             y[t * m + r] = sum as f32;
         }

@@ -26,7 +26,7 @@ use crate::config::{FfnActivation, ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, KvLayers, LayerKv, PagedKvCache};
-use crate::source::TensorSource;
+use crate::source::{add_block_mins, TensorSource};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use mlx_serving_kernels::quant::{qmatmul_acts, qmatmul_add, Q8Acts};
@@ -355,9 +355,14 @@ impl Model {
         };
         let embed_q = g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?;
         let dense = |g: &S, q: &QTensor| {
-            q.dequantize(device)
+            let mut v = q
+                .dequantize(device)
                 .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))
+                .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))?;
+            if let Some(m) = g.block_mins("token_embd.weight") {
+                add_block_mins(&mut v, m);
+            }
+            Ok::<_, crate::error::Error>(v)
         };
         let (embed, lm_head) = if cfg.tie_word_embeddings {
             let on_kernels =
@@ -614,8 +619,17 @@ fn add_normed(x: &mut [f32], y: &[f32], w: &[f32], eps: f32, buf: &mut Vec<f32>)
 
 fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
     let bad = |e: String| g.bad_tensor(name, e);
+    let mins = g.block_mins(name);
     if opts.dequantize {
         let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
+        let t = match mins {
+            None => t,
+            Some(m) => {
+                let mut v = t.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(|e| bad(e.to_string()))?;
+                add_block_mins(&mut v, m);
+                Tensor::from_vec(v, t.shape(), &qt.device()).map_err(|e| bad(e.to_string()))?
+            }
+        };
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
     if let (Some(kind), &[rows, cols]) = (half_kind(qt.dtype()), qt.shape().dims()) {
@@ -625,10 +639,14 @@ fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions
     match (kernel_format(qt.dtype()), qt.shape().dims()) {
         (Some(format), &[rows, cols]) => {
             let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
-            QMatrix::new(format, rows, cols, data)
-                .map(|m| Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
-                .map_err(|e| bad(e.to_string()))
+            let m = QMatrix::new(format, rows, cols, data).map_err(|e| bad(e.to_string()))?;
+            let m = match mins {
+                Some(v) => m.with_block_mins(v.to_vec()).map_err(|e| bad(e.to_string()))?,
+                None => m,
+            };
+            Ok(Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
         }
+        _ if mins.is_some() => Err(bad("block offsets on a tensor our kernels do not take".into())),
         _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
     }
 }

@@ -323,13 +323,20 @@ mod tests {
             let (words, scales, biases) = quantize_affine(&values, cols, bits, group);
             let (s, b): (Vec<f32>, Vec<f32>) =
                 (scales.iter().map(|v| v.to_f32()).collect(), biases.iter().map(|v| v.to_f32()).collect());
-            for q4_1 in [false, true] {
-                let (dtype, data) = crate::hf::affine_to_ggml(&words, &s, &b, [rows, cols], bits, group, q4_1);
-                if q4_1 && dtype != GgmlDType::Q4_1 {
-                    assert_eq!(bits, 8);
-                }
+            for native in [false, true] {
+                let (dtype, data, mins) = crate::hf::affine_to_ggml(&words, &s, &b, [rows, cols], bits, group, native);
+                let want = match (native, bits) {
+                    (false, _) => GgmlDType::F32,
+                    (true, 4) => GgmlDType::Q4_1,
+                    _ => GgmlDType::Q8_0,
+                };
+                assert_eq!(dtype, want);
+                assert_eq!(mins.is_some(), dtype == GgmlDType::Q8_0);
                 let t = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
-                let back: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let mut back: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                if let Some(m) = mins {
+                    crate::source::add_block_mins(&mut back, &m);
+                }
                 for (i, (&v, &w)) in values.iter().zip(&back).enumerate() {
                     let g = i / group;
                     let bound = s[g] / 2.0 + 0.01 * (v.abs() + s[g]);

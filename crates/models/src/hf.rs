@@ -73,6 +73,8 @@ pub struct HfDir {
     tensors: HashMap<String, TensorInfo>,
     /// Gemma checkpoints name their norms differently and store norm weights as `w - 1`.
     gemma: bool,
+    /// Block offsets of the MLX 8-bit tensors loaded so far, by GGUF name (`TensorSource::block_mins`).
+    mins: HashMap<String, Vec<f32>>,
 }
 
 impl std::fmt::Debug for HfDir {
@@ -115,7 +117,8 @@ impl HfDir {
             vec!["model.safetensors".into()]
         };
         let gemma = config.get("model_type").and_then(Value::as_str).is_some_and(|t| t.starts_with("gemma"));
-        let mut me = Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new(), gemma };
+        let mut me =
+            Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new(), gemma, mins: HashMap::new() };
         for f in files {
             let path = dir.join(&f);
             let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
@@ -325,8 +328,15 @@ impl HfDir {
         Ok((info, values))
     }
 
-    /// An MLX-quantized `[rows, cols]` weight (`base.weight`, `base.scales`, `base.biases`).
-    fn quantized(&mut self, base: &str, rows: usize, cols: usize, device: &Device) -> Result<QTensor> {
+    /// An MLX-quantized `[rows, cols]` weight (`base.weight`, `base.scales`, `base.biases`), and its block
+    /// offsets where it becomes Q8_0 blocks.
+    fn quantized(
+        &mut self,
+        base: &str,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<(QTensor, Option<Vec<f32>>)> {
         let wname = format!("{base}.weight");
         let winfo = self.info(&wname)?;
         let packed = self.read(&wname, &winfo)?;
@@ -347,14 +357,17 @@ impl HfDir {
             return Err(bad(self, format!("scales {:?} do not divide {cols} inputs into groups", sinfo.shape)));
         }
         let words: Vec<u32> = packed.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let (dtype, data) = affine_to_ggml(&words, &scales, &biases, [rows, cols], bits, cols / sc, true);
-        qtensor_from_ggml(dtype, &data, vec![rows, cols], device).map_err(|e| bad(self, e.to_string()))
+        let (dtype, data, mins) = affine_to_ggml(&words, &scales, &biases, [rows, cols], bits, cols / sc, true);
+        let t = qtensor_from_ggml(dtype, &data, vec![rows, cols], device).map_err(|e| bad(self, e.to_string()))?;
+        Ok((t, mins))
     }
 }
 
 /// MLX affine-quantized rows (`bits`-bit values packed low bits first in `words`, one scale and bias per
-/// `group` inputs) as GGML data: Q4_1 blocks for 4 bits in groups of a multiple of 32 (when `q4_1`), else
-/// dequantized f32.
+/// `group` inputs) as GGML data our kernels take, when `native` and the groups are a multiple of 32: 4 bits as
+/// Q4_1 blocks; 8 bits as Q8_0 blocks (`q − 128`, `d = s`) plus an offset per block (`b + 128·s`,
+/// returned). Else dequantized f32. Scales become f16 in the blocks: exact for bf16 or f16 scales in f16's
+/// normal range (MLX's default), rounded to 11 bits for f32 ones.
 pub(crate) fn affine_to_ggml(
     words: &[u32],
     scales: &[f32],
@@ -362,13 +375,27 @@ pub(crate) fn affine_to_ggml(
     [rows, cols]: [usize; 2],
     bits: usize,
     group: usize,
-    q4_1: bool,
-) -> (GgmlDType, Vec<u8>) {
+    native: bool,
+) -> (GgmlDType, Vec<u8>, Option<Vec<f32>>) {
     let (per_word, groups) = (32 / bits, cols / group);
     let words_per_row = cols / per_word;
     let mask = (1u32 << bits) - 1;
     let q = |r: usize, c: usize| ((words[r * words_per_row + c / per_word] >> ((c % per_word) * bits)) & mask) as u8;
-    if q4_1 && bits == 4 && group.is_multiple_of(32) {
+    if native && bits == 8 && group.is_multiple_of(32) {
+        // Q8_0 blocks: f16 scale d, then 32 signed bytes.
+        let mut out = Vec::with_capacity(rows * cols / 32 * 34);
+        let mut mins = Vec::with_capacity(rows * cols / 32);
+        for r in 0..rows {
+            for b in 0..cols / 32 {
+                let g = r * groups + b * 32 / group;
+                out.extend_from_slice(&half::f16::from_f32(scales[g]).to_le_bytes());
+                out.extend((0..32).map(|j| (q(r, b * 32 + j) as i32 - 128) as i8 as u8));
+                mins.push(biases[g] + 128.0 * scales[g]);
+            }
+        }
+        return (GgmlDType::Q8_0, out, Some(mins));
+    }
+    if native && bits == 4 && group.is_multiple_of(32) {
         // Q4_1 blocks: f16 scale d, f16 minimum m, 16 bytes holding q[j] (low nibble) and q[j + 16] (high).
         let mut out = Vec::with_capacity(rows * cols / 32 * 20);
         for r in 0..rows {
@@ -381,7 +408,7 @@ pub(crate) fn affine_to_ggml(
                 }
             }
         }
-        return (GgmlDType::Q4_1, out);
+        return (GgmlDType::Q4_1, out, None);
     }
     let mut out = Vec::with_capacity(rows * cols * 4);
     for r in 0..rows {
@@ -390,7 +417,7 @@ pub(crate) fn affine_to_ggml(
             out.extend_from_slice(&(scales[g] * q(r, c) as f32 + biases[g]).to_le_bytes());
         }
     }
-    (GgmlDType::F32, out)
+    (GgmlDType::F32, out, None)
 }
 
 impl TensorSource for HfDir {
@@ -401,7 +428,12 @@ impl TensorSource for HfDir {
             let (Some(base), &[rows, cols]) = (hf.strip_suffix(".weight"), shape) else {
                 return Err(self.bad(&info, &hf, format!("packed weights for a tensor of shape {shape:?}")));
             };
-            return self.quantized(base, rows, cols, device);
+            let (t, mins) = self.quantized(base, rows, cols, device)?;
+            match mins {
+                Some(m) => self.mins.insert(name.to_string(), m),
+                None => self.mins.remove(name),
+            };
+            return Ok(t);
         }
         if info.shape != shape {
             return Err(self.bad(&info, &hf, format!("shape {:?}, expected {shape:?}", info.shape)));
@@ -425,6 +457,10 @@ impl TensorSource for HfDir {
 
     fn bad_tensor(&self, name: &str, reason: String) -> Error {
         Error::BadTensor { path: self.dir.clone(), name: hf_name(name, self.gemma), reason }
+    }
+
+    fn block_mins(&self, name: &str) -> Option<&[f32]> {
+        self.mins.get(name).map(Vec::as_slice)
     }
 }
 
@@ -544,7 +580,8 @@ mod tests {
             let n = rows * cols / group;
             let scales: Vec<f32> = (0..n).map(|i| 0.25 + i as f32 / 64.0).collect();
             let biases: Vec<f32> = (0..n).map(|i| -1.0 + i as f32 / 32.0).collect();
-            let dequant = |(dtype, data): (GgmlDType, Vec<u8>)| -> Vec<f32> {
+            let dequant = |(dtype, data, mins): (GgmlDType, Vec<u8>, Option<Vec<f32>>)| -> Vec<f32> {
+                assert!(mins.is_none());
                 let t = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
                 t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
             };

@@ -167,7 +167,8 @@ fn smollm2_mlx_4bit_matches_mlx_lm() {
     run_mlx_differential("SmolLM2-135M-Instruct-4bit", &LoadOptions::default(), 24);
 }
 
-/// 8 bits (dequantized to f32 for now): identical.
+/// 8 bits on our Q8_0 kernels plus per-block offsets (16-bit activations, as Q8_0 weights always take):
+/// identical.
 #[test]
 fn smollm2_mlx_8bit_matches_mlx_lm() {
     run_mlx_differential("SmolLM2-135M-Instruct-8bit", &LoadOptions::default(), 1);

@@ -636,3 +636,54 @@ fn activations_of_the_wrong_width_are_refused() {
     qmatmul_acts(&w, &empty, &mut [], false);
     qmatmul(&w, &[], &mut []);
 }
+
+/// Per-block offsets (`with_block_mins`, MLX 8-bit affine on Q8_0 tiles): every activation precision and
+/// path against its reference (f32: the dequantized rows, offsets included; integer: exact arithmetic on
+/// the rounded activations, the offsets times their block sums); a row bitwise the same alone and batched;
+/// offsets survive stacking; a wrong count is an error.
+#[test]
+fn block_mins_on_every_path() {
+    let mut rng = Lcg(33);
+    for isa in isas() {
+        for acts in [Activations::Int8, Activations::Int16, Activations::F32] {
+            for &(rows, cols, n) in SHAPES {
+                let w = random_matrix(&mut rng, QuantFormat::Q8_0, rows, cols);
+                let mins: Vec<f32> = (0..rows * cols / BLOCK).map(|_| rng.f32() * 0.5).collect();
+                let w = w.with_block_mins(mins).unwrap().with_activations(acts);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                let (mut fast, mut want) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                qmatmul_on(isa, &w, &x, &mut fast);
+                match acts {
+                    Activations::F32 => qmatmul_reference(&w, &x, &mut want),
+                    _ => qmatmul_int8_reference(&w, &x, &mut want),
+                }
+                let what = format!("{isa:?} {acts:?} [{rows},{cols}] n={n}");
+                let (err, scale) = (max_err(&fast, &want), out_scale(&want));
+                assert!(err <= 1e-4 * scale, "{what}: error {err} at {scale}");
+                for t in 0..n {
+                    let mut alone = vec![0f32; rows];
+                    qmatmul_on(isa, &w, &x[t * cols..(t + 1) * cols], &mut alone);
+                    assert_eq!(&fast[t * rows..(t + 1) * rows], &alone[..], "{what}: row {t} alone");
+                }
+            }
+        }
+    }
+    // The offsets matter, and stacking keeps each part's (zeros for a part without).
+    let a = random_matrix(&mut rng, QuantFormat::Q8_0, 9, 64).with_activations(Activations::F32);
+    let plain = random_matrix(&mut rng, QuantFormat::Q8_0, 7, 64).with_activations(Activations::F32);
+    let b = plain.clone().with_block_mins(vec![0.25; 14]).unwrap();
+    let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
+    let x: Vec<f32> = (0..64).map(|_| rng.f32()).collect();
+    let (mut ya, mut yb, mut yab) = (vec![0f32; 9], vec![0f32; 7], vec![0f32; 16]);
+    qmatmul(&a, &x, &mut ya);
+    qmatmul(&b, &x, &mut yb);
+    qmatmul(&ab, &x, &mut yab);
+    assert_eq!(yab[..9], ya[..]);
+    assert_eq!(yab[9..], yb[..]);
+    let mut yp = vec![0f32; 7];
+    qmatmul(&plain, &x, &mut yp);
+    // Both offsets times the block's sum (f32 activations: the exact sums).
+    let sums: f32 = x[..32].iter().sum::<f32>() * 0.25 + x[32..].iter().sum::<f32>() * 0.25;
+    assert!(yp.iter().zip(&yb).all(|(p, b)| (b - p - sums).abs() < 1e-4), "{yp:?} {yb:?} {sums}");
+    assert!(a.with_block_mins(vec![0.0; 3]).is_err());
+}
