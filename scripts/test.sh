@@ -15,3 +15,6 @@ scripts/fetch-model.sh mlx
 cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
+# mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
+.venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
+.venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

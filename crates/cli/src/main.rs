@@ -30,13 +30,15 @@ enum Command {
     Generate(GenerateArgs),
     /// Benchmark one or more OpenAI-compatible servers (ours or a peer's) side by side.
     Bench(BenchArgs),
-    /// Write a GGUF model as a Hugging Face directory (`--format hf`) or an MLX-quantized one (`--format mlx`).
+    /// Write any loadable model (GGUF, Hugging Face or MLX directory) as a Hugging Face directory (`--format
+    /// hf`) or an MLX-quantized one (`--format mlx`).
     Convert(ConvertArgs),
 }
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The model to convert (a GGUF file).
+    /// The model to convert: a GGUF file, a Hugging Face or MLX directory, or a repository id in the local
+    /// Hugging Face cache.
     #[arg(long = "from")]
     from: PathBuf,
     /// The directory to write.

@@ -151,7 +151,7 @@ fn chat_template_source(path: &Path, g: &GgufFile) -> Result<Option<String>> {
 
 /// `chat_template` from `dir/tokenizer_config.json` (a string, or the entry named `default` of a list),
 /// else `dir/chat_template.jinja`.
-fn dir_chat_template(dir: &Path) -> Result<Option<String>> {
+pub(crate) fn dir_chat_template(dir: &Path) -> Result<Option<String>> {
     let cfg = dir.join("tokenizer_config.json");
     if cfg.is_file() {
         let text = std::fs::read_to_string(&cfg).map_err(|source| Error::Io { path: cfg.clone(), source })?;

@@ -217,6 +217,42 @@ impl ModelConfig {
         self.sliding_window.filter(|w| layer % w.pattern != w.pattern - 1).map(|w| w.size)
     }
 
+    /// Every tensor the decoder loads, by GGUF name, with its shape (`[out, in]` for a weight), in file order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, ffn, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let mut out = vec![("token_embd.weight".to_string(), vec![self.vocab_size, h])];
+        for i in 0..self.num_layers {
+            let mut t = |name: &str, shape: Vec<usize>| out.push((format!("blk.{i}.{name}"), shape));
+            t("attn_norm.weight", vec![h]);
+            for (p, rows) in [("attn_q", self.q_size()), ("attn_k", self.kv_size()), ("attn_v", self.kv_size())] {
+                t(&format!("{p}.weight"), vec![rows, h]);
+                if self.attention_bias {
+                    t(&format!("{p}.bias"), vec![rows]);
+                }
+            }
+            if self.qk_norm {
+                t("attn_q_norm.weight", vec![hd]);
+                t("attn_k_norm.weight", vec![hd]);
+            }
+            t("attn_output.weight", vec![h, self.q_size()]);
+            if self.post_norms {
+                t("post_attention_norm.weight", vec![h]);
+            }
+            t("ffn_norm.weight", vec![h]);
+            t("ffn_gate.weight", vec![ffn, h]);
+            t("ffn_up.weight", vec![ffn, h]);
+            t("ffn_down.weight", vec![h, ffn]);
+            if self.post_norms {
+                t("post_ffw_norm.weight", vec![h]);
+            }
+        }
+        out.push(("output_norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("output.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+
     pub fn q_size(&self) -> usize {
         self.num_heads * self.head_dim
     }

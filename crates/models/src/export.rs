@@ -1,8 +1,9 @@
-//! `convert`: a GGUF model written out as a Hugging Face directory that transformers, mlx-lm and our own
-//! loader read: weights dequantized to f32, f16 or bf16 safetensors (llama's Q/K rows put back in Hugging
-//! Face's order, undoing the permutation llama.cpp's converter applies for interleaved RoPE), `config.json`,
-//! `generation_config.json`, `tokenizer.json` (the tokenizer built from the GGUF) and `tokenizer_config.json`
-//! with the chat template; or as an MLX-quantized directory (`--format mlx`), the same files with every
+//! `convert`: any model we load (a GGUF file, a Hugging Face or an MLX directory) written out as a Hugging Face
+//! directory that transformers, mlx-lm and our own loader read: weights dequantized to f32, f16 or bf16
+//! safetensors (for GGUF llama, Q/K rows put back in Hugging Face's order, undoing the permutation
+//! llama.cpp's converter applies for interleaved RoPE; gemma norms as `w − 1`), `config.json`,
+//! `generation_config.json`, `tokenizer.json` (the tokenizer we loaded) and `tokenizer_config.json` with the
+//! chat template; or as an MLX-quantized directory (`--format mlx`), the same files with every
 //! linear layer and the embeddings stored as mlx-lm stores them: `weight` (uint32, `bits`-bit values packed
 //! low bits first), `scales` and `biases` (bf16, one per `group_size` inputs; w = scale · q + bias).
 
@@ -10,7 +11,8 @@ use crate::bundle::ModelBundle;
 use crate::config::{Architecture, RopeStyle};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::hf::hf_name;
+use crate::hf::{hf_name, HfDir};
+use crate::source::TensorSource;
 use candle_core::Device;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -73,13 +75,13 @@ pub enum ExportFormat {
     Mlx { bits: usize, group_size: usize },
 }
 
-/// Writes the GGUF model at `src` as a Hugging Face directory `out`. `progress(done, total)` is called after
+/// Writes the model at `src` (GGUF file or model directory) as a Hugging Face directory `out`. `progress(done, total)` is called after
 /// each tensor.
 pub fn export_hf(src: &Path, out: &Path, dtype: ExportDtype, progress: impl FnMut(usize, usize)) -> Result<()> {
     export(src, out, ExportFormat::Hf(dtype), progress)
 }
 
-/// Writes the GGUF model at `src` as `format` into `out`. `progress(done, total)` is called after each tensor.
+/// Writes the model at `src` (GGUF file or model directory) as `format` into `out`. `progress(done, total)` is called after each tensor.
 pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl FnMut(usize, usize)) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -87,10 +89,16 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     };
     let bundle = ModelBundle::load(src, &crate::decoder::LoadOptions { dequantize: false, ..Default::default() })?;
     let cfg = bundle.model.config().clone();
-    let mut g = GgufFile::open(src)?;
+    let (mut g, template): (Box<dyn TensorSource>, Option<String>) = if src.is_dir() {
+        (Box::new(HfDir::open(src)?), crate::bundle::dir_chat_template(src)?)
+    } else {
+        let g = GgufFile::open(src)?;
+        let t = chat_template_text(&g);
+        (Box::new(g), t)
+    };
     let gemma = cfg.architecture == Architecture::Gemma3;
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let names = g.tensor_names();
+    let shapes = cfg.tensor_shapes();
     let dtype = match format {
         ExportFormat::Hf(d) => d,
         ExportFormat::Mlx { bits, group_size } => {
@@ -126,9 +134,8 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     let kind = if matches!(format, ExportFormat::Mlx { .. }) { "mlx" } else { "pt" };
     header.insert("__metadata__".into(), json!({ "format": kind }));
     let mut offset = 0u64;
-    for name in &names {
-        let dims = g.tensor_dims(name).unwrap_or_default();
-        for (hf, kind, shape) in plan(name, &dims) {
+    for (name, dims) in &shapes {
+        for (hf, kind, shape) in plan(name, dims) {
             let elem = if kind == "F32" || kind == "U32" { 4 } else { 2 };
             let n: u64 = shape.iter().map(|&d| d as u64).product::<u64>() * elem;
             header.insert(hf, json!({"dtype": kind, "shape": shape, "data_offsets": [offset, offset + n]}));
@@ -142,13 +149,15 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     let mut f = std::io::BufWriter::new(std::fs::File::create(&part).map_err(io(&part))?);
     f.write_all(&(head.len() as u64).to_le_bytes()).and_then(|_| f.write_all(&head)).map_err(io(&part))?;
     let mut buf = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let dims = g.tensor_dims(name).unwrap_or_default();
-        let qt = g.tensor(name, &dims, &Device::Cpu)?;
+    for (i, (name, dims)) in shapes.iter().enumerate() {
+        let qt = g.tensor(name, dims, &Device::Cpu)?;
         let mut values = qt
             .dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
             .map_err(|e| g.bad_tensor(name, e.to_string()))?;
+        if let Some(m) = g.block_mins(name) {
+            crate::source::add_block_mins(&mut values, m);
+        }
         if gemma && name.ends_with("norm.weight") {
             // Gemma checkpoints scale by `1 + w`.
             values.iter_mut().for_each(|v| *v -= 1.0);
@@ -172,7 +181,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
             _ => dtype.encode(&values, &mut buf),
         }
         f.write_all(&buf).map_err(io(&part))?;
-        progress(i + 1, names.len());
+        progress(i + 1, shapes.len());
     }
     f.flush().map_err(io(&part))?;
     drop(f);
@@ -208,7 +217,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     let mut config = config;
     if gemma {
         config["hidden_activation"] = json!("gelu_pytorch_tanh");
-        config["query_pre_attn_scalar"] = json!((1.0 / (cfg.attn_scale * cfg.attn_scale)).round());
+        config["query_pre_attn_scalar"] = json!((1.0 / (cfg.attn_scale * cfg.attn_scale)).round() as u64);
         config["final_logit_softcapping"] = json!(cfg.final_logit_softcap);
         config["rope_scaling"] = Value::Null;
         if let Some(w) = cfg.sliding_window {
@@ -234,7 +243,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
     let builtin = crate::chat_template::builtin(cfg.architecture).map(String::from);
-    if let Some(src) = chat_template_text(&g).or(builtin) {
+    if let Some(src) = template.or(builtin) {
         tokenizer_config["chat_template"] = json!(src);
     }
     let generation = json!({"bos_token_id": st.bos, "eos_token_id": st.eog});

@@ -5,7 +5,7 @@ use mlx_serving_engine::SamplingParams;
 use mlx_serving_models::export::{export, export_hf, ExportDtype, ExportFormat};
 use mlx_serving_models::{ChatContent, LoadOptions, ModelBundle, ModelConfig};
 use mlx_serving_runner::{generate, last_position_logits, GenerateOptions};
-use mlx_serving_test_support::{gemma3_path, reference, smollm2_path};
+use mlx_serving_test_support::{gemma3_path, mlx_dir, reference, smollm2_path};
 use std::path::Path;
 
 #[test]
@@ -95,4 +95,35 @@ fn gguf_to_mlx_loads_and_keeps_the_confident_tokens() {
         assert!(confident >= at_least, "{bits} bits: only {confident} confident prompts");
         std::fs::remove_dir_all(&out).unwrap();
     }
+}
+
+/// Directories convert too: mlx-lm's own 8-bit directory written as f32 Hugging Face safetensors holds
+/// exactly the values our loader reads from the MLX file (Q8_0 blocks plus offsets, dequantized), so the two
+/// give the same greedy ids; and written back as MLX 4-bit it loads again.
+#[test]
+fn mlx_dir_converts_to_hf_and_back_to_mlx() {
+    let src = mlx_dir("SmolLM2-135M-Instruct-8bit");
+    let tmp = |what: &str| std::env::temp_dir().join(format!("mlx-serving-convert-{what}-{}", std::process::id()));
+    let (hf, mlx4) = (tmp("from-mlx-hf"), tmp("from-mlx-mlx4"));
+    export_hf(&src, &hf, ExportDtype::F32, |_, _| {}).unwrap();
+    export(&src, &mlx4, ExportFormat::Mlx { bits: 4, group_size: 64 }, |_, _| {}).unwrap();
+    let exact = LoadOptions { dequantize: true, ..LoadOptions::default() };
+    let (a, b) = (ModelBundle::load(&src, &exact).unwrap(), ModelBundle::load(&hf, &exact).unwrap());
+    let q4 = ModelBundle::load(&mlx4, &LoadOptions::default()).unwrap();
+    let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
+    let opts = GenerateOptions { eog_token_ids: a.special_tokens.eog.clone(), ..Default::default() };
+    for item in refs["items"].as_array().unwrap().iter().take(4) {
+        let prompt: Vec<u32> =
+            item["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let run = |m: &ModelBundle| {
+            generate(&m.model, &m.tokenizer, &prompt, &SamplingParams::greedy(16), &opts, |_| {}).unwrap().token_ids
+        };
+        assert_eq!(run(&a), run(&b), "prompt {:?}", item["prompt"]);
+        assert!(!run(&q4).is_empty());
+    }
+    assert_eq!(b.encode_chat(&refs["items"][12]["prompt"], ChatContent::Text).unwrap(), {
+        a.encode_chat(&refs["items"][12]["prompt"], ChatContent::Text).unwrap()
+    });
+    std::fs::remove_dir_all(&hf).unwrap();
+    std::fs::remove_dir_all(&mlx4).unwrap();
 }
