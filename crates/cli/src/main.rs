@@ -363,11 +363,13 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
     let path = mlx_serving_models::resolve_model(&a.model)?;
+    let load_start = std::time::Instant::now();
     let bundle = ModelBundle::load(
         &path,
         &LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype },
     )
     .with_context(|| format!("loading {}", path.display()))?;
+    let load_s = load_start.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
         (None, Some(chat)) => {
@@ -411,6 +413,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     // The first output token comes out of the prefill step; decode speed counts the rest.
     let decoded = g.token_ids.len().saturating_sub(1);
     let timings = serde_json::json!({
+        "load_ms": load_s * 1e3,
         "prompt_ms": prompt_s * 1e3,
         "decode_ms": decode_s * 1e3,
         "prompt_tokens_per_second": g.prompt_token_ids.len() as f64 / prompt_s.max(1e-9),

@@ -62,6 +62,9 @@ struct StepWatch(std::sync::Mutex<LiveSet>);
 struct LiveSet {
     running: bool,
     live: std::collections::HashSet<RequestId>,
+    /// Aborted while no step ran (the loop had already scheduled the next step, or will see the abort
+    /// command only after it): the next step does not count them live. Cleared at every step start.
+    early: std::collections::HashSet<RequestId>,
 }
 
 impl StepWatch {
@@ -71,8 +74,10 @@ impl StepWatch {
 
     fn start(&self, ids: impl IntoIterator<Item = RequestId>) {
         let mut s = self.lock();
-        s.live.clear();
-        s.live.extend(ids);
+        let LiveSet { live, early, .. } = &mut *s;
+        live.clear();
+        live.extend(ids.into_iter().filter(|id| !early.contains(id)));
+        early.clear();
         s.running = true;
     }
 
@@ -84,6 +89,8 @@ impl StepWatch {
         let mut s = self.lock();
         if s.running {
             s.live.remove(&id);
+        } else {
+            s.early.insert(id);
         }
     }
 
@@ -305,10 +312,12 @@ impl<E: Executor> EngineCore<E> {
             }
             return;
         }
-        // Counters first: a long step should show its requests as running, not waiting.
-        self.publish();
+        // The step's live set before the counters: once a request shows as running, an abort of it reaches the
+        // step (an abort before that is remembered, see `LiveSet::early`).
         let step = &self.heartbeat.step;
         step.start(sched.seqs.iter().map(|s| s.id));
+        // Counters next: a long step should show its requests as running, not waiting.
+        self.publish();
         let result = catch_unwind(AssertUnwindSafe(|| self.executor.execute(&sched)));
         let abandoned = step.abandoned();
         step.end();
@@ -362,5 +371,32 @@ impl<E: Executor> EngineCore<E> {
         s.prefix_queries.store(kv.prefix_queries, Ordering::Relaxed);
         s.prefix_hits.store(kv.prefix_hits, Ordering::Relaxed);
         s.preemptions.store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the loop published its `running` counter before the step's live set, and an abort in
+    /// between (or any abort after the step was scheduled but before it started) was not seen by the step,
+    /// which then ran to its end (`a_step_whose_requests_were_all_aborted_stops_early` failed now and then).
+    /// An abort while no step runs now counts against the next step.
+    #[test]
+    fn an_abort_just_before_a_step_counts_against_it() {
+        let w = StepWatch::default();
+        w.aborted(RequestId(1));
+        w.start([RequestId(1)]);
+        assert!(w.abandoned(), "the step's only request was aborted before it started");
+        w.end();
+        w.aborted(RequestId(1));
+        w.start([RequestId(1), RequestId(2)]);
+        assert!(!w.abandoned(), "request 2 is still live");
+        w.aborted(RequestId(2));
+        assert!(w.abandoned());
+        w.end();
+        // Early aborts are forgotten at each start: they do not linger into later steps.
+        w.start([RequestId(1)]);
+        assert!(!w.abandoned());
     }
 }

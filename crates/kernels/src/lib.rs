@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod half_matmul;
+pub mod mapped;
 pub mod pool;
 pub mod quant;
 pub mod rope;

@@ -351,8 +351,9 @@ impl QuantError {
 }
 
 impl QMatrix {
-    /// Takes the tensor's raw GGUF bytes.
-    pub fn new(format: QuantFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
+    /// Takes the tensor's raw GGUF bytes (a slice of a mapped file: tiling is the one copy they make).
+    pub fn new(format: QuantFormat, rows: usize, cols: usize, data: impl AsRef<[u8]>) -> Result<Self, QuantError> {
+        let data = data.as_ref();
         let len = format.block_len();
         if rows == 0 || cols == 0 || !cols.is_multiple_of(len) {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}]: need rows, and columns a multiple of {len}")));
@@ -361,7 +362,7 @@ impl QMatrix {
         if data.len() != want {
             return Err(QuantError(format!("{format:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
-        let data = tile(format, cols, &data);
+        let data = tile(format, cols, data);
         Ok(Self { format, activations: Activations::default(), rows, cols, data, mins: None })
     }
 
@@ -474,22 +475,25 @@ fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
     let rows = file.len() / rb;
     let tb = format.tile_bytes();
     let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * nb * tb];
-    for r in 0..rows {
-        let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
-        for b in 0..nb {
-            let blk = &file[r * rb + b * bb..r * rb + (b + 1) * bb];
-            let t = &mut out[(g * nb + b) * tb..(g * nb + b + 1) * tb];
-            tile_fields(format, lane, |tile_at, blk_at, len, kind| match kind {
-                Field::Scalar | Field::Words => t[tile_at..tile_at + len].copy_from_slice(&blk[blk_at..blk_at + len]),
-                Field::HighBits => {
-                    let qh = u32::from_le_bytes(blk[blk_at..blk_at + 4].try_into().unwrap());
-                    for (i, e) in (0..8).flat_map(|i| (0..4).map(move |e| (i, e))) {
-                        t[tile_at + e] |= (((qh >> (4 * i + e)) & 1) as u8) << i;
+    // Tile rows in parallel (loading is mostly this copy).
+    crate::pool::for_each_chunk_mut(&mut out, nb * tb, |g, tiles| {
+        for (lane, r) in (g * TILE_ROWS..rows.min((g + 1) * TILE_ROWS)).enumerate() {
+            for (b, t) in tiles.chunks_exact_mut(tb).enumerate() {
+                let blk = &file[r * rb + b * bb..r * rb + (b + 1) * bb];
+                tile_fields(format, lane, |tile_at, blk_at, len, kind| match kind {
+                    Field::Scalar | Field::Words => {
+                        t[tile_at..tile_at + len].copy_from_slice(&blk[blk_at..blk_at + len])
                     }
-                }
-            });
+                    Field::HighBits => {
+                        let qh = u32::from_le_bytes(blk[blk_at..blk_at + 4].try_into().unwrap());
+                        for (i, e) in (0..8).flat_map(|i| (0..4).map(move |e| (i, e))) {
+                            t[tile_at + e] |= (((qh >> (4 * i + e)) & 1) as u8) << i;
+                        }
+                    }
+                });
+            }
         }
-    }
+    });
     out
 }
 
@@ -556,12 +560,18 @@ fn tile_super_blocks(
     cols: usize,
     file: &[u8],
     tile: usize,
-    mut f: impl FnMut(usize, &[u8], &mut [u8]),
+    f: impl Fn(usize, &[u8], &mut [u8]) + Sync,
 ) -> Vec<u8> {
-    let rows = file.len() / format.row_bytes(cols);
+    let (rb, bb) = (format.row_bytes(cols), format.block_bytes());
+    let rows = file.len() / rb;
     let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols)];
-    for_each_super_block(format, rows, cols, tile, |lane, at, tile_at| {
-        f(lane, &file[at..at + format.block_bytes()], &mut out[tile_at..tile_at + tile]);
+    // Tile rows in parallel, as `tile` does.
+    crate::pool::for_each_chunk_mut(&mut out, format.tile_row_bytes(cols), |g, tiles| {
+        for (lane, r) in (g * TILE_ROWS..rows.min((g + 1) * TILE_ROWS)).enumerate() {
+            for (s, t) in tiles.chunks_exact_mut(tile).enumerate() {
+                f(lane, &file[r * rb + s * bb..r * rb + (s + 1) * bb], t);
+            }
+        }
     });
     out
 }

@@ -40,6 +40,11 @@ impl std::fmt::Debug for ModelBundle {
     }
 }
 
+/// The result of a scoped loading thread; a panic there is an error here.
+fn joined<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    h.join().map_err(|_| Error::Tokenizer("the tokenizer thread panicked".into()))?
+}
+
 impl ModelBundle {
     /// Loads a GGUF file, or a Hugging Face directory (told apart by what `path` is).
     pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
@@ -47,12 +52,18 @@ impl ModelBundle {
         if path.is_dir() {
             return Self::load_hf_dir(path, opts);
         }
-        let mut g = GgufFile::open(&path)?;
-        let tokenizer = load_tokenizer(&path, &g)?;
+        let g = GgufFile::open(&path)?;
+        // The tokenizer builds on its own thread while the weights load (a large vocabulary's merges take
+        // about as long as the weights).
+        let (tokenizer, model) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| load_tokenizer(&path, &g));
+            let model = Model::from_gguf(&g, opts, &candle_core::Device::Cpu);
+            (joined(tokenizer), model)
+        });
+        let (tokenizer, model) = (tokenizer?, model?);
         let special_tokens = SpecialTokens::from_gguf(&g)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let (bos, eos) = (token_text(special_tokens.bos), token_text(special_tokens.eos));
-        let model = Model::from_gguf(&mut g, opts, &candle_core::Device::Cpu)?;
         // A file without a template (a base model) gets its family's format where there is one.
         let source = chat_template_source(&path, &g)?
             .or_else(|| crate::chat_template::builtin(model.config().architecture).map(String::from));
@@ -72,21 +83,26 @@ impl ModelBundle {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory (no config.json)"),
             });
         }
-        let mut dir = HfDir::open(&path)?;
+        let dir = HfDir::open(&path)?;
+        let cfg = dir.model_config()?;
         let json = path.join("tokenizer.json");
-        let tokenizer =
-            Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
+        let (tokenizer, model) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| {
+                Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))
+            });
+            let model = Model::from_source(&dir, cfg.clone(), opts, &candle_core::Device::Cpu);
+            (joined(tokenizer), model)
+        });
+        let (tokenizer, model) = (tokenizer?, model?);
         let special_tokens = dir.special_tokens(&tokenizer)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let (bos, eos) = (token_text(special_tokens.bos), token_text(special_tokens.eos));
-        let cfg = dir.model_config()?;
         let source =
             dir_chat_template(&path)?.or_else(|| crate::chat_template::builtin(cfg.architecture).map(String::from));
         let chat_template = match source {
             Some(src) => Some(ChatTemplate::new(&src, bos, eos)?),
             None => None,
         };
-        let model = Model::from_source(&mut dir, cfg, opts, &candle_core::Device::Cpu)?;
         Self::assemble(path, model, tokenizer, chat_template, special_tokens)
     }
 

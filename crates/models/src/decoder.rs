@@ -26,8 +26,8 @@ use crate::config::{FfnActivation, ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::{BatchInput, KvLayers, LayerKv, PagedKvCache};
-use crate::source::{add_block_mins, TensorSource};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use crate::source::{TensorData, TensorSource};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
 use mlx_serving_kernels::quant::{qmatmul_acts, qmatmul_add, Q8Acts};
 use mlx_serving_kernels::rope::{self, rope_qkv_store, QkvStore, RopeTables};
@@ -147,6 +147,15 @@ impl Weight {
         }
     }
 
+    /// Row `r` as f32 (embedding lookups); only for our kernels' matrices.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Self::Kernel(m) => m.dequantize_row(r, out),
+            Self::Half(m) => m.dequantize_row(r, out),
+            Self::Candle(_) => unreachable!("embedding rows come from candle weights only through a dense table"),
+        }
+    }
+
     /// `y = x · Wᵀ` (`x` is `[n, in]`, `y` `[n, out]`), or `y += x · Wᵀ` with `add` (a residual in the same pass).
     fn forward_into(&self, x: Input<'_>, n: usize, y: &mut [f32], add: bool, device: &Device) -> Result<()> {
         match (self, x) {
@@ -205,30 +214,33 @@ enum ProjGroup {
 impl ProjGroup {
     fn new(parts: Vec<Linear>) -> Self {
         let sizes: Vec<usize> = parts.iter().map(|p| p.rows).collect();
-        let blocks: Vec<QMatrix> = parts
-            .iter()
-            .filter_map(|p| match &p.weight {
-                Weight::Kernel(m) => Some(m.clone()),
-                _ => None,
-            })
-            .collect();
-        let halves: Vec<HalfMatrix> = parts
-            .iter()
-            .filter_map(|p| match &p.weight {
-                Weight::Half(m) => Some(m.clone()),
-                _ => None,
-            })
-            .collect();
-        let weight = if blocks.len() == parts.len() {
-            QMatrix::concat_rows(&blocks).ok().map(Weight::Kernel)
-        } else if halves.len() == parts.len() {
-            HalfMatrix::concat_rows(&halves).ok().map(Weight::Half)
+        let all = |f: fn(&Weight) -> bool| parts.iter().all(|p| f(&p.weight));
+        let (blocks, halves) = (all(|w| matches!(w, Weight::Kernel(_))), all(|w| matches!(w, Weight::Half(_))));
+        if !blocks && !halves {
+            return Self::Separate(parts);
+        }
+        // The parts are moved, not cloned: a stacked copy is made, then they are dropped.
+        let (weights, biases): (Vec<Weight>, Vec<Option<Vec<f32>>>) =
+            parts.into_iter().map(|p| (p.weight, p.bias)).unzip();
+        let fused: std::result::Result<Weight, Vec<Weight>> = if blocks {
+            let ms: Vec<QMatrix> =
+                weights.into_iter().filter_map(|w| if let Weight::Kernel(m) = w { Some(m) } else { None }).collect();
+            QMatrix::concat_rows(&ms).map(Weight::Kernel).map_err(|_| ms.into_iter().map(Weight::Kernel).collect())
         } else {
-            None
+            let ms: Vec<HalfMatrix> =
+                weights.into_iter().filter_map(|w| if let Weight::Half(m) = w { Some(m) } else { None }).collect();
+            HalfMatrix::concat_rows(&ms).map(Weight::Half).map_err(|_| ms.into_iter().map(Weight::Half).collect())
         };
-        match weight {
-            Some(weight) => Self::Fused { weight, sizes, biases: parts.into_iter().map(|p| p.bias).collect() },
-            None => Self::Separate(parts),
+        match fused {
+            Ok(weight) => Self::Fused { weight, sizes, biases },
+            Err(weights) => Self::Separate(
+                weights
+                    .into_iter()
+                    .zip(sizes)
+                    .zip(biases)
+                    .map(|((weight, rows), bias): ((Weight, usize), _)| Linear { weight, rows, bias })
+                    .collect(),
+            ),
         }
     }
 
@@ -308,6 +320,9 @@ enum Embedding {
     /// Rows of the tied output head's kernel matrix, dequantized on lookup (no second copy of a large
     /// vocabulary's table: gemma's 262k rows would take 671 MB in f32).
     Head,
+    /// The table as stored, on our kernels' matrices, rows dequantized on lookup (Qwen2.5-0.5B's untied
+    /// 152k-row table would take 544 MB in f32).
+    Rows(Weight),
 }
 
 pub struct Model {
@@ -331,55 +346,54 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Opens and loads a GGUF model file on the CPU.
     pub fn load_gguf(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
-        let mut g = GgufFile::open(path)?;
-        Self::from_gguf(&mut g, opts, &Device::Cpu)
+        let g = GgufFile::open(path)?;
+        Self::from_gguf(&g, opts, &Device::Cpu)
     }
 
-    pub fn from_gguf(g: &mut GgufFile, opts: &LoadOptions, device: &Device) -> Result<Self> {
+    pub fn from_gguf(g: &GgufFile, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::from_gguf(g)?;
         Self::from_source(g, cfg, opts, device)
     }
 
     /// Loads the model described by `cfg` from `g`'s tensors (named as in GGUF).
     pub fn from_source<S: TensorSource>(
-        g: &mut S,
+        g: &S,
         mut cfg: ModelConfig,
         opts: &LoadOptions,
         device: &Device,
     ) -> Result<Self> {
         cfg.kv_dtype = opts.kv_cache_dtype;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
-        let matmul = |g: &mut S, name: &str, shape: &[usize]| -> Result<Weight> {
-            let qt = g.tensor(name, shape, device)?;
-            to_matmul(g, name, qt, opts)
+        let matmul = |g: &S, name: &str, shape: &[usize]| -> Result<Weight> {
+            to_matmul(g, name, &g.tensor_data(name, shape)?, opts, device)
         };
-        let embed_q = g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?;
-        let dense = |g: &S, q: &QTensor| {
-            let mut v = q
-                .dequantize(device)
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))?;
-            if let Some(m) = g.block_mins("token_embd.weight") {
-                add_block_mins(&mut v, m);
-            }
-            Ok::<_, crate::error::Error>(v)
+        let embed_data = g.tensor_data("token_embd.weight", &[cfg.vocab_size, h])?;
+        // Embedding rows come out of a matrix our kernels hold (the tied head, or the table itself kept in
+        // its file format), dequantized on lookup; a dense f32 table only where candle would hold the weights.
+        let on_kernels =
+            !opts.dequantize && (kernel_format(embed_data.dtype).is_some() || half_kind(embed_data.dtype).is_some());
+        let dense = || -> Result<Embedding> {
+            let v = embed_data.to_f32().map_err(|e| g.bad_tensor("token_embd.weight", e.to_string()))?;
+            Ok(Embedding::Dense(v))
         };
-        let (embed, lm_head) = if cfg.tie_word_embeddings {
-            let on_kernels =
-                !opts.dequantize && (kernel_format(embed_q.dtype()).is_some() || half_kind(embed_q.dtype()).is_some());
-            let embed = if on_kernels { Embedding::Head } else { Embedding::Dense(dense(g, &embed_q)?) };
-            (embed, to_matmul(g, "token_embd.weight", embed_q, opts)?)
-        } else {
-            (Embedding::Dense(dense(g, &embed_q)?), matmul(g, "output.weight", &[cfg.vocab_size, h])?)
+        let (embed, lm_head) = match (cfg.tie_word_embeddings, on_kernels) {
+            (true, true) => (Embedding::Head, to_matmul(g, "token_embd.weight", &embed_data, opts, device)?),
+            (true, false) => (dense()?, to_matmul(g, "token_embd.weight", &embed_data, opts, device)?),
+            (false, true) => (
+                Embedding::Rows(to_matmul(g, "token_embd.weight", &embed_data, opts, device)?),
+                matmul(g, "output.weight", &[cfg.vocab_size, h])?,
+            ),
+            (false, false) => (dense()?, matmul(g, "output.weight", &[cfg.vocab_size, h])?),
         };
+        drop(embed_data);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("blk.{i}");
-            let bias = |g: &mut S, name: &str, n: usize| -> Result<Option<Vec<f32>>> {
+            let bias = |g: &S, name: &str, n: usize| -> Result<Option<Vec<f32>>> {
                 if !cfg.attention_bias {
                     return Ok(None);
                 }
-                vector(g, &format!("{p}.{name}.bias"), n, device).map(Some)
+                vector(g, &format!("{p}.{name}.bias"), n).map(Some)
             };
             let q = Linear {
                 weight: matmul(g, &format!("{p}.attn_q.weight"), &[cfg.q_size(), h])?,
@@ -396,22 +410,19 @@ impl Model {
                 rows: cfg.kv_size(),
                 bias: bias(g, "attn_v", cfg.kv_size())?,
             };
-            let pair = |g: &mut S, a: &str, b: &str, n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-                Ok((
-                    vector(g, &format!("{p}.{a}.weight"), n, device)?,
-                    vector(g, &format!("{p}.{b}.weight"), n, device)?,
-                ))
+            let pair = |g: &S, a: &str, b: &str, n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+                Ok((vector(g, &format!("{p}.{a}.weight"), n)?, vector(g, &format!("{p}.{b}.weight"), n)?))
             };
             let qk_norm = if cfg.qk_norm { Some(pair(g, "attn_q_norm", "attn_k_norm", cfg.head_dim)?) } else { None };
             let post_norms =
                 if cfg.post_norms { Some(pair(g, "post_attention_norm", "post_ffw_norm", h)?) } else { None };
             layers.push(Layer {
-                attn_norm: vector(g, &format!("{p}.attn_norm.weight"), h, device)?,
+                attn_norm: vector(g, &format!("{p}.attn_norm.weight"), h)?,
                 qkv: ProjGroup::new(vec![q, k, v]),
                 qk_norm,
                 post_norms,
                 o: matmul(g, &format!("{p}.attn_output.weight"), &[h, cfg.q_size()])?,
-                ffn_norm: vector(g, &format!("{p}.ffn_norm.weight"), h, device)?,
+                ffn_norm: vector(g, &format!("{p}.ffn_norm.weight"), h)?,
                 gate_up: ProjGroup::new(vec![
                     Linear { weight: matmul(g, &format!("{p}.ffn_gate.weight"), &[ffn, h])?, rows: ffn, bias: None },
                     Linear { weight: matmul(g, &format!("{p}.ffn_up.weight"), &[ffn, h])?, rows: ffn, bias: None },
@@ -419,7 +430,7 @@ impl Model {
                 down: matmul(g, &format!("{p}.ffn_down.weight"), &[h, ffn])?,
             });
         }
-        let norm = vector(g, "output_norm.weight", h, device)?;
+        let norm = vector(g, "output_norm.weight", h)?;
         // inv_freq[i] = theta^(-2i/d), as transformers computes it, rounded to f32.
         let freqs = |theta: f32| -> Vec<f32> {
             (0..cfg.rope_dim / 2)
@@ -459,11 +470,10 @@ impl Model {
         let mut x = vec![0f32; n * h];
         for (&t, row) in batch.token_ids.iter().zip(x.chunks_exact_mut(h)) {
             let t = t as usize;
-            match (&self.embed, &self.lm_head) {
-                (Embedding::Dense(e), _) => row.copy_from_slice(&e[t * h..(t + 1) * h]),
-                (Embedding::Head, Weight::Kernel(m)) => m.dequantize_row(t, row),
-                (Embedding::Head, Weight::Half(m)) => m.dequantize_row(t, row),
-                (Embedding::Head, Weight::Candle(_)) => unreachable!("embeddings from a head only of our kernels"),
+            match &self.embed {
+                Embedding::Dense(e) => row.copy_from_slice(&e[t * h..(t + 1) * h]),
+                Embedding::Head => self.lm_head.dequantize_row(t, row),
+                Embedding::Rows(w) => w.dequantize_row(t, row),
             }
             if let Some(s) = cfg.embed_scale {
                 row.iter_mut().for_each(|v| *v *= s);
@@ -617,37 +627,35 @@ fn add_normed(x: &mut [f32], y: &[f32], w: &[f32], eps: f32, buf: &mut Vec<f32>)
     add_assign(x, buf);
 }
 
-fn to_matmul<S: TensorSource>(g: &S, name: &str, qt: QTensor, opts: &LoadOptions) -> Result<Weight> {
+fn to_matmul<S: TensorSource>(
+    g: &S,
+    name: &str,
+    td: &TensorData<'_>,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<Weight> {
     let bad = |e: String| g.bad_tensor(name, e);
-    let mins = g.block_mins(name);
     if opts.dequantize {
-        let t = qt.dequantize(&qt.device()).map_err(|e| bad(e.to_string()))?;
-        let t = match mins {
-            None => t,
-            Some(m) => {
-                let mut v = t.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(|e| bad(e.to_string()))?;
-                add_block_mins(&mut v, m);
-                Tensor::from_vec(v, t.shape(), &qt.device()).map_err(|e| bad(e.to_string()))?
-            }
-        };
+        let v = td.to_f32().map_err(|e| bad(e.to_string()))?;
+        let t = Tensor::from_vec(v, td.shape.as_slice(), device).map_err(|e| bad(e.to_string()))?;
         return Ok(Weight::Candle(QMatMul::Tensor(t)));
     }
-    if let (Some(kind), &[rows, cols]) = (half_kind(qt.dtype()), qt.shape().dims()) {
-        let data = qt.data().map_err(|e| bad(e.to_string()))?;
-        return HalfMatrix::from_le_bytes(kind, rows, cols, &data).map(Weight::Half).map_err(|e| bad(e.to_string()));
+    if let (Some(kind), &[rows, cols]) = (half_kind(td.dtype), &td.shape[..]) {
+        return HalfMatrix::from_le_bytes(kind, rows, cols, &td.bytes)
+            .map(Weight::Half)
+            .map_err(|e| bad(e.to_string()));
     }
-    match (kernel_format(qt.dtype()), qt.shape().dims()) {
+    match (kernel_format(td.dtype), &td.shape[..]) {
         (Some(format), &[rows, cols]) => {
-            let data = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
-            let m = QMatrix::new(format, rows, cols, data).map_err(|e| bad(e.to_string()))?;
-            let m = match mins {
-                Some(v) => m.with_block_mins(v.to_vec()).map_err(|e| bad(e.to_string()))?,
+            let m = QMatrix::new(format, rows, cols, &td.bytes).map_err(|e| bad(e.to_string()))?;
+            let m = match &td.mins {
+                Some(v) => m.with_block_mins(v.clone()).map_err(|e| bad(e.to_string()))?,
                 None => m,
             };
             Ok(Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
         }
-        _ if mins.is_some() => Err(bad("block offsets on a tensor our kernels do not take".into())),
-        _ => QMatMul::from_qtensor(qt).map(Weight::Candle).map_err(|e| bad(e.to_string())),
+        _ if td.mins.is_some() => Err(bad("block offsets on a tensor our kernels do not take".into())),
+        _ => td.to_qtensor(device).and_then(QMatMul::from_qtensor).map(Weight::Candle).map_err(|e| bad(e.to_string())),
     }
 }
 
@@ -674,9 +682,8 @@ fn half_kind(t: GgmlDType) -> Option<HalfKind> {
     }
 }
 
-fn vector<S: TensorSource>(g: &mut S, name: &str, n: usize, device: &Device) -> Result<Vec<f32>> {
-    let qt = g.tensor(name, &[n], device)?;
-    qt.dequantize(device).and_then(|t| t.to_vec1::<f32>()).map_err(|e| g.bad_tensor(name, e.to_string()))
+fn vector<S: TensorSource>(g: &S, name: &str, n: usize) -> Result<Vec<f32>> {
+    g.f32_values(name, &[n])
 }
 
 /// The RMS norm of `x`'s rows (`vec::rms_norm`: as transformers computes it in f32) as a projection's input:

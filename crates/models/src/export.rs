@@ -13,7 +13,6 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::hf::{hf_name, HfDir};
 use crate::source::TensorSource;
-use candle_core::Device;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::Path;
@@ -89,7 +88,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     };
     let bundle = ModelBundle::load(src, &crate::decoder::LoadOptions { dequantize: false, ..Default::default() })?;
     let cfg = bundle.model.config().clone();
-    let (mut g, template): (Box<dyn TensorSource>, Option<String>) = if src.is_dir() {
+    let (g, template): (Box<dyn TensorSource>, Option<String>) = if src.is_dir() {
         (Box::new(HfDir::open(src)?), crate::bundle::dir_chat_template(src)?)
     } else {
         let g = GgufFile::open(src)?;
@@ -150,14 +149,7 @@ pub fn export(src: &Path, out: &Path, format: ExportFormat, mut progress: impl F
     f.write_all(&(head.len() as u64).to_le_bytes()).and_then(|_| f.write_all(&head)).map_err(io(&part))?;
     let mut buf = Vec::new();
     for (i, (name, dims)) in shapes.iter().enumerate() {
-        let qt = g.tensor(name, dims, &Device::Cpu)?;
-        let mut values = qt
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .map_err(|e| g.bad_tensor(name, e.to_string()))?;
-        if let Some(m) = g.block_mins(name) {
-            crate::source::add_block_mins(&mut values, m);
-        }
+        let mut values = g.f32_values(name, dims)?;
         if gemma && name.ends_with("norm.weight") {
             // Gemma checkpoints scale by `1 + w`.
             values.iter_mut().for_each(|v| *v -= 1.0);
@@ -320,6 +312,7 @@ fn unpermute(values: &[f32], heads: usize, rows: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+    use candle_core::Device;
 
     /// Quantized as MLX does and read back by our MLX loader's unpacking: every value within half a step (plus
     /// the scale's and bias's bf16 rounding) of the original, for 4 and 8 bits and several group sizes.

@@ -2,9 +2,10 @@
 //! the file and the tensor.
 
 use crate::error::{Error, Result};
+use crate::source::TensorData;
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
-use candle_core::Device;
+use mlx_serving_kernels::mapped::MappedFile;
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -12,7 +13,8 @@ use std::path::{Path, PathBuf};
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: BufReader<File>,
+    /// The whole file, mapped: tensors are slices of it.
+    map: MappedFile,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -42,15 +44,15 @@ impl GgufFile {
             path: path.clone(),
             reason: format!("header: {e} (truncated or corrupt file?)"),
         })?;
-        let gguf = Self { path, content, reader };
+        let map = MappedFile::open(&path).map_err(io)?;
+        let gguf = Self { path, content, map };
         gguf.check_tensor_extents()?;
         Ok(gguf)
     }
 
     /// Every tensor must lie inside the file: a truncated download fails here, at open, naming the tensor.
     fn check_tensor_extents(&self) -> Result<()> {
-        let len =
-            self.reader.get_ref().metadata().map_err(|source| Error::Io { path: self.path.clone(), source })?.len();
+        let len = self.map.bytes().len() as u64;
         for (name, info) in &self.content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
@@ -194,19 +196,23 @@ impl GgufFile {
         self.content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec())
     }
 
-    /// Loads a tensor, checking its shape (in candle's order: rows first, e.g. `[out, in]` for a weight).
-    pub fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+    /// A tensor's bytes in the mapped file, checking its shape (in candle's order: rows first, e.g. `[out, in]`
+    /// for a weight). `open` checked that every tensor lies inside the file.
+    pub fn tensor_data(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>> {
         let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(Error::MissingTensor { path: self.path.clone(), name: name.into() });
         };
         if info.shape.dims() != shape {
             return Err(self.bad_tensor(name, format!("shape {:?}, expected {shape:?}", info.shape.dims())));
         }
-        let path = self.path.clone();
-        info.read(&mut self.reader, self.content.tensor_data_offset, device).map_err(|e| Error::BadTensor {
-            path,
-            name: name.into(),
-            reason: e.to_string(),
+        let t = info.ggml_dtype;
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let len = info.shape.elem_count() / t.block_size() * t.type_size();
+        Ok(TensorData {
+            dtype: t,
+            shape: shape.to_vec(),
+            bytes: Cow::Borrowed(&self.map.bytes()[start..start + len]),
+            mins: None,
         })
     }
 }

@@ -26,14 +26,15 @@
 
 use crate::config::{Architecture, ModelConfig, RopeStyle, SlidingWindow};
 use crate::error::{Error, Result};
-use crate::source::TensorSource;
+use crate::source::{TensorData, TensorSource};
 use crate::tokenizer::SpecialTokens;
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use mlx_serving_kernels::mapped::MappedFile;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A safetensors element type we read.
@@ -69,12 +70,11 @@ struct TensorInfo {
 pub struct HfDir {
     dir: PathBuf,
     config: Value,
-    shards: Vec<(PathBuf, File)>,
+    /// Each safetensors file, mapped: tensors in a layout our kernels take are slices of these.
+    shards: Vec<(PathBuf, MappedFile)>,
     tensors: HashMap<String, TensorInfo>,
     /// Gemma checkpoints name their norms differently and store norm weights as `w - 1`.
     gemma: bool,
-    /// Block offsets of the MLX 8-bit tensors loaded so far, by GGUF name (`TensorSource::block_mins`).
-    mins: HashMap<String, Vec<f32>>,
 }
 
 impl std::fmt::Debug for HfDir {
@@ -117,8 +117,7 @@ impl HfDir {
             vec!["model.safetensors".into()]
         };
         let gemma = config.get("model_type").and_then(Value::as_str).is_some_and(|t| t.starts_with("gemma"));
-        let mut me =
-            Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new(), gemma, mins: HashMap::new() };
+        let mut me = Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new(), gemma };
         for f in files {
             let path = dir.join(&f);
             let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
@@ -126,7 +125,8 @@ impl HfDir {
             for (name, info) in read_safetensors_header(&path, &file, shard)? {
                 me.tensors.insert(name, info);
             }
-            me.shards.push((path, file));
+            let map = MappedFile::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            me.shards.push((path, map));
         }
         Ok(me)
     }
@@ -307,16 +307,17 @@ impl HfDir {
         Error::BadTensor { path: self.shards[info.shard].0.clone(), name: name.into(), reason }
     }
 
-    fn read(&mut self, name: &str, info: &TensorInfo) -> Result<Vec<u8>> {
-        let mut data = vec![0u8; (info.end - info.start) as usize];
-        let file = &mut self.shards[info.shard].1;
-        let read = file.seek(SeekFrom::Start(info.start)).and_then(|_| file.read_exact(&mut data));
-        read.map_err(|e| self.bad(info, name, format!("truncated: {e}")))?;
-        Ok(data)
+    /// The tensor's bytes in its mapped shard (`read_safetensors_header` checked they lie inside it; a file
+    /// that shrank since is an error here, not a fault).
+    fn read(&self, name: &str, info: &TensorInfo) -> Result<&[u8]> {
+        let bytes = self.shards[info.shard].1.bytes();
+        bytes
+            .get(info.start as usize..info.end as usize)
+            .ok_or_else(|| self.bad(info, name, format!("truncated: the file has {} bytes", bytes.len())))
     }
 
     /// A float tensor as f32 values (scales and biases).
-    fn read_f32(&mut self, name: &str) -> Result<(TensorInfo, Vec<f32>)> {
+    fn read_f32(&self, name: &str) -> Result<(TensorInfo, Vec<f32>)> {
         let info = self.info(name)?;
         let data = self.read(name, &info)?;
         let values = match info.dtype {
@@ -330,13 +331,7 @@ impl HfDir {
 
     /// An MLX-quantized `[rows, cols]` weight (`base.weight`, `base.scales`, `base.biases`), and its block
     /// offsets where it becomes Q8_0 blocks.
-    fn quantized(
-        &mut self,
-        base: &str,
-        rows: usize,
-        cols: usize,
-        device: &Device,
-    ) -> Result<(QTensor, Option<Vec<f32>>)> {
+    fn quantized(&self, base: &str, rows: usize, cols: usize) -> Result<TensorData<'_>> {
         let wname = format!("{base}.weight");
         let winfo = self.info(&wname)?;
         let packed = self.read(&wname, &winfo)?;
@@ -358,8 +353,7 @@ impl HfDir {
         }
         let words: Vec<u32> = packed.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let (dtype, data, mins) = affine_to_ggml(&words, &scales, &biases, [rows, cols], bits, cols / sc, true);
-        let t = qtensor_from_ggml(dtype, &data, vec![rows, cols], device).map_err(|e| bad(self, e.to_string()))?;
-        Ok((t, mins))
+        Ok(TensorData { dtype, shape: vec![rows, cols], bytes: Cow::Owned(data), mins })
     }
 }
 
@@ -421,46 +415,35 @@ pub(crate) fn affine_to_ggml(
 }
 
 impl TensorSource for HfDir {
-    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+    fn tensor_data(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>> {
         let hf = hf_name(name, self.gemma);
         let info = self.info(&hf)?;
         if info.dtype == DType::U32 {
             let (Some(base), &[rows, cols]) = (hf.strip_suffix(".weight"), shape) else {
                 return Err(self.bad(&info, &hf, format!("packed weights for a tensor of shape {shape:?}")));
             };
-            let (t, mins) = self.quantized(base, rows, cols, device)?;
-            match mins {
-                Some(m) => self.mins.insert(name.to_string(), m),
-                None => self.mins.remove(name),
-            };
-            return Ok(t);
+            return self.quantized(base, rows, cols);
         }
         if info.shape != shape {
             return Err(self.bad(&info, &hf, format!("shape {:?}, expected {shape:?}", info.shape)));
         }
+        let shape = info.shape.clone();
         if self.gemma && name.ends_with("norm.weight") {
             // Gemma scales by `1 + w`; GGUF (and our decoder) by `w`.
-            let (_, mut values) = self.read_f32(&hf)?;
-            values.iter_mut().for_each(|v| *v += 1.0);
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            return qtensor_from_ggml(GgmlDType::F32, &bytes, info.shape.clone(), device)
-                .map_err(|e| self.bad(&info, &hf, e.to_string()));
+            let (_, values) = self.read_f32(&hf)?;
+            let bytes = values.iter().flat_map(|v| (v + 1.0).to_le_bytes()).collect();
+            return Ok(TensorData { dtype: GgmlDType::F32, shape, bytes: Cow::Owned(bytes), mins: None });
         }
-        let data = self.read(&hf, &info)?;
         let dtype = match info.dtype {
             DType::F32 => GgmlDType::F32,
             DType::F16 => GgmlDType::F16,
             _ => GgmlDType::BF16,
         };
-        qtensor_from_ggml(dtype, &data, info.shape.clone(), device).map_err(|e| self.bad(&info, &hf, e.to_string()))
+        Ok(TensorData { dtype, shape, bytes: Cow::Borrowed(self.read(&hf, &info)?), mins: None })
     }
 
     fn bad_tensor(&self, name: &str, reason: String) -> Error {
         Error::BadTensor { path: self.dir.clone(), name: hf_name(name, self.gemma), reason }
-    }
-
-    fn block_mins(&self, name: &str) -> Option<&[f32]> {
-        self.mins.get(name).map(Vec::as_slice)
     }
 }
 
@@ -561,6 +544,8 @@ fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    use candle_core::Device;
 
     /// 4-bit affine rows as Q4_1 blocks dequantize to the same values as the plain f32 dequantization (up to
     /// the scales' and biases' rounding to f16, exact here).

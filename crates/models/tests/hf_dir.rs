@@ -62,9 +62,9 @@ fn dir_with(config: Value, tensors: &[(String, Vec<usize>)]) -> tempdir::Dir {
 }
 
 fn load(dir: &Path) -> Result<Model, String> {
-    let mut hf = HfDir::open(dir).map_err(|e| e.to_string())?;
+    let hf = HfDir::open(dir).map_err(|e| e.to_string())?;
     let cfg = hf.model_config().map_err(|e| e.to_string())?;
-    Model::from_source(&mut hf, cfg, &LoadOptions::default(), &candle_core::Device::Cpu).map_err(|e| e.to_string())
+    Model::from_source(&hf, cfg, &LoadOptions::default(), &candle_core::Device::Cpu).map_err(|e| e.to_string())
 }
 
 fn error(dir: &Path) -> String {
