@@ -109,16 +109,50 @@ pub fn half_matmul_on(isa: Isa, w: &HalfMatrix, x: &[f32], y: &mut [f32], add: b
     if n == 0 {
         return;
     }
+    let wide = isa.for_rows(n) == Isa::Avx512;
     rows_parallel_tasks(y, n, m, add, |r0, out| {
-        for (i, o) in out.chunks_exact_mut(n).enumerate() {
-            let row = &w.data[(r0 + i) * k..(r0 + i + 1) * k];
-            for (t0, o) in (0..n).step_by(4).zip(o.chunks_mut(4)) {
-                let xs = &x[t0 * k..(t0 + o.len()) * k];
-                dots(isa, w.kind, row, xs, o);
+        // Activation rows in blocks that stay in cache while every weight row of the task passes over them
+        // (a prompt's whole activations would be streamed from memory once per weight row otherwise).
+        for tb in (0..n).step_by(ACT_BLOCK) {
+            let te = (tb + ACT_BLOCK).min(n);
+            let rows = out.len() / n;
+            // Four weight rows by four activation rows at a time in 512-bit registers where a prompt runs
+            // them (`Isa::for_rows`): the same sums lane for lane as the 256-bit loop, so the same bits.
+            let quads = if wide { rows / 4 * 4 } else { 0 };
+            #[cfg(target_arch = "x86_64")]
+            for i in (0..quads).step_by(4) {
+                let w4 = &w.data[(r0 + i) * k..(r0 + i + 4) * k];
+                for t0 in (tb..te).step_by(4).filter(|t0| t0 + 4 <= te) {
+                    let mut r = [[0f32; 4]; 4];
+                    // SAFETY: the 512-bit path means AVX-512 F/BW with AVX2, FMA and F16C were detected;
+                    // `w4` holds four rows of `k`, the slice of `x` four rows of `k`.
+                    unsafe {
+                        match w.kind {
+                            HalfKind::Bf16 => avx512::dots4x4::<true>(w4, k, &x[t0 * k..(t0 + 4) * k], &mut r),
+                            HalfKind::F16 => avx512::dots4x4::<false>(w4, k, &x[t0 * k..(t0 + 4) * k], &mut r),
+                        }
+                    }
+                    for (j, rj) in r.iter().enumerate() {
+                        out[(i + j) * n + t0..(i + j) * n + t0 + 4].copy_from_slice(rj);
+                    }
+                }
+            }
+            for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                let row = &w.data[(r0 + i) * k..(r0 + i + 1) * k];
+                for t0 in (tb..te).step_by(4) {
+                    let t1 = (t0 + 4).min(te);
+                    if i < quads && t1 - t0 == 4 {
+                        continue; // done above
+                    }
+                    dots(isa, w.kind, row, &x[t0 * k..t1 * k], &mut o[t0..t1]);
+                }
             }
         }
     });
 }
+
+/// Activation rows per cache block of `half_matmul_on`: 32 rows of 576 f32 are 72 KiB (L2), of 4096 576 KiB.
+const ACT_BLOCK: usize = 32;
 
 /// `out[j] = row · xs[j]` for the (up to four) activation rows in `xs`.
 fn dots(isa: Isa, kind: HalfKind, row: &[u16], xs: &[f32], out: &mut [f32]) {
@@ -197,7 +231,7 @@ mod avx2 {
 
     /// `(((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)))`: halves, pairs, then the last two (the portable fold).
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -227,16 +261,83 @@ mod avx2 {
             i += 16;
         }
         for j in 0..R {
-            let mut s = hsum(_mm256_add_ps(a0[j], a1[j]));
-            for c in body..k {
-                let w = if BF16 {
-                    f32::from_bits((*wp.add(c) as u32) << 16)
-                } else {
-                    half::f16::from_bits(*wp.add(c)).to_f32()
-                };
-                s = w.mul_add(*xp.add(j * k + c), s);
+            out[j] = finish::<BF16>(_mm256_add_ps(a0[j], a1[j]), wp, xp.add(j * k), body, k);
+        }
+    }
+
+    /// A pair's sum from its lane-wise added accumulators: folded, then the tail `body .. k` in order.
+    #[inline(always)]
+    pub(super) unsafe fn finish<const BF16: bool>(
+        v: __m256,
+        wp: *const u16,
+        xp: *const f32,
+        body: usize,
+        k: usize,
+    ) -> f32 {
+        let mut s = hsum(v);
+        for c in body..k {
+            let w = if BF16 {
+                f32::from_bits((*wp.add(c) as u32) << 16)
+            } else {
+                half::f16::from_bits(*wp.add(c)).to_f32()
+            };
+            s = w.mul_add(*xp.add(c), s);
+        }
+        s
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::finish;
+    use std::arch::x86_64::*;
+
+    /// Sixteen weights at `p` as f32.
+    #[inline(always)]
+    unsafe fn load16<const BF16: bool>(p: *const u16) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        if BF16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        } else {
+            _mm512_cvtph_ps(h)
+        }
+    }
+
+    /// `out[r][t] = w_r · x_t` for four weight rows `w4` (`[4, k]`) and four activation rows `xs` (`[4, k]`):
+    /// one 16-lane accumulator per pair, whose lanes 0..8 and 8..16 are the 256-bit loop's two accumulators,
+    /// added and folded as it does.
+    ///
+    /// # Safety
+    /// AVX-512 F with AVX2, FMA and F16C available; `w4.len() == xs.len() == 4 · k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dots4x4<const BF16: bool>(w4: &[u16], k: usize, xs: &[f32], out: &mut [[f32; 4]; 4]) {
+        debug_assert!(w4.len() == 4 * k && xs.len() == 4 * k);
+        let body = k / 16 * 16;
+        let (wp, xp) = (w4.as_ptr(), xs.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        while i < body {
+            let w = [
+                load16::<BF16>(wp.add(i)),
+                load16::<BF16>(wp.add(k + i)),
+                load16::<BF16>(wp.add(2 * k + i)),
+                load16::<BF16>(wp.add(3 * k + i)),
+            ];
+            for t in 0..4 {
+                let x = _mm512_loadu_ps(xp.add(t * k + i));
+                for r in 0..4 {
+                    acc[r][t] = _mm512_fmadd_ps(w[r], x, acc[r][t]);
+                }
             }
-            out[j] = s;
+            i += 16;
+        }
+        for r in 0..4 {
+            for t in 0..4 {
+                let a = acc[r][t];
+                let lo = _mm512_castps512_ps256(a);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+                out[r][t] = finish::<BF16>(_mm256_add_ps(lo, hi), wp.add(r * k), xp.add(t * k), body, k);
+            }
         }
     }
 }
@@ -271,7 +372,9 @@ mod tests {
     fn matches_the_reference_on_random_shapes() {
         let mut seed = 7;
         for kind in [HalfKind::Bf16, HalfKind::F16] {
-            for (rows, cols, n) in [(1, 16, 1), (37, 72, 3), (64, 576, 9), (130, 40, 5), (9, 7, 2), (300, 256, 1)] {
+            for (rows, cols, n) in
+                [(1, 16, 1), (37, 72, 3), (64, 576, 9), (130, 40, 5), (9, 7, 2), (300, 256, 1), (23, 136, 67)]
+            {
                 let w = matrix(kind, rows, cols, &mut seed);
                 let x = random(n * cols, &mut seed);
                 let mut want = vec![0f32; n * rows];
@@ -289,13 +392,14 @@ mod tests {
         }
     }
 
-    /// A row's result is bitwise the same alone and in any batch (decode or prefill), on every ISA; the
-    /// portable path sums in the same order as the vector one.
+    /// A row's result is bitwise the same alone and in any batch (decode or prefill: 70 rows run the 512-bit
+    /// four-by-four blocks where the CPU has them, one row the 256-bit loop), on every ISA; the portable path
+    /// sums in the same order as the vector ones.
     #[test]
     fn rows_are_bitwise_independent_of_the_batch() {
         let mut seed = 11;
-        for kind in [HalfKind::Bf16, HalfKind::F16] {
-            let (rows, cols, n) = (40, 200, 7);
+        for (kind, n) in [(HalfKind::Bf16, 7), (HalfKind::F16, 7), (HalfKind::Bf16, 70), (HalfKind::F16, 70)] {
+            let (rows, cols) = (42, 200);
             let w = matrix(kind, rows, cols, &mut seed);
             let x = random(n * cols, &mut seed);
             let mut first: Option<Vec<f32>> = None;
