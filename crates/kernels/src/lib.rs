@@ -1,6 +1,9 @@
 //! Hot loops that candle does not do fast enough on the CPU.
 //!
-//! Owns: paged attention over a block-structured KV cache, and the small vector primitives it needs.
+//! Owns: paged attention over a block-structured KV cache (optionally over a sliding window), matrix products
+//! with GGUF block-quantized weights (`quant`) and with 16-bit float weights (`half_matmul`), the worker pool,
+//! RoPE, the small vector primitives they need, and read-only file maps (`mapped`: the one place model files are
+//! mapped, as it needs `unsafe`).
 //! Every fast kernel here has a plain reference version (`*_reference`) and a randomized test against it.
 //! Must not know about: models, tokenizers, requests, candle tensors. Inputs are plain slices with the
 //! layouts documented on each function, so the engine crates stay free of candle.
