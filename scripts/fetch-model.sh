@@ -119,6 +119,22 @@ PY
         echo "$out/model.safetensors differs from the one mlx-lm's reference ids were computed on" >&2; exit 1; }
       echo "ok: $out"
     done
+    # And as mlx-community ships them: mlx-lm's default bf16 scales and biases, for the shared reference ids
+    # (testdata/reference/greedy-*-mlx-lm-*.json, mlx-lm on conversions of the same weights).
+    for spec in SmolLM2-135M-Instruct:4:2525fccc45236b7f7a4db34db12894a79fef37f2d28322af6ca17e4756ef9927 \
+      SmolLM2-135M-Instruct:8:898fca9f3f1b2ec4db8f356f8febedec203a989e3c314c70228d147e9f164e52 \
+      Qwen2.5-Coder-0.5B-Instruct:4:37badaed6da64d724a85be156e7f49038846e07016c76a18ebe9e9a9d5711b2e; do
+      IFS=: read -r name bits sha <<<"$spec"
+      out=models/mlx/${name}-${bits}bit-bf16
+      if [ ! -f "$out/model.safetensors" ]; then
+        rm -rf "$out"
+        "$py" -m mlx_lm convert --hf-path "models/hf/${name}-bf16" --mlx-path "$out" \
+          -q --q-bits "$bits" --q-group-size 64 >/dev/null
+      fi
+      verify_sha "$out/model.safetensors" "$sha" || {
+        echo "$out/model.safetensors differs from the expected mlx-lm conversion" >&2; exit 1; }
+      echo "ok: $out"
+    done
     ;;
   *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | gemma3-270m | hf | mlx)" >&2; exit 2 ;;
 esac

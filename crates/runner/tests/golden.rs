@@ -120,15 +120,21 @@ fn qwen2_hf_dir_bf16_greedy_matches_transformers() {
 /// prompts identical over their tokens, and at every divergence our own top-1 minus top-2 logit under 0.5 (a
 /// near-tie that either side's rounding may flip).
 fn run_mlx_differential(name: &str, opts: &LoadOptions, allowed: usize) {
+    run_mlx_against(name, &format!("mlx-lm-greedy-{name}.json"), opts, allowed);
+}
+
+/// `run_mlx_differential` against the reference file `ref_file`, over its first 32 tokens.
+fn run_mlx_against(name: &str, ref_file: &str, opts: &LoadOptions, allowed: usize) {
     let dir = mlx_dir(name);
     let bundle = ModelBundle::load(&dir, opts).unwrap();
-    let theirs = reference(&format!("mlx-lm-greedy-{name}.json"));
+    let theirs = reference(ref_file);
     let gen_opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };
     let (mut identical, mut failures) = (0, Vec::new());
     let items = theirs["items"].as_array().unwrap();
     for (n, item) in items.iter().enumerate() {
         let prompt = ids(&item["prompt_ids"]);
-        let want = ids(&item["output_ids"]);
+        let mut want = ids(&item["output_ids"]);
+        want.truncate(COMPARE);
         let g = generate(
             &bundle.model,
             &bundle.tokenizer,
@@ -153,7 +159,7 @@ fn run_mlx_differential(name: &str, opts: &LoadOptions, allowed: usize) {
             }
         }
     }
-    println!("{name}: {identical}/{} identical", items.len());
+    println!("{name} vs {ref_file}: {identical}/{} identical", items.len());
     assert!(identical + allowed >= items.len(), "only {identical} of {} identical", items.len());
     assert!(failures.is_empty(), "divergences at non-tie positions:\n{}", failures.join("\n"));
 }
@@ -172,6 +178,25 @@ fn smollm2_mlx_4bit_matches_mlx_lm() {
 #[test]
 fn smollm2_mlx_8bit_matches_mlx_lm() {
     run_mlx_differential("SmolLM2-135M-Instruct-8bit", &LoadOptions::default(), 1);
+}
+
+/// MLX directories as mlx-community ships them (mlx-lm's `convert` with its default bf16 scales and biases,
+/// from the bf16 Hugging Face directories) against the shared reference ids
+/// (`greedy-*-mlx-lm-*.json`: mlx-lm 0.32.2 on such conversions of the same weights, computed in f32): at least
+/// 22 of 24 prompts identical over 32 tokens with f32 activations (mlx-lm's arithmetic), every divergence where
+/// our own top-1 leads by under 0.5; with the default numerics (16/8-bit rounded activations) near-ties flip
+/// more often (17/24 identical on SmolLM2 4-bit), still only at near-ties.
+#[test]
+fn mlx_bf16_scales_match_the_shared_mlx_lm_references() {
+    let f32_acts = LoadOptions { activations: ActivationPrecision::F32, ..LoadOptions::default() };
+    for (dir, file) in [
+        ("SmolLM2-135M-Instruct-4bit-bf16", "greedy-SmolLM2-135M-Instruct-mlx-lm-4bit.json"),
+        ("SmolLM2-135M-Instruct-8bit-bf16", "greedy-SmolLM2-135M-Instruct-mlx-lm-8bit.json"),
+        ("Qwen2.5-Coder-0.5B-Instruct-4bit-bf16", "greedy-Qwen2.5-Coder-0.5B-Instruct-mlx-lm-4bit.json"),
+    ] {
+        run_mlx_against(dir, file, &f32_acts, 2);
+        run_mlx_against(dir, file, &LoadOptions::default(), 24);
+    }
 }
 
 /// Logits of the prompt's last position, one forward over the whole prompt.

@@ -44,10 +44,11 @@ pub fn hf_dir(name: &str) -> PathBuf {
     p
 }
 
-/// An MLX-quantized directory written by mlx-lm's own `convert` (group 64, f32 scales) from the bf16 Hugging
-/// Face directory
-/// (`SmolLM2-135M-Instruct-4bit`, `SmolLM2-135M-Instruct-8bit`); mlx-lm's greedy ids on it are
-/// `reference("mlx-lm-greedy-NAME.json")`.
+/// An MLX-quantized directory written by mlx-lm's own `convert` (group 64) from the bf16 Hugging Face directory:
+/// with f32 scales `SmolLM2-135M-Instruct-4bit`, `SmolLM2-135M-Instruct-8bit` (mlx-lm's greedy ids on them:
+/// `reference("mlx-lm-greedy-NAME.json")`); with mlx-lm's default bf16 scales `SmolLM2-135M-Instruct-4bit-bf16`,
+/// `SmolLM2-135M-Instruct-8bit-bf16`, `Qwen2.5-Coder-0.5B-Instruct-4bit-bf16` (the shared references
+/// `greedy-*-mlx-lm-*.json`).
 pub fn mlx_dir(name: &str) -> PathBuf {
     let p = model("mlx", "mlx").join(name);
     assert!(p.join("model.safetensors").is_file(), "{} is missing: run scripts/fetch-model.sh mlx", p.display());
