@@ -53,7 +53,10 @@ impl HalfMatrix {
                 bytes.len()
             )));
         }
-        let data = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        let mut data = crate::mapped::huge_zeroed::<u16>(rows * cols);
+        for (d, b) in data.iter_mut().zip(bytes.chunks_exact(2)) {
+            *d = u16::from_le_bytes([b[0], b[1]]);
+        }
         Ok(Self { kind, rows, cols, data })
     }
 
@@ -89,8 +92,12 @@ impl HalfMatrix {
         if parts.iter().any(|p| p.kind != first.kind || p.cols != first.cols) {
             return Err(QuantError::new("concatenated matrices must share kind and column count".into()));
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Ok(Self { kind: first.kind, rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut data = crate::mapped::huge_zeroed::<u16>(rows * first.cols);
+        for (d, s) in data.iter_mut().zip(parts.iter().flat_map(|p| p.data.iter())) {
+            *d = *s;
+        }
+        Ok(Self { kind: first.kind, rows, cols: first.cols, data })
     }
 }
 

@@ -30,3 +30,35 @@ impl MappedFile {
         &self.map
     }
 }
+
+/// Whether to ask for huge pages: yes unless `MLX_SERVING_HUGE_PAGES=off` (for A/B measurements). Read once.
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var("MLX_SERVING_HUGE_PAGES").map_or(true, |v| v != "off"))
+}
+
+/// A zeroed `Vec<T>` of `len` items whose memory the kernel is asked to back with transparent huge pages
+/// (`madvise(MADV_HUGEPAGE)` before the first touch). Weights are streamed whole at every decode step; with
+/// 4 KiB pages that is a TLB miss every 4 KiB (a 1 GB model: 250 000 per token). Where the system does not
+/// do huge pages the advice is ignored and this is a plain zeroed vector. Measured streaming one 544 MB bf16
+/// matrix through `half_matmul` (one activation row, 2 threads, best of 15, 3 runs each, interleaved):
+/// 36.8–37.4 GB/s with the advice, 33.3–34.5 without.
+pub fn huge_zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes >= HUGE && huge_pages_wanted() {
+            let start = v.as_mut_ptr() as usize;
+            let (lo, hi) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+            if hi > lo {
+                // SAFETY: `[lo, hi)` lies inside the vector's own allocation (capacity `len`), which nothing
+                // has touched yet; MADV_HUGEPAGE only advises how to back it and never changes its contents.
+                unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+            }
+        }
+    }
+    v.resize(len, T::default());
+    v
+}

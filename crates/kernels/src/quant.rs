@@ -409,7 +409,13 @@ impl QMatrix {
             let file: Vec<u8> = parts.iter().flat_map(|p| untile(format, p.rows, cols, &p.data)).collect();
             tile(format, cols, &file)
         } else {
-            parts.iter().flat_map(|p| p.data.iter().copied()).collect()
+            let mut data = crate::mapped::huge_zeroed::<u8>(parts.iter().map(|p| p.data.len()).sum());
+            let mut at = 0;
+            for p in parts {
+                data[at..at + p.data.len()].copy_from_slice(&p.data);
+                at += p.data.len();
+            }
+            data
         };
         let mins = parts.iter().any(|p| p.mins.is_some()).then(|| {
             let zeros = |p: &QMatrix| vec![0f32; p.rows * (cols / BLOCK)];
@@ -474,7 +480,7 @@ fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
     let rows = file.len() / rb;
     let tb = format.tile_bytes();
-    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * nb * tb];
+    let mut out = crate::mapped::huge_zeroed::<u8>(rows.div_ceil(TILE_ROWS) * nb * tb);
     // Tile rows in parallel (loading is mostly this copy).
     crate::pool::for_each_chunk_mut(&mut out, nb * tb, |g, tiles| {
         for (lane, r) in (g * TILE_ROWS..rows.min((g + 1) * TILE_ROWS)).enumerate() {
@@ -564,7 +570,7 @@ fn tile_super_blocks(
 ) -> Vec<u8> {
     let (rb, bb) = (format.row_bytes(cols), format.block_bytes());
     let rows = file.len() / rb;
-    let mut out = vec![0u8; rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols)];
+    let mut out = crate::mapped::huge_zeroed::<u8>(rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols));
     // Tile rows in parallel, as `tile` does.
     crate::pool::for_each_chunk_mut(&mut out, format.tile_row_bytes(cols), |g, tiles| {
         for (lane, r) in (g * TILE_ROWS..rows.min((g + 1) * TILE_ROWS)).enumerate() {
