@@ -332,8 +332,8 @@ mod avx512 {
             ];
             for t in 0..4 {
                 let x = _mm512_loadu_ps(xp.add(t * k + i));
-                for r in 0..4 {
-                    acc[r][t] = _mm512_fmadd_ps(w[r], x, acc[r][t]);
+                for (a, wr) in acc.iter_mut().zip(&w) {
+                    a[t] = _mm512_fmadd_ps(*wr, x, a[t]);
                 }
             }
             i += 16;
