@@ -24,7 +24,18 @@ pub struct TensorData<'a> {
 impl TensorData<'_> {
     /// A candle tensor of the data (a copy; offsets not included).
     pub fn to_qtensor(&self, device: &Device) -> candle_core::Result<QTensor> {
-        qtensor_from_ggml(self.dtype, &self.bytes, self.shape.clone(), device)
+        // candle reads the bytes as a slice of its block or float type, which must be aligned: a tensor in a
+        // mapped safetensors file can start at any byte (the format does not align its offsets), so such a
+        // slice goes through a fresh allocation first (the allocator aligns those to 16 bytes).
+        let aligned = |b: &[u8]| (b.as_ptr() as usize).is_multiple_of(16);
+        if aligned(&self.bytes) {
+            return qtensor_from_ggml(self.dtype, &self.bytes, self.shape.clone(), device);
+        }
+        let copy = self.bytes.to_vec();
+        if !aligned(&copy) {
+            return Err(candle_core::Error::Msg("could not get a 16-byte aligned buffer for the tensor".into()));
+        }
+        qtensor_from_ggml(self.dtype, &copy, self.shape.clone(), device)
     }
 
     /// The values, dequantized, offsets included.
