@@ -230,7 +230,7 @@ impl HfDir {
             attn_scale: self
                 .opt_f64("query_pre_attn_scalar")
                 .filter(|&s| gemma && s > 0.0)
-                .map_or(0.0, |s| s.powf(-0.5) as f32),
+                .map_or(0.0, |s| 1.0 / (s as f32).sqrt()),
             sliding_window,
             final_logit_softcap: self.opt_f64("final_logit_softcapping").filter(|&c| c > 0.0).map(|c| c as f32),
             ..ModelConfig::defaults(architecture)

@@ -1,4 +1,5 @@
-//! Qwen 3 and Gemma 3 on tiny random-weight GGUF files against a plain reference forward written here from
+//! Qwen 3 and Gemma 3 on tiny random-weight GGUF files (and the Hugging Face directories `convert` writes from
+//! them) against a plain reference forward written here from
 //! the architectures' definitions (f64, whole-sequence recompute, no cache, no kernels): q/k norms, post
 //! norms, GELU-tanh, the embedding scale, sliding-window layers with their own RoPE base, a head size other
 //! than hidden / heads. No real Qwen 3 file installs from a package registry; Gemma 3 also has a real-file
@@ -7,7 +8,8 @@
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use mlx_serving_kernels::KvDtype;
-use mlx_serving_models::{ActivationPrecision, BatchInput, LoadOptions, Model, PagedKvCache, SeqInput};
+use mlx_serving_models::export::{export_hf, ExportDtype};
+use mlx_serving_models::{ActivationPrecision, BatchInput, LoadOptions, Model, ModelBundle, PagedKvCache, SeqInput};
 use mlx_serving_test_support::tiny::TinyLlama;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -206,10 +208,18 @@ fn check(arch: &Arch, name: &str) -> HashMap<String, Vec<f64>> {
     let opts =
         LoadOptions { activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F32, ..LoadOptions::default() };
     let model = Model::load_gguf(&path, &opts).unwrap();
+    // The same model through the Hugging Face layout: `convert` writes it (config.json with the
+    // architecture's keys, its tensor names, gemma's `w - 1` norms) and the directory loader reads it back.
+    let hf = path.with_extension("hf");
+    export_hf(&path, &hf, ExportDtype::F32, |_, _| {}).unwrap();
+    let from_hf = ModelBundle::load(&hf, &opts).unwrap().model;
+    assert_eq!(from_hf.config(), model.config(), "{name}: config through config.json");
     let t = tensors(&path);
     let want = reference(arch, &t, &TOKENS);
     let mut worst = 0f64;
-    for (how, got) in ["prefill", "decode"].iter().zip(ours(&model, &TOKENS)) {
+    let runs = ours(&model, &TOKENS).into_iter().zip(["prefill", "decode"]);
+    let hf_runs = ours(&from_hf, &TOKENS).into_iter().zip(["HF dir prefill", "HF dir decode"]);
+    for (got, how) in runs.chain(hf_runs) {
         for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
             let err = g.iter().zip(w).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
             let size = w.iter().map(|v| v.abs()).fold(0.0, f64::max);
