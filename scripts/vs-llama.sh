@@ -38,7 +38,7 @@ for line in sys.stdin:
     v = json.loads(js)
     if who == "ours":
         t = v["timings"]
-        if len(v["prompt_token_ids"]) > 1:
+        if len(v["prompt_token_ids"]) > 64:
             r.update({"pp512": t["prompt_tokens_per_second"], "tg@d512": t["decode_tokens_per_second"]})
         else:
             r["tg128"] = t["decode_tokens_per_second"]
