@@ -65,13 +65,24 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 
 /// `swiglu` on a given instruction set (tests force each one).
 pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
+    gated_on(isa, gate, up, Gate::Silu)
+}
+
+/// The gated FFN activations: `act(gate) · up`.
+#[derive(Clone, Copy)]
+enum Gate {
+    Silu,
+    GeluTanh,
+}
+
+fn gated_on(isa: crate::Isa, gate: &mut [f32], up: &[f32], act: Gate) {
     assert_eq!(gate.len(), up.len(), "gate and up lengths");
     assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
     #[cfg(target_arch = "x86_64")]
     let done = if isa.avx2() {
         let done = gate.len() / 8 * 8;
         // SAFETY: an AVX2 path means AVX2, FMA and F16C were detected; both slices hold `done` floats.
-        unsafe { simd::swiglu_avx2(&mut gate[..done], &up[..done]) };
+        unsafe { simd::gated_avx2(&mut gate[..done], &up[..done], act) };
         // The tail through the same vector code (padded), so every element gets the same arithmetic
         // wherever it falls: a row's result must not depend on the rows batched before it.
         let rest = gate.len() - done;
@@ -80,7 +91,7 @@ pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
             g[..rest].copy_from_slice(&gate[done..]);
             u[..rest].copy_from_slice(&up[done..]);
             // SAFETY: as above; eight floats each.
-            unsafe { simd::swiglu_avx2(&mut g, &u) };
+            unsafe { simd::gated_avx2(&mut g, &u, act) };
             gate[done..].copy_from_slice(&g[..rest]);
         }
         gate.len()
@@ -93,20 +104,29 @@ pub fn swiglu_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
         0
     };
     for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+        let z = match act {
+            Gate::Silu => *g,
+            Gate::GeluTanh => GELU_Z * (GELU_CUBIC * *g * *g).mul_add(*g, *g),
+        };
+        *g = *g / (1.0 + (-z).exp()) * u;
     }
 }
 
 /// `gate[i] = gelu(gate[i]) · up[i]` with GELU's tanh approximation (gemma's gated FFN):
-/// `gelu(g) = g/2 · (1 + tanh(√(2/π) · (g + 0.044715 g³)))`.
+/// `gelu(g) = g/2 · (1 + tanh(√(2/π) · (g + 0.044715 g³)))`, computed as `g · σ(z)` with `z = 2√(2/π) · (g +
+/// 0.044715 g³)` (the same value: `(1 + tanh(z/2)) / 2 = σ(z)`), by SwiGLU's sigmoid.
 pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len(), "gate and up lengths");
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    for (g, u) in gate.iter_mut().zip(up) {
-        let x = *g;
-        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u;
-    }
+    gelu_tanh_mul_on(crate::Isa::detected(), gate, up)
 }
+
+/// `gelu_tanh_mul` on a given instruction set (tests force each one).
+pub fn gelu_tanh_mul_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
+    gated_on(isa, gate, up, Gate::GeluTanh)
+}
+
+/// `2√(2/π)` and GELU's cubic coefficient.
+const GELU_Z: f32 = 1.595_769_1;
+const GELU_CUBIC: f32 = 0.044715;
 
 /// [`rms_norm`] of each row of `x` (`[n, w.len()]`) in place: the per-head q/k norms.
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
@@ -195,21 +215,35 @@ pub(crate) mod simd {
         out
     }
 
-    /// `silu(x) · u` on eight lanes, as `swiglu_avx2` computes it.
+    /// `silu(x) · u` on eight lanes, as `swiglu` computes it.
     #[inline(always)]
     pub unsafe fn silu_mul(x: __m256, u: __m256) -> __m256 {
+        gate_mul(x, x, u)
+    }
+
+    /// `g · σ(z) · u` on eight lanes: `σ(z) = s / (1 + t)` with `t = e^−|z|` (never overflows) and `s = 1`
+    /// for `z ≥ 0`, `s = t` below.
+    #[inline(always)]
+    unsafe fn gate_mul(x: __m256, z: __m256, u: __m256) -> __m256 {
         let one = _mm256_set1_ps(1.0);
-        let t = crate::attention::avx2::exp_nonpositive(_mm256_or_ps(x, _mm256_set1_ps(-0.0)));
-        let s = _mm256_blendv_ps(t, one, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps()));
+        let t = crate::attention::avx2::exp_nonpositive(_mm256_or_ps(z, _mm256_set1_ps(-0.0)));
+        let s = _mm256_blendv_ps(t, one, _mm256_cmp_ps::<_CMP_GE_OQ>(z, _mm256_setzero_ps()));
         _mm256_mul_ps(_mm256_div_ps(_mm256_mul_ps(x, s), _mm256_add_ps(one, t)), u)
     }
 
-    /// `swiglu` eight at a time (`gate.len()` a multiple of 8): `silu(g) = g·s / (1 + t)` with
-    /// `t = e^−|g|` (never overflows) and `s = 1` for `g ≥ 0`, `s = t` below.
+    /// `swiglu` (`z = g`) or `gelu_tanh_mul` (`z = 2√(2/π)·(g + 0.044715 g³)`) eight at a time (`gate.len()` a
+    /// multiple of 8).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
+    pub(super) unsafe fn gated_avx2(gate: &mut [f32], up: &[f32], act: super::Gate) {
         for (g, u) in gate.chunks_exact_mut(8).zip(up.chunks_exact(8)) {
-            let v = silu_mul(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()));
+            let (x, uv) = (_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()));
+            let v = match act {
+                super::Gate::Silu => silu_mul(x, uv),
+                super::Gate::GeluTanh => {
+                    let c = _mm256_mul_ps(_mm256_set1_ps(super::GELU_CUBIC), _mm256_mul_ps(x, x));
+                    gate_mul(x, _mm256_mul_ps(_mm256_set1_ps(super::GELU_Z), _mm256_fmadd_ps(c, x, x)), uv)
+                }
+            };
             _mm256_storeu_ps(g.as_mut_ptr(), v);
         }
     }
@@ -292,6 +326,34 @@ pub(crate) mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GELU (tanh form) against f64 on every path, including large magnitudes where `tanh` saturates (within
+    /// 3e-6 relative: deep in the negative tail `e^z` turns z's f32 rounding, relative 6e-8, into `|z|` times
+    /// that), and an element's result independent of where it falls.
+    #[test]
+    fn gelu_paths_agree() {
+        let g: Vec<f32> =
+            (0..203).map(|i| (i as f32 - 101.0) * 0.07).chain([0.0, -0.0, 9.0, -9.0, 40.0, -40.0]).collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 + (i % 5) as f32 * 0.5).collect();
+        let gelu = |g: f64| 0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh());
+        let want: Vec<f64> = g.iter().zip(&u).map(|(g, u)| gelu(*g as f64) * *u as f64).collect();
+        for isa in crate::Isa::all_on_this_cpu() {
+            let mut got = g.clone();
+            gelu_tanh_mul_on(isa, &mut got, &u);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() <= 3e-6 * b.abs().max(1e-6), "{isa:?} g={}: {a} vs {b}", g[i]);
+            }
+        }
+        let g: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.707_106_77).sin() * 5.0).collect();
+        let u = vec![1f32; g.len()];
+        let mut whole = g.clone();
+        gelu_tanh_mul(&mut whole, &u);
+        for start in [1, 3, 5, 8, 13] {
+            let mut part = g[start..].to_vec();
+            gelu_tanh_mul(&mut part, &u[start..]);
+            assert_eq!(part, whole[start..], "offset {start}");
+        }
+    }
 
     #[test]
     fn swiglu_paths_agree() {
