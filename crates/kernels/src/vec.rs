@@ -125,7 +125,7 @@ pub fn gelu_tanh_mul_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
 }
 
 /// `2√(2/π)` and GELU's cubic coefficient.
-const GELU_Z: f32 = 1.595_769_1;
+const GELU_Z: f32 = 1.595_769_2;
 const GELU_CUBIC: f32 = 0.044715;
 
 /// [`rms_norm`] of each row of `x` (`[n, w.len()]`) in place: the per-head q/k norms.
