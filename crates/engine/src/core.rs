@@ -58,6 +58,10 @@ impl Heartbeat {
 #[derive(Debug, Default)]
 struct StepWatch(std::sync::Mutex<LiveSet>);
 
+/// Bound on `LiveSet::early`: aborts between two steps beyond this many are left to the loop's abort commands
+/// (the step they race runs on; nothing is lost but the early stop).
+const MAX_EARLY_ABORTS: usize = 4096;
+
 #[derive(Debug, Default)]
 struct LiveSet {
     running: bool,
@@ -89,7 +93,7 @@ impl StepWatch {
         let mut s = self.lock();
         if s.running {
             s.live.remove(&id);
-        } else {
+        } else if s.early.len() < MAX_EARLY_ABORTS {
             s.early.insert(id);
         }
     }
@@ -398,5 +402,11 @@ mod tests {
         // Early aborts are forgotten at each start: they do not linger into later steps.
         w.start([RequestId(1)]);
         assert!(!w.abandoned());
+        w.end();
+        // And their set is bounded while no step runs.
+        for i in 0..2 * MAX_EARLY_ABORTS as u64 {
+            w.aborted(RequestId(1000 + i));
+        }
+        assert_eq!(w.lock().early.len(), MAX_EARLY_ABORTS);
     }
 }

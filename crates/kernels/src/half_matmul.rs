@@ -14,7 +14,7 @@
 //! nothing in any row's arithmetic: a row gets bitwise the same result alone, in a decode batch or in a
 //! prefill.
 
-use crate::quant::{rows_parallel_tasks, Isa, QuantError};
+use crate::quant::{activation_rows, rows_parallel_tasks, Isa, QuantError};
 use half::{bf16, f16};
 
 /// Which 16-bit float the weights are.
@@ -46,12 +46,9 @@ pub struct HalfMatrix {
 impl HalfMatrix {
     /// Takes the values' little-endian bytes (a safetensors or GGUF tensor's data).
     pub fn from_le_bytes(kind: HalfKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, QuantError> {
-        if rows == 0 || cols == 0 || bytes.len() != rows * cols * 2 {
-            return Err(QuantError::new(format!(
-                "{kind:?} [{rows}, {cols}] needs {} bytes, got {}",
-                rows * cols * 2,
-                bytes.len()
-            )));
+        let want = rows.checked_mul(cols).and_then(|v| v.checked_mul(2));
+        if rows == 0 || cols == 0 || want != Some(bytes.len()) {
+            return Err(QuantError::new(format!("{kind:?} [{rows}, {cols}] does not fit {} bytes", bytes.len())));
         }
         let mut data = crate::mapped::huge_zeroed::<u16>(rows * cols);
         for (d, b) in data.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -109,10 +106,7 @@ pub fn half_matmul(w: &HalfMatrix, x: &[f32], y: &mut [f32], add: bool) {
 /// `half_matmul` on a given instruction set (tests force each one).
 pub fn half_matmul_on(isa: Isa, w: &HalfMatrix, x: &[f32], y: &mut [f32], add: bool) {
     let (k, m) = (w.cols, w.rows);
-    let n = x.len() / k;
-    assert_eq!(x.len(), n * k, "activation length");
-    assert_eq!(y.len(), n * m, "output length");
-    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
+    let n = activation_rows(isa, k, m, x, y);
     if n == 0 {
         return;
     }

@@ -730,10 +730,7 @@ pub fn qmatmul_acts_on(isa: Isa, w: &QMatrix, acts: &Q8Acts, y: &mut [f32], add:
 
 fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
     let (k, m) = (w.cols, w.rows);
-    let n = x.len() / k;
-    assert_eq!(x.len(), n * k, "activation length");
-    assert_eq!(y.len(), n * m, "output length");
-    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
+    let n = activation_rows(isa, k, m, x, y);
     if n == 0 {
         return;
     }
@@ -763,6 +760,16 @@ fn matmul(isa: Isa, w: &QMatrix, x: &[f32], y: &mut [f32], add: bool) {
             add_block_mins(w, &xsums, n, y);
         }
     }
+}
+
+/// The number of activation rows of a `[m, k]` product of `x` into `y`, checking both lengths and that `isa`
+/// runs here.
+pub(crate) fn activation_rows(isa: Isa, k: usize, m: usize, x: &[f32], y: &[f32]) -> usize {
+    let n = x.len() / k;
+    assert_eq!(x.len(), n * k, "activation length");
+    assert_eq!(y.len(), n * m, "output length");
+    assert!(isa.on_this_cpu(), "{isa:?} kernels asked for on a CPU without them");
+    n
 }
 
 /// The integer-activation product of `qmatmul` (stored or added).

@@ -515,8 +515,10 @@ impl Model {
         let mut q = vec![0f32; n * nh * hd];
         let mut attn = vec![0f32; n * nh * hd];
         let (mut hn, mut qkv, mut gate_up) = (Vec::new(), Vec::new(), Vec::new());
-        // Outputs waiting for their post norm (gemma3), and that norm's result.
+        // Outputs waiting for their post norm (gemma3), and that norm's result; the gate and up halves where the
+        // activation does not fuse with rounding (GELU, or f32 inputs to `down`).
         let (mut out, mut out_normed) = (Vec::new(), Vec::new());
+        let (mut gate, mut up) = (Vec::new(), Vec::new());
         let nq = nh * hd;
         let nkv = cfg.num_kv_heads * hd;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -567,8 +569,8 @@ impl Model {
                     layer.down.forward_into(Input::Rounded(&acts), n, dst, add, dev)?;
                 }
                 (act, _) => {
-                    let mut gate = Vec::with_capacity(n * ffn);
-                    let mut up = Vec::with_capacity(n * ffn);
+                    gate.clear();
+                    up.clear();
                     for row in gate_up.chunks_exact(2 * ffn) {
                         gate.extend_from_slice(&row[..ffn]);
                         up.extend_from_slice(&row[ffn..]);

@@ -5,11 +5,14 @@
 //! than hidden / heads. No real Qwen 3 file installs from a package registry; Gemma 3 also has a real-file
 //! golden test (runner/tests/golden.rs), but its prompts are shorter than its 512-position window.
 
+mod common;
+
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
+use common::step;
 use mlx_serving_kernels::KvDtype;
 use mlx_serving_models::export::{export_hf, ExportDtype};
-use mlx_serving_models::{ActivationPrecision, BatchInput, LoadOptions, Model, ModelBundle, PagedKvCache, SeqInput};
+use mlx_serving_models::{ActivationPrecision, LoadOptions, Model, ModelBundle, PagedKvCache};
 use mlx_serving_test_support::tiny::TinyLlama;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -169,25 +172,10 @@ fn reference(arch: &Arch, t: &HashMap<String, Vec<f64>>, tokens: &[u32]) -> Vec<
 fn ours(model: &Model, tokens: &[u32]) -> [Vec<Vec<f32>>; 2] {
     let bs = 4;
     let table: Vec<u32> = (0..tokens.len().div_ceil(bs) as u32).rev().collect();
-    let run = |cache: &mut PagedKvCache, start: usize, end: usize| -> Vec<Vec<f32>> {
-        let positions: Vec<u32> = (start as u32..end as u32).collect();
-        let slots: Vec<u32> = (start..end).map(|p| table[p / bs] * bs as u32 + (p % bs) as u32).collect();
-        let seqs = [SeqInput { query_len: end - start, context_len: end, block_table: &table }];
-        let rows: Vec<u32> = (0..(end - start) as u32).collect();
-        let batch = BatchInput {
-            token_ids: &tokens[start..end],
-            positions: &positions,
-            slot_mapping: &slots,
-            seqs: &seqs,
-            logits_indices: &rows,
-        };
-        let v = model.config().vocab_size;
-        model.forward(&batch, cache).unwrap().chunks(v).map(<[f32]>::to_vec).collect()
-    };
     let mut c = PagedKvCache::new(model.config(), bs, table.len());
-    let whole = run(&mut c, 0, tokens.len());
+    let whole = step(model, &mut c, &table, tokens, 0, tokens.len());
     let mut c = PagedKvCache::new(model.config(), bs, table.len());
-    let steps = (0..tokens.len()).flat_map(|i| run(&mut c, i, i + 1)).collect();
+    let steps = (0..tokens.len()).flat_map(|i| step(model, &mut c, &table, tokens, i, i + 1)).collect();
     [whole, steps]
 }
 
