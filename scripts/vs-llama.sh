@@ -6,7 +6,8 @@
 # LOAD=N runs N busy-looping processes for the whole measurement (a competing load, both sides alike).
 # MODEL=path measures another GGUF (default: SmolLM2-135M Q4_1). LLAMA_FLAGS="..." go to llama-bench (e.g.
 # "--repack 0": no repacked or AMX weights, where its build has them). OURS_MODEL=path gives ours another form
-# of the same weights (a Hugging Face or MLX directory) while llama.cpp runs MODEL.
+# of the same weights (a Hugging Face or MLX directory) while llama.cpp runs MODEL. BIN=path: another build of
+# ours (default target/release/mlx-serving).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 busy=()
@@ -16,7 +17,7 @@ for _ in $(seq "${LOAD:-0}"); do
   busy+=("$!")
 done
 rounds="${1:-5}"; threads="${2:-2}"; shift $(( $# < 2 ? $# : 2 ))
-bin=target/release/mlx-serving
+bin="${BIN:-target/release/mlx-serving}"
 [ -x "$bin" ] || cargo build --release
 model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 ours_model="${OURS_MODEL:-$model}"

@@ -5,7 +5,8 @@
 //!   from memory as real decoding does. Criterion's throughput is the weight bytes read: compare it with the
 //!   machine's read bandwidth (BENCHMARKS.md has the roofline note).
 //! - `decode_pass_qwen/*`: the same for Qwen2.5-Coder-0.5B Q4_K_M's formats (Q5_0, Q4_K, Q6_K, Q8_0) and
-//!   shapes, `mixed` and 8-bit activations (398 MB a pass).
+//!   shapes, `mixed` and 8-bit activations (398 MB a pass); `decode_pass_qwen/mlx4`: its MLX 4-bit
+//!   directory's (`A4_64` everywhere, untied head: 278 MB a pass).
 //! - `decode_batch/*`: the same matmuls for 8 sequences decoding together; throughput in multiply-adds.
 //! - `prefill/*`: one layer's matmuls for 512 tokens (compute-bound); throughput in multiply-adds.
 //! - `hot/*`: one matrix that stays in cache, one activation row: the kernel's compute ceiling.
@@ -94,6 +95,23 @@ fn qwen_model(mixed: bool) -> Vec<QMatrix> {
     m
 }
 
+/// Qwen2.5-0.5B's matmuls as its MLX 4-bit directory (group 64) runs them: every weight `A4_64` with 8-bit
+/// activations, q/k/v and gate/up fused, and the untied 4-bit head.
+fn qwen_mlx4_model() -> Vec<QMatrix> {
+    let (h, ffn, kv) = (896, 4864, 128);
+    let mut rng = Rng(0x5851F42D4C957F2D);
+    let a4 = |rng: &mut Rng, rows, cols| matrix(rng, QuantFormat::A4_64, rows, cols, Activations::Int8);
+    let mut m = Vec::new();
+    for _ in 0..24 {
+        m.push(a4(&mut rng, h + 2 * kv, h));
+        m.push(a4(&mut rng, h, h));
+        m.push(a4(&mut rng, 2 * ffn, h));
+        m.push(a4(&mut rng, h, ffn));
+    }
+    m.push(a4(&mut rng, 151_936, h));
+    m
+}
+
 /// Benchmark `name` in `g`: every matrix of `mats` once, for one activation row; throughput in weight bytes.
 fn pass(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, mats: &[QMatrix], isa: Isa, rng: &mut Rng) {
     let bytes: usize = mats.iter().map(|m| m.weight_bytes()).sum();
@@ -162,6 +180,7 @@ fn bench(c: &mut Criterion) {
     for (name, mixed) in [("mixed", true), ("int8", false)] {
         pass(&mut g, name, &qwen_model(mixed), isa, &mut rng);
     }
+    pass(&mut g, "mlx4", &qwen_mlx4_model(), isa, &mut rng);
     g.finish();
 
     // Eight sequences decoding together (8 concurrent streams): each weight read once for eight rows.

@@ -17,6 +17,8 @@ fn main() {
         Some("q5_0") => QuantFormat::Q5_0,
         Some("q4_k") => QuantFormat::Q4_K,
         Some("q6_k") => QuantFormat::Q6_K,
+        Some("a4_64") => QuantFormat::A4_64,
+        Some("a4_128") => QuantFormat::A4_128,
         _ => QuantFormat::Q4_1,
     };
     let rows: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1536);
@@ -54,7 +56,8 @@ fn main() {
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }
             let gmacs = (rows * cols * n) as f64 / best / 1e9;
-            println!("{format:?} {rows}x{cols} {a:?} n={n}: {:.1} us, {gmacs:.1} GMAC/s", best * 1e6);
+            let gbs = ms[0].weight_bytes() as f64 / best / 1e9;
+            println!("{format:?} {rows}x{cols} {a:?} n={n}: {:.1} us, {gmacs:.1} GMAC/s, {gbs:.1} GB/s", best * 1e6);
         }
     }
 }

@@ -91,11 +91,17 @@ pub enum QuantFormat {
     Q8_0,
     Q4_K,
     Q6_K,
+    /// Q4_1's arithmetic with one scale and min per 64 values (MLX's affine 4-bit, group 64): 4.5 bits per
+    /// weight where Q4_1 needs 5. A file block is `d | m | qs[32]`, bytes `16j .. 16j + 16` of `qs` holding
+    /// 32-value sub-block `j` as a Q4_1 block's 16 bytes do.
+    A4_64,
+    /// The same with one scale and min per 128 values (MLX group 128): 4.25 bits per weight.
+    A4_128,
 }
 
 impl QuantFormat {
     /// Every format the kernels take.
-    pub const ALL: [QuantFormat; 7] = [
+    pub const ALL: [QuantFormat; 9] = [
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Q5_0,
@@ -103,23 +109,44 @@ impl QuantFormat {
         QuantFormat::Q8_0,
         QuantFormat::Q4_K,
         QuantFormat::Q6_K,
+        QuantFormat::A4_64,
+        QuantFormat::A4_128,
     ];
 
     /// Byte offsets of the f16 fields (scales and stored mins) in a file block: what a test or benchmark
     /// sets to finite values after filling a block with random bytes.
     pub fn f16_offsets(self) -> &'static [usize] {
         match self {
-            Self::Q4_1 | Self::Q5_1 | Self::Q4_K => &[0, 2],
+            Self::Q4_1 | Self::Q5_1 | Self::Q4_K | Self::A4_64 | Self::A4_128 => &[0, 2],
             Self::Q6_K => &[208],
             Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => &[0],
         }
     }
 
-    /// Weights per block in the file: 32, or 256 for the K-quants.
+    /// Weights per block in the file: 32, 256 for the K-quants, 64 or 128 for the `A4` formats.
     pub fn block_len(self) -> usize {
         match self {
             Self::Q4_K | Self::Q6_K => SUPER,
+            Self::A4_64 => 64,
+            Self::A4_128 => 128,
             _ => BLOCK,
+        }
+    }
+
+    /// The `A4` format with one scale and min per `group` values (64 or 128).
+    pub fn affine4(group: usize) -> Option<Self> {
+        match group {
+            64 => Some(Self::A4_64),
+            128 => Some(Self::A4_128),
+            _ => None,
+        }
+    }
+
+    /// 32-value sub-blocks sharing a scale and min in an `A4` format (else 1).
+    pub(crate) fn sub_blocks(self) -> usize {
+        match self {
+            Self::A4_64 | Self::A4_128 => self.block_len() / BLOCK,
+            _ => 1,
         }
     }
 
@@ -133,6 +160,7 @@ impl QuantFormat {
             Self::Q8_0 => 34,
             Self::Q4_K => 144,
             Self::Q6_K => 210,
+            Self::A4_64 | Self::A4_128 => 4 + self.block_len() / 2,
         }
     }
 
@@ -146,7 +174,8 @@ impl QuantFormat {
     }
 
     /// Widths of a stored 32-value block's fields in file order (scale, min, high bits, quantized values),
-    /// which a tile keeps in this order; empty for the K-quants (their tiles: `tile_q4k`, `tile_q6k`).
+    /// which a tile keeps in this order; empty for the K-quants and `A4` (their tiles: `tile_q4k`, `tile_q6k`,
+    /// `tile_a4`).
     fn fields(self) -> &'static [usize] {
         match self {
             Self::Q4_0 => &[2, 16],
@@ -168,6 +197,7 @@ impl QuantFormat {
         match self {
             Self::Q4_K => cols / SUPER * K4_TILE,
             Self::Q6_K => cols / SUPER * K6_TILE,
+            // `A4`: as many bytes as the file (`tile_a4`).
             _ => TILE_ROWS * self.row_bytes(cols),
         }
     }
@@ -372,6 +402,55 @@ impl QMatrix {
         Ok(Self { format, activations: Activations::default(), rows, cols, data, mins: None })
     }
 
+    /// Q4_1 blocks (`data`, the GGUF layout) whose runs of `group / 32` blocks along a row share one scale
+    /// and min, as the `A4` format of that group (64 or 128): the same products, bitwise, from 4.5 (4.25) bits
+    /// per weight instead of 5. This is how MLX's affine 4-bit weights, read as Q4_1 blocks, are stored;
+    /// tiling is the one copy.
+    pub fn from_q4_1_groups(
+        group: usize,
+        rows: usize,
+        cols: usize,
+        data: impl AsRef<[u8]>,
+    ) -> Result<Self, QuantError> {
+        let data = data.as_ref();
+        let format = QuantFormat::affine4(group)
+            .ok_or_else(|| QuantError(format!("Q4_1 groups of {group}: the shared-scale formats take 64 or 128")))?;
+        let want = rows * QuantFormat::Q4_1.row_bytes(cols);
+        if rows == 0 || !cols.is_multiple_of(group) || data.len() != want {
+            return Err(QuantError(format!(
+                "Q4_1 in groups of {group} [{rows}, {cols}]: need rows, columns a multiple of {group} and {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        if let Some(at) =
+            data.chunks_exact(20 * format.sub_blocks()).position(|g| g.chunks_exact(20).any(|b| b[..4] != g[..4]))
+        {
+            let (r, c) = (at / (cols / group), at % (cols / group) * group);
+            return Err(QuantError(format!(
+                "Q4_1 in groups of {group}: row {r}'s blocks at columns {c}..{} differ in scale or min",
+                c + group
+            )));
+        }
+        let data = tile_a4(format, cols, data, true);
+        Ok(Self { format, activations: Activations::default(), rows, cols, data, mins: None })
+    }
+
+    /// Q4_1 blocks (`data`, rows of `cols` values) as the most compact format that holds them exactly:
+    /// `A4_128` or `A4_64` where every run of four or two blocks along a row shares its scale and min (MLX's
+    /// affine 4-bit weights read as Q4_1), else Q4_1 itself.
+    pub fn from_q4_1(rows: usize, cols: usize, data: impl AsRef<[u8]>) -> Result<Self, QuantError> {
+        let data = data.as_ref();
+        let shared = |group: usize| {
+            cols.is_multiple_of(group)
+                && data.len().is_multiple_of(20 * group / 32)
+                && data.chunks_exact(20 * group / 32).all(|g| g.chunks_exact(20).all(|b| b[..4] == g[..4]))
+        };
+        match [128, 64].into_iter().find(|&g| shared(g)) {
+            Some(group) => Self::from_q4_1_groups(group, rows, cols, data),
+            None => Self::new(QuantFormat::Q4_1, rows, cols, data),
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -537,9 +616,19 @@ impl<'a> RowRef<'a> {
         &self.data[s * K6_TILE..(s + 1) * K6_TILE]
     }
 
+    /// The tile (eight rows' block) holding `A4` block `b`, and `b`'s sub-block in it.
+    fn a4_tile(&self, b: usize) -> (&'a [u8], usize) {
+        let (n, len) = (self.format.sub_blocks(), TILE_ROWS * self.format.block_bytes());
+        (&self.data[b / n * len..(b / n + 1) * len], b % n)
+    }
+
     /// Block `b`'s scale and min as f32.
     fn scale_min(&self, b: usize) -> (f32, f32) {
         match self.format {
+            QuantFormat::A4_64 | QuantFormat::A4_128 => {
+                let (t, _) = self.a4_tile(b);
+                (f16_at(t, 2 * self.lane).to_f32(), f16_at(t, 16 + 2 * self.lane).to_f32())
+            }
             QuantFormat::Q4_K => {
                 let (t, j, lane) = (self.q4k_tile(b), b % (SUPER / BLOCK), self.lane);
                 let (sc, m) = (t[K4_SCALES + 8 * j + lane], t[K4_MINS + 8 * j + lane]);
@@ -589,8 +678,13 @@ impl<'a> RowRef<'a> {
                     q[j] = qs[j] as i8 as i32;
                 }
             }
-            QuantFormat::Q4_K => {
-                let qs = &self.q4k_tile(b)[K4_QS + 128 * (b % (SUPER / BLOCK))..];
+            QuantFormat::Q4_K | QuantFormat::A4_64 | QuantFormat::A4_128 => {
+                let qs = if self.format == QuantFormat::Q4_K {
+                    &self.q4k_tile(b)[K4_QS + 128 * (b % (SUPER / BLOCK))..]
+                } else {
+                    let (t, j) = self.a4_tile(b);
+                    &t[A4_QS + 128 * j..]
+                };
                 for (c, e) in nibble_bytes() {
                     let byte = qs[nibble_word_offset(c, self.lane, e)];
                     q[4 * c + e] = (byte & 0xF) as i32;

@@ -649,7 +649,12 @@ fn to_matmul<S: TensorSource>(
     }
     match (kernel_format(td.dtype), &td.shape[..]) {
         (Some(format), &[rows, cols]) => {
-            let m = QMatrix::new(format, rows, cols, &td.bytes).map_err(|e| bad(e.to_string()))?;
+            // Q4_1 whose scales repeat in runs (MLX's 4-bit groups of 64 or 128) keeps one scale per run.
+            let m = match format {
+                QuantFormat::Q4_1 => QMatrix::from_q4_1(rows, cols, &td.bytes),
+                _ => QMatrix::new(format, rows, cols, &td.bytes),
+            }
+            .map_err(|e| bad(e.to_string()))?;
             let m = match &td.mins {
                 Some(v) => m.with_block_mins(v.clone()).map_err(|e| bad(e.to_string()))?,
                 None => m,

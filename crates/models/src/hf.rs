@@ -21,8 +21,9 @@
 //! `biases` (one per group of `group_size` inputs; w = scale · q + bias). Bits and group size are read off
 //! the shapes, so per-layer overrides need no special case. 4-bit groups of 32, 64 or 128 become Q4_1 blocks
 //! (32 values, an f16 scale and an f16 minimum: the same affine form), which our kernels run; the scales and
-//! biases are exact in f16 wherever they lie in its normal range. Other widths are dequantized to f32 for
-//! now.
+//! biases are exact in f16 wherever they lie in its normal range. The loader then stores groups of 64 or 128
+//! with one scale and minimum per group (`QMatrix::from_q4_1`: 4.5 or 4.25 bits per weight, as the file).
+//! Other widths are dequantized to f32 for now.
 
 use crate::config::{Architecture, ModelConfig, RopeStyle, SlidingWindow};
 use crate::error::{Error, Result};
@@ -376,32 +377,45 @@ pub(crate) fn affine_to_ggml(
     let mask = (1u32 << bits) - 1;
     let q = |r: usize, c: usize| ((words[r * words_per_row + c / per_word] >> ((c % per_word) * bits)) & mask) as u8;
     if native && bits == 8 && group.is_multiple_of(32) {
-        // Q8_0 blocks: f16 scale d, then 32 signed bytes.
-        let mut out = Vec::with_capacity(rows * cols / 32 * 34);
-        let mut mins = Vec::with_capacity(rows * cols / 32);
-        for r in 0..rows {
-            for b in 0..cols / 32 {
-                let g = r * groups + b * 32 / group;
-                out.extend_from_slice(&half::f16::from_f32(scales[g]).to_le_bytes());
-                out.extend((0..32).map(|j| (q(r, b * 32 + j) as i32 - 128) as i8 as u8));
-                mins.push(biases[g] + 128.0 * scales[g]);
+        // Q8_0 blocks: f16 scale d, then 32 signed bytes; rows in parallel.
+        let (nb, row_bytes) = (cols / 32, cols / 32 * 34);
+        let mut out = vec![0u8; rows * row_bytes];
+        mlx_serving_kernels::pool::for_each_chunk_mut(&mut out, row_bytes, |r, row| {
+            let w = &words[r * words_per_row..(r + 1) * words_per_row];
+            for (b, blk) in row.chunks_exact_mut(34).enumerate() {
+                blk[..2].copy_from_slice(&half::f16::from_f32(scales[r * groups + b * 32 / group]).to_le_bytes());
+                for (j, v) in blk[2..].iter_mut().enumerate() {
+                    *v = ((w[8 * b + j / 4] >> (8 * (j % 4))) as u8) ^ 0x80; // q − 128 as i8
+                }
             }
-        }
+        });
+        let mins = (0..rows * nb)
+            .map(|i| {
+                let g = i / nb * groups + i % nb * 32 / group;
+                biases[g] + 128.0 * scales[g]
+            })
+            .collect();
         return (GgmlDType::Q8_0, out, Some(mins));
     }
     if native && bits == 4 && group.is_multiple_of(32) {
-        // Q4_1 blocks: f16 scale d, f16 minimum m, 16 bytes holding q[j] (low nibble) and q[j + 16] (high).
-        let mut out = Vec::with_capacity(rows * cols / 32 * 20);
-        for r in 0..rows {
-            for b in 0..cols / 32 {
+        // Q4_1 blocks: f16 scale d, f16 minimum m, 16 bytes holding q[j] (low nibble) and q[j + 16] (high);
+        // a block's values are words 4b .. 4b + 4, eight nibbles each. Rows in parallel.
+        let row_bytes = cols / 32 * 20;
+        let mut out = vec![0u8; rows * row_bytes];
+        mlx_serving_kernels::pool::for_each_chunk_mut(&mut out, row_bytes, |r, row| {
+            let w = &words[r * words_per_row..(r + 1) * words_per_row];
+            for (b, blk) in row.chunks_exact_mut(20).enumerate() {
                 let g = r * groups + b * 32 / group;
-                out.extend_from_slice(&half::f16::from_f32(scales[g]).to_le_bytes());
-                out.extend_from_slice(&half::f16::from_f32(biases[g]).to_le_bytes());
-                for j in 0..16 {
-                    out.push(q(r, b * 32 + j) | (q(r, b * 32 + j + 16) << 4));
+                blk[..2].copy_from_slice(&half::f16::from_f32(scales[g]).to_le_bytes());
+                blk[2..4].copy_from_slice(&half::f16::from_f32(biases[g]).to_le_bytes());
+                for k in 0..2 {
+                    let (lo, hi) = (w[4 * b + k], w[4 * b + k + 2]);
+                    for i in 0..8 {
+                        blk[4 + 8 * k + i] = ((lo >> (4 * i)) & 0xF) as u8 | ((((hi >> (4 * i)) & 0xF) as u8) << 4);
+                    }
                 }
             }
-        }
+        });
         return (GgmlDType::Q4_1, out, None);
     }
     let mut out = Vec::with_capacity(rows * cols * 4);

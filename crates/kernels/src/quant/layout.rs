@@ -12,6 +12,7 @@ pub(super) fn tile(format: QuantFormat, cols: usize, file: &[u8]) -> Vec<u8> {
     match format {
         QuantFormat::Q4_K => return tile_q4k(cols, file),
         QuantFormat::Q6_K => return tile_q6k(cols, file),
+        QuantFormat::A4_64 | QuantFormat::A4_128 => return tile_a4(format, cols, file, false),
         _ => {}
     }
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
@@ -45,6 +46,7 @@ pub(super) fn untile(format: QuantFormat, rows: usize, cols: usize, tiles: &[u8]
     match format {
         QuantFormat::Q4_K => return untile_q4k(rows, cols, tiles),
         QuantFormat::Q6_K => return untile_q6k(rows, cols, tiles),
+        QuantFormat::A4_64 | QuantFormat::A4_128 => return untile_a4(format, rows, cols, tiles),
         _ => {}
     }
     let (rb, bb, nb) = (format.row_bytes(cols), format.block_bytes(), cols / BLOCK);
@@ -87,7 +89,7 @@ pub(super) fn for_each_super_block(
     tile: usize,
     mut f: impl FnMut(usize, usize, usize),
 ) {
-    let (rb, ns, bb) = (format.row_bytes(cols), cols / SUPER, format.block_bytes());
+    let (rb, ns, bb) = (format.row_bytes(cols), cols / format.block_len(), format.block_bytes());
     for r in 0..rows {
         let (g, lane) = (r / TILE_ROWS, r % TILE_ROWS);
         for s in 0..ns {
@@ -105,11 +107,23 @@ pub(super) fn tile_super_blocks(
     tile: usize,
     f: impl Fn(usize, &[u8], &mut [u8]) + Sync,
 ) -> Vec<u8> {
-    let (rb, bb) = (format.row_bytes(cols), format.block_bytes());
+    tile_blocks(format.row_bytes(cols), format.block_bytes(), format.tile_row_bytes(cols), file, tile, f)
+}
+
+/// `tile_super_blocks` for rows of `rb` file bytes in blocks of `bb` bytes, each block becoming a tile of
+/// `tile` bytes in rows of tiles of `tile_row` bytes.
+fn tile_blocks(
+    rb: usize,
+    bb: usize,
+    tile_row: usize,
+    file: &[u8],
+    tile: usize,
+    f: impl Fn(usize, &[u8], &mut [u8]) + Sync,
+) -> Vec<u8> {
     let rows = file.len() / rb;
-    let mut out = crate::mapped::huge_zeroed::<u8>(rows.div_ceil(TILE_ROWS) * format.tile_row_bytes(cols));
+    let mut out = crate::mapped::huge_zeroed::<u8>(rows.div_ceil(TILE_ROWS) * tile_row);
     // Tile rows in parallel, as `tile` does.
-    crate::pool::for_each_chunk_mut(&mut out, format.tile_row_bytes(cols), |g, tiles| {
+    crate::pool::for_each_chunk_mut(&mut out, tile_row, |g, tiles| {
         for (lane, r) in (g * TILE_ROWS..rows.min((g + 1) * TILE_ROWS)).enumerate() {
             for (s, t) in tiles.chunks_exact_mut(tile).enumerate() {
                 f(lane, &file[r * rb + s * bb..r * rb + (s + 1) * bb], t);
@@ -117,6 +131,43 @@ pub(super) fn tile_super_blocks(
         }
     });
     out
+}
+
+/// Offset of the nibbles in an `A4` tile: after the eight rows' f16 scales and their eight f16 mins.
+pub(crate) const A4_QS: usize = 32;
+
+/// `A4` rows as tiles (as many bytes as the file): per block of eight rows, their eight scales, their eight
+/// mins, then each 32-value sub-block's nibbles as a Q4_1 tile holds them (`A4_QS + 128·j` on). `from_q4_1`:
+/// `file` is Q4_1 blocks instead, whose runs of `format.sub_blocks()` share a scale and min (checked by the
+/// caller), the first block's taken.
+pub(super) fn tile_a4(format: QuantFormat, cols: usize, file: &[u8], from_q4_1: bool) -> Vec<u8> {
+    let (n, tile) = (format.sub_blocks(), format.block_bytes() * TILE_ROWS);
+    // Sub-block `j`'s 16 bytes of nibbles start at `4 + stride·j` in a block of the source.
+    let (rb, bb, stride) =
+        if from_q4_1 { (cols / BLOCK * 20, 20 * n, 20) } else { (format.row_bytes(cols), format.block_bytes(), 16) };
+    tile_blocks(rb, bb, format.tile_row_bytes(cols), file, tile, |lane, blk, t| {
+        t[2 * lane..2 * lane + 2].copy_from_slice(&blk[0..2]);
+        t[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+        for j in 0..n {
+            for (c, e) in nibble_bytes() {
+                t[A4_QS + 128 * j + nibble_word_offset(c, lane, e)] = blk[4 + stride * j + 4 * c + e];
+            }
+        }
+    })
+}
+
+/// `tile_a4`'s inverse (of its `A4` file form): the first `rows` rows as `A4` blocks.
+pub(super) fn untile_a4(format: QuantFormat, rows: usize, cols: usize, tiles: &[u8]) -> Vec<u8> {
+    let (n, tile) = (format.sub_blocks(), format.block_bytes() * TILE_ROWS);
+    untile_super_blocks(format, rows, cols, tiles, tile, |lane, t, blk| {
+        blk[0..2].copy_from_slice(&t[2 * lane..2 * lane + 2]);
+        blk[2..4].copy_from_slice(&t[16 + 2 * lane..16 + 2 * lane + 2]);
+        for j in 0..n {
+            for (c, e) in nibble_bytes() {
+                blk[4 + 16 * j + 4 * c + e] = t[A4_QS + 128 * j + nibble_word_offset(c, lane, e)];
+            }
+        }
+    })
 }
 
 /// `tile_super_blocks`' inverse: `f(lane, t, sb)` reads row lane `lane`'s super-block back from its tile `t`

@@ -28,12 +28,17 @@ fn random_matrix(rng: &mut Lcg, format: QuantFormat, rows: usize, cols: usize) -
     QMatrix::new(format, rows, cols, data).unwrap()
 }
 
+/// `w`'s blocks in the file layout.
+fn file_bytes(w: &QMatrix) -> Vec<u8> {
+    untile(w.format, w.rows, w.cols, &w.data)
+}
+
 /// Every instruction set this machine can run: the portable one always.
 fn isas() -> Vec<Isa> {
     Isa::all_on_this_cpu()
 }
 
-const FORMATS: [QuantFormat; 7] = QuantFormat::ALL;
+const FORMATS: [QuantFormat; 9] = QuantFormat::ALL;
 
 /// `cols` rounded up to whole blocks of `format` (256 for the K-quants).
 fn cols_for(format: QuantFormat, cols: usize) -> usize {
@@ -686,4 +691,77 @@ fn block_mins_on_every_path() {
     let sums: f32 = x[..32].iter().sum::<f32>() * 0.25 + x[32..].iter().sum::<f32>() * 0.25;
     assert!(yp.iter().zip(&yb).all(|(p, b)| (b - p - sums).abs() < 1e-4), "{yp:?} {yb:?} {sums}");
     assert!(a.with_block_mins(vec![0.0; 3]).is_err());
+}
+
+/// Q4_1 blocks whose runs of two or four share a scale and min, stored as `A4_64` / `A4_128`
+/// (`from_q4_1_groups`), give bitwise the Q4_1 matrix's products on every path and activation width, and
+/// dequantize alike; they take 4.5 / 4.25 bits per weight where Q4_1 takes 5.
+#[test]
+fn shared_scale_formats_compute_as_q4_1() {
+    let mut rng = Lcg(29);
+    for group in [64, 128] {
+        let format = QuantFormat::affine4(group).unwrap();
+        for (rows, cols) in [(9, 128), (25, 640), (16, 896)] {
+            let mut data = file_bytes(&random_matrix(&mut rng, QuantFormat::Q4_1, rows, cols));
+            for g in data.chunks_exact_mut(20 * group / 32) {
+                let head: [u8; 4] = g[..4].try_into().unwrap();
+                g.chunks_exact_mut(20).for_each(|b| b[..4].copy_from_slice(&head));
+            }
+            let q41 = QMatrix::new(QuantFormat::Q4_1, rows, cols, &data).unwrap();
+            let a4 = QMatrix::from_q4_1_groups(group, rows, cols, &data).unwrap();
+            assert_eq!(a4.format(), format);
+            assert_eq!(a4.weight_bytes() * 20 * group / 32, q41.weight_bytes() * (4 + group / 2), "{format:?}");
+            let (mut r1, mut r2) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                q41.dequantize_row(r, &mut r1);
+                a4.dequantize_row(r, &mut r2);
+                assert_eq!(bits(&r1), bits(&r2), "{format:?} row {r}");
+            }
+            for isa in isas() {
+                for acts in [Activations::Int8, Activations::Int16, Activations::F32] {
+                    for n in [1, 3, 8, 64] {
+                        let x = varied_rows(&mut rng, n, cols);
+                        let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                        qmatmul_on(isa, &q41.clone().with_activations(acts), &x, &mut a);
+                        qmatmul_on(isa, &a4.clone().with_activations(acts), &x, &mut b);
+                        assert_eq!(bits(&a), bits(&b), "{isa:?} {acts:?} {format:?} [{rows}, {cols}] n={n}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `from_q4_1_groups` refuses blocks of a group that differ in scale or min, naming the row and columns, and
+/// sizes that do not fit.
+#[test]
+fn shared_scale_groups_are_checked() {
+    let mut rng = Lcg(31);
+    let data = file_bytes(&random_matrix(&mut rng, QuantFormat::Q4_1, 3, 128));
+    let err = QMatrix::from_q4_1_groups(64, 3, 128, &data).unwrap_err().to_string();
+    assert!(err.contains("row 0's blocks at columns 0..64 differ"), "{err}");
+    assert!(QMatrix::from_q4_1_groups(96, 3, 128, &data).is_err());
+    assert!(QMatrix::from_q4_1_groups(128, 3, 192, &data).is_err());
+    assert!(QMatrix::from_q4_1_groups(64, 3, 128, &data[..data.len() - 1]).is_err());
+}
+
+/// `from_q4_1` picks the largest run of blocks that share scales everywhere: 128, 64, else plain Q4_1.
+#[test]
+fn q4_1_takes_the_most_compact_shared_format() {
+    let mut rng = Lcg(37);
+    let data = file_bytes(&random_matrix(&mut rng, QuantFormat::Q4_1, 2, 256));
+    let share = |data: &[u8], blocks: usize| {
+        let mut d = data.to_vec();
+        for g in d.chunks_exact_mut(20 * blocks) {
+            let head: [u8; 4] = g[..4].try_into().unwrap();
+            g.chunks_exact_mut(20).for_each(|b| b[..4].copy_from_slice(&head));
+        }
+        d
+    };
+    assert_eq!(QMatrix::from_q4_1(2, 256, &data).unwrap().format(), QuantFormat::Q4_1);
+    assert_eq!(QMatrix::from_q4_1(2, 256, share(&data, 2)).unwrap().format(), QuantFormat::A4_64);
+    assert_eq!(QMatrix::from_q4_1(2, 256, share(&data, 4)).unwrap().format(), QuantFormat::A4_128);
+    // 96 columns: runs of 64 do not fit a row, so Q4_1 even where every block has the same scale and min.
+    let short = share(&file_bytes(&random_matrix(&mut rng, QuantFormat::Q4_1, 2, 128))[..2 * 3 * 20], 6);
+    assert_eq!(QMatrix::from_q4_1(2, 96, short).unwrap().format(), QuantFormat::Q4_1);
 }

@@ -13,8 +13,8 @@
 //! its block sums are exact integers, and its lane accumulates `d·dx·Σq·qx`, then `m·s`, block by block.
 
 use super::{
-    Q8Acts, QMatrix, QuantFormat, BLOCK, K4_MINS, K4_QS, K4_SCALES, K4_TILE, K6_BLOCK, K6_BLOCKS, K6_SCALES, K6_TILE,
-    SUPER, TILE_ROWS,
+    Q8Acts, QMatrix, QuantFormat, A4_QS, BLOCK, K4_MINS, K4_QS, K4_SCALES, K4_TILE, K6_BLOCK, K6_BLOCKS, K6_SCALES,
+    K6_TILE, SUPER, TILE_ROWS,
 };
 use std::arch::x86_64::*;
 
@@ -182,6 +182,35 @@ impl TiledFormat for K4 {
     #[inline(always)]
     fn block_stride() -> usize {
         K4_TILE / (SUPER / BLOCK)
+    }
+}
+
+/// The `A4` formats (see `quant::tile_a4`): `N` 32-value sub-blocks per tile, tiled as Q4_1's nibbles, sharing
+/// the tile's eight scales and mins: a sub-block computes exactly as a Q4_1 block with those.
+struct A4<const N: usize>;
+impl<const N: usize> TiledFormat for A4<N> {
+    const FORMAT: QuantFormat = if N == 2 { QuantFormat::A4_64 } else { QuantFormat::A4_128 };
+    const HAS_MIN: bool = true;
+    const ZERO: f32 = 0.0;
+    const FOLD: usize = 4;
+    #[inline(always)]
+    unsafe fn words(q: *const u8, c: usize) -> [__m256i; 2] {
+        Nibbles::<true>::words(q, c)
+    }
+    #[inline(always)]
+    unsafe fn words512(qa: *const u8, qb: *const u8, c: usize) -> [__m512i; 2] {
+        Nibbles::<true>::words512(qa, qb, c)
+    }
+    #[inline(always)]
+    unsafe fn block_at(tiles: *const u8, b: usize) -> (*const u8, __m256, __m256) {
+        let t = tiles.add(b / N * (A4_QS + 128 * N));
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(t as *const __m128i));
+        let m = _mm256_cvtph_ps(_mm_loadu_si128(t.add(2 * TILE_ROWS) as *const __m128i));
+        (t.add(A4_QS + 128 * (b % N)), d, m)
+    }
+    #[inline(always)]
+    fn block_stride() -> usize {
+        (A4_QS + 128 * N) / N
     }
 }
 
@@ -371,6 +400,10 @@ unsafe fn by_format<R: Rows>(w: &QMatrix, r0: usize, rows: usize, acts: &Q8Acts,
         (QuantFormat::Q4_K, true) => R::rows::<K4, true>(w, r0, acts, out),
         (QuantFormat::Q6_K, false) => R::rows::<K6, false>(w, r0, acts, out),
         (QuantFormat::Q6_K, true) => R::rows::<K6, true>(w, r0, acts, out),
+        (QuantFormat::A4_64, false) => R::rows::<A4<2>, false>(w, r0, acts, out),
+        (QuantFormat::A4_64, true) => R::rows::<A4<2>, true>(w, r0, acts, out),
+        (QuantFormat::A4_128, false) => R::rows::<A4<4>, false>(w, r0, acts, out),
+        (QuantFormat::A4_128, true) => R::rows::<A4<4>, true>(w, r0, acts, out),
     }
 }
 
@@ -767,6 +800,8 @@ pub unsafe fn rows_tiled_f32(w: &QMatrix, r0: usize, rows: usize, xs: &[f32], xs
         QuantFormat::Q8_0 => rows_f32::<Bytes>(w, r0, xs, xsums, out),
         QuantFormat::Q4_K => rows_f32::<K4>(w, r0, xs, xsums, out),
         QuantFormat::Q6_K => rows_f32::<K6>(w, r0, xs, xsums, out),
+        QuantFormat::A4_64 => rows_f32::<A4<2>>(w, r0, xs, xsums, out),
+        QuantFormat::A4_128 => rows_f32::<A4<4>>(w, r0, xs, xsums, out),
     }
 }
 
