@@ -9,6 +9,7 @@
 //! every iteration (and while idle), and the executor stamps it from inside a step as it makes progress (per
 //! layer), so liveness checks see a stuck engine but not a long step.
 
+use crate::constraint::MASK_TIME_BUCKETS;
 use crate::request::{EngineOutput, EngineRequest, RequestId};
 use crate::scheduler::{AddError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput};
 use std::collections::HashMap;
@@ -136,6 +137,25 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
     pub failed_steps: AtomicU64,
+    /// Requests added with an output constraint.
+    pub constrained_requests: AtomicU64,
+    /// Constrained sequences ended by their constraint refusing every token or failing.
+    pub constraint_failures: AtomicU64,
+    /// Token masks computed, by time taken: one count per bound of `MASK_TIME_BUCKETS` plus the overflow (not
+    /// cumulative), and their total in microseconds.
+    pub mask_time_counts: [AtomicU64; MASK_TIME_BUCKETS.len() + 1],
+    pub mask_time_micros: AtomicU64,
+}
+
+impl EngineStats {
+    fn record_masks(&self, times: &[Duration]) {
+        for t in times {
+            let secs = t.as_secs_f64();
+            let i = MASK_TIME_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(MASK_TIME_BUCKETS.len());
+            self.mask_time_counts[i].fetch_add(1, Ordering::Relaxed);
+            self.mask_time_micros.fetch_add(t.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The engine's address: cheap to clone, usable from any thread.
@@ -158,6 +178,7 @@ impl EngineHandle {
         // The loop raises `waiting_new` before it lowers `pending` for a request it takes in, so this sum never
         // undercounts: a request refused by the scheduler after passing here (a 500 instead of a 429) cannot
         // happen.
+        let constrained = r.constraint.is_some();
         let queued = self.stats.pending.fetch_add(1, Ordering::SeqCst) + self.stats.waiting_new.load(Ordering::SeqCst);
         let queued_tokens = self.stats.pending_tokens.fetch_add(prompt, Ordering::SeqCst)
             + self.stats.waiting_tokens.load(Ordering::SeqCst);
@@ -176,6 +197,9 @@ impl EngineHandle {
         if self.tx.send(Command::Add(r, sink)).is_err() {
             undo();
             return Err(AddError::Overloaded("engine stopped".into()));
+        }
+        if constrained {
+            self.stats.constrained_requests.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -327,7 +351,11 @@ impl<E: Executor> EngineCore<E> {
         step.end();
         self.stats().steps.fetch_add(1, Ordering::SeqCst);
         let outputs = match result {
-            Ok(Ok(run)) => self.scheduler.update_from_output(&sched, &run),
+            Ok(Ok(run)) => {
+                self.stats().record_masks(&run.mask_times);
+                self.stats().constraint_failures.fetch_add(run.failed.len() as u64, Ordering::Relaxed);
+                self.scheduler.update_from_output(&sched, &run)
+            }
             // Every request of the step was aborted while it ran (the executor may have stopped early): they
             // end as aborted, and their blocks, holding partly written K/V, are freed.
             Ok(Err(_)) if abandoned => sched.seqs.iter().filter_map(|s| self.scheduler.abort(s.id)).collect(),

@@ -4,11 +4,13 @@
 //! seconds. The model is reached only through the [`Executor`] trait. Must not know about: candle,
 //! tokenizers, HTTP.
 
+pub mod constraint;
 pub mod core;
 pub mod params;
 pub mod request;
 pub mod scheduler;
 
+pub use constraint::{mask_allows, Constraint, ConstraintState, MASK_TIME_BUCKETS};
 pub use crate::core::{EngineCore, EngineHandle, EngineStats, Executor, ExecutorError, Heartbeat};
 pub use params::{FinishReason, ParamError, SamplingParams, MAX_LOGPROBS};
 pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus, TokenLogprobs};

@@ -1,5 +1,6 @@
 //! Requests as the engine sees them: token ids, sampling parameters, priority, progress.
 
+use crate::constraint::Constraint;
 use crate::params::{FinishReason, SamplingParams};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct EngineRequest {
     pub priority: Priority,
     /// Finish with `FinishReason::Timeout` if not done by then.
     pub deadline: Option<Instant>,
+    /// What the output must match (a JSON schema, a grammar, ...), compiled.
+    pub constraint: Option<Arc<dyn Constraint>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +60,7 @@ pub struct Request {
     /// Admission order, the tie-breaker everywhere.
     pub seq: u64,
     pub deadline: Option<Instant>,
+    pub constraint: Option<Arc<dyn Constraint>>,
     pub status: RequestStatus,
     /// Tokens whose K/V are in the cache (or scheduled to be this step).
     pub num_computed_tokens: usize,
@@ -77,6 +81,7 @@ impl Request {
             arrival,
             seq,
             deadline: r.deadline,
+            constraint: r.constraint,
             status: RequestStatus::Waiting,
             num_computed_tokens: 0,
             num_cached_tokens: None,

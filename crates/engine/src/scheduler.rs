@@ -102,6 +102,7 @@ pub enum AddError {
 pub struct NewRequestData {
     pub prompt_token_ids: Vec<u32>,
     pub params: Arc<crate::params::SamplingParams>,
+    pub constraint: Option<Arc<dyn crate::constraint::Constraint>>,
 }
 
 /// One request's share of a step.
@@ -134,6 +135,13 @@ pub struct SchedulerOutput {
 pub struct RunnerOutput {
     pub sampled: HashMap<RequestId, u32>,
     pub logprobs: HashMap<RequestId, TokenLogprobs>,
+    /// Sequences whose constraint is complete with their sampled token: they finish with `Stop`.
+    pub completed: std::collections::HashSet<RequestId>,
+    /// Sequences that failed in this step, and why (a constraint that refused every token): they finish with
+    /// `Error` and no token.
+    pub failed: HashMap<RequestId, String>,
+    /// How long each constrained sequence's token mask took this step.
+    pub mask_times: Vec<std::time::Duration>,
 }
 
 #[derive(Debug)]
@@ -402,7 +410,11 @@ impl Scheduler {
             let new_request = self
                 .announced
                 .insert(id)
-                .then(|| NewRequestData { prompt_token_ids: r.prompt().to_vec(), params: r.params.clone() });
+                .then(|| NewRequestData {
+                    prompt_token_ids: r.prompt().to_vec(),
+                    params: r.params.clone(),
+                    constraint: r.constraint.clone(),
+                });
             out.seqs.push(ScheduledSeq {
                 id,
                 token_ids: r.tokens[start..start + num_new].to_vec(),
@@ -429,14 +441,16 @@ impl Scheduler {
                 continue;
             }
             let Some(&token) = run.sampled.get(&seq.id) else {
-                outputs.extend(self.finish(seq.id, FinishReason::Error, Some("no token sampled".into())));
+                let why = run.failed.get(&seq.id).cloned().unwrap_or_else(|| "no token sampled".into());
+                outputs.extend(self.finish(seq.id, FinishReason::Error, Some(why)));
                 continue;
             };
             r.tokens.push(token);
             let p = &r.params;
             let may_stop = r.output().len() > p.min_tokens as usize;
-            let finish = if may_stop
-                && ((!p.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token))
+            let finish = if run.completed.contains(&seq.id)
+                || may_stop
+                    && ((!p.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token))
             {
                 Some(FinishReason::Stop)
             } else if r.output().len() >= p.max_tokens as usize || r.num_tokens() >= self.cfg.max_model_len {

@@ -46,6 +46,7 @@ fn submit(h: &EngineHandle, id: u64, first: u32, max_tokens: u32) -> Result<Unbo
         params: Arc::new(SamplingParams::greedy(max_tokens)),
         priority: Priority::Normal,
         deadline: None,
+        constraint: None,
     };
     h.add_request(r, tx).map(|_| rx)
 }
@@ -130,6 +131,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         params: Arc::new(SamplingParams::greedy(10)),
         priority: Priority::Normal,
         deadline: None,
+        constraint: None,
     };
     let (h2, _j2) = EngineCore::spawn(SchedulerConfig { max_waiting_tokens: 2000, num_blocks: 1024, ..cfg() }, Flaky);
     let r = h2.add_request(big, unbounded_channel().0);
@@ -140,6 +142,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         params: Arc::new(SamplingParams::greedy(10)),
         priority: Priority::Normal,
         deadline: None,
+        constraint: None,
     };
     assert!(matches!(h.add_request(too_long, unbounded_channel().0), Err(AddError::ContextLengthExceeded { .. })));
 }

@@ -25,6 +25,7 @@ fn req(id: u64, prompt: Vec<u32>, max_tokens: u32, priority: Priority) -> Engine
         params: Arc::new(SamplingParams { max_tokens, ..SamplingParams::greedy(max_tokens) }),
         priority,
         deadline: None,
+        constraint: None,
     }
 }
 

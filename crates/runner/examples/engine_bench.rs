@@ -28,6 +28,7 @@ fn run(h: &EngineHandle, prompts: &[Vec<u32>], max_tokens: u32) -> (f64, Vec<f64
                 params: Arc::new(params),
                 priority: Priority::Normal,
                 deadline: None,
+                constraint: None,
             },
             tx,
         )

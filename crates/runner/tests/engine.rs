@@ -37,6 +37,7 @@ fn run_all(h: &EngineHandle, reqs: Vec<(Vec<u32>, SamplingParams)>) -> Vec<(Vec<
                 params: Arc::new(params),
                 priority: Priority::Normal,
                 deadline: None,
+                constraint: None,
             },
             tx,
         )
@@ -175,6 +176,7 @@ fn one_long_step(id: u64, salt: u32) -> (EngineHandle, tokio::sync::mpsc::Unboun
         params: Arc::new(SamplingParams::greedy(1)),
         priority: Priority::Normal,
         deadline: None,
+        constraint: None,
     };
     h.add_request(request, tx).unwrap();
     // The loop publishes `running` just before it executes the step.
