@@ -8,13 +8,16 @@ scripts/fetch-model.sh smollm2
 scripts/fetch-model.sh qwen2.5-0.5b
 scripts/fetch-model.sh gemma3-270m
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -c "import openai, gguf, numpy, mlx_lm" 2>/dev/null ||
-  .venv/bin/pip install -q openai gguf numpy "mlx[cpu]==0.32.4" "mlx-lm==0.32.2"
+.venv/bin/python -c "import openai, gguf, numpy, mlx_lm, jsonschema, rfc3339_validator, rfc3986_validator, fqdn, isoduration" 2>/dev/null ||
+  .venv/bin/pip install -q openai gguf numpy "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" jsonschema rfc3339-validator rfc3986-validator fqdn isoduration
 scripts/fetch-model.sh hf
 scripts/fetch-model.sh mlx
 cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
+# Structured output: 73 schemas, regexes, choices, grammars; every finished answer validated (jsonschema, re).
+.venv/bin/python tests/structured_outputs.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
+.venv/bin/python tests/structured_outputs.py target/debug/mlx-serving models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

@@ -84,6 +84,10 @@ macro_rules! openai_request {
             pub min_tokens: Option<i64>,
             /// vLLM's extension: each choice gets `token_ids`, the response `prompt_token_ids`.
             pub return_token_ids: Option<bool>,
+            /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}` (read by the server).
+            pub response_format: Option<Value>,
+            /// vLLM's `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}` (read by the server).
+            pub structured_outputs: Option<Value>,
         }
 
         impl $name {

@@ -6,16 +6,19 @@
 
 use crate::sampler::{token_logprobs, Sampler};
 use mlx_serving_engine::{
-    Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
+    ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
 };
 use mlx_serving_models::{BatchInput, ModelBundle, PagedKvCache, SeqInput};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 struct SeqState {
     sampler: Sampler,
     prompt: Vec<u32>,
     output: Vec<u32>,
+    /// The request's output constraint, advanced over every sampled token.
+    constraint: Option<Box<dyn ConstraintState>>,
 }
 
 pub struct ModelExecutor {
@@ -48,6 +51,21 @@ impl ModelExecutor {
     }
 }
 
+/// The allowed-token masks of the sequences `ids` (each with a constraint), and how long each took.
+type Masks = (HashMap<RequestId, Result<Vec<u32>, String>>, Vec<Duration>);
+
+fn masks_for(states: &mut HashMap<RequestId, SeqState>, ids: &[RequestId]) -> Masks {
+    let (mut masks, mut times) = (HashMap::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+    for id in ids {
+        if let Some(c) = states.get_mut(id).and_then(|st| st.constraint.as_mut()) {
+            let t0 = Instant::now();
+            masks.insert(*id, c.allowed());
+            times.push(t0.elapsed());
+        }
+    }
+    (masks, times)
+}
+
 impl Executor for ModelExecutor {
     fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
         let n: usize = batch.seqs.iter().map(|s| s.token_ids.len()).sum();
@@ -57,14 +75,24 @@ impl Executor for ModelExecutor {
         let mut slots = Vec::with_capacity(n);
         let mut seqs = Vec::with_capacity(batch.seqs.len());
         let mut logits_rows = Vec::new();
+        let mut out = RunnerOutput::default();
         for s in &batch.seqs {
             if let Some(new) = &s.new_request {
+                let constraint = match new.constraint.as_ref().map(|c| c.start()) {
+                    Some(Err(e)) => {
+                        out.failed.insert(s.id, format!("output constraint: {e}"));
+                        None
+                    }
+                    Some(Ok(c)) => Some(c),
+                    None => None,
+                };
                 self.states.insert(
                     s.id,
                     SeqState {
                         sampler: Sampler::new(&new.params).with_eos(&self.bundle.special_tokens.eog),
                         prompt: new.prompt_token_ids.clone(),
                         output: Vec::new(),
+                        constraint,
                     },
                 );
             }
@@ -98,20 +126,59 @@ impl Executor for ModelExecutor {
                 !h.step_abandoned()
             })
         };
-        let mut logits = self
-            .bundle
-            .model
-            .forward_with_progress(&input, &mut self.cache, &progress)
-            .map_err(|e| ExecutorError(e.to_string()))?;
+        // The constrained sequences' token masks are computed on their own thread while the model runs.
+        let constrained: Vec<RequestId> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.sample && self.states.get(&s.id).is_some_and(|st| st.constraint.is_some()))
+            .map(|s| s.id)
+            .collect();
+        let (bundle, cache, states) = (&self.bundle, &mut self.cache, &mut self.states);
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masks = (!constrained.is_empty()).then(|| scope.spawn(|| masks_for(states, &constrained)));
+            let logits = bundle.model.forward_with_progress(&input, cache, &progress);
+            (logits, masks.map(|h| h.join()))
+        });
+        let mut logits = logits.map_err(|e| ExecutorError(e.to_string()))?;
+        let mut masks = match masks {
+            Some(Ok((masks, times))) => {
+                out.mask_times = times;
+                masks
+            }
+            Some(Err(_)) => return Err(ExecutorError("computing the token masks panicked".into())),
+            None => HashMap::new(),
+        };
         let vocab = self.bundle.model.config().vocab_size;
-        let mut out = RunnerOutput::default();
         for (s, row) in batch.seqs.iter().filter(|s| s.sample).zip(logits.chunks_mut(vocab)) {
+            if out.failed.contains_key(&s.id) {
+                continue;
+            }
             let st = self
                 .states
                 .get_mut(&s.id)
                 .ok_or_else(|| ExecutorError(format!("request {:?} was never announced", s.id)))?;
+            let mask = match masks.remove(&s.id) {
+                Some(Err(e)) => {
+                    out.failed.insert(s.id, format!("output constraint: {e}"));
+                    continue;
+                }
+                Some(Ok(m)) => Some(m),
+                None => None,
+            };
             let raw = st.sampler.params().logprobs.map(|k| (row.to_vec(), k as usize));
-            let token = st.sampler.sample(row, &st.prompt, &st.output);
+            let Some(token) = st.sampler.sample_masked(row, &st.prompt, &st.output, mask.as_deref()) else {
+                out.failed.insert(s.id, "output constraint: no token is allowed here".into());
+                continue;
+            };
+            if let Some(c) = st.constraint.as_mut() {
+                if let Err(e) = c.advance(token) {
+                    out.failed.insert(s.id, format!("output constraint: {e}"));
+                    continue;
+                }
+                if c.is_complete() {
+                    out.completed.insert(s.id);
+                }
+            }
             st.output.push(token);
             out.sampled.insert(s.id, token);
             if let Some((raw, k)) = raw {

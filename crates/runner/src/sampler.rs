@@ -82,23 +82,46 @@ impl Sampler {
 
     /// Applies the processors to `logits` in place and draws the next token.
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], output: &[u32]) -> u32 {
+        self.sample_masked(logits, prompt, output, None).unwrap_or_else(|| argmax(logits))
+    }
+
+    /// `sample` among the tokens a constraint's bit mask allows (see `ConstraintState::allowed`; tokens past
+    /// its end are refused). The mask comes last, after penalties and biases; `min_tokens` holds back its
+    /// tokens only where something else stays allowed (a finished constraint allows end-of-sequence alone).
+    /// `None` when no token is left.
+    pub fn sample_masked(
+        &mut self,
+        logits: &mut [f32],
+        prompt: &[u32],
+        output: &[u32],
+        mask: Option<&[u32]>,
+    ) -> Option<u32> {
         self.apply_penalties(logits, prompt, output);
         for &(id, bias) in &self.params.logit_bias {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l += bias;
             }
         }
+        if let Some(mask) = mask {
+            apply_mask(logits, mask);
+        }
         if output.len() < self.params.min_tokens as usize {
-            for &id in &self.held_back {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
+            let saved: Vec<(usize, f32)> =
+                self.held_back.iter().filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l))).collect();
+            for &(i, _) in &saved {
+                logits[i] = f32::NEG_INFINITY;
+            }
+            if mask.is_some() && !logits.iter().any(|l| l.is_finite()) {
+                saved.into_iter().for_each(|(i, l)| logits[i] = l);
             }
         }
-        if self.params.is_greedy() {
-            return argmax(logits);
+        if mask.is_some() && !logits.iter().any(|l| l.is_finite()) {
+            return None;
         }
-        self.sample_from(logits)
+        if self.params.is_greedy() {
+            return Some(argmax(logits));
+        }
+        Some(self.sample_from(logits))
     }
 
     fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
@@ -179,6 +202,21 @@ impl Sampler {
             }
         }
         cands.last().map_or(0, |c| c.1)
+    }
+}
+
+/// Sets the logits of the tokens `mask` does not allow to −∞ (bit `t % 32` of word `t / 32` allows `t`).
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (i, chunk) in logits.chunks_mut(32).enumerate() {
+        let w = mask.get(i).copied().unwrap_or(0);
+        if w == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if w >> b & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 

@@ -18,7 +18,9 @@ use crate::{AppState, RequestCtx};
 use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
-use mlx_serving_engine::{AddError, EngineRequest, RequestId};
+use crate::structured;
+use mlx_serving_constraints::Compiled;
+use mlx_serving_engine::{AddError, Constraint, EngineRequest, RequestId};
 use mlx_serving_protocol::{ChatCompletionRequest, CompletionRequest, SamplingFields};
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,9 +44,15 @@ pub async fn completions(
     // OpenAI's completions default is 16 tokens.
     let bounds = completion_prompt_bounds(&s, &req.prompt)?;
     precheck(&s, &fields, |_| 16, &bounds)?;
+    let wanted = structured::wanted(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
     let (prompt, echo) = (std::mem::take(&mut req.prompt), req.echo);
-    let st = s.clone();
-    let prompts = s.on_cpu_pool(&ctx.id, move || completion_prompts(&st, &prompt, echo)).await??;
+    let (st, rid) = (s.clone(), ctx.id.clone());
+    let (prompts, constraint) = s
+        .on_cpu_pool(&ctx.id, move || {
+            let c = wanted.map(|w| structured::compile(&st, &w, &rid)).transpose()?;
+            Ok::<_, ApiError>((completion_prompts(&st, &prompt, echo)?, c))
+        })
+        .await??;
     let job = Job {
         kind: Kind::Completion,
         id: format!("cmpl-{}", ctx.id),
@@ -56,7 +64,7 @@ pub async fn completions(
         logprobs: req.logprobs.is_some(),
         return_token_ids: fields.return_token_ids,
     };
-    run(s, job, fields, 16).await
+    run(s, job, fields, 16, constraint).await
 }
 
 pub async fn chat_completions(
@@ -92,8 +100,14 @@ pub async fn chat_completions(
     let room = cfg.max_model_len.min(cfg.num_blocks * cfg.block_size);
     let default_max = |prompt_len: usize| room.saturating_sub(prompt_len).min(4096);
     precheck(&s, &fields, default_max, &[chat_prompt_bound(&s, &messages)])?;
-    let st = s.clone();
-    let prompt_ids = s.on_cpu_pool(&ctx.id, move || st.encode_chat(&messages)).await??;
+    let wanted = structured::wanted(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    let (st, rid) = (s.clone(), ctx.id.clone());
+    let (prompt_ids, constraint) = s
+        .on_cpu_pool(&ctx.id, move || {
+            let c = wanted.map(|w| structured::compile(&st, &w, &rid)).transpose()?;
+            Ok::<_, ApiError>((st.encode_chat(&messages)?, c))
+        })
+        .await??;
     let default_max = default_max(prompt_ids.len());
     let job = Job {
         kind: Kind::Chat,
@@ -106,7 +120,7 @@ pub async fn chat_completions(
         logprobs: req.logprobs,
         return_token_ids: fields.return_token_ids,
     };
-    run(s, job, fields, default_max).await
+    run(s, job, fields, default_max, constraint).await
 }
 
 /// The checks that need no tokenizing, run before it: every parameter, `prompts × n`, the context length
@@ -155,6 +169,7 @@ async fn run(
     mut job: Job,
     fields: SamplingFields,
     default_max_tokens: usize,
+    constraint: Option<Arc<Compiled>>,
 ) -> Result<Response, ApiError> {
     let cfg = s.engine.config();
     let vocab = s.bundle.model.config().vocab_size;
@@ -181,6 +196,7 @@ async fn run(
             params: p.clone(),
             priority,
             deadline: s.options.request_timeout.map(|t| arrival + t),
+            constraint: constraint.clone().map(|c| c as Arc<dyn Constraint>),
         };
         if let Err(e) = s.engine.add_request(req, tx) {
             for &done in &submitted {

@@ -14,6 +14,7 @@ mod params;
 mod prompts;
 mod respond;
 mod serve;
+mod structured;
 
 pub use error::ApiError;
 pub use params::MAX_N;
@@ -98,6 +99,8 @@ pub struct AppState {
     id_salt: u64,
     /// Permits of the CPU pool (see [`ServerOptions::cpu_workers`]).
     cpu_pool: Arc<tokio::sync::Semaphore>,
+    /// The model's vocabulary for constrained decoding, built on the first request that asks for a constraint.
+    constraint_vocab: std::sync::OnceLock<Result<Arc<mlx_serving_constraints::Vocab>, String>>,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -128,8 +131,16 @@ impl AppState {
             next_id: AtomicU64::new(1),
             id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             cpu_pool: Arc::new(tokio::sync::Semaphore::new(options.cpu_workers.max(1))),
+            constraint_vocab: std::sync::OnceLock::new(),
             options,
         }
+    }
+
+    /// The constraint compiler's view of the model (built once; blocking: call it on the CPU pool).
+    fn constraint_vocab(&self) -> Result<Arc<mlx_serving_constraints::Vocab>, String> {
+        self.constraint_vocab
+            .get_or_init(|| mlx_serving_constraints::Vocab::for_model(&self.bundle).map(Arc::new).map_err(|e| e.0))
+            .clone()
     }
 
     /// A fresh number, unique within this server run.

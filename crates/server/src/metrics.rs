@@ -33,17 +33,22 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cum = 0;
-        for (i, b) in self.bounds.iter().enumerate() {
-            cum += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cum}");
-        }
-        cum += self.counts[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cum}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cum}");
+        render_histogram(out, [name, help, labels], self.bounds, &self.counts, &self.sum_micros);
     }
+}
+
+/// A histogram's exposition: `counts` has one count per bound plus the overflow (not cumulative).
+fn render_histogram(out: &mut String, [name, help, labels]: [&str; 3], bounds: &[f64], counts: &[AtomicU64], sum: &AtomicU64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cum = 0;
+    for (i, b) in bounds.iter().enumerate() {
+        cum += counts[i].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cum}");
+    }
+    cum += counts[bounds.len()].load(Ordering::Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cum}");
+    let sum = sum.load(Ordering::Relaxed) as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cum}");
 }
 
 // vLLM's bucket bounds.
@@ -150,6 +155,29 @@ impl Metrics {
             );
         }
         counter(&mut out, "request_failure_total", "Requests that ended in an error.", get(&self.failed));
+        counter(
+            &mut out,
+            "constrained_requests_total",
+            "Requests with an output constraint (JSON schema, regex, choice, grammar, tool calls).",
+            get(&st.constrained_requests),
+        );
+        counter(
+            &mut out,
+            "constraint_failures_total",
+            "Constrained requests ended because their constraint failed or allowed no token.",
+            get(&st.constraint_failures),
+        );
+        render_histogram(
+            &mut out,
+            [
+                "mlx_serving:constraint_mask_seconds",
+                "Time to compute one sequence's allowed-token mask for one step.",
+                &labels,
+            ],
+            &mlx_serving_engine::MASK_TIME_BUCKETS,
+            &st.mask_time_counts,
+            &st.mask_time_micros,
+        );
         self.ttft.render(&mut out, "mlx_serving:time_to_first_token_seconds", "Time to first token.", &labels);
         self.itl.render(&mut out, "mlx_serving:inter_token_latency_seconds", "Time between output tokens.", &labels);
         self.e2e.render(
