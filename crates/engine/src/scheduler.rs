@@ -407,14 +407,11 @@ impl Scheduler {
             let r = self.requests.get_mut(&id).expect("scheduled request exists");
             let start = r.num_computed_tokens;
             r.num_computed_tokens += num_new;
-            let new_request = self
-                .announced
-                .insert(id)
-                .then(|| NewRequestData {
-                    prompt_token_ids: r.prompt().to_vec(),
-                    params: r.params.clone(),
-                    constraint: r.constraint.clone(),
-                });
+            let new_request = self.announced.insert(id).then(|| NewRequestData {
+                prompt_token_ids: r.prompt().to_vec(),
+                params: r.params.clone(),
+                constraint: r.constraint.clone(),
+            });
             out.seqs.push(ScheduledSeq {
                 id,
                 token_ids: r.tokens[start..start + num_new].to_vec(),

@@ -414,3 +414,30 @@ fn prefix_cache_metrics_count_each_request_once() {
     assert_eq!(s.kv().prefix_queries, 20 + 12, "one lookup per request, in prompt tokens");
     assert_eq!(s.kv().prefix_hits, 0);
 }
+
+/// The executor's verdicts on constrained sequences: one whose constraint completed finishes with `Stop`
+/// and its token (even without EOS, far from max_tokens), one that failed finishes with `Error`, the reason and
+/// no token; both free their blocks. An unaffected request goes on.
+#[test]
+fn completed_and_failed_constraints_end_their_requests() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(cfg(|_| {}));
+    for id in 1..=3 {
+        s.add_request(req(id, prompt(4, id as u32), 50, Priority::Normal), now).unwrap();
+    }
+    let o = s.schedule(now);
+    let mut run = fake_run(&o);
+    run.completed.insert(RequestId(1));
+    run.sampled.remove(&RequestId(2));
+    run.failed.insert(RequestId(2), "output constraint: no token is allowed here".into());
+    let outs = s.update_from_output(&o, &run);
+    let by = |id: u64| outs.iter().find(|x| x.id == RequestId(id)).unwrap().clone();
+    assert_eq!(by(1).finish_reason, Some(mlx_serving_engine::FinishReason::Stop));
+    assert_eq!(by(1).new_token_ids.len(), 1);
+    assert_eq!(by(2).finish_reason, Some(mlx_serving_engine::FinishReason::Error));
+    assert_eq!(by(2).error.as_deref(), Some("output constraint: no token is allowed here"));
+    assert!(by(2).new_token_ids.is_empty());
+    assert_eq!(by(3).finish_reason, None);
+    let o = s.schedule(now);
+    assert_eq!(o.seqs.iter().map(|q| q.id).collect::<Vec<_>>(), vec![RequestId(3)]);
+}

@@ -298,6 +298,40 @@ mod tests {
         }
     }
 
+    /// A constraint's mask leaves only its tokens (greedy and sampled, whatever the biases), refuses ids past
+    /// its end, and wins over `min_tokens` when end-of-sequence is all it allows; an all-refusing mask is `None`.
+    #[test]
+    fn masks_restrict_the_draw() {
+        let logits: Vec<f32> = (0..70).map(|i| (i % 7) as f32).collect();
+        let mut mask = vec![0u32; 2];
+        for t in [3u32, 40, 63] {
+            mask[t as usize / 32] |= 1 << (t % 32);
+        }
+        let mut g = Sampler::new(&SamplingParams { logit_bias: vec![(6, 50.0)], ..SamplingParams::greedy(8) });
+        assert_eq!(g.sample_masked(&mut logits.clone(), &[], &[], Some(&mask)), Some(40), "best allowed: 40 % 7 = 5");
+        let mut s = Sampler::new(&params(|_| {}));
+        for _ in 0..200 {
+            let t = s.sample_masked(&mut logits.clone(), &[], &[], Some(&mask)).unwrap();
+            assert!([3, 40, 63].contains(&t), "{t}");
+        }
+        // Ids 64.. lie past the mask: refused.
+        let all = vec![u32::MAX; 2];
+        let mut l = logits.clone();
+        l[66] = 99.0;
+        let mut plain = Sampler::new(&SamplingParams::greedy(8));
+        assert_eq!(
+            plain.sample_masked(&mut l, &[], &[], Some(&all)),
+            Some(6),
+            "66 refused: the first 6 (of 6, 13, ..., 62)"
+        );
+        // min_tokens would hold back EOS (1), the only allowed token: the constraint wins.
+        let p = SamplingParams { min_tokens: 5, ..SamplingParams::greedy(8) };
+        let mut m = Sampler::new(&p).with_eos(&[1]);
+        assert_eq!(m.sample_masked(&mut logits.clone(), &[], &[], Some(&[1 << 1, 0])), Some(1));
+        assert_eq!(m.sample_masked(&mut logits.clone(), &[], &[], Some(&[(1 << 1) | (1 << 2), 0])), Some(2));
+        assert_eq!(m.sample_masked(&mut logits.clone(), &[], &[], Some(&[0, 0])), None);
+    }
+
     #[test]
     fn min_tokens_holds_back_eos_and_stop_ids_then_releases_them() {
         let p = SamplingParams { min_tokens: 2, stop_token_ids: vec![3], ..SamplingParams::greedy(8) };

@@ -14,11 +14,11 @@ use crate::prompts::{
     chat_prompt_bound, completion_prompt_bounds, completion_prompts, normalize_messages, MAX_CHOICES,
 };
 use crate::respond::{collect_response, stream_response, Job, Kind, Prompt};
+use crate::structured;
 use crate::{AppState, RequestCtx};
 use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
-use crate::structured;
 use mlx_serving_constraints::Compiled;
 use mlx_serving_engine::{AddError, Constraint, EngineRequest, RequestId};
 use mlx_serving_protocol::{ChatCompletionRequest, CompletionRequest, SamplingFields};

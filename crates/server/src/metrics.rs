@@ -38,7 +38,13 @@ impl Histogram {
 }
 
 /// A histogram's exposition: `counts` has one count per bound plus the overflow (not cumulative).
-fn render_histogram(out: &mut String, [name, help, labels]: [&str; 3], bounds: &[f64], counts: &[AtomicU64], sum: &AtomicU64) {
+fn render_histogram(
+    out: &mut String,
+    [name, help, labels]: [&str; 3],
+    bounds: &[f64],
+    counts: &[AtomicU64],
+    sum: &AtomicU64,
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cum = 0;
     for (i, b) in bounds.iter().enumerate() {

@@ -92,7 +92,9 @@ fn read_response_format(v: &Value) -> Result<Option<Wanted>, ApiError> {
             };
             Ok(Some(Wanted { spec, field }))
         }
-        Some(other) => Err(bad(format!("type must be text, json_object or json_schema, got `{other}`"), "response_format.type")),
+        Some(other) => {
+            Err(bad(format!("type must be text, json_object or json_schema, got `{other}`"), "response_format.type"))
+        }
         None => Err(bad("a string `type` is required", "response_format.type")),
     }
 }
