@@ -73,6 +73,11 @@ pub struct BenchConfig {
     pub timeout: Duration,
     #[serde(skip)]
     pub progress: bool,
+    /// Fields added to every request body of the constrained endpoints (e.g. a `response_format`).
+    pub constraint: Option<Value>,
+    /// With `constraint`: measure each URL twice, plain and constrained (side by side, rounds interleaved);
+    /// without it every endpoint is constrained.
+    pub constraint_ab: bool,
 }
 
 mod secs {
@@ -88,6 +93,9 @@ pub struct Endpoint {
     pub model: String,
     #[serde(skip)]
     request_url: String,
+    /// Fields added to each request body (`BenchConfig::constraint`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -139,7 +147,7 @@ async fn resolve_endpoint(client: &reqwest::Client, url: &str, model: Option<&st
         }
     };
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
-    Ok(Endpoint { request_url: format!("{base}{path}"), url: base, model })
+    Ok(Endpoint { request_url: format!("{base}{path}"), url: base, model, extra: None })
 }
 
 fn request_body(cfg: &BenchConfig, ep: &Endpoint, item: &Item) -> Value {
@@ -158,7 +166,25 @@ fn request_body(cfg: &BenchConfig, ep: &Endpoint, item: &Item) -> Value {
     if cfg.ignore_eos {
         body["ignore_eos"] = json!(true);
     }
+    if let (Some(Value::Object(extra)), Some(b)) = (&ep.extra, body.as_object_mut()) {
+        b.extend(extra.clone());
+    }
     body
+}
+
+/// The endpoints to measure: each resolved URL, constrained (`cfg.constraint`), or plain then constrained
+/// (`cfg.constraint_ab`; the constrained one labelled `URL +constraint`).
+fn with_constraints(cfg: &BenchConfig, resolved: Vec<Endpoint>) -> Vec<Endpoint> {
+    let Some(extra) = &cfg.constraint else { return resolved };
+    let constrained = |ep: &Endpoint| Endpoint {
+        url: if cfg.constraint_ab { format!("{} +constraint", ep.url) } else { ep.url.clone() },
+        extra: Some(extra.clone()),
+        ..ep.clone()
+    };
+    resolved
+        .iter()
+        .flat_map(|ep| if cfg.constraint_ab { vec![ep.clone(), constrained(ep)] } else { vec![constrained(ep)] })
+        .collect()
 }
 
 /// The prompts, in the (seeded) order every endpoint and round will send them.
@@ -281,6 +307,7 @@ pub async fn run(cfg: BenchConfig) -> Result<Report> {
     for u in &cfg.urls {
         endpoints.push(resolve_endpoint(&client, u, cfg.model.as_deref(), cfg.chat).await?);
     }
+    let endpoints = with_constraints(&cfg, endpoints);
     let items = workload(&cfg)?;
     for ep in &endpoints {
         for item in items.iter().cycle().take(cfg.warmup) {

@@ -101,7 +101,29 @@ fn config(urls: Vec<String>) -> BenchConfig {
         rounds: 1,
         timeout: Duration::from_secs(30),
         progress: false,
+        constraint: None,
+        constraint_ab: false,
     }
+}
+
+/// `constraint_ab` measures each URL plain and constrained: the constraint's fields reach only the second
+/// endpoint's requests (here they hold `FAIL`, so the fake server refuses exactly those).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraint_ab_sends_the_fields_to_the_constrained_endpoint_only() {
+    let a = start(Fake { usage: true }).await;
+    let mut cfg = config(vec![format!("http://{a}")]);
+    cfg.warmup = 0;
+    cfg.constraint =
+        Some(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "FAIL", "schema": {}}}}));
+    cfg.constraint_ab = true;
+    let report = run(cfg.clone()).await.unwrap();
+    let eps: Vec<(String, usize, usize)> =
+        report.levels[0].endpoints.iter().map(|e| (e.url.clone(), e.completed, e.failed)).collect();
+    assert_eq!(eps, vec![(format!("http://{a}"), 8, 0), (format!("http://{a} +constraint"), 0, 8)]);
+    cfg.constraint_ab = false;
+    let report = run(cfg).await.unwrap();
+    assert_eq!(report.levels[0].endpoints.len(), 1);
+    assert_eq!(report.levels[0].endpoints[0].failed, 8, "every request constrained");
 }
 
 fn near(got: f64, want: f64, tol: f64, what: &str) {

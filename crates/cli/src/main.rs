@@ -118,6 +118,23 @@ struct BenchArgs {
     /// Print the table as Markdown.
     #[arg(long)]
     markdown: bool,
+    /// Constrain every request to this JSON schema (a schema file, or a `testdata/schemas` case with a
+    /// `schema` key), sent as OpenAI's `response_format` (which llama-server and vLLM take too).
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
+    /// With --json-schema: measure each URL twice, plain and constrained, side by side.
+    #[arg(long, requires = "json_schema")]
+    constraint_ab: bool,
+}
+
+/// `--json-schema FILE` as the request fields that ask for it.
+fn bench_schema(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let schema = if v.get("schema").is_some_and(|s| s.is_object()) { v["schema"].clone() } else { v };
+    Ok(
+        serde_json::json!({"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}}),
+    )
 }
 
 /// Every flag overrides the matching `runtime.yaml` key and has an `MLX_SERVING_*` environment variable
@@ -481,6 +498,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         seed: a.seed,
         timeout: std::time::Duration::from_secs_f64(a.timeout),
         progress: true,
+        constraint: a.json_schema.as_deref().map(bench_schema).transpose()?,
+        constraint_ab: a.constraint_ab,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = rt.block_on(mlx_serving_bench::run(cfg))?;

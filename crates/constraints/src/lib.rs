@@ -31,6 +31,51 @@ pub enum Spec {
     Choice(Vec<String>),
     /// A grammar in llguidance's Lark dialect (`start` is the start rule).
     Grammar(String),
+    /// Tool calls in the Hermes / Qwen form, `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`,
+    /// the arguments valid against the named tool's parameter schema.
+    ToolCalls(ToolCalls),
+}
+
+/// What tool calls a request allows (see [`Spec::ToolCalls`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCalls {
+    /// Each tool's name and parameter schema.
+    pub tools: Vec<(String, Value)>,
+    /// `false` (`tool_choice: "auto"`): the answer may be text; a call it starts is constrained from its
+    /// opening tag on. `true` (`"required"` or a named function): the answer is calls only.
+    pub required: bool,
+    /// More than one call may follow (`parallel_tool_calls`).
+    pub parallel: bool,
+}
+
+impl ToolCalls {
+    /// The Lark grammar: one `%json` rule per tool (`{"name": const, "arguments": its schema}`), calls in
+    /// tags, separated by newlines; with `required` false, text that never contains the opening tag may come
+    /// first, or be all there is.
+    pub fn grammar(&self) -> String {
+        let more = if self.parallel { " (SEP call)*" } else { "" };
+        let mut g = if self.required {
+            format!("start: call{more}\n")
+        } else {
+            format!("start: TEXT | head body CLOSE{more}\nhead[lazy]: TEXT OPEN\n")
+        };
+        g.push_str("call: OPEN body CLOSE\n");
+        let alts: Vec<String> = (0..self.tools.len()).map(|i| format!("fn_{i}")).collect();
+        g.push_str(&format!("body: {}\n", alts.join(" | ")));
+        for (i, (name, params)) in self.tools.iter().enumerate() {
+            let schema = json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+                "x-guidance": {"whitespace_pattern": JSON_WHITESPACE},
+            });
+            g.push_str(&format!("fn_{i}: %json {schema}\n"));
+        }
+        g.push_str("OPEN: \"<tool_call>\\n\"\nCLOSE: \"\\n</tool_call>\"\nSEP: /[ \\n]{0,2}/\n");
+        g.push_str("TEXT: /(.|\\n)*/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n");
+        g
+    }
 }
 
 impl Spec {
@@ -42,6 +87,7 @@ impl Spec {
             Self::Regex(_) => "regex",
             Self::Choice(_) => "choice",
             Self::Grammar(_) => "grammar",
+            Self::ToolCalls(_) => "tool_calls",
         }
     }
 }
@@ -174,6 +220,12 @@ impl Vocab {
                 TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
             }
             Spec::Grammar(g) => TopLevelGrammar::from_lark(g.clone()),
+            Spec::ToolCalls(t) => {
+                if t.tools.is_empty() {
+                    return Err(CompileError("tool calls need at least one tool".into()));
+                }
+                TopLevelGrammar::from_lark(t.grammar())
+            }
         };
         let parser = self.factory.create_parser(grammar).map_err(|e| CompileError(e.to_string()))?;
         Ok(Arc::new(Compiled { parser, kind: spec.kind() }))

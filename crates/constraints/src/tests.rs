@@ -164,3 +164,71 @@ fn bad_constraints_are_compile_errors() {
         assert!(!e.0.is_empty());
     }
 }
+
+fn weather_tools(required: bool, parallel: bool) -> Spec {
+    let city = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["c", "f"]}}, "required": ["city"], "additionalProperties": false});
+    let time = json!({"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]});
+    Spec::ToolCalls(ToolCalls {
+        tools: vec![("get_weather".into(), city), ("get_time".into(), time)],
+        required,
+        parallel,
+    })
+}
+
+const CALL: &str =
+    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"c\"}}\n</tool_call>";
+
+/// `required` (or a named function): calls only, each valid against its tool's schema; one unless parallel.
+#[test]
+fn required_tool_calls_are_well_formed() {
+    for which in ["qwen2", "smollm2"] {
+        let v = vocab(which);
+        let one = v.compile(&weather_tools(true, false)).unwrap();
+        assert_eq!(feed(which, &one, CALL), Ok(true), "{which}");
+        assert!(feed(which, &one, "Sure! ").is_err(), "{which}: text first");
+        let two = format!(
+            "{CALL}\n{}",
+            CALL.replace("get_weather", "get_time")
+                .replace("\"city\": \"Paris\", \"unit\": \"c\"", "\"zone\": \"UTC\"")
+        );
+        assert_ne!(feed(which, &one, &two), Ok(true), "{which}: a second call without parallel");
+        let par = v.compile(&weather_tools(true, true)).unwrap();
+        assert_eq!(feed(which, &par, &two), Ok(true), "{which}");
+        // Arguments against the schema: an unknown unit, a missing city, an unknown tool.
+        for bad in [
+            CALL.replace("\"c\"", "\"k\""),
+            CALL.replace("\"city\": \"Paris\", ", ""),
+            CALL.replace("get_weather", "get_news"),
+        ] {
+            assert_ne!(feed(which, &one, &bad), Ok(true), "{which}: {bad}");
+        }
+    }
+}
+
+/// `auto`: plain text is a complete answer; text may lead into a call; once the opening tag is out, the call
+/// is constrained like a required one.
+#[test]
+fn auto_tool_calls_allow_text_and_constrain_calls_from_their_tag() {
+    for which in ["qwen2", "smollm2"] {
+        let v = vocab(which);
+        let auto = v.compile(&weather_tools(false, true)).unwrap();
+        assert_eq!(feed(which, &auto, "The weather is nice."), Ok(true), "{which}");
+        assert_eq!(feed(which, &auto, CALL), Ok(true), "{which}");
+        assert_eq!(feed(which, &auto, &format!("Let me check.\n{CALL}")), Ok(true), "{which}");
+        assert!(feed(which, &auto, "<tool_call>\nI think it is sunny").is_err(), "{which}: free text after the tag");
+        assert!(feed(which, &auto, &format!("{CALL} and more text")).is_err(), "{which}: text after a call");
+    }
+}
+
+#[test]
+fn tool_parameter_schemas_are_checked() {
+    let v = vocab("smollm2");
+    let bad = Spec::ToolCalls(ToolCalls {
+        tools: vec![("f".into(), json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}))],
+        required: true,
+        parallel: false,
+    });
+    assert!(v.compile(&bad).is_err());
+    let none = Spec::ToolCalls(ToolCalls { tools: vec![], required: true, parallel: false });
+    assert!(v.compile(&none).is_err());
+}

@@ -130,18 +130,32 @@ impl ModelBundle {
     /// [`ChatContent::Text`], special-token texts inside the messages are tokenized as text, so a message
     /// cannot forge a turn; only the template's own markup becomes control tokens.
     pub fn encode_chat<M: serde::Serialize>(&self, messages: &M, content: ChatContent) -> Result<Vec<u32>> {
+        self.encode_chat_with_tools(messages, None, content)
+    }
+
+    /// `encode_chat` with a `tools` list for the template (OpenAI's `tools` array as given). With
+    /// `ChatContent::Text`, special-token texts in the tools' descriptions stay text too.
+    pub fn encode_chat_with_tools<M: serde::Serialize>(
+        &self,
+        messages: &M,
+        tools: Option<&serde_json::Value>,
+        content: ChatContent,
+    ) -> Result<Vec<u32>> {
         let tmpl = self
             .chat_template
             .as_ref()
             .ok_or_else(|| Error::Template(format!("{} has no chat template", self.path.display())))?;
         match content {
             ChatContent::ParseSpecial => {
-                let text = tmpl.render(messages, None::<&()>, true)?;
+                let text = tmpl.render(messages, tools, true)?;
                 self.encode(&text, false)
             }
             ChatContent::Text => {
                 let messages = serde_json::to_value(messages).map_err(|e| Error::Template(e.to_string()))?;
-                self.special_text.encode_rendered_chat(&messages, |m| tmpl.render(m, None::<&()>, true))
+                let both = serde_json::json!({"messages": messages, "tools": tools});
+                self.special_text.encode_rendered_chat(&both, |v| {
+                    tmpl.render(&v["messages"], Some(&v["tools"]).filter(|t| !t.is_null()), true)
+                })
             }
         }
     }

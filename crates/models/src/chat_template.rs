@@ -45,6 +45,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    renders_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -76,7 +77,13 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot parse the chat template: {e}")))?;
-        Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        let renders_tools = source.contains("tools");
+        Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into(), renders_tools })
+    }
+
+    /// Whether the template renders a `tools` list (Qwen's and Llama 3's do; SmolLM2's does not).
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
     }
 
     /// Renders `messages` (OpenAI-shaped: objects with `role` and `content`, possibly `tool_calls`).

@@ -133,8 +133,7 @@ openai_request! {
     }
 }
 
-/// Unknown fields are refused (a 400 naming them) rather than dropped: `tool_calls` and `tool_call_id`
-/// until tool calling lands.
+/// Unknown fields are refused (a 400 naming them) rather than dropped.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
@@ -145,6 +144,12 @@ pub struct ChatMessage {
     /// The participant's name (passed to the chat template).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 openai_request! {
@@ -155,6 +160,11 @@ openai_request! {
         #[serde(default)]
         pub logprobs: bool,
         pub top_logprobs: Option<i64>,
+        /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+        pub tools: Option<Value>,
+        /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name"}}`.
+        pub tool_choice: Option<Value>,
+        pub parallel_tool_calls: Option<bool>,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::AppState;
 use mlx_serving_engine::{EngineHandle, EngineOutput, FinishReason, RequestId, SamplingParams, TokenLogprobs};
 use mlx_serving_frontend::stop::StopOutcome;
-use mlx_serving_frontend::{IncrementalDetokenizer, StopMatcher};
+use mlx_serving_frontend::{IncrementalDetokenizer, StopMatcher, ToolCallParser, ToolEvent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +36,8 @@ pub(crate) enum Piece {
         text: String,
         tokens: Vec<u32>,
         logprobs: Vec<TokenLogprobs>,
+        /// Tool calls found (`ToolEvent::Start` and `Args` only; their text never reaches `text`).
+        calls: Vec<ToolEvent>,
     },
     Done {
         index: usize,
@@ -55,6 +57,8 @@ pub(crate) struct Driver {
     pub request_id: Arc<str>,
     /// The model's end-of-generation ids.
     pub eog: Arc<[u32]>,
+    /// Chat with tools: the tool names, and the output is parsed for calls.
+    pub tool_names: Option<Vec<String>>,
 }
 
 /// Tokens (and their logprobs) consumed since the last piece was sent.
@@ -65,15 +69,53 @@ struct Pending {
 }
 
 impl Driver {
-    /// Sends `text` with the pending tokens; false when the HTTP side has gone away.
-    async fn send(&self, out: &mpsc::Sender<Piece>, text: String, p: &mut Pending) -> bool {
+    /// Sends `text` with the pending tokens, through the tool-call parser when there is one (`last`: the
+    /// output ends here, so the parser settles what it held); false when the HTTP side has gone away.
+    async fn send(
+        &self,
+        out: &mpsc::Sender<Piece>,
+        text: String,
+        p: &mut Pending,
+        tools: &mut Option<ToolCallParser>,
+        last: bool,
+    ) -> bool {
+        let (text, calls) = match tools {
+            None => (text, Vec::new()),
+            Some(parser) => {
+                let mut events = parser.push(&text);
+                if last {
+                    events.extend(parser.finish());
+                }
+                let mut content = String::new();
+                let calls = events
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        ToolEvent::Text(t) => {
+                            content.push_str(&t);
+                            None
+                        }
+                        call => Some(call),
+                    })
+                    .collect();
+                (content, calls)
+            }
+        };
         let piece = Piece::Text {
             index: self.index,
             text,
             tokens: std::mem::take(&mut p.tokens),
             logprobs: std::mem::take(&mut p.logprobs),
+            calls,
         };
         out.send(piece).await.is_ok()
+    }
+
+    /// OpenAI's `tool_calls` finish reason for a choice that stopped after making calls.
+    fn finish_reason(reason: &'static str, tools: &Option<ToolCallParser>) -> &'static str {
+        match tools {
+            Some(t) if reason == "stop" && !t.calls().is_empty() => "tool_calls",
+            _ => reason,
+        }
     }
 
     async fn done(&self, out: &mpsc::Sender<Piece>, reason: &'static str, generated: usize, cached: usize) {
@@ -97,6 +139,7 @@ impl Driver {
         let min_tokens = self.params.min_tokens as usize;
         let (mut generated, mut cached) = (0usize, 0usize);
         let mut pending = Pending::default();
+        let mut tools = self.tool_names.clone().map(ToolCallParser::new);
         let mut last = self.arrival;
         loop {
             let o = tokio::select! {
@@ -157,16 +200,16 @@ impl Driver {
                 match outcome {
                     StopOutcome::Continue(text) => {
                         if (!text.is_empty() || !pending.tokens.is_empty())
-                            && !self.send(&out, text, &mut pending).await
+                            && !self.send(&out, text, &mut pending, &mut tools, false).await
                         {
                             m.finished("abort");
                             return; // client gone: the guard aborts the request
                         }
                     }
                     StopOutcome::Stopped(text) => {
-                        self.send(&out, text, &mut pending).await;
+                        self.send(&out, text, &mut pending, &mut tools, true).await;
                         // The guard (not finished) aborts the engine request on drop.
-                        self.done(&out, "stop", generated, cached).await;
+                        self.done(&out, Self::finish_reason("stop", &tools), generated, cached).await;
                         return;
                     }
                 }
@@ -186,10 +229,10 @@ impl Driver {
                         t
                     }
                 };
-                if !rest.is_empty() || !pending.tokens.is_empty() {
-                    self.send(&out, rest, &mut pending).await;
+                if !rest.is_empty() || !pending.tokens.is_empty() || tools.is_some() {
+                    self.send(&out, rest, &mut pending, &mut tools, true).await;
                 }
-                self.done(&out, finish, generated, cached).await;
+                self.done(&out, Self::finish_reason(finish, &tools), generated, cached).await;
                 return;
             }
         }

@@ -14,7 +14,7 @@ use crate::prompts::{
     chat_prompt_bound, completion_prompt_bounds, completion_prompts, normalize_messages, MAX_CHOICES,
 };
 use crate::respond::{collect_response, stream_response, Job, Kind, Prompt};
-use crate::structured;
+use crate::{structured, tools};
 use crate::{AppState, RequestCtx};
 use axum::extract::State;
 use axum::response::Response;
@@ -63,6 +63,7 @@ pub async fn completions(
         include_usage: req.include_usage(),
         logprobs: req.logprobs.is_some(),
         return_token_ids: fields.return_token_ids,
+        tool_names: None,
     };
     run(s, job, fields, 16, constraint).await
 }
@@ -100,12 +101,26 @@ pub async fn chat_completions(
     let room = cfg.max_model_len.min(cfg.num_blocks * cfg.block_size);
     let default_max = |prompt_len: usize| room.saturating_sub(prompt_len).min(4096);
     precheck(&s, &fields, default_max, &[chat_prompt_bound(&s, &messages)])?;
-    let wanted = structured::wanted(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
-    let (st, rid) = (s.clone(), ctx.id.clone());
+    let tools = tools::read(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+    let mut wanted = structured::wanted(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    if let Some(spec) = tools.as_ref().and_then(|t| t.spec()) {
+        if let Some(w) = &wanted {
+            return Err(ApiError::bad_request(
+                "an output format cannot be combined with tool calls (unless tool_choice is none)",
+                Some(w.field.split('.').next().unwrap_or("response_format")),
+            ));
+        }
+        wanted = Some(structured::Wanted { spec, field: "tools".into() });
+    }
+    let (st, rid, t) = (s.clone(), ctx.id.clone(), tools.clone());
     let (prompt_ids, constraint) = s
         .on_cpu_pool(&ctx.id, move || {
+            // Each tool's schema alone first, so that a bad one is named.
+            for (field, spec) in t.iter().flat_map(|t| t.parameter_specs()) {
+                structured::compile(&st, &structured::Wanted { spec, field }, &rid)?;
+            }
             let c = wanted.map(|w| structured::compile(&st, &w, &rid)).transpose()?;
-            Ok::<_, ApiError>((st.encode_chat(&messages)?, c))
+            Ok::<_, ApiError>((st.encode_chat_tools(messages, t.as_ref())?, c))
         })
         .await??;
     let default_max = default_max(prompt_ids.len());
@@ -119,6 +134,7 @@ pub async fn chat_completions(
         include_usage: req.include_usage(),
         logprobs: req.logprobs,
         return_token_ids: fields.return_token_ids,
+        tool_names: tools.filter(|t| t.choice != tools::Choice::None).map(|t| t.names()),
     };
     run(s, job, fields, default_max, constraint).await
 }
@@ -214,6 +230,7 @@ async fn run(
             arrival,
             request_id: job.request_id.clone(),
             eog: s.bundle.special_tokens.eog.clone().into(),
+            tool_names: job.tool_names.clone(),
         };
         tokio::spawn(d.drive(rx, guard, piece_tx.clone()).in_current_span());
     }

@@ -15,6 +15,7 @@ mod prompts;
 mod respond;
 mod serve;
 mod structured;
+mod tools;
 
 pub use error::ApiError;
 pub use params::MAX_N;
@@ -175,12 +176,37 @@ impl AppState {
 
     /// Renders and tokenizes a chat; message text is text unless `allow_special_tokens_in_chat`.
     pub(crate) fn encode_chat(&self, messages: &[serde_json::Value]) -> Result<Vec<u32>, ApiError> {
+        self.encode_chat_tools(messages.to_vec(), None)
+    }
+
+    /// `encode_chat` with the request's tools: given to a template that renders them; for one that does not,
+    /// described in a system message, with earlier calls and results written out as text.
+    pub(crate) fn encode_chat_tools(
+        &self,
+        mut messages: Vec<serde_json::Value>,
+        tools: Option<&tools::Tools>,
+    ) -> Result<Vec<u32>, ApiError> {
         let content = if self.options.allow_special_tokens_in_chat {
             mlx_serving_models::ChatContent::ParseSpecial
         } else {
             mlx_serving_models::ChatContent::Text
         };
-        self.bundle.encode_chat(&messages, content).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
+        let native = self.bundle.chat_template.as_ref().is_some_and(|t| t.renders_tools());
+        let declared =
+            tools.filter(|t| t.choice != tools::Choice::None).map(|t| serde_json::Value::from(t.declared.clone()));
+        let declared = match (native, declared) {
+            (true, d) => d,
+            (false, d) => {
+                tools::calls_as_text(&mut messages);
+                if let Some(serde_json::Value::Array(list)) = &d {
+                    tools::describe_in_system_message(&mut messages, list);
+                }
+                None
+            }
+        };
+        self.bundle
+            .encode_chat_with_tools(&messages, declared.as_ref(), content)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
     }
 
     fn check_model(&self, model: &str) -> Result<(), ApiError> {

@@ -65,7 +65,7 @@ const ITL_BUCKETS: &[f64] =
 const E2E_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0];
 
 /// The finish reasons `request_success_total` is split by.
-pub const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
+pub const FINISH_REASONS: [&str; 4] = ["stop", "length", "abort", "tool_calls"];
 
 pub struct Metrics {
     pub ttft: Histogram,
@@ -74,7 +74,7 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
     /// Indexed like `FINISH_REASONS`.
-    success: [AtomicU64; 3],
+    success: [AtomicU64; 4],
     /// Requests that ended in an error (engine step failure, deadline).
     pub failed: AtomicU64,
     /// HTTP responses by status code (only codes seen).

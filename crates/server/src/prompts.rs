@@ -22,9 +22,9 @@ pub const MAX_CHOICES: usize = 64;
 pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
     let mut messages = Vec::with_capacity(messages_in.len());
     for (i, m) in messages_in.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
             return Err(ApiError::bad_request(
-                format!("messages[{i}].role `{}` is not supported (system, user, assistant)", m.role),
+                format!("messages[{i}].role `{}` is not supported (system, user, assistant, tool)", m.role),
                 Some("messages"),
             ));
         }
@@ -57,9 +57,52 @@ pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Valu
         if let Some(name) = &m.name {
             msg["name"] = json!(name);
         }
+        match (m.role.as_str(), &m.tool_calls, &m.tool_call_id) {
+            ("assistant", Some(calls), None) => msg["tool_calls"] = template_calls(i, calls)?,
+            ("tool", None, Some(id)) => msg["tool_call_id"] = json!(id),
+            ("tool", None, None) => {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}]: a tool message needs the tool_call_id it answers"),
+                    Some("messages"),
+                ))
+            }
+            (_, None, None) => {}
+            (role, _, _) => return Err(ApiError::bad_request(
+                format!(
+                    "messages[{i}]: tool_calls belong to assistant messages and tool_call_id to tool ones, not {role}"
+                ),
+                Some("messages"),
+            )),
+        }
         messages.push(msg);
     }
     Ok(messages)
+}
+
+/// An assistant message's `tool_calls` for the chat template: each `{"id", "type": "function", "function":
+/// {"name", "arguments"}}`, the arguments (a JSON string on the wire) parsed, as Hugging Face templates expect.
+fn template_calls(i: usize, calls: &Value) -> Result<Value, ApiError> {
+    let bad = |m: String| ApiError::bad_request(format!("messages[{i}].tool_calls: {m}"), Some("messages"));
+    let list = calls.as_array().ok_or_else(|| bad("must be a list".into()))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (j, c) in list.iter().enumerate() {
+        let f = c.get("function").ok_or_else(|| bad(format!("[{j}] has no function")))?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("[{j}].function.name must be a string")))?;
+        let arguments = match f.get("arguments") {
+            Some(Value::String(a)) => serde_json::from_str::<Value>(a).unwrap_or_else(|_| Value::String(a.clone())),
+            None => json!({}),
+            Some(other) => other.clone(),
+        };
+        let mut call = json!({"type": "function", "function": {"name": name, "arguments": arguments}});
+        if let Some(id) = c.get("id") {
+            call["id"] = id.clone();
+        }
+        out.push(call);
+    }
+    Ok(Value::Array(out))
 }
 
 /// A lower bound on a text's token count from its length: no token is longer than `max_token_bytes`.

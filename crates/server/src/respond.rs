@@ -8,6 +8,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use mlx_serving_engine::TokenLogprobs;
+use mlx_serving_frontend::ToolEvent;
 use mlx_serving_protocol::{PromptTokensDetails, Usage};
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
@@ -35,6 +36,8 @@ pub(crate) struct Job {
     pub include_usage: bool,
     pub logprobs: bool,
     pub return_token_ids: bool,
+    /// Chat with tools: their names (the output is parsed for calls).
+    pub tool_names: Option<Vec<String>>,
 }
 
 pub(crate) struct Prompt {
@@ -72,6 +75,41 @@ struct ChoiceAcc {
     finish_reason: Option<&'static str>,
     generated: usize,
     cached: usize,
+    /// Tool calls so far: id, function name, arguments.
+    calls: Vec<(String, String, String)>,
+}
+
+impl ChoiceAcc {
+    /// Takes a piece's tool-call events; returns each as the OpenAI delta that announces it (`id`, `type`
+    /// and the name first, then pieces of `arguments`).
+    fn take_calls(&mut self, s: &AppState, events: Vec<ToolEvent>) -> Vec<Value> {
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                ToolEvent::Start { index, name } => {
+                    let id = format!("call_{}", s.new_request_id());
+                    let d = json!({"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}});
+                    self.calls.push((id, name, String::new()));
+                    Some(d)
+                }
+                ToolEvent::Args { index, delta } => {
+                    self.calls.get_mut(index)?.2.push_str(&delta);
+                    Some(json!({"index": index, "function": {"arguments": delta}}))
+                }
+                ToolEvent::Text(_) => None,
+            })
+            .collect()
+    }
+
+    /// `message.tool_calls` of a whole response.
+    fn tool_calls_json(&self) -> Value {
+        self.calls
+            .iter()
+            .map(
+                |(id, name, args)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}),
+            )
+            .collect()
+    }
 }
 
 /// Prompt tokens count once per prompt (not per choice); cached tokens are those of each prompt's first choice.
@@ -104,11 +142,12 @@ pub(crate) async fn collect_response(
     let mut open = acc.len();
     while open > 0 {
         match pieces.recv().await {
-            Some(Piece::Text { index, text, tokens, logprobs }) => {
+            Some(Piece::Text { index, text, tokens, logprobs, calls }) => {
                 let c = &mut acc[index];
                 c.text.push_str(&text);
                 c.tokens.extend(tokens);
                 c.logprobs.extend(logprobs);
+                c.take_calls(&s, calls);
             }
             Some(Piece::Done { index, finish_reason, generated, cached }) => {
                 let c = &mut acc[index];
@@ -141,6 +180,16 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
                     let text = format!("{echo}{}", c.text);
                     json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
                 }
+                Kind::Chat if !c.calls.is_empty() => json!({
+                    "index": index,
+                    "message": {
+                        "role": "assistant",
+                        "content": if c.text.is_empty() { Value::Null } else { json!(c.text) },
+                        "tool_calls": c.tool_calls_json(),
+                    },
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }),
                 Kind::Chat => json!({
                     "index": index,
                     "message": {"role": "assistant", "content": c.text},
@@ -285,29 +334,36 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                 _ = ev_tx.closed() => return,
             };
             let events: Vec<Event> = match piece {
-                Some(Piece::Text { index, text, tokens, logprobs }) => {
-                    if text.is_empty() && !job.logprobs && !job.return_token_ids {
-                        continue;
-                    }
+                Some(Piece::Text { index, text, tokens, logprobs, calls }) => {
                     let c = &mut acc[index];
-                    let lp = if job.logprobs {
-                        let base = job.echo_of(index).map_or(0, |e| e.chars().count());
-                        logprobs_json(&s, job.kind, &logprobs, &mut c.chars, base)
-                    } else {
-                        Value::Null
-                    };
-                    let mut choice = match job.kind {
-                        Kind::Completion => {
-                            json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                    let call_deltas = c.take_calls(&s, calls);
+                    let mut ev = Vec::with_capacity(1 + call_deltas.len());
+                    if !text.is_empty() || job.logprobs || job.return_token_ids {
+                        let lp = if job.logprobs {
+                            let base = job.echo_of(index).map_or(0, |e| e.chars().count());
+                            logprobs_json(&s, job.kind, &logprobs, &mut c.chars, base)
+                        } else {
+                            Value::Null
+                        };
+                        let mut choice = match job.kind {
+                            Kind::Completion => {
+                                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                            }
+                            Kind::Chat => {
+                                json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                            }
+                        };
+                        if job.return_token_ids {
+                            choice["token_ids"] = json!(tokens);
                         }
-                        Kind::Chat => {
-                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
-                        }
-                    };
-                    if job.return_token_ids {
-                        choice["token_ids"] = json!(tokens);
+                        ev.push(chunk(json!([choice]), None));
                     }
-                    vec![chunk(json!([choice]), None)]
+                    // Each call's name, then pieces of its arguments, as OpenAI streams them.
+                    for d in call_deltas {
+                        let choice = json!({"index": index, "delta": {"tool_calls": [d]}, "logprobs": null, "finish_reason": null});
+                        ev.push(chunk(json!([choice]), None));
+                    }
+                    ev
                 }
                 Some(Piece::Done { index, finish_reason, generated, cached }) => {
                     let c = &mut acc[index];

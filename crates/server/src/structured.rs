@@ -37,6 +37,8 @@ pub fn wanted(response_format: Option<&Value>, structured_outputs: Option<&Value
             Spec::JsonSchema(v) => v.to_string().len(),
             Spec::Regex(s) | Spec::Grammar(s) => s.len(),
             Spec::Choice(c) => c.iter().map(|s| s.len() + 3).sum(),
+            // Bounded by the body size and `MAX_TOOLS`; never built from these fields.
+            Spec::ToolCalls(_) => 0,
         };
         if size > MAX_CONSTRAINT_BYTES {
             return Err(bad(format!("at most {MAX_CONSTRAINT_BYTES} bytes, got {size}"), &w.field));

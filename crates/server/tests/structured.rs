@@ -160,3 +160,77 @@ fn constrained_requests_batch_with_others_and_match_their_solo_runs() {
         }
     }
 }
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}})
+}
+
+#[test]
+fn bad_tools_are_400s_naming_the_field() {
+    let tools = json!([weather_tool()]);
+    let bad_params = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}}}}]);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice"),
+        (json!({"tools": tools, "tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": bad_params}), "tools[0].function.parameters"),
+        (json!({"tools": [{"type": "retrieval"}]}), "tools[0].type"),
+        (json!({"tools": [{"type": "function", "function": {"name": "has space"}}]}), "tools[0].function.name"),
+        (json!({"tools": [weather_tool(), weather_tool()]}), "tools[1].function.name"),
+        (json!({"tools": []}), "tools"),
+        (json!({"tools": tools, "response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"messages": [{"role": "tool", "content": "sunny"}]}), "messages"),
+        (json!({"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}), "messages"),
+    ];
+    for (extra, field) in cases {
+        let (status, body) = post("/v1/chat/completions", &chat(extra.clone()));
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert_eq!(body["error"]["param"], field, "{extra}: {body}");
+    }
+    // tool_choice none with a format is fine; so is the server afterwards.
+    let (status, body) = post(
+        "/v1/chat/completions",
+        &chat(json!({"tools": tools, "tool_choice": "none", "structured_outputs": {"choice": ["a", "b"]}})),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+/// SmolLM2's template has no tools: they go into a system message, and `required` makes the model call one,
+/// well formed, whatever it would have said (one call: without `parallel_tool_calls: false` this small model
+/// repeats it until max_tokens).
+#[test]
+fn required_tool_calls_on_a_template_without_tools() {
+    let body = chat(json!({
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [weather_tool()],
+        "tool_choice": "required",
+        "parallel_tool_calls": false,
+        "max_tokens": 60,
+    }));
+    let (status, r) = post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+    assert!(c["message"]["content"].is_null(), "{r}");
+    let call = &c["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    // A history with the call and its result renders and runs.
+    let follow = chat(json!({
+        "messages": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"temp_c\": 21, \"sky\": \"clear\"}"},
+        ],
+        "tools": [weather_tool()],
+        "tool_choice": "none",
+        "max_tokens": 20,
+    }));
+    let (status, r) = post("/v1/chat/completions", &follow);
+    assert_eq!(status, 200, "{r}");
+    assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
+}
