@@ -67,12 +67,14 @@ pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Valu
                 ))
             }
             (_, None, None) => {}
-            (role, _, _) => return Err(ApiError::bad_request(
-                format!(
+            (role, _, _) => {
+                return Err(ApiError::bad_request(
+                    format!(
                     "messages[{i}]: tool_calls belong to assistant messages and tool_call_id to tool ones, not {role}"
                 ),
-                Some("messages"),
-            )),
+                    Some("messages"),
+                ))
+            }
         }
         messages.push(msg);
     }

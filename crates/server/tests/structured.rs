@@ -234,3 +234,68 @@ fn required_tool_calls_on_a_template_without_tools() {
     assert_eq!(status, 200, "{r}");
     assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
 }
+
+/// Constraints keep working with `n`, seeds, logprobs and stop strings: every choice obeys its constraint,
+/// logprobs come with every token, and a stop string still cuts the output.
+#[test]
+fn constraints_work_with_n_logprobs_and_stop() {
+    let colors = ["red", "green", "blue", "yellow"];
+    let (status, r) = post(
+        "/v1/chat/completions",
+        &chat(
+            json!({"structured_outputs": {"choice": colors}, "n": 6, "temperature": 1.5, "seed": 11, "logprobs": true, "top_logprobs": 2}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    for c in r["choices"].as_array().unwrap() {
+        let text = c["message"]["content"].as_str().unwrap();
+        assert!(colors.contains(&text), "{text}");
+        assert_eq!(c["finish_reason"], "stop");
+        let lps = c["logprobs"]["content"].as_array().unwrap();
+        assert!(!lps.is_empty() && lps.iter().all(|l| l["top_logprobs"].as_array().unwrap().len() == 2), "{c}");
+    }
+    let (status, r) = post(
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "Numbers:", "max_tokens": 30, "temperature": 0, "stop": ["5"],
+                "structured_outputs": {"regex": "( [0-9]){1,20}"}}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.contains('5') && text.chars().all(|c| c == ' ' || c.is_ascii_digit()), "{text:?}");
+}
+
+/// Preempted constrained requests (a KV cache too small for all of them at once) resume with their matcher
+/// and give exactly their solo output.
+#[test]
+fn preempted_constrained_requests_resume_exactly() {
+    let bundle = Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap());
+    let cfg =
+        SchedulerConfig { num_blocks: 20, max_num_seqs: 8, ..ModelExecutor::scheduler_config(&bundle, 16, 128 << 20) };
+    let exec = ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
+    let (engine, _join) = EngineCore::spawn(cfg, exec);
+    let addr = common::serve(Arc::new(AppState::new(engine.clone(), bundle, "smollm2".into())));
+    let run_on = |body: &Value| {
+        let (status, _, text) = common::request(addr, "POST", "/v1/chat/completions", "", body.to_string().as_bytes());
+        assert_eq!(status, 200, "{text}");
+        let r: Value = serde_json::from_str(&text).unwrap();
+        r["choices"][0]["token_ids"].clone()
+    };
+    let schema = json!({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 30, "maxItems": 30});
+    let bodies: Vec<Value> = (0..4)
+        .map(|i| {
+            chat(json!({"max_tokens": 90, "temperature": 0.7, "seed": i,
+                "messages": [{"role": "user", "content": format!("List thirty numbers, set {i}.")}],
+                "structured_outputs": {"json": schema}}))
+        })
+        .collect();
+    let alone: Vec<Value> = bodies.iter().map(run_on).collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = bodies.iter().map(|b| s.spawn(move || run_on(b))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        engine.stats().preemptions.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the cache was big enough: no preemption"
+    );
+    assert_eq!(alone, together);
+}
