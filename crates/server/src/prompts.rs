@@ -63,17 +63,19 @@ pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Valu
             ("tool", None, None) => {
                 return Err(ApiError::bad_request(
                     format!("messages[{i}]: a tool message needs the tool_call_id it answers"),
-                    Some("messages"),
+                    Some(&format!("messages[{i}].tool_call_id")),
                 ))
             }
             (_, None, None) => {}
-            (role, _, _) => {
+            (role, calls, _) => {
+                let field = if calls.is_some() { "tool_calls" } else { "tool_call_id" };
                 return Err(ApiError::bad_request(
                     format!(
-                    "messages[{i}]: tool_calls belong to assistant messages and tool_call_id to tool ones, not {role}"
-                ),
-                    Some("messages"),
-                ))
+                        "messages[{i}].{field}: tool_calls belong to assistant messages and tool_call_id to tool \
+                         ones, not to a {role} message"
+                    ),
+                    Some(&format!("messages[{i}].{field}")),
+                ));
             }
         }
         messages.push(msg);

@@ -180,8 +180,9 @@ fn bad_tools_are_400s_naming_the_field() {
         (json!({"tools": [weather_tool(), weather_tool()]}), "tools[1].function.name"),
         (json!({"tools": []}), "tools"),
         (json!({"tools": tools, "response_format": {"type": "json_object"}}), "response_format"),
-        (json!({"messages": [{"role": "tool", "content": "sunny"}]}), "messages"),
-        (json!({"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}), "messages"),
+        (json!({"messages": [{"role": "tool", "content": "sunny"}]}), "messages[0].tool_call_id"),
+        (json!({"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}), "messages[0].tool_call_id"),
+        (json!({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}), "messages[0].tool_calls"),
     ];
     for (extra, field) in cases {
         let (status, body) = post("/v1/chat/completions", &chat(extra.clone()));
