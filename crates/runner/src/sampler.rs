@@ -111,11 +111,11 @@ impl Sampler {
             for &(i, _) in &saved {
                 logits[i] = f32::NEG_INFINITY;
             }
-            if mask.is_some() && !logits.iter().any(|l| l.is_finite()) {
+            if mask.is_some_and(|m| !any_allowed(logits, m)) {
                 saved.into_iter().for_each(|(i, l)| logits[i] = l);
             }
         }
-        if mask.is_some() && !logits.iter().any(|l| l.is_finite()) {
+        if mask.is_some_and(|m| !any_allowed(logits, m)) {
             return None;
         }
         if self.params.is_greedy() {
@@ -208,16 +208,25 @@ impl Sampler {
 /// Sets the logits of the tokens `mask` does not allow to −∞ (bit `t % 32` of word `t / 32` allows `t`).
 pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
     for (i, chunk) in logits.chunks_mut(32).enumerate() {
-        let w = mask.get(i).copied().unwrap_or(0);
-        if w == u32::MAX {
-            continue;
-        }
-        for (b, l) in chunk.iter_mut().enumerate() {
-            if w >> b & 1 == 0 {
-                *l = f32::NEG_INFINITY;
+        match mask.get(i).copied().unwrap_or(0) {
+            u32::MAX => {}
+            0 => chunk.fill(f32::NEG_INFINITY),
+            w => {
+                for (b, l) in chunk.iter_mut().enumerate() {
+                    if w >> b & 1 == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
             }
         }
     }
+}
+
+/// Whether a token `mask` allows still has a finite logit (scans the mask's words, not the whole vocabulary).
+fn any_allowed(logits: &[f32], mask: &[u32]) -> bool {
+    mask.iter().enumerate().filter(|(_, &w)| w != 0).any(|(i, &w)| {
+        logits.iter().skip(32 * i).take(32).enumerate().any(|(b, l)| w >> b & 1 == 1 && l.is_finite())
+    })
 }
 
 /// Index of the largest logit; ties go to the lowest id (as `torch.argmax`).
