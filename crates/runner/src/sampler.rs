@@ -224,9 +224,10 @@ pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
 
 /// Whether a token `mask` allows still has a finite logit (scans the mask's words, not the whole vocabulary).
 fn any_allowed(logits: &[f32], mask: &[u32]) -> bool {
-    mask.iter().enumerate().filter(|(_, &w)| w != 0).any(|(i, &w)| {
-        logits.iter().skip(32 * i).take(32).enumerate().any(|(b, l)| w >> b & 1 == 1 && l.is_finite())
-    })
+    mask.iter()
+        .enumerate()
+        .filter(|(_, &w)| w != 0)
+        .any(|(i, &w)| logits.iter().skip(32 * i).take(32).enumerate().any(|(b, l)| w >> b & 1 == 1 && l.is_finite()))
 }
 
 /// Index of the largest logit; ties go to the lowest id (as `torch.argmax`).
