@@ -88,6 +88,11 @@ macro_rules! openai_request {
             pub response_format: Option<Value>,
             /// vLLM's `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}` (read by the server).
             pub structured_outputs: Option<Value>,
+            /// vLLM's older spellings of `structured_outputs`' members, still sent by many clients.
+            pub guided_json: Option<Value>,
+            pub guided_regex: Option<Value>,
+            pub guided_choice: Option<Value>,
+            pub guided_grammar: Option<Value>,
         }
 
         impl $name {
@@ -112,6 +117,19 @@ macro_rules! openai_request {
                     logprobs: None,
                     return_token_ids: self.return_token_ids.unwrap_or(false),
                 }
+            }
+
+            /// The structured-output fields: `response_format`, `structured_outputs`, and the `guided_*` ones
+            /// as (name, value) pairs.
+            pub fn constraint_fields(&self) -> (Option<&Value>, Option<&Value>, Vec<(&'static str, &Value)>) {
+                let guided = [
+                    ("guided_json", &self.guided_json),
+                    ("guided_regex", &self.guided_regex),
+                    ("guided_choice", &self.guided_choice),
+                    ("guided_grammar", &self.guided_grammar),
+                ];
+                let guided = guided.into_iter().filter_map(|(k, v)| v.as_ref().filter(|v| !v.is_null()).map(|v| (k, v))).collect();
+                (self.response_format.as_ref(), self.structured_outputs.as_ref(), guided)
             }
 
             pub fn include_usage(&self) -> bool {

@@ -44,7 +44,7 @@ pub async fn completions(
     // OpenAI's completions default is 16 tokens.
     let bounds = completion_prompt_bounds(&s, &req.prompt)?;
     precheck(&s, &fields, |_| 16, &bounds)?;
-    let wanted = structured::wanted(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    let wanted = structured::wanted(req.constraint_fields())?;
     let (prompt, echo) = (std::mem::take(&mut req.prompt), req.echo);
     let (st, rid) = (s.clone(), ctx.id.clone());
     let (prompts, constraint) = s
@@ -102,7 +102,7 @@ pub async fn chat_completions(
     let default_max = |prompt_len: usize| room.saturating_sub(prompt_len).min(4096);
     precheck(&s, &fields, default_max, &[chat_prompt_bound(&s, &messages)])?;
     let tools = tools::read(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
-    let mut wanted = structured::wanted(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    let mut wanted = structured::wanted(req.constraint_fields())?;
     if let Some(spec) = tools.as_ref().and_then(|t| t.spec()) {
         if let Some(w) = &wanted {
             return Err(ApiError::bad_request(

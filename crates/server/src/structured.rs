@@ -21,10 +21,37 @@ fn bad(msg: impl Into<String>, field: &str) -> ApiError {
     ApiError::bad_request(msg.into(), Some(field))
 }
 
-/// Reads `response_format` and `structured_outputs` (at most one of them may constrain).
-pub fn wanted(response_format: Option<&Value>, structured_outputs: Option<&Value>) -> Result<Option<Wanted>, ApiError> {
+/// Reads `response_format`, `structured_outputs` and vLLM's older `guided_json` / `guided_regex` /
+/// `guided_choice` / `guided_grammar` (at most one of them may constrain).
+pub fn wanted(
+    (response_format, structured_outputs, guided): (Option<&Value>, Option<&Value>, Vec<(&'static str, &Value)>),
+) -> Result<Option<Wanted>, ApiError> {
     let from_rf = response_format.map(read_response_format).transpose()?.flatten();
+    let from_guided = match guided.as_slice() {
+        [] => None,
+        [(key, value)] => {
+            let member = key.trim_start_matches("guided_");
+            let mut w = read_structured_outputs(&serde_json::json!({ member: value })).map_err(|mut e| {
+                e.param = Some(key.to_string());
+                e
+            })?;
+            w.field = key.to_string();
+            Some(w)
+        }
+        _ => {
+            return Err(bad(
+                "give at most one of guided_json, guided_regex, guided_choice, guided_grammar",
+                guided[1].0,
+            ))
+        }
+    };
     let from_so = structured_outputs.map(read_structured_outputs).transpose()?;
+    let from_so = match (from_so, from_guided) {
+        (Some(_), Some(g)) => {
+            return Err(bad("give either structured_outputs or a guided_* field, not both", &g.field))
+        }
+        (a, b) => a.or(b),
+    };
     let w = match (from_rf, from_so) {
         (Some(_), Some(_)) => {
             return Err(bad("give either response_format or structured_outputs, not both", "structured_outputs"))

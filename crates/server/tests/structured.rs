@@ -79,6 +79,12 @@ fn bad_constraints_are_400s_naming_the_field() {
             "structured_outputs",
         ),
         (json!({"structured_outputs": {"regex": "a".repeat(70_000)}}), "structured_outputs.regex"),
+        // vLLM's older spellings.
+        (json!({"guided_regex": "(unclosed"}), "guided_regex"),
+        (json!({"guided_choice": "red"}), "guided_choice"),
+        (json!({"guided_json": {"type": "nonsense"}}), "guided_json"),
+        (json!({"guided_regex": "a", "guided_choice": ["a"]}), "guided_choice"),
+        (json!({"guided_regex": "a", "structured_outputs": {"regex": "a"}}), "guided_regex"),
     ];
     for (extra, field) in cases {
         let (status, body) = post("/v1/chat/completions", &chat(extra.clone()));
@@ -96,9 +102,11 @@ fn bad_constraints_are_400s_naming_the_field() {
     // `text` is no constraint; the server serves normally after all of the above.
     let (status, body) = post("/v1/chat/completions", &chat(json!({"response_format": {"type": "text"}})));
     assert_eq!(status, 200, "{body}");
-    let (status, body) = post("/v1/chat/completions", &chat(json!({"structured_outputs": {"choice": ["yes", "no"]}})));
-    assert_eq!(status, 200, "{body}");
-    assert!(["yes", "no"].contains(&body["choices"][0]["message"]["content"].as_str().unwrap()), "{body}");
+    for extra in [json!({"structured_outputs": {"choice": ["yes", "no"]}}), json!({"guided_choice": ["yes", "no"]})] {
+        let (status, body) = post("/v1/chat/completions", &chat(extra));
+        assert_eq!(status, 200, "{body}");
+        assert!(["yes", "no"].contains(&body["choices"][0]["message"]["content"].as_str().unwrap()), "{body}");
+    }
 }
 
 /// What a request generates alone: content, finish reason and token ids.
