@@ -20,6 +20,8 @@ cargo build -p mlx-serving
 .venv/bin/python tests/structured_outputs.py target/debug/mlx-serving models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # Tool calling round trips (required, named, auto; streamed and not; parallel) on Qwen2.5's own template.
 .venv/bin/python tests/tool_calls.py target/debug/mlx-serving models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+# Two models behind one server: routing, on-demand loads, LRU swaps under a budget, pinning, TTL, unloads.
+.venv/bin/python tests/multi_model.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

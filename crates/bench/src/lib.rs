@@ -150,9 +150,11 @@ async fn resolve_endpoint(client: &reqwest::Client, url: &str, model: Option<&st
     Ok(Endpoint { request_url: format!("{base}{path}"), url: base, model, extra: None })
 }
 
-fn request_body(cfg: &BenchConfig, ep: &Endpoint, item: &Item) -> Value {
+/// The body of request `index`: with several comma-separated model names, requests go to them in turn.
+fn request_body(cfg: &BenchConfig, ep: &Endpoint, item: &Item, index: usize) -> Value {
+    let models: Vec<&str> = ep.model.split(',').collect();
     let mut body = json!({
-        "model": ep.model,
+        "model": models[index % models.len()],
         "max_tokens": cfg.max_tokens,
         "temperature": cfg.temperature,
         "stream": true,
@@ -232,7 +234,8 @@ async fn run_once(
     load: Load,
     progress: Arc<Progress>,
 ) -> (Vec<Outcome>, Duration) {
-    let bodies: Arc<Vec<Value>> = Arc::new(items.iter().map(|it| request_body(cfg, ep, it)).collect());
+    let bodies: Arc<Vec<Value>> =
+        Arc::new(items.iter().enumerate().map(|(i, it)| request_body(cfg, ep, it, i)).collect());
     let url: Arc<str> = ep.request_url.clone().into();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -310,8 +313,10 @@ pub async fn run(cfg: BenchConfig) -> Result<Report> {
     let endpoints = with_constraints(&cfg, endpoints);
     let items = workload(&cfg)?;
     for ep in &endpoints {
-        for item in items.iter().cycle().take(cfg.warmup) {
-            let o = stream_request(&client, &ep.request_url, &request_body(&cfg, ep, item), cfg.timeout).await;
+        // At least one warm-up request per model, so that loads are not measured.
+        let warmup = cfg.warmup.max(ep.model.split(',').count());
+        for (i, item) in items.iter().cycle().take(warmup).enumerate() {
+            let o = stream_request(&client, &ep.request_url, &request_body(&cfg, ep, item, i), cfg.timeout).await;
             if let Some(e) = o.error {
                 eprintln!("warm-up request to {} failed: {e}", ep.url);
             }

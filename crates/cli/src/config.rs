@@ -8,13 +8,90 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
+    /// The one model of a single-model server (used when `models` is empty).
     pub model: ModelSection,
+    /// Several models behind one server, each loaded on its first request (or at start with `preload`).
+    pub models: Vec<ModelEntry>,
+    /// Most models loaded at once; loading another unloads the least recently used idle, unpinned one.
+    pub max_loaded_models: Option<usize>,
+    /// MiB that loaded models may take together (weights and KV caches).
+    pub memory_budget_mb: Option<u64>,
+    /// How long a request for a model that has no room waits for models in use to finish before it gets 503.
+    pub model_wait_seconds: f64,
     pub server: ServerSection,
     pub engine: EngineSection,
     pub logging: LoggingSection,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSection::default(),
+            models: Vec::new(),
+            max_loaded_models: None,
+            memory_budget_mb: None,
+            model_wait_seconds: 60.0,
+            server: ServerSection::default(),
+            engine: EngineSection::default(),
+            logging: LoggingSection::default(),
+        }
+    }
+}
+
+/// One entry of `models:`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The name clients use; default: the file name without `.gguf` (or the directory's name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// GGUF file, Hugging Face or MLX directory, or repository id in the local HF cache.
+    pub path: PathBuf,
+    /// Other names clients may use.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Never unloaded to make room or by TTL.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Idle seconds before the model unloads by itself; none (the default) keeps it.
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+    /// Load at start instead of on the first request.
+    #[serde(default)]
+    pub preload: bool,
+    /// As `model.activations`; default: `model.activations`.
+    #[serde(default)]
+    pub activations: Option<String>,
+    /// This model's engine settings over the `engine:` section (same keys, except `threads`: the kernel
+    /// threads are shared by every model).
+    #[serde(default)]
+    pub engine: serde_yaml::Mapping,
+}
+
+/// A model to register, resolved from `model` or `models`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedModel {
+    pub name: String,
+    pub path: PathBuf,
+    pub aliases: Vec<String>,
+    pub pinned: bool,
+    pub ttl_seconds: Option<f64>,
+    pub preload: bool,
+    pub activations: mlx_serving_models::ActivationPrecision,
+    pub engine: EngineSection,
+}
+
+/// The name a model gets without one: a repository id as given, else the file name without `.gguf` (or the
+/// directory's name).
+pub fn default_model_name(path: &Path) -> String {
+    if !path.exists() {
+        return path.display().to_string();
+    }
+    let path = mlx_serving_models::resolve_model(path).unwrap_or_else(|_| path.to_path_buf());
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -113,6 +190,58 @@ pub struct EngineSection {
     pub request_timeout_seconds: Option<f64>,
 }
 
+impl EngineSection {
+    /// Checks every value; errors name the key under `prefix` (`engine`, `models[1].engine`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let e = self;
+        let positive = [
+            ("kv_cache_mb", e.kv_cache_mb),
+            ("block_size", e.block_size),
+            ("max_num_seqs", e.max_num_seqs),
+            ("max_num_batched_tokens", e.max_num_batched_tokens),
+            ("max_waiting_requests", e.max_waiting_requests),
+            ("max_waiting_tokens", e.max_waiting_tokens),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                bail!("{prefix}.{key}: must be at least 1");
+            }
+        }
+        self.kv_cache_dtype().map_err(|e| anyhow::anyhow!("{prefix}.{e}"))?;
+        if e.block_size > 1024 {
+            bail!("{prefix}.block_size: at most 1024, got {}", e.block_size);
+        }
+        if e.max_num_seqs > 1024 {
+            bail!("{prefix}.max_num_seqs: at most 1024, got {}", e.max_num_seqs);
+        }
+        if e.max_num_batched_tokens < e.max_num_seqs {
+            bail!(
+                "{prefix}.max_num_batched_tokens: must be at least {prefix}.max_num_seqs ({}), got {}",
+                e.max_num_seqs,
+                e.max_num_batched_tokens
+            );
+        }
+        for (key, v) in [
+            ("priority_aging_seconds", Some(e.priority_aging_seconds)),
+            ("request_timeout_seconds", e.request_timeout_seconds),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && (0.0..=1e7).contains(&v)) {
+                    bail!("{prefix}.{key}: must be a number of seconds between 0 and 1e7, got {v}");
+                }
+            }
+        }
+        if e.request_timeout_seconds == Some(0.0) {
+            bail!("{prefix}.request_timeout_seconds: must be positive (leave it out for no timeout)");
+        }
+        Ok(())
+    }
+
+    pub fn kv_cache_dtype(&self) -> Result<mlx_serving_kernels::KvDtype> {
+        self.kv_cache_dtype.parse().map_err(|e| anyhow::anyhow!("kv_cache_dtype: {e}"))
+    }
+}
+
 impl Default for EngineSection {
     fn default() -> Self {
         let s = mlx_serving_engine::SchedulerConfig::default();
@@ -175,48 +304,29 @@ impl RuntimeConfig {
         self.model.activations.parse().map_err(|e| anyhow::anyhow!("model.activations: {e}"))
     }
 
-    pub fn kv_cache_dtype(&self) -> Result<mlx_serving_kernels::KvDtype> {
-        self.engine.kv_cache_dtype.parse().map_err(|e| anyhow::anyhow!("engine.kv_cache_dtype: {e}"))
-    }
-
     pub fn validate(&self) -> Result<()> {
-        let e = &self.engine;
-        let positive = [
-            ("engine.kv_cache_mb", e.kv_cache_mb),
-            ("engine.block_size", e.block_size),
-            ("engine.max_num_seqs", e.max_num_seqs),
-            ("engine.max_num_batched_tokens", e.max_num_batched_tokens),
-            ("engine.max_waiting_requests", e.max_waiting_requests),
-            ("engine.max_waiting_tokens", e.max_waiting_tokens),
+        for (key, v) in [
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("server.max_connections", self.server.max_connections),
-        ];
-        for (key, v) in positive {
+        ] {
             if v == 0 {
                 bail!("{key}: must be at least 1");
             }
         }
-        if e.threads == Some(0) {
+        if self.engine.threads == Some(0) {
             bail!("engine.threads: must be at least 1");
         }
         self.activations()?;
-        self.kv_cache_dtype()?;
-        if e.block_size > 1024 {
-            bail!("engine.block_size: at most 1024, got {}", e.block_size);
+        self.engine.validate("engine")?;
+        if self.max_loaded_models == Some(0) {
+            bail!("max_loaded_models: must be at least 1");
         }
-        if e.max_num_seqs > 1024 {
-            bail!("engine.max_num_seqs: at most 1024, got {}", e.max_num_seqs);
+        if self.memory_budget_mb == Some(0) {
+            bail!("memory_budget_mb: must be at least 1");
         }
-        if e.max_num_batched_tokens < e.max_num_seqs {
-            bail!(
-                "engine.max_num_batched_tokens: must be at least engine.max_num_seqs ({}), got {}",
-                e.max_num_seqs,
-                e.max_num_batched_tokens
-            );
-        }
+        self.resolve_models()?;
         let seconds = [
-            ("engine.priority_aging_seconds", Some(e.priority_aging_seconds)),
-            ("engine.request_timeout_seconds", e.request_timeout_seconds),
+            ("model_wait_seconds", Some(self.model_wait_seconds)),
             ("server.shutdown_grace_seconds", Some(self.server.shutdown_grace_seconds)),
             ("server.header_read_timeout_seconds", Some(self.server.header_read_timeout_seconds)),
             ("server.body_read_timeout_seconds", Some(self.server.body_read_timeout_seconds)),
@@ -237,9 +347,6 @@ impl RuntimeConfig {
             if v < 0.01 {
                 bail!("{key}: must be at least 0.01 seconds, got {v}");
             }
-        }
-        if e.request_timeout_seconds == Some(0.0) {
-            bail!("engine.request_timeout_seconds: must be positive (leave it out for no timeout)");
         }
         if self.server.host.is_empty() {
             bail!("server.host: must not be empty");
@@ -266,6 +373,76 @@ impl RuntimeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The models to register: `models`, or else the single `model`, which is pinned and loaded at start. Names
+    /// and aliases must be unique; each model's engine section is `engine` with its overrides.
+    pub fn resolve_models(&self) -> Result<Vec<ResolvedModel>> {
+        if self.models.is_empty() {
+            let name = self.model.served_model_name.clone().unwrap_or_else(|| default_model_name(&self.model.path));
+            return Ok(vec![ResolvedModel {
+                name,
+                path: self.model.path.clone(),
+                aliases: Vec::new(),
+                pinned: true,
+                ttl_seconds: None,
+                preload: true,
+                activations: self.activations()?,
+                engine: self.engine.clone(),
+            }]);
+        }
+        if self.model.served_model_name.is_some() {
+            bail!("model.served_model_name: give each entry of `models` its `name` instead");
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = format!("models[{i}]");
+            let name = m.name.clone().unwrap_or_else(|| default_model_name(&m.path));
+            for n in std::iter::once(&name).chain(&m.aliases) {
+                if n.is_empty() || n.chars().any(char::is_control) {
+                    bail!("{key}: a model name or alias must be non-empty, without control characters");
+                }
+                if !seen.insert(n.clone()) {
+                    bail!("{key}: the name `{n}` is used twice");
+                }
+            }
+            if let Some(t) = m.ttl_seconds {
+                if !(t.is_finite() && t > 0.0 && t <= 1e7) {
+                    bail!("{key}.ttl_seconds: must be a number of seconds between 0 and 1e7 (or null), got {t}");
+                }
+            }
+            let activations = m.activations.as_deref().unwrap_or(&self.model.activations);
+            let activations = activations.parse().map_err(|e| anyhow::anyhow!("{key}.activations: {e}"))?;
+            if m.engine.contains_key("threads") {
+                bail!("{key}.engine.threads: the kernel threads are shared by every model; set engine.threads");
+            }
+            let mut engine = serde_yaml::to_value(&self.engine)?;
+            if let serde_yaml::Value::Mapping(base) = &mut engine {
+                for (k, v) in &m.engine {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+            let engine: EngineSection = serde_path_to_error::deserialize(engine).map_err(|e| {
+                let path = match e.path().to_string() {
+                    p if p == "." => String::new(),
+                    p => format!(".{p}"),
+                };
+                anyhow::anyhow!("{key}.engine{path}: {}", e.into_inner())
+            })?;
+            engine.validate(&format!("{key}.engine"))?;
+            out.push(ResolvedModel {
+                name,
+                path: m.path.clone(),
+                aliases: m.aliases.clone(),
+                pinned: m.pinned,
+                ttl_seconds: m.ttl_seconds,
+                preload: m.preload,
+                activations,
+                engine,
+            });
+        }
+        Ok(out)
     }
 
     /// All accepted API keys: `server.api_keys` plus the lines of `server.api_key_file`.
@@ -347,5 +524,46 @@ mod tests {
         assert!(err("server:\n  max_connections: 0\n").starts_with("server.max_connections:"));
         assert!(err("server:\n  header_read_timeout_seconds: 0\n").starts_with("server.header_read_timeout_seconds:"));
         assert!(err("server:\n  sse_keepalive_seconds: -3\n").starts_with("server.sse_keepalive_seconds:"));
+    }
+
+    #[test]
+    fn models_resolve_with_engine_overrides_and_unique_names() {
+        let yaml = "engine:\n  kv_cache_mb: 64\nmax_loaded_models: 1\nmodels:\n  - name: a\n    path: x.gguf\n    aliases: [b]\n    ttl_seconds: 30\n    engine:\n      kv_cache_mb: 16\n  - path: dir/y.gguf\n    pinned: true\n    preload: true\n";
+        let c = RuntimeConfig::from_yaml_str(yaml).unwrap();
+        c.validate().unwrap();
+        let m = c.resolve_models().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].name.as_str(), m[0].engine.kv_cache_mb, m[0].ttl_seconds), ("a", 16, Some(30.0)));
+        assert_eq!(m[0].engine.block_size, EngineSection::default().block_size);
+        // A missing file's name is the path as given (it may be a repository id).
+        assert_eq!(
+            (m[1].name.as_str(), m[1].engine.kv_cache_mb, m[1].pinned, m[1].preload),
+            ("dir/y.gguf", 64, true, true)
+        );
+        assert!(!m[0].pinned && !m[0].preload);
+        // The single-model form: pinned and loaded at start.
+        let one = RuntimeConfig::default().resolve_models().unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(one[0].pinned && one[0].preload);
+        assert!(one[0].name.contains("SmolLM2-135M-Instruct.Q4_1"), "{}", one[0].name);
+    }
+
+    #[test]
+    fn bad_model_entries_name_the_entry() {
+        assert!(err("models:\n  - name: a\n    path: x\n  - name: a\n    path: y\n")
+            .starts_with("models[1]: the name `a` is used twice"));
+        assert!(err("models:\n  - name: a\n    path: x\n  - name: b\n    aliases: [a]\n    path: y\n")
+            .starts_with("models[1]:"));
+        assert!(err("models:\n  - path: x\n    engine:\n      kv_cache_mb: 0\n")
+            .starts_with("models[0].engine.kv_cache_mb:"));
+        assert!(
+            err("models:\n  - path: x\n    engine:\n      kv_cache_mbb: 3\n").contains("unknown field `kv_cache_mbb`")
+        );
+        assert!(err("models:\n  - path: x\n    engine:\n      threads: 3\n").starts_with("models[0].engine.threads:"));
+        assert!(err("models:\n  - path: x\n    ttl_seconds: -1\n").starts_with("models[0].ttl_seconds:"));
+        assert!(err("models:\n  - path: x\n    activations: int3\n").starts_with("models[0].activations:"));
+        assert!(err("models:\n  - path: x\n    colour: red\n").contains("unknown field `colour`"));
+        assert!(err("max_loaded_models: 0\n").starts_with("max_loaded_models:"));
+        assert!(err("model_wait_seconds: -1\n").starts_with("model_wait_seconds:"));
     }
 }

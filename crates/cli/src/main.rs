@@ -9,7 +9,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 mod config;
-use config::RuntimeConfig;
+mod serve;
+use serve::{run_serve, ServeArgs};
 
 #[derive(Parser)]
 #[command(
@@ -65,7 +66,8 @@ struct BenchArgs {
     /// Server to measure, e.g. http://127.0.0.1:8080 (repeat to compare: the first is the baseline).
     #[arg(long = "url", required = true)]
     urls: Vec<String>,
-    /// Model name to request (default: the first one the server's /v1/models lists).
+    /// Model name to request (default: the first one the server's /v1/models lists); comma-separated names
+    /// spread the requests over several models in turn.
     #[arg(long)]
     model: Option<String>,
     /// `builtin` (varied questions, instructions, code, multi-turn) or a JSONL file of {"prompt"} or
@@ -135,133 +137,6 @@ fn bench_schema(path: &std::path::Path) -> Result<serde_json::Value> {
     Ok(
         serde_json::json!({"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}}),
     )
-}
-
-/// Every flag overrides the matching `runtime.yaml` key and has an `MLX_SERVING_*` environment variable
-/// (flags win over the environment, the environment over the file).
-#[derive(Args)]
-struct ServeArgs {
-    /// runtime.yaml with server and engine settings (see README).
-    #[arg(long, env = "MLX_SERVING_CONFIG")]
-    config: Option<PathBuf>,
-    /// Print the resolved configuration as YAML (API keys masked) and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// GGUF file, Hugging Face directory, or repository id in the local HF cache [model.path; default: the model scripts/fetch-model.sh fetches].
-    #[arg(long, env = "MLX_SERVING_MODEL")]
-    model: Option<PathBuf>,
-    /// Model name clients use [model.served_model_name; default: the file name without .gguf].
-    #[arg(long, env = "MLX_SERVING_SERVED_MODEL_NAME")]
-    served_model_name: Option<String>,
-    /// Quantized matmul activations: `mixed` (16-bit into the head, q/k/v and gate/up, 8-bit into o and down), `int8`
-    /// (fastest, least accurate), `int16`, or `f32` (float32 reference arithmetic, slowest)
-    /// [model.activations; default mixed].
-    #[arg(long, env = "MLX_SERVING_ACTIVATIONS")]
-    activations: Option<String>,
-    /// [server.host; default 127.0.0.1]
-    #[arg(long, env = "MLX_SERVING_HOST")]
-    host: Option<String>,
-    /// [server.port; default 8080]
-    #[arg(long, env = "MLX_SERVING_PORT")]
-    port: Option<u16>,
-    /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize [server.api_keys].
-    #[arg(long, env = "MLX_SERVING_API_KEY", conflicts_with = "api_key_file")]
-    api_key: Option<String>,
-    /// File of accepted API keys, one per line [server.api_key_file].
-    #[arg(long, env = "MLX_SERVING_API_KEY_FILE")]
-    api_key_file: Option<PathBuf>,
-    /// Allowed CORS origin, repeatable or comma-separated; `*` for any [server.cors_allowed_origins].
-    #[arg(long, env = "MLX_SERVING_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
-    cors_allowed_origins: Vec<String>,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [server.shutdown_grace_seconds; default 30].
-    #[arg(long, env = "MLX_SERVING_SHUTDOWN_GRACE_SECONDS")]
-    shutdown_grace_seconds: Option<f64>,
-    /// CPU threads for the model [engine.threads; default: all cores].
-    #[arg(long, env = "MLX_SERVING_THREADS")]
-    threads: Option<usize>,
-    /// KV cache budget in MiB, preallocated [engine.kv_cache_mb; default 512].
-    #[arg(long, env = "MLX_SERVING_KV_CACHE_MB")]
-    kv_cache_mb: Option<usize>,
-    /// KV cache element type, `f16` or `f32` (twice the memory) [engine.kv_cache_dtype; default f16].
-    #[arg(long, env = "MLX_SERVING_KV_CACHE_DTYPE")]
-    kv_cache_dtype: Option<String>,
-    /// [engine.block_size; default 16]
-    #[arg(long, env = "MLX_SERVING_BLOCK_SIZE")]
-    block_size: Option<usize>,
-    /// [engine.max_num_seqs; default 16]
-    #[arg(long, env = "MLX_SERVING_MAX_NUM_SEQS")]
-    max_num_seqs: Option<usize>,
-    /// [engine.max_num_batched_tokens; default 2048]
-    #[arg(long, env = "MLX_SERVING_MAX_NUM_BATCHED_TOKENS")]
-    max_num_batched_tokens: Option<usize>,
-    /// Requests allowed to wait before new ones get 429 [engine.max_waiting_requests; default 256].
-    #[arg(long, env = "MLX_SERVING_MAX_WAITING_REQUESTS")]
-    max_waiting_requests: Option<usize>,
-    /// Unfinished requests end with a timeout error after this many seconds [engine.request_timeout_seconds].
-    #[arg(long, env = "MLX_SERVING_REQUEST_TIMEOUT_SECONDS")]
-    request_timeout_seconds: Option<f64>,
-    /// Turn the prefix cache off [engine.enable_prefix_caching = false].
-    #[arg(long, env = "MLX_SERVING_NO_PREFIX_CACHING")]
-    no_prefix_caching: bool,
-    /// `text` or `json` [logging.format; default text].
-    #[arg(long, env = "MLX_SERVING_LOG_FORMAT")]
-    log_format: Option<String>,
-    /// Tracing filter such as `info` or `mlx_serving_server=debug,info` [logging.level; default info].
-    #[arg(long, env = "MLX_SERVING_LOG_LEVEL")]
-    log_level: Option<String>,
-}
-
-impl ServeArgs {
-    /// Defaults ← runtime.yaml ← environment and flags; then validated.
-    fn resolve(&self) -> Result<RuntimeConfig> {
-        let mut c = match &self.config {
-            Some(path) => RuntimeConfig::from_yaml_file(path)?,
-            None => RuntimeConfig::default(),
-        };
-        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
-            if let Some(v) = v {
-                *slot = v.clone();
-            }
-        }
-        set(&mut c.model.path, &self.model);
-        if self.served_model_name.is_some() {
-            c.model.served_model_name = self.served_model_name.clone();
-        }
-        set(&mut c.model.activations, &self.activations);
-        set(&mut c.server.host, &self.host);
-        set(&mut c.server.port, &self.port);
-        if let Some(k) = &self.api_key {
-            c.server.api_keys = vec![k.clone()];
-            c.server.api_key_file = None;
-        }
-        if self.api_key_file.is_some() {
-            c.server.api_keys.clear();
-            c.server.api_key_file = self.api_key_file.clone();
-        }
-        if !self.cors_allowed_origins.is_empty() {
-            c.server.cors_allowed_origins = self.cors_allowed_origins.clone();
-        }
-        set(&mut c.server.shutdown_grace_seconds, &self.shutdown_grace_seconds);
-        if self.threads.is_some() {
-            c.engine.threads = self.threads;
-        }
-        set(&mut c.engine.kv_cache_mb, &self.kv_cache_mb);
-        set(&mut c.engine.kv_cache_dtype, &self.kv_cache_dtype);
-        set(&mut c.engine.block_size, &self.block_size);
-        set(&mut c.engine.max_num_seqs, &self.max_num_seqs);
-        set(&mut c.engine.max_num_batched_tokens, &self.max_num_batched_tokens);
-        set(&mut c.engine.max_waiting_requests, &self.max_waiting_requests);
-        if self.request_timeout_seconds.is_some() {
-            c.engine.request_timeout_seconds = self.request_timeout_seconds;
-        }
-        if self.no_prefix_caching {
-            c.engine.enable_prefix_caching = false;
-        }
-        set(&mut c.logging.format, &self.log_format);
-        set(&mut c.logging.level, &self.log_level);
-        c.validate()?;
-        Ok(c)
-    }
 }
 
 #[derive(Args)]
@@ -340,7 +215,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_threads(threads: Option<usize>) -> Result<()> {
+pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -510,120 +385,4 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         eprintln!("report written to {}", path.display());
     }
     Ok(())
-}
-
-fn init_logging(c: &config::LoggingSection) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&c.level).context("logging.level")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = if c.format == "json" { builder.json().try_init() } else { builder.try_init() };
-    result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
-}
-
-fn run_serve(a: ServeArgs) -> Result<()> {
-    let c = a.resolve()?;
-    if a.print_config {
-        print!("{}", c.to_yaml_redacted()?);
-        return Ok(());
-    }
-    init_logging(&c.logging)?;
-    init_threads(c.engine.threads)?;
-    let api_keys = c.api_keys()?;
-    let path = &mlx_serving_models::resolve_model(&c.model.path)?;
-    let bundle = std::sync::Arc::new(
-        ModelBundle::load(
-            path,
-            &LoadOptions {
-                activations: c.activations()?,
-                kv_cache_dtype: c.kv_cache_dtype()?,
-                ..LoadOptions::default()
-            },
-        )
-        .with_context(|| format!("loading {}", path.display()))?,
-    );
-    // Default name: a repository id as given, else the file name without `.gguf` (or the directory's name).
-    let name = c.model.served_model_name.clone().unwrap_or_else(|| {
-        if !c.model.path.exists() {
-            return c.model.path.display().to_string();
-        }
-        path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-    });
-    let e = &c.engine;
-    let mut cfg = mlx_serving_runner::ModelExecutor::scheduler_config(&bundle, e.block_size, e.kv_cache_mb << 20);
-    cfg.max_num_seqs = e.max_num_seqs;
-    cfg.max_num_batched_tokens = e.max_num_batched_tokens;
-    cfg.max_waiting_requests = e.max_waiting_requests;
-    cfg.max_waiting_tokens = e.max_waiting_tokens;
-    cfg.enable_prefix_caching = e.enable_prefix_caching;
-    cfg.aging_interval = std::time::Duration::from_secs_f64(e.priority_aging_seconds);
-    tracing::info!(
-        model = %path.display(),
-        name = %name,
-        kv_blocks = cfg.num_blocks,
-        block_size = cfg.block_size,
-        max_model_len = cfg.max_model_len,
-        "model loaded"
-    );
-    let exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
-    let (engine, _join) = mlx_serving_engine::EngineCore::spawn(cfg, exec);
-    let options = mlx_serving_server::ServerOptions {
-        api_keys,
-        cors_allowed_origins: c.server.cors_allowed_origins.clone(),
-        max_body_bytes: c.server.max_body_bytes,
-        request_timeout: e.request_timeout_seconds.map(std::time::Duration::from_secs_f64),
-        header_read_timeout: std::time::Duration::from_secs_f64(c.server.header_read_timeout_seconds),
-        max_connections: c.server.max_connections,
-        body_read_timeout: std::time::Duration::from_secs_f64(c.server.body_read_timeout_seconds),
-        sse_keepalive: std::time::Duration::from_secs_f64(c.server.sse_keepalive_seconds),
-        allow_special_tokens_in_chat: c.server.allow_special_tokens_in_chat,
-        ..mlx_serving_server::ServerOptions::default()
-    };
-    let state = std::sync::Arc::new(mlx_serving_server::AppState::with_options(engine, bundle, name.clone(), options));
-    let grace = std::time::Duration::from_secs_f64(c.server.shutdown_grace_seconds);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
-        let addr = format!("{}:{}", c.server.host, c.server.port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-        tracing::info!("serving {name} on http://{addr}");
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = mlx_serving_server::serve(listener, state, async move {
-            shutdown_signal().await;
-            tracing::info!(
-                grace_seconds = grace.as_secs_f64(),
-                "shutting down: no new connections, finishing in-flight requests"
-            );
-            let _ = stop_tx.send(());
-        });
-        let server = tokio::spawn(server);
-        // Once the signal came, in-flight requests get `grace` to finish; then we exit regardless.
-        let deadline = async move {
-            if stop_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            r = server => { r.context("server task")??; tracing::info!("all requests finished; exiting"); }
-            _ = deadline => tracing::warn!("grace period over with requests still running; exiting"),
-        }
-        Ok(())
-    })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

@@ -90,6 +90,11 @@ impl StepWatch {
         self.lock().running = false;
     }
 
+    /// Every request of the running step is aborted (the engine is being shut down).
+    fn aborted_all(&self) {
+        self.lock().live.clear();
+    }
+
     fn aborted(&self, id: RequestId) {
         let mut s = self.lock();
         if s.running {
@@ -112,6 +117,7 @@ pub struct ExecutorError(pub String);
 enum Command {
     Add(EngineRequest, UnboundedSender<EngineOutput>),
     Abort(RequestId),
+    AbortAll,
 }
 
 /// Counters the engine publishes for admission control, metrics and liveness.
@@ -218,6 +224,13 @@ impl EngineHandle {
         let _ = self.tx.send(Command::Abort(id));
     }
 
+    /// Aborts every request the engine holds now, queued or running (a forced unload of its model). Requests
+    /// added after this call run as usual.
+    pub fn abort_all(&self) {
+        self.step.aborted_all();
+        let _ = self.tx.send(Command::AbortAll);
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
@@ -316,6 +329,15 @@ impl<E: Executor> EngineCore<E> {
                     self.publish();
                     self.deliver(out);
                 }
+            }
+            Command::AbortAll => {
+                let ids: Vec<RequestId> = self.sinks.keys().copied().collect();
+                for id in ids {
+                    if let Some(out) = self.scheduler.abort(id) {
+                        self.deliver(out);
+                    }
+                }
+                self.publish();
             }
         }
         self.publish();

@@ -224,3 +224,38 @@ fn the_loop_hands_the_executor_its_heartbeat() {
     // Five beats from inside the one step, plus the loop's own.
     assert!(h.stats().beats.load(std::sync::atomic::Ordering::SeqCst) >= before + 5);
 }
+
+#[test]
+fn abort_all_ends_queued_and_running_requests_and_the_loop_ends_with_its_handles() {
+    // A slow executor so that the requests are still running or queued when abort_all comes.
+    struct Slow;
+    impl Executor for Slow {
+        fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
+            std::thread::sleep(Duration::from_millis(5));
+            let mut r = RunnerOutput::default();
+            for s in batch.seqs.iter().filter(|s| s.sample) {
+                r.sampled.insert(s.id, 5);
+            }
+            Ok(r)
+        }
+        fn remove_request(&mut self, _: RequestId) {}
+    }
+    let (h, join) = EngineCore::spawn(cfg(), Slow);
+    let mut running = submit(&h, 1, 1, 200).unwrap();
+    let mut queued = submit(&h, 2, 1, 200).unwrap();
+    // The first request is running once it has produced a token.
+    assert!(running.blocking_recv().expect("a first output").finish_reason.is_none());
+    h.abort_all();
+    assert_eq!(finish(&mut running).finish_reason, Some(FinishReason::Abort));
+    assert_eq!(finish(&mut queued).finish_reason, Some(FinishReason::Abort));
+    assert_eq!(h.stats().running.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // A request added afterwards runs as usual.
+    let mut after = submit(&h, 3, 1, 2).unwrap();
+    assert_eq!(finish(&mut after).finish_reason, Some(FinishReason::Length));
+    drop(h);
+    let t = std::time::Instant::now();
+    while !join.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(5), "the loop outlived its last handle");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -4,7 +4,7 @@
 //! or prefilling leaves the engine at once.
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::models::ModelLease;
 use mlx_serving_engine::{EngineHandle, EngineOutput, FinishReason, RequestId, SamplingParams, TokenLogprobs};
 use mlx_serving_frontend::stop::StopOutcome;
 use mlx_serving_frontend::{IncrementalDetokenizer, StopMatcher, ToolCallParser, ToolEvent};
@@ -50,7 +50,8 @@ pub(crate) enum Piece {
 
 /// Turns one choice's engine outputs into pieces, and records its metrics.
 pub(crate) struct Driver {
-    pub s: Arc<AppState>,
+    /// The model, held until the choice is done.
+    pub model: Arc<ModelLease>,
     pub index: usize,
     pub params: Arc<SamplingParams>,
     pub arrival: Instant,
@@ -119,8 +120,9 @@ impl Driver {
     }
 
     async fn done(&self, out: &mpsc::Sender<Piece>, reason: &'static str, generated: usize, cached: usize) {
-        self.s.metrics.finished(reason);
-        self.s.metrics.e2e.observe(self.arrival.elapsed());
+        let m = &self.model.model().metrics;
+        m.finished(reason);
+        m.e2e.observe(self.arrival.elapsed());
         tracing::info!(choice = self.index, finish_reason = reason, generated, cached, "finished");
         let _ = out.send(Piece::Done { index: self.index, finish_reason: reason, generated, cached }).await;
     }
@@ -133,8 +135,9 @@ impl Driver {
         mut guard: AbortGuard,
         out: mpsc::Sender<Piece>,
     ) {
-        let m = &self.s.metrics;
-        let mut detok = IncrementalDetokenizer::new(&self.s.bundle.tokenizer, true);
+        let model = self.model.model().clone();
+        let m = &model.metrics;
+        let mut detok = IncrementalDetokenizer::new(&model.bundle.tokenizer, true);
         let mut stop = StopMatcher::new(&self.params.stop);
         let min_tokens = self.params.min_tokens as usize;
         let (mut generated, mut cached) = (0usize, 0usize);

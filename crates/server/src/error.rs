@@ -54,6 +54,21 @@ impl ApiError {
         }
     }
 
+    /// The service cannot take the request now (503, with `Retry-After`): no room to load its model.
+    pub fn unavailable(message: impl Into<String>, code: &str) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), param: None, code: Some(code.into()) }
+    }
+
+    /// A server-side failure the client should know about (500): a model that cannot load.
+    pub fn server(message: impl Into<String>, code: &str) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            param: None,
+            code: Some(code.into()),
+        }
+    }
+
     /// A body that is not declared as JSON (415): answering it would let a web page make a browser send a
     /// `text/plain` "simple request" (no CORS preflight) to a local server.
     pub fn unsupported_media_type(given: &str) -> Self {
@@ -124,7 +139,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp

@@ -9,6 +9,7 @@
 use crate::driver::{AbortGuard, Driver, Piece};
 use crate::error::ApiError;
 use crate::json::ApiJson;
+use crate::models::ServedModel;
 use crate::params::sampling_params;
 use crate::prompts::{
     chat_prompt_bound, completion_prompt_bounds, completion_prompts, normalize_messages, MAX_CHOICES,
@@ -32,7 +33,8 @@ pub async fn completions(
     Extension(ctx): Extension<RequestCtx>,
     ApiJson(mut req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    s.check_model(&req.model)?;
+    let lease = s.lease(&req.model).await?;
+    let m = lease.model().clone();
     let mut fields = req.sampling_fields();
     fields.logprobs = req.logprobs;
     if req.echo && req.logprobs.is_some() {
@@ -42,15 +44,15 @@ pub async fn completions(
         ));
     }
     // OpenAI's completions default is 16 tokens.
-    let bounds = completion_prompt_bounds(&s, &req.prompt)?;
-    precheck(&s, &fields, |_| 16, &bounds)?;
+    let bounds = completion_prompt_bounds(&m, &req.prompt)?;
+    precheck(&m, &fields, |_| 16, &bounds)?;
     let wanted = structured::wanted(req.constraint_fields())?;
     let (prompt, echo) = (std::mem::take(&mut req.prompt), req.echo);
-    let (st, rid) = (s.clone(), ctx.id.clone());
+    let rid = ctx.id.clone();
     let (prompts, constraint) = s
         .on_cpu_pool(&ctx.id, move || {
-            let c = wanted.map(|w| structured::compile(&st, &w, &rid)).transpose()?;
-            Ok::<_, ApiError>((completion_prompts(&st, &prompt, echo)?, c))
+            let c = wanted.map(|w| structured::compile(&m, &w, &rid)).transpose()?;
+            Ok::<_, ApiError>((completion_prompts(&m, &prompt, echo)?, c))
         })
         .await??;
     let job = Job {
@@ -64,6 +66,7 @@ pub async fn completions(
         logprobs: req.logprobs.is_some(),
         return_token_ids: fields.return_token_ids,
         tool_names: None,
+        model: lease,
     };
     run(s, job, fields, 16, constraint).await
 }
@@ -73,7 +76,8 @@ pub async fn chat_completions(
     Extension(ctx): Extension<RequestCtx>,
     ApiJson(mut req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    s.check_model(&req.model)?;
+    let lease = s.lease(&req.model).await?;
+    let m = lease.model().clone();
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
@@ -97,10 +101,10 @@ pub async fn chat_completions(
     }
     // Chat's default is the rest of the context, capped at 4096 and at what the KV cache can hold, so that a
     // request without max_tokens runs on a small cache too.
-    let cfg = s.engine.config();
+    let cfg = m.engine.config();
     let room = cfg.max_model_len.min(cfg.num_blocks * cfg.block_size);
     let default_max = |prompt_len: usize| room.saturating_sub(prompt_len).min(4096);
-    precheck(&s, &fields, default_max, &[chat_prompt_bound(&s, &messages)])?;
+    precheck(&m, &fields, default_max, &[chat_prompt_bound(&m, &messages)])?;
     let tools = tools::read(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
     let mut wanted = structured::wanted(req.constraint_fields())?;
     if let Some(spec) = tools.as_ref().and_then(|t| t.spec()) {
@@ -112,15 +116,15 @@ pub async fn chat_completions(
         }
         wanted = Some(structured::Wanted { spec, field: "tools".into() });
     }
-    let (st, rid, t) = (s.clone(), ctx.id.clone(), tools.clone());
+    let (st, rid, t, mc) = (s.clone(), ctx.id.clone(), tools.clone(), m.clone());
     let (prompt_ids, constraint) = s
         .on_cpu_pool(&ctx.id, move || {
             // Each tool's schema alone first, so that a bad one is named.
             for (field, spec) in t.iter().flat_map(|t| t.parameter_specs()) {
-                structured::compile(&st, &structured::Wanted { spec, field }, &rid)?;
+                structured::compile(&mc, &structured::Wanted { spec, field }, &rid)?;
             }
-            let c = wanted.map(|w| structured::compile(&st, &w, &rid)).transpose()?;
-            Ok::<_, ApiError>((st.encode_chat_tools(messages, t.as_ref())?, c))
+            let c = wanted.map(|w| structured::compile(&mc, &w, &rid)).transpose()?;
+            Ok::<_, ApiError>((st.encode_chat_tools(&mc, messages, t.as_ref())?, c))
         })
         .await??;
     let default_max = default_max(prompt_ids.len());
@@ -135,6 +139,7 @@ pub async fn chat_completions(
         logprobs: req.logprobs,
         return_token_ids: fields.return_token_ids,
         tool_names: tools.filter(|t| t.choice != tools::Choice::None).map(|t| t.names()),
+        model: lease,
     };
     run(s, job, fields, default_max, constraint).await
 }
@@ -143,13 +148,13 @@ pub async fn chat_completions(
 /// against a lower bound of each prompt's token count (`bounds`), and room in the waiting queue. A request
 /// that must fail fails here without costing a tokenizer pass over a multi-megabyte prompt.
 fn precheck(
-    s: &AppState,
+    m: &ServedModel,
     fields: &SamplingFields,
     default_max_tokens: impl Fn(usize) -> usize,
     bounds: &[usize],
 ) -> Result<(), ApiError> {
-    let cfg = s.engine.config();
-    let vocab = s.bundle.model.config().vocab_size;
+    let cfg = m.engine.config();
+    let vocab = m.bundle.model.config().vocab_size;
     let longest = bounds.iter().copied().max().unwrap_or(0);
     let (_, _, n) = sampling_params(fields.clone(), default_max_tokens(longest), longest, cfg.max_model_len, vocab)
         .map_err(|mut e| {
@@ -163,7 +168,7 @@ fn precheck(
             e
         })?;
     check_choices(bounds.len(), n)?;
-    if s.engine.queue_full() {
+    if m.engine.queue_full() {
         return Err(ApiError::overloaded("server overloaded: the waiting queue is full"));
     }
     Ok(())
@@ -187,8 +192,12 @@ async fn run(
     default_max_tokens: usize,
     constraint: Option<Arc<Compiled>>,
 ) -> Result<Response, ApiError> {
-    let cfg = s.engine.config();
-    let vocab = s.bundle.model.config().vocab_size;
+    let m = job.model.model().clone();
+    if m.closing() {
+        return Err(ApiError::unavailable(format!("the model `{}` is being unloaded", m.name), "model_busy"));
+    }
+    let cfg = m.engine.config();
+    let vocab = m.bundle.model.config().vocab_size;
     let longest = job.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     let (params, priority, n) = sampling_params(fields, default_max_tokens, longest, cfg.max_model_len, vocab)?;
     job.n = n;
@@ -214,22 +223,22 @@ async fn run(
             deadline: s.options.request_timeout.map(|t| arrival + t),
             constraint: constraint.clone().map(|c| c as Arc<dyn Constraint>),
         };
-        if let Err(e) = s.engine.add_request(req, tx) {
+        if let Err(e) = m.engine.add_request(req, tx) {
             for &done in &submitted {
-                s.engine.abort(done);
+                m.engine.abort(done);
             }
             return Err(add_error(e));
         }
         submitted.push(id);
-        s.metrics.prompt_tokens.fetch_add(prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let guard = AbortGuard { engine: s.engine.clone(), id, finished: false };
+        m.metrics.prompt_tokens.fetch_add(prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let guard = AbortGuard { engine: m.engine.clone(), id, finished: false };
         let d = Driver {
-            s: s.clone(),
+            model: job.model.clone(),
             index,
             params: p,
             arrival,
             request_id: job.request_id.clone(),
-            eog: s.bundle.special_tokens.eog.clone().into(),
+            eog: m.bundle.special_tokens.eog.clone().into(),
             tool_names: job.tool_names.clone(),
         };
         tokio::spawn(d.drive(rx, guard, piece_tx.clone()).in_current_span());

@@ -5,11 +5,13 @@
 //! aborts it in the engine, so a client that goes away frees its KV blocks.
 //! Must not know about: tensors, scheduling internals.
 
+mod admin;
 mod driver;
 mod error;
 mod generate;
 mod json;
 pub mod metrics;
+pub mod models;
 mod params;
 mod prompts;
 mod respond;
@@ -18,19 +20,22 @@ mod structured;
 mod tools;
 
 pub use error::ApiError;
+pub use mlx_serving_services::{Limits, ModelSpec, RegistryError};
 pub use params::MAX_N;
 pub use prompts::MAX_CHOICES;
 pub use serve::serve;
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics::Metrics;
+use metrics::{Metrics, ModelMetrics};
 use mlx_serving_engine::EngineHandle;
 use mlx_serving_models::ModelBundle;
+use mlx_serving_services::Registry;
+use models::{LoadedModel, ModelConfig, ModelLease, ModelSource, Models, ServeLoader, ServedModel};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -89,9 +94,10 @@ impl Default for ServerOptions {
 }
 
 pub struct AppState {
-    pub engine: EngineHandle,
-    pub bundle: Arc<ModelBundle>,
-    pub model_name: String,
+    /// Every model this server answers for, loaded on demand.
+    pub models: Arc<Models>,
+    /// Each registered model's series, in registration order (they outlive loads and unloads).
+    model_metrics: Vec<(String, Arc<ModelMetrics>)>,
     pub created: u64,
     pub options: ServerOptions,
     pub metrics: Metrics,
@@ -100,8 +106,6 @@ pub struct AppState {
     id_salt: u64,
     /// Permits of the CPU pool (see [`ServerOptions::cpu_workers`]).
     cpu_pool: Arc<tokio::sync::Semaphore>,
-    /// The model's vocabulary for constrained decoding, built on the first request that asks for a constraint.
-    constraint_vocab: std::sync::OnceLock<Result<Arc<mlx_serving_constraints::Vocab>, String>>,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -112,6 +116,7 @@ pub struct RequestCtx {
 }
 
 impl AppState {
+    /// One model, already loaded and running (tests, embedders): registered under `model_name`, pinned.
     pub fn new(engine: EngineHandle, bundle: Arc<ModelBundle>, model_name: String) -> Self {
         Self::with_options(engine, bundle, model_name, ServerOptions::default())
     }
@@ -122,26 +127,52 @@ impl AppState {
         model_name: String,
         options: ServerOptions,
     ) -> Self {
+        let spec = ModelSpec { name: model_name.clone(), pinned: true, ..ModelSpec::default() };
+        let source = models::Prebuilt { bundle: bundle.clone(), engine: engine.clone() };
+        let state = Self::with_models(vec![(spec, Box::new(source))], Limits::default(), options);
+        let (metrics, loaded) = (state.model_metrics[0].1.clone(), LoadedModel { bundle, engine, engine_thread: None });
+        let model = ServedModel::new(model_name.clone(), loaded, metrics);
+        state.models.adopt(&model_name, model, 0).expect("the model was just registered");
+        state
+    }
+
+    /// Models registered and not loaded yet (those marked `preload` load when [`AppState::preload`] runs).
+    pub fn with_models(models: Vec<(ModelSpec, Box<dyn ModelSource>)>, limits: Limits, options: ServerOptions) -> Self {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut model_metrics = Vec::new();
+        let configs = models
+            .into_iter()
+            .map(|(spec, source)| {
+                let metrics = Arc::new(ModelMetrics::default());
+                model_metrics.push((spec.name.clone(), metrics.clone()));
+                let cfg = ModelConfig { name: spec.name.clone(), source, metrics };
+                (spec, cfg)
+            })
+            .collect();
         Self {
-            engine,
-            bundle,
-            model_name,
+            models: Registry::new(ServeLoader, configs, limits),
+            model_metrics,
             created: now.as_secs(),
             metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
             id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             cpu_pool: Arc::new(tokio::sync::Semaphore::new(options.cpu_workers.max(1))),
-            constraint_vocab: std::sync::OnceLock::new(),
             options,
         }
     }
 
-    /// The constraint compiler's view of the model (built once; blocking: call it on the CPU pool).
-    fn constraint_vocab(&self) -> Result<Arc<mlx_serving_constraints::Vocab>, String> {
-        self.constraint_vocab
-            .get_or_init(|| mlx_serving_constraints::Vocab::for_model(&self.bundle).map(Arc::new).map_err(|e| e.0))
-            .clone()
+    /// Loads the models marked `preload`; returns the failures (the rest serve regardless).
+    pub async fn preload(&self) -> Vec<mlx_serving_services::RegistryError> {
+        self.models.preload().await
+    }
+
+    /// The model a request names (loading it first if needed), held until the lease is dropped.
+    pub(crate) async fn lease(&self, name: &str) -> Result<Arc<ModelLease>, ApiError> {
+        let lease = self.models.acquire(name).await.map_err(models::registry_error)?;
+        if lease.model().closing() {
+            return Err(ApiError::unavailable(format!("the model `{name}` is being unloaded"), "model_busy"));
+        }
+        Ok(Arc::new(lease))
     }
 
     /// A fresh number, unique within this server run.
@@ -175,14 +206,15 @@ impl AppState {
     }
 
     /// Renders and tokenizes a chat; message text is text unless `allow_special_tokens_in_chat`.
-    pub(crate) fn encode_chat(&self, messages: &[serde_json::Value]) -> Result<Vec<u32>, ApiError> {
-        self.encode_chat_tools(messages.to_vec(), None)
+    pub(crate) fn encode_chat(&self, m: &ServedModel, messages: &[serde_json::Value]) -> Result<Vec<u32>, ApiError> {
+        self.encode_chat_tools(m, messages.to_vec(), None)
     }
 
     /// `encode_chat` with the request's tools: given to a template that renders them; for one that does not,
     /// described in a system message, with earlier calls and results written out as text.
     pub(crate) fn encode_chat_tools(
         &self,
+        m: &ServedModel,
         mut messages: Vec<serde_json::Value>,
         tools: Option<&tools::Tools>,
     ) -> Result<Vec<u32>, ApiError> {
@@ -191,7 +223,7 @@ impl AppState {
         } else {
             mlx_serving_models::ChatContent::Text
         };
-        let native = self.bundle.chat_template.as_ref().is_some_and(|t| t.renders_tools());
+        let native = m.bundle.chat_template.as_ref().is_some_and(|t| t.renders_tools());
         let declared =
             tools.filter(|t| t.choice != tools::Choice::None).map(|t| serde_json::Value::from(t.declared.clone()));
         let declared = match (native, declared) {
@@ -204,25 +236,20 @@ impl AppState {
                 None
             }
         };
-        self.bundle
+        m.bundle
             .encode_chat_with_tools(&messages, declared.as_ref(), content)
             .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
-    }
-
-    fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model_name {
-            Ok(())
-        } else {
-            Err(ApiError::model_not_found(model))
-        }
     }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Routes behind the API key (when one is set). `/health` and `/metrics` stay open, as in vLLM.
     let api = Router::new()
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/models", get(admin::list_models))
+        .route("/v1/models/{id}", get(admin::get_model))
+        .route("/v1/models/{id}/load", post(admin::load_model))
+        .route("/v1/models/{id}/unload", post(admin::unload_model))
+        .route("/api/ps", get(admin::ollama_ps))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/tokenize", post(prompts::tokenize))
@@ -307,41 +334,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
-    let body = s.metrics.render(&s.engine, &s.model_name);
+    let (infos, loaded) = (s.models.list(), s.models.loaded());
+    let views: Vec<metrics::ModelView> = infos
+        .iter()
+        .zip(&s.model_metrics)
+        .map(|(info, (_, m))| metrics::ModelView {
+            info,
+            metrics: m,
+            engine: loaded.iter().find(|(n, _)| *n == info.name).map(|(_, model)| &model.engine),
+        })
+        .collect();
+    let body = s.metrics.render(&views);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
+/// Healthy while every loaded model's engine loop is alive (models not loaded have no loop to check).
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    let age = s.engine.heartbeat_age();
-    if age < HEARTBEAT_LIMIT {
-        Json(json!({"status": "ok"})).into_response()
-    } else {
-        let body =
-            json!({"status": "unhealthy", "reason": format!("engine loop silent for {:.1} s", age.as_secs_f64())});
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    let silent = s
+        .models
+        .loaded()
+        .into_iter()
+        .map(|(name, m)| (name, m.engine.heartbeat_age()))
+        .find(|(_, age)| *age >= HEARTBEAT_LIMIT);
+    match silent {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some((name, age)) => {
+            let reason = format!("the engine loop of `{name}` silent for {:.1} s", age.as_secs_f64());
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unhealthy", "reason": reason}))).into_response()
+        }
     }
-}
-
-fn model_card(s: &AppState) -> serde_json::Value {
-    json!({
-        "id": s.model_name,
-        "object": "model",
-        "created": s.created,
-        "owned_by": "mlx-serving",
-        "max_model_len": s.engine.config().max_model_len,
-    })
-}
-
-async fn list_models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": [model_card(&s)]}))
-}
-
-async fn get_model(
-    State(s): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    s.check_model(&id)?;
-    Ok(Json(model_card(&s)))
 }
 
 async fn not_found() -> ApiError {

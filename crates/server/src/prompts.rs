@@ -5,6 +5,7 @@
 
 use crate::error::ApiError;
 use crate::json::ApiJson;
+use crate::models::ServedModel;
 use crate::respond::Prompt;
 use crate::{AppState, RequestCtx};
 use axum::extract::State;
@@ -110,13 +111,13 @@ fn template_calls(i: usize, calls: &Value) -> Result<Value, ApiError> {
 }
 
 /// A lower bound on a text's token count from its length: no token is longer than `max_token_bytes`.
-pub(crate) fn min_tokens(s: &AppState, text_bytes: usize) -> usize {
-    text_bytes.div_ceil(s.bundle.max_token_bytes)
+pub(crate) fn min_tokens(m: &ServedModel, text_bytes: usize) -> usize {
+    text_bytes.div_ceil(m.bundle.max_token_bytes)
 }
 
 /// The cheap checks of a completion `prompt`, before any tokenizing: its shape and batch size. Returns a
 /// lower bound on each prompt's length in tokens.
-pub(crate) fn completion_prompt_bounds(s: &AppState, prompt: &Value) -> Result<Vec<usize>, ApiError> {
+pub(crate) fn completion_prompt_bounds(s: &ServedModel, prompt: &Value) -> Result<Vec<usize>, ApiError> {
     let bad = |m: &str| ApiError::bad_request(m, Some("prompt"));
     let shape = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists";
     match prompt {
@@ -141,7 +142,7 @@ pub(crate) fn completion_prompt_bounds(s: &AppState, prompt: &Value) -> Result<V
 
 /// A lower bound on a chat prompt's length in tokens: its system and user texts alone, trimmed (templates
 /// may trim them, or drop parts of assistant turns such as earlier reasoning, but keep the rest).
-pub(crate) fn chat_prompt_bound(s: &AppState, messages: &[Value]) -> usize {
+pub(crate) fn chat_prompt_bound(s: &ServedModel, messages: &[Value]) -> usize {
     messages
         .iter()
         .filter(|m| m["role"] != "assistant")
@@ -149,19 +150,26 @@ pub(crate) fn chat_prompt_bound(s: &AppState, messages: &[Value]) -> usize {
         .sum()
 }
 
+/// The model a `/tokenize` or `/detokenize` request names; without one, the only model registered.
+fn request_model(s: &AppState, model: Option<&str>) -> Result<String, ApiError> {
+    match (model, s.models.list().as_slice()) {
+        (Some(m), _) => Ok(m.to_string()),
+        (None, [only]) => Ok(only.name.clone()),
+        (None, _) => Err(ApiError::bad_request("model is required: this server has several models", Some("model"))),
+    }
+}
+
 pub async fn tokenize(
     State(s): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestCtx>,
     ApiJson(req): ApiJson<mlx_serving_protocol::TokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    if let Some(m) = &req.model {
-        s.check_model(m)?;
-    }
-    let st = s.clone();
+    let lease = s.lease(&request_model(&s, req.model.as_deref())?).await?;
+    let (st, m) = (s.clone(), lease.model().clone());
     let tokens = match (req.prompt, req.messages) {
         (Some(p), None) => {
             let add_special = req.add_special_tokens.unwrap_or(true);
-            s.on_cpu_pool(&ctx.id, move || st.bundle.encode(&p, add_special))
+            s.on_cpu_pool(&ctx.id, move || m.bundle.encode(&p, add_special))
                 .await?
                 .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?
         }
@@ -173,11 +181,11 @@ pub async fn tokenize(
                 ));
             }
             let messages = normalize_messages(&msgs)?;
-            s.on_cpu_pool(&ctx.id, move || st.encode_chat(&messages)).await??
+            s.on_cpu_pool(&ctx.id, move || st.encode_chat(&m, &messages)).await??
         }
         _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
     };
-    let max_model_len = s.engine.config().max_model_len;
+    let max_model_len = lease.model().engine.config().max_model_len;
     Ok(Json(json!({"count": tokens.len(), "max_model_len": max_model_len, "tokens": tokens})).into_response())
 }
 
@@ -186,19 +194,17 @@ pub async fn detokenize(
     Extension(ctx): Extension<RequestCtx>,
     ApiJson(req): ApiJson<mlx_serving_protocol::DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    if let Some(m) = &req.model {
-        s.check_model(m)?;
-    }
-    let vocab = s.bundle.model.config().vocab_size;
+    let lease = s.lease(&request_model(&s, req.model.as_deref())?).await?;
+    let m = lease.model().clone();
+    let vocab = m.bundle.model.config().vocab_size;
     let ids = req
         .tokens
         .iter()
         .map(|&t| u32::try_from(t).ok().filter(|&id| (id as usize) < vocab))
         .collect::<Option<Vec<u32>>>()
         .ok_or_else(|| ApiError::bad_request(format!("tokens must be integers in [0, {vocab})"), Some("tokens")))?;
-    let st = s.clone();
     let text = s
-        .on_cpu_pool(&ctx.id, move || st.bundle.tokenizer.decode(&ids, false))
+        .on_cpu_pool(&ctx.id, move || m.bundle.tokenizer.decode(&ids, false))
         .await?
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("tokens")))?;
     Ok(Json(json!({"prompt": text})).into_response())
@@ -206,7 +212,7 @@ pub async fn detokenize(
 
 /// `prompt` as OpenAI allows it: a string, a list of strings, a list of token ids, or a list of token-id
 /// lists. With `echo`, each prompt keeps its text (given, or decoded from its ids).
-pub(crate) fn completion_prompts(s: &AppState, prompt: &Value, echo: bool) -> Result<Vec<Prompt>, ApiError> {
+pub(crate) fn completion_prompts(s: &ServedModel, prompt: &Value, echo: bool) -> Result<Vec<Prompt>, ApiError> {
     let bad = |m: &str| ApiError::bad_request(m, Some("prompt"));
     let vocab = s.bundle.model.config().vocab_size;
     let from_text = |t: &str| -> Result<Prompt, ApiError> {

@@ -3,6 +3,7 @@
 
 use crate::driver::Piece;
 use crate::error::ApiError;
+use crate::models::{ModelLease, ServedModel};
 use crate::AppState;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -38,6 +39,8 @@ pub(crate) struct Job {
     pub return_token_ids: bool,
     /// Chat with tools: their names (the output is parsed for calls).
     pub tool_names: Option<Vec<String>>,
+    /// The model, held until the response is written.
+    pub model: Arc<ModelLease>,
 }
 
 pub(crate) struct Prompt {
@@ -173,8 +176,9 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
         .enumerate()
         .map(|(index, c)| {
             let echo = job.echo_of(index).unwrap_or("");
-            let logprobs =
-                job.logprobs.then(|| logprobs_json(s, job.kind, &c.logprobs, &mut c.chars, echo.chars().count()));
+            let logprobs = job
+                .logprobs
+                .then(|| logprobs_json(job.model.model(), job.kind, &c.logprobs, &mut c.chars, echo.chars().count()));
             let mut v = match job.kind {
                 Kind::Completion => {
                     let text = format!("{echo}{}", c.text);
@@ -207,7 +211,7 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
         "id": job.id,
         "object": object_name(job.kind, false),
         "created": s.created,
-        "model": s.model_name,
+        "model": job.model.model().name,
         "choices": choices,
         "usage": usage(job, &acc),
     });
@@ -218,7 +222,7 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
 }
 
 /// A token as text, for logprobs: its own decoding, special tokens included.
-fn token_text(s: &AppState, id: u32) -> String {
+fn token_text(s: &ServedModel, id: u32) -> String {
     s.bundle.tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
@@ -238,7 +242,7 @@ fn finite(lp: f32) -> f32 {
 /// holds part of a character. Completions' `text_offset` counts characters (as OpenAI and vLLM do): a
 /// token's offset is the index of the character holding its first byte. `chars` carries the count of
 /// generated characters across chunks; `base` is the echoed prompt's length in characters.
-fn logprobs_json(s: &AppState, kind: Kind, lps: &[TokenLogprobs], chars: &mut usize, base: usize) -> Value {
+fn logprobs_json(s: &ServedModel, kind: Kind, lps: &[TokenLogprobs], chars: &mut usize, base: usize) -> Value {
     let bytes = |id: u32| s.bundle.token_bytes.get(id);
     match kind {
         Kind::Chat => {
@@ -295,7 +299,7 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                 "id": job.id,
                 "object": object_name(job.kind, true),
                 "created": s.created,
-                "model": s.model_name,
+                "model": job.model.model().name,
                 "choices": choices,
             });
             if let Some(u) = usage {
@@ -341,7 +345,7 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                     if !text.is_empty() || job.logprobs || job.return_token_ids {
                         let lp = if job.logprobs {
                             let base = job.echo_of(index).map_or(0, |e| e.chars().count());
-                            logprobs_json(&s, job.kind, &logprobs, &mut c.chars, base)
+                            logprobs_json(job.model.model(), job.kind, &logprobs, &mut c.chars, base)
                         } else {
                             Value::Null
                         };

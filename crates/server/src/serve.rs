@@ -23,6 +23,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let header_read_timeout = state.options.header_read_timeout;
+    // Idle models past their TTL unload by themselves.
+    let models = state.models.clone();
+    let ttl = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            models.unload_idle(std::time::Instant::now()).await;
+        }
+    });
     let slots = Arc::new(Semaphore::new(state.options.max_connections.max(1)));
     let app = router(state);
     let graceful = GracefulShutdown::new();
@@ -59,6 +67,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    ttl.abort();
     graceful.shutdown().await;
     Ok(())
 }

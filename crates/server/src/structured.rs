@@ -3,7 +3,7 @@
 //! a constraint is honoured or refused with a 400 naming it; it is never accepted and ignored.
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::models::ServedModel;
 use mlx_serving_constraints::{Compiled, Spec};
 use serde_json::Value;
 use std::sync::Arc;
@@ -176,7 +176,7 @@ fn read_structured_outputs(v: &Value) -> Result<Wanted, ApiError> {
 
 /// Compiles `w` against the model (building its vocabulary on first use); a bad schema, regex or grammar is a
 /// 400 naming the field. Blocking: run it on the CPU pool (a large schema takes milliseconds).
-pub fn compile(s: &AppState, w: &Wanted, request_id: &str) -> Result<Arc<Compiled>, ApiError> {
+pub fn compile(s: &ServedModel, w: &Wanted, request_id: &str) -> Result<Arc<Compiled>, ApiError> {
     let vocab = s.constraint_vocab().map_err(|e| {
         tracing::error!(error = %e, "building the constraint vocabulary failed");
         ApiError::internal(request_id)

@@ -100,6 +100,7 @@ pub struct ModelInfo {
     pub aliases: Vec<String>,
     pub state: State,
     pub pinned: bool,
+    pub ttl: Option<Duration>,
     /// Bytes it takes (or will take, while loading); 0 when unloaded.
     pub memory: u64,
     pub load_time: Option<Duration>,
@@ -129,7 +130,6 @@ struct Entry<C, M> {
 struct Inner<C, M> {
     entries: Vec<Entry<C, M>>,
     counts: Counts,
-    load_durations: Vec<Duration>,
 }
 
 /// The registry (see the module header). Shared as `Arc<Registry<L>>`.
@@ -197,7 +197,7 @@ impl<L: Loader> Registry<L> {
                 load_time: None,
             })
             .collect();
-        let inner = Inner { entries, counts: Counts::default(), load_durations: Vec::new() };
+        let inner = Inner { entries, counts: Counts::default() };
         Arc::new(Self { loader: Arc::new(loader), limits, inner: Mutex::new(inner), changed: watch::channel(0).0 })
     }
 
@@ -234,9 +234,27 @@ impl<L: Loader> Registry<L> {
         self.lock().counts.clone()
     }
 
-    /// Load durations so far (taken: each is returned once), for a histogram.
-    pub fn take_load_durations(&self) -> Vec<Duration> {
-        std::mem::take(&mut self.lock().load_durations)
+    /// Marks `name` loaded with `model`, built elsewhere (at start, or by a test), taking `memory` bytes of the
+    /// budget. Fails for an unknown name; replaces nothing (a model already loaded keeps its instance).
+    pub fn adopt(&self, name: &str, model: L::Model, memory: u64) -> Result<(), RegistryError> {
+        let mut g = self.lock();
+        let i = Self::index(&g, name).ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        let e = &mut g.entries[i];
+        if matches!(e.state, State::Unloaded | State::Failed(_)) {
+            e.state = State::Loaded;
+            e.model = Some(Arc::new(model));
+            e.memory = memory;
+            e.last_use = Some(Instant::now());
+        }
+        drop(g);
+        self.bump();
+        Ok(())
+    }
+
+    /// Every loaded model with its name, without using them (no lease, no change to last use): for metrics
+    /// and health checks. Holding one delays its unload, so drop them soon.
+    pub fn loaded(&self) -> Vec<(String, Arc<L::Model>)> {
+        self.lock().entries.iter().filter_map(|e| Some((e.spec.name.clone(), e.model.clone()?))).collect()
     }
 
     /// The model `name` (or alias), loading it first if needed; the lease keeps it loaded.
@@ -365,7 +383,6 @@ impl<L: Loader> Registry<L> {
             Ok(model) => {
                 let model = Arc::new(model);
                 g.counts.loads += 1;
-                g.load_durations.push(took);
                 let e = &mut g.entries[index];
                 e.state = State::Loaded;
                 e.model = Some(model.clone());
@@ -482,6 +499,7 @@ fn info<C, M>(e: &Entry<C, M>) -> ModelInfo {
         aliases: e.spec.aliases.clone(),
         state: e.state.clone(),
         pinned: e.spec.pinned,
+        ttl: e.spec.ttl,
         memory: if e.state == State::Unloaded { 0 } else { e.memory },
         load_time: e.load_time,
         last_use: e.last_use,

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Multi-model serving benchmarks (issue #19), every figure measured in this one run.
+
+Usage: scripts/bench-multi-model.py BINARY LLAMA_SERVER SMOLLM2_GGUF QWEN_GGUF [--reps 5] [--rounds 3]
+
+1. Cold start to first token: our server with both models registered but not loaded, a streaming request of
+   one token to a model (its load included), against llama-server started on the same file (process start to
+   first token), with the file's pages dropped from the page cache first (cold, posix_fadvise DONTNEED) or
+   read once before (warm). Our normal TTFT (model loaded) is measured right after each cold start, and the
+   load overhead is the difference.
+2. Mixed workload: one server with both models and 2 threads, `mlx-serving bench --model smol,qwen` at 8
+   streams, against two single-model servers, each pinned to one core (`taskset`) with 1 thread, each driven
+   at 4 streams at the same time; aggregate output tok/s of ours over the sum of theirs, per round.
+"""
+import argparse, json, os, socket, statistics, subprocess, tempfile, threading, time, urllib.request
+
+ap = argparse.ArgumentParser()
+ap.add_argument("binary")
+ap.add_argument("llama_server")
+ap.add_argument("smol")
+ap.add_argument("qwen")
+ap.add_argument("--reps", type=int, default=5)
+ap.add_argument("--rounds", type=int, default=3)
+ap.add_argument("--num-prompts", type=int, default=32)
+ap.add_argument("--max-tokens", type=int, default=64)
+a = ap.parse_args()
+MODELS = {"smol": a.smol, "qwen": a.qwen}
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def wait_healthy(proc, port, poll=0.005):
+    while not healthy(port):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        time.sleep(poll)
+
+
+def first_token(port, model):
+    """Seconds from sending a streaming completion to its first text chunk."""
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            if line.startswith(b"data:") and b'"text"' in line:
+                t = time.perf_counter() - t0
+                r.read()
+                return t
+    raise SystemExit("no token")
+
+
+def drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm_cache(path):
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def post(port, path):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+print("## Cold start to first token", flush=True)
+port = free_port()
+ours = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
+                        + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
+wait_healthy(ours, port)
+rows = []
+for name, path in MODELS.items():
+    for cache in ["warm", "cold"]:
+        load_ttft, normal, llama = [], [], []
+        for _ in range(a.reps):
+            post(port, f"/v1/models/{name}/unload")
+            (drop_cache if cache == "cold" else warm_cache)(path)
+            load_ttft.append(first_token(port, name))
+            normal.append(first_token(port, name))
+            (drop_cache if cache == "cold" else warm_cache)(path)
+            lport = free_port()
+            t0 = time.perf_counter()
+            peer = subprocess.Popen([a.llama_server, "-m", path, "--host", "127.0.0.1", "--port", str(lport), "-t", "2",
+                                     "-c", "4096", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_healthy(peer, lport)
+            first_token(lport, name)
+            llama.append(time.perf_counter() - t0)
+            peer.kill()
+            peer.wait()
+        row = (name, cache, med(load_ttft), med(normal), med(load_ttft) - med(normal), med(llama))
+        rows.append(row)
+        print(f"{name} {cache}: ours TTFT with load {row[2]:.3f} s, loaded {row[3]:.3f} s, load overhead {row[4]:.3f} s; "
+              f"llama-server start to first token {row[5]:.3f} s (medians of {a.reps})", flush=True)
+ours.terminate()
+ours.wait()
+
+print("\n## Mixed workload, 8 streams over two models", flush=True)
+tmp = tempfile.mkdtemp()
+
+
+def bench(port, model, concurrency, out):
+    return subprocess.Popen([a.binary, "bench", "--url", f"http://127.0.0.1:{port}", "--model", model, "--completions",
+                             "--concurrency", str(concurrency), "--num-prompts", str(a.num_prompts),
+                             "--max-tokens", str(a.max_tokens), "--ignore-eos", "--rounds", "1", "--output", out],
+                            stdout=subprocess.DEVNULL)
+
+
+def throughput(out):
+    with open(out) as f:
+        e = json.load(f)["levels"][0]["endpoints"][0]
+    if e["failed"]:
+        raise SystemExit(f"{out}: {e['failed']} requests failed")
+    return e["output_throughput"]
+
+
+ratios = []
+for rnd in range(a.rounds):
+    # Two single-model servers, one core and one thread each, driven at the same time.
+    singles, ports = [], {}
+    for core, (name, path) in enumerate(MODELS.items()):
+        ports[name] = free_port()
+        singles.append(subprocess.Popen(["taskset", "-c", str(core), a.binary, "serve", "--port", str(ports[name]),
+                                         "--model", path, "--served-model-name", name, "--threads", "1",
+                                         "--log-level", "warn"]))
+    for p, name in zip(singles, MODELS):
+        wait_healthy(p, ports[name])
+    runs = [bench(ports[n], n, 4, os.path.join(tmp, f"single-{n}.json")) for n in MODELS]
+    for r in runs:
+        r.wait()
+    single = {n: throughput(os.path.join(tmp, f"single-{n}.json")) for n in MODELS}
+    for p in singles:
+        p.terminate()
+        p.wait()
+    # One server with both models.
+    port = free_port()
+    both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
+                            + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
+    wait_healthy(both, port)
+    out = os.path.join(tmp, "both.json")
+    bench(port, ",".join(MODELS), 8, out).wait()
+    mixed = throughput(out)
+    both.terminate()
+    both.wait()
+    ratio = mixed / sum(single.values())
+    ratios.append(ratio)
+    print(f"round {rnd}: ours {mixed:.1f} tok/s; singles {single['smol']:.1f} + {single['qwen']:.1f} = "
+          f"{sum(single.values()):.1f} tok/s; ratio {ratio:.2f}", flush=True)
+print(f"median ratio {med(ratios):.2f} over {a.rounds} rounds")

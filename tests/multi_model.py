@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Several models behind one `mlx-serving serve`, driven by the official `openai` client.
+
+Usage: multi_model.py BINARY SMOLLM2_GGUF QWEN_GGUF
+
+1. Single-model servers give each model's greedy token ids for a few prompts (the reference).
+2. One server with both models (`--model smol=... --model qwen=...`), loaded on demand: concurrent clients of
+   both get exactly the reference ids; the client switches models request by request; /v1/models, /api/ps and
+   /metrics show what is loaded; unload waits for a request in flight, `?force=true` aborts one; a corrupt model
+   file fails its own requests (500, model_load_failed) while the others serve; unknown models are 404.
+3. A memory budget that fits one model at a time: concurrent clients of both force LRU swaps, and no request
+   fails (requests wait for room); the metrics count the loads and unloads.
+4. runtime.yaml `models:` with a pinned model, a one-model limit and a short wait: the pinned model is never
+   unloaded, the other model's requests get 503 with Retry-After; a TTL unloads an idle model by itself.
+"""
+import atexit, json, os, socket, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
+
+import openai
+from openai import OpenAI
+
+binary, smol_path, qwen_path = sys.argv[1], sys.argv[2], sys.argv[3]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+MAX_TOKENS = 12
+COMMON = ["--threads", "2", "--kv-cache-mb", "64"]
+
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        raise SystemExit(f"FAILED: {what}")
+    checks += 1
+    print(f"ok - {what}", flush=True)
+
+
+servers = []
+atexit.register(lambda: [p.kill() for p in servers if p.poll() is None])
+
+
+def start(args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "serve", "--port", str(port)] + args)
+    servers.append(proc)
+    for _ in range(1200):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, port
+        except Exception:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}")
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server did not become healthy")
+
+
+def stop(proc):
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def http(port, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read() or b"null")
+
+
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def models(port):
+    return {m["id"]: m for m in http(port, "GET", "/v1/models")[2]["data"]}
+
+
+def ps(port):
+    return sorted(m["name"] for m in http(port, "GET", "/api/ps")[2]["models"])
+
+
+def ids(client, model, prompt, max_tokens=MAX_TOKENS):
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    return r.choices[0].model_extra["token_ids"]
+
+
+def client(port):
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def concurrently(jobs):
+    """Runs (model, prompt) jobs on threads; returns [(model, prompt, ids or exception)]."""
+    out = [None] * len(jobs)
+
+    def run(i, c, model, prompt):
+        try:
+            out[i] = (model, prompt, ids(c, model, prompt))
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            out[i] = (model, prompt, e)
+
+    threads = [threading.Thread(target=run, args=(i, c, m, p)) for i, (c, m, p) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+# 1. The reference: each model alone.
+reference = {}
+for name, path in [("smol", smol_path), ("qwen", qwen_path)]:
+    proc, port = start(["--model", path, "--served-model-name", name] + COMMON)
+    c = client(port)
+    reference[name] = {p: ids(c, name, p) for p in PROMPTS}
+    stop(proc)
+check(all(len(v) == MAX_TOKENS for r in reference.values() for v in r.values()), "single-model servers give the reference ids")
+
+# 2. Both models in one server, loaded on demand; a third whose file is corrupt.
+tmp = tempfile.mkdtemp()
+broken = os.path.join(tmp, "broken.gguf")
+with open(broken, "wb") as f:
+    f.write(b"GGUF" + os.urandom(4096))
+proc, port = start(["--model", f"smol={smol_path}", "--model", f"qwen={qwen_path}", "--model", f"broken={broken}"] + COMMON)
+c = client(port)
+m = models(port)
+check(sorted(m) == ["broken", "qwen", "smol"] and not any(v["loaded"] for v in m.values()), "/v1/models lists every model, none loaded at start")
+check(ps(port) == [], "/api/ps is empty before any request")
+check(http(port, "GET", "/v1/models/qwen")[2]["state"] == "unloaded", "GET /v1/models/{id} shows the state")
+# The client switches models request by request.
+for p in PROMPTS[:2]:
+    for name in ["smol", "qwen"]:
+        check(ids(c, name, p) == reference[name][p], f"{name} on its first use answers as a single-model server ({p!r})")
+m = models(port)
+check(m["smol"]["loaded"] and m["qwen"]["loaded"] and m["smol"]["memory_bytes"] > 0 and m["qwen"]["memory_bytes"] > m["smol"]["memory_bytes"],
+      "both loaded, each with its memory")
+check(ps(port) == ["qwen", "smol"], "/api/ps lists the loaded models")
+chat = c.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
+check(chat.model == "qwen" and chat.choices[0].message.content, "chat on the second model")
+# Concurrent clients of both models.
+jobs = [(client(port), name, p) for p in PROMPTS for name in ["smol", "qwen"]] * 2
+results = concurrently(jobs)
+bad = [(n, p, r) for n, p, r in results if r != reference[n][p]]
+check(not bad, f"16 concurrent requests over two models give the single-model ids ({bad[:1]})")
+met = metrics(port)
+check(met['mlx_serving:models_loaded'] == 2 and met['mlx_serving:model_loaded{model_name="smol"}'] == 1
+      and met['mlx_serving:model_loads_total{model_name="qwen"}'] == 1, "/metrics: two loaded, each loaded once")
+check(met['mlx_serving:request_success_total{model_name="qwen",finished_reason="length"}'] >= 10
+      and met['mlx_serving:generation_tokens_total{model_name="smol"}'] >= 10 * MAX_TOKENS, "/metrics counts requests per model")
+# A corrupt model fails its own requests and nothing else.
+try:
+    c.completions.create(model="broken", prompt="x", max_tokens=2)
+    check(False, "a corrupt model's request fails")
+except openai.InternalServerError as e:
+    check(e.body.get("code") == "model_load_failed" and "broken" in e.body.get("message", ""), "a corrupt model's request is a 500 model_load_failed naming it")
+info = http(port, "GET", "/v1/models/broken")[2]
+check(info["state"] == "failed" and info.get("error"), "the corrupt model's state is failed, with the error")
+check(ids(c, "smol", PROMPTS[2]) == reference["smol"][PROMPTS[2]], "the other models keep serving")
+try:
+    c.completions.create(model="nope", prompt="x", max_tokens=2)
+    check(False, "unknown model")
+except openai.NotFoundError as e:
+    check(e.body.get("code") == "model_not_found", "an unknown model is a 404 model_not_found")
+# Unload waits for a request in flight.
+stream_result = {}
+
+
+def long_stream(model, key):
+    s = c.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=120, temperature=0, stream=True,
+                             extra_body={"ignore_eos": True})
+    finish, n = None, 0
+    for ch in s:
+        n += 1
+        if ch.choices and ch.choices[0].finish_reason:
+            finish = ch.choices[0].finish_reason
+    stream_result[key] = (finish, n)
+
+
+t = threading.Thread(target=long_stream, args=("smol", "wait"))
+t.start()
+while models(port)["smol"]["in_flight"] == 0 and t.is_alive():
+    time.sleep(0.01)
+check(models(port)["smol"]["in_flight"] >= 1, "a request in flight is counted")
+status, _, card = http(port, "POST", "/v1/models/smol/unload")
+t.join()
+check(status == 200 and card["state"] == "unloaded" and stream_result["wait"][0] == "length",
+      "unload waited for the request in flight, which finished normally")
+check(ps(port) == ["qwen"] and not models(port)["smol"]["loaded"], "/api/ps and /v1/models after the unload")
+check(http(port, "POST", "/v1/models/smol/load")[2]["state"] == "loaded", "POST /v1/models/{id}/load loads it again")
+t = threading.Thread(target=long_stream, args=("smol", "force"))
+t.start()
+while models(port)["smol"]["in_flight"] == 0 and t.is_alive():
+    time.sleep(0.01)
+status, _, card = http(port, "POST", "/v1/models/smol/unload?force=true")
+t.join()
+check(status == 200 and card["state"] == "unloaded" and stream_result["force"][0] == "abort",
+      "a forced unload aborts the request in flight (finish_reason abort)")
+check(http(port, "POST", "/v1/models/smol/unload?force=maybe")[0] == 400, "a bad force value is a 400")
+check(ids(c, "smol", PROMPTS[3]) == reference["smol"][PROMPTS[3]], "the next request loads it again, same answers")
+met = metrics(port)
+check(met['mlx_serving:model_unloads_total{model_name="smol"}'] == 2 and met['mlx_serving:model_loads_total{model_name="smol"}'] == 3
+      and met['mlx_serving:model_load_failures_total{model_name="broken"}'] >= 1, "/metrics counts loads, unloads and failures")
+check(met['mlx_serving:model_load_seconds_count{model_name="smol"}'] == 3, "/metrics has the load time histogram")
+stop(proc)
+
+# 3. A budget for one model at a time: swaps under concurrent load, no failed request.
+sizes = {n: v["memory_bytes"] for n, v in m.items() if n != "broken"}
+budget_mb = max(sizes.values()) // (1 << 20) + 8
+check(budget_mb * (1 << 20) < sum(sizes.values()), f"a {budget_mb} MiB budget fits one model, not both")
+proc, port = start(["--model", f"smol={smol_path}", "--model", f"qwen={qwen_path}", "--memory-budget-mb", str(budget_mb)] + COMMON)
+c = client(port)
+for rnd in range(3):
+    results = concurrently([(client(port), name, p) for name in ["smol", "qwen"] for p in PROMPTS[:2]])
+    bad = [(n, p, r) for n, p, r in results if r != reference[n][p]]
+    check(not bad, f"round {rnd}: concurrent requests over two models under a one-model budget all succeed with the reference ids ({bad[:1]})")
+    check(len(ps(port)) == 1, f"round {rnd}: one model loaded at a time")
+met = metrics(port)
+loads = met['mlx_serving:model_loads_total{model_name="smol"}'] + met['mlx_serving:model_loads_total{model_name="qwen"}']
+unloads = met['mlx_serving:model_unloads_total{model_name="smol"}'] + met['mlx_serving:model_unloads_total{model_name="qwen"}']
+check(loads >= 2 and unloads == loads - 1, f"the models were swapped ({loads:.0f} loads, {unloads:.0f} unloads)")
+stop(proc)
+
+# 4. runtime.yaml: a pinned model, a one-model limit, a short wait; then a TTL.
+cfg = os.path.join(tmp, "runtime.yaml")
+with open(cfg, "w") as f:
+    f.write(f"""max_loaded_models: 1
+model_wait_seconds: 0.5
+engine:
+  kv_cache_mb: 64
+models:
+  - name: smol
+    path: {smol_path}
+    aliases: [small]
+    pinned: true
+    preload: true
+  - name: qwen
+    path: {qwen_path}
+""")
+proc, port = start(["--config", cfg, "--threads", "2"])
+c = client(port)
+check(models(port)["smol"]["loaded"] and models(port)["smol"]["pinned"], "a preloaded, pinned model is loaded at start")
+check(ids(c, "small", PROMPTS[0]) == reference["smol"][PROMPTS[0]], "a model answers to its alias")
+status, headers, body = http(port, "POST", "/v1/completions", {"model": "qwen", "prompt": "x", "max_tokens": 2})
+check(status == 503 and headers.get("retry-after") and body["error"]["code"] == "model_busy",
+      "no room (the only slot is pinned): 503 with Retry-After")
+check(ps(port) == ["smol"], "the pinned model stayed loaded")
+stop(proc)
+with open(cfg, "w") as f:
+    f.write(f"""engine:
+  kv_cache_mb: 64
+models:
+  - name: qwen
+    path: {qwen_path}
+    ttl_seconds: 1
+  - name: smol
+    path: {smol_path}
+""")
+proc, port = start(["--config", cfg, "--threads", "2"])
+c = client(port)
+ids(c, "qwen", PROMPTS[0], 2)
+ids(c, "smol", PROMPTS[0], 2)
+check(ps(port) == ["qwen", "smol"], "both loaded")
+deadline = time.time() + 10
+while "qwen" in ps(port) and time.time() < deadline:
+    time.sleep(0.2)
+check(ps(port) == ["smol"], "the idle model past its TTL unloaded by itself; the one without a TTL stayed")
+check(ids(c, "qwen", PROMPTS[1]) == reference["qwen"][PROMPTS[1]], "and loads again on its next request")
+stop(proc)
+print(f"all {checks} checks passed")
