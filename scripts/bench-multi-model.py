@@ -124,9 +124,9 @@ print("\n## Mixed workload, 8 streams over two models", flush=True)
 tmp = tempfile.mkdtemp()
 
 
-def bench(port, model, concurrency, out):
+def bench(port, model, concurrency, out, num_prompts=None):
     return subprocess.Popen([a.binary, "bench", "--url", f"http://127.0.0.1:{port}", "--model", model, "--completions",
-                             "--concurrency", str(concurrency), "--num-prompts", str(a.num_prompts),
+                             "--concurrency", str(concurrency), "--num-prompts", str(num_prompts or a.num_prompts),
                              "--max-tokens", str(a.max_tokens), "--ignore-eos", "--rounds", "1", "--output", out],
                             stdout=subprocess.DEVNULL)
 
@@ -172,3 +172,34 @@ for rnd in range(a.rounds):
     print(f"round {rnd}: ours {mixed:.1f} tok/s; singles {single['smol']:.1f} + {single['qwen']:.1f} = "
           f"{sum(single.values()):.1f} tok/s; ratio {ratio:.2f}", flush=True)
 print(f"median ratio {med(ratios):.2f} over {a.rounds} rounds")
+
+print("\n## Fairness: one qwen stream beside 8 busy smol streams", flush=True)
+port = free_port()
+both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
+                        + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
+wait_healthy(both, port)
+
+
+def level(out):
+    with open(out) as f:
+        return json.load(f)["levels"][0]["endpoints"][0]
+
+
+for rnd in range(a.rounds):
+    alone = os.path.join(tmp, "qwen-alone.json")
+    bench(port, "qwen", 1, alone, 6).wait()
+    busy = subprocess.Popen([a.binary, "bench", "--url", f"http://127.0.0.1:{port}", "--model", "smol", "--completions",
+                             "--concurrency", "8", "--num-prompts", "100000", "--max-tokens", str(a.max_tokens),
+                             "--ignore-eos", "--rounds", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3)
+    beside = os.path.join(tmp, "qwen-beside.json")
+    bench(port, "qwen", 1, beside, 6).wait()
+    busy.kill()
+    busy.wait()
+    x, y = level(alone), level(beside)
+    print(f"round {rnd}: qwen alone {x['output_throughput']:.1f} tok/s (TTFT p50 {x['ttft_ms']['p50']:.0f} ms, "
+          f"TPOT p50 {x['tpot_ms']['p50']:.1f} ms); beside 8 smol streams {y['output_throughput']:.1f} tok/s "
+          f"(TTFT p50 {y['ttft_ms']['p50']:.0f} ms, TPOT p50 {y['tpot_ms']['p50']:.1f} ms): "
+          f"{y['output_throughput'] / x['output_throughput']:.2f} of alone", flush=True)
+both.terminate()
+both.wait()

@@ -1,7 +1,9 @@
 //! The model registry: every configured model by name and alias, loaded on its first request (one load
 //! however many requests wait for it), unloaded least-recently-used first when the memory budget or the
 //! loaded-model limit needs room, and after its idle time (TTL). A model with requests in flight is never
-//! unloaded under them: a request holds a [`Lease`] for as long as it runs.
+//! unloaded under them: a request holds a [`Lease`] for as long as it runs. A request that waits for room
+//! asks the models in its way to drain (new requests for them wait), so that a model in steady use still
+//! makes way in turn instead of starving the others.
 //!
 //! What a model is, how it loads and how big it is belongs to the [`Loader`]; the registry only schedules.
 
@@ -123,6 +125,9 @@ struct Entry<C, M> {
     model: Option<Arc<M>>,
     memory: u64,
     in_flight: usize,
+    /// Requests waiting for room that need this model out: while any does, new requests for it wait
+    /// instead of extending its use, so that a model under steady traffic still makes way in turn.
+    drain: usize,
     last_use: Option<Instant>,
     load_time: Option<Duration>,
 }
@@ -170,6 +175,65 @@ impl<L: Loader> Drop for Lease<L> {
     }
 }
 
+/// The models a request waiting for room has asked to drain (see `Entry::drain`); dropping it withdraws the
+/// ask, also when the request is cancelled.
+struct Drain<L: Loader> {
+    registry: Arc<Registry<L>>,
+    entries: Vec<usize>,
+}
+
+impl<L: Loader> Drain<L> {
+    fn new(registry: &Arc<Registry<L>>) -> Self {
+        Self { registry: registry.clone(), entries: Vec::new() }
+    }
+
+    /// Asks the loaded, unpinned models that would make room for entry `i` now (least recently used first,
+    /// in use or not) to drain, instead of those asked before.
+    fn set(&mut self, g: &mut Inner<L::Config, L::Model>, i: usize) {
+        for &j in &self.entries {
+            g.entries[j].drain -= 1;
+        }
+        self.entries.clear();
+        let registry = &self.registry;
+        let need = g.entries[i].memory.max(registry.loader.estimate(&g.entries[i].cfg).unwrap_or(0));
+        let occupying =
+            |e: &Entry<L::Config, L::Model>| matches!(e.state, State::Loaded | State::Loading | State::Unloading);
+        let mut used: u64 = g.entries.iter().filter(|e| occupying(e)).map(|e| e.memory).sum();
+        let mut count = g.entries.iter().filter(|e| occupying(e)).count();
+        let limits = &registry.limits;
+        let fits = |used: u64, count: usize| {
+            limits.memory_budget.is_none_or(|b| used + need <= b) && limits.max_loaded.is_none_or(|m| count < m)
+        };
+        let mut candidates: Vec<usize> = (0..g.entries.len())
+            .filter(|&j| j != i && g.entries[j].state == State::Loaded && !g.entries[j].spec.pinned)
+            .collect();
+        candidates.sort_by_key(|&j| g.entries[j].last_use);
+        for j in candidates {
+            if fits(used, count) {
+                break;
+            }
+            g.entries[j].drain += 1;
+            self.entries.push(j);
+            used -= g.entries[j].memory;
+            count -= 1;
+        }
+    }
+}
+
+impl<L: Loader> Drop for Drain<L> {
+    fn drop(&mut self) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let mut g = self.registry.lock();
+        for &j in &self.entries {
+            g.entries[j].drain -= 1;
+        }
+        drop(g);
+        self.registry.bump();
+    }
+}
+
 /// Models to unload before a load: (entry index, the model).
 type Victims<M> = Vec<(usize, Arc<M>)>;
 
@@ -193,6 +257,7 @@ impl<L: Loader> Registry<L> {
                 model: None,
                 memory: 0,
                 in_flight: 0,
+                drain: 0,
                 last_use: None,
                 load_time: None,
             })
@@ -260,12 +325,15 @@ impl<L: Loader> Registry<L> {
     /// The model `name` (or alias), loading it first if needed; the lease keeps it loaded.
     pub async fn acquire(self: &Arc<Self>, name: &str) -> Result<Lease<L>, RegistryError> {
         let deadline = Instant::now() + self.limits.wait_for_room;
+        // Set while this request waits for room: the models it needs out; released however this ends.
+        let mut draining: Option<Drain<L>> = None;
         loop {
             let mut rx = self.changed.subscribe();
             let (index, step) = {
                 let mut g = self.lock();
                 let i = Self::index(&g, name).ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
                 let step = match g.entries[i].state.clone() {
+                    State::Loaded if g.entries[i].drain > 0 => Step::Wait,
                     State::Loaded => {
                         let e = &mut g.entries[i];
                         e.in_flight += 1;
@@ -282,7 +350,10 @@ impl<L: Loader> Registry<L> {
                         None if Instant::now() >= deadline => {
                             return Err(RegistryError::NoRoom(g.entries[i].spec.name.clone()))
                         }
-                        None => Step::Wait,
+                        None => {
+                            draining.get_or_insert_with(|| Drain::new(self)).set(&mut g, i);
+                            Step::Wait
+                        }
                     },
                 };
                 (i, step)
@@ -300,7 +371,10 @@ impl<L: Loader> Registry<L> {
                         let _ = rx.changed().await;
                     }
                 }
-                Step::Load(victims) => return self.load_now(index, victims).await,
+                Step::Load(victims) => {
+                    drop(draining.take());
+                    return self.load_now(index, victims).await;
+                }
             }
         }
     }

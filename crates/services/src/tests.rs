@@ -227,3 +227,45 @@ async fn unload_waits_for_requests_or_aborts_them() {
     assert!(r.preload().await.is_empty());
     assert_eq!(states(&r), vec![("x".into(), "loaded"), ("y".into(), "unloaded")]);
 }
+
+/// Steady traffic on a loaded model does not starve a request for another one under a one-model budget: once
+/// a request waits for room, new requests for the model in the way wait too, and the models take turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_steady_use_makes_way_in_turn() {
+    let limits = Limits { memory_budget: Some(15), wait_for_room: Duration::from_secs(30), ..Limits::default() };
+    let r = registry(&[("a", 10), ("b", 10)], vec![spec("a"), spec("b")], limits, |_| {});
+    let a1 = r.acquire("a").await.unwrap();
+    let rb = r.clone();
+    let b = tokio::spawn(async move { rb.acquire("b").await.map(|l| l.name()) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!b.is_finished(), "b waits while a is in use");
+    // A new request for `a` now waits too, instead of keeping `a` busy forever.
+    let ra = r.clone();
+    let a2 = tokio::spawn(async move { ra.acquire("a").await.map(|l| l.name()) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!a2.is_finished(), "a new request for a draining model waits");
+    assert_eq!(r.info("a").unwrap().state, State::Loaded);
+    drop(a1);
+    assert_eq!(b.await.unwrap().unwrap(), "b");
+    assert_eq!(a2.await.unwrap().unwrap(), "a", "then a loads again in its turn");
+    assert_eq!((loads(&r, "a"), loads(&r, "b")), (2, 1));
+}
+
+/// A request that gives up waiting for room withdraws its ask: the model it wanted out serves again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_wait_stops_the_drain() {
+    let limits = Limits { memory_budget: Some(15), wait_for_room: Duration::from_millis(100), ..Limits::default() };
+    let r = registry(&[("a", 10), ("b", 10)], vec![spec("a"), spec("b")], limits, |_| {});
+    let a1 = r.acquire("a").await.unwrap();
+    assert!(matches!(r.acquire("b").await, Err(RegistryError::NoRoom(_))));
+    let a2 = tokio::time::timeout(Duration::from_secs(1), r.acquire("a")).await.expect("not draining").unwrap();
+    // A cancelled waiter (a client that went away) withdraws too.
+    let rb = r.clone();
+    let b = tokio::spawn(async move { rb.acquire("b").await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    b.abort();
+    let _ = b.await;
+    let a3 = tokio::time::timeout(Duration::from_secs(1), r.acquire("a")).await.expect("not draining").unwrap();
+    drop((a1, a2, a3));
+    assert_eq!(loads(&r, "b"), 0);
+}
