@@ -30,11 +30,8 @@ impl<T: KvElem> LayerKv<T> {
     fn new(len: usize) -> Self {
         // Written, not just reserved: the whole budget is resident from the start, so memory use is flat
         // and a KV budget the machine cannot hold fails at startup, not mid-request.
-        let touched = || {
-            let mut v = Vec::with_capacity(len);
-            v.resize(len, T::default());
-            v
-        };
+        // Zeroed on the kernel pool, in huge pages where the system has them.
+        let touched = || mlx_serving_kernels::mapped::huge_zeroed::<T>(len);
         Self { k: touched(), v: touched() }
     }
 }
