@@ -25,6 +25,7 @@ ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--num-prompts", type=int, default=16)
 ap.add_argument("--max-tokens", type=int, default=64)
+ap.add_argument("--sections", default="cold,mixed,fair", help="comma-separated: cold, mixed, fair")
 a = ap.parse_args()
 MODELS = {"smol": a.smol, "qwen": a.qwen}
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -91,38 +92,7 @@ def med(xs):
     return statistics.median(xs)
 
 
-print("## Cold start to first token", flush=True)
-port = free_port()
-ours = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
-                        + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
-wait_healthy(ours, port)
-rows = []
-for name, path in MODELS.items():
-    for cache in ["warm", "cold"]:
-        load_ttft, normal, llama = [], [], []
-        for _ in range(a.reps):
-            post(port, f"/v1/models/{name}/unload")
-            (drop_cache if cache == "cold" else warm_cache)(path)
-            load_ttft.append(first_token(port, name))
-            normal.append(first_token(port, name))
-            (drop_cache if cache == "cold" else warm_cache)(path)
-            lport = free_port()
-            t0 = time.perf_counter()
-            peer = subprocess.Popen([a.llama_server, "-m", path, "--host", "127.0.0.1", "--port", str(lport), "-t", "2",
-                                     "-c", "4096", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_healthy(peer, lport)
-            first_token(lport, name)
-            llama.append(time.perf_counter() - t0)
-            peer.kill()
-            peer.wait()
-        row = (name, cache, med(load_ttft), med(normal), med(load_ttft) - med(normal), med(llama))
-        rows.append(row)
-        print(f"{name} {cache}: ours TTFT with load {row[2]:.3f} s, loaded {row[3]:.3f} s, load overhead {row[4]:.3f} s; "
-              f"llama-server start to first token {row[5]:.3f} s (medians of {a.reps})", flush=True)
-ours.terminate()
-ours.wait()
-
-print("\n## Mixed workload, 8 streams over two models", flush=True)
+SECTIONS = a.sections.split(",")
 tmp = tempfile.mkdtemp()
 
 
@@ -141,85 +111,120 @@ def throughput(out):
     return e["output_throughput"]
 
 
-# Each model gets its own client at 4 streams, with request counts that keep both busy for about the same
-# time (SmolLM2 decodes about 4x faster than Qwen2.5-0.5B), so that every server is loaded for the whole run.
-COUNTS = {"smol": 4 * a.num_prompts, "qwen": a.num_prompts}
+if "cold" in SECTIONS:
+    print("## Cold start to first token", flush=True)
+    port = free_port()
+    ours = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
+                            + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
+    wait_healthy(ours, port)
+    rows = []
+    for name, path in MODELS.items():
+        for cache in ["warm", "cold"]:
+            load_ttft, normal, llama = [], [], []
+            for _ in range(a.reps):
+                post(port, f"/v1/models/{name}/unload")
+                (drop_cache if cache == "cold" else warm_cache)(path)
+                load_ttft.append(first_token(port, name))
+                normal.append(first_token(port, name))
+                (drop_cache if cache == "cold" else warm_cache)(path)
+                lport = free_port()
+                t0 = time.perf_counter()
+                peer = subprocess.Popen([a.llama_server, "-m", path, "--host", "127.0.0.1", "--port", str(lport), "-t", "2",
+                                         "-c", "4096", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_healthy(peer, lport)
+                first_token(lport, name)
+                llama.append(time.perf_counter() - t0)
+                peer.kill()
+                peer.wait()
+            row = (name, cache, med(load_ttft), med(normal), med(load_ttft) - med(normal), med(llama))
+            rows.append(row)
+            print(f"{name} {cache}: ours TTFT with load {row[2]:.3f} s, loaded {row[3]:.3f} s, load overhead {row[4]:.3f} s; "
+                  f"llama-server start to first token {row[5]:.3f} s (medians of {a.reps})", flush=True)
+    ours.terminate()
+    ours.wait()
+
+if "mixed" in SECTIONS:
+    print("\n## Mixed workload, 8 streams over two models", flush=True)
+    # Each model gets its own client at 4 streams, with request counts that keep both busy for about the same
+    # time (SmolLM2 decodes about 4x faster than Qwen2.5-0.5B), so that every server is loaded for the whole run.
+    COUNTS = {"smol": 4 * a.num_prompts, "qwen": a.num_prompts}
 
 
-def pair(ports, tag):
-    """Both clients at once (4 streams each); returns {model: tok/s} and the aggregate over the makespan."""
-    t0 = time.perf_counter()
-    runs = [bench(ports[n], n, 4, os.path.join(tmp, f"{tag}-{n}.json"), COUNTS[n]) for n in MODELS]
-    for r in runs:
-        r.wait()
-    makespan = time.perf_counter() - t0
-    levels = {}
-    for n in MODELS:
-        throughput(os.path.join(tmp, f"{tag}-{n}.json"))
-        with open(os.path.join(tmp, f"{tag}-{n}.json")) as f:
-            levels[n] = json.load(f)["levels"][0]["endpoints"][0]
-    tokens = sum(v["total_output_tokens"] for v in levels.values())
-    return {n: v["output_throughput"] for n, v in levels.items()}, tokens / makespan
+    def pair(ports, tag):
+        """Both clients at once (4 streams each); returns {model: tok/s} and the aggregate over the makespan."""
+        t0 = time.perf_counter()
+        runs = [bench(ports[n], n, 4, os.path.join(tmp, f"{tag}-{n}.json"), COUNTS[n]) for n in MODELS]
+        for r in runs:
+            r.wait()
+        makespan = time.perf_counter() - t0
+        levels = {}
+        for n in MODELS:
+            throughput(os.path.join(tmp, f"{tag}-{n}.json"))
+            with open(os.path.join(tmp, f"{tag}-{n}.json")) as f:
+                levels[n] = json.load(f)["levels"][0]["endpoints"][0]
+        tokens = sum(v["total_output_tokens"] for v in levels.values())
+        return {n: v["output_throughput"] for n, v in levels.items()}, tokens / makespan
 
 
-ratios, wall_ratios = [], []
-for rnd in range(a.rounds):
-    # Two single-model servers, one core and one thread each.
-    singles, ports = [], {}
-    for core, (name, path) in enumerate(MODELS.items()):
-        ports[name] = free_port()
-        singles.append(subprocess.Popen(["taskset", "-c", str(core), a.binary, "serve", "--port", str(ports[name]),
-                                         "--model", path, "--served-model-name", name, "--threads", "1",
-                                         "--log-level", "warn"]))
-    for p, name in zip(singles, MODELS):
-        wait_healthy(p, ports[name])
-    single, single_wall = pair(ports, "single")
-    for p in singles:
-        p.terminate()
-        p.wait()
-    # One server with both models and both cores.
+    ratios, wall_ratios = [], []
+    for rnd in range(a.rounds):
+        # Two single-model servers, one core and one thread each.
+        singles, ports = [], {}
+        for core, (name, path) in enumerate(MODELS.items()):
+            ports[name] = free_port()
+            singles.append(subprocess.Popen(["taskset", "-c", str(core), a.binary, "serve", "--port", str(ports[name]),
+                                             "--model", path, "--served-model-name", name, "--threads", "1",
+                                             "--log-level", "warn"]))
+        for p, name in zip(singles, MODELS):
+            wait_healthy(p, ports[name])
+        single, single_wall = pair(ports, "single")
+        for p in singles:
+            p.terminate()
+            p.wait()
+        # One server with both models and both cores.
+        port = free_port()
+        both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
+                                + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
+        wait_healthy(both, port)
+        mixed, mixed_wall = pair({n: port for n in MODELS}, "both")
+        both.terminate()
+        both.wait()
+        ratio = sum(mixed.values()) / sum(single.values())
+        ratios.append(ratio)
+        wall_ratios.append(mixed_wall / single_wall)
+        print(f"round {rnd}: ours smol {mixed['smol']:.1f} + qwen {mixed['qwen']:.1f} = {sum(mixed.values()):.1f} tok/s; "
+              f"singles {single['smol']:.1f} + {single['qwen']:.1f} = {sum(single.values()):.1f} tok/s; ratio {ratio:.2f}; "
+              f"over the makespan {mixed_wall:.1f} vs {single_wall:.1f} tok/s ({mixed_wall / single_wall:.2f})", flush=True)
+    print(f"median ratio {med(ratios):.2f} (sum of per-model tok/s), {med(wall_ratios):.2f} (over the makespan), {a.rounds} rounds")
+
+if "fair" in SECTIONS:
+    print("\n## Fairness: one qwen stream beside 8 busy smol streams", flush=True)
     port = free_port()
     both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
                             + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
     wait_healthy(both, port)
-    mixed, mixed_wall = pair({n: port for n in MODELS}, "both")
+
+
+    def level(out):
+        with open(out) as f:
+            return json.load(f)["levels"][0]["endpoints"][0]
+
+
+    for rnd in range(a.rounds):
+        alone = os.path.join(tmp, "qwen-alone.json")
+        bench(port, "qwen", 1, alone, 6).wait()
+        busy = subprocess.Popen([a.binary, "bench", "--url", f"http://127.0.0.1:{port}", "--model", "smol", "--completions",
+                                 "--concurrency", "8", "--num-prompts", "100000", "--max-tokens", str(a.max_tokens),
+                                 "--ignore-eos", "--rounds", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        beside = os.path.join(tmp, "qwen-beside.json")
+        bench(port, "qwen", 1, beside, 6).wait()
+        busy.kill()
+        busy.wait()
+        x, y = level(alone), level(beside)
+        print(f"round {rnd}: qwen alone {x['output_throughput']:.1f} tok/s (TTFT p50 {x['ttft_ms']['p50']:.0f} ms, "
+              f"TPOT p50 {x['tpot_ms']['p50']:.1f} ms); beside 8 smol streams {y['output_throughput']:.1f} tok/s "
+              f"(TTFT p50 {y['ttft_ms']['p50']:.0f} ms, TPOT p50 {y['tpot_ms']['p50']:.1f} ms): "
+              f"{y['output_throughput'] / x['output_throughput']:.2f} of alone", flush=True)
     both.terminate()
     both.wait()
-    ratio = sum(mixed.values()) / sum(single.values())
-    ratios.append(ratio)
-    wall_ratios.append(mixed_wall / single_wall)
-    print(f"round {rnd}: ours smol {mixed['smol']:.1f} + qwen {mixed['qwen']:.1f} = {sum(mixed.values()):.1f} tok/s; "
-          f"singles {single['smol']:.1f} + {single['qwen']:.1f} = {sum(single.values()):.1f} tok/s; ratio {ratio:.2f}; "
-          f"over the makespan {mixed_wall:.1f} vs {single_wall:.1f} tok/s ({mixed_wall / single_wall:.2f})", flush=True)
-print(f"median ratio {med(ratios):.2f} (sum of per-model tok/s), {med(wall_ratios):.2f} (over the makespan), {a.rounds} rounds")
-
-print("\n## Fairness: one qwen stream beside 8 busy smol streams", flush=True)
-port = free_port()
-both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
-                        + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
-wait_healthy(both, port)
-
-
-def level(out):
-    with open(out) as f:
-        return json.load(f)["levels"][0]["endpoints"][0]
-
-
-for rnd in range(a.rounds):
-    alone = os.path.join(tmp, "qwen-alone.json")
-    bench(port, "qwen", 1, alone, 6).wait()
-    busy = subprocess.Popen([a.binary, "bench", "--url", f"http://127.0.0.1:{port}", "--model", "smol", "--completions",
-                             "--concurrency", "8", "--num-prompts", "100000", "--max-tokens", str(a.max_tokens),
-                             "--ignore-eos", "--rounds", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(3)
-    beside = os.path.join(tmp, "qwen-beside.json")
-    bench(port, "qwen", 1, beside, 6).wait()
-    busy.kill()
-    busy.wait()
-    x, y = level(alone), level(beside)
-    print(f"round {rnd}: qwen alone {x['output_throughput']:.1f} tok/s (TTFT p50 {x['ttft_ms']['p50']:.0f} ms, "
-          f"TPOT p50 {x['tpot_ms']['p50']:.1f} ms); beside 8 smol streams {y['output_throughput']:.1f} tok/s "
-          f"(TTFT p50 {y['ttft_ms']['p50']:.0f} ms, TPOT p50 {y['tpot_ms']['p50']:.1f} ms): "
-          f"{y['output_throughput'] / x['output_throughput']:.2f} of alone", flush=True)
-both.terminate()
-both.wait()

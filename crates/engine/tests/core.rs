@@ -248,7 +248,12 @@ fn abort_all_ends_queued_and_running_requests_and_the_loop_ends_with_its_handles
     h.abort_all();
     assert_eq!(finish(&mut running).finish_reason, Some(FinishReason::Abort));
     assert_eq!(finish(&mut queued).finish_reason, Some(FinishReason::Abort));
-    assert_eq!(h.stats().running.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // The gauge is published by the loop just after it delivers the outputs: wait for it (bounded).
+    let t = std::time::Instant::now();
+    while h.stats().running.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "requests still counted as running");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // A request added afterwards runs as usual.
     let mut after = submit(&h, 3, 1, 2).unwrap();
     assert_eq!(finish(&mut after).finish_reason, Some(FinishReason::Length));

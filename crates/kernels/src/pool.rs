@@ -8,7 +8,8 @@
 //! Work is claimed task by task from an atomic counter, the calling thread included, so a slow or
 //! descheduled worker delays only the tasks it has claimed, never the whole step.
 //!
-//! Jobs from two threads at once, or a job started from inside a job, run inline on the caller.
+//! Jobs from two threads at once, or a job started from inside a job, run inline on the caller; so do all
+//! jobs while as many forward passes run at once as the pool has threads ([`step`]).
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -51,6 +52,26 @@ pub struct Pool {
 
 static POOL: OnceLock<Pool> = OnceLock::new();
 static REQUESTED: AtomicUsize = AtomicUsize::new(0);
+/// Forward passes running now, on any thread (several engines serve several models).
+static STEPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks a forward pass for as long as it lives (see [`step`]).
+pub struct StepGuard(());
+
+impl Drop for StepGuard {
+    fn drop(&mut self) {
+        STEPS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks the calling thread's forward pass as running. While at least as many passes run as the pool has
+/// threads (two engines on two cores), jobs run inline on their callers: each pass keeps a core of its own,
+/// instead of one pass taking the pool and the other's thread preempting the pool's workers while its
+/// caller spins waiting for them.
+pub fn step() -> StepGuard {
+    STEPS.fetch_add(1, Ordering::SeqCst);
+    StepGuard(())
+}
 
 thread_local! {
     /// Set on pool workers and on a caller while it runs a job: nested jobs run inline.
@@ -105,7 +126,8 @@ impl Pool {
     /// A panic in a task is caught; the other tasks still run, then `run` panics on the caller.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         let nested = IN_JOB.with(|c| c.get());
-        if n <= 1 || self.threads == 1 || nested || self.shared.busy.swap(true, Ordering::Acquire) {
+        let crowded = STEPS.load(Ordering::Relaxed) >= self.threads;
+        if n <= 1 || self.threads == 1 || nested || crowded || self.shared.busy.swap(true, Ordering::Acquire) {
             (0..n).for_each(|t| f(t, 0));
             return;
         }

@@ -463,6 +463,7 @@ impl Model {
         progress: &dyn Fn() -> bool,
     ) -> Result<Vec<f32>> {
         batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size)?;
+        let _step = mlx_serving_kernels::pool::step();
         let cfg = &self.cfg;
         let dev = &self.device;
         let n = batch.token_ids.len();
