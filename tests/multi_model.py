@@ -175,7 +175,7 @@ try:
 except openai.NotFoundError as e:
     check(e.body.get("code") == "model_not_found", "an unknown model is a 404 model_not_found")
 # Unload waits for a request in flight.
-stream_result = {}
+stream_result, stream_started = {}, {"wait": threading.Event(), "force": threading.Event()}
 
 
 def long_stream(model, key):
@@ -184,6 +184,7 @@ def long_stream(model, key):
     finish, n = None, 0
     for ch in s:
         n += 1
+        stream_started[key].set()
         if ch.choices and ch.choices[0].finish_reason:
             finish = ch.choices[0].finish_reason
     stream_result[key] = (finish, n)
@@ -191,8 +192,8 @@ def long_stream(model, key):
 
 t = threading.Thread(target=long_stream, args=("smol", "wait"))
 t.start()
-while models(port)["smol"]["in_flight"] == 0 and t.is_alive():
-    time.sleep(0.01)
+# Unload once the stream is running in the engine (a request still being prepared is refused with a 503).
+stream_started["wait"].wait(60)
 check(models(port)["smol"]["in_flight"] >= 1, "a request in flight is counted")
 status, _, card = http(port, "POST", "/v1/models/smol/unload")
 t.join()
@@ -202,8 +203,7 @@ check(ps(port) == ["qwen"] and not models(port)["smol"]["loaded"], "/api/ps and 
 check(http(port, "POST", "/v1/models/smol/load")[2]["state"] == "loaded", "POST /v1/models/{id}/load loads it again")
 t = threading.Thread(target=long_stream, args=("smol", "force"))
 t.start()
-while models(port)["smol"]["in_flight"] == 0 and t.is_alive():
-    time.sleep(0.01)
+stream_started["force"].wait(60)
 status, _, card = http(port, "POST", "/v1/models/smol/unload?force=true")
 t.join()
 check(status == 200 and card["state"] == "unloaded" and stream_result["force"][0] == "abort",
