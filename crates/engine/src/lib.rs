@@ -6,6 +6,7 @@
 
 pub mod constraint;
 pub mod core;
+pub mod ngram;
 pub mod params;
 pub mod request;
 pub mod scheduler;
