@@ -6,6 +6,7 @@
 pub mod executor;
 pub mod generate;
 pub mod sampler;
+pub mod speculative;
 
 pub use executor::ModelExecutor;
 pub use generate::{generate, last_position_logits, GenerateError, GenerateOptions, Generation};
