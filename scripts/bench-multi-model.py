@@ -92,6 +92,15 @@ def med(xs):
     return statistics.median(xs)
 
 
+def serve_both():
+    """Our server with both models registered (not loaded), 2 threads; returns (process, port) once healthy."""
+    port = free_port()
+    proc = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
+                            + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
+    wait_healthy(proc, port)
+    return proc, port
+
+
 SECTIONS = a.sections.split(",")
 tmp = tempfile.mkdtemp()
 
@@ -113,10 +122,7 @@ def throughput(out):
 
 if "cold" in SECTIONS:
     print("## Cold start to first token", flush=True)
-    port = free_port()
-    ours = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
-                            + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
-    wait_healthy(ours, port)
+    ours, port = serve_both()
     rows = []
     for name, path in MODELS.items():
         for cache in ["warm", "cold"]:
@@ -182,10 +188,7 @@ if "mixed" in SECTIONS:
             p.terminate()
             p.wait()
         # One server with both models and both cores.
-        port = free_port()
-        both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
-                                + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
-        wait_healthy(both, port)
+        both, port = serve_both()
         mixed, mixed_wall = pair({n: port for n in MODELS}, "both")
         both.terminate()
         both.wait()
@@ -199,10 +202,7 @@ if "mixed" in SECTIONS:
 
 if "fair" in SECTIONS:
     print("\n## Fairness: one qwen stream beside 8 busy smol streams", flush=True)
-    port = free_port()
-    both = subprocess.Popen([a.binary, "serve", "--port", str(port), "--threads", "2", "--log-level", "warn"]
-                            + [x for n, p in MODELS.items() for x in ("--model", f"{n}={p}")])
-    wait_healthy(both, port)
+    both, port = serve_both()
 
 
     def level(out):

@@ -43,15 +43,7 @@ fn prefill_equals_incremental_and_chunked() {
     for (s, e) in [(0, 5), (5, 6), (6, 15), (15, 21)] {
         chunked.extend(step(&m, &mut c3, &table, &TOKENS, s, e));
     }
-    for i in 0..TOKENS.len() {
-        assert!(
-            max_diff(&whole[i], &inc[i]) < 1e-3,
-            "token {i}: whole vs incremental {}",
-            max_diff(&whole[i], &inc[i])
-        );
-        assert!(max_diff(&whole[i], &chunked[i]) < 1e-3, "token {i}: whole vs chunked");
-    }
-    // Bitwise, not just close: a token's logits do not depend on how many tokens share its step, which is
+    // Bitwise: a token's logits do not depend on how many tokens share its step, which is
     // what lets speculative decoding verify several tokens in one step and still give the tokens that
     // decoding one at a time gives.
     for i in 0..TOKENS.len() {

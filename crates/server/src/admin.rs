@@ -133,7 +133,7 @@ pub async fn ollama_ps(State(s): State<Arc<AppState>>) -> Json<Value> {
 
 /// `2026-12-04T20:00:07Z` for seconds since the Unix epoch (UTC; whole seconds).
 fn rfc3339(unix: f64) -> String {
-    let secs = Duration::from_secs_f64(unix.max(0.0)).as_secs();
+    let secs = Duration::try_from_secs_f64(unix).map_or(0, |d| d.as_secs());
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -155,5 +155,8 @@ mod tests {
         assert_eq!(super::rfc3339(0.0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(951_782_400.0), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_796_414_407.0), "2026-12-04T20:00:07Z");
+        // Out-of-range seconds give the epoch, never a panic.
+        assert_eq!(super::rfc3339(f64::NAN), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(-5.0), "1970-01-01T00:00:00Z");
     }
 }
