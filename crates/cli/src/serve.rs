@@ -190,27 +190,10 @@ struct FileSource {
     engine: EngineSection,
 }
 
-/// Bytes of weights at `path`: a GGUF file's size, or a directory's weight files together.
-fn weight_bytes(path: &Path) -> std::io::Result<u64> {
-    let meta = std::fs::metadata(path)?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    let mut total = 0;
-    for entry in std::fs::read_dir(path)? {
-        let p = entry?.path();
-        if matches!(p.extension().and_then(|e| e.to_str()), Some("safetensors" | "gguf")) {
-            // Follow links: Hugging Face cache snapshots link to blobs.
-            total += std::fs::metadata(&p)?.len();
-        }
-    }
-    Ok(total)
-}
-
 impl ModelSource for FileSource {
     fn estimate(&self) -> Result<u64, String> {
         let path = mlx_serving_models::resolve_model(&self.path).map_err(|e| format!("{e:#}"))?;
-        let weights = weight_bytes(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let weights = mlx_serving_models::weight_bytes(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(weights + ((self.engine.kv_cache_mb as u64) << 20))
     }
 

@@ -151,9 +151,33 @@ pub struct EngineStats {
     /// cumulative), and their total in microseconds.
     pub mask_time_counts: [AtomicU64; MASK_TIME_BUCKETS.len() + 1],
     pub mask_time_micros: AtomicU64,
+    /// Speculation: sequences whose step verified draft tokens, the draft tokens verified, those accepted,
+    /// and accepted ones by position (the first draft token, the second, ...).
+    pub spec_drafts: AtomicU64,
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    pub spec_accepted_per_position: [AtomicU64; MAX_SPECULATIVE_TOKENS],
+    /// Time spent proposing draft tokens, in microseconds.
+    pub spec_propose_micros: AtomicU64,
 }
 
+/// Most draft tokens one sequence may verify in a step.
+pub const MAX_SPECULATIVE_TOKENS: usize = 16;
+
 impl EngineStats {
+    fn record_speculation(&self, sched: &SchedulerOutput, run: &RunnerOutput) {
+        self.spec_propose_micros.fetch_add(run.propose_time.as_micros() as u64, Ordering::Relaxed);
+        for s in sched.seqs.iter().filter(|s| s.num_draft_tokens > 0) {
+            let accepted = run.num_accepted.get(&s.id).copied().unwrap_or(0).min(s.num_draft_tokens);
+            self.spec_drafts.fetch_add(1, Ordering::Relaxed);
+            self.spec_draft_tokens.fetch_add(s.num_draft_tokens as u64, Ordering::Relaxed);
+            self.spec_accepted_tokens.fetch_add(accepted as u64, Ordering::Relaxed);
+            for c in self.spec_accepted_per_position.iter().take(accepted) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn record_masks(&self, times: &[Duration]) {
         for t in times {
             let secs = t.as_secs_f64();
@@ -375,6 +399,7 @@ impl<E: Executor> EngineCore<E> {
         let outputs = match result {
             Ok(Ok(run)) => {
                 self.stats().record_masks(&run.mask_times);
+                self.stats().record_speculation(&sched, &run);
                 self.stats().constraint_failures.fetch_add(run.failed.len() as u64, Ordering::Relaxed);
                 self.scheduler.update_from_output(&sched, &run)
             }

@@ -11,7 +11,9 @@ pub mod params;
 pub mod request;
 pub mod scheduler;
 
-pub use crate::core::{EngineCore, EngineHandle, EngineStats, Executor, ExecutorError, Heartbeat};
+pub use crate::core::{
+    EngineCore, EngineHandle, EngineStats, Executor, ExecutorError, Heartbeat, MAX_SPECULATIVE_TOKENS,
+};
 pub use constraint::{mask_allows, Constraint, ConstraintState, MASK_TIME_BUCKETS};
 pub use params::{FinishReason, ParamError, SamplingParams, MAX_LOGPROBS};
 pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus, TokenLogprobs};

@@ -1,7 +1,7 @@
 //! N-gram prompt lookup, the speculative proposer that needs no draft model (#20): the tokens that followed
 //! the most recent earlier occurrence of a sequence's last `n` tokens, trying the longest `n` first.
 //!
-//! Plain data in, plain data out: the scheduler calls it per sequence when it plans a speculative step.
+//! Plain data in, plain data out: the runner's proposer calls it per sequence after each step.
 
 /// Up to `k` proposed tokens after `tokens` (a sequence's prompt and output so far): for `n` from `max_n`
 /// down to `min_n`, the most recent earlier occurrence of the last `n` tokens, and the tokens after it (those

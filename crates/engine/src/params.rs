@@ -62,6 +62,14 @@ pub struct SamplingParams {
     pub min_tokens: u32,
     /// Return the sampled token's logprob and this many of the most likely alternatives per step.
     pub logprobs: Option<u32>,
+    /// Let the engine speculate for this request when it is configured to (the extension field
+    /// `speculative: false` opts out). Speculation never changes the tokens, only how fast they come.
+    #[serde(default = "yes")]
+    pub speculative: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for SamplingParams {
@@ -82,6 +90,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             min_tokens: 0,
             logprobs: None,
+            speculative: true,
         }
     }
 }

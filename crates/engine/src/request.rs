@@ -67,6 +67,8 @@ pub struct Request {
     /// Prompt tokens served from the prefix cache at first admission.
     pub num_cached_tokens: Option<usize>,
     pub num_preemptions: u32,
+    /// Tokens proposed by the speculative proposer after the last step, to be verified in the next one.
+    pub spec_token_ids: Vec<u32>,
 }
 
 impl Request {
@@ -86,6 +88,7 @@ impl Request {
             num_computed_tokens: 0,
             num_cached_tokens: None,
             num_preemptions: 0,
+            spec_token_ids: Vec::new(),
         }
     }
 

@@ -2,7 +2,11 @@
 //!
 //! Every step has one token budget (`max_num_batched_tokens`). Each request has `num_computed_tokens` and
 //! `num_tokens`; the step gives it `min(num_tokens - num_computed_tokens, budget left)` new tokens, so
-//! chunked prefill, decode and prefix hits are the same thing. Running requests go first, by class raised
+//! chunked prefill, decode and prefix hits are the same thing. Speculative tokens ride along: a request whose
+//! step reaches the end of its known tokens also runs the draft tokens proposed after its last step (as many
+//! as the budget, its blocks, `max_tokens` and the context allow; never at the cost of a preemption), and
+//! after the step keeps the accepted ones, its rejected positions rolled back (`num_computed_tokens` drops to
+//! the accepted tokens, so their K/V is overwritten later and never registered in the prefix cache). Running requests go first, by class raised
 //! with age, then by arrival. If blocks run out, the least urgent class's newest running request is preempted
 //! (its blocks freed, its tokens recomputed later; if it was already scheduled this step, its tokens go back
 //! to the budget); a request never preempts itself nor anything more urgent than itself: when nothing below
@@ -116,6 +120,9 @@ pub struct ScheduledSeq {
     pub block_table: Vec<u32>,
     /// True when this step reaches the end of the known tokens: sample the next one.
     pub sample: bool,
+    /// The last `num_draft_tokens` of `token_ids` are speculative (proposed, not yet verified): the executor
+    /// samples at each of the last `num_draft_tokens + 1` positions and keeps drafts while they match.
+    pub num_draft_tokens: usize,
     /// Set the first time the request is ever scheduled.
     pub new_request: Option<NewRequestData>,
 }
@@ -129,12 +136,17 @@ pub struct SchedulerOutput {
     pub finished: Vec<EngineOutput>,
 }
 
-/// What the executor returns for a step: the sampled token of every `sample` sequence, and its logprobs
-/// for requests that asked for them.
+/// What the executor returns for a step: the tokens of every `sample` sequence (one, or with speculation the
+/// accepted draft tokens then one more), and their logprobs for requests that asked for them.
 #[derive(Clone, Debug, Default)]
 pub struct RunnerOutput {
-    pub sampled: HashMap<RequestId, u32>,
-    pub logprobs: HashMap<RequestId, TokenLogprobs>,
+    pub sampled: HashMap<RequestId, Vec<u32>>,
+    /// One entry per sampled token, for requests that asked for logprobs.
+    pub logprobs: HashMap<RequestId, Vec<TokenLogprobs>>,
+    /// Of a sequence's scheduled draft tokens, how many were accepted (a prefix of them).
+    pub num_accepted: HashMap<RequestId, usize>,
+    /// Draft tokens proposed for each sequence's next step.
+    pub drafts: HashMap<RequestId, Vec<u32>>,
     /// Sequences whose constraint is complete with their sampled token: they finish with `Stop`.
     pub completed: std::collections::HashSet<RequestId>,
     /// Sequences that failed in this step, and why (a constraint that refused every token): they finish with
@@ -142,6 +154,8 @@ pub struct RunnerOutput {
     pub failed: HashMap<RequestId, String>,
     /// How long each constrained sequence's token mask took this step.
     pub mask_times: Vec<std::time::Duration>,
+    /// How long proposing the next step's draft tokens took.
+    pub propose_time: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -301,6 +315,7 @@ impl Scheduler {
         let r = self.requests.get_mut(&id).expect("running request exists");
         r.status = RequestStatus::Preempted;
         r.num_computed_tokens = 0;
+        r.spec_token_ids.clear();
         r.num_preemptions += 1;
         self.num_preemptions += 1;
         self.waiting.push(id);
@@ -314,7 +329,8 @@ impl Scheduler {
             out.finished.extend(self.finish(id, FinishReason::Timeout, Some("deadline exceeded".into())));
         }
         let mut budget = self.cfg.max_num_batched_tokens;
-        let mut scheduled: Vec<(RequestId, usize)> = Vec::new();
+        // (request, known tokens, draft tokens) to run this step.
+        let mut scheduled: Vec<(RequestId, usize, usize)> = Vec::new();
         // A running request that got no blocks this step (nothing less urgent left to preempt).
         let mut stalled = false;
 
@@ -332,14 +348,30 @@ impl Scheduler {
             if !self.running.contains(&id) {
                 continue; // preempted earlier this step
             }
+            let mut drafts = usize::MAX;
             loop {
                 let r = &self.requests[&id];
-                let num_new = (r.num_tokens() - r.num_computed_tokens).min(budget);
+                let left = r.num_tokens() - r.num_computed_tokens;
+                let num_new = left.min(budget);
+                // Drafts only where this step reaches the end of the known tokens, and only as many as can be
+                // kept: every accepted draft and the token after it must fit `max_tokens` and the context.
+                if num_new < left {
+                    drafts = 0;
+                }
+                let room = (r.params.max_tokens as usize)
+                    .saturating_sub(r.output().len() + 1)
+                    .min(self.cfg.max_model_len.saturating_sub(r.num_tokens() + 1));
+                drafts = drafts.min(r.spec_token_ids.len()).min(budget - num_new).min(room);
                 let target = r.num_computed_tokens + num_new;
-                if self.kv.allocate_slots(id.0, target, None) {
-                    scheduled.push((id, num_new));
-                    budget -= num_new;
+                if self.kv.allocate_slots(id.0, target + drafts, None) {
+                    scheduled.push((id, num_new, drafts));
+                    budget -= num_new + drafts;
                     break;
+                }
+                // Speculation never costs a preemption: try again without drafts first.
+                if drafts > 0 {
+                    drafts = 0;
+                    continue;
                 }
                 // Out of blocks: preempt the least urgent class's newest running request, if it is less urgent
                 // than this one (never this request itself); one already scheduled this step gives its tokens
@@ -354,8 +386,9 @@ impl Scheduler {
                     .filter(|v| self.preempt_key(v) > key);
                 match victim {
                     Some(v) => {
-                        if let Some(at) = scheduled.iter().position(|(s, _)| *s == v) {
-                            budget += scheduled.remove(at).1;
+                        if let Some(at) = scheduled.iter().position(|(s, _, _)| *s == v) {
+                            let (_, n, d) = scheduled.remove(at);
+                            budget += n + d;
                         }
                         self.preempt(v);
                         out.preempted.push(v);
@@ -398,15 +431,21 @@ impl Scheduler {
                 r.status = RequestStatus::Running;
                 self.waiting.retain(|&w| w != id);
                 self.running.push(id);
-                scheduled.push((id, num_new));
+                scheduled.push((id, num_new, 0));
                 budget -= num_new;
             }
         }
 
-        for (id, num_new) in scheduled {
+        for (id, num_new, drafts) in scheduled {
             let r = self.requests.get_mut(&id).expect("scheduled request exists");
             let start = r.num_computed_tokens;
             r.num_computed_tokens += num_new;
+            let sample = r.num_computed_tokens == r.num_tokens();
+            let mut token_ids = r.tokens[start..start + num_new].to_vec();
+            token_ids.extend_from_slice(&r.spec_token_ids[..drafts]);
+            r.num_computed_tokens += drafts;
+            // Proposals are for one step only; the next come with this step's output.
+            r.spec_token_ids.clear();
             let new_request = self.announced.insert(id).then(|| NewRequestData {
                 prompt_token_ids: r.prompt().to_vec(),
                 params: r.params.clone(),
@@ -414,19 +453,21 @@ impl Scheduler {
             });
             out.seqs.push(ScheduledSeq {
                 id,
-                token_ids: r.tokens[start..start + num_new].to_vec(),
+                token_ids,
                 start_pos: start,
                 block_table: self.kv.block_table(id.0).iter().map(|b| b.0).collect(),
-                sample: r.num_computed_tokens == r.num_tokens(),
+                sample,
+                num_draft_tokens: drafts,
                 new_request,
             });
-            out.num_batched_tokens += num_new;
+            out.num_batched_tokens += num_new + drafts;
         }
         out
     }
 
-    /// Appends sampled tokens, applies stop conditions, registers full blocks in the prefix cache, and
-    /// returns one output per request that produced a token or finished.
+    /// Appends sampled tokens (with speculation, the accepted drafts and the token after them, up to the first
+    /// that ends the request), rolls back rejected draft positions, applies stop conditions, registers full
+    /// blocks in the prefix cache, and returns one output per request that produced tokens or finished.
     pub fn update_from_output(&mut self, sched: &SchedulerOutput, run: &RunnerOutput) -> Vec<EngineOutput> {
         let mut outputs = Vec::new();
         for seq in &sched.seqs {
@@ -437,33 +478,54 @@ impl Scheduler {
                 self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
                 continue;
             }
-            let Some(&token) = run.sampled.get(&seq.id) else {
-                let why = run.failed.get(&seq.id).cloned().unwrap_or_else(|| "no token sampled".into());
-                outputs.extend(self.finish(seq.id, FinishReason::Error, Some(why)));
-                continue;
+            let tokens = match run.sampled.get(&seq.id) {
+                Some(t) if !t.is_empty() && t.len() <= seq.num_draft_tokens + 1 => t,
+                _ => {
+                    let why = run.failed.get(&seq.id).cloned().unwrap_or_else(|| "no token sampled".into());
+                    outputs.extend(self.finish(seq.id, FinishReason::Error, Some(why)));
+                    continue;
+                }
             };
-            r.tokens.push(token);
-            let p = &r.params;
-            let may_stop = r.output().len() > p.min_tokens as usize;
-            let finish = if run.completed.contains(&seq.id)
-                || may_stop
-                    && ((!p.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token))
-            {
-                Some(FinishReason::Stop)
-            } else if r.output().len() >= p.max_tokens as usize || r.num_tokens() >= self.cfg.max_model_len {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
+            // K/V is valid for the known tokens and the accepted drafts: every token kept but the last one.
+            let known = r.num_computed_tokens - seq.num_draft_tokens;
+            let mut new_token_ids = Vec::with_capacity(tokens.len());
+            let mut finish = None;
+            for (i, &token) in tokens.iter().enumerate() {
+                r.tokens.push(token);
+                new_token_ids.push(token);
+                let p = &r.params;
+                let may_stop = r.output().len() > p.min_tokens as usize;
+                let last = i + 1 == tokens.len();
+                finish = if last && run.completed.contains(&seq.id)
+                    || may_stop
+                        && ((!p.ignore_eos && self.cfg.eos_token_ids.contains(&token))
+                            || p.stop_token_ids.contains(&token))
+                {
+                    Some(FinishReason::Stop)
+                } else if r.output().len() >= p.max_tokens as usize || r.num_tokens() >= self.cfg.max_model_len {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                if finish.is_some() {
+                    break;
+                }
+            }
+            r.num_computed_tokens = known + new_token_ids.len() - 1;
+            if finish.is_none() {
+                r.spec_token_ids = run.drafts.get(&seq.id).cloned().unwrap_or_default();
+            }
             self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
             let cached = if self.first_output_sent.insert(seq.id) { r.num_cached_tokens } else { None };
+            let mut logprobs = run.logprobs.get(&seq.id).cloned().unwrap_or_default();
+            logprobs.truncate(new_token_ids.len());
             outputs.push(EngineOutput {
                 id: seq.id,
-                new_token_ids: vec![token],
+                new_token_ids,
                 finish_reason: finish.clone(),
                 num_cached_tokens: cached,
                 error: None,
-                logprobs: run.logprobs.get(&seq.id).cloned().into_iter().collect(),
+                logprobs,
             });
             if finish.is_some() {
                 self.requests.remove(&seq.id);

@@ -21,7 +21,7 @@ impl Executor for Flaky {
         }
         let mut r = RunnerOutput::default();
         for s in batch.seqs.iter().filter(|s| s.sample) {
-            r.sampled.insert(s.id, 5);
+            r.sampled.insert(s.id, vec![5]);
         }
         Ok(r)
     }
@@ -101,7 +101,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
             let _ = self.0.recv();
             Ok(RunnerOutput {
-                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect(),
+                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, vec![5])).collect(),
                 ..Default::default()
             })
         }
@@ -158,7 +158,7 @@ fn overload_refuses_at_admission_never_after() {
         fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
             std::thread::sleep(Duration::from_micros(200));
             Ok(RunnerOutput {
-                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect(),
+                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, vec![5])).collect(),
                 ..Default::default()
             })
         }
@@ -208,7 +208,7 @@ fn the_loop_hands_the_executor_its_heartbeat() {
                 self.0.as_ref().expect("heartbeat set before the loop starts").beat();
             }
             Ok(RunnerOutput {
-                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 5)).collect(),
+                sampled: batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, vec![5])).collect(),
                 ..Default::default()
             })
         }
@@ -234,7 +234,7 @@ fn abort_all_ends_queued_and_running_requests_and_the_loop_ends_with_its_handles
             std::thread::sleep(Duration::from_millis(5));
             let mut r = RunnerOutput::default();
             for s in batch.seqs.iter().filter(|s| s.sample) {
-                r.sampled.insert(s.id, 5);
+                r.sampled.insert(s.id, vec![5]);
             }
             Ok(r)
         }

@@ -1,65 +1,10 @@
 //! Scheduler behaviour with a fake executor: budgets, chunked prefill, priorities and aging, preemption,
 //! abort, prefix hits and eviction, deadlines, admission bounds.
 
+mod common;
+use common::*;
 use mlx_serving_engine::*;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn cfg(f: impl FnOnce(&mut SchedulerConfig)) -> SchedulerConfig {
-    let mut c = SchedulerConfig {
-        block_size: 4,
-        num_blocks: 64,
-        max_num_batched_tokens: 64,
-        max_num_seqs: 8,
-        eos_token_ids: vec![0],
-        ..SchedulerConfig::default()
-    };
-    f(&mut c);
-    c
-}
-
-fn req(id: u64, prompt: Vec<u32>, max_tokens: u32, priority: Priority) -> EngineRequest {
-    EngineRequest {
-        id: RequestId(id),
-        prompt_token_ids: prompt,
-        params: Arc::new(SamplingParams { max_tokens, ..SamplingParams::greedy(max_tokens) }),
-        priority,
-        deadline: None,
-        constraint: None,
-    }
-}
-
-fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| 1 + i * 3 + salt * 1000).collect()
-}
-
-/// The fake model: the next token is a function of the request and its position, never EOS (0).
-fn fake_run(out: &SchedulerOutput) -> RunnerOutput {
-    let mut r = RunnerOutput::default();
-    for s in out.seqs.iter().filter(|s| s.sample) {
-        r.sampled.insert(s.id, 1 + (s.id.0 as u32 * 7 + (s.start_pos + s.token_ids.len()) as u32) % 50);
-    }
-    r
-}
-
-/// Runs steps until idle; returns every output.
-fn drain(s: &mut Scheduler, now: Instant) -> Vec<EngineOutput> {
-    let mut all = Vec::new();
-    for _ in 0..10_000 {
-        if !s.has_work() {
-            return all;
-        }
-        let out = s.schedule(now);
-        all.extend(out.finished.clone());
-        let run = fake_run(&out);
-        all.extend(s.update_from_output(&out, &run));
-    }
-    panic!("scheduler did not finish");
-}
-
-fn tokens_of(outputs: &[EngineOutput], id: u64) -> Vec<u32> {
-    outputs.iter().filter(|o| o.id.0 == id).flat_map(|o| o.new_token_ids.clone()).collect()
-}
 
 #[test]
 fn token_budget_limits_each_step_and_prefill_is_chunked() {
@@ -269,7 +214,7 @@ fn eos_and_max_tokens_finish_requests() {
     s.add_request(req(2, prompt(4, 2), 10, Priority::Normal), now).unwrap();
     let o = s.schedule(now);
     let mut run = RunnerOutput::default();
-    run.sampled.insert(RequestId(2), 0);
+    run.sampled.insert(RequestId(2), vec![0]);
     let outs = s.update_from_output(&o, &run);
     assert_eq!(outs[0].finish_reason, Some(FinishReason::Stop));
     assert!(!s.has_work());

@@ -10,6 +10,23 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// Bytes of weights at `path`: a GGUF file's size, or a directory's weight files (safetensors, GGUF)
+/// together, following links (Hugging Face cache snapshots link to blobs).
+pub fn weight_bytes(path: &Path) -> std::io::Result<u64> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        if matches!(p.extension().and_then(|e| e.to_str()), Some("safetensors" | "gguf")) {
+            total += std::fs::metadata(&p)?.len();
+        }
+    }
+    Ok(total)
+}
+
 /// Resolves `--model`: an existing path as it is, else a repository id in the Hugging Face cache. A missing
 /// model is an error naming every path tried.
 pub fn resolve_model(arg: &Path) -> Result<PathBuf> {

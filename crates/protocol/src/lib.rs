@@ -51,6 +51,8 @@ pub struct SamplingFields {
     /// Top alternatives per token when logprobs were asked for (`Some(0)`: only the chosen token's).
     pub logprobs: Option<i64>,
     pub return_token_ids: bool,
+    /// Our extension: `false` opts the request out of speculative decoding (default: on where configured).
+    pub speculative: Option<bool>,
 }
 
 /// Declares a request type with its own fields plus the shared sampling and streaming fields, listed once
@@ -84,6 +86,8 @@ macro_rules! openai_request {
             pub min_tokens: Option<i64>,
             /// vLLM's extension: each choice gets `token_ids`, the response `prompt_token_ids`.
             pub return_token_ids: Option<bool>,
+            /// Our extension: `false` opts out of speculative decoding.
+            pub speculative: Option<bool>,
             /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}` (read by the server).
             pub response_format: Option<Value>,
             /// vLLM's `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}` (read by the server).
@@ -116,6 +120,7 @@ macro_rules! openai_request {
                     min_tokens: self.min_tokens,
                     logprobs: None,
                     return_token_ids: self.return_token_ids.unwrap_or(false),
+                    speculative: self.speculative,
                 }
             }
 

@@ -5,6 +5,8 @@
 //! step until `remove_request`, so a preempted request resumes with the same RNG stream.
 
 use crate::sampler::{token_logprobs, Sampler};
+use crate::speculative::{SpecState, Speculator};
+use mlx_serving_engine::ScheduledSeq;
 use mlx_serving_engine::{
     ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
 };
@@ -19,6 +21,8 @@ struct SeqState {
     output: Vec<u32>,
     /// The request's output constraint, advanced over every sampled token.
     constraint: Option<Box<dyn ConstraintState>>,
+    /// Its acceptance history, which sets how many tokens to propose.
+    spec: SpecState,
 }
 
 pub struct ModelExecutor {
@@ -27,13 +31,21 @@ pub struct ModelExecutor {
     states: HashMap<RequestId, SeqState>,
     /// Beaten after every layer's attention and MLP: a long prefill keeps `/health` green.
     heartbeat: Option<Heartbeat>,
+    /// Proposes draft tokens after each step, when speculation is configured.
+    speculator: Option<Speculator>,
 }
 
 impl ModelExecutor {
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for `bundle`'s model.
     pub fn new(bundle: Arc<ModelBundle>, block_size: usize, num_blocks: usize) -> Self {
         let cache = PagedKvCache::new(bundle.model.config(), block_size, num_blocks);
-        Self { bundle, cache, states: HashMap::new(), heartbeat: None }
+        Self { bundle, cache, states: HashMap::new(), heartbeat: None, speculator: None }
+    }
+
+    /// Speculates with `speculator` (see [`crate::speculative`]).
+    pub fn with_speculation(mut self, speculator: Speculator) -> Self {
+        self.speculator = Some(speculator);
+        self
     }
 
     /// Scheduler settings matching this model: context length, EOS ids, and as many blocks as
@@ -47,6 +59,91 @@ impl ModelExecutor {
             max_model_len: cfg.max_position_embeddings,
             eos_token_ids: bundle.special_tokens.eog.clone(),
             ..SchedulerConfig::default()
+        }
+    }
+
+    /// Draft tokens for the sequences of `batch` that sampled this step and may speculate.
+    fn propose(&mut self, batch: &SchedulerOutput, out: &RunnerOutput) -> HashMap<RequestId, Vec<u32>> {
+        let Some(spec) = self.speculator.as_mut() else {
+            return HashMap::new();
+        };
+        if batch.seqs.len() > spec.config().disable_by_batch_size {
+            return HashMap::new();
+        }
+        let (cost, most) = (spec.token_cost(), spec.config().num_speculative_tokens);
+        let mut wanted = Vec::new();
+        for s in batch.seqs.iter().filter(|s| s.sample) {
+            if !out.sampled.contains_key(&s.id) || out.completed.contains(&s.id) {
+                continue;
+            }
+            let Some(st) = self.states.get_mut(&s.id) else { continue };
+            let p = st.sampler.params();
+            // Room for the drafts and the token after them.
+            let room = (p.max_tokens as usize).saturating_sub(st.output.len() + 1);
+            if !p.speculative || room == 0 {
+                continue;
+            }
+            let k = st.spec.next_k(most.min(room), cost);
+            if k > 0 {
+                wanted.push((s.id, [&st.prompt[..], &st.output[..]].concat(), k));
+            }
+        }
+        spec.propose(&wanted)
+    }
+}
+
+/// A flattened batch under construction: each sequence's tokens, their positions and K/V slots, and the rows
+/// whose logits are wanted.
+pub(crate) struct FlatBatch<'a> {
+    block_size: usize,
+    token_ids: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    seqs: Vec<SeqInput<'a>>,
+    logits_rows: Vec<u32>,
+}
+
+impl<'a> FlatBatch<'a> {
+    pub(crate) fn new(block_size: usize) -> Self {
+        Self {
+            block_size,
+            token_ids: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            seqs: Vec::new(),
+            logits_rows: Vec::new(),
+        }
+    }
+
+    /// Adds a sequence's `tokens` at positions `start..`, their K/V going to the blocks of `table`, with the
+    /// logits of its last `logits_rows` tokens wanted.
+    pub(crate) fn push(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        table: &'a [u32],
+        logits_rows: usize,
+    ) -> Result<(), String> {
+        let bs = self.block_size;
+        self.token_ids.extend_from_slice(tokens);
+        for p in start..start + tokens.len() {
+            let block = *table.get(p / bs).ok_or_else(|| format!("block table too short for position {p}"))?;
+            self.positions.push(p as u32);
+            self.slots.push(block * bs as u32 + (p % bs) as u32);
+        }
+        self.seqs.push(SeqInput { query_len: tokens.len(), context_len: start + tokens.len(), block_table: table });
+        let end = self.token_ids.len() as u32;
+        self.logits_rows.extend(end - logits_rows.min(tokens.len()) as u32..end);
+        Ok(())
+    }
+
+    pub(crate) fn input(&self) -> BatchInput<'_> {
+        BatchInput {
+            token_ids: &self.token_ids,
+            positions: &self.positions,
+            slot_mapping: &self.slots,
+            seqs: &self.seqs,
+            logits_indices: &self.logits_rows,
         }
     }
 }
@@ -68,14 +165,12 @@ fn masks_for(states: &mut HashMap<RequestId, SeqState>, ids: &[RequestId]) -> Ma
 
 impl Executor for ModelExecutor {
     fn execute(&mut self, batch: &SchedulerOutput) -> Result<RunnerOutput, ExecutorError> {
-        let n: usize = batch.seqs.iter().map(|s| s.token_ids.len()).sum();
-        let bs = self.cache.block_size();
-        let mut token_ids = Vec::with_capacity(n);
-        let mut positions = Vec::with_capacity(n);
-        let mut slots = Vec::with_capacity(n);
-        let mut seqs = Vec::with_capacity(batch.seqs.len());
-        let mut logits_rows = Vec::new();
         let mut out = RunnerOutput::default();
+        if let Some(spec) = self.speculator.as_mut() {
+            // A preempted sequence recomputes from scratch; its draft blocks go back meanwhile.
+            batch.preempted.iter().for_each(|&id| spec.remove(id));
+        }
+        let mut flat = FlatBatch::new(self.cache.block_size());
         for s in &batch.seqs {
             if let Some(new) = &s.new_request {
                 let constraint = match new.constraint.as_ref().map(|c| c.start()) {
@@ -93,31 +188,15 @@ impl Executor for ModelExecutor {
                         prompt: new.prompt_token_ids.clone(),
                         output: Vec::new(),
                         constraint,
+                        spec: SpecState::default(),
                     },
                 );
             }
-            let len = s.token_ids.len();
-            token_ids.extend_from_slice(&s.token_ids);
-            for p in s.start_pos..s.start_pos + len {
-                positions.push(p as u32);
-                let block = *s
-                    .block_table
-                    .get(p / bs)
-                    .ok_or_else(|| ExecutorError(format!("request {:?}: block table too short", s.id)))?;
-                slots.push(block * bs as u32 + (p % bs) as u32);
-            }
-            seqs.push(SeqInput { query_len: len, context_len: s.start_pos + len, block_table: &s.block_table });
-            if s.sample {
-                logits_rows.push((token_ids.len() - 1) as u32);
-            }
+            let rows = if s.sample { s.num_draft_tokens + 1 } else { 0 };
+            flat.push(&s.token_ids, s.start_pos, &s.block_table, rows)
+                .map_err(|e| ExecutorError(format!("request {:?}: {e}", s.id)))?;
         }
-        let input = BatchInput {
-            token_ids: &token_ids,
-            positions: &positions,
-            slot_mapping: &slots,
-            seqs: &seqs,
-            logits_indices: &logits_rows,
-        };
+        let input = flat.input();
         let heartbeat = self.heartbeat.clone();
         // Beat, and stop early once every request of the step has been abandoned.
         let progress = move || {
@@ -126,7 +205,8 @@ impl Executor for ModelExecutor {
                 !h.step_abandoned()
             })
         };
-        // The constrained sequences' token masks are computed on their own thread while the model runs.
+        // The constrained sequences' token masks (for their first sampled position) are computed on their own
+        // thread while the model runs.
         let constrained: Vec<RequestId> = batch
             .seqs
             .iter()
@@ -149,7 +229,9 @@ impl Executor for ModelExecutor {
             None => HashMap::new(),
         };
         let vocab = self.bundle.model.config().vocab_size;
-        for (s, row) in batch.seqs.iter().filter(|s| s.sample).zip(logits.chunks_mut(vocab)) {
+        let mut rows = logits.chunks_mut(vocab);
+        for s in batch.seqs.iter().filter(|s| s.sample) {
+            let seq_rows: Vec<&mut [f32]> = rows.by_ref().take(s.num_draft_tokens + 1).collect();
             if out.failed.contains_key(&s.id) {
                 continue;
             }
@@ -157,42 +239,106 @@ impl Executor for ModelExecutor {
                 .states
                 .get_mut(&s.id)
                 .ok_or_else(|| ExecutorError(format!("request {:?} was never announced", s.id)))?;
-            let mask = match masks.remove(&s.id) {
-                Some(Err(e)) => {
-                    out.failed.insert(s.id, format!("output constraint: {e}"));
-                    continue;
-                }
-                Some(Ok(m)) => Some(m),
-                None => None,
-            };
-            let raw = st.sampler.params().logprobs.map(|k| (row.to_vec(), k as usize));
-            let Some(token) = st.sampler.sample_masked(row, &st.prompt, &st.output, mask.as_deref()) else {
-                out.failed.insert(s.id, "output constraint: no token is allowed here".into());
-                continue;
-            };
-            if let Some(c) = st.constraint.as_mut() {
-                if let Err(e) = c.advance(token) {
-                    out.failed.insert(s.id, format!("output constraint: {e}"));
-                    continue;
-                }
-                if c.is_complete() {
-                    out.completed.insert(s.id);
-                }
-            }
-            st.output.push(token);
-            out.sampled.insert(s.id, token);
-            if let Some((raw, k)) = raw {
-                out.logprobs.insert(s.id, token_logprobs(&raw, token, k));
-            }
+            verify(st, s, seq_rows, masks.remove(&s.id), &mut out);
         }
+        let started = Instant::now();
+        out.drafts = self.propose(batch, &out);
+        out.propose_time = started.elapsed();
         Ok(out)
     }
 
     fn remove_request(&mut self, id: RequestId) {
         self.states.remove(&id);
+        if let Some(spec) = self.speculator.as_mut() {
+            spec.remove(id);
+        }
     }
 
     fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
         self.heartbeat = Some(heartbeat);
+    }
+}
+
+/// Samples a sequence at each of its scheduled positions (`rows`: the last known token's logits, then each
+/// draft token's) as decoding without speculation would, keeping draft tokens while they equal the sample;
+/// records the emitted tokens, their logprobs and the accepted count in `out`. `first_mask` is the
+/// constraint's mask for the first position, computed during the forward; later positions' masks are
+/// computed here, after the constraint has advanced over the tokens before them.
+fn verify(
+    st: &mut SeqState,
+    s: &ScheduledSeq,
+    rows: Vec<&mut [f32]>,
+    first_mask: Option<Result<Vec<u32>, String>>,
+    out: &mut RunnerOutput,
+) {
+    let n = s.num_draft_tokens;
+    let drafts = &s.token_ids[s.token_ids.len() - n..];
+    let (mut emitted, mut logprobs) = (Vec::with_capacity(n + 1), Vec::new());
+    let mut first_mask = first_mask;
+    let mut accepted = 0;
+    // A failure at the first position fails the request; at a later one (after accepted drafts) the tokens
+    // before it are kept and the next step, sampling that same position again, meets it.
+    let mut fail = |emitted: &Vec<u32>, why: String| {
+        if emitted.is_empty() {
+            out.failed.insert(s.id, why);
+        }
+    };
+    for (i, row) in rows.into_iter().enumerate() {
+        let mask = match i {
+            0 => first_mask.take(),
+            _ => st.constraint.as_mut().map(|c| {
+                let t0 = Instant::now();
+                let m = c.allowed();
+                out.mask_times.push(t0.elapsed());
+                m
+            }),
+        };
+        let mask = match mask {
+            Some(Err(e)) => {
+                fail(&emitted, format!("output constraint: {e}"));
+                break;
+            }
+            Some(Ok(m)) => Some(m),
+            None => None,
+        };
+        let raw = st.sampler.params().logprobs.map(|k| (row.to_vec(), k as usize));
+        let Some(token) = st.sampler.sample_masked(row, &st.prompt, &st.output, mask.as_deref()) else {
+            fail(&emitted, "output constraint: no token is allowed here".into());
+            break;
+        };
+        let mut complete = false;
+        if let Some(c) = st.constraint.as_mut() {
+            if let Err(e) = c.advance(token) {
+                // The constraint's state is unknown now: the request fails, whatever came before.
+                out.failed.insert(s.id, format!("output constraint: {e}"));
+                emitted.clear();
+                break;
+            }
+            complete = c.is_complete();
+        }
+        st.output.push(token);
+        emitted.push(token);
+        if let Some((raw, k)) = raw {
+            logprobs.push(token_logprobs(&raw, token, k));
+        }
+        let kept = i < n && drafts[i] == token;
+        accepted += usize::from(kept);
+        if complete {
+            out.completed.insert(s.id);
+            break;
+        }
+        if !kept {
+            break;
+        }
+    }
+    if n > 0 {
+        st.spec.record(n, accepted);
+        out.num_accepted.insert(s.id, accepted);
+    }
+    if !emitted.is_empty() {
+        out.sampled.insert(s.id, emitted);
+        if !logprobs.is_empty() {
+            out.logprobs.insert(s.id, logprobs);
+        }
     }
 }

@@ -3,11 +3,16 @@
 //! Owns: the per-request [`Sampler`], the engine's batched [`ModelExecutor`], and a single-sequence
 //! generation loop ([`generate`]) used by the `generate` CLI and the golden tests. Must not know about: HTTP, the wire format.
 
+pub mod draft;
 pub mod executor;
 pub mod generate;
 pub mod sampler;
 pub mod speculative;
 
+pub use draft::DraftModel;
 pub use executor::ModelExecutor;
-pub use generate::{generate, last_position_logits, GenerateError, GenerateOptions, Generation};
+pub use generate::{
+    generate, generate_speculative, last_position_logits, GenerateError, GenerateOptions, Generation, SpecCounts,
+};
 pub use sampler::{argmax, logprob, Sampler};
+pub use speculative::{SpecMethod, SpeculativeConfig, Speculator};

@@ -98,6 +98,7 @@ pub fn sampling_params(
         ignore_eos: f.ignore_eos,
         min_tokens,
         logprobs,
+        speculative: f.speculative.unwrap_or(true),
     };
     p.validate(vocab).map_err(|e| ApiError::bad_request(e.message.clone(), Some(e.param)))?;
     Ok((p, priority, n))
