@@ -4,6 +4,7 @@
 //! Unknown keys are rejected and every value is checked at start; errors name the key path
 //! (`engine.block_size: must be at least 1`).
 
+use crate::speculative::SpeculativeSection;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ pub struct RuntimeConfig {
     pub model_wait_seconds: f64,
     pub server: ServerSection,
     pub engine: EngineSection,
+    /// Speculative decoding for the model (each `models` entry may set its own); off when absent.
+    pub speculative: Option<SpeculativeSection>,
     pub logging: LoggingSection,
 }
 
@@ -36,6 +39,7 @@ impl Default for RuntimeConfig {
             model_wait_seconds: 60.0,
             server: ServerSection::default(),
             engine: EngineSection::default(),
+            speculative: None,
             logging: LoggingSection::default(),
         }
     }
@@ -69,6 +73,9 @@ pub struct ModelEntry {
     /// threads are shared by every model).
     #[serde(default)]
     pub engine: serde_yaml::Mapping,
+    /// This model's speculative decoding; default: the top-level `speculative`.
+    #[serde(default)]
+    pub speculative: Option<SpeculativeSection>,
 }
 
 /// A model to register, resolved from `model` or `models`.
@@ -82,6 +89,7 @@ pub struct ResolvedModel {
     pub preload: bool,
     pub activations: mlx_serving_models::ActivationPrecision,
     pub engine: EngineSection,
+    pub speculative: Option<SpeculativeSection>,
 }
 
 /// The name a model gets without one: a repository id as given, else the file name without `.gguf` (or the
@@ -389,6 +397,7 @@ impl RuntimeConfig {
                 preload: true,
                 activations: self.activations()?,
                 engine: self.engine.clone(),
+                speculative: self.checked_speculative(self.speculative.as_ref(), "speculative")?,
             }]);
         }
         if self.model.served_model_name.is_some() {
@@ -440,9 +449,20 @@ impl RuntimeConfig {
                 preload: m.preload,
                 activations,
                 engine,
+                speculative: match &m.speculative {
+                    Some(s) => self.checked_speculative(Some(s), &format!("{key}.speculative"))?,
+                    None => self.checked_speculative(self.speculative.as_ref(), "speculative")?,
+                },
             });
         }
         Ok(out)
+    }
+
+    fn checked_speculative(&self, s: Option<&SpeculativeSection>, key: &str) -> Result<Option<SpeculativeSection>> {
+        if let Some(s) = s {
+            s.runner_config(key)?;
+        }
+        Ok(s.cloned())
     }
 
     /// All accepted API keys: `server.api_keys` plus the lines of `server.api_key_file`.

@@ -4,12 +4,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mlx_serving_engine::SamplingParams;
 use mlx_serving_models::{LoadOptions, ModelBundle};
-use mlx_serving_runner::{generate, GenerateOptions};
+use mlx_serving_runner::{generate, generate_speculative, GenerateOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 mod config;
 mod serve;
+mod speculative;
 use serve::{run_serve, ServeArgs};
 
 #[derive(Parser)]
@@ -195,6 +197,8 @@ struct GenerateArgs {
     /// KV cache element type: `f16` (the default) or `f32` (twice the memory and attention bandwidth).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: mlx_serving_kernels::KvDtype,
+    #[command(flatten)]
+    speculative: speculative::SpeculativeArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -256,11 +260,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
     let path = mlx_serving_models::resolve_model(&a.model)?;
     let load_start = std::time::Instant::now();
-    let bundle = ModelBundle::load(
-        &path,
-        &LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype },
-    )
-    .with_context(|| format!("loading {}", path.display()))?;
+    let load_opts =
+        LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype };
+    let bundle = Arc::new(ModelBundle::load(&path, &load_opts).with_context(|| format!("loading {}", path.display()))?);
+    let mut spec_section = None;
+    a.speculative.apply(&mut spec_section);
     let load_s = load_start.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => bundle.encode(p, true)?,
@@ -294,13 +298,24 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };
     let stream = !a.json;
-    let mut out = std::io::stdout().lock();
-    let g = generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, |delta| {
+    let on_delta = |delta: &str| {
         if stream {
+            let mut out = std::io::stdout().lock();
             let _ = out.write_all(delta.as_bytes());
             let _ = out.flush();
         }
-    })?;
+    };
+    let (g, spec) = match &spec_section {
+        None => (generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, on_delta)?, None),
+        Some(s) => {
+            let blocks = (prompt_ids.len() + params.max_tokens as usize + s.num_speculative_tokens + 1)
+                .div_ceil(opts.block_size);
+            let speculator = s.speculator(&bundle, &load_opts, opts.block_size, blocks)?;
+            let (g, counts) = generate_speculative(bundle.clone(), speculator, &prompt_ids, &params, &opts, on_delta)?;
+            (g, Some(counts))
+        }
+    };
+    let mut out = std::io::stdout().lock();
     let prompt_s = g.prompt_time.as_secs_f64();
     let decode_s = g.decode_time.as_secs_f64();
     // The first output token comes out of the prefill step; decode speed counts the rest.
@@ -322,6 +337,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             "timings": timings,
             // The kernels' instruction set (`avx512vnni`, `avx2` or `portable`, see MLX_SERVING_ISA).
             "isa": format!("{:?}", mlx_serving_kernels::Isa::detected()).to_lowercase(),
+            "speculative": spec.as_ref().map(|c| serde_json::json!({
+                "drafts": c.drafts,
+                "draft_tokens": c.draft_tokens,
+                "accepted_tokens": c.accepted_tokens,
+                "accepted_per_position": c.accepted_per_position,
+            })),
         });
         writeln!(out, "{v}")?;
     } else {

@@ -3,6 +3,7 @@
 //! life from start to graceful shutdown.
 
 use crate::config::{self, EngineSection, ModelEntry, ResolvedModel, RuntimeConfig};
+use crate::speculative::SpeculativeSection;
 use anyhow::{Context, Result};
 use clap::Args;
 use mlx_serving_models::{ActivationPrecision, LoadOptions, ModelBundle};
@@ -89,6 +90,8 @@ pub struct ServeArgs {
     /// Turn the prefix cache off [engine.enable_prefix_caching = false].
     #[arg(long, env = "MLX_SERVING_NO_PREFIX_CACHING")]
     no_prefix_caching: bool,
+    #[command(flatten)]
+    speculative: crate::speculative::SpeculativeArgs,
     /// `text` or `json` [logging.format; default text].
     #[arg(long, env = "MLX_SERVING_LOG_FORMAT")]
     log_format: Option<String>,
@@ -167,6 +170,7 @@ impl ServeArgs {
         if self.no_prefix_caching {
             c.engine.enable_prefix_caching = false;
         }
+        self.speculative.apply(&mut c.speculative);
         set(&mut c.logging.format, &self.log_format);
         set(&mut c.logging.level, &self.log_level);
         c.validate()?;
@@ -188,13 +192,20 @@ struct FileSource {
     path: PathBuf,
     activations: ActivationPrecision,
     engine: EngineSection,
+    speculative: Option<SpeculativeSection>,
 }
 
 impl ModelSource for FileSource {
     fn estimate(&self) -> Result<u64, String> {
         let path = mlx_serving_models::resolve_model(&self.path).map_err(|e| format!("{e:#}"))?;
         let weights = mlx_serving_models::weight_bytes(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(weights + ((self.engine.kv_cache_mb as u64) << 20))
+        let kv = (self.engine.kv_cache_mb as u64) << 20;
+        // A draft model's weights, and its KV cache (as many blocks as the target's, each no larger).
+        let draft = match &self.speculative {
+            Some(s) if s.draft_model.is_some() => s.draft_bytes().map_err(|e| format!("{e:#}"))? + kv,
+            _ => 0,
+        };
+        Ok(weights + kv + draft)
     }
 
     fn load(&self) -> Result<LoadedModel, String> {
@@ -227,7 +238,11 @@ impl FileSource {
             max_model_len = cfg.max_model_len,
             "engine ready"
         );
-        let exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
+        let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
+        if let Some(s) = &self.speculative {
+            exec = exec.with_speculation(s.speculator(&bundle, &opts, cfg.block_size, cfg.num_blocks)?);
+            tracing::info!(name = %self.name, method = %s.method, draft = ?s.draft_model, "speculative decoding on");
+        }
         let (engine, join) = mlx_serving_engine::EngineCore::spawn(cfg, exec);
         Ok(LoadedModel { bundle, engine, engine_thread: Some(join) })
     }
@@ -241,7 +256,13 @@ fn registration(m: ResolvedModel) -> (ModelSpec, Box<dyn ModelSource>) {
         ttl: m.ttl_seconds.map(Duration::from_secs_f64),
         preload: m.preload,
     };
-    let source = FileSource { name: m.name, path: m.path, activations: m.activations, engine: m.engine };
+    let source = FileSource {
+        name: m.name,
+        path: m.path,
+        activations: m.activations,
+        engine: m.engine,
+        speculative: m.speculative,
+    };
     (spec, Box::new(source))
 }
 

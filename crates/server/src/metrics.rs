@@ -41,6 +41,46 @@ const ITL_BUCKETS: &[f64] =
 const E2E_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0];
 const LOAD_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0];
 
+/// Speculative decoding's counters, under vLLM's names: steps that verified drafts, draft tokens verified,
+/// accepted, and accepted by position (positions up to the last one ever accepted).
+fn speculation(x: &mut Exposition, labels: &str, st: &mlx_serving_engine::EngineStats) {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let counter = "counter";
+    x.sample(
+        ["mlx_serving:spec_decode_num_drafts", "Sequence steps that verified draft tokens.", counter],
+        labels,
+        get(&st.spec_drafts),
+    );
+    x.sample(
+        ["mlx_serving:spec_decode_num_draft_tokens", "Draft tokens verified.", counter],
+        labels,
+        get(&st.spec_draft_tokens),
+    );
+    x.sample(
+        ["mlx_serving:spec_decode_num_accepted_tokens", "Draft tokens accepted.", counter],
+        labels,
+        get(&st.spec_accepted_tokens),
+    );
+    let per_pos = &st.spec_accepted_per_position;
+    let last = per_pos.iter().rposition(|c| get(c) > 0).unwrap_or(0);
+    for (i, c) in per_pos.iter().enumerate().take(last + 1) {
+        x.sample(
+            [
+                "mlx_serving:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position among a step's drafts (0 = the first).",
+                counter,
+            ],
+            &format!("{labels},position=\"{i}\""),
+            get(c),
+        );
+    }
+    x.sample(
+        ["mlx_serving:spec_decode_propose_seconds", "Time spent proposing draft tokens.", counter],
+        labels,
+        get(&st.spec_propose_micros) as f64 / 1e6,
+    );
+}
+
 /// The finish reasons `request_success_total` is split by.
 pub const FINISH_REASONS: [&str; 4] = ["stop", "length", "abort", "tool_calls"];
 
@@ -269,6 +309,7 @@ fn render_model(x: &mut Exposition, m: &ModelView) {
             &st.mask_time_counts,
             &st.mask_time_micros,
         );
+        speculation(x, &labels, st);
     }
     x.sample(["mlx_serving:prompt_tokens_total", "Prompt tokens processed.", counter], &labels, get(&mm.prompt_tokens));
     x.sample(
