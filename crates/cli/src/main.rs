@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate text from a prompt or a chat, streaming it to stdout.
     Generate(GenerateArgs),
     /// Benchmark one or more OpenAI-compatible servers (ours or a peer's) side by side.
@@ -204,7 +204,7 @@ struct GenerateArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(*args),
         Command::Convert(args) => run_convert(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),

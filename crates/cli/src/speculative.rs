@@ -27,6 +27,9 @@ pub struct SpeculativeSection {
     pub disable_by_batch_size: usize,
     /// Cost of verifying one more token relative to a decode step, for choosing how many to propose.
     pub verify_cost: f64,
+    /// The draft proposes only among the first this many token ids (byte-level BPE puts frequent tokens first;
+    /// the output head is a large part of a small model's step); 0: the whole vocabulary.
+    pub draft_vocab: usize,
 }
 
 impl Default for SpeculativeSection {
@@ -40,6 +43,7 @@ impl Default for SpeculativeSection {
             prompt_lookup_max: d.prompt_lookup_max,
             disable_by_batch_size: d.disable_by_batch_size,
             verify_cost: d.verify_cost,
+            draft_vocab: 65536,
         }
     }
 }
@@ -91,8 +95,11 @@ impl SpeculativeSection {
             None => None,
             Some(p) => {
                 let path = mlx_serving_models::resolve_model(p)?;
-                let bundle = ModelBundle::load(&path, opts)
+                let mut bundle = ModelBundle::load(&path, opts)
                     .with_context(|| format!("loading the draft model {}", path.display()))?;
+                if self.draft_vocab > 0 {
+                    bundle.model.limit_logits(self.draft_vocab);
+                }
                 let d = DraftModel::new(Arc::new(bundle), target, block_size, num_blocks)
                     .map_err(|e| anyhow::anyhow!("draft model {}: {e}", path.display()))?;
                 Some(d)
@@ -115,12 +122,19 @@ pub struct SpeculativeArgs {
     /// Most draft tokens per sequence and step [speculative.num_speculative_tokens; default 5].
     #[arg(long, env = "MLX_SERVING_NUM_SPECULATIVE_TOKENS")]
     pub num_speculative_tokens: Option<usize>,
+    /// The draft proposes among the first N token ids only; 0: all [speculative.draft_vocab; default 65536].
+    #[arg(long, env = "MLX_SERVING_DRAFT_VOCAB")]
+    pub draft_vocab: Option<usize>,
 }
 
 impl SpeculativeArgs {
     /// Applies the flags over `section` (creating it when a flag asks for speculation).
     pub fn apply(&self, section: &mut Option<SpeculativeSection>) {
-        if self.speculative_method.is_none() && self.draft_model.is_none() && self.num_speculative_tokens.is_none() {
+        if self.speculative_method.is_none()
+            && self.draft_model.is_none()
+            && self.num_speculative_tokens.is_none()
+            && self.draft_vocab.is_none()
+        {
             return;
         }
         let s = section.get_or_insert_with(SpeculativeSection::default);
@@ -133,6 +147,9 @@ impl SpeculativeArgs {
         }
         if let Some(k) = self.num_speculative_tokens {
             s.num_speculative_tokens = k;
+        }
+        if let Some(v) = self.draft_vocab {
+            s.draft_vocab = v;
         }
     }
 }

@@ -509,6 +509,22 @@ impl QMatrix {
         Ok(Self { format, activations: first.activations, rows, cols, data, mins })
     }
 
+    /// A copy of the first `n` rows (`n` a multiple of the 8-row tiles, at most `rows`): e.g. an output head cut to
+    /// the most frequent tokens, for a draft model whose proposals need no rare ones.
+    pub fn first_rows(&self, n: usize) -> Result<Self, QuantError> {
+        if n == 0 || n > self.rows || !n.is_multiple_of(TILE_ROWS) {
+            return Err(QuantError(format!(
+                "first_rows({n}): must be a positive multiple of {TILE_ROWS} up to {}",
+                self.rows
+            )));
+        }
+        let bytes = n / TILE_ROWS * self.format.tile_row_bytes(self.cols);
+        let mut data = crate::mapped::huge_zeroed::<u8>(bytes);
+        data.copy_from_slice(&self.data[..bytes]);
+        let mins = self.mins.as_ref().map(|m| m[..n * self.blocks_per_row()].to_vec());
+        Ok(Self { format: self.format, activations: self.activations, rows: n, cols: self.cols, data, mins })
+    }
+
     fn blocks_per_row(&self) -> usize {
         self.cols / BLOCK
     }

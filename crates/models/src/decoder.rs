@@ -332,6 +332,8 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Weight,
+    /// The first rows of `lm_head` only, when `limit_logits` cut the logits to the most frequent tokens.
+    short_head: Option<(usize, Weight)>,
     inv_freq: Vec<f32>,
     /// RoPE frequencies of the sliding-window layers, when their base differs (gemma3).
     inv_freq_local: Option<Vec<f32>>,
@@ -439,11 +441,42 @@ impl Model {
         };
         let inv_freq = freqs(cfg.rope_theta);
         let inv_freq_local = cfg.sliding_window.filter(|w| w.rope_theta != cfg.rope_theta).map(|w| freqs(w.rope_theta));
-        Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq, inv_freq_local })
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            short_head: None,
+            inv_freq,
+            inv_freq_local,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Makes `forward` return logits for the first `n` token ids only (rounded down to whole 8-row tiles), for a
+    /// draft model: byte-level BPE vocabularies put frequent tokens first, and the output head is a large part
+    /// of a small model's step. Inputs may still be any token. Returns the logits' width now (the vocabulary
+    /// when the head cannot be cut: a float or candle head, or `n` not below the vocabulary).
+    pub fn limit_logits(&mut self, n: usize) -> usize {
+        let n = n / 8 * 8;
+        if let Weight::Kernel(w) = &self.lm_head {
+            if n > 0 && n < self.cfg.vocab_size {
+                if let Ok(head) = w.first_rows(n) {
+                    self.short_head = Some((n, Weight::Kernel(head)));
+                }
+            }
+        }
+        self.logits_width()
+    }
+
+    /// Values per row of `forward`'s logits: the vocabulary, or the limit `limit_logits` set.
+    pub fn logits_width(&self) -> usize {
+        self.short_head.as_ref().map_or(self.cfg.vocab_size, |(n, _)| *n)
     }
 
     /// Runs one step over a flattened batch, writing each token's K/V into `cache` at its slot, and returns
@@ -598,9 +631,10 @@ impl Model {
         for &r in batch.logits_indices {
             last.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
         }
-        let mut logits = vec![0f32; m * cfg.vocab_size];
-        let normed = NormedRows::new(&last, &self.norm, eps, self.lm_head.rounded(), &mut hn);
-        self.lm_head.forward_into(normed.input(), m, &mut logits, false, dev)?;
+        let head = self.short_head.as_ref().map_or(&self.lm_head, |(_, w)| w);
+        let mut logits = vec![0f32; m * self.logits_width()];
+        let normed = NormedRows::new(&last, &self.norm, eps, head.rounded(), &mut hn);
+        head.forward_into(normed.input(), m, &mut logits, false, dev)?;
         if let Some(cap) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
         }

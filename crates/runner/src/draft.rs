@@ -136,8 +136,8 @@ impl DraftModel {
     /// Runs `batch` and returns each logits row's argmax.
     fn run(&mut self, batch: &FlatBatch) -> Result<Vec<u32>, String> {
         let logits = self.bundle.model.forward(&batch.input(), &mut self.cache).map_err(|e| e.to_string())?;
-        let vocab = self.bundle.model.config().vocab_size;
-        Ok(logits.chunks_exact(vocab).map(argmax).collect())
+        let width = self.bundle.model.logits_width();
+        Ok(logits.chunks_exact(width).map(argmax).collect())
     }
 
     /// Frees a sequence's draft blocks.

@@ -70,7 +70,7 @@ impl ModelExecutor {
         if batch.seqs.len() > spec.config().disable_by_batch_size {
             return HashMap::new();
         }
-        let (cost, most) = (spec.token_cost(), spec.config().num_speculative_tokens);
+        let (cost, most, drafting) = (spec.token_cost(), spec.config().num_speculative_tokens, spec.uses_draft());
         let mut wanted = Vec::new();
         for s in batch.seqs.iter().filter(|s| s.sample) {
             if !out.sampled.contains_key(&s.id) || out.completed.contains(&s.id) {
@@ -80,7 +80,9 @@ impl ModelExecutor {
             let p = st.sampler.params();
             // Room for the drafts and the token after them.
             let room = (p.max_tokens as usize).saturating_sub(st.output.len() + 1);
-            if !p.speculative || room == 0 {
+            // A draft model's first proposal runs the whole prompt through it: it waits until the first token
+            // has gone out, so that speculation does not delay the time to first token.
+            if !p.speculative || room == 0 || drafting && st.output.len() < 2 {
                 continue;
             }
             let k = st.spec.next_k(most.min(room), cost);

@@ -177,6 +177,11 @@ impl Speculator {
         &self.cfg
     }
 
+    /// Whether a draft model proposes (n-gram lookup otherwise).
+    pub fn uses_draft(&self) -> bool {
+        self.draft.is_some()
+    }
+
     /// Relative cost of one more draft token.
     pub fn token_cost(&self) -> f64 {
         self.cfg.verify_cost + self.draft.as_ref().map_or(0.0, |d| d.relative_cost())

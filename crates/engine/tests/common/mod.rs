@@ -60,11 +60,13 @@ pub fn fake_step(out: &SchedulerOutput, spec: Option<FakeSpec>) -> RunnerOutput 
         let n = s.num_draft_tokens;
         let first = s.start_pos + s.token_ids.len() - n;
         let drafts = &s.token_ids[s.token_ids.len() - n..];
+        // The model's token at each position, kept while it equals the draft there; the first that differs
+        // (or the one after the last draft) ends the step.
         let mut emitted = Vec::new();
-        for i in 0..=n {
+        for (i, d) in drafts.iter().map(Some).chain([None]).enumerate() {
             let t = next_token(s.id, first + i);
             emitted.push(t);
-            if i == n || drafts[i] != t {
+            if d != Some(&t) {
                 break;
             }
         }

@@ -765,3 +765,22 @@ fn q4_1_takes_the_most_compact_shared_format() {
     let short = share(&file_bytes(&random_matrix(&mut rng, QuantFormat::Q4_1, 2, 128))[..2 * 3 * 20], 6);
     assert_eq!(QMatrix::from_q4_1(2, 96, short).unwrap().format(), QuantFormat::Q4_1);
 }
+
+#[test]
+fn first_rows_give_the_first_outputs() {
+    let mut rng = Lcg(12);
+    for format in [QuantFormat::Q4_1, QuantFormat::Q4_K, QuantFormat::Q6_K, QuantFormat::Q8_0] {
+        let cols = if matches!(format, QuantFormat::Q4_K | QuantFormat::Q6_K) { 256 } else { 64 };
+        let w = random_matrix(&mut rng, format, 21, cols);
+        let head = w.first_rows(16).unwrap();
+        let x: Vec<f32> = (0..3 * cols).map(|_| rng.f32()).collect();
+        let (mut y, mut yh) = (vec![0f32; 3 * 21], vec![0f32; 3 * 16]);
+        qmatmul(&w, &x, &mut y);
+        qmatmul(&head, &x, &mut yh);
+        for t in 0..3 {
+            assert_eq!(&yh[t * 16..t * 16 + 16], &y[t * 21..t * 21 + 16], "{format:?} row {t}");
+        }
+        assert!(w.first_rows(12).is_err(), "not whole tiles");
+        assert!(w.first_rows(24).is_err(), "more rows than the matrix");
+    }
+}
