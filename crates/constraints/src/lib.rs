@@ -209,7 +209,9 @@ impl Vocab {
                 if !schema.is_object() && !schema.is_boolean() {
                     return Err(CompileError("a JSON schema must be an object or a boolean".into()));
                 }
-                TopLevelGrammar::from_json_schema(bounded_whitespace(schema.clone()))
+                let mut schema = schema.clone();
+                strict_dates(&mut schema);
+                TopLevelGrammar::from_json_schema(bounded_whitespace(schema))
             }
             Spec::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Spec::Choice(choices) => {
@@ -229,6 +231,46 @@ impl Vocab {
         };
         let parser = self.factory.create_parser(grammar).map_err(|e| CompileError(e.to_string()))?;
         Ok(Arc::new(Compiled { parser, kind: spec.kind() }))
+    }
+}
+
+/// RFC 3339 `full-date` as the calendar has it: years 0001–9999 (year 0000 matches RFC 3339's grammar, but
+/// Python's `datetime`, and so `jsonschema`'s format checker, refuse it), each month's own last day, and
+/// 29 February in leap years only.
+const FULL_DATE: &str = concat!(
+    r"(?:(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-",
+    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))",
+    r"|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)-02-29)"
+);
+
+/// RFC 3339 `full-time` without leap seconds, with an upper-case `Z` or a numeric offset.
+const FULL_TIME: &str =
+    r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
+
+/// Replaces the `date-time` and `date` formats of `schema` (where no `pattern` is given) by patterns that accept
+/// real calendar dates only: llguidance's formats follow RFC 3339's grammar, which lets a model write
+/// `0000-01-01` or `2023-02-31`, answers that common validators reject. Data-valued keywords (`const`,
+/// `enum`, `default`, `examples`) are left alone.
+fn strict_dates(schema: &mut Value) {
+    match schema {
+        Value::Object(m) => {
+            let pattern = match m.get("format").and_then(Value::as_str) {
+                Some("date-time") => Some(format!("^{FULL_DATE}T{FULL_TIME}$")),
+                Some("date") => Some(format!("^{FULL_DATE}$")),
+                _ => None,
+            };
+            if let Some(p) = pattern.filter(|_| !m.contains_key("pattern")) {
+                m.remove("format");
+                m.insert("pattern".into(), Value::String(p));
+            }
+            for (k, v) in m.iter_mut() {
+                if !matches!(k.as_str(), "const" | "enum" | "default" | "examples") {
+                    strict_dates(v);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(strict_dates),
+        _ => {}
     }
 }
 

@@ -232,3 +232,39 @@ fn tool_parameter_schemas_are_checked() {
     let none = Spec::ToolCalls(ToolCalls { tools: vec![], required: true, parallel: false });
     assert!(v.compile(&none).is_err());
 }
+
+/// Regression: llguidance's `date-time` follows RFC 3339's grammar, and a seeded sampled answer on Qwen2.5
+/// wrote `0000-01-01T00:00:00.000-00:00`, which `jsonschema`'s format checker refuses (year 0). Dates are now
+/// real calendar dates: no year 0, no 31 April, 29 February in leap years only.
+#[test]
+fn dates_are_real_calendar_dates() {
+    let v = vocab("qwen2");
+    let schema = json!({
+        "type": "object",
+        "properties": {"when": {"type": "string", "format": "date-time"}, "day": {"type": "string", "format": "date"}},
+        "required": ["when", "day"],
+        "additionalProperties": false
+    });
+    let c = v.compile(&Spec::JsonSchema(schema)).unwrap();
+    let doc = |when: &str, day: &str| format!(r#"{{"when":"{when}","day":"{day}"}}"#);
+    for (when, day) in [
+        ("2024-02-29T12:30:00Z", "2000-02-29"),
+        ("1999-12-31T23:59:59.123+05:30", "0001-01-01"),
+        ("2023-04-30T00:00:00-08:00", "2023-11-30"),
+    ] {
+        assert_eq!(feed("qwen2", &c, &doc(when, day)), Ok(true), "{when} {day}");
+    }
+    for (when, day) in [
+        ("0000-01-01T00:00:00.000-00:00", "2024-01-01"),
+        ("2023-02-29T00:00:00Z", "2024-01-01"),
+        ("2024-01-01T00:00:00Z", "1900-02-29"),
+        ("2024-01-01T00:00:00Z", "2024-04-31"),
+        ("2024-01-01T24:00:00Z", "2024-01-01"),
+    ] {
+        assert_ne!(feed("qwen2", &c, &doc(when, day)), Ok(true), "{when} {day} was accepted");
+    }
+    // `const` and `enum` values are data, not schemas: left as they are.
+    let mut s = json!({"const": {"format": "date"}, "properties": {"d": {"format": "date", "pattern": "^x$"}}});
+    strict_dates(&mut s);
+    assert_eq!(s, json!({"const": {"format": "date"}, "properties": {"d": {"format": "date", "pattern": "^x$"}}}));
+}
