@@ -1,9 +1,14 @@
-//! The operational layers between the HTTP front ends and the engines (DESIGN.md §2): so far the model
-//! registry, which loads models on demand and unloads them by memory budget, model count and idle time
-//! (the server's loader and endpoints are in `mlx_serving_server::models` and `admin`).
+//! The operational layers between the HTTP front ends and the engines (DESIGN.md §2): the model registry,
+//! which loads models on demand and unloads them by memory budget, model count and idle time (the server's
+//! loader and endpoints are in `mlx_serving_server::models` and `admin`); request coalescing; and the
+//! response cache's backends (#22, not yet used by the server).
 
+pub mod cache;
+pub mod coalesce;
 pub mod registry;
 
+pub use cache::{CacheBackend, CacheError, CacheLimits, CacheStats, DiskCache, MemoryCache};
+pub use coalesce::{Coalescer, Join, Publisher, Subscription};
 pub use registry::{Counts, Lease, Limits, Loader, ModelInfo, ModelSpec, Registry, RegistryError, State};
 
 #[cfg(test)]
