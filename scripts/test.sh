@@ -24,6 +24,9 @@ cargo build -p mlx-serving
 .venv/bin/python tests/multi_model.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # Speculative decoding (n-gram and a draft model) gives the same ids as without, through serve and generate.
 .venv/bin/python tests/speculative_server.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/mlx/SmolLM2-135M-Instruct-4bit models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+# Identical deterministic requests share one generation; the response cache in memory and on disk.
+.venv/bin/python tests/coalescing.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
+.venv/bin/python tests/response_cache.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 # mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

@@ -4,6 +4,7 @@
 //! Unknown keys are rejected and every value is checked at start; errors name the key path
 //! (`engine.block_size: must be at least 1`).
 
+use crate::cache::CacheSection;
 use crate::speculative::SpeculativeSection;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,8 @@ pub struct RuntimeConfig {
     pub engine: EngineSection,
     /// Speculative decoding for the model (each `models` entry may set its own); off when absent.
     pub speculative: Option<SpeculativeSection>,
+    /// Request coalescing and the response cache.
+    pub cache: CacheSection,
     pub logging: LoggingSection,
 }
 
@@ -40,6 +43,7 @@ impl Default for RuntimeConfig {
             server: ServerSection::default(),
             engine: EngineSection::default(),
             speculative: None,
+            cache: CacheSection::default(),
             logging: LoggingSection::default(),
         }
     }
@@ -333,6 +337,7 @@ impl RuntimeConfig {
             bail!("memory_budget_mb: must be at least 1");
         }
         self.resolve_models()?;
+        self.cache.validate()?;
         let seconds = [
             ("model_wait_seconds", Some(self.model_wait_seconds)),
             ("server.shutdown_grace_seconds", Some(self.server.shutdown_grace_seconds)),

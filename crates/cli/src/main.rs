@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod cache;
 mod config;
 mod serve;
 mod speculative;

@@ -92,6 +92,8 @@ pub struct ServeArgs {
     no_prefix_caching: bool,
     #[command(flatten)]
     speculative: crate::speculative::SpeculativeArgs,
+    #[command(flatten)]
+    cache: crate::cache::CacheArgs,
     /// `text` or `json` [logging.format; default text].
     #[arg(long, env = "MLX_SERVING_LOG_FORMAT")]
     log_format: Option<String>,
@@ -171,6 +173,7 @@ impl ServeArgs {
             c.engine.enable_prefix_caching = false;
         }
         self.speculative.apply(&mut c.speculative);
+        self.cache.apply(&mut c.cache);
         set(&mut c.logging.format, &self.log_format);
         set(&mut c.logging.level, &self.log_level);
         c.validate()?;
@@ -301,6 +304,9 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         body_read_timeout: Duration::from_secs_f64(c.server.body_read_timeout_seconds),
         sse_keepalive: Duration::from_secs_f64(c.server.sse_keepalive_seconds),
         allow_special_tokens_in_chat: c.server.allow_special_tokens_in_chat,
+        coalescing: c.cache.coalescing,
+        response_cache: c.cache.backend()?,
+        cache_shared_across_keys: c.cache.shared_across_keys,
         ..mlx_serving_server::ServerOptions::default()
     };
     let state = Arc::new(AppState::with_models(models, limits, options));

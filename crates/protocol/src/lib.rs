@@ -53,6 +53,8 @@ pub struct SamplingFields {
     pub return_token_ids: bool,
     /// Our extension: `false` opts the request out of speculative decoding (default: on where configured).
     pub speculative: Option<bool>,
+    /// Our extension: `false` neither serves this request from the response cache nor stores its answer.
+    pub cache: Option<bool>,
 }
 
 /// Declares a request type with its own fields plus the shared sampling and streaming fields, listed once
@@ -88,6 +90,8 @@ macro_rules! openai_request {
             pub return_token_ids: Option<bool>,
             /// Our extension: `false` opts out of speculative decoding.
             pub speculative: Option<bool>,
+            /// Our extension: `false` bypasses the response cache.
+            pub cache: Option<bool>,
             /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}` (read by the server).
             pub response_format: Option<Value>,
             /// vLLM's `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}` (read by the server).
@@ -121,6 +125,7 @@ macro_rules! openai_request {
                     logprobs: None,
                     return_token_ids: self.return_token_ids.unwrap_or(false),
                     speculative: self.speculative,
+                    cache: self.cache,
                 }
             }
 

@@ -29,6 +29,7 @@ impl Drop for AbortGuard {
 }
 
 /// What an output driver yields for its choice.
+#[derive(Clone)]
 pub(crate) enum Piece {
     /// New text and the tokens (with logprobs, when asked for) consumed since the last piece.
     Text {

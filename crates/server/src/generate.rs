@@ -15,14 +15,16 @@ use crate::prompts::{
     chat_prompt_bound, completion_prompt_bounds, completion_prompts, normalize_messages, MAX_CHOICES,
 };
 use crate::respond::{collect_response, stream_response, Job, Kind, Prompt};
-use crate::{structured, tools};
+use crate::{shared, structured, tools};
 use crate::{AppState, RequestCtx};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 use mlx_serving_constraints::Compiled;
 use mlx_serving_engine::{AddError, Constraint, EngineRequest, RequestId};
 use mlx_serving_protocol::{ChatCompletionRequest, CompletionRequest, SamplingFields};
+use mlx_serving_services::Join;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -31,6 +33,7 @@ use tracing::Instrument;
 pub async fn completions(
     State(s): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestCtx>,
+    headers: HeaderMap,
     ApiJson(mut req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let lease = s.lease(&req.model).await?;
@@ -47,6 +50,7 @@ pub async fn completions(
     let bounds = completion_prompt_bounds(&m, &req.prompt)?;
     precheck(&m, &fields, |_| 16, &bounds)?;
     let wanted = structured::wanted(req.constraint_fields())?;
+    let share = Share::new(&s, &ctx, &headers, &fields, wanted.as_ref());
     let (prompt, echo) = (std::mem::take(&mut req.prompt), req.echo);
     let rid = ctx.id.clone();
     let (prompts, constraint) = s
@@ -68,12 +72,13 @@ pub async fn completions(
         tool_names: None,
         model: lease,
     };
-    run(s, job, fields, 16, constraint).await
+    run(s, job, fields, 16, constraint, share).await
 }
 
 pub async fn chat_completions(
     State(s): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestCtx>,
+    headers: HeaderMap,
     ApiJson(mut req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let lease = s.lease(&req.model).await?;
@@ -116,6 +121,7 @@ pub async fn chat_completions(
         }
         wanted = Some(structured::Wanted { spec, field: "tools".into() });
     }
+    let share = Share::new(&s, &ctx, &headers, &fields, wanted.as_ref());
     let (st, rid, t, mc) = (s.clone(), ctx.id.clone(), tools.clone(), m.clone());
     let (prompt_ids, constraint) = s
         .on_cpu_pool(&ctx.id, move || {
@@ -141,7 +147,44 @@ pub async fn chat_completions(
         tool_names: tools.filter(|t| t.choice != tools::Choice::None).map(|t| t.names()),
         model: lease,
     };
-    run(s, job, fields, default_max, constraint).await
+    run(s, job, fields, default_max, constraint, share).await
+}
+
+/// What decides, besides the job and its parameters, whether two requests may share a generation or a cached
+/// answer, and whether this one uses the cache.
+struct Share {
+    /// The output constraint asked for (its spec, printed), or `None`.
+    constraint: String,
+    tenant: Option<u64>,
+    /// Serve it from the cache (not with `Cache-Control: no-cache`, `no-store` or `cache: false`).
+    lookup: bool,
+    /// Store its answer (not with `no-store` or `cache: false`).
+    store: bool,
+}
+
+impl Share {
+    fn new(
+        s: &AppState,
+        ctx: &RequestCtx,
+        headers: &HeaderMap,
+        fields: &SamplingFields,
+        wanted: Option<&structured::Wanted>,
+    ) -> Self {
+        let directives: Vec<String> = headers
+            .get_all(axum::http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|d| d.trim().to_ascii_lowercase()))
+            .collect();
+        let has = |d: &str| directives.iter().any(|x| x == d);
+        let on = fields.cache != Some(false);
+        Self {
+            constraint: format!("{:?}", wanted.map(|w| &w.spec)),
+            tenant: if s.options.cache_shared_across_keys { None } else { ctx.tenant },
+            lookup: on && !has("no-cache") && !has("no-store"),
+            store: on && !has("no-store"),
+        }
+    }
 }
 
 /// The checks that need no tokenizing, run before it: every parameter, `prompts × n`, the context length
@@ -191,6 +234,7 @@ async fn run(
     fields: SamplingFields,
     default_max_tokens: usize,
     constraint: Option<Arc<Compiled>>,
+    share: Share,
 ) -> Result<Response, ApiError> {
     let m = job.model.model().clone();
     if m.closing() {
@@ -202,6 +246,35 @@ async fn run(
     let (params, priority, n) = sampling_params(fields, default_max_tokens, longest, cfg.max_model_len, vocab)?;
     job.n = n;
     check_choices(job.prompts.len(), n)?;
+    let key = (s.options.coalescing || s.options.response_cache.is_some())
+        .then(|| shared::key(&job, &params, &share.constraint, share.tenant))
+        .flatten();
+    // A finished answer to the same deterministic request: replayed through the writers.
+    let cache = s.options.response_cache.clone().zip(key.clone());
+    // With the cache on every answer says whether it came from it.
+    let x_cache = s.options.response_cache.as_ref().map(|_| "miss");
+    if let Some((c, k)) = cache.as_ref().filter(|_| share.lookup) {
+        if let Some(pieces) = shared::cached(&s, c.as_ref(), k).await {
+            let (tx, rx) = mpsc::channel(pieces.len().max(1));
+            for p in pieces {
+                let _ = tx.try_send(p);
+            }
+            drop(tx);
+            return respond(s, job, rx, Some("hit")).await;
+        }
+    }
+    // An identical deterministic request in flight: read its generation instead of running another.
+    let publisher = match key.as_ref().filter(|_| s.options.coalescing).map(|k| s.coalescer.join(k)) {
+        Some(Join::Follower(sub)) => {
+            m.metrics.coalesced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!("joined an identical request's generation");
+            return respond(s, job, shared::forward(sub), x_cache).await;
+        }
+        Some(Join::Leader(publisher, sub)) => Some((publisher, sub)),
+        Some(Join::Alone) | None => None,
+    };
+    let store =
+        cache.filter(|_| share.store).map(|(c, k)| shared::Store { cache: c, key: k, choices: job.num_choices() });
     // Bounded: the drivers wait for the HTTP side instead of buffering whole generations.
     let (piece_tx, pieces) = mpsc::channel::<Piece>(64);
     let arrival = Instant::now();
@@ -245,10 +318,25 @@ async fn run(
     }
     drop(piece_tx);
     tracing::debug!(prompts = job.prompts.len(), longest, n, stream = job.stream, "submitted");
-    if job.stream {
-        return Ok(stream_response(s, job, pieces));
+    let pieces = match (publisher, store) {
+        (None, None) => pieces,
+        (publisher, store) => shared::tee(s.clone(), pieces, publisher, store),
+    };
+    respond(s, job, pieces, x_cache).await
+}
+
+/// Writes the response from `pieces`: SSE events, or one JSON body; with the response cache on, `x-cache`.
+async fn respond(
+    s: Arc<AppState>,
+    job: Job,
+    pieces: mpsc::Receiver<Piece>,
+    x_cache: Option<&'static str>,
+) -> Result<Response, ApiError> {
+    let mut resp = if job.stream { stream_response(s, job, pieces) } else { collect_response(s, job, pieces).await? };
+    if let Some(v) = x_cache {
+        resp.headers_mut().insert("x-cache", axum::http::HeaderValue::from_static(v));
     }
-    collect_response(s, job, pieces).await
+    Ok(resp)
 }
 
 fn add_error(e: AddError) -> ApiError {

@@ -6,6 +6,7 @@
 //! Must not know about: tensors, scheduling internals.
 
 mod admin;
+mod cache;
 mod driver;
 mod error;
 mod generate;
@@ -16,6 +17,7 @@ mod params;
 mod prompts;
 mod respond;
 mod serve;
+mod shared;
 mod structured;
 mod tools;
 
@@ -73,6 +75,15 @@ pub struct ServerOptions {
     /// Threads that tokenize, render templates and build large responses at once (the CPU pool), so that
     /// this work never runs on the async threads that answer `/health` and stream tokens.
     pub cpu_workers: usize,
+    /// Identical deterministic requests in flight at once share one generation (they never change an answer).
+    pub coalescing: bool,
+    /// Where finished deterministic answers are kept and served from (`x-cache: hit`); none: no cache.
+    pub response_cache: Option<Arc<dyn mlx_serving_services::CacheBackend>>,
+    /// Requests under different API keys may share generations and cached answers.
+    pub cache_shared_across_keys: bool,
+    /// Most shared generations at once, and most requests sharing one; beyond, requests run on their own.
+    pub max_coalesced: usize,
+    pub max_coalesced_subscribers: usize,
 }
 
 impl Default for ServerOptions {
@@ -89,6 +100,11 @@ impl Default for ServerOptions {
             allow_special_tokens_in_chat: false,
             // Leave a core to the engine and the async threads.
             cpu_workers: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            coalescing: true,
+            response_cache: None,
+            cache_shared_across_keys: false,
+            max_coalesced: 1024,
+            max_coalesced_subscribers: 256,
         }
     }
 }
@@ -106,6 +122,8 @@ pub struct AppState {
     id_salt: u64,
     /// Permits of the CPU pool (see [`ServerOptions::cpu_workers`]).
     cpu_pool: Arc<tokio::sync::Semaphore>,
+    /// Identical deterministic requests in flight, sharing one generation.
+    pub(crate) coalescer: Arc<mlx_serving_services::Coalescer<driver::Piece>>,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -113,6 +131,9 @@ pub struct AppState {
 #[derive(Clone, Debug)]
 pub struct RequestCtx {
     pub id: Arc<str>,
+    /// Which API key the request authenticated with (a hash of it), when keys are required: requests of
+    /// different keys never share a generation.
+    pub tenant: Option<u64>,
 }
 
 impl AppState {
@@ -157,6 +178,7 @@ impl AppState {
             next_id: AtomicU64::new(1),
             id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             cpu_pool: Arc::new(tokio::sync::Semaphore::new(options.cpu_workers.max(1))),
+            coalescer: mlx_serving_services::Coalescer::new(options.max_coalesced, options.max_coalesced_subscribers),
             options,
         }
     }
@@ -292,7 +314,7 @@ async fn request_context(State(s): State<Arc<AppState>>, mut req: Request, next:
         .unwrap_or_else(|| s.new_request_id());
     let span = tracing::info_span!("request", request_id = %id);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    req.extensions_mut().insert(RequestCtx { id: id.clone().into() });
+    req.extensions_mut().insert(RequestCtx { id: id.clone().into(), tenant: None });
     let start = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
@@ -312,7 +334,7 @@ async fn request_context(State(s): State<Arc<AppState>>, mut req: Request, next:
 }
 
 /// `Authorization: Bearer KEY` against the configured keys (compared in constant time).
-async fn authenticate(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn authenticate(State(s): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     if s.options.api_keys.is_empty() || req.method() == Method::OPTIONS {
         return next.run(req).await;
     }
@@ -322,11 +344,24 @@ async fn authenticate(State(s): State<Arc<AppState>>, req: Request, next: Next) 
     });
     match given {
         Some(k) if s.options.api_keys.iter().any(|good| constant_time_eq(good.as_bytes(), k.as_bytes())) => {
+            let tenant = tenant_of(k);
+            if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
+                ctx.tenant = Some(tenant);
+            }
             next.run(req).await
         }
         Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
         None => ApiError::unauthorized("Missing API key: send `Authorization: Bearer <key>`.").into_response(),
     }
+}
+
+/// A stable identity for an API key (the same on every instance), without keeping the key itself around.
+fn tenant_of(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    "mlx-serving tenant".hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -344,7 +379,7 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
             engine: loaded.iter().find(|(n, _)| *n == info.name).map(|(_, model)| &model.engine),
         })
         .collect();
-    let body = s.metrics.render(&views);
+    let body = s.metrics.render(&views, s.options.response_cache.as_ref().map(|c| c.stats()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -99,6 +99,8 @@ pub struct ModelMetrics {
     pub load_failures: AtomicU64,
     pub unloads: AtomicU64,
     pub load_seconds: Histogram,
+    /// Requests that joined another request's generation instead of running their own.
+    pub coalesced: AtomicU64,
 }
 
 impl Default for ModelMetrics {
@@ -115,6 +117,7 @@ impl Default for ModelMetrics {
             load_failures: AtomicU64::new(0),
             unloads: AtomicU64::new(0),
             load_seconds: Histogram::new(LOAD_BUCKETS),
+            coalesced: AtomicU64::new(0),
         }
     }
 }
@@ -127,11 +130,15 @@ impl ModelMetrics {
     }
 }
 
-/// Server-wide series (HTTP responses by status).
+/// Server-wide series (HTTP responses by status, the response cache).
 #[derive(Default)]
 pub struct Metrics {
     /// HTTP responses by status code (only codes seen).
     responses: Mutex<Vec<(u16, u64)>>,
+    /// Response-cache lookups that found an answer, that did not, and backend operations that failed.
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_errors: AtomicU64,
 }
 
 /// One model as `/metrics` shows it: its registry entry, its series, and its engine while loaded.
@@ -212,12 +219,42 @@ impl Metrics {
 
     /// The Prometheus text exposition: every model's series labelled with its name (engine series only while
     /// it is loaded), the registry's, and the HTTP responses.
-    pub fn render(&self, models: &[ModelView]) -> String {
+    pub fn render(&self, models: &[ModelView], cache: Option<mlx_serving_services::CacheStats>) -> String {
         let mut x = Exposition::default();
         let loaded = models.iter().filter(|m| m.engine.is_some()).count();
         x.sample(["mlx_serving:models_loaded", "Models loaded now.", "gauge"], "", loaded);
         for m in models {
             render_model(&mut x, m);
+        }
+        if let Some(c) = cache {
+            let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let counter = "counter";
+            x.sample(
+                ["mlx_serving:response_cache_hits_total", "Requests answered from the response cache.", counter],
+                "",
+                get(&self.cache_hits),
+            );
+            x.sample(
+                [
+                    "mlx_serving:response_cache_misses_total",
+                    "Cacheable requests not found in the response cache.",
+                    counter,
+                ],
+                "",
+                get(&self.cache_misses),
+            );
+            x.sample(
+                ["mlx_serving:response_cache_errors_total", "Response-cache backend operations that failed.", counter],
+                "",
+                get(&self.cache_errors),
+            );
+            x.sample(
+                ["mlx_serving:response_cache_evictions_total", "Entries evicted from the response cache.", counter],
+                "",
+                c.evictions,
+            );
+            x.sample(["mlx_serving:response_cache_entries", "Entries in the response cache.", "gauge"], "", c.entries);
+            x.sample(["mlx_serving:response_cache_bytes", "Bytes in the response cache.", "gauge"], "", c.bytes);
         }
         let name = "mlx_serving:http_responses_total";
         let fam = x.family(name, "HTTP responses by status code.", "counter");
@@ -249,6 +286,11 @@ fn render_model(x: &mut Exposition, m: &ModelView) {
     x.sample(["mlx_serving:model_load_failures_total", "Failed loads.", counter], &labels, get(&mm.load_failures));
     x.sample(["mlx_serving:model_unloads_total", "Unloads of the model.", counter], &labels, get(&mm.unloads));
     x.hist(["mlx_serving:model_load_seconds", "Time to load the model."], &labels, &mm.load_seconds);
+    x.sample(
+        ["mlx_serving:coalesced_requests_total", "Requests that joined an identical request's generation.", counter],
+        &labels,
+        get(&mm.coalesced),
+    );
     if let Some(engine) = m.engine {
         let st = engine.stats();
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as f64;
@@ -374,7 +416,7 @@ mod tests {
         m.response(200);
         let views =
             [ModelView { info: &a, metrics: &ma, engine: None }, ModelView { info: &b, metrics: &mb, engine: None }];
-        let out = m.render(&views);
+        let out = m.render(&views, None);
         for family in [
             "mlx_serving:model_loads_total",
             "mlx_serving:request_success_total",

@@ -18,7 +18,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct CacheError(pub String);
 
 /// A store of responses by key.
-pub trait CacheBackend: Send + Sync {
+pub trait CacheBackend: Send + Sync + std::fmt::Debug {
     /// The entry for `key`, if present and not expired.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Arc<[u8]>>, CacheError>>;
     /// Stores `value` under `key` (replacing any entry), evicting the least recently used entries as needed.
@@ -50,7 +50,7 @@ fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
 }
 
 /// An LRU index of sized entries with expiry times: what both local backends keep in memory.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Lru<V> {
     entries: HashMap<String, (V, u64, Instant, u64)>,
     /// Use order: tick → key.
@@ -110,6 +110,7 @@ impl<V: Clone> Lru<V> {
 }
 
 /// Responses in this process's memory.
+#[derive(Debug)]
 pub struct MemoryCache {
     lru: Mutex<Lru<Arc<[u8]>>>,
     limits: CacheLimits,
@@ -154,6 +155,7 @@ impl CacheBackend for MemoryCache {
 
 /// Responses in a directory, one file per entry (named by a hash of the key, holding the key and the value),
 /// indexed in memory; they survive a restart. Expiry is the file's modification time plus the TTL.
+#[derive(Debug)]
 pub struct DiskCache {
     dir: PathBuf,
     lru: Arc<Mutex<Lru<()>>>,
