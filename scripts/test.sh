@@ -4,6 +4,11 @@
 # drives a real `mlx-serving serve` with the official `openai` Python client (installed into .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The response cache's Redis tests start their own redis-server (Debian's package) on a free loopback port.
+if ! command -v redis-server >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q redis-server
+fi
 scripts/fetch-model.sh smollm2
 scripts/fetch-model.sh qwen2.5-0.5b
 scripts/fetch-model.sh gemma3-270m

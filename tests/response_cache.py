@@ -6,9 +6,11 @@ Usage: response_cache.py BINARY SMOLLM2_GGUF
 Memory backend: a greedy or seeded request misses, then hits with the same choices (ids and text) and a fresh
 id, as JSON and as SSE (same text, same usage); unseeded sampling never hits; a changed field misses;
 `Cache-Control: no-cache` and `cache: false` bypass it; /metrics counts hits and misses. Disk backend: entries
-survive a restart, and after a kill -9 in the middle of writes every entry served is whole.
+survive a restart, and after a kill -9 in the middle of writes every entry served is whole. Redis backend (a
+real `redis-server` on a free loopback port): two instances share answers; with Redis killed no request fails,
+the outage is counted, and after a restart the hits resume.
 """
-import os, shutil, signal, subprocess, sys, tempfile, threading, time
+import os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import check, metrics, start, stop  # noqa: E402
@@ -106,4 +108,45 @@ check(bad == 0, f"after kill -9: every one of {len(prompts)} answers whole and r
 check(0 < hits < len(prompts), f"the kill came part way: {hits} entries written before it were served, the rest recomputed")
 stop(proc)
 shutil.rmtree(d)
+# Redis: two instances share one real redis-server; killed mid-run, no request fails and the hits resume.
+def redis_server(port):
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    harness.servers.append(p)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return p
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+rport = harness.free_port()
+redis = redis_server(rport)
+url = f"redis://127.0.0.1:{rport}"
+a_proc, a_port = start(binary, COMMON + ["--response-cache", "redis", "--redis-url", url])
+b_proc, b_port = start(binary, COMMON + ["--response-cache", "redis", "--redis-url", url])
+a = OpenAI(base_url=f"http://127.0.0.1:{a_port}/v1", api_key="x")
+b = OpenAI(base_url=f"http://127.0.0.1:{b_port}/v1", api_key="x")
+first = ask(a, "Name three colors.")
+other = ask(b, "Name three colors.")
+check(first[0] == "miss" and other[0] == "hit" and other[1:3] == first[1:3],
+      "an answer computed by one instance is a hit on the other")
+redis.kill()
+redis.wait()
+down = [ask(a, f"Spell the word {w}.", max_tokens=6) for w in ("cat", "dog", "cat")]
+check(all(d[0] == "miss" for d in down) and down[0][1:3] == down[2][1:3],
+      "with Redis down every request is answered (from the engine), none fails")
+m = metrics(a_port)
+check(m["mlx_serving:response_cache_errors_total"] > 0, "the outage shows in /metrics")
+redis = redis_server(rport)
+time.sleep(1.2)  # past the retry interval
+ask(a, "Name five fruits.")
+back = ask(b, "Name five fruits.")
+check(back[0] == "hit", "Redis restarted: the instances share answers again")
+stop(a_proc)
+stop(b_proc)
+redis.kill()
+
 print(f"all {harness.checks} checks passed")

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use mlx_serving_services::{CacheBackend, CacheLimits, DiskCache, MemoryCache};
+use mlx_serving_services::{CacheBackend, CacheLimits, DiskCache, MemoryCache, RedisCache};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ pub struct CacheSection {
     pub path: PathBuf,
     /// The Redis server of the `redis` cache, `redis://HOST:PORT`.
     pub redis_url: Option<String>,
+    /// Bound on each Redis operation; past it the request is answered from the engine.
+    pub redis_timeout_ms: f64,
     /// Bounds of the cache (for `redis`: the TTL only; Redis's own `maxmemory` policy bounds its size).
     pub max_entries: usize,
     pub max_mb: u64,
@@ -36,6 +38,7 @@ impl Default for CacheSection {
             response_cache: None,
             path: PathBuf::from("cache"),
             redis_url: None,
+            redis_timeout_ms: 50.0,
             max_entries: 10_000,
             max_mb: 256,
             ttl_seconds: 3600.0,
@@ -49,10 +52,14 @@ impl CacheSection {
     pub fn validate(&self) -> Result<()> {
         match self.response_cache.as_deref() {
             None | Some("memory" | "disk") => {}
-            Some("redis") => {
-                bail!("cache.response_cache: the `redis` backend is not available yet; use memory or disk")
+            Some("redis") if self.redis_url.is_none() => {
+                bail!("cache.redis_url: the redis cache needs redis://HOST:PORT")
             }
+            Some("redis") => {}
             Some(other) => bail!("cache.response_cache: must be `memory`, `disk` or `redis`, got `{other}`"),
+        }
+        if !(self.redis_timeout_ms.is_finite() && (1.0..=60_000.0).contains(&self.redis_timeout_ms)) {
+            bail!("cache.redis_timeout_ms: must be between 1 and 60000, got {}", self.redis_timeout_ms);
         }
         if self.max_entries == 0 || self.max_mb == 0 {
             bail!("cache.max_entries and cache.max_mb: must be at least 1");
@@ -79,6 +86,14 @@ impl CacheSection {
             Some("disk") => Some(Arc::new(
                 DiskCache::open(&self.path, self.limits()).map_err(|e| anyhow::anyhow!("cache.path: {e}"))?,
             )),
+            Some("redis") => {
+                let url = self.redis_url.as_deref().unwrap_or_default();
+                let timeout = Duration::from_secs_f64(self.redis_timeout_ms / 1e3);
+                Some(
+                    RedisCache::new(url, timeout, self.limits().ttl)
+                        .map_err(|e| anyhow::anyhow!("cache.redis_url: {e}"))?,
+                )
+            }
             _ => None,
         })
     }

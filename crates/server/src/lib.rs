@@ -379,7 +379,8 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
             engine: loaded.iter().find(|(n, _)| *n == info.name).map(|(_, model)| &model.engine),
         })
         .collect();
-    let body = s.metrics.render(&views, s.options.response_cache.as_ref().map(|c| c.stats()));
+    let cache = s.options.response_cache.as_ref().map(|c| c.is_local().then(|| c.stats()));
+    let body = s.metrics.render(&views, cache);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -219,7 +219,9 @@ impl Metrics {
 
     /// The Prometheus text exposition: every model's series labelled with its name (engine series only while
     /// it is loaded), the registry's, and the HTTP responses.
-    pub fn render(&self, models: &[ModelView], cache: Option<mlx_serving_services::CacheStats>) -> String {
+    /// `cache`: the response cache's counts, when it is on (and its entries, when they are local: a shared Redis
+    /// keeps its own).
+    pub fn render(&self, models: &[ModelView], cache: Option<Option<mlx_serving_services::CacheStats>>) -> String {
         let mut x = Exposition::default();
         let loaded = models.iter().filter(|m| m.engine.is_some()).count();
         x.sample(["mlx_serving:models_loaded", "Models loaded now.", "gauge"], "", loaded);
@@ -248,13 +250,19 @@ impl Metrics {
                 "",
                 get(&self.cache_errors),
             );
-            x.sample(
-                ["mlx_serving:response_cache_evictions_total", "Entries evicted from the response cache.", counter],
-                "",
-                c.evictions,
-            );
-            x.sample(["mlx_serving:response_cache_entries", "Entries in the response cache.", "gauge"], "", c.entries);
-            x.sample(["mlx_serving:response_cache_bytes", "Bytes in the response cache.", "gauge"], "", c.bytes);
+            if let Some(c) = c {
+                x.sample(
+                    ["mlx_serving:response_cache_evictions_total", "Entries evicted from the response cache.", counter],
+                    "",
+                    c.evictions,
+                );
+                x.sample(
+                    ["mlx_serving:response_cache_entries", "Entries in the response cache.", "gauge"],
+                    "",
+                    c.entries,
+                );
+                x.sample(["mlx_serving:response_cache_bytes", "Bytes in the response cache.", "gauge"], "", c.bytes);
+            }
         }
         let name = "mlx_serving:http_responses_total";
         let fam = x.family(name, "HTTP responses by status code.", "counter");

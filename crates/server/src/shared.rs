@@ -68,7 +68,8 @@ pub(crate) async fn cached(s: &AppState, cache: &dyn CacheBackend, key: &str) ->
         Ok(found) => found.and_then(|bytes| crate::cache::decode(key, &bytes)),
         Err(e) => {
             m.cache_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(backend = cache.name(), error = %e, "response cache lookup failed; answering from the engine");
+            // Counted; the backend logs an outage once.
+            tracing::debug!(backend = cache.name(), error = %e, "response cache lookup failed; answering from the engine");
             None
         }
     };
@@ -127,7 +128,7 @@ pub(crate) fn tee(
             if let Some(bytes) = crate::cache::encode(&st.key, &r, st.choices) {
                 if let Err(e) = st.cache.put(&crate::cache::storage_key(&st.key), bytes.into()).await {
                     s.metrics.cache_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(backend = st.cache.name(), error = %e, "storing a response failed");
+                    tracing::debug!(backend = st.cache.name(), error = %e, "storing a response failed");
                 }
             }
         }

@@ -27,6 +27,10 @@ pub trait CacheBackend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Counters for metrics.
     fn stats(&self) -> CacheStats;
+    /// Whether the entries live in this process (so `stats` counts them); false for a shared server.
+    fn is_local(&self) -> bool {
+        true
+    }
 }
 
 /// What a backend reports for metrics.

@@ -5,10 +5,12 @@
 
 pub mod cache;
 pub mod coalesce;
+pub mod redis;
 pub mod registry;
 
 pub use cache::{CacheBackend, CacheError, CacheLimits, CacheStats, DiskCache, MemoryCache};
 pub use coalesce::{Coalescer, Join, Publisher, Subscription};
+pub use redis::RedisCache;
 pub use registry::{Counts, Lease, Limits, Loader, ModelInfo, ModelSpec, Registry, RegistryError, State};
 
 #[cfg(test)]
