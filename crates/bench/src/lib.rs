@@ -55,6 +55,9 @@ pub struct BenchConfig {
     pub model: Option<String>,
     pub dataset: DatasetSpec,
     pub num_prompts: usize,
+    /// Fraction of the requests (after the first) that repeat an earlier request's prompt exactly, the rest
+    /// being the dataset's prompts in order: a workload for caches and request coalescing.
+    pub duplicate_ratio: f64,
     /// One run per entry (a sweep when there are several).
     pub loads: Vec<Load>,
     pub max_tokens: usize,
@@ -200,7 +203,17 @@ pub fn workload(cfg: &BenchConfig) -> Result<Vec<Item>> {
     for i in (1..items.len()).rev() {
         items.swap(i, rng.below(i + 1));
     }
-    Ok((0..cfg.num_prompts).map(|i| items[i % items.len()].clone()).collect())
+    let mut out: Vec<Item> = Vec::with_capacity(cfg.num_prompts);
+    let mut fresh = 0;
+    for i in 0..cfg.num_prompts {
+        if i > 0 && cfg.duplicate_ratio > 0.0 && rng.next_f64() < cfg.duplicate_ratio {
+            out.push(out[rng.below(i)].clone());
+        } else {
+            out.push(items[fresh % items.len()].clone());
+            fresh += 1;
+        }
+    }
+    Ok(out)
 }
 
 struct Progress {
@@ -469,5 +482,41 @@ mod tests {
         assert_eq!(base_url("http://h:1/v1/").unwrap(), "http://h:1");
         assert_eq!(base_url("http://h:1").unwrap(), "http://h:1");
         assert!(base_url("h:1").is_err());
+    }
+
+    #[test]
+    fn a_duplicate_ratio_repeats_earlier_prompts() {
+        let cfg = |ratio: f64| BenchConfig {
+            urls: vec![],
+            model: None,
+            dataset: DatasetSpec::Builtin,
+            num_prompts: 400,
+            duplicate_ratio: ratio,
+            loads: vec![],
+            max_tokens: 8,
+            input_len: Some(16),
+            chat: true,
+            ignore_eos: false,
+            temperature: 0.0,
+            warmup: 0,
+            seed: 3,
+            rounds: 1,
+            timeout: Duration::from_secs(1),
+            progress: false,
+            constraint: None,
+            constraint_ab: false,
+        };
+        let key = |i: &Item| format!("{i:?}");
+        let distinct = |w: &[Item]| w.iter().map(key).collect::<std::collections::HashSet<_>>().len();
+        let none = workload(&cfg(0.0)).unwrap();
+        assert_eq!(distinct(&none), 400, "synthetic prompts are all different");
+        let half = workload(&cfg(0.5)).unwrap();
+        let repeats = 400 - distinct(&half);
+        assert!((160..=240).contains(&repeats), "about half repeat: {repeats}");
+        // Each repeat is of an earlier prompt; the fresh ones follow the dataset's order.
+        for (i, it) in half.iter().enumerate() {
+            assert!(i == 0 || half[..i].iter().any(|e| key(e) == key(it)) || none.iter().any(|e| key(e) == key(it)));
+        }
+        assert_eq!(key(&half[0]), key(&none[0]));
     }
 }

@@ -86,6 +86,7 @@ async fn start(f: Fake) -> SocketAddr {
 
 fn config(urls: Vec<String>) -> BenchConfig {
     BenchConfig {
+        duplicate_ratio: 0.0,
         urls,
         model: None,
         dataset: DatasetSpec::Builtin,

@@ -94,6 +94,9 @@ struct BenchArgs {
     /// Synthetic prompts of about this many tokens instead of the dataset.
     #[arg(long)]
     input_len: Option<usize>,
+    /// Fraction of requests that repeat an earlier request's prompt exactly (for caches and coalescing).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_ratio: f64,
     /// Use /v1/chat/completions (the default).
     #[arg(long)]
     chat: bool,
@@ -365,6 +368,9 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     if !(a.timeout.is_finite() && a.timeout > 0.0) {
         bail!("--timeout must be a positive number of seconds");
     }
+    if !(0.0..1.0).contains(&a.duplicate_ratio) {
+        bail!("--duplicate-ratio must be at least 0 and below 1");
+    }
     let loads = match a.request_rate {
         Some(r) if !(r.is_finite() && r > 0.0) => bail!("--request-rate must be positive"),
         Some(rate) => vec![Load::RequestRate { rate, max_concurrency: a.max_concurrency }],
@@ -389,6 +395,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         loads,
         max_tokens: a.max_tokens,
         input_len: a.input_len,
+        duplicate_ratio: a.duplicate_ratio,
         chat: !a.completions,
         ignore_eos: a.ignore_eos,
         temperature: a.temperature,
