@@ -14,7 +14,7 @@ servers' /metrics. Without LLAMA_SERVER the llama.cpp columns are left out.
 import argparse, json, os, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from harness import free_port, metrics, start, stop  # noqa: E402
+from harness import free_port, metrics, start, start_command, stop  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BIN = os.path.join(ROOT, "target/release/mlx-serving")
@@ -31,22 +31,9 @@ llama = os.environ.get("LLAMA_SERVER")
 
 
 def llama_server(extra):
-    import time, urllib.request
     port = free_port()
-    proc = subprocess.Popen([llama, "-m", TARGET, "-t", "2", "-c", "4096", "--port", str(port), "-np", "1",
-                             "--no-webui"] + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import harness
-    harness.servers.append(proc)
-    for _ in range(1200):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, port
-        except Exception:
-            if proc.poll() is not None:
-                raise SystemExit(f"llama-server exited with {proc.returncode}")
-            time.sleep(0.2)
-    raise SystemExit("llama-server did not start")
+    cmd = [llama, "-m", TARGET, "-t", "2", "-c", "4096", "--port", str(port), "-np", "1", "--no-webui"] + extra
+    return start_command(cmd, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
 
 
 def bench(servers, dataset, conc, n, max_tokens):

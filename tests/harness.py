@@ -24,13 +24,19 @@ def free_port():
 def start(binary, args):
     """Starts `binary serve ARGS` and waits until /health answers; returns (process, port)."""
     port = free_port()
-    proc = subprocess.Popen([binary, "serve", "--port", str(port)] + args)
+    return start_command([binary, "serve", "--port", str(port)] + args, port), port
+
+
+def start_command(cmd, port, **popen):
+    """Starts any server command listening on `port` and waits until its /health answers; returns the process
+    (killed when the script ends)."""
+    proc = subprocess.Popen(cmd, **popen)
     servers.append(proc)
     for _ in range(1200):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
-                    return proc, port
+                    return proc
         except Exception:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with {proc.returncode}")

@@ -13,7 +13,11 @@ Usage: multi_model.py BINARY SMOLLM2_GGUF QWEN_GGUF
 4. runtime.yaml `models:` with a pinned model, a one-model limit and a short wait: the pinned model is never
    unloaded, the other model's requests get 503 with Retry-After; a TTL unloads an idle model by itself.
 """
-import atexit, json, os, socket, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
+import os, sys, tempfile, threading, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import check, http, metrics, stop  # noqa: E402
 
 import openai
 from openai import OpenAI
@@ -23,65 +27,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 MAX_TOKENS = 12
 COMMON = ["--threads", "2", "--kv-cache-mb", "64"]
 
-checks = 0
-
-
-def check(cond, what):
-    global checks
-    if not cond:
-        raise SystemExit(f"FAILED: {what}")
-    checks += 1
-    print(f"ok - {what}", flush=True)
-
-
-servers = []
-atexit.register(lambda: [p.kill() for p in servers if p.poll() is None])
 
 
 def start(args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "serve", "--port", str(port)] + args)
-    servers.append(proc)
-    for _ in range(1200):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, port
-        except Exception:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}")
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not become healthy")
-
-
-def stop(proc):
-    proc.terminate()
-    proc.wait(timeout=60)
-
-
-def http(port, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read() or b"null")
-
-
-def metrics(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return harness.start(binary, args)
 
 
 def models(port):
@@ -283,4 +232,4 @@ while "qwen" in ps(port) and time.time() < deadline:
 check(ps(port) == ["smol"], "the idle model past its TTL unloaded by itself; the one without a TTL stayed")
 check(ids(c, "qwen", PROMPTS[1]) == reference["qwen"][PROMPTS[1]], "and loads again on its next request")
 stop(proc)
-print(f"all {checks} checks passed")
+print(f"all {harness.checks} checks passed")

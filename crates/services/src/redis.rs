@@ -21,7 +21,9 @@ pub struct RedisCache {
     addr: String,
     timeout: Duration,
     ttl: Duration,
-    conn: tokio::sync::Mutex<Option<BufStream<TcpStream>>>,
+    /// The connection, and whether a command on it was cut off by the timeout mid-way (then its next reply
+    /// would be the old one: it is replaced).
+    conn: tokio::sync::Mutex<(Option<BufStream<TcpStream>>, bool)>,
     down: AtomicBool,
     /// No connection attempt before this instant (while down).
     retry_at: std::sync::Mutex<Instant>,
@@ -51,7 +53,7 @@ impl RedisCache {
             addr,
             timeout,
             ttl,
-            conn: tokio::sync::Mutex::new(None),
+            conn: tokio::sync::Mutex::new((None, false)),
             down: AtomicBool::new(false),
             retry_at: std::sync::Mutex::new(Instant::now()),
             entries_written: AtomicU64::new(0),
@@ -66,8 +68,14 @@ impl RedisCache {
         {
             return Err(CacheError(format!("redis at {} is down", self.addr)));
         }
-        let mut conn = self.conn.lock().await;
+        // The timeout covers waiting for the connection too: under load behind a slow Redis, requests give up
+        // after `timeout` rather than queueing.
         let result = tokio::time::timeout(self.timeout, async {
+            let mut guard = self.conn.lock().await;
+            let (conn, cut) = &mut *guard;
+            if std::mem::replace(cut, true) {
+                *conn = None;
+            }
             // A connection kept from before may be dead (Redis restarted): one more try on a fresh one.
             for attempt in 0..2 {
                 let fresh = conn.is_none();
@@ -83,7 +91,15 @@ impl RedisCache {
                 .await;
                 match reply {
                     Err(_) if !fresh && attempt == 0 => *conn = None,
-                    other => return other,
+                    Err(e) => {
+                        *conn = None;
+                        *cut = false;
+                        return Err(e);
+                    }
+                    ok => {
+                        *cut = false;
+                        return ok;
+                    }
                 }
             }
             unreachable!("the second attempt always returns")
@@ -101,7 +117,6 @@ impl RedisCache {
                 }
             }
             Err(e) => {
-                *conn = None;
                 *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + RETRY_INTERVAL;
                 if !self.down.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "redis is unreachable; answering from the engine until it is back");
@@ -219,5 +234,29 @@ mod tests {
         assert!(c.put("k", b"v"[..].into()).await.is_err());
         assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
         assert!(c.down.load(Ordering::Relaxed));
+    }
+
+    /// A server that accepts and never answers: every one of five concurrent operations gives up within about
+    /// one timeout (waiting for the connection counts against it), instead of queueing one timeout after another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_server_does_not_queue_requests() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = std::thread::spawn(move || listener.incoming().take(2).filter_map(Result::ok).collect::<Vec<_>>());
+        let c =
+            RedisCache::new(&format!("redis://127.0.0.1:{port}"), Duration::from_millis(200), Duration::from_secs(1))
+                .unwrap();
+        let t0 = Instant::now();
+        let ops: Vec<_> = (0..5)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.get("k").await.is_err() })
+            })
+            .collect();
+        for op in ops {
+            assert!(op.await.unwrap(), "a silent server is an error");
+        }
+        assert!(t0.elapsed() < Duration::from_millis(600), "{:?}", t0.elapsed());
+        drop(held);
     }
 }
