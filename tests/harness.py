@@ -27,14 +27,14 @@ def start(binary, args):
     return start_command([binary, "serve", "--port", str(port)] + args, port), port
 
 
-def start_command(cmd, port, **popen):
-    """Starts any server command listening on `port` and waits until its /health answers; returns the process
-    (killed when the script ends)."""
+def start_command(cmd, port, health="/health", **popen):
+    """Starts any server command listening on `port` and waits until its `health` path answers 200; returns
+    the process (killed when the script ends)."""
     proc = subprocess.Popen(cmd, **popen)
     servers.append(proc)
     for _ in range(1200):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=1) as r:
                 if r.status == 200:
                     return proc
         except Exception:
