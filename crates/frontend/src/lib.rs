@@ -2,9 +2,10 @@
 //!
 //! Owns (so far): incremental detokenization that never emits broken UTF-8, and stop-string matching that
 //! catches a stop string split across deltas and never emits it, tool calls found in the output as it
-//! streams. Must not know about: tensors, scheduling.
+//! streams, images decoded within limits and preprocessed for vision encoders. Must not know about: tensors, scheduling.
 
 pub mod detokenizer;
+pub mod image;
 pub mod stop;
 pub mod tool_calls;
 

@@ -1,0 +1,150 @@
+//! Lanczos resizing of 8-bit RGB images with Pillow's arithmetic (`Image.resize(size, Image.LANCZOS)`), so
+//! that the pixels we feed a vision encoder are the ones the reference processors feed it.
+//!
+//! Pillow resamples separably, horizontal pass first (when the width changes), then vertical, each pass
+//! rounding to 8 bits. Per output pixel it weights the input pixels within `3 · max(scale, 1)` of the
+//! pixel's centre with `sinc(x) · sinc(x / 3)` (x in input pixels divided by `max(scale, 1)`), normalized
+//! to sum 1 in double precision, then turned into fixed-point integers with 22 fractional bits; the sum
+//! starts at one half (rounding) and is shifted back and clamped to 0..=255.
+
+use super::Rgb;
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+const SUPPORT: f64 = 3.0;
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+fn lanczos(x: f64) -> f64 {
+    if (-SUPPORT..SUPPORT).contains(&x) {
+        sinc(x) * sinc(x / SUPPORT)
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: the first input pixel and the fixed-point weights of the pixels from there.
+struct Coeffs {
+    bounds: Vec<(usize, usize)>,
+    ksize: usize,
+    weights: Vec<i32>,
+}
+
+fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = SUPPORT * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax - xmin;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(n) {
+            let w = lanczos((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        let row = &mut weights[xx * ksize..(xx + 1) * ksize];
+        for x in 0..n {
+            let v = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let f = v * (1u64 << PRECISION_BITS) as f64;
+            row[x] = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+        }
+        bounds.push((xmin, n));
+    }
+    Coeffs { bounds, ksize, weights }
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+fn horizontal(img: &Rgb, out_w: usize) -> Rgb {
+    let c = coeffs(img.width, out_w);
+    let mut out = vec![0u8; out_w * img.height * 3];
+    for y in 0..img.height {
+        let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
+        let dst = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
+        for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
+            let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
+            for ch in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (x, &w) in k.iter().enumerate() {
+                    ss += src[(xmin + x) * 3 + ch] as i64 * w as i64;
+                }
+                dst[xx * 3 + ch] = clip8(ss);
+            }
+        }
+    }
+    Rgb { width: out_w, height: img.height, pixels: out }
+}
+
+fn vertical(img: &Rgb, out_h: usize) -> Rgb {
+    let c = coeffs(img.height, out_h);
+    let row = img.width * 3;
+    let mut out = vec![0u8; row * out_h];
+    let mut acc = vec![0i64; row];
+    for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {
+        let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
+        acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
+        for (y, &w) in k.iter().enumerate() {
+            let src = &img.pixels[(ymin + y) * row..(ymin + y + 1) * row];
+            for (a, &p) in acc.iter_mut().zip(src) {
+                *a += p as i64 * w as i64;
+            }
+        }
+        for (o, &a) in out[yy * row..(yy + 1) * row].iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    Rgb { width: img.width, height: out_h, pixels: out }
+}
+
+/// `img` resized to `width × height` with Pillow's LANCZOS.
+pub fn lanczos_resize(img: &Rgb, width: usize, height: usize) -> Rgb {
+    let wide = if width != img.width { horizontal(img, width) } else { img.clone() };
+    if height != wide.height {
+        vertical(&wide, height)
+    } else {
+        wide
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_sum_to_one_and_a_flat_image_stays_flat() {
+        for (i, o) in [(100, 37), (37, 100), (512, 512), (1024, 512), (3, 1024)] {
+            let c = coeffs(i, o);
+            for (xx, &(_, n)) in c.bounds.iter().enumerate() {
+                let s: i64 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().map(|&w| w as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}->{o} pixel {xx}: {s}");
+            }
+        }
+        let flat = Rgb { width: 7, height: 5, pixels: [10u8, 200, 77].repeat(35) };
+        let r = lanczos_resize(&flat, 23, 3);
+        assert_eq!((r.width, r.height), (23, 3));
+        assert!(r.pixels.chunks(3).all(|p| p == [10, 200, 77]), "{:?}", &r.pixels[..9]);
+    }
+
+    #[test]
+    fn same_size_is_a_copy() {
+        let img = Rgb { width: 2, height: 2, pixels: (0..12).map(|v| v as u8 * 20).collect() };
+        assert_eq!(lanczos_resize(&img, 2, 2).pixels, img.pixels);
+    }
+}
