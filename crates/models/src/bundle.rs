@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::hf::HfDir;
 use crate::tokenizer::{load_tokenizer, SpecialTokens};
+use crate::vision::{ImageProcessing, VisionModel};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -21,6 +22,8 @@ pub struct ModelBundle {
     /// The longest token in bytes: a text of more than `n × max_token_bytes` bytes has more than `n` tokens.
     pub max_token_bytes: usize,
     special_text: SpecialTokenText,
+    /// A vision-language model's vision tower and connector, and how its images are prepared.
+    pub vision: Option<(std::sync::Arc<VisionModel>, ImageProcessing)>,
 }
 
 /// How a chat's message strings are tokenized.
@@ -85,6 +88,7 @@ impl ModelBundle {
         }
         let dir = HfDir::open(&path)?;
         let cfg = dir.model_config()?;
+        let vision = VisionModel::load(&dir)?.map(|(v, p)| (std::sync::Arc::new(v), p));
         let json = path.join("tokenizer.json");
         let (tokenizer, model) = std::thread::scope(|s| {
             let tokenizer = s.spawn(|| {
@@ -103,7 +107,9 @@ impl ModelBundle {
             Some(src) => Some(ChatTemplate::new(&src, bos, eos)?),
             None => None,
         };
-        Self::assemble(path, model, tokenizer, chat_template, special_tokens)
+        let mut me = Self::assemble(path, model, tokenizer, chat_template, special_tokens)?;
+        me.vision = vision;
+        Ok(me)
     }
 
     fn assemble(
@@ -123,7 +129,17 @@ impl ModelBundle {
             .max(special_len)
             .max(1);
         let special_text = SpecialTokenText::new(&tokenizer)?;
-        Ok(Self { path, model, tokenizer, chat_template, special_tokens, token_bytes, max_token_bytes, special_text })
+        Ok(Self {
+            path,
+            model,
+            tokenizer,
+            chat_template,
+            special_tokens,
+            token_bytes,
+            max_token_bytes,
+            special_text,
+            vision: None,
+        })
     }
 
     /// Renders a chat with the model's template and tokenizes it (the template writes any BOS itself). With
@@ -158,6 +174,82 @@ impl ModelBundle {
                 })
             }
         }
+    }
+
+    /// The token ids one image of `rows × cols` tiles (plus the global tile; 0 × 0: the global tile alone)
+    /// stands for in an Idefics3 prompt, as its processor writes them:
+    /// `<fake_token_around_image><row_r_col_c>` + the tile's image tokens per tile, a newline after each row,
+    /// then a newline, `<fake_token_around_image><global-img>`, the global tile's image tokens and
+    /// `<fake_token_around_image>` (the newlines as the tokenizer reads them: `\n` and `\n\n`).
+    pub fn image_prompt_ids(&self, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        let Some((v, p)) = &self.vision else {
+            return Err(Error::Template(format!("{} takes no images", self.path.display())));
+        };
+        let id = |t: &str| {
+            self.tokenizer
+                .token_to_id(t)
+                .ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {t} token for images")))
+        };
+        let (fake, image) = (id("<fake_token_around_image>")?, v.image_token_id());
+        let mut ids = Vec::new();
+        for r in 1..=rows {
+            for c in 1..=cols {
+                ids.push(fake);
+                ids.push(id(&format!("<row_{r}_col_{c}>"))?);
+                ids.extend(std::iter::repeat_n(image, p.image_seq_len));
+            }
+            ids.extend(self.encode("\n", false)?);
+        }
+        if rows > 0 {
+            // The last row's newline and the one before the global tile are one token.
+            let n = self.encode("\n", false)?.len();
+            ids.truncate(ids.len() - n);
+            ids.extend(self.encode("\n\n", false)?);
+        }
+        ids.push(fake);
+        ids.push(id("<global-img>")?);
+        ids.extend(std::iter::repeat_n(image, p.image_seq_len));
+        ids.push(fake);
+        Ok(ids)
+    }
+
+    /// A chat whose messages hold images: rendered and tokenized as [`Self::encode_chat_with_tools`] (the
+    /// template writes one image token per image part), then each of the template's image tokens expanded,
+    /// in order, into `grids[i]`'s ids ([`Self::image_prompt_ids`]). Returns the ids and each image's span
+    /// (first to one past its last id).
+    pub fn encode_chat_with_images<M: serde::Serialize>(
+        &self,
+        messages: &M,
+        tools: Option<&serde_json::Value>,
+        content: ChatContent,
+        grids: &[(usize, usize)],
+    ) -> Result<(Vec<u32>, Vec<std::ops::Range<usize>>)> {
+        let rendered = self.encode_chat_with_tools(messages, tools, content)?;
+        let Some((v, _)) = &self.vision else {
+            return Err(Error::Template(format!("{} takes no images", self.path.display())));
+        };
+        let image = v.image_token_id();
+        let found = rendered.iter().filter(|&&t| t == image).count();
+        if found != grids.len() {
+            return Err(Error::Template(format!(
+                "the chat template wrote {found} image tokens for {} images",
+                grids.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(rendered.len() + grids.len() * 5 * 66);
+        let mut spans = Vec::with_capacity(grids.len());
+        let mut next = grids.iter();
+        for t in rendered {
+            match (t == image).then(|| next.next()).flatten() {
+                Some(&(rows, cols)) => {
+                    let start = ids.len();
+                    ids.extend(self.image_prompt_ids(rows, cols)?);
+                    spans.push(start..ids.len());
+                }
+                None => ids.push(t),
+            }
+        }
+        Ok((ids, spans))
     }
 
     /// Tokenizes raw text, adding BOS when the model asks for it and `add_special_tokens` is set.

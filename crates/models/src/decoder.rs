@@ -495,7 +495,7 @@ impl Model {
         cache: &mut PagedKvCache,
         progress: &dyn Fn() -> bool,
     ) -> Result<Vec<f32>> {
-        batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size)?;
+        batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size, self.cfg.hidden_size)?;
         let _step = mlx_serving_kernels::pool::step();
         let cfg = &self.cfg;
         let dev = &self.device;
@@ -512,6 +512,9 @@ impl Model {
             if let Some(s) = cfg.embed_scale {
                 row.iter_mut().for_each(|v| *v *= s);
             }
+        }
+        for &(first, e) in batch.embeds {
+            x[first * h..first * h + e.len()].copy_from_slice(e);
         }
         let layout = cache.layout();
         let mut row = 0;

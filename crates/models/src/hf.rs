@@ -70,7 +70,12 @@ struct TensorInfo {
 /// An opened Hugging Face model directory.
 pub struct HfDir {
     dir: PathBuf,
+    /// The text model's config: `config.json`, or its `text_config` in a vision-language directory.
     config: Value,
+    /// `config.json` as a whole (a vision-language model's vision config lives here).
+    root_config: Value,
+    /// Where the text model's tensors live: `model.`, or `model.text_model.` in an Idefics3 checkpoint.
+    text_prefix: &'static str,
     /// Each safetensors file, mapped: tensors in a layout our kernels take are slices of these.
     shards: Vec<(PathBuf, MappedFile)>,
     tensors: HashMap<String, TensorInfo>,
@@ -117,8 +122,26 @@ impl HfDir {
         } else {
             vec!["model.safetensors".into()]
         };
+        let root_config = config.clone();
+        let (config, text_prefix) = match config.get("model_type").and_then(Value::as_str) {
+            Some("idefics3") => {
+                let text = config.get("text_config").filter(|t| t.is_object()).cloned().ok_or_else(|| {
+                    Error::MissingMetadata { path: dir.join("config.json"), key: "text_config".into() }
+                })?;
+                (text, "model.text_model.")
+            }
+            _ => (config, "model."),
+        };
         let gemma = config.get("model_type").and_then(Value::as_str).is_some_and(|t| t.starts_with("gemma"));
-        let mut me = Self { dir: dir.clone(), config, shards: Vec::new(), tensors: HashMap::new(), gemma };
+        let mut me = Self {
+            dir: dir.clone(),
+            config,
+            root_config,
+            text_prefix,
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+            gemma,
+        };
         for f in files {
             let path = dir.join(&f);
             let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
@@ -134,6 +157,26 @@ impl HfDir {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `config.json` as a whole.
+    pub fn root_config(&self) -> &Value {
+        &self.root_config
+    }
+
+    /// A float tensor by its checkpoint name, as f32 values, with its shape.
+    pub fn f32_tensor(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (info, values) = self.read_f32(name)?;
+        Ok((info.shape, values))
+    }
+
+    /// The checkpoint name of the text model's tensor the decoder calls `name`.
+    fn checkpoint_name(&self, name: &str) -> String {
+        let hf = hf_name(name, self.gemma);
+        match hf.strip_prefix("model.") {
+            Some(rest) if self.text_prefix != "model." => format!("{}{rest}", self.text_prefix),
+            _ => hf,
+        }
     }
 
     fn config_path(&self) -> PathBuf {
@@ -430,7 +473,7 @@ pub(crate) fn affine_to_ggml(
 
 impl TensorSource for HfDir {
     fn tensor_data(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>> {
-        let hf = hf_name(name, self.gemma);
+        let hf = self.checkpoint_name(name);
         let info = self.info(&hf)?;
         if info.dtype == DType::U32 {
             let (Some(base), &[rows, cols]) = (hf.strip_suffix(".weight"), shape) else {
@@ -457,7 +500,7 @@ impl TensorSource for HfDir {
     }
 
     fn bad_tensor(&self, name: &str, reason: String) -> Error {
-        Error::BadTensor { path: self.dir.clone(), name: hf_name(name, self.gemma), reason }
+        Error::BadTensor { path: self.dir.clone(), name: self.checkpoint_name(name), reason }
     }
 }
 

@@ -96,10 +96,19 @@ pub struct BatchInput<'a> {
     pub slot_mapping: &'a [u32],
     pub seqs: &'a [SeqInput<'a>],
     pub logits_indices: &'a [u32],
+    /// Rows whose input embeddings are given instead of looked up from their token ids (a vision encoder's
+    /// output at image placeholder tokens): each `(first row, hidden_size × k values)` for `k` rows.
+    pub embeds: &'a [(usize, &'a [f32])],
 }
 
 impl BatchInput<'_> {
-    pub(crate) fn validate(&self, cache: &PagedKvCache, max_positions: usize, vocab_size: usize) -> Result<()> {
+    pub(crate) fn validate(
+        &self,
+        cache: &PagedKvCache,
+        max_positions: usize,
+        vocab_size: usize,
+        hidden_size: usize,
+    ) -> Result<()> {
         let n = self.token_ids.len();
         let bad = |m: String| Err(Error::InvalidBatch(m));
         if n == 0 {
@@ -153,6 +162,9 @@ impl BatchInput<'_> {
         }
         if self.logits_indices.iter().any(|&r| r as usize >= n) {
             return bad("logits index out of range".into());
+        }
+        if self.embeds.iter().any(|&(row, e)| e.len() % hidden_size != 0 || row + e.len() / hidden_size > n) {
+            return bad("embedding rows out of range or not a whole number of rows".into());
         }
         Ok(())
     }

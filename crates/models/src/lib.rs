@@ -23,6 +23,7 @@ pub mod kv;
 pub mod resolve;
 pub mod source;
 pub mod tokenizer;
+pub mod vision;
 
 pub use bundle::{ChatContent, ModelBundle};
 pub use chat_template::ChatTemplate;
@@ -35,3 +36,4 @@ pub use kv::{BatchInput, PagedKvCache, SeqInput};
 pub use mlx_serving_kernels::Activations;
 pub use resolve::{resolve_model, weight_bytes};
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf, SpecialTokens};
+pub use vision::{ImageProcessing, VisionModel};

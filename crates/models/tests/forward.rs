@@ -75,8 +75,14 @@ fn two_sequences_in_one_batch_match_each_alone() {
         SeqInput { query_len: b.len(), context_len: b.len(), block_table: &tb },
     ];
     let rows = [a.len() as u32 - 1, ids.len() as u32 - 1];
-    let batch =
-        BatchInput { token_ids: &ids, positions: &positions, slot_mapping: &slots, seqs: &seqs, logits_indices: &rows };
+    let batch = BatchInput {
+        token_ids: &ids,
+        positions: &positions,
+        slot_mapping: &slots,
+        seqs: &seqs,
+        logits_indices: &rows,
+        embeds: &[],
+    };
     let out = m.forward(&batch, &mut cache).unwrap();
     assert!(max_diff(&out[..v], &la) < 1e-3);
     assert!(max_diff(&out[v..], &lb) < 1e-3);
@@ -89,17 +95,35 @@ fn inconsistent_batches_are_errors_not_panics() {
     let table = [0u32, 1];
     let seqs = [SeqInput { query_len: 2, context_len: 2, block_table: &table }];
     // Wrong slot for the second token.
-    let bad_slots =
-        BatchInput { token_ids: &[1, 2], positions: &[0, 1], slot_mapping: &[0, 5], seqs: &seqs, logits_indices: &[1] };
+    let bad_slots = BatchInput {
+        token_ids: &[1, 2],
+        positions: &[0, 1],
+        slot_mapping: &[0, 5],
+        seqs: &seqs,
+        logits_indices: &[1],
+        embeds: &[],
+    };
     assert!(m.forward(&bad_slots, &mut cache).is_err());
     // Context longer than the block table covers.
     let seqs = [SeqInput { query_len: 1, context_len: 9, block_table: &table }];
-    let too_long =
-        BatchInput { token_ids: &[1], positions: &[8], slot_mapping: &[8], seqs: &seqs, logits_indices: &[0] };
+    let too_long = BatchInput {
+        token_ids: &[1],
+        positions: &[8],
+        slot_mapping: &[8],
+        seqs: &seqs,
+        logits_indices: &[0],
+        embeds: &[],
+    };
     assert!(m.forward(&too_long, &mut cache).is_err());
     // Token id outside the vocabulary.
     let seqs = [SeqInput { query_len: 1, context_len: 1, block_table: &table }];
-    let bad_id =
-        BatchInput { token_ids: &[10_000], positions: &[0], slot_mapping: &[0], seqs: &seqs, logits_indices: &[0] };
+    let bad_id = BatchInput {
+        token_ids: &[10_000],
+        positions: &[0],
+        slot_mapping: &[0],
+        seqs: &seqs,
+        logits_indices: &[0],
+        embeds: &[],
+    };
     assert!(m.forward(&bad_id, &mut cache).is_err());
 }

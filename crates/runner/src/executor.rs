@@ -146,6 +146,7 @@ impl<'a> FlatBatch<'a> {
             slot_mapping: &self.slots,
             seqs: &self.seqs,
             logits_indices: &self.logits_rows,
+            embeds: &[],
         }
     }
 }

@@ -201,6 +201,7 @@ impl TokenSource for PlainSource<'_> {
                 slot_mapping: &slots,
                 seqs: &seqs,
                 logits_indices: if want_logits { &last } else { &[] },
+                embeds: &[],
             };
             let mut logits = self.model.forward(&batch, &mut self.cache)?;
             if !want_logits {
@@ -361,6 +362,7 @@ pub fn last_position_logits(model: &Model, prompt: &[u32]) -> mlx_serving_models
         slot_mapping: &positions,
         seqs: &seqs,
         logits_indices: &last,
+        embeds: &[],
     };
     model.forward(&batch, &mut cache)
 }

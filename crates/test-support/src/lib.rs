@@ -55,6 +55,19 @@ pub fn mlx_dir(name: &str) -> PathBuf {
     p
 }
 
+/// SmolVLM-rand: an Idefics3 (SmolVLM) directory with the real SmolLM2-135M-Instruct text model and a random
+/// 3-layer SigLIP-style vision tower (`scripts/fetch-model.sh smolvlm-rand`; mlx-vlm's greedy ids on it:
+/// `reference("greedy-SmolVLM-rand-mlx-vlm.json")`, images in `testdata/images`).
+pub fn smolvlm_dir() -> PathBuf {
+    let p = model("SmolVLM-rand", "smolvlm-rand");
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-model.sh smolvlm-rand",
+        p.display()
+    );
+    p
+}
+
 pub fn testdata() -> PathBuf {
     workspace_root().join("testdata")
 }

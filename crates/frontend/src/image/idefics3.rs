@@ -107,7 +107,9 @@ impl Idefics3Config {
             debug_assert_eq!((tile.width, tile.height), (t, t));
             for ch in 0..3 {
                 let (mean, std) = (self.image_mean[ch], self.image_std[ch]);
-                pixels.extend(tile.pixels[ch..].iter().step_by(3).map(|&p| (p as f32 * self.rescale_factor - mean) / std));
+                pixels.extend(
+                    tile.pixels[ch..].iter().step_by(3).map(|&p| (p as f32 * self.rescale_factor - mean) / std),
+                );
             }
         }
         Idefics3Image { rows, cols, tile: t, pixels }

@@ -22,6 +22,7 @@ pub fn step(
         slot_mapping: &slots,
         seqs: &seqs,
         logits_indices: &rows,
+        embeds: &[],
     };
     let v = model.config().vocab_size;
     model.forward(&batch, cache).unwrap().chunks(v).map(|c| c.to_vec()).collect()
