@@ -173,11 +173,11 @@ impl Idefics3Vision {
         };
         let side = cfg.image_size / cfg.patch.max(1);
         if cfg.patch == 0
-            || cfg.image_size % cfg.patch != 0
+            || !cfg.image_size.is_multiple_of(cfg.patch)
             || cfg.heads == 0
-            || cfg.hidden % cfg.heads != 0
+            || !cfg.hidden.is_multiple_of(cfg.heads)
             || cfg.scale_factor == 0
-            || side % cfg.scale_factor != 0
+            || !side.is_multiple_of(cfg.scale_factor)
         {
             return Err(cfg_err(dir, "vision_config", "inconsistent sizes (patch, image, heads, scale_factor)"));
         }
@@ -349,7 +349,7 @@ fn image_processing(dir: &HfDir, v: &Idefics3VisionConfig) -> Result<ImageProces
         return Err(bad("max_image_size", &format!("{tile} is not the encoder's image size {}", v.image_size)));
     }
     let image_std = triple("image_std", 0.5)?;
-    if image_std.iter().any(|&s| s == 0.0) {
+    if image_std.contains(&0.0) {
         return Err(bad("image_std", "has a zero"));
     }
     Ok(ImageProcessing {

@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 
 const NEAR_TIE: f64 = 0.25;
 
+/// Each image's span in the prompt and its embeddings.
+type Images = Vec<(std::ops::Range<usize>, Vec<f32>)>;
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
@@ -56,7 +59,7 @@ fn processor(b: &ModelBundle) -> Idefics3Config {
 }
 
 /// Prompt ids, and per image its span and its embeddings.
-fn prepare(b: &ModelBundle, item: &Value) -> (Vec<u32>, Vec<(std::ops::Range<usize>, Vec<f32>)>) {
+fn prepare(b: &ModelBundle, item: &Value) -> (Vec<u32>, Images) {
     let (messages, files) = chat(item);
     let proc = processor(b);
     let vision = &b.vision.as_ref().unwrap().0;
@@ -97,13 +100,7 @@ fn prompt_ids_match_the_reference_processor() {
 }
 
 /// Greedy decoding of one sequence, one forward pass per step; returns the ids.
-fn greedy(
-    b: &ModelBundle,
-    prompt: &[u32],
-    images: &[(std::ops::Range<usize>, Vec<f32>)],
-    n: usize,
-    stop: &[u32],
-) -> Vec<u32> {
+fn greedy(b: &ModelBundle, prompt: &[u32], images: &Images, n: usize, stop: &[u32]) -> Vec<u32> {
     let m = &b.model;
     let h = m.config().hidden_size;
     let bs = 16;
