@@ -159,6 +159,22 @@ pub struct EngineStats {
     pub spec_accepted_per_position: [AtomicU64; MAX_SPECULATIVE_TOKENS],
     /// Time spent proposing draft tokens, in microseconds.
     pub spec_propose_micros: AtomicU64,
+    /// Images run through a vision encoder (an encoder-cache hit is not one), by encoding time as for masks.
+    pub encoder_time_counts: [AtomicU64; ENCODER_TIME_BUCKETS.len() + 1],
+    pub encoder_time_micros: AtomicU64,
+}
+
+/// Bounds (seconds) of the encoder-time histogram's buckets.
+pub const ENCODER_TIME_BUCKETS: [f64; 11] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Adds `times` to a histogram of per-bucket counts (`buckets` bounds plus the overflow) and a total.
+fn record_times(counts: &[AtomicU64], micros: &AtomicU64, buckets: &[f64], times: &[Duration]) {
+    for t in times {
+        let secs = t.as_secs_f64();
+        let i = buckets.iter().position(|&b| secs <= b).unwrap_or(buckets.len());
+        counts[i].fetch_add(1, Ordering::Relaxed);
+        micros.fetch_add(t.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Most draft tokens one sequence may verify in a step.
@@ -179,12 +195,11 @@ impl EngineStats {
     }
 
     fn record_masks(&self, times: &[Duration]) {
-        for t in times {
-            let secs = t.as_secs_f64();
-            let i = MASK_TIME_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(MASK_TIME_BUCKETS.len());
-            self.mask_time_counts[i].fetch_add(1, Ordering::Relaxed);
-            self.mask_time_micros.fetch_add(t.as_micros() as u64, Ordering::Relaxed);
-        }
+        record_times(&self.mask_time_counts, &self.mask_time_micros, &MASK_TIME_BUCKETS, times);
+    }
+
+    fn record_encodes(&self, times: &[Duration]) {
+        record_times(&self.encoder_time_counts, &self.encoder_time_micros, &ENCODER_TIME_BUCKETS, times);
     }
 }
 
@@ -399,6 +414,7 @@ impl<E: Executor> EngineCore<E> {
         let outputs = match result {
             Ok(Ok(run)) => {
                 self.stats().record_masks(&run.mask_times);
+                self.stats().record_encodes(&run.encode_times);
                 self.stats().record_speculation(&sched, &run);
                 self.stats().constraint_failures.fetch_add(run.failed.len() as u64, Ordering::Relaxed);
                 self.scheduler.update_from_output(&sched, &run)

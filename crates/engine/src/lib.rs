@@ -12,11 +12,12 @@ pub mod request;
 pub mod scheduler;
 
 pub use crate::core::{
-    EngineCore, EngineHandle, EngineStats, Executor, ExecutorError, Heartbeat, MAX_SPECULATIVE_TOKENS,
+    EngineCore, EngineHandle, EngineStats, Executor, ExecutorError, Heartbeat, ENCODER_TIME_BUCKETS,
+    MAX_SPECULATIVE_TOKENS,
 };
 pub use constraint::{mask_allows, Constraint, ConstraintState, MASK_TIME_BUCKETS};
 pub use params::{FinishReason, ParamError, SamplingParams, MAX_LOGPROBS};
-pub use request::{EngineOutput, EngineRequest, Priority, Request, RequestId, RequestStatus, TokenLogprobs};
+pub use request::{EngineOutput, EngineRequest, MmInput, Priority, Request, RequestId, RequestStatus, TokenLogprobs};
 pub use scheduler::{
     AddError, NewRequestData, RunnerOutput, ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput,
 };

@@ -26,6 +26,22 @@ impl Priority {
     }
 }
 
+/// A non-text input in a prompt (an image): the positions its placeholder tokens take, a hash of its content
+/// (mixed into the prefix-cache hashes of the blocks those positions fall in, so the same image hits the
+/// cache and another never does), and the runner's data for it, opaque to the engine.
+#[derive(Clone)]
+pub struct MmInput {
+    pub span: std::ops::Range<usize>,
+    pub hash: u64,
+    pub data: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for MmInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmInput").field("span", &self.span).field("hash", &self.hash).finish_non_exhaustive()
+    }
+}
+
 /// What a caller submits.
 #[derive(Clone, Debug)]
 pub struct EngineRequest {
@@ -37,6 +53,8 @@ pub struct EngineRequest {
     pub deadline: Option<Instant>,
     /// What the output must match (a JSON schema, a grammar, ...), compiled.
     pub constraint: Option<Arc<dyn Constraint>>,
+    /// Images in the prompt, in prompt order, their spans disjoint.
+    pub mm_inputs: Vec<MmInput>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +79,7 @@ pub struct Request {
     pub seq: u64,
     pub deadline: Option<Instant>,
     pub constraint: Option<Arc<dyn Constraint>>,
+    pub mm_inputs: Arc<[MmInput]>,
     pub status: RequestStatus,
     /// Tokens whose K/V are in the cache (or scheduled to be this step).
     pub num_computed_tokens: usize,
@@ -84,6 +103,7 @@ impl Request {
             seq,
             deadline: r.deadline,
             constraint: r.constraint,
+            mm_inputs: r.mm_inputs.into(),
             status: RequestStatus::Waiting,
             num_computed_tokens: 0,
             num_cached_tokens: None,

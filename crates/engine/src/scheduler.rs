@@ -74,6 +74,13 @@ impl SchedulerConfig {
         if prompt + max_tokens > self.max_model_len {
             return Err(AddError::ContextLengthExceeded { prompt, max_tokens, max_model_len: self.max_model_len });
         }
+        let mut end = 0;
+        for m in &r.mm_inputs {
+            if m.span.start < end || m.span.end <= m.span.start || m.span.end > prompt {
+                return Err(AddError::BadInputSpan(m.span.clone()));
+            }
+            end = m.span.end;
+        }
         let needed = (prompt + max_tokens).div_ceil(self.block_size);
         if needed > self.num_blocks {
             return Err(AddError::TooLargeForCache { needed, available: self.num_blocks });
@@ -95,6 +102,8 @@ pub enum AddError {
     TooLargeForCache { needed: usize, available: usize },
     #[error("empty prompt")]
     EmptyPrompt,
+    #[error("image span {0:?} is empty, overlaps another, or lies outside the prompt")]
+    BadInputSpan(std::ops::Range<usize>),
     #[error("duplicate request id {0:?}")]
     DuplicateId(RequestId),
     #[error("invalid parameter {0}")]
@@ -107,6 +116,8 @@ pub struct NewRequestData {
     pub prompt_token_ids: Vec<u32>,
     pub params: Arc<crate::params::SamplingParams>,
     pub constraint: Option<Arc<dyn crate::constraint::Constraint>>,
+    /// Images in the prompt (spans, content hashes, the runner's pixels).
+    pub mm_inputs: Arc<[crate::request::MmInput]>,
 }
 
 /// One request's share of a step.
@@ -156,6 +167,13 @@ pub struct RunnerOutput {
     pub mask_times: Vec<std::time::Duration>,
     /// How long proposing the next step's draft tokens took.
     pub propose_time: std::time::Duration,
+    /// Time each image encoded this step took (encoder-cache hits not included).
+    pub encode_times: Vec<std::time::Duration>,
+}
+
+/// The request's image spans as the prefix cache keys them.
+fn content_spans(r: &Request) -> Vec<mlx_serving_kv_cache::ContentSpan> {
+    r.mm_inputs.iter().map(|m| mlx_serving_kv_cache::ContentSpan { range: m.span.clone(), hash: m.hash }).collect()
 }
 
 #[derive(Debug)]
@@ -413,7 +431,7 @@ impl Scheduler {
                     break;
                 }
                 let r = &self.requests[&id];
-                let hit = self.kv.find_prefix(&r.tokens);
+                let hit = self.kv.find_prefix_with(&r.tokens, &content_spans(r));
                 let num_new = (r.num_tokens() - hit.num_tokens).min(budget);
                 if !self.kv.allocate_slots(id.0, hit.num_tokens + num_new, Some(&hit)) {
                     break;
@@ -450,6 +468,7 @@ impl Scheduler {
                 prompt_token_ids: r.prompt().to_vec(),
                 params: r.params.clone(),
                 constraint: r.constraint.clone(),
+                mm_inputs: r.mm_inputs.clone(),
             });
             out.seqs.push(ScheduledSeq {
                 id,
@@ -475,7 +494,12 @@ impl Scheduler {
                 continue;
             };
             if !seq.sample {
-                self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
+                if let Some(why) = run.failed.get(&seq.id) {
+                    // Its K/V from this step is not to be trusted (nor cached).
+                    outputs.extend(self.finish(seq.id, FinishReason::Error, Some(why.clone())));
+                    continue;
+                }
+                self.kv.cache_blocks_with(seq.id.0, &r.tokens, r.num_computed_tokens, &content_spans(r));
                 continue;
             }
             let tokens = match run.sampled.get(&seq.id) {
@@ -515,7 +539,7 @@ impl Scheduler {
             if finish.is_none() {
                 r.spec_token_ids = run.drafts.get(&seq.id).cloned().unwrap_or_default();
             }
-            self.kv.cache_blocks(seq.id.0, &r.tokens, r.num_computed_tokens);
+            self.kv.cache_blocks_with(seq.id.0, &r.tokens, r.num_computed_tokens, &content_spans(r));
             let cached = if self.first_output_sent.insert(seq.id) { r.num_cached_tokens } else { None };
             let mut logprobs = run.logprobs.get(&seq.id).cloned().unwrap_or_default();
             logprobs.truncate(new_token_ids.len());

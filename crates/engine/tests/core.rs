@@ -47,6 +47,7 @@ fn submit(h: &EngineHandle, id: u64, first: u32, max_tokens: u32) -> Result<Unbo
         priority: Priority::Normal,
         deadline: None,
         constraint: None,
+        mm_inputs: Vec::new(),
     };
     h.add_request(r, tx).map(|_| rx)
 }
@@ -132,6 +133,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         priority: Priority::Normal,
         deadline: None,
         constraint: None,
+        mm_inputs: Vec::new(),
     };
     let (h2, _j2) = EngineCore::spawn(SchedulerConfig { max_waiting_tokens: 2000, num_blocks: 1024, ..cfg() }, Flaky);
     let r = h2.add_request(big, unbounded_channel().0);
@@ -143,6 +145,7 @@ fn admission_refuses_at_once_when_the_queue_is_full() {
         priority: Priority::Normal,
         deadline: None,
         constraint: None,
+        mm_inputs: Vec::new(),
     };
     assert!(matches!(h.add_request(too_long, unbounded_channel().0), Err(AddError::ContextLengthExceeded { .. })));
 }

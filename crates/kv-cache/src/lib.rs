@@ -15,4 +15,4 @@ mod manager;
 
 pub use block_pool::{BlockId, BlockPool};
 pub use hash::{hash_block, BlockHash, HASH_SEED};
-pub use manager::{KvCacheManager, PrefixHit, RequestKey};
+pub use manager::{ContentSpan, KvCacheManager, PrefixHit, RequestKey};

@@ -7,13 +7,21 @@
 //! ```
 
 use crate::block_pool::{BlockId, BlockPool};
-use crate::hash::{hash_block, BlockHash};
+use crate::hash::{hash_block, BlockHash, HASH_SEED};
 use std::collections::HashMap;
 
 /// The caller's request identifier.
 pub type RequestKey = u64;
 
 /// Cached blocks covering a prompt's prefix.
+/// Positions of a prompt whose tokens stand for content they do not spell out (an image's placeholder
+/// tokens), and a hash of that content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentSpan {
+    pub range: std::ops::Range<usize>,
+    pub hash: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrefixHit {
     pub blocks: Vec<BlockId>,
@@ -78,14 +86,20 @@ impl KvCacheManager {
     /// Longest run of cached full blocks at the start of `prompt`, never covering its last token (whose
     /// logits must be computed). Takes no references; pass the hit to [`Self::allocate_slots`].
     pub fn find_prefix(&mut self, prompt: &[u32]) -> PrefixHit {
+        self.find_prefix_with(prompt, &[])
+    }
+
+    /// [`Self::find_prefix`] for a prompt with content spans (images): each block's hash also covers the
+    /// content hashes of the spans that overlap it.
+    pub fn find_prefix_with(&mut self, prompt: &[u32], spans: &[ContentSpan]) -> PrefixHit {
         if !self.enable_prefix_caching || prompt.is_empty() {
             return PrefixHit::default();
         }
         let max_blocks = (prompt.len() - 1) / self.block_size;
         let mut hit = PrefixHit::default();
         let mut parent = None;
-        for chunk in prompt.chunks_exact(self.block_size).take(max_blocks) {
-            let h = hash_block(parent, chunk, self.extra_key);
+        for (i, chunk) in prompt.chunks_exact(self.block_size).take(max_blocks).enumerate() {
+            let h = hash_block(parent, chunk, self.block_key(i, spans));
             match self.pool.get_cached_block(h) {
                 Some(id) => hit.blocks.push(id),
                 None => break,
@@ -136,9 +150,27 @@ impl KvCacheManager {
     /// Registers `req`'s newly completed full blocks in the prefix cache. `tokens` are all the request's
     /// tokens so far (prompt then output); `num_computed` of them have K/V written.
     pub fn cache_blocks(&mut self, req: RequestKey, tokens: &[u32], num_computed: usize) {
+        self.cache_blocks_with(req, tokens, num_computed, &[])
+    }
+
+    /// The extra key of block `i`: the cache's own, mixed with the content hashes of the spans overlapping
+    /// the block (none: the cache's own, so text-only hashes do not change).
+    fn block_key(&self, i: usize, spans: &[ContentSpan]) -> u64 {
+        let (lo, hi) = (i * self.block_size, (i + 1) * self.block_size);
+        let mut key = self.extra_key;
+        for s in spans.iter().filter(|s| s.range.start < hi && s.range.end > lo) {
+            key = xxhash_rust::xxh3::xxh3_64_with_seed(&[key.to_le_bytes(), s.hash.to_le_bytes()].concat(), HASH_SEED);
+        }
+        key
+    }
+
+    /// [`Self::cache_blocks`] for a prompt with content spans (see [`Self::find_prefix_with`]).
+    pub fn cache_blocks_with(&mut self, req: RequestKey, tokens: &[u32], num_computed: usize, spans: &[ContentSpan]) {
         if !self.enable_prefix_caching {
             return;
         }
+        let keys: Vec<u64> =
+            (0..num_computed.min(tokens.len()) / self.block_size).map(|i| self.block_key(i, spans)).collect();
         let Some(r) = self.reqs.get_mut(&req) else {
             return;
         };
@@ -146,7 +178,7 @@ impl KvCacheManager {
         while r.hashes.len() < full {
             let i = r.hashes.len();
             let parent = r.hashes.last().copied();
-            let h = hash_block(parent, &tokens[i * self.block_size..(i + 1) * self.block_size], self.extra_key);
+            let h = hash_block(parent, &tokens[i * self.block_size..(i + 1) * self.block_size], keys[i]);
             self.pool.cache_block(r.blocks[i], h);
             r.hashes.push(h);
         }
@@ -232,6 +264,21 @@ mod tests {
         m.cache_blocks(1, &a, 12);
         m.free(1);
         assert_eq!(m.find_prefix(&a).num_tokens, 0);
+    }
+
+    #[test]
+    fn content_spans_separate_blocks_they_overlap_only() {
+        let prompt: Vec<u32> = (0..12).collect();
+        let img = |hash| [ContentSpan { range: 5..7, hash }];
+        let mut m = KvCacheManager::new(16, 4, true, 0);
+        m.allocate_slots(1, 12, None);
+        m.cache_blocks_with(1, &prompt, 12, &img(7));
+        // Same image: all of the first two blocks hit (the last block holds the last token).
+        assert_eq!(m.find_prefix_with(&prompt, &img(7)).num_tokens, 8);
+        // Another image in the second block: only the first block, which it does not touch, hits.
+        assert_eq!(m.find_prefix_with(&prompt, &img(8)).num_tokens, 4);
+        // No image at all: the same.
+        assert_eq!(m.find_prefix(&prompt).num_tokens, 4);
     }
 
     #[test]

@@ -34,6 +34,27 @@ pub struct ImageProcessing {
     pub image_seq_len: usize,
 }
 
+/// One image as its encoder takes it: `num_tiles` tiles of `[3, T, T]` f32 pixels (the engine carries it
+/// to the runner opaquely).
+#[derive(Clone, Debug)]
+pub struct ImagePixels {
+    pub pixels: Vec<f32>,
+    pub num_tiles: usize,
+}
+
+impl ImagePixels {
+    /// A hash of the pixels (what the encoder sees, so two files that decode and preprocess alike share it):
+    /// the image's key in the prefix cache and the encoder cache.
+    pub fn content_hash(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(0x696d_6167_6573); // "images"
+        h.update(&(self.num_tiles as u64).to_le_bytes());
+        for v in &self.pixels {
+            h.update(&v.to_le_bytes());
+        }
+        h.digest()
+    }
+}
+
 /// The architecture's vision tower and connector.
 pub enum VisionModel {
     Idefics3(Idefics3Vision),

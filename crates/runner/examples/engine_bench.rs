@@ -29,6 +29,7 @@ fn run(h: &EngineHandle, prompts: &[Vec<u32>], max_tokens: u32) -> (f64, Vec<f64
                 priority: Priority::Normal,
                 deadline: None,
                 constraint: None,
+                mm_inputs: Vec::new(),
             },
             tx,
         )

@@ -6,6 +6,7 @@
 
 use crate::sampler::{token_logprobs, Sampler};
 use crate::speculative::{SpecState, Speculator};
+use crate::vision::{step_embeds, EncoderCache, SeqImage};
 use mlx_serving_engine::ScheduledSeq;
 use mlx_serving_engine::{
     ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
@@ -23,6 +24,8 @@ struct SeqState {
     constraint: Option<Box<dyn ConstraintState>>,
     /// Its acceptance history, which sets how many tokens to propose.
     spec: SpecState,
+    /// Images in its prompt.
+    images: Vec<SeqImage>,
 }
 
 pub struct ModelExecutor {
@@ -33,13 +36,31 @@ pub struct ModelExecutor {
     heartbeat: Option<Heartbeat>,
     /// Proposes draft tokens after each step, when speculation is configured.
     speculator: Option<Speculator>,
+    /// Recently encoded images' embeddings.
+    encoder_cache: EncoderCache,
 }
+
+/// Default bound of the encoder cache.
+pub const DEFAULT_ENCODER_CACHE_BYTES: usize = 256 << 20;
 
 impl ModelExecutor {
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for `bundle`'s model.
     pub fn new(bundle: Arc<ModelBundle>, block_size: usize, num_blocks: usize) -> Self {
         let cache = PagedKvCache::new(bundle.model.config(), block_size, num_blocks);
-        Self { bundle, cache, states: HashMap::new(), heartbeat: None, speculator: None }
+        Self {
+            bundle,
+            cache,
+            states: HashMap::new(),
+            heartbeat: None,
+            speculator: None,
+            encoder_cache: EncoderCache::new(DEFAULT_ENCODER_CACHE_BYTES),
+        }
+    }
+
+    /// Bounds the encoder cache (recently encoded images) to `bytes`.
+    pub fn with_encoder_cache_bytes(mut self, bytes: usize) -> Self {
+        self.encoder_cache = EncoderCache::new(bytes);
+        self
     }
 
     /// Speculates with `speculator` (see [`crate::speculative`]).
@@ -140,14 +161,23 @@ impl<'a> FlatBatch<'a> {
     }
 
     pub(crate) fn input(&self) -> BatchInput<'_> {
+        self.input_with(&[])
+    }
+
+    /// The batch with `embeds` in place of some rows' token embeddings.
+    pub(crate) fn input_with<'b>(&'b self, embeds: &'b [(usize, &'b [f32])]) -> BatchInput<'b> {
         BatchInput {
             token_ids: &self.token_ids,
             positions: &self.positions,
             slot_mapping: &self.slots,
             seqs: &self.seqs,
             logits_indices: &self.logits_rows,
-            embeds: &[],
+            embeds,
         }
+    }
+
+    fn num_rows(&self) -> usize {
+        self.token_ids.len()
     }
 }
 
@@ -174,8 +204,23 @@ impl Executor for ModelExecutor {
             batch.preempted.iter().for_each(|&id| spec.remove(id));
         }
         let mut flat = FlatBatch::new(self.cache.block_size());
+        let vision = self.bundle.vision.as_ref().map(|(v, _)| v.clone());
+        let hidden = self.bundle.model.config().hidden_size;
+        let mut image_rows = Vec::new();
         for s in &batch.seqs {
             if let Some(new) = &s.new_request {
+                let images = match &vision {
+                    Some(v) => new
+                        .mm_inputs
+                        .iter()
+                        .map(|m| SeqImage::new(m, &new.prompt_token_ids, v.image_token_id()))
+                        .collect(),
+                    None if !new.mm_inputs.is_empty() => {
+                        out.failed.insert(s.id, "this model takes no images".into());
+                        Vec::new()
+                    }
+                    None => Vec::new(),
+                };
                 let constraint = match new.constraint.as_ref().map(|c| c.start()) {
                     Some(Err(e)) => {
                         out.failed.insert(s.id, format!("output constraint: {e}"));
@@ -192,14 +237,35 @@ impl Executor for ModelExecutor {
                         output: Vec::new(),
                         constraint,
                         spec: SpecState::default(),
+                        images,
                     },
                 );
+            }
+            if let (Some(v), Some(st)) = (&vision, self.states.get_mut(&s.id)) {
+                if !st.images.is_empty() {
+                    let (start, len, row0) = (s.start_pos, s.token_ids.len(), flat.num_rows());
+                    let cache = &mut self.encoder_cache;
+                    if let Err(e) = step_embeds(
+                        v,
+                        hidden,
+                        cache,
+                        &mut st.images,
+                        start,
+                        len,
+                        row0,
+                        &mut image_rows,
+                        &mut out.encode_times,
+                    ) {
+                        out.failed.insert(s.id, format!("image: {e}"));
+                    }
+                }
             }
             let rows = if s.sample { s.num_draft_tokens + 1 } else { 0 };
             flat.push(&s.token_ids, s.start_pos, &s.block_table, rows)
                 .map_err(|e| ExecutorError(format!("request {:?}: {e}", s.id)))?;
         }
-        let input = flat.input();
+        let embeds: Vec<(usize, &[f32])> = image_rows.iter().map(|(r, e, off)| (*r, &e[*off..*off + hidden])).collect();
+        let input = flat.input_with(&embeds);
         let heartbeat = self.heartbeat.clone();
         // Beat, and stop early once every request of the step has been abandoned.
         let progress = move || {

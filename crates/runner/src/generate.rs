@@ -147,6 +147,7 @@ pub fn generate_speculative(
         priority: Default::default(),
         deadline: None,
         constraint: None,
+        mm_inputs: Vec::new(),
     };
     scheduler.add_request(request, Instant::now()).map_err(|e| GenerateError::Engine(e.to_string()))?;
     let executor = ModelExecutor::new(bundle.clone(), bs, num_blocks).with_speculation(speculator);

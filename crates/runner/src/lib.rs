@@ -1,6 +1,7 @@
 //! Runs the model for requests: batch metadata over the paged KV cache, logits processors, sampling.
 //!
-//! Owns: the per-request [`Sampler`], the engine's batched [`ModelExecutor`], and a single-sequence
+//! Owns: the per-request [`Sampler`], the engine's batched [`ModelExecutor`] (with images' encoder runs inside
+//! prefill, [`vision`]), and a single-sequence
 //! generation loop ([`generate`]) used by the `generate` CLI and the golden tests. Must not know about: HTTP, the wire format.
 
 pub mod draft;
@@ -8,9 +9,10 @@ pub mod executor;
 pub mod generate;
 pub mod sampler;
 pub mod speculative;
+pub mod vision;
 
 pub use draft::DraftModel;
-pub use executor::ModelExecutor;
+pub use executor::{ModelExecutor, DEFAULT_ENCODER_CACHE_BYTES};
 pub use generate::{
     generate, generate_speculative, last_position_logits, GenerateError, GenerateOptions, Generation, SpecCounts,
 };

@@ -101,6 +101,7 @@ fn one_long_step(id: u64, salt: u32) -> (EngineHandle, tokio::sync::mpsc::Unboun
         priority: Priority::Normal,
         deadline: None,
         constraint: None,
+        mm_inputs: Vec::new(),
     };
     h.add_request(request, tx).unwrap();
     // The loop publishes `running` just before it executes the step.

@@ -176,3 +176,143 @@ fn greedy_ids_match_mlx_vlm_in_f32() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The reference items through the batched engine: image embeddings from the executor's encoder, prefill in
+/// chunks of 96 tokens (so chunk boundaries fall inside images).
+mod engine {
+    use super::*;
+    use mlx_serving_engine::{EngineCore, EngineHandle, EngineRequest, MmInput, Priority, RequestId, SamplingParams};
+    use mlx_serving_models::ImagePixels;
+    use mlx_serving_runner::ModelExecutor;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    pub(super) fn engine(b: &Arc<ModelBundle>, budget: usize) -> EngineHandle {
+        let mut cfg = ModelExecutor::scheduler_config(b, 16, 256 << 20);
+        cfg.max_num_batched_tokens = budget;
+        let exec = ModelExecutor::new(b.clone(), cfg.block_size, cfg.num_blocks);
+        EngineCore::spawn(cfg, exec).0
+    }
+
+    /// Prompt ids and image inputs of a reference item (`files` replaced by `swap` where given).
+    pub(super) fn request(b: &ModelBundle, item: &Value, swap: Option<&str>) -> (Vec<u32>, Vec<MmInput>) {
+        let (messages, files) = chat(item);
+        let proc = processor(b);
+        let mut grids = Vec::new();
+        let mut pixels = Vec::new();
+        for f in &files {
+            let bytes = std::fs::read(testdata().join("images").join(swap.unwrap_or(f))).unwrap();
+            let img = proc.preprocess(&decode(&bytes, &ImageLimits::default()).unwrap());
+            grids.push((img.rows, img.cols));
+            let num_tiles = img.num_tiles();
+            pixels.push(ImagePixels { pixels: img.pixels, num_tiles });
+        }
+        let (prompt, spans) = b.encode_chat_with_images(&messages, None, ChatContent::Text, &grids).unwrap();
+        let inputs = spans
+            .into_iter()
+            .zip(pixels)
+            .map(|(span, px)| MmInput { span, hash: px.content_hash(), data: Arc::new(px) })
+            .collect();
+        (prompt, inputs)
+    }
+
+    /// Submits all at once; each request's ids and cached prompt tokens.
+    pub(super) fn run(
+        h: &EngineHandle,
+        reqs: Vec<(Vec<u32>, Vec<MmInput>)>,
+        max_tokens: u32,
+    ) -> Vec<(Vec<u32>, usize)> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let rxs: Vec<_> = reqs
+            .into_iter()
+            .map(|(prompt, mm_inputs)| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let r = EngineRequest {
+                    id: RequestId(NEXT.fetch_add(1, Ordering::Relaxed)),
+                    prompt_token_ids: prompt,
+                    params: Arc::new(SamplingParams::greedy(max_tokens)),
+                    priority: Priority::Normal,
+                    deadline: None,
+                    constraint: None,
+                    mm_inputs,
+                };
+                h.add_request(r, tx).unwrap();
+                rx
+            })
+            .collect();
+        rxs.into_iter()
+            .map(|mut rx| {
+                let (mut ids, mut cached) = (Vec::new(), 0);
+                loop {
+                    let o = rx.blocking_recv().expect("engine output");
+                    assert!(o.error.is_none(), "{:?}", o.error);
+                    ids.extend(o.new_token_ids);
+                    cached = o.num_cached_tokens.unwrap_or(cached);
+                    if o.finish_reason.is_some() {
+                        return (ids, cached);
+                    }
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn encodes(h: &EngineHandle) -> u64 {
+        h.stats().encoder_time_counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+#[test]
+fn the_engine_matches_the_reference_alone_and_batched_with_chunked_prefill() {
+    let b = std::sync::Arc::new(ModelBundle::load(smolvlm_dir(), &LoadOptions::default()).unwrap());
+    let refs = reference("greedy-SmolVLM-rand-mlx-vlm.json");
+    let items = refs["items"].as_array().unwrap();
+    let h = engine::engine(&b, 96);
+    let max_tokens = 32;
+    let alone: Vec<Vec<u32>> =
+        items.iter().map(|it| engine::run(&h, vec![engine::request(&b, it, None)], max_tokens).remove(0).0).collect();
+    let mut failures = Vec::new();
+    for (item, got) in items.iter().zip(&alone) {
+        let want = ids(&item["output_ids"]);
+        let gaps: Vec<f64> = item["step_gaps"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None if got.len() == want.len() => println!("{}: identical", item["id"]),
+            Some(k) if gaps[k] < NEAR_TIE => println!("{}: first differs at {k}, a near-tie ({})", item["id"], gaps[k]),
+            k => failures.push(format!("{}: differs at {k:?}\n  got  {got:?}\n  want {want:?}", item["id"])),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Four at a time: the same ids.
+    for chunk in items.chunks(4).zip(alone.chunks(4)) {
+        let reqs = chunk.0.iter().map(|it| engine::request(&b, it, None)).collect();
+        let got: Vec<Vec<u32>> = engine::run(&h, reqs, max_tokens).into_iter().map(|(ids, _)| ids).collect();
+        assert_eq!(got, chunk.1, "batched");
+    }
+}
+
+#[test]
+fn the_prefix_cache_keys_image_content_and_the_encoder_cache_skips_repeats() {
+    let b = std::sync::Arc::new(ModelBundle::load(smolvlm_dir(), &LoadOptions::default()).unwrap());
+    let refs = reference("greedy-SmolVLM-rand-mlx-vlm.json");
+    let item = &refs["items"][0]; // red_circle_512.png, then text
+    let h = engine::engine(&b, 2048);
+    let (prompt, inputs) = engine::request(&b, item, None);
+    let span = inputs[0].span.clone();
+    let first = engine::run(&h, vec![(prompt.clone(), inputs.clone())], 8).remove(0);
+    assert_eq!(engine::encodes(&h), 1);
+    // The same image again: the prefix cache covers the image, nothing is encoded, the same ids.
+    let again = engine::run(&h, vec![(prompt.clone(), inputs)], 8).remove(0);
+    assert!(
+        again.1 >= span.end.div_ceil(16) * 16 - 16 && again.1 > span.end - 16,
+        "cached {} of span {span:?}",
+        again.1
+    );
+    assert_eq!(again.0, first.0);
+    assert_eq!(engine::encodes(&h), 1);
+    // Another image of the same size: the same prompt ids, but no cached block may hold image positions.
+    let (other_prompt, other) = engine::request(&b, item, Some("gray_ramp_400x400.png"));
+    assert_eq!(other_prompt, prompt, "same grid, same placeholder ids");
+    let o = engine::run(&h, vec![(other_prompt, other)], 8).remove(0);
+    assert!(o.1 <= span.start, "cached {} tokens reach into the image at {span:?}", o.1);
+    assert_eq!(engine::encodes(&h), 2);
+    assert_ne!(o.0, first.0, "another image, another answer");
+}

@@ -295,6 +295,7 @@ async fn run(
             priority,
             deadline: s.options.request_timeout.map(|t| arrival + t),
             constraint: constraint.clone().map(|c| c as Arc<dyn Constraint>),
+            mm_inputs: Vec::new(),
         };
         if let Err(e) = m.engine.add_request(req, tx) {
             for &done in &submitted {

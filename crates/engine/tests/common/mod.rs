@@ -32,6 +32,7 @@ pub fn req(id: u64, prompt: Vec<u32>, max_tokens: u32, priority: Priority) -> En
         priority,
         deadline: None,
         constraint: None,
+        mm_inputs: Vec::new(),
     }
 }
 

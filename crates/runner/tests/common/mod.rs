@@ -45,6 +45,7 @@ pub fn run_all(h: &EngineHandle, reqs: Vec<(Vec<u32>, SamplingParams)>) -> Vec<(
                 priority: Priority::Normal,
                 deadline: None,
                 constraint: None,
+                mm_inputs: Vec::new(),
             },
             tx,
         )
