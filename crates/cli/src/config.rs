@@ -155,6 +155,16 @@ pub struct ServerSection {
     /// Tokenize special-token texts inside chat messages as control tokens, as before: lets a user's
     /// message forge a system or assistant turn. Off: message text is text.
     pub allow_special_tokens_in_chat: bool,
+    /// Fetch `http(s)` image URLs in chat messages (not supported yet: must stay off).
+    pub allow_remote_images: bool,
+    /// Directories images may be read from as local files (`file://` URLs or absolute paths); none by default.
+    pub image_dirs: Vec<PathBuf>,
+    /// Largest image file, in bytes.
+    pub max_image_bytes: usize,
+    /// Most pixels in one image (width × height, read from its header before decoding).
+    pub max_image_pixels: u64,
+    /// Most images in one request.
+    pub max_images_per_request: usize,
 }
 
 impl Default for ServerSection {
@@ -172,6 +182,11 @@ impl Default for ServerSection {
             body_read_timeout_seconds: 60.0,
             sse_keepalive_seconds: 15.0,
             allow_special_tokens_in_chat: false,
+            allow_remote_images: false,
+            image_dirs: Vec::new(),
+            max_image_bytes: mlx_serving_server::images::ImageOptions::default().max_bytes,
+            max_image_pixels: mlx_serving_server::images::ImageOptions::default().max_pixels,
+            max_images_per_request: mlx_serving_server::images::ImageOptions::default().max_per_request,
         }
     }
 }
@@ -200,6 +215,8 @@ pub struct EngineSection {
     pub priority_aging_seconds: f64,
     /// Requests still unfinished this long after arrival end with a timeout error; none by default.
     pub request_timeout_seconds: Option<f64>,
+    /// Vision models: MiB of recently encoded images' embeddings kept (LRU by image content).
+    pub encoder_cache_mb: usize,
 }
 
 impl EngineSection {
@@ -269,6 +286,7 @@ impl Default for EngineSection {
             enable_prefix_caching: true,
             priority_aging_seconds: s.aging_interval.as_secs_f64(),
             request_timeout_seconds: None,
+            encoder_cache_mb: 256,
         }
     }
 }
@@ -320,10 +338,17 @@ impl RuntimeConfig {
         for (key, v) in [
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("server.max_connections", self.server.max_connections),
+            ("server.max_image_bytes", self.server.max_image_bytes),
         ] {
             if v == 0 {
                 bail!("{key}: must be at least 1");
             }
+        }
+        if self.server.allow_remote_images {
+            bail!("server.allow_remote_images: fetching remote images is not supported yet (send data: URLs)");
+        }
+        if self.server.max_image_pixels == 0 {
+            bail!("server.max_image_pixels: must be at least 1");
         }
         if self.engine.threads == Some(0) {
             bail!("engine.threads: must be at least 1");

@@ -241,7 +241,8 @@ impl FileSource {
             max_model_len = cfg.max_model_len,
             "engine ready"
         );
-        let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks);
+        let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks)
+            .with_encoder_cache_bytes(e.encoder_cache_mb << 20);
         if let Some(s) = &self.speculative {
             exec = exec.with_speculation(s.speculator(&bundle, &opts, cfg.block_size, cfg.num_blocks)?);
             tracing::info!(name = %self.name, method = %s.method, draft = ?s.draft_model, "speculative decoding on");
@@ -304,6 +305,13 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         body_read_timeout: Duration::from_secs_f64(c.server.body_read_timeout_seconds),
         sse_keepalive: Duration::from_secs_f64(c.server.sse_keepalive_seconds),
         allow_special_tokens_in_chat: c.server.allow_special_tokens_in_chat,
+        images: mlx_serving_server::images::ImageOptions {
+            allow_remote: c.server.allow_remote_images,
+            dirs: c.server.image_dirs.clone(),
+            max_bytes: c.server.max_image_bytes,
+            max_pixels: c.server.max_image_pixels,
+            max_per_request: c.server.max_images_per_request,
+        },
         coalescing: c.cache.coalescing,
         response_cache: c.cache.backend()?,
         cache_shared_across_keys: c.cache.shared_across_keys,

@@ -37,6 +37,9 @@ fn card(s: &AppState, info: &ModelInfo, model: Option<&ServedModel>) -> Value {
     });
     if let Some(m) = model {
         c["max_model_len"] = json!(m.engine.config().max_model_len);
+        let vision = m.bundle.vision.is_some();
+        c["capabilities"] = json!({"vision": vision});
+        c["input_modalities"] = if vision { json!(["text", "image"]) } else { json!(["text"]) };
     }
     if let ModelState::Failed(e) = &info.state {
         c["error"] = json!(e);

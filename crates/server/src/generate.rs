@@ -8,6 +8,7 @@
 
 use crate::driver::{AbortGuard, Driver, Piece};
 use crate::error::ApiError;
+use crate::images;
 use crate::json::ApiJson;
 use crate::models::ServedModel;
 use crate::params::sampling_params;
@@ -86,7 +87,8 @@ pub async fn chat_completions(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
-    let messages = normalize_messages(&req.messages)?;
+    let messages = normalize_messages(&req.messages, m.bundle.vision.is_some())?;
+    let image_parts = images::find(&req.messages, &s.options.images)?;
     let mut fields = req.sampling_fields();
     fields.max_tokens = req.max_completion_tokens.or(fields.max_tokens);
     fields.logprobs = match (req.logprobs, req.top_logprobs) {
@@ -123,22 +125,30 @@ pub async fn chat_completions(
     }
     let share = Share::new(&s, &ctx, &headers, &fields, wanted.as_ref());
     let (st, rid, t, mc) = (s.clone(), ctx.id.clone(), tools.clone(), m.clone());
-    let (prompt_ids, constraint) = s
+    let prompt_ids = s
         .on_cpu_pool(&ctx.id, move || {
             // Each tool's schema alone first, so that a bad one is named.
             for (field, spec) in t.iter().flat_map(|t| t.parameter_specs()) {
                 structured::compile(&mc, &structured::Wanted { spec, field }, &rid)?;
             }
             let c = wanted.map(|w| structured::compile(&mc, &w, &rid)).transpose()?;
-            Ok::<_, ApiError>((st.encode_chat_tools(&mc, messages, t.as_ref())?, c))
+            let prepared = match image_parts.is_empty() {
+                true => Vec::new(),
+                false => images::prepare(&mc.bundle, &image_parts, &st.options.images)?,
+            };
+            let grids: Vec<(usize, usize)> = prepared.iter().map(|p| p.grid).collect();
+            let (ids, spans) = st.encode_chat_tools(&mc, messages, t.as_ref(), &grids)?;
+            Ok::<_, ApiError>((ids, images::mm_inputs(prepared, spans), c))
         })
         .await??;
+    let (prompt_ids, mm, constraint) = prompt_ids;
+    m.metrics.images.fetch_add(mm.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let default_max = default_max(prompt_ids.len());
     let job = Job {
         kind: Kind::Chat,
         id: format!("chatcmpl-{}", ctx.id),
         request_id: ctx.id,
-        prompts: vec![Prompt { ids: prompt_ids, echo: None }],
+        prompts: vec![Prompt { ids: prompt_ids, mm, echo: None }],
         n: 1,
         stream: req.stream,
         include_usage: req.include_usage(),
@@ -280,7 +290,7 @@ async fn run(
     let arrival = Instant::now();
     let mut submitted: Vec<RequestId> = Vec::with_capacity(job.num_choices());
     for index in 0..job.num_choices() {
-        let prompt_ids = &job.prompts[index / n].ids;
+        let prompt = &job.prompts[index / n];
         let mut p = params.clone();
         // Each choice draws its own stream; with a seed, choice i uses seed + i % n, so the set is
         // reproducible and the same prompt gets the same samples wherever it sits in a batch.
@@ -290,12 +300,12 @@ async fn run(
         let p = Arc::new(p);
         let req = EngineRequest {
             id,
-            prompt_token_ids: prompt_ids.clone(),
+            prompt_token_ids: prompt.ids.clone(),
             params: p.clone(),
             priority,
             deadline: s.options.request_timeout.map(|t| arrival + t),
             constraint: constraint.clone().map(|c| c as Arc<dyn Constraint>),
-            mm_inputs: Vec::new(),
+            mm_inputs: prompt.mm.clone(),
         };
         if let Err(e) = m.engine.add_request(req, tx) {
             for &done in &submitted {
@@ -304,7 +314,7 @@ async fn run(
             return Err(add_error(e));
         }
         submitted.push(id);
-        m.metrics.prompt_tokens.fetch_add(prompt_ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        m.metrics.prompt_tokens.fetch_add(prompt.ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let guard = AbortGuard { engine: m.engine.clone(), id, finished: false };
         let d = Driver {
             model: job.model.clone(),

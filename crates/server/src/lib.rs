@@ -10,6 +10,7 @@ mod cache;
 mod driver;
 mod error;
 mod generate;
+pub mod images;
 mod json;
 pub mod metrics;
 pub mod models;
@@ -45,7 +46,7 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 /// Default for the largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 4 << 20;
+pub const MAX_BODY_BYTES: usize = 8 << 20;
 
 /// A heartbeat older than this makes `/health` answer 503.
 pub const HEARTBEAT_LIMIT: Duration = Duration::from_secs(10);
@@ -84,6 +85,8 @@ pub struct ServerOptions {
     /// Most shared generations at once, and most requests sharing one; beyond, requests run on their own.
     pub max_coalesced: usize,
     pub max_coalesced_subscribers: usize,
+    /// Images in chat messages: where they may come from, how large and how many.
+    pub images: images::ImageOptions,
 }
 
 impl Default for ServerOptions {
@@ -105,6 +108,7 @@ impl Default for ServerOptions {
             cache_shared_across_keys: false,
             max_coalesced: 1024,
             max_coalesced_subscribers: 256,
+            images: images::ImageOptions::default(),
         }
     }
 }
@@ -227,19 +231,17 @@ impl AppState {
         })
     }
 
-    /// Renders and tokenizes a chat; message text is text unless `allow_special_tokens_in_chat`.
-    pub(crate) fn encode_chat(&self, m: &ServedModel, messages: &[serde_json::Value]) -> Result<Vec<u32>, ApiError> {
-        self.encode_chat_tools(m, messages.to_vec(), None)
-    }
-
-    /// `encode_chat` with the request's tools: given to a template that renders them; for one that does not,
+    /// Renders and tokenizes a chat (message text is text unless `allow_special_tokens_in_chat`) with the
+    /// request's tools and, for a vision model, each image's placeholder ids for its tile grid (returning
+    /// their spans). Tools: given to a template that renders them; for one that does not,
     /// described in a system message, with earlier calls and results written out as text.
     pub(crate) fn encode_chat_tools(
         &self,
         m: &ServedModel,
         mut messages: Vec<serde_json::Value>,
         tools: Option<&tools::Tools>,
-    ) -> Result<Vec<u32>, ApiError> {
+        image_grids: &[(usize, usize)],
+    ) -> Result<(Vec<u32>, Vec<std::ops::Range<usize>>), ApiError> {
         let content = if self.options.allow_special_tokens_in_chat {
             mlx_serving_models::ChatContent::ParseSpecial
         } else {
@@ -258,9 +260,13 @@ impl AppState {
                 None
             }
         };
-        m.bundle
-            .encode_chat_with_tools(&messages, declared.as_ref(), content)
-            .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
+        let bad = |e: mlx_serving_models::Error| ApiError::bad_request(e.to_string(), Some("messages"));
+        match m.bundle.vision.is_some() {
+            true => m.bundle.encode_chat_with_images(&messages, declared.as_ref(), content, image_grids).map_err(bad),
+            false => {
+                Ok((m.bundle.encode_chat_with_tools(&messages, declared.as_ref(), content).map_err(bad)?, Vec::new()))
+            }
+        }
     }
 }
 

@@ -101,6 +101,8 @@ pub struct ModelMetrics {
     pub load_seconds: Histogram,
     /// Requests that joined another request's generation instead of running their own.
     pub coalesced: AtomicU64,
+    /// Images in accepted chat requests (decoded and preprocessed).
+    pub images: AtomicU64,
 }
 
 impl Default for ModelMetrics {
@@ -118,6 +120,7 @@ impl Default for ModelMetrics {
             unloads: AtomicU64::new(0),
             load_seconds: Histogram::new(LOAD_BUCKETS),
             coalesced: AtomicU64::new(0),
+            images: AtomicU64::new(0),
         }
     }
 }
@@ -360,7 +363,22 @@ fn render_model(x: &mut Exposition, m: &ModelView) {
             &st.mask_time_micros,
         );
         speculation(x, &labels, st);
+        x.histogram(
+            [
+                "mlx_serving:vision_encoder_seconds",
+                "Time to encode one image with the vision encoder (encoder-cache hits not counted).",
+            ],
+            &labels,
+            &mlx_serving_engine::ENCODER_TIME_BUCKETS,
+            &st.encoder_time_counts,
+            &st.encoder_time_micros,
+        );
     }
+    x.sample(
+        ["mlx_serving:images_processed_total", "Images received in requests, decoded and preprocessed.", counter],
+        &labels,
+        get(&mm.images),
+    );
     x.sample(["mlx_serving:prompt_tokens_total", "Prompt tokens processed.", counter], &labels, get(&mm.prompt_tokens));
     x.sample(
         ["mlx_serving:generation_tokens_total", "Tokens generated.", counter],

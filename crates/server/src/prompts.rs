@@ -19,8 +19,10 @@ use std::sync::Arc;
 pub const MAX_CHOICES: usize = 64;
 
 /// OpenAI messages → the `{role, content: string}` list chat templates expect (plus `name` when given).
-/// Text parts are joined with newlines, as vLLM joins them.
-pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
+/// Text parts are joined with newlines, as vLLM joins them. For a model that takes images (`vision`), every
+/// content is a list of `{"type": "text", "text"}` and `{"type": "image"}` parts instead, as vision-language
+/// templates read them; for one that does not, an image part is a 400.
+pub(crate) fn normalize_messages(messages_in: &[ChatMessage], vision: bool) -> Result<Vec<Value>, ApiError> {
     let mut messages = Vec::with_capacity(messages_in.len());
     for (i, m) in messages_in.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
@@ -29,27 +31,46 @@ pub(crate) fn normalize_messages(messages_in: &[ChatMessage]) -> Result<Vec<Valu
                 Some("messages"),
             ));
         }
+        let text_part = |t: &str| json!({"type": "text", "text": t});
         let content = match &m.content {
-            Value::String(t) => t.clone(),
+            Value::String(t) if vision => json!([text_part(t)]),
+            Value::String(t) => json!(t),
             Value::Array(parts) => {
                 let mut texts = Vec::with_capacity(parts.len());
-                for p in parts {
+                let mut list = Vec::with_capacity(parts.len());
+                for (j, p) in parts.iter().enumerate() {
                     match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(t)) => texts.push(t),
+                        (Some("text"), Some(t)) => {
+                            texts.push(t);
+                            list.push(text_part(t));
+                        }
+                        (Some("image_url"), _) if vision => list.push(json!({"type": "image"})),
+                        (Some("image_url"), _) => {
+                            let field = format!("messages[{i}].content[{j}]");
+                            return Err(ApiError::bad_request(
+                                format!("{field}: this model does not take images"),
+                                Some(&field),
+                            ));
+                        }
                         _ => {
                             return Err(ApiError::bad_request(
-                                format!("messages[{i}].content: only text parts are supported"),
+                                format!("messages[{i}].content[{j}]: only text and image_url parts are supported"),
                                 Some("messages"),
                             ))
                         }
                     }
                 }
-                texts.join("\n")
+                if vision {
+                    Value::Array(list)
+                } else {
+                    json!(texts.join("\n"))
+                }
             }
-            Value::Null if m.role == "assistant" => String::new(),
+            Value::Null if m.role == "assistant" && vision => json!([text_part("")]),
+            Value::Null if m.role == "assistant" => json!(""),
             _ => {
                 return Err(ApiError::bad_request(
-                    format!("messages[{i}].content must be a string or a list of text parts"),
+                    format!("messages[{i}].content must be a string or a list of content parts"),
                     Some("messages"),
                 ))
             }
@@ -180,8 +201,19 @@ pub async fn tokenize(
                     Some("add_generation_prompt"),
                 ));
             }
-            let messages = normalize_messages(&msgs)?;
-            s.on_cpu_pool(&ctx.id, move || st.encode_chat(&m, &messages)).await??
+            let messages = normalize_messages(&msgs, m.bundle.vision.is_some())?;
+            let parts = crate::images::find(&msgs, &s.options.images)?;
+            s.on_cpu_pool(&ctx.id, move || {
+                let grids: Vec<(usize, usize)> = match parts.is_empty() {
+                    true => Vec::new(),
+                    false => crate::images::prepare(&m.bundle, &parts, &st.options.images)?
+                        .into_iter()
+                        .map(|p| p.grid)
+                        .collect(),
+                };
+                Ok::<_, ApiError>(st.encode_chat_tools(&m, messages, None, &grids)?.0)
+            })
+            .await??
         }
         _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
     };
@@ -217,7 +249,7 @@ pub(crate) fn completion_prompts(s: &ServedModel, prompt: &Value, echo: bool) ->
     let vocab = s.bundle.model.config().vocab_size;
     let from_text = |t: &str| -> Result<Prompt, ApiError> {
         let ids = s.bundle.encode(t, true).map_err(|e| bad(&e.to_string()))?;
-        Ok(Prompt { ids, echo: echo.then(|| t.to_string()) })
+        Ok(Prompt { ids, mm: Vec::new(), echo: echo.then(|| t.to_string()) })
     };
     let from_ids = |items: &[Value]| -> Result<Prompt, ApiError> {
         let ids = items
@@ -229,7 +261,7 @@ pub(crate) fn completion_prompts(s: &ServedModel, prompt: &Value, echo: bool) ->
             true => Some(s.bundle.tokenizer.decode(&ids, false).map_err(|e| bad(&e.to_string()))?),
             false => None,
         };
-        Ok(Prompt { ids, echo })
+        Ok(Prompt { ids, mm: Vec::new(), echo })
     };
     let shape = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists";
     let prompts = match prompt {

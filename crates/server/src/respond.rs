@@ -45,6 +45,8 @@ pub(crate) struct Job {
 
 pub(crate) struct Prompt {
     pub ids: Vec<u32>,
+    /// Images in the prompt (their spans, content hashes and pixels).
+    pub mm: Vec<mlx_serving_engine::MmInput>,
     /// Completions with `echo`: the prompt text, which starts the text of this prompt's choices.
     pub echo: Option<String>,
 }

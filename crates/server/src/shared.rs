@@ -41,7 +41,8 @@ pub(crate) fn key(job: &Job, params: &SamplingParams, constraint: &str, tenant: 
         serde_json::to_string(params).unwrap_or_default(),
     );
     for p in &job.prompts {
-        let _ = write!(k, " prompt={:?} echo={:?}", p.ids, p.echo);
+        let images: Vec<u64> = p.mm.iter().map(|m| m.hash).collect();
+        let _ = write!(k, " prompt={:?} echo={:?} images={images:?}", p.ids, p.echo);
     }
     Some(k)
 }

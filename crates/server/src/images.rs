@@ -1,0 +1,168 @@
+//! Images in chat messages: OpenAI `{"type": "image_url", "image_url": {"url": ...}}` parts found, checked
+//! and loaded (`data:` URLs; local files only under `image_dirs`; remote URLs refused unless allowed),
+//! decoded within the byte and pixel limits, and preprocessed for the model's encoder, each failure a 400
+//! naming the part (`messages[1].content[2].image_url`). Bounds are checked before the work they bound: the
+//! image count before any decoding, bytes before decoding, pixels from the header before any pixel.
+
+use crate::error::ApiError;
+use base64::Engine as _;
+use mlx_serving_engine::MmInput;
+use mlx_serving_frontend::image::{decode, idefics3::Idefics3Config, ImageError, ImageLimits};
+use mlx_serving_models::{ImagePixels, ModelBundle};
+use mlx_serving_protocol::ChatMessage;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where images may come from and how large they may be (`server:` in `runtime.yaml`).
+#[derive(Clone, Debug)]
+pub struct ImageOptions {
+    /// Fetch `http(s)` image URLs (not supported yet: such URLs are refused either way).
+    pub allow_remote: bool,
+    /// Directories local image files may be read from (`file://` URLs or absolute paths); none by default.
+    pub dirs: Vec<PathBuf>,
+    pub max_bytes: usize,
+    pub max_pixels: u64,
+    pub max_per_request: usize,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        let l = ImageLimits::default();
+        Self {
+            allow_remote: false,
+            dirs: Vec::new(),
+            max_bytes: l.max_bytes,
+            max_pixels: l.max_pixels,
+            max_per_request: 8,
+        }
+    }
+}
+
+/// One image part of a request: the field that holds it and its URL.
+pub(crate) struct ImagePart {
+    pub field: String,
+    pub url: String,
+}
+
+/// The request's image parts in message order, after the checks that need no work: the part's shape and
+/// the number of images.
+pub(crate) fn find(messages: &[ChatMessage], opts: &ImageOptions) -> Result<Vec<ImagePart>, ApiError> {
+    let mut parts = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let Value::Array(list) = &m.content else { continue };
+        for (j, p) in list.iter().enumerate() {
+            if p.get("type").and_then(Value::as_str) != Some("image_url") {
+                continue;
+            }
+            let field = format!("messages[{i}].content[{j}].image_url");
+            let url = match p.get("image_url") {
+                Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
+                Some(Value::String(s)) => Some(s.as_str()),
+                _ => None,
+            };
+            let url = url.ok_or_else(|| ApiError::bad_request(format!("{field} needs a url"), Some(&field)))?;
+            if m.role != "user" {
+                return Err(ApiError::bad_request(format!("{field}: images go in user messages"), Some(&field)));
+            }
+            parts.push(ImagePart { field, url: url.to_string() });
+        }
+    }
+    if parts.len() > opts.max_per_request {
+        let field = parts[opts.max_per_request].field.clone();
+        return Err(ApiError::bad_request(
+            format!("at most {} images per request, got {}", opts.max_per_request, parts.len()),
+            Some(&field),
+        ));
+    }
+    Ok(parts)
+}
+
+/// The image file's bytes behind `part`'s URL.
+fn load(part: &ImagePart, opts: &ImageOptions) -> Result<Vec<u8>, ApiError> {
+    let bad = |m: String| ApiError::bad_request(format!("{}: {m}", part.field), Some(&part.field));
+    let url = part.url.trim();
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) =
+            rest.split_once(',').ok_or_else(|| bad("a data: URL needs a comma before its data".into()))?;
+        if !meta.ends_with(";base64") {
+            return Err(bad("only base64 data: URLs are supported".into()));
+        }
+        // base64 takes 4 characters per 3 bytes: refuse an oversized image before decoding it.
+        if data.len() / 4 * 3 > opts.max_bytes + 3 {
+            return Err(bad(format!("the image is over the limit of {} bytes", opts.max_bytes)));
+        }
+        let clean: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        return base64::engine::general_purpose::STANDARD
+            .decode(clean.as_bytes())
+            .map_err(|e| bad(format!("the data: URL is not valid base64 ({e})")));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(bad(if opts.allow_remote {
+            "fetching remote images is not supported yet: send the image as a data: URL".into()
+        } else {
+            "remote image URLs are off on this server (server.allow_remote_images): send a data: URL".into()
+        }));
+    }
+    let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+    if opts.dirs.is_empty() || !path.is_absolute() {
+        return Err(bad("local image files are not allowed here (server.image_dirs): send a data: URL".into()));
+    }
+    // Resolved (symbolic links and `..` followed) before the check, so nothing escapes the directories.
+    let real = path.canonicalize().map_err(|_| bad("no such image file".into()))?;
+    if !opts.dirs.iter().filter_map(|d| d.canonicalize().ok()).any(|d| real.starts_with(d)) {
+        return Err(bad("the file is outside server.image_dirs".into()));
+    }
+    let len = std::fs::metadata(&real).map_err(|_| bad("no such image file".into()))?.len();
+    if len > opts.max_bytes as u64 {
+        return Err(bad(format!("the image is {len} bytes, over the limit of {}", opts.max_bytes)));
+    }
+    std::fs::read(&real).map_err(|_| bad("the image file could not be read".into()))
+}
+
+/// The model's image preprocessing, for the frontend.
+fn processor(b: &ModelBundle) -> Option<Idefics3Config> {
+    b.vision.as_ref().map(|(_, p)| Idefics3Config {
+        longest_edge: p.longest_edge,
+        tile: p.tile,
+        do_image_splitting: p.do_image_splitting,
+        rescale_factor: p.rescale_factor,
+        image_mean: p.image_mean,
+        image_std: p.image_std,
+    })
+}
+
+/// A loaded and preprocessed image: its tile grid and pixels.
+pub(crate) struct Prepared {
+    pub grid: (usize, usize),
+    pub pixels: ImagePixels,
+}
+
+/// Loads, decodes and preprocesses every part (CPU work: run it on the CPU pool).
+pub(crate) fn prepare(b: &ModelBundle, parts: &[ImagePart], opts: &ImageOptions) -> Result<Vec<Prepared>, ApiError> {
+    let Some(proc) = processor(b) else {
+        let field = parts.first().map_or("messages", |p| p.field.as_str());
+        return Err(ApiError::bad_request("this model does not take images", Some(field)));
+    };
+    let limits = ImageLimits { max_bytes: opts.max_bytes, max_pixels: opts.max_pixels };
+    parts
+        .iter()
+        .map(|part| {
+            let bytes = load(part, opts)?;
+            let img = decode(&bytes, &limits)
+                .map_err(|e: ImageError| ApiError::bad_request(format!("{}: {e}", part.field), Some(&part.field)))?;
+            let t = proc.preprocess(&img);
+            let num_tiles = t.num_tiles();
+            Ok(Prepared { grid: (t.rows, t.cols), pixels: ImagePixels { pixels: t.pixels, num_tiles } })
+        })
+        .collect()
+}
+
+/// The engine's inputs for `prepared` images at `spans` of the prompt.
+pub(crate) fn mm_inputs(prepared: Vec<Prepared>, spans: Vec<std::ops::Range<usize>>) -> Vec<MmInput> {
+    prepared
+        .into_iter()
+        .zip(spans)
+        .map(|(p, span)| MmInput { span, hash: p.pixels.content_hash(), data: Arc::new(p.pixels) })
+        .collect()
+}
