@@ -1,7 +1,8 @@
 //! Hot loops that candle does not do fast enough on the CPU.
 //!
 //! Owns: paged attention over a block-structured KV cache (optionally over a sliding window), matrix products
-//! with GGUF block-quantized weights (`quant`) and with 16-bit float weights (`half_matmul`), the worker pool,
+//! with GGUF block-quantized weights (`quant`), with 16-bit float weights (`half_matmul`) and with f32 weights for
+//! many rows (`f32_matmul`), the worker pool,
 //! RoPE, the small vector primitives they need, and read-only file maps (`mapped`: the one place model files are
 //! mapped, as it needs `unsafe`).
 //! Every fast kernel here has a plain reference version (`*_reference`) and a randomized test against it.
@@ -9,6 +10,7 @@
 //! layouts documented on each function, so the engine crates stay free of candle.
 
 pub mod attention;
+pub mod f32_matmul;
 pub mod half_matmul;
 pub mod mapped;
 pub mod pool;
@@ -17,5 +19,6 @@ pub mod rope;
 pub mod vec;
 
 pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvDtype, KvElem, KvLayout};
+pub use f32_matmul::{f32_matmul, F32Matrix};
 pub use half_matmul::{half_matmul, HalfKind, HalfMatrix};
 pub use quant::{qmatmul, qmatmul_reference, Activations, Isa, QMatrix, QuantFormat};

@@ -32,8 +32,8 @@ use candle_core::{Device, Module, Tensor};
 use mlx_serving_kernels::quant::{qmatmul_acts, qmatmul_add, Q8Acts};
 use mlx_serving_kernels::rope::{self, rope_qkv_store, QkvStore, RopeTables};
 use mlx_serving_kernels::{
-    half_matmul, paged_attention, qmatmul, Activations, AttnSeq, HalfKind, HalfMatrix, KvDtype, KvElem, QMatrix,
-    QuantFormat,
+    f32_matmul, half_matmul, paged_attention, qmatmul, Activations, AttnSeq, F32Matrix, HalfKind, HalfMatrix, KvDtype,
+    KvElem, QMatrix, QuantFormat,
 };
 use std::path::Path;
 
@@ -126,6 +126,8 @@ impl ActivationPrecision {
 enum Weight {
     Kernel(QMatrix),
     Half(HalfMatrix),
+    /// f32 weights on our f32 kernel (AVX-512 where the CPU has it).
+    F32(F32Matrix),
     Candle(QMatMul),
 }
 
@@ -143,7 +145,7 @@ impl Weight {
     fn rounded(&self) -> Option<bool> {
         match self {
             Self::Kernel(w) => rounded(w),
-            Self::Half(_) | Self::Candle(_) => None,
+            Self::Half(_) | Self::F32(_) | Self::Candle(_) => None,
         }
     }
 
@@ -152,6 +154,7 @@ impl Weight {
         match self {
             Self::Kernel(m) => m.dequantize_row(r, out),
             Self::Half(m) => m.dequantize_row(r, out),
+            Self::F32(m) => m.row(r, out),
             Self::Candle(_) => unreachable!("embedding rows come from candle weights only through a dense table"),
         }
     }
@@ -163,6 +166,7 @@ impl Weight {
             (Self::Kernel(w), Input::F32(x)) if add => qmatmul_add(w, x, y),
             (Self::Kernel(w), Input::F32(x)) => qmatmul(w, x, y),
             (Self::Half(w), Input::F32(x)) => half_matmul(w, x, y, add),
+            (Self::F32(w), Input::F32(x)) => f32_matmul(w, x, y, add),
             (Self::Candle(w), Input::F32(x)) => {
                 let xt = Tensor::from_slice(x, (n, x.len() / n), device)?;
                 let out = w.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
@@ -172,7 +176,7 @@ impl Weight {
                     y.copy_from_slice(&out);
                 }
             }
-            (Self::Candle(_) | Self::Half(_), Input::Rounded(_)) => {
+            (Self::Candle(_) | Self::Half(_) | Self::F32(_), Input::Rounded(_)) => {
                 unreachable!("rounded activations only go to the block-format kernels")
             }
         }
@@ -700,6 +704,10 @@ fn to_matmul<S: TensorSource>(
             Ok(Weight::Kernel(m.with_activations(opts.activations.for_weight(name, format))))
         }
         _ if td.mins.is_some() => Err(bad("block offsets on a tensor our kernels do not take".into())),
+        (None, &[rows, cols]) if td.dtype == GgmlDType::F32 => {
+            let v = td.to_f32().map_err(|e| bad(e.to_string()))?;
+            Ok(Weight::F32(F32Matrix::from_rows(rows, cols, &v)))
+        }
         _ => td.to_qtensor(device).and_then(QMatMul::from_qtensor).map(Weight::Candle).map_err(|e| bad(e.to_string())),
     }
 }

@@ -10,13 +10,13 @@
 //!     ─ modality_projection (no bias)                                                          [P²/s², text d]
 //! ```
 //!
-//! Matmuls run on candle's CPU backend in f32 (the weights as the checkpoint stores them, widened).
+//! In f32 (the weights as the checkpoint stores them, widened) on our f32 matrix kernel, all tiles of an image
+//! through each linear layer at once, attention within each tile.
 
 use crate::error::{Error, Result};
 use crate::hf::HfDir;
-use candle_core::{DType, Device, Tensor};
+use mlx_serving_kernels::{f32_matmul, F32Matrix};
 use serde_json::Value;
-use std::path::PathBuf;
 
 /// How a vision-language model wants its images prepared (from `preprocessor_config.json` and
 /// `processor_config.json`), and the tokens that stand for them.
@@ -119,31 +119,50 @@ pub struct Idefics3VisionConfig {
 }
 
 struct Linear {
-    /// `[in, out]`, contiguous.
-    w_t: Tensor,
-    b: Option<Tensor>,
+    w: F32Matrix,
+    b: Option<Vec<f32>>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.w_t)?;
-        match &self.b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+    /// `x [n, in]` → `[n, out]`.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let out = self.w.rows();
+        let mut y = vec![0f32; x.len() / self.w.cols() * out];
+        f32_matmul(&self.w, x, &mut y, false);
+        if let Some(b) = &self.b {
+            for row in y.chunks_exact_mut(out) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
         }
+        y
     }
 }
 
 struct LayerNorm {
-    w: Tensor,
-    b: Tensor,
+    w: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &[f32], eps: f32) -> Vec<f32> {
+        let h = self.w.len();
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+            let mean = xr.iter().sum::<f32>() / h as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (((o, v), w), b) in yr.iter_mut().zip(xr).zip(&self.w).zip(&self.b) {
+                *o = (v - mean) * inv * w + b;
+            }
+        }
+        y
+    }
 }
 
 struct EncoderLayer {
     ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked: one product.
+    qkv: Linear,
     o: Linear,
     ln2: LayerNorm,
     fc1: Linear,
@@ -153,7 +172,7 @@ struct EncoderLayer {
 pub struct Idefics3Vision {
     pub cfg: Idefics3VisionConfig,
     patch: Linear,
-    pos: Tensor,
+    pos: Vec<f32>,
     layers: Vec<EncoderLayer>,
     post_ln: LayerNorm,
     proj: Linear,
@@ -168,6 +187,31 @@ fn get_usize(dir: &HfDir, v: &Value, key: &str, path: &str) -> Result<usize> {
         .and_then(Value::as_u64)
         .map(|x| x as usize)
         .ok_or_else(|| Error::MissingMetadata { path: dir.dir().join("config.json"), key: format!("{path}{key}") })
+}
+
+/// erf to about 1e-6 (Numerical Recipes' erfc fit, in f32).
+fn erf(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+    let r = 1.0 - t * poly.exp();
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+fn gelu_erf(x: &mut [f32]) {
+    mlx_serving_kernels::pool::for_each_chunk_mut(x, 16384, |_, c| {
+        c.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
+    });
 }
 
 impl Idefics3Vision {
@@ -202,8 +246,7 @@ impl Idefics3Vision {
         {
             return Err(cfg_err(dir, "vision_config", "inconsistent sizes (patch, image, heads, scale_factor)"));
         }
-        let dev = Device::Cpu;
-        let tensor = |name: &str, want: &[usize]| -> Result<Tensor> {
+        let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
             let (shape, values) = dir.f32_tensor(name)?;
             if shape != want {
                 return Err(Error::BadTensor {
@@ -212,14 +255,20 @@ impl Idefics3Vision {
                     reason: format!("shape {shape:?}, expected {want:?}"),
                 });
             }
-            Tensor::from_vec(values, shape, &dev).map_err(|e| candle_err(dir.dir().into(), name, e))
+            Ok(values)
         };
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = tensor(&format!("{name}.weight"), &[out, inp])?;
-            let w_t = w.t().and_then(|t| t.contiguous()).map_err(|e| candle_err(dir.dir().into(), name, e))?;
-            let b = if bias { Some(tensor(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Linear { w_t, b })
+        let linear = |names: &[String], out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let mut w = Vec::with_capacity(names.len() * out * inp);
+            let mut b = Vec::new();
+            for name in names {
+                w.extend(tensor(&format!("{name}.weight"), &[out, inp])?);
+                if bias {
+                    b.extend(tensor(&format!("{name}.bias"), &[out])?);
+                }
+            }
+            Ok(Linear { w: F32Matrix::from_rows(names.len() * out, inp, &w), b: bias.then_some(b) })
         };
+        let one = |name: &str| [name.to_string()];
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 w: tensor(&format!("{name}.weight"), &[cfg.hidden])?,
@@ -230,31 +279,27 @@ impl Idefics3Vision {
         let h = cfg.hidden;
         let pw = tensor(&format!("{vp}embeddings.patch_embedding.weight"), &[h, 3, cfg.patch, cfg.patch])?;
         let patch = Linear {
-            w_t: pw
-                .reshape((h, 3 * cfg.patch * cfg.patch))
-                .and_then(|w| w.t())
-                .and_then(|w| w.contiguous())
-                .map_err(|e| candle_err(dir.dir().into(), "patch_embedding", e))?,
+            w: F32Matrix::from_rows(h, 3 * cfg.patch * cfg.patch, &pw),
             b: Some(tensor(&format!("{vp}embeddings.patch_embedding.bias"), &[h])?),
         };
         let pos = tensor(&format!("{vp}embeddings.position_embedding.weight"), &[side * side, h])?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let lp = format!("{vp}encoder.layers.{i}.");
+            let qkv: Vec<String> =
+                ["q_proj", "k_proj", "v_proj"].iter().map(|p| format!("{lp}self_attn.{p}")).collect();
             layers.push(EncoderLayer {
                 ln1: ln(&format!("{lp}layer_norm1"))?,
-                q: linear(&format!("{lp}self_attn.q_proj"), h, h, true)?,
-                k: linear(&format!("{lp}self_attn.k_proj"), h, h, true)?,
-                v: linear(&format!("{lp}self_attn.v_proj"), h, h, true)?,
-                o: linear(&format!("{lp}self_attn.out_proj"), h, h, true)?,
+                qkv: linear(&qkv, h, h, true)?,
+                o: linear(&one(&format!("{lp}self_attn.out_proj")), h, h, true)?,
                 ln2: ln(&format!("{lp}layer_norm2"))?,
-                fc1: linear(&format!("{lp}mlp.fc1"), cfg.intermediate, h, true)?,
-                fc2: linear(&format!("{lp}mlp.fc2"), h, cfg.intermediate, true)?,
+                fc1: linear(&one(&format!("{lp}mlp.fc1")), cfg.intermediate, h, true)?,
+                fc2: linear(&one(&format!("{lp}mlp.fc2")), h, cfg.intermediate, true)?,
             });
         }
         let post_ln = ln(&format!("{vp}post_layernorm"))?;
         let s2 = cfg.scale_factor * cfg.scale_factor;
-        let proj = linear("model.connector.modality_projection.proj", cfg.text_hidden, h * s2, false)?;
+        let proj = linear(&one("model.connector.modality_projection.proj"), cfg.text_hidden, h * s2, false)?;
         Ok(Self { cfg, patch, pos, layers, post_ln, proj })
     }
 
@@ -263,79 +308,106 @@ impl Idefics3Vision {
         side * side / (self.cfg.scale_factor * self.cfg.scale_factor)
     }
 
+    /// All tiles at once through the linear layers; attention within each tile.
     fn encode(&self, pixels: &[f32], num_tiles: usize) -> Result<Vec<f32>> {
-        let t = self.cfg.image_size;
-        if pixels.len() != num_tiles * 3 * t * t {
+        let c = &self.cfg;
+        let (t, p, h) = (c.image_size, c.patch, c.hidden);
+        if num_tiles == 0 || pixels.len() != num_tiles * 3 * t * t {
             return Err(Error::InvalidBatch(format!(
                 "{} pixel values for {num_tiles} tiles of 3x{t}x{t}",
                 pixels.len()
             )));
         }
-        let mut out = Vec::with_capacity(num_tiles * self.tokens_per_tile() * self.cfg.text_hidden);
-        for tile in pixels.chunks_exact(3 * t * t) {
-            out.extend(self.encode_tile(tile).map_err(|e| Error::InvalidBatch(format!("vision encoder: {e}")))?);
-        }
-        Ok(out)
-    }
-
-    fn encode_tile(&self, pixels: &[f32]) -> candle_core::Result<Vec<f32>> {
-        let c = &self.cfg;
-        let (t, p, h) = (c.image_size, c.patch, c.hidden);
         let side = t / p;
         let n = side * side;
-        // Patches as rows of (c, y, x) values, in row-major patch order.
-        let mut patches = Vec::with_capacity(n * 3 * p * p);
-        for py in 0..side {
-            for px in 0..side {
-                for ch in 0..3 {
-                    for y in 0..p {
-                        let row = ch * t * t + (py * p + y) * t + px * p;
-                        patches.extend_from_slice(&pixels[row..row + p]);
+        // Patches as rows of (c, y, x) values, in row-major patch order, tile after tile.
+        let mut patches = Vec::with_capacity(num_tiles * n * 3 * p * p);
+        for tile in pixels.chunks_exact(3 * t * t) {
+            for py in 0..side {
+                for px in 0..side {
+                    for ch in 0..3 {
+                        for y in 0..p {
+                            let row = ch * t * t + (py * p + y) * t + px * p;
+                            patches.extend_from_slice(&tile[row..row + p]);
+                        }
                     }
                 }
             }
         }
-        let dev = Device::Cpu;
-        let x = Tensor::from_vec(patches, (n, 3 * p * p), &dev)?;
-        let mut x = (self.patch.forward(&x)? + &self.pos)?;
-        let (heads, hd) = (c.heads, h / c.heads);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.patch.forward(&patches);
+        for tile in x.chunks_exact_mut(n * h) {
+            tile.iter_mut().zip(&self.pos).for_each(|(v, p)| *v += p);
+        }
         let eps = c.eps as f32;
         for l in &self.layers {
-            let y = candle_nn::ops::layer_norm(&x, &l.ln1.w, &l.ln1.b, eps)?;
-            let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous();
-            let q = split((l.q.forward(&y)? * scale)?)?;
-            let k = split(l.k.forward(&y)?)?;
-            let v = split(l.v.forward(&y)?)?;
-            let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-            let a = att.matmul(&v)?.transpose(0, 1)?.reshape((n, h))?;
-            x = (x + l.o.forward(&a)?)?;
-            let y = candle_nn::ops::layer_norm(&x, &l.ln2.w, &l.ln2.b, eps)?;
-            x = (&x + l.fc2.forward(&l.fc1.forward(&y)?.gelu_erf()?)?)?;
+            let y = l.ln1.forward(&x, eps);
+            let qkv = l.qkv.forward(&y);
+            let mut a = vec![0f32; x.len()];
+            for (tile, out) in qkv.chunks_exact(n * 3 * h).zip(a.chunks_exact_mut(n * h)) {
+                self.attention(tile, n, out);
+            }
+            let o = l.o.forward(&a);
+            x.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
+            let y = l.ln2.forward(&x, eps);
+            let mut f = l.fc1.forward(&y);
+            gelu_erf(&mut f);
+            let f = l.fc2.forward(&f);
+            x.iter_mut().zip(&f).for_each(|(v, o)| *v += o);
         }
-        let x = candle_nn::ops::layer_norm(&x, &self.post_ln.w, &self.post_ln.b, eps)?;
-        let x: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let x = self.post_ln.forward(&x, eps);
         // Pixel shuffle: token (by, bx) gathers patches (by·s + i, bx·s + j), i then j, each h wide.
         let s = c.scale_factor;
         let bside = side / s;
         let mut shuffled = Vec::with_capacity(x.len());
-        for by in 0..bside {
-            for bx in 0..bside {
-                for i in 0..s {
-                    for j in 0..s {
-                        let patch = (by * s + i) * side + bx * s + j;
-                        shuffled.extend_from_slice(&x[patch * h..(patch + 1) * h]);
+        for tile in x.chunks_exact(n * h) {
+            for by in 0..bside {
+                for bx in 0..bside {
+                    for i in 0..s {
+                        for j in 0..s {
+                            let patch = (by * s + i) * side + bx * s + j;
+                            shuffled.extend_from_slice(&tile[patch * h..(patch + 1) * h]);
+                        }
                     }
                 }
             }
         }
-        let y = Tensor::from_vec(shuffled, (bside * bside, s * s * h), &dev)?;
-        self.proj.forward(&y)?.flatten_all()?.to_vec1()
+        Ok(self.proj.forward(&shuffled))
     }
-}
 
-fn candle_err(path: PathBuf, name: &str, e: candle_core::Error) -> Error {
-    Error::BadTensor { path, name: name.into(), reason: e.to_string() }
+    /// Full self-attention of one tile: `qkv` `[n, 3h]` (q, k, v) → `out` `[n, h]`.
+    fn attention(&self, qkv: &[f32], n: usize, out: &mut [f32]) {
+        let (h, heads) = (self.cfg.hidden, self.cfg.heads);
+        let hd = h / heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let head = |which: usize, hh: usize| -> Vec<f32> {
+            qkv.chunks_exact(3 * h).flat_map(|r| &r[which * h + hh * hd..which * h + (hh + 1) * hd]).copied().collect()
+        };
+        for hh in 0..heads {
+            let q: Vec<f32> = head(0, hh).into_iter().map(|v| v * scale).collect();
+            let k = F32Matrix::from_rows(n, hd, &head(1, hh));
+            let v = F32Matrix::from_columns(hd, n, &head(2, hh));
+            let mut scores = vec![0f32; n * n];
+            f32_matmul(&k, &q, &mut scores, false);
+            // Rows of scores in tasks on the kernel pool: softmax.
+            mlx_serving_kernels::pool::for_each_chunk_mut(&mut scores, n * 64, |_, rows| {
+                for row in rows.chunks_exact_mut(n) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    row.iter_mut().for_each(|v| {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    });
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+            let mut o = vec![0f32; n * hd];
+            f32_matmul(&v, &scores, &mut o, false);
+            for (dst, src) in out.chunks_exact_mut(h).zip(o.chunks_exact(hd)) {
+                dst[hh * hd..(hh + 1) * hd].copy_from_slice(src);
+            }
+        }
+    }
 }
 
 fn image_processing(dir: &HfDir, v: &Idefics3VisionConfig) -> Result<ImageProcessing> {
@@ -385,4 +457,25 @@ fn image_processing(dir: &HfDir, v: &Idefics3VisionConfig) -> Result<ImageProces
             side * side / (v.scale_factor * v.scale_factor)
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn erf_is_accurate_for_gelu() {
+        // Values of erf to 10 digits.
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.1, 0.1124629160),
+            (0.5, 0.5204998778),
+            (1.0, 0.8427007929),
+            (2.0, 0.9953222650),
+            (3.5, 0.9999992569),
+            (-0.7, -0.6778011938),
+            (-2.5, -0.9995930480),
+        ] {
+            let got = super::erf(x as f32) as f64;
+            assert!((got - want).abs() < 2e-6, "erf({x}) = {got}, want {want}");
+        }
+    }
 }
