@@ -10,7 +10,8 @@
 //!
 //! Activations are plain f32 slices. Matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights use our kernels (8-bit,
 //! 16-bit or f32 activations, see [`ActivationPrecision`]), bf16/f16 weights our 16-bit float kernels (f32
-//! activations); other formats (and f32 weights when loaded with `dequantize`) go through candle's `QMatMul`. Attention and cache writes are handled by `mlx_serving_kernels`.
+//! activations), f32 weights our f32 kernel; other formats (and every weight when loaded with `dequantize`) go
+//! through candle's `QMatMul`. Attention and cache writes are handled by `mlx_serving_kernels`.
 //!
 //! Where our kernels take rounded integer activations, the steps between matmuls are fused so that the
 //! activations make one pass through memory instead of several, with bitwise the results of the separate steps:
