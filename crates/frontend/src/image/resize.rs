@@ -68,7 +68,9 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
     Coeffs { bounds, ksize, weights }
 }
 
-fn clip8(v: i64) -> u8 {
+/// Pillow sums in 32-bit ints: 8-bit values times weights of 22 fractional bits whose magnitudes sum to under
+/// 2 stay far inside `i32`.
+fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -81,9 +83,9 @@ fn horizontal(img: &Rgb, out_w: usize) -> Rgb {
         for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
             let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
             for ch in 0..3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
                 for (x, &w) in k.iter().enumerate() {
-                    ss += src[(xmin + x) * 3 + ch] as i64 * w as i64;
+                    ss += src[(xmin + x) * 3 + ch] as i32 * w;
                 }
                 dst[xx * 3 + ch] = clip8(ss);
             }
@@ -96,14 +98,14 @@ fn vertical(img: &Rgb, out_h: usize) -> Rgb {
     let c = coeffs(img.height, out_h);
     let row = img.width * 3;
     let mut out = vec![0u8; row * out_h];
-    let mut acc = vec![0i64; row];
+    let mut acc = vec![0i32; row];
     for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {
         let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
         acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
         for (y, &w) in k.iter().enumerate() {
             let src = &img.pixels[(ymin + y) * row..(ymin + y + 1) * row];
             for (a, &p) in acc.iter_mut().zip(src) {
-                *a += p as i64 * w as i64;
+                *a += p as i32 * w;
             }
         }
         for (o, &a) in out[yy * row..(yy + 1) * row].iter_mut().zip(&acc) {
@@ -133,6 +135,8 @@ mod tests {
             let c = coeffs(i, o);
             for (xx, &(_, n)) in c.bounds.iter().enumerate() {
                 let s: i64 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().map(|&w| w as i64).sum();
+                let abs: i64 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().map(|&w| (w as i64).abs()).sum();
+                assert!(255 * abs + (1 << PRECISION_BITS) < i32::MAX as i64, "{i}->{o}: sums could overflow i32");
                 assert!((s - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}->{o} pixel {xx}: {s}");
             }
         }
