@@ -11,7 +11,9 @@ fn main() {
         image_mean: [0.5; 3],
         image_std: [0.5; 3],
     };
+    let t0 = std::time::Instant::now();
     let out = cfg.preprocess(&img);
+    eprintln!("preprocess: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     eprintln!("rows {} cols {} tiles {}", out.rows, out.cols, out.num_tiles());
     std::fs::write(&a[2], out.pixels.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
 }

@@ -124,6 +124,67 @@ pub fn gelu_tanh_mul_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
     gated_on(isa, gate, up, Gate::GeluTanh)
 }
 
+/// Each `w`-wide row of `x` replaced by its softmax (max subtracted; `exp` as attention's, vectorized where the
+/// CPU has AVX2).
+pub fn softmax_rows(x: &mut [f32], w: usize) {
+    assert!(w > 0 && x.len().is_multiple_of(w), "softmax_rows: {} values in rows of {w}", x.len());
+    let isa = crate::Isa::detected();
+    for row in x.chunks_exact_mut(w) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        row.iter_mut().for_each(|v| *v -= max);
+        exp_nonpositive_in_place(isa, row);
+        let inv = 1.0 / row.iter().sum::<f32>();
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// `x[i] = e^x[i]` for `x[i] ≤ 0`.
+fn exp_nonpositive_in_place(isa: crate::Isa, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: an AVX2 path means AVX2 and FMA were detected.
+        unsafe { simd::exp_nonpositive_avx2(x) };
+        return;
+    }
+    let _ = isa;
+    x.iter_mut().for_each(|v| *v = v.exp());
+}
+
+/// GELU with the exact error function, in place: `x/2 · (1 + erf(x/√2))`, erf from Numerical Recipes' erfc fit
+/// (about 1e-7 absolute).
+pub fn gelu_erf(x: &mut [f32]) {
+    let isa = crate::Isa::detected();
+    // Two passes over cache-sized chunks: the fit's exponent, then its exp, then the GELU.
+    for chunk in x.chunks_mut(4096) {
+        let mut e = [0f32; 4096];
+        let e = &mut e[..chunk.len()];
+        for (t, &v) in e.iter_mut().zip(chunk.iter()) {
+            let z = (v * std::f32::consts::FRAC_1_SQRT_2).abs();
+            let tt = 1.0 / (1.0 + 0.5 * z);
+            *t = erfc_exponent(z, tt).min(0.0);
+        }
+        exp_nonpositive_in_place(isa, e);
+        for (v, &ex) in chunk.iter_mut().zip(e.iter()) {
+            let z = (*v * std::f32::consts::FRAC_1_SQRT_2).abs();
+            let tt = 1.0 / (1.0 + 0.5 * z);
+            let erf = (1.0 - tt * ex).copysign(*v);
+            *v = 0.5 * *v * (1.0 + erf);
+        }
+    }
+}
+
+/// The exponent of Numerical Recipes' `erfc(z) ≈ t · e^(…)`, `t = 1 / (1 + z/2)`, `z ≥ 0`.
+#[inline(always)]
+fn erfc_exponent(z: f32, t: f32) -> f32 {
+    -z * z - 1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))))
+}
+
 /// `2√(2/π)` and GELU's cubic coefficient.
 const GELU_Z: f32 = 1.595_769_2;
 const GELU_CUBIC: f32 = 0.044715;
@@ -213,6 +274,25 @@ pub(crate) mod simd {
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+
+    /// `x[i] = e^x[i]` (`x[i] ≤ 0`), eight at a time; the tail through the same code, padded.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_nonpositive_avx2(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let v = crate::attention::avx2::exp_nonpositive(_mm256_loadu_ps(c.as_ptr()));
+            _mm256_storeu_ps(c.as_mut_ptr(), v);
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut pad = [-1000f32; 8];
+            pad[..rest.len()].copy_from_slice(rest);
+            let v = crate::attention::avx2::exp_nonpositive(_mm256_loadu_ps(pad.as_ptr()));
+            _mm256_storeu_ps(pad.as_mut_ptr(), v);
+            let n = rest.len();
+            rest.copy_from_slice(&pad[..n]);
+        }
     }
 
     /// `silu(x) · u` on eight lanes, as `swiglu` computes it.
@@ -319,6 +399,42 @@ pub(crate) mod simd {
         while t < rows {
             out[t] = dot_avx2(wp, x.as_ptr().add(t * k), k);
             t += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod vision_op_tests {
+    #[test]
+    fn softmax_rows_and_gelu_erf_match_plain_math() {
+        let mut x: Vec<f32> = (0..3 * 37).map(|i| ((i * 7919) % 200) as f32 / 10.0 - 10.0).collect();
+        let plain: Vec<f32> = x
+            .chunks(37)
+            .flat_map(|r| {
+                let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let s: f64 = r.iter().map(|v| ((v - m) as f64).exp()).sum();
+                r.iter().map(move |v| (((v - m) as f64).exp() / s) as f32).collect::<Vec<_>>()
+            })
+            .collect();
+        super::softmax_rows(&mut x, 37);
+        for (a, b) in x.iter().zip(&plain) {
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
+        }
+        // erf values to 10 digits: gelu(x) = x/2 (1 + erf(x/√2)).
+        let cases = [
+            (0.0f64, 0.0f64),
+            (0.5, 0.5204998778),
+            (1.0, 0.8427007929),
+            (2.0, 0.9953222650),
+            (-0.7, -0.6778011938),
+            (3.5, 0.9999992569),
+            (-2.5, -0.9995930480),
+        ];
+        let mut v: Vec<f32> = cases.iter().map(|(z, _)| (z * std::f64::consts::SQRT_2) as f32).collect();
+        let want: Vec<f64> = cases.iter().map(|(z, e)| z * std::f64::consts::SQRT_2 / 2.0 * (1.0 + e)).collect();
+        super::gelu_erf(&mut v);
+        for (a, b) in v.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 3e-6, "{a} vs {b}");
         }
     }
 }
