@@ -112,6 +112,28 @@ mod tests {
     }
 
     #[test]
+    fn every_supported_format_decodes_to_rgb() {
+        let img = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([40 * x as u8, 60 * y as u8, 100]));
+        for format in
+            [image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::Gif, image::ImageFormat::WebP]
+        {
+            let mut bytes = Vec::new();
+            image::DynamicImage::ImageRgb8(img.clone()).write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+            let got = decode(&bytes, &ImageLimits::default()).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!((got.width, got.height, got.pixels.len()), (6, 4, 72), "{format:?}");
+        }
+        // Grayscale and RGBA become RGB (grey replicated, alpha dropped).
+        let grey = image::GrayImage::from_fn(3, 2, |x, _| image::Luma([50 * x as u8]));
+        let mut bytes = Vec::new();
+        grey.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        assert_eq!(&decode(&bytes, &ImageLimits::default()).unwrap().pixels[3..6], &[50, 50, 50]);
+        let rgba = image::RgbaImage::from_fn(2, 1, |_, _| image::Rgba([1, 2, 3, 0]));
+        let mut bytes = Vec::new();
+        rgba.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode(&bytes, &ImageLimits::default()).unwrap().pixels, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
     fn crop_takes_the_rectangle() {
         let img = Rgb { width: 3, height: 2, pixels: (0..18).collect() };
         assert_eq!(crop(&img, 1, 1, 2, 1).pixels, vec![12, 13, 14, 15, 16, 17]);
