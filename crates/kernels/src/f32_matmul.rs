@@ -90,33 +90,50 @@ pub fn f32_matmul(w: &F32Matrix, x: &[f32], y: &mut [f32], add: bool) {
     for_each_chunk_mut(y, per_task * MR * m, |t, out| {
         let r0 = t * per_task * MR;
         let rows = out.len() / m;
-        let xs = &x[r0 * k..(r0 + rows) * k];
-        for (p, panel) in w.panels.chunks_exact(k * NR).enumerate() {
-            let c0 = p * NR;
-            let width = NR.min(m - c0);
-            for b in (0..rows).step_by(MR) {
-                let r = MR.min(rows - b);
-                let mut acc = [[0f32; NR]; MR];
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: AVX-512F was detected; `xs` holds `r` rows of `k` from row `b`, `panel` `k` lines.
-                    unsafe { avx512_block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc) };
-                } else {
-                    block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
+        product(w, &x[r0 * k..(r0 + rows) * k], out, add, wide);
+    });
+}
+
+/// [`f32_matmul`] on the calling thread only (for callers that are themselves tasks on the pool).
+pub fn f32_matmul_serial(w: &F32Matrix, x: &[f32], y: &mut [f32], add: bool) {
+    let (k, m) = (w.cols, w.rows);
+    assert!(k > 0 && x.len().is_multiple_of(k), "f32_matmul: {} activations for {k} columns", x.len());
+    assert_eq!(y.len(), x.len() / k * m, "f32_matmul: output of {} for {} x {m}", y.len(), x.len() / k);
+    product(w, x, y, add, avx512());
+}
+
+/// `out[rows, m] (+)= xs[rows, k] · Wᵀ`, panel by panel, 8 rows at a time.
+fn product(w: &F32Matrix, xs: &[f32], out: &mut [f32], add: bool, wide: bool) {
+    let (k, m) = (w.cols, w.rows);
+    let rows = xs.len() / k;
+    for (p, panel) in w.panels.chunks_exact(k * NR).enumerate() {
+        let c0 = p * NR;
+        let width = NR.min(m - c0);
+        for b in (0..rows).step_by(MR) {
+            let r = MR.min(rows - b);
+            let mut acc = [[0f32; NR]; MR];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F was detected; `xs` holds `r` rows of `k` from row `b`, `panel` `k` lines.
+                unsafe { avx512_block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc) };
+            } else {
                 block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
-                for (i, a) in acc.iter().enumerate().take(r) {
-                    let dst = &mut out[(b + i) * m + c0..(b + i) * m + c0 + width];
-                    if add {
-                        dst.iter_mut().zip(a).for_each(|(d, v)| *d += v);
-                    } else {
-                        dst.copy_from_slice(&a[..width]);
-                    }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = wide;
+                block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
+            }
+            for (i, a) in acc.iter().enumerate().take(r) {
+                let dst = &mut out[(b + i) * m + c0..(b + i) * m + c0 + width];
+                if add {
+                    dst.iter_mut().zip(a).for_each(|(d, v)| *d += v);
+                } else {
+                    dst.copy_from_slice(&a[..width]);
                 }
             }
         }
-    });
+    }
 }
 
 fn avx512() -> bool {
@@ -236,6 +253,9 @@ mod tests {
             let mut y3 = vec![0f32; n * m];
             f32_matmul(&F32Matrix::from_columns(m, k, &wt), &x, &mut y3, false);
             assert_eq!(y3, y, "{n}x{k}x{m}: from_columns");
+            let mut y4 = vec![0f32; n * m];
+            f32_matmul_serial(&F32Matrix::from_rows(m, k, &w), &x, &mut y4, false);
+            assert_eq!(y4, y, "{n}x{k}x{m}: serial");
             let mut row = vec![0f32; k];
             F32Matrix::from_rows(m, k, &w).row(m - 1, &mut row);
             assert_eq!(row, w[(m - 1) * k..]);

@@ -19,6 +19,6 @@ pub mod rope;
 pub mod vec;
 
 pub use attention::{paged_attention, paged_attention_reference, AttnSeq, KvDtype, KvElem, KvLayout};
-pub use f32_matmul::{f32_matmul, F32Matrix};
+pub use f32_matmul::{f32_matmul, f32_matmul_serial, F32Matrix};
 pub use half_matmul::{half_matmul, HalfKind, HalfMatrix};
 pub use quant::{qmatmul, qmatmul_reference, Activations, Isa, QMatrix, QuantFormat};

@@ -15,7 +15,7 @@
 
 use crate::error::{Error, Result};
 use crate::hf::HfDir;
-use mlx_serving_kernels::{f32_matmul, F32Matrix};
+use mlx_serving_kernels::{f32_matmul, f32_matmul_serial, F32Matrix};
 use serde_json::Value;
 
 /// How a vision-language model wants its images prepared (from `preprocessor_config.json` and
@@ -321,10 +321,7 @@ impl Idefics3Vision {
         for l in &self.layers {
             let y = l.ln1.forward(&x, eps);
             let qkv = l.qkv.forward(&y);
-            let mut a = vec![0f32; x.len()];
-            for (tile, out) in qkv.chunks_exact(n * 3 * h).zip(a.chunks_exact_mut(n * h)) {
-                self.attention(tile, n, out);
-            }
+            let a = self.attention(&qkv, num_tiles, n);
             let o = l.o.forward(&a);
             x.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
             let y = l.ln2.forward(&x, eps);
@@ -353,30 +350,45 @@ impl Idefics3Vision {
         Ok(self.proj.forward(&shuffled))
     }
 
-    /// Full self-attention of one tile: `qkv` `[n, 3h]` (q, k, v) → `out` `[n, h]`.
-    fn attention(&self, qkv: &[f32], n: usize, out: &mut [f32]) {
+    /// Full self-attention within each tile: `qkv` `[tiles × n, 3h]` (q, k, v) → `[tiles × n, h]`. One pool task
+    /// per tile and head; queries in blocks of 64 rows so a block's scores stay in cache through the softmax
+    /// and the product with the values.
+    fn attention(&self, qkv: &[f32], tiles: usize, n: usize) -> Vec<f32> {
+        const QB: usize = 64;
         let (h, heads) = (self.cfg.hidden, self.cfg.heads);
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let head = |which: usize, hh: usize| -> Vec<f32> {
-            qkv.chunks_exact(3 * h).flat_map(|r| &r[which * h + hh * hd..which * h + (hh + 1) * hd]).copied().collect()
-        };
-        for hh in 0..heads {
-            let q: Vec<f32> = head(0, hh).into_iter().map(|v| v * scale).collect();
-            let k = F32Matrix::from_rows(n, hd, &head(1, hh));
-            let v = F32Matrix::from_columns(hd, n, &head(2, hh));
-            let mut scores = vec![0f32; n * n];
-            f32_matmul(&k, &q, &mut scores, false);
-            // Rows of scores in tasks on the kernel pool: softmax.
-            mlx_serving_kernels::pool::for_each_chunk_mut(&mut scores, n * 64, |_, rows| {
-                mlx_serving_kernels::vec::softmax_rows(rows, n)
-            });
-            let mut o = vec![0f32; n * hd];
-            f32_matmul(&v, &scores, &mut o, false);
-            for (dst, src) in out.chunks_exact_mut(h).zip(o.chunks_exact(hd)) {
-                dst[hh * hd..(hh + 1) * hd].copy_from_slice(src);
+        let mut per_head = vec![0f32; tiles * heads * n * hd];
+        mlx_serving_kernels::pool::for_each_chunk_mut(&mut per_head, n * hd, |t, out| {
+            let (tile, hh) = (t / heads, t % heads);
+            let rows = &qkv[tile * n * 3 * h..(tile + 1) * n * 3 * h];
+            let head = |which: usize| -> Vec<f32> {
+                rows.chunks_exact(3 * h)
+                    .flat_map(|r| &r[which * h + hh * hd..which * h + (hh + 1) * hd])
+                    .copied()
+                    .collect()
+            };
+            let q: Vec<f32> = head(0).into_iter().map(|v| v * scale).collect();
+            let k = F32Matrix::from_rows(n, hd, &head(1));
+            let v = F32Matrix::from_columns(hd, n, &head(2));
+            let mut scores = vec![0f32; QB * n];
+            for qb in (0..n).step_by(QB) {
+                let m = QB.min(n - qb);
+                let s = &mut scores[..m * n];
+                f32_matmul_serial(&k, &q[qb * hd..(qb + m) * hd], s, false);
+                mlx_serving_kernels::vec::softmax_rows(s, n);
+                f32_matmul_serial(&v, s, &mut out[qb * hd..(qb + m) * hd], false);
+            }
+        });
+        let mut a = vec![0f32; tiles * n * h];
+        for (t, o) in per_head.chunks_exact(n * hd).enumerate() {
+            let (tile, hh) = (t / heads, t % heads);
+            for (i, src) in o.chunks_exact(hd).enumerate() {
+                let row = (tile * n + i) * h + hh * hd;
+                a[row..row + hd].copy_from_slice(src);
             }
         }
+        a
     }
 }
 
