@@ -139,4 +139,23 @@ mod tests {
         assert_eq!(longest_edge_size(96, 64, 1024), (1024, 682));
         assert_eq!(longest_edge_size(333, 517, 1024), (660, 1024));
     }
+
+    #[test]
+    fn extreme_aspect_ratios_still_make_whole_tiles() {
+        let cfg = Idefics3Config {
+            longest_edge: 1024,
+            tile: 512,
+            do_image_splitting: true,
+            rescale_factor: 1.0 / 255.0,
+            image_mean: [0.5; 3],
+            image_std: [0.5; 3],
+        };
+        for (w, h) in [(1, 3000), (3000, 1), (1, 1), (2, 5000)] {
+            let img = Rgb { width: w, height: h, pixels: vec![128; w * h * 3] };
+            let out = cfg.preprocess(&img);
+            assert_eq!(out.pixels.len(), out.num_tiles() * 3 * 512 * 512, "{w}x{h}");
+            assert_eq!(out.num_tiles(), if out.rows == 0 { 1 } else { out.rows * out.cols + 1 }, "{w}x{h}");
+            assert!(out.pixels.iter().all(|v| v.abs() < 0.01), "{w}x{h}: a flat grey image stays grey");
+        }
+    }
 }
