@@ -125,12 +125,18 @@ stop(proc)
 with tempfile.TemporaryDirectory() as d:
     cfg = os.path.join(d, "runtime.yaml")
     with open(cfg, "w") as f:
-        f.write(f"server:\n  max_image_pixels: 100000\n  image_dirs: [{json.dumps(IMAGES)}]\n")
+        f.write(f"server:\n  max_image_pixels: 100000\n  max_image_mb_in_flight: 20\n"
+                f"  image_dirs: [{json.dumps(IMAGES)}]\n")
     proc, port = start(binary, ["--config", cfg, "--model", vlm, "--served-model-name", "vlm", "--threads", "2",
                                 "--kv-cache-mb", "128", "--log-level", "warn"])
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
     bad([{"role": "user", "content": [part(data_url("red_circle_512.png"))]}], "messages[0].content[0].image_url",
         "over the limit of 100000 pixels")
+    # Two 5-tile images (2 x 15.7 MB of pixels) are over a 20 MB in-flight budget: 429, and nothing stays held.
+    two = [part("file://" + os.path.join(IMAGES, "green_square_96x64.png"))] * 2
+    st, _, body = http(port, "POST", "/v1/chat/completions", {"model": "vlm", "max_tokens": 2, "messages": [
+        {"role": "user", "content": two}]})
+    check(st == 429 and "in flight" in body["error"]["message"], f"over the pixel budget: 429 ({st})")
     r = client.chat.completions.create(
         model="vlm", max_tokens=32, temperature=0, extra_body={"return_token_ids": True},
         messages=[{"role": "user", "content": [part("file://" + os.path.join(IMAGES, "green_square_96x64.png")),

@@ -165,6 +165,8 @@ pub struct ServerSection {
     pub max_image_pixels: u64,
     /// Most images in one request.
     pub max_images_per_request: usize,
+    /// MiB of preprocessed pixels all requests in flight may hold at once (beyond: 429).
+    pub max_image_mb_in_flight: usize,
 }
 
 impl Default for ServerSection {
@@ -187,6 +189,7 @@ impl Default for ServerSection {
             max_image_bytes: mlx_serving_server::images::ImageOptions::default().max_bytes,
             max_image_pixels: mlx_serving_server::images::ImageOptions::default().max_pixels,
             max_images_per_request: mlx_serving_server::images::ImageOptions::default().max_per_request,
+            max_image_mb_in_flight: mlx_serving_server::images::ImageOptions::default().max_pixel_bytes_in_flight >> 20,
         }
     }
 }
@@ -339,6 +342,7 @@ impl RuntimeConfig {
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("server.max_connections", self.server.max_connections),
             ("server.max_image_bytes", self.server.max_image_bytes),
+            ("server.max_image_mb_in_flight", self.server.max_image_mb_in_flight),
         ] {
             if v == 0 {
                 bail!("{key}: must be at least 1");

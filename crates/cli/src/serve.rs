@@ -311,6 +311,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             max_bytes: c.server.max_image_bytes,
             max_pixels: c.server.max_image_pixels,
             max_per_request: c.server.max_images_per_request,
+            max_pixel_bytes_in_flight: c.server.max_image_mb_in_flight << 20,
         },
         coalescing: c.cache.coalescing,
         response_cache: c.cache.backend()?,

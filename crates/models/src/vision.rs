@@ -36,10 +36,37 @@ pub struct ImageProcessing {
 
 /// One image as its encoder takes it: `num_tiles` tiles of `[3, T, T]` f32 pixels (the engine carries it
 /// to the runner opaquely).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ImagePixels {
     pub pixels: Vec<f32>,
     pub num_tiles: usize,
+    /// The share of a bounded budget these pixels hold while they live (see [`HeldBytes`]).
+    pub held: Option<HeldBytes>,
+}
+
+/// Bytes counted against a shared budget for as long as this value lives: the server bounds the pixel data
+/// of all images in flight (queued, running, or being answered) with one of these per image.
+#[derive(Debug)]
+pub struct HeldBytes {
+    counter: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    bytes: usize,
+}
+
+impl HeldBytes {
+    /// Takes `bytes` from `counter` if that keeps it within `limit`.
+    pub fn take(counter: &std::sync::Arc<std::sync::atomic::AtomicUsize>, bytes: usize, limit: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(bytes).filter(|&t| t <= limit))
+            .ok()
+            .map(|_| Self { counter: counter.clone(), bytes })
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl ImagePixels {

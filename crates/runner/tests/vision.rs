@@ -205,7 +205,7 @@ mod engine {
             let img = proc.preprocess(&decode(&bytes, &ImageLimits::default()).unwrap());
             grids.push((img.rows, img.cols));
             let num_tiles = img.num_tiles();
-            pixels.push(ImagePixels { pixels: img.pixels, num_tiles });
+            pixels.push(ImagePixels { pixels: img.pixels, num_tiles, held: None });
         }
         let (prompt, spans) = b.encode_chat_with_images(&messages, None, ChatContent::Text, &grids).unwrap();
         let inputs = spans

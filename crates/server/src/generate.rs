@@ -134,7 +134,7 @@ pub async fn chat_completions(
             let c = wanted.map(|w| structured::compile(&mc, &w, &rid)).transpose()?;
             let prepared = match image_parts.is_empty() {
                 true => Vec::new(),
-                false => images::prepare(&mc.bundle, &image_parts, &st.options.images)?,
+                false => images::prepare(&mc.bundle, &image_parts, &st.options.images, &st.image_bytes)?,
             };
             let grids: Vec<(usize, usize)> = prepared.iter().map(|p| p.grid).collect();
             let (ids, spans) = st.encode_chat_tools(&mc, messages, t.as_ref(), &grids)?;

@@ -8,10 +8,11 @@ use crate::error::ApiError;
 use base64::Engine as _;
 use mlx_serving_engine::MmInput;
 use mlx_serving_frontend::image::{decode, idefics3::Idefics3Config, ImageError, ImageLimits};
-use mlx_serving_models::{ImagePixels, ModelBundle};
+use mlx_serving_models::{HeldBytes, ImagePixels, ModelBundle};
 use mlx_serving_protocol::ChatMessage;
 use serde_json::Value;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 /// Where images may come from and how large they may be (`server:` in `runtime.yaml`).
@@ -24,6 +25,9 @@ pub struct ImageOptions {
     pub max_bytes: usize,
     pub max_pixels: u64,
     pub max_per_request: usize,
+    /// Most bytes of preprocessed pixels held by all requests at once (queued, running or being answered);
+    /// beyond, a request with images gets a 429.
+    pub max_pixel_bytes_in_flight: usize,
 }
 
 impl Default for ImageOptions {
@@ -35,6 +39,7 @@ impl Default for ImageOptions {
             max_bytes: l.max_bytes,
             max_pixels: l.max_pixels,
             max_per_request: 8,
+            max_pixel_bytes_in_flight: 2 << 30,
         }
     }
 }
@@ -138,8 +143,14 @@ pub(crate) struct Prepared {
     pub pixels: ImagePixels,
 }
 
-/// Loads, decodes and preprocesses every part (CPU work: run it on the CPU pool).
-pub(crate) fn prepare(b: &ModelBundle, parts: &[ImagePart], opts: &ImageOptions) -> Result<Vec<Prepared>, ApiError> {
+/// Loads, decodes and preprocesses every part (CPU work: run it on the CPU pool), each image's pixels counted
+/// in `held` (all requests' images in flight) for as long as they live; over the budget: 429.
+pub(crate) fn prepare(
+    b: &ModelBundle,
+    parts: &[ImagePart],
+    opts: &ImageOptions,
+    held: &Arc<AtomicUsize>,
+) -> Result<Vec<Prepared>, ApiError> {
     let Some(proc) = processor(b) else {
         let field = parts.first().map_or("messages", |p| p.field.as_str());
         return Err(ApiError::bad_request("this model does not take images", Some(field)));
@@ -153,7 +164,15 @@ pub(crate) fn prepare(b: &ModelBundle, parts: &[ImagePart], opts: &ImageOptions)
                 .map_err(|e: ImageError| ApiError::bad_request(format!("{}: {e}", part.field), Some(&part.field)))?;
             let t = proc.preprocess(&img);
             let num_tiles = t.num_tiles();
-            Ok(Prepared { grid: (t.rows, t.cols), pixels: ImagePixels { pixels: t.pixels, num_tiles } })
+            let bytes = t.pixels.len() * 4;
+            let ticket = HeldBytes::take(held, bytes, opts.max_pixel_bytes_in_flight).ok_or_else(|| {
+                ApiError::overloaded(format!(
+                    "too many images in flight (server.max_image_mb_in_flight, {} MB): try again later",
+                    opts.max_pixel_bytes_in_flight >> 20
+                ))
+            })?;
+            let pixels = ImagePixels { pixels: t.pixels, num_tiles, held: Some(ticket) };
+            Ok(Prepared { grid: (t.rows, t.cols), pixels })
         })
         .collect()
 }

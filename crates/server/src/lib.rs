@@ -128,6 +128,8 @@ pub struct AppState {
     cpu_pool: Arc<tokio::sync::Semaphore>,
     /// Identical deterministic requests in flight, sharing one generation.
     pub(crate) coalescer: Arc<mlx_serving_services::Coalescer<driver::Piece>>,
+    /// Bytes of preprocessed image pixels held by requests in flight (bounded by `images.max_pixel_bytes_in_flight`).
+    pub(crate) image_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -183,6 +185,7 @@ impl AppState {
             id_salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             cpu_pool: Arc::new(tokio::sync::Semaphore::new(options.cpu_workers.max(1))),
             coalescer: mlx_serving_services::Coalescer::new(options.max_coalesced, options.max_coalesced_subscribers),
+            image_bytes: Default::default(),
             options,
         }
     }

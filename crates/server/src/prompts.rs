@@ -206,7 +206,7 @@ pub async fn tokenize(
             s.on_cpu_pool(&ctx.id, move || {
                 let grids: Vec<(usize, usize)> = match parts.is_empty() {
                     true => Vec::new(),
-                    false => crate::images::prepare(&m.bundle, &parts, &st.options.images)?
+                    false => crate::images::prepare(&m.bundle, &parts, &st.options.images, &st.image_bytes)?
                         .into_iter()
                         .map(|p| p.grid)
                         .collect(),
