@@ -11,7 +11,7 @@ log ("image slice encoded in N ms"). Then the same image again: its TTFT, and wh
 Usage: scripts/bench-vision.py --model models/SmolVLM-rand --gguf TEXT.gguf --mmproj MMPROJ.gguf
          --llama-server .../llama-server [--binary target/release/mlx-serving] [--rounds 5]
 """
-import argparse, base64, io, json, os, re, statistics, subprocess, sys, tempfile, time, urllib.request
+import argparse, base64, json, os, re, statistics, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import harness  # noqa: E402

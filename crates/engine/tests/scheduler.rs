@@ -386,3 +386,58 @@ fn completed_and_failed_constraints_end_their_requests() {
     let o = s.schedule(now);
     assert_eq!(o.seqs.iter().map(|q| q.id).collect::<Vec<_>>(), vec![RequestId(3)]);
 }
+
+fn with_image(mut r: EngineRequest, span: std::ops::Range<usize>, hash: u64) -> EngineRequest {
+    r.mm_inputs = vec![MmInput { span, hash, data: std::sync::Arc::new(()) }];
+    r
+}
+
+#[test]
+#[allow(clippy::single_range_in_vec_init)] // lists of spans, some of one span
+fn image_spans_must_lie_in_the_prompt_in_order_and_apart() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(cfg(|_| {}));
+    let cases: [&[std::ops::Range<usize>]; 4] = [&[3..3], &[2..20], &[1..5, 4..8], &[5..8, 1..3]];
+    for (i, spans) in cases.into_iter().enumerate() {
+        let mut r = req(10 + i as u64, prompt(12, 1), 2, Priority::Normal);
+        r.mm_inputs =
+            spans.iter().map(|sp| MmInput { span: sp.clone(), hash: 1, data: std::sync::Arc::new(()) }).collect();
+        assert!(matches!(s.add_request(r, now), Err(AddError::BadInputSpan(_))), "{spans:?}");
+    }
+    s.add_request(with_image(req(1, prompt(12, 1), 2, Priority::Normal), 2..9, 7), now).unwrap();
+}
+
+#[test]
+fn the_prefix_cache_tells_images_apart_by_content() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(cfg(|_| {}));
+    // Blocks of 4: the image at 5..7 lies in the second block.
+    s.add_request(with_image(req(1, prompt(13, 1), 1, Priority::Normal), 5..7, 7), now).unwrap();
+    drain(&mut s, now);
+    s.add_request(with_image(req(2, prompt(13, 1), 1, Priority::Normal), 5..7, 7), now).unwrap();
+    assert_eq!(s.schedule(now).seqs[0].start_pos, 12, "the same image: all three full blocks hit");
+    let mut s = Scheduler::new(cfg(|_| {}));
+    s.add_request(with_image(req(1, prompt(13, 1), 1, Priority::Normal), 5..7, 7), now).unwrap();
+    drain(&mut s, now);
+    s.add_request(with_image(req(2, prompt(13, 1), 1, Priority::Normal), 5..7, 8), now).unwrap();
+    assert_eq!(s.schedule(now).seqs[0].start_pos, 4, "another image: only the block before it hits");
+}
+
+#[test]
+fn a_prefill_chunk_the_runner_failed_ends_the_request_and_caches_nothing() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(cfg(|c| c.max_num_batched_tokens = 8));
+    s.add_request(with_image(req(1, prompt(20, 1), 2, Priority::Normal), 2..10, 7), now).unwrap();
+    let o = s.schedule(now);
+    assert!(!o.seqs[0].sample, "a prefill chunk");
+    let mut run = fake_run(&o);
+    run.failed.insert(RequestId(1), "image: the encoder failed".into());
+    let outs = s.update_from_output(&o, &run);
+    assert_eq!(outs.len(), 1);
+    assert_eq!(outs[0].finish_reason, Some(FinishReason::Error));
+    assert!(outs[0].error.as_deref().unwrap().contains("encoder"));
+    assert!(!s.has_work());
+    // Its blocks were not registered: the same request again starts from scratch.
+    s.add_request(with_image(req(2, prompt(20, 1), 2, Priority::Normal), 2..10, 7), now).unwrap();
+    assert_eq!(s.schedule(now).seqs[0].start_pos, 0);
+}

@@ -84,14 +84,43 @@ pub fn f32_matmul(w: &F32Matrix, x: &[f32], y: &mut [f32], add: bool) {
         return;
     }
     let wide = avx512();
-    // Tasks of whole micro-kernel row blocks; at most a few per thread so each panel is read few times.
+    let threads = crate::pool::global().threads();
     let blocks = n.div_ceil(MR);
-    let per_task = blocks.div_ceil(crate::pool::global().threads() * 2).max(1);
-    for_each_chunk_mut(y, per_task * MR * m, |t, out| {
-        let r0 = t * per_task * MR;
-        let rows = out.len() / m;
-        product(w, &x[r0 * k..(r0 + rows) * k], out, add, wide);
+    if blocks >= threads * 2 {
+        // Many rows (prompts, images): tasks of whole micro-kernel row blocks, a few per thread so each panel
+        // is read few times.
+        let per_task = blocks.div_ceil(threads * 2).max(1);
+        for_each_chunk_mut(y, per_task * MR * m, |t, out| {
+            let r0 = t * per_task * MR;
+            let rows = out.len() / m;
+            product(w, &x[r0 * k..(r0 + rows) * k], out, add, wide);
+        });
+        return;
+    }
+    // Few rows (decode): tasks of panels, each writing its panels' `[n, 32]` results into a panel-major
+    // buffer, copied into `y` after.
+    let np = w.panels.len() / (k * NR);
+    let per_task = np.div_ceil(threads * 4).max(1);
+    let mut yt = vec![0f32; np * n * NR];
+    for_each_chunk_mut(&mut yt, per_task * n * NR, |t, out| {
+        for (i, o) in out.chunks_exact_mut(n * NR).enumerate() {
+            let p = t * per_task + i;
+            panel_rows(&w.panels[p * k * NR..(p + 1) * k * NR], x, k, wide, |r, acc| {
+                o[r * NR..(r + 1) * NR].copy_from_slice(acc)
+            });
+        }
     });
+    for (p, panel) in yt.chunks_exact(n * NR).enumerate() {
+        let (c0, width) = (p * NR, NR.min(m - p * NR));
+        for (r, src) in panel.chunks_exact(NR).enumerate() {
+            let dst = &mut y[r * m + c0..r * m + c0 + width];
+            if add {
+                dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+            } else {
+                dst.copy_from_slice(&src[..width]);
+            }
+        }
+    }
 }
 
 /// [`f32_matmul`] on the calling thread only (for callers that are themselves tasks on the pool).
@@ -105,33 +134,39 @@ pub fn f32_matmul_serial(w: &F32Matrix, x: &[f32], y: &mut [f32], add: bool) {
 /// `out[rows, m] (+)= xs[rows, k] · Wᵀ`, panel by panel, 8 rows at a time.
 fn product(w: &F32Matrix, xs: &[f32], out: &mut [f32], add: bool, wide: bool) {
     let (k, m) = (w.cols, w.rows);
-    let rows = xs.len() / k;
     for (p, panel) in w.panels.chunks_exact(k * NR).enumerate() {
-        let c0 = p * NR;
-        let width = NR.min(m - c0);
-        for b in (0..rows).step_by(MR) {
-            let r = MR.min(rows - b);
-            let mut acc = [[0f32; NR]; MR];
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: AVX-512F was detected; `xs` holds `r` rows of `k` from row `b`, `panel` `k` lines.
-                unsafe { avx512_block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc) };
+        let (c0, width) = (p * NR, NR.min(m - p * NR));
+        panel_rows(panel, xs, k, wide, |r, acc| {
+            let dst = &mut out[r * m + c0..r * m + c0 + width];
+            if add {
+                dst.iter_mut().zip(acc).for_each(|(d, v)| *d += v);
             } else {
-                block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
+                dst.copy_from_slice(&acc[..width]);
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = wide;
-                block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
-            }
-            for (i, a) in acc.iter().enumerate().take(r) {
-                let dst = &mut out[(b + i) * m + c0..(b + i) * m + c0 + width];
-                if add {
-                    dst.iter_mut().zip(a).for_each(|(d, v)| *d += v);
-                } else {
-                    dst.copy_from_slice(&a[..width]);
-                }
-            }
+        });
+    }
+}
+
+/// One panel's 32 outputs for every row of `xs`, handed to `put(row, outputs)`, 8 rows at a time.
+fn panel_rows(panel: &[f32], xs: &[f32], k: usize, wide: bool, mut put: impl FnMut(usize, &[f32; NR])) {
+    let rows = xs.len() / k;
+    for b in (0..rows).step_by(MR) {
+        let r = MR.min(rows - b);
+        let mut acc = [[0f32; NR]; MR];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512F was detected; `xs` holds `r` rows of `k` from row `b`, `panel` `k` lines.
+            unsafe { avx512_block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc) };
+        } else {
+            block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = wide;
+            block(&xs[b * k..(b + r) * k], k, r, panel, &mut acc);
+        }
+        for (i, a) in acc.iter().enumerate().take(r) {
+            put(b + i, a);
         }
     }
 }

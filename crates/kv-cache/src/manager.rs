@@ -22,6 +22,17 @@ pub struct ContentSpan {
     pub hash: u64,
 }
 
+/// The extra key of block `i`: the cache's own, mixed with the content hashes of the spans overlapping the
+/// block (none: the cache's own, so text-only hashes do not change).
+fn block_key(extra_key: u64, block_size: usize, i: usize, spans: &[ContentSpan]) -> u64 {
+    let (lo, hi) = (i * block_size, (i + 1) * block_size);
+    let mut key = extra_key;
+    for s in spans.iter().filter(|s| s.range.start < hi && s.range.end > lo) {
+        key = xxhash_rust::xxh3::xxh3_64_with_seed(&[key.to_le_bytes(), s.hash.to_le_bytes()].concat(), HASH_SEED);
+    }
+    key
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrefixHit {
     pub blocks: Vec<BlockId>,
@@ -99,7 +110,7 @@ impl KvCacheManager {
         let mut hit = PrefixHit::default();
         let mut parent = None;
         for (i, chunk) in prompt.chunks_exact(self.block_size).take(max_blocks).enumerate() {
-            let h = hash_block(parent, chunk, self.block_key(i, spans));
+            let h = hash_block(parent, chunk, block_key(self.extra_key, self.block_size, i, spans));
             match self.pool.get_cached_block(h) {
                 Some(id) => hit.blocks.push(id),
                 None => break,
@@ -153,24 +164,12 @@ impl KvCacheManager {
         self.cache_blocks_with(req, tokens, num_computed, &[])
     }
 
-    /// The extra key of block `i`: the cache's own, mixed with the content hashes of the spans overlapping
-    /// the block (none: the cache's own, so text-only hashes do not change).
-    fn block_key(&self, i: usize, spans: &[ContentSpan]) -> u64 {
-        let (lo, hi) = (i * self.block_size, (i + 1) * self.block_size);
-        let mut key = self.extra_key;
-        for s in spans.iter().filter(|s| s.range.start < hi && s.range.end > lo) {
-            key = xxhash_rust::xxh3::xxh3_64_with_seed(&[key.to_le_bytes(), s.hash.to_le_bytes()].concat(), HASH_SEED);
-        }
-        key
-    }
-
     /// [`Self::cache_blocks`] for a prompt with content spans (see [`Self::find_prefix_with`]).
     pub fn cache_blocks_with(&mut self, req: RequestKey, tokens: &[u32], num_computed: usize, spans: &[ContentSpan]) {
         if !self.enable_prefix_caching {
             return;
         }
-        let keys: Vec<u64> =
-            (0..num_computed.min(tokens.len()) / self.block_size).map(|i| self.block_key(i, spans)).collect();
+        let (bs, extra) = (self.block_size, self.extra_key);
         let Some(r) = self.reqs.get_mut(&req) else {
             return;
         };
@@ -178,7 +177,7 @@ impl KvCacheManager {
         while r.hashes.len() < full {
             let i = r.hashes.len();
             let parent = r.hashes.last().copied();
-            let h = hash_block(parent, &tokens[i * self.block_size..(i + 1) * self.block_size], keys[i]);
+            let h = hash_block(parent, &tokens[i * bs..(i + 1) * bs], block_key(extra, bs, i, spans));
             self.pool.cache_block(r.blocks[i], h);
             r.hashes.push(h);
         }

@@ -10,7 +10,7 @@ fn main() {
     let pixels: Vec<f32> = (0..n).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
     for _ in 0..rounds {
         let t0 = std::time::Instant::now();
-        let e = v.encode(&pixels, tiles).unwrap();
+        let e = v.encode(&pixels, tiles, &|| true).unwrap();
         println!("{tiles} tiles: {:.1} ms ({} values)", t0.elapsed().as_secs_f64() * 1e3, e.len());
     }
 }

@@ -109,10 +109,11 @@ impl VisionModel {
     }
 
     /// Embeddings for `num_tiles` tiles of pixels (`[num_tiles, 3, T, T]`), row-major
-    /// `[num_tiles × tokens per tile, text hidden size]`.
-    pub fn encode(&self, pixels: &[f32], num_tiles: usize) -> Result<Vec<f32>> {
+    /// `[num_tiles × tokens per tile, text hidden size]`. `progress` is called after every encoder layer (the
+    /// engine's heartbeat); when it returns false the encoding stops with [`Error::Cancelled`].
+    pub fn encode(&self, pixels: &[f32], num_tiles: usize, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
         match self {
-            Self::Idefics3(v) => v.encode(pixels, num_tiles),
+            Self::Idefics3(v) => v.encode(pixels, num_tiles, progress),
         }
     }
 
@@ -315,7 +316,7 @@ impl Idefics3Vision {
     }
 
     /// All tiles at once through the linear layers; attention within each tile.
-    fn encode(&self, pixels: &[f32], num_tiles: usize) -> Result<Vec<f32>> {
+    fn encode(&self, pixels: &[f32], num_tiles: usize, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let (t, p, h) = (c.image_size, c.patch, c.hidden);
         if num_tiles == 0 || pixels.len() != num_tiles * 3 * t * t {
@@ -356,6 +357,9 @@ impl Idefics3Vision {
             gelu_erf(&mut f);
             let f = l.fc2.forward(&f);
             x.iter_mut().zip(&f).for_each(|(v, o)| *v += o);
+            if !progress() {
+                return Err(Error::Cancelled);
+            }
         }
         let x = self.post_ln.forward(&x, eps);
         // Pixel shuffle: token (by, bx) gathers patches (by·s + i, bx·s + j), i then j, each h wide.

@@ -207,6 +207,14 @@ impl Executor for ModelExecutor {
         let vision = self.bundle.vision.as_ref().map(|(v, _)| v.clone());
         let hidden = self.bundle.model.config().hidden_size;
         let mut image_rows = Vec::new();
+        // Encoders beat the heartbeat after each layer too (a large image takes seconds).
+        let hb = self.heartbeat.clone();
+        let beat = move || {
+            hb.as_ref().is_none_or(|h| {
+                h.beat();
+                !h.step_abandoned()
+            })
+        };
         for s in &batch.seqs {
             if let Some(new) = &s.new_request {
                 let images = match &vision {
@@ -255,6 +263,7 @@ impl Executor for ModelExecutor {
                         row0,
                         &mut image_rows,
                         &mut out.encode_times,
+                        &beat,
                     ) {
                         out.failed.insert(s.id, format!("image: {e}"));
                     }

@@ -89,6 +89,7 @@ pub(crate) fn step_embeds(
     row0: usize,
     rows: &mut Vec<(usize, Arc<[f32]>, usize)>,
     times: &mut Vec<Duration>,
+    progress: &dyn Fn() -> bool,
 ) -> Result<(), String> {
     let end = start + len;
     for img in images.iter_mut() {
@@ -108,7 +109,8 @@ pub(crate) fn step_embeds(
                             .downcast_ref::<ImagePixels>()
                             .ok_or("an image input without pixels for this model")?;
                         let t0 = Instant::now();
-                        let e: Arc<[f32]> = vision.encode(&px.pixels, px.num_tiles).map_err(|e| e.to_string())?.into();
+                        let e: Arc<[f32]> =
+                            vision.encode(&px.pixels, px.num_tiles, progress).map_err(|e| e.to_string())?.into();
                         times.push(t0.elapsed());
                         cache.insert(img.input.hash, e.clone());
                         e

@@ -155,7 +155,7 @@ pub(crate) fn prepare(
         let field = parts.first().map_or("messages", |p| p.field.as_str());
         return Err(ApiError::bad_request("this model does not take images", Some(field)));
     };
-    let limits = ImageLimits { max_bytes: opts.max_bytes, max_pixels: opts.max_pixels };
+    let limits = ImageLimits { max_bytes: opts.max_bytes, max_pixels: opts.max_pixels, ..ImageLimits::default() };
     parts
         .iter()
         .map(|part| {

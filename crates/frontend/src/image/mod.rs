@@ -23,11 +23,15 @@ pub struct Rgb {
 pub struct ImageLimits {
     pub max_bytes: usize,
     pub max_pixels: u64,
+    /// Longest edge in pixels. Resizing an extreme strip (1 × 40 M pixels is within the pixel bound) down to
+    /// the model's size would need a filter window of hundreds of thousands of taps per output pixel, and
+    /// memory to match; no real picture comes near this bound.
+    pub max_edge: u32,
 }
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        Self { max_bytes: 20 << 20, max_pixels: 40_000_000 }
+        Self { max_bytes: 20 << 20, max_pixels: 40_000_000, max_edge: 16_384 }
     }
 }
 
@@ -44,6 +48,8 @@ pub enum ImageError {
     Decode(String),
     #[error("the image has no pixels")]
     Empty,
+    #[error("the image is {0}x{1} pixels, an edge over the limit of {2}")]
+    TooLong(u32, u32, u32),
 }
 
 /// Decodes an image file's bytes into RGB within `limits`.
@@ -59,6 +65,9 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<Rgb, ImageError> {
         return Err(ImageError::UnknownFormat);
     }
     let (w, h) = r.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
+    if w.max(h) > limits.max_edge {
+        return Err(ImageError::TooLong(w, h, limits.max_edge));
+    }
     if w as u64 * h as u64 > limits.max_pixels {
         return Err(ImageError::TooManyPixels(w, h, limits.max_pixels));
     }
@@ -103,9 +112,11 @@ mod tests {
         let img = decode(&bytes, &ImageLimits::default()).unwrap();
         assert_eq!((img.width, img.height), (5, 3));
         assert_eq!(&img.pixels[3 * (5 + 2)..3 * (5 + 2) + 3], &[2, 1, 7]);
-        let small = ImageLimits { max_bytes: 1 << 20, max_pixels: 14 };
+        let small = ImageLimits { max_bytes: 1 << 20, max_pixels: 14, max_edge: 100 };
         assert_eq!(decode(&bytes, &small), Err(ImageError::TooManyPixels(5, 3, 14)));
-        let tiny = ImageLimits { max_bytes: 10, max_pixels: 100 };
+        let tiny = ImageLimits { max_bytes: 10, max_pixels: 100, max_edge: 100 };
+        let short = ImageLimits { max_edge: 4, ..ImageLimits::default() };
+        assert_eq!(decode(&bytes, &short), Err(ImageError::TooLong(5, 3, 4)));
         assert_eq!(decode(&bytes, &tiny), Err(ImageError::TooManyBytes(bytes.len(), 10)));
         assert_eq!(decode(b"not an image at all", &ImageLimits::default()), Err(ImageError::UnknownFormat));
         assert!(matches!(decode(&bytes[..bytes.len() / 2], &ImageLimits::default()), Err(ImageError::Decode(_))));
