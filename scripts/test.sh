@@ -18,6 +18,7 @@ scripts/fetch-model.sh gemma3-270m
 scripts/fetch-model.sh hf
 scripts/fetch-model.sh mlx
 scripts/fetch-model.sh smolvlm-rand
+scripts/fetch-model.sh qwen25vl-rand
 cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
@@ -33,8 +34,9 @@ cargo build -p mlx-serving
 # Identical deterministic requests share one generation; the response cache in memory and on disk.
 .venv/bin/python tests/coalescing.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/response_cache.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
-# Images in chat messages on SmolVLM-rand: mlx-vlm's prompt and output ids, batching, caches, bad images.
-.venv/bin/python tests/vision_server.py target/debug/mlx-serving models/SmolVLM-rand models/SmolLM2-135M-Instruct.Q4_1.gguf
+# Images in chat messages on SmolVLM-rand and Qwen2.5-VL-rand: the references' prompt and output ids, batching,
+# caches, bad images.
+.venv/bin/python tests/vision_server.py target/debug/mlx-serving models/SmolVLM-rand models/SmolLM2-135M-Instruct.Q4_1.gguf models/Qwen2.5-VL-rand
 # mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

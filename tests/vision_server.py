@@ -8,7 +8,11 @@ near-tie (top-1/top-2 gap < 0.25); the same chats four at a time give the same i
 image is not encoded again (`vision_encoder_seconds_count`). Bad images are 400s naming the part; a text-only
 model answers an image part with a 400.
 
-Usage: tests/vision_server.py BINARY SMOLVLM_DIR TEXT_MODEL
+On Qwen2.5-VL-rand (scripts/fetch-model.sh qwen25vl-rand), when given: `/tokenize` and `usage.prompt_tokens`
+give transformers' prompt ids (testdata/reference/qwen25vl-rand-transformers.json), greedy ids match its or
+first differ at a near-tie, four at a time the same.
+
+Usage: tests/vision_server.py BINARY SMOLVLM_DIR TEXT_MODEL [QWEN25VL_DIR]
 """
 import base64, json, os, sys, tempfile, threading
 
@@ -17,6 +21,7 @@ from harness import check, http, metrics, start, stop  # noqa: E402
 from openai import OpenAI, BadRequestError  # noqa: E402
 
 binary, vlm, text_model = sys.argv[1], sys.argv[2], sys.argv[3]
+qwen = sys.argv[4] if len(sys.argv) > 4 else None
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 REF = json.load(open(os.path.join(ROOT, "testdata/reference/greedy-SmolVLM-rand-mlx-vlm.json")))
 IMAGES = os.path.join(ROOT, "testdata/images")
@@ -157,4 +162,38 @@ except BadRequestError as e:
     check(e.body.get("param") == "messages[0].content[1]" and "does not take images" in e.body.get("message", ""),
           f"a text-only model: 400 naming the image part ({e.body.get('message')})")
 stop(proc)
+
+if qwen:
+    QREF = json.load(open(os.path.join(ROOT, "testdata/reference/qwen25vl-rand-transformers.json")))
+    proc, port = start(binary, ["--model", qwen, "--served-model-name", "qvl", "--threads", "2", "--kv-cache-mb", "128",
+                                "--log-level", "warn"])
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+
+    def qmessages(item):
+        return [{"role": m["role"], "content": [
+            part(data_url(p["image_url"]["url"])) if p["type"] == "image_url" else p for p in m["content"]]}
+            for m in item["messages"]]
+
+    def qchat(item):
+        r = client.chat.completions.create(model="qvl", messages=qmessages(item), max_tokens=12, temperature=0,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+        return r.choices[0].model_extra["token_ids"], r.usage.prompt_tokens
+
+    qalone = {}
+    for item in QREF["items"]:
+        st, _, tok = http(port, "POST", "/tokenize", {"model": "qvl", "messages": qmessages(item)})
+        check(st == 200 and tok["tokens"] == item["prompt_ids"], f"qwen {item['name']}: /tokenize gives the reference ids")
+        ids, prompt_tokens = qchat(item)
+        check(prompt_tokens == len(item["prompt_ids"]), f"qwen {item['name']}: usage.prompt_tokens counts image tokens")
+        k = next((i for i, (a, b) in enumerate(zip(ids, item["greedy_ids"])) if a != b), None)
+        check(k is None and len(ids) == len(item["greedy_ids"]) or k is not None and item["gaps"][k] < NEAR_TIE,
+              f"qwen {item['name']}: greedy ids match transformers ({'identical' if k is None else f'near-tie at {k}'})")
+        qalone[item["name"]] = ids
+    group = QREF["items"][:4]
+    got = {}
+    threads = [threading.Thread(target=lambda it=it: got.__setitem__(it["name"], qchat(it)[0])) for it in group]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    check(all(got[it["name"]] == qalone[it["name"]] for it in group), "qwen: four at a time, the same ids")
+    stop(proc)
 print("vision_server: all checks passed")

@@ -31,6 +31,25 @@ impl RopeTables {
         Self { cos, sin, half }
     }
 
+    /// M-RoPE (Qwen2-VL): the frequencies in three consecutive sections of `sections[0]`, `[1]` and `[2]`,
+    /// each section's angles `position[s] · inv_freq[i]` from its own component of the token's (temporal, row,
+    /// column) position.
+    pub fn sectioned(inv_freq: &[f32], positions: &[[u32; 3]], sections: [usize; 3]) -> Self {
+        let half = inv_freq.len();
+        assert_eq!(sections.iter().sum::<usize>(), half, "M-RoPE sections must cover the frequencies");
+        let component: Vec<usize> = sections.iter().enumerate().flat_map(|(s, &n)| std::iter::repeat_n(s, n)).collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for (&f, &c) in inv_freq.iter().zip(&component) {
+                let angle = p[c] as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
     /// Token `t`'s cos and sin.
     fn of(&self, t: usize) -> (&[f32], &[f32]) {
         let r = t * self.half..(t + 1) * self.half;

@@ -176,14 +176,22 @@ impl ModelBundle {
         }
     }
 
-    /// The token ids one image of `rows × cols` tiles (plus the global tile; 0 × 0: the global tile alone)
-    /// stands for in an Idefics3 prompt, as its processor writes them:
-    /// `<fake_token_around_image><row_r_col_c>` + the tile's image tokens per tile, a newline after each row,
-    /// then a newline, `<fake_token_around_image><global-img>`, the global tile's image tokens and
-    /// `<fake_token_around_image>` (the newlines as the tokenizer reads them: `\n` and `\n\n`).
+    /// The token ids one image stands for in a prompt, as the model's processor writes them, for an image
+    /// whose layout is `rows × cols`:
+    ///
+    /// - Idefics3: `rows × cols` tiles plus the global tile (0 × 0: the global tile alone):
+    ///   `<fake_token_around_image><row_r_col_c>` + the tile's image tokens per tile, a newline after each row,
+    ///   then a newline, `<fake_token_around_image><global-img>`, the global tile's image tokens and
+    ///   `<fake_token_around_image>` (the newlines as the tokenizer reads them: `\n` and `\n\n`).
+    /// - Qwen2-VL: a grid of `rows × cols` image tokens (patches / merge in each direction), one `<|image_pad|>`
+    ///   each (the template writes the `<|vision_start|>` and `<|vision_end|>` around them).
     pub fn image_prompt_ids(&self, rows: usize, cols: usize) -> Result<Vec<u32>> {
         let Some((v, p)) = &self.vision else {
             return Err(Error::Template(format!("{} takes no images", self.path.display())));
+        };
+        let p = match p {
+            ImageProcessing::Idefics3(p) => p,
+            ImageProcessing::Qwen2Vl(_) => return Ok(vec![v.image_token_id(); rows * cols]),
         };
         let id = |t: &str| {
             self.tokenizer

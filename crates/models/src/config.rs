@@ -76,6 +76,10 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rope_dim: usize,
     pub rope_style: RopeStyle,
+    /// M-RoPE (Qwen2-VL): the rotary frequencies split in three consecutive sections turned by a token's
+    /// temporal, row and column positions (equal for text tokens; 2-D for image tokens).
+    #[serde(default)]
+    pub mrope_section: Option<[usize; 3]>,
     pub rms_norm_eps: f32,
     /// q/k/v projections carry biases (qwen2).
     pub attention_bias: bool,
@@ -181,6 +185,7 @@ impl ModelConfig {
             rope_theta: 10_000.0,
             rope_dim: 0,
             rope_style: RopeStyle::Neox,
+            mrope_section: None,
             rms_norm_eps: 1e-6,
             attention_bias: false,
             tie_word_embeddings: false,

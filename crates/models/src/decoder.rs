@@ -545,7 +545,15 @@ impl Model {
                 cfg.kv_dtype
             )));
         }
-        let tables = RopeTables::new(&self.inv_freq, batch.positions);
+        let tables = match cfg.mrope_section {
+            Some(sections) if !batch.mrope_positions.is_empty() => {
+                RopeTables::sectioned(&self.inv_freq, batch.mrope_positions, sections)
+            }
+            None if !batch.mrope_positions.is_empty() => {
+                return Err(crate::error::Error::InvalidBatch("M-RoPE positions for a model without M-RoPE".into()))
+            }
+            _ => RopeTables::new(&self.inv_freq, batch.positions),
+        };
         let local_tables = self.inv_freq_local.as_ref().map(|f| RopeTables::new(f, batch.positions));
         let style = match cfg.rope_style {
             RopeStyle::Interleaved => rope::RopeStyle::Interleaved,

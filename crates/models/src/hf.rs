@@ -130,6 +130,19 @@ impl HfDir {
                 })?;
                 (text, "model.text_model.")
             }
+            Some("qwen2_5_vl") => {
+                // The text model's keys at the top level (the published checkpoints) or in `text_config`
+                // (transformers 5), a Qwen2 model with M-RoPE either way.
+                let mut text = match config.get("text_config").filter(|t| t.get("hidden_size").is_some()) {
+                    Some(t) => t.clone(),
+                    None => config.clone(),
+                };
+                if let Some(t) = text.as_object_mut() {
+                    t.insert("model_type".into(), Value::from("qwen2"));
+                    t.remove("vision_config");
+                }
+                (text, "model.")
+            }
             _ => (config, "model."),
         };
         let gemma = config.get("model_type").and_then(Value::as_str).is_some_and(|t| t.starts_with("gemma"));
@@ -152,6 +165,9 @@ impl HfDir {
             let map = MappedFile::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
             me.shards.push((path, map));
         }
+        if me.text_prefix == "model." && me.tensors.contains_key("model.language_model.embed_tokens.weight") {
+            me.text_prefix = "model.language_model.";
+        }
         Ok(me)
     }
 
@@ -162,6 +178,11 @@ impl HfDir {
     /// `config.json` as a whole.
     pub fn root_config(&self) -> &Value {
         &self.root_config
+    }
+
+    /// Whether the checkpoint has a tensor of this name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 
     /// A float tensor by its checkpoint name, as f32 values, with its shape.
@@ -243,8 +264,26 @@ impl HfDir {
             Architecture::Qwen2 => true,
             _ => self.config.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
         };
-        if let Some(s) = self.config.get("rope_scaling").filter(|s| !s.is_null()) {
-            return Err(self.cfg_err("rope_scaling", format!("{s} is not supported yet")));
+        let rope_params = self.config.get("rope_parameters").filter(|s| s.is_object());
+        let mut mrope_section = None;
+        for key in ["rope_scaling", "rope_parameters"] {
+            let Some(s) = self.config.get(key).filter(|s| !s.is_null()) else { continue };
+            match s.get("mrope_section").and_then(Value::as_array) {
+                Some(a) => {
+                    let sec: Vec<usize> = a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect();
+                    let sum: usize = sec.iter().sum();
+                    if sec.len() != 3 || sec.len() != a.len() || 2 * sum != head_dim {
+                        return Err(
+                            self.cfg_err(key, format!("mrope_section {s} must be 3 sizes summing to {}", head_dim / 2))
+                        );
+                    }
+                    mrope_section = Some([sec[0], sec[1], sec[2]]);
+                }
+                None if key == "rope_scaling" => {
+                    return Err(self.cfg_err("rope_scaling", format!("{s} is not supported yet")));
+                }
+                None => {}
+            }
         }
         let gemma = architecture == Architecture::Gemma3;
         let sliding_window = match self.config.get("sliding_window").and_then(Value::as_u64) {
@@ -264,8 +303,12 @@ impl HfDir {
             head_dim,
             vocab_size: self.usize_key("vocab_size")?,
             max_position_embeddings: self.usize_key("max_position_embeddings")?,
-            rope_theta: self.opt_f64("rope_theta").unwrap_or(10_000.0) as f32,
+            rope_theta: self
+                .opt_f64("rope_theta")
+                .or_else(|| rope_params.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
+                .unwrap_or(10_000.0) as f32,
             rope_dim: head_dim,
+            mrope_section,
             rope_style: RopeStyle::Neox,
             rms_norm_eps: self.opt_f64("rms_norm_eps").unwrap_or(1e-6) as f32,
             attention_bias,

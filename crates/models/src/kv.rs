@@ -99,6 +99,11 @@ pub struct BatchInput<'a> {
     /// Rows whose input embeddings are given instead of looked up from their token ids (a vision encoder's
     /// output at image placeholder tokens): each `(first row, hidden_size × k values)` for `k` rows.
     pub embeds: &'a [(usize, &'a [f32])],
+    /// M-RoPE models (Qwen2-VL): each token's (temporal, row, column) rotary position, or empty when every
+    /// token's three equal its cache position (`positions`: text-only batches). Image tokens sit on a 2-D grid
+    /// and the text after an image continues from the grid's largest position, so these can differ from the
+    /// cache positions.
+    pub mrope_positions: &'a [[u32; 3]],
 }
 
 impl BatchInput<'_> {
@@ -165,6 +170,14 @@ impl BatchInput<'_> {
         }
         if self.embeds.iter().any(|&(row, e)| e.len() % hidden_size != 0 || row + e.len() / hidden_size > n) {
             return bad("embedding rows out of range or not a whole number of rows".into());
+        }
+        if !self.mrope_positions.is_empty() {
+            if self.mrope_positions.len() != n {
+                return bad(format!("{n} tokens but {} M-RoPE positions", self.mrope_positions.len()));
+            }
+            if self.mrope_positions.iter().flatten().any(|&p| p as usize >= max_positions) {
+                return bad(format!("an M-RoPE position beyond the model's {max_positions} positions"));
+            }
         }
         Ok(())
     }

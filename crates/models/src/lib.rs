@@ -36,4 +36,4 @@ pub use kv::{BatchInput, PagedKvCache, SeqInput};
 pub use mlx_serving_kernels::Activations;
 pub use resolve::{resolve_model, weight_bytes};
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf, SpecialTokens};
-pub use vision::{HeldBytes, ImagePixels, ImageProcessing, VisionModel};
+pub use vision::{HeldBytes, ImagePixels, ImageProcessing, PixelLayout, VisionModel};

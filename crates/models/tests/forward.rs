@@ -82,6 +82,7 @@ fn two_sequences_in_one_batch_match_each_alone() {
         seqs: &seqs,
         logits_indices: &rows,
         embeds: &[],
+        mrope_positions: &[],
     };
     let out = m.forward(&batch, &mut cache).unwrap();
     assert!(max_diff(&out[..v], &la) < 1e-3);
@@ -102,6 +103,7 @@ fn inconsistent_batches_are_errors_not_panics() {
         seqs: &seqs,
         logits_indices: &[1],
         embeds: &[],
+        mrope_positions: &[],
     };
     assert!(m.forward(&bad_slots, &mut cache).is_err());
     // Context longer than the block table covers.
@@ -113,6 +115,7 @@ fn inconsistent_batches_are_errors_not_panics() {
         seqs: &seqs,
         logits_indices: &[0],
         embeds: &[],
+        mrope_positions: &[],
     };
     assert!(m.forward(&too_long, &mut cache).is_err());
     // Token id outside the vocabulary.
@@ -124,6 +127,7 @@ fn inconsistent_batches_are_errors_not_panics() {
         seqs: &seqs,
         logits_indices: &[0],
         embeds: &[],
+        mrope_positions: &[],
     };
     assert!(m.forward(&bad_id, &mut cache).is_err());
 }

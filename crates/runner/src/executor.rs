@@ -6,7 +6,7 @@
 
 use crate::sampler::{token_logprobs, Sampler};
 use crate::speculative::{SpecState, Speculator};
-use crate::vision::{step_embeds, EncoderCache, SeqImage};
+use crate::vision::{mrope_positions, step_embeds, EncoderCache, SeqImage};
 use mlx_serving_engine::ScheduledSeq;
 use mlx_serving_engine::{
     ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
@@ -124,6 +124,8 @@ pub(crate) struct FlatBatch<'a> {
     slots: Vec<u32>,
     seqs: Vec<SeqInput<'a>>,
     logits_rows: Vec<u32>,
+    /// M-RoPE positions of every row (M-RoPE models only).
+    mrope: Vec<[u32; 3]>,
 }
 
 impl<'a> FlatBatch<'a> {
@@ -135,6 +137,7 @@ impl<'a> FlatBatch<'a> {
             slots: Vec::new(),
             seqs: Vec::new(),
             logits_rows: Vec::new(),
+            mrope: Vec::new(),
         }
     }
 
@@ -173,6 +176,7 @@ impl<'a> FlatBatch<'a> {
             seqs: &self.seqs,
             logits_indices: &self.logits_rows,
             embeds,
+            mrope_positions: &self.mrope,
         }
     }
 
@@ -206,6 +210,7 @@ impl Executor for ModelExecutor {
         let mut flat = FlatBatch::new(self.cache.block_size());
         let vision = self.bundle.vision.as_ref().map(|(v, _)| v.clone());
         let hidden = self.bundle.model.config().hidden_size;
+        let mrope = self.bundle.model.config().mrope_section.is_some();
         let mut image_rows = Vec::new();
         // Encoders beat the heartbeat after each layer too (a large image takes seconds).
         let hb = self.heartbeat.clone();
@@ -218,11 +223,21 @@ impl Executor for ModelExecutor {
         for s in &batch.seqs {
             if let Some(new) = &s.new_request {
                 let images = match &vision {
-                    Some(v) => new
-                        .mm_inputs
-                        .iter()
-                        .map(|m| SeqImage::new(m, &new.prompt_token_ids, v.image_token_id()))
-                        .collect(),
+                    Some(v) => {
+                        let mut images: Vec<SeqImage> = Vec::with_capacity(new.mm_inputs.len());
+                        let mut order: Vec<&mlx_serving_engine::MmInput> = new.mm_inputs.iter().collect();
+                        order.sort_by_key(|m| m.span.start);
+                        for m in order {
+                            match SeqImage::new(m, &new.prompt_token_ids, v) {
+                                Ok(i) => images.push(i),
+                                Err(e) => {
+                                    out.failed.insert(s.id, format!("image: {e}"));
+                                    break;
+                                }
+                            }
+                        }
+                        images
+                    }
                     None if !new.mm_inputs.is_empty() => {
                         out.failed.insert(s.id, "this model takes no images".into());
                         Vec::new()
@@ -272,6 +287,10 @@ impl Executor for ModelExecutor {
             let rows = if s.sample { s.num_draft_tokens + 1 } else { 0 };
             flat.push(&s.token_ids, s.start_pos, &s.block_table, rows)
                 .map_err(|e| ExecutorError(format!("request {:?}: {e}", s.id)))?;
+            if mrope {
+                let images = self.states.get(&s.id).map_or(&[][..], |st| &st.images[..]);
+                mrope_positions(images, s.start_pos, s.token_ids.len(), &mut flat.mrope);
+            }
         }
         let embeds: Vec<(usize, &[f32])> = image_rows.iter().map(|(r, e, off)| (*r, &e[*off..*off + hidden])).collect();
         let input = flat.input_with(&embeds);

@@ -203,6 +203,7 @@ impl TokenSource for PlainSource<'_> {
                 seqs: &seqs,
                 logits_indices: if want_logits { &last } else { &[] },
                 embeds: &[],
+                mrope_positions: &[],
             };
             let mut logits = self.model.forward(&batch, &mut self.cache)?;
             if !want_logits {
@@ -364,6 +365,7 @@ pub fn last_position_logits(model: &Model, prompt: &[u32]) -> mlx_serving_models
         seqs: &seqs,
         logits_indices: &last,
         embeds: &[],
+        mrope_positions: &[],
     };
     model.forward(&batch, &mut cache)
 }

@@ -6,7 +6,7 @@
 //! works: each placeholder's embedding is found by its rank among its image's placeholder tokens.
 
 use mlx_serving_engine::MmInput;
-use mlx_serving_models::{ImagePixels, VisionModel};
+use mlx_serving_models::{ImagePixels, PixelLayout, VisionModel};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,12 +17,62 @@ pub(crate) struct SeqImage {
     /// Positions of its placeholder tokens (the embeddings' rows, in order).
     positions: Vec<usize>,
     embeds: Option<Arc<[f32]>>,
+    /// With M-RoPE: its tokens' grid, `rows × cols` (its span holds exactly those placeholders, row-major).
+    grid: Option<(usize, usize)>,
 }
 
 impl SeqImage {
-    pub(crate) fn new(input: &MmInput, prompt: &[u32], image_token: u32) -> Self {
-        let positions = input.span.clone().filter(|&p| prompt.get(p) == Some(&image_token)).collect();
-        Self { input: input.clone(), positions, embeds: None }
+    /// The image `input` of a prompt, for `vision`; an error when its pixels or span do not fit the model.
+    pub(crate) fn new(input: &MmInput, prompt: &[u32], vision: &VisionModel) -> Result<Self, String> {
+        let image_token = vision.image_token_id();
+        let positions: Vec<usize> = input.span.clone().filter(|&p| prompt.get(p) == Some(&image_token)).collect();
+        let grid = match vision.mrope_merge() {
+            None => None,
+            Some(m) => {
+                let px = input.data.downcast_ref::<ImagePixels>().ok_or("an image input without pixels")?;
+                let PixelLayout::Patches { rows, cols } = px.layout else {
+                    return Err(format!("pixels laid out as {:?} are not for this model", px.layout));
+                };
+                let (r, c) = (rows / m, cols / m);
+                if r * c == 0 || positions.len() != r * c || input.span.len() != r * c {
+                    return Err(format!(
+                        "an image of {r}x{c} tokens at a span of {} tokens ({} placeholders)",
+                        input.span.len(),
+                        positions.len()
+                    ));
+                }
+                Some((r, c))
+            }
+        };
+        Ok(Self { input: input.clone(), positions, embeds: None, grid })
+    }
+}
+
+/// M-RoPE positions (temporal, row, column) of a sequence's tokens `start..start + len` into `out`. A text
+/// token's three are its position; an image's tokens sit on its grid from the position of its first token
+/// `s`: `(s, s + row, s + column)`; the text after an image continues from `s + max(rows, cols)`. `images`
+/// in prompt order.
+pub(crate) fn mrope_positions(images: &[SeqImage], start: usize, len: usize, out: &mut Vec<[u32; 3]>) {
+    let grids: Vec<(&std::ops::Range<usize>, usize, usize)> =
+        images.iter().filter_map(|i| i.grid.map(|(r, c)| (&i.input.span, r, c))).collect();
+    let (mut k, mut delta) = (0, 0i64);
+    for p in start..start + len {
+        while grids.get(k).is_some_and(|g| g.0.end <= p) {
+            let (_, r, c) = grids[k];
+            delta += r.max(c) as i64 - (r * c) as i64;
+            k += 1;
+        }
+        match grids.get(k) {
+            Some(&(span, _, c)) if span.contains(&p) => {
+                let s = (span.start as i64 + delta) as u32;
+                let i = p - span.start;
+                out.push([s, s + (i / c) as u32, s + (i % c) as u32]);
+            }
+            _ => {
+                let q = (p as i64 + delta) as u32;
+                out.push([q; 3]);
+            }
+        }
     }
 }
 
@@ -109,8 +159,7 @@ pub(crate) fn step_embeds(
                             .downcast_ref::<ImagePixels>()
                             .ok_or("an image input without pixels for this model")?;
                         let t0 = Instant::now();
-                        let e: Arc<[f32]> =
-                            vision.encode(&px.pixels, px.num_tiles, progress).map_err(|e| e.to_string())?.into();
+                        let e: Arc<[f32]> = vision.encode(px, progress).map_err(|e| e.to_string())?.into();
                         times.push(t0.elapsed());
                         cache.insert(img.input.hash, e.clone());
                         e
@@ -143,6 +192,46 @@ pub(crate) fn step_embeds(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn image(span: std::ops::Range<usize>, rows: usize, cols: usize) -> SeqImage {
+        let input = MmInput { span, hash: 0, data: Arc::new(()) };
+        SeqImage { input, positions: Vec::new(), embeds: None, grid: Some((rows, cols)) }
+    }
+
+    #[test]
+    fn mrope_positions_place_images_on_their_grid_and_text_after_the_largest_side() {
+        // 3 text tokens, a 2 x 3 image (6 tokens), 2 text tokens, a 1 x 1 image, 1 text token.
+        let images = [image(3..9, 2, 3), image(11..12, 1, 1)];
+        let mut out = Vec::new();
+        mrope_positions(&images, 0, 13, &mut out);
+        let want: Vec<[u32; 3]> = vec![
+            [0; 3],
+            [1; 3],
+            [2; 3],
+            [3, 3, 3],
+            [3, 3, 4],
+            [3, 3, 5],
+            [3, 4, 3],
+            [3, 4, 4],
+            [3, 4, 5],
+            // after the image: 3 + max(2, 3)
+            [6; 3],
+            [7; 3],
+            [8, 8, 8],
+            [9; 3],
+        ];
+        assert_eq!(out, want);
+        // Any window of the sequence gives the same positions (chunked prefill, decode steps).
+        for start in 0..13 {
+            let mut part = Vec::new();
+            mrope_positions(&images, start, 13 - start, &mut part);
+            assert_eq!(part, want[start..], "from {start}");
+        }
+        // Past the prompt: decode positions continue.
+        let mut next = Vec::new();
+        mrope_positions(&images, 13, 2, &mut next);
+        assert_eq!(next, vec![[10; 3], [11; 3]]);
+    }
 
     #[test]
     fn the_encoder_cache_evicts_the_least_recently_used_within_its_bytes() {

@@ -4,7 +4,8 @@
 
 use mlx_serving_frontend::image::{decode, idefics3::Idefics3Config, ImageLimits};
 use mlx_serving_models::{
-    ActivationPrecision, BatchInput, ChatContent, LoadOptions, ModelBundle, PagedKvCache, SeqInput,
+    ActivationPrecision, BatchInput, ChatContent, ImagePixels, ImageProcessing, LoadOptions, ModelBundle, PagedKvCache,
+    PixelLayout, SeqInput,
 };
 use mlx_serving_test_support::{reference, smolvlm_dir, testdata};
 use serde_json::{json, Value};
@@ -47,7 +48,7 @@ fn chat(item: &Value) -> (Value, Vec<String>) {
 }
 
 fn processor(b: &ModelBundle) -> Idefics3Config {
-    let p = &b.vision.as_ref().unwrap().1;
+    let ImageProcessing::Idefics3(p) = &b.vision.as_ref().unwrap().1 else { panic!("not Idefics3") };
     Idefics3Config {
         longest_edge: p.longest_edge,
         tile: p.tile,
@@ -69,7 +70,8 @@ fn prepare(b: &ModelBundle, item: &Value) -> (Vec<u32>, Images) {
         let bytes = std::fs::read(testdata().join("images").join(f)).unwrap();
         let img = proc.preprocess(&decode(&bytes, &ImageLimits::default()).unwrap());
         grids.push((img.rows, img.cols));
-        embeds.push(vision.encode(&img.pixels, img.num_tiles(), &|| true).unwrap());
+        let px = ImagePixels { pixels: img.pixels.clone(), layout: PixelLayout::Tiles(img.num_tiles()), held: None };
+        embeds.push(vision.encode(&px, &|| true).unwrap());
     }
     let (prompt, spans) = b.encode_chat_with_images(&messages, None, ChatContent::Text, &grids).unwrap();
     (prompt, spans.into_iter().zip(embeds).collect())
@@ -137,6 +139,7 @@ fn greedy(b: &ModelBundle, prompt: &[u32], images: &Images, n: usize, stop: &[u3
             seqs: &seqs,
             logits_indices: &last,
             embeds: &embeds,
+            mrope_positions: &[],
         };
         let logits = m.forward(&batch, &mut cache).unwrap();
         let next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
@@ -182,7 +185,6 @@ fn greedy_ids_match_mlx_vlm_in_f32() {
 mod engine {
     use super::*;
     use mlx_serving_engine::{EngineCore, EngineHandle, EngineRequest, MmInput, Priority, RequestId, SamplingParams};
-    use mlx_serving_models::ImagePixels;
     use mlx_serving_runner::ModelExecutor;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -209,7 +211,7 @@ mod engine {
             let img = proc.preprocess(&decode(&bytes, &ImageLimits::default()).unwrap());
             grids.push((img.rows, img.cols));
             let num_tiles = img.num_tiles();
-            pixels.push(ImagePixels { pixels: img.pixels, num_tiles, held: None });
+            pixels.push(ImagePixels { pixels: img.pixels, layout: PixelLayout::Tiles(num_tiles), held: None });
         }
         let (prompt, spans) = b.encode_chat_with_images(&messages, None, ChatContent::Text, &grids).unwrap();
         let inputs = spans

@@ -7,8 +7,10 @@
 use crate::error::ApiError;
 use base64::Engine as _;
 use mlx_serving_engine::MmInput;
-use mlx_serving_frontend::image::{decode, idefics3::Idefics3Config, ImageError, ImageLimits};
-use mlx_serving_models::{HeldBytes, ImagePixels, ModelBundle};
+use mlx_serving_frontend::image::{
+    decode, idefics3::Idefics3Config, qwen2vl::Qwen2VlConfig, ImageError, ImageLimits, Rgb,
+};
+use mlx_serving_models::{HeldBytes, ImagePixels, ImageProcessing, ModelBundle, PixelLayout};
 use mlx_serving_protocol::ChatMessage;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -126,18 +128,55 @@ fn load(part: &ImagePart, opts: &ImageOptions) -> Result<Vec<u8>, ApiError> {
 }
 
 /// The model's image preprocessing, for the frontend.
-fn processor(b: &ModelBundle) -> Option<Idefics3Config> {
-    b.vision.as_ref().map(|(_, p)| Idefics3Config {
-        longest_edge: p.longest_edge,
-        tile: p.tile,
-        do_image_splitting: p.do_image_splitting,
-        rescale_factor: p.rescale_factor,
-        image_mean: p.image_mean,
-        image_std: p.image_std,
+enum Processor {
+    Idefics3(Idefics3Config),
+    Qwen2Vl(Qwen2VlConfig),
+}
+
+fn processor(b: &ModelBundle) -> Option<Processor> {
+    b.vision.as_ref().map(|(_, p)| match p {
+        ImageProcessing::Idefics3(p) => Processor::Idefics3(Idefics3Config {
+            longest_edge: p.longest_edge,
+            tile: p.tile,
+            do_image_splitting: p.do_image_splitting,
+            rescale_factor: p.rescale_factor,
+            image_mean: p.image_mean,
+            image_std: p.image_std,
+        }),
+        ImageProcessing::Qwen2Vl(p) => Processor::Qwen2Vl(Qwen2VlConfig {
+            min_pixels: p.min_pixels,
+            max_pixels: p.max_pixels,
+            patch: p.patch,
+            temporal_patch: p.temporal_patch,
+            merge: p.merge,
+            rescale_factor: p.rescale_factor,
+            image_mean: p.image_mean,
+            image_std: p.image_std,
+        }),
     })
 }
 
-/// A loaded and preprocessed image: its tile grid and pixels.
+impl Processor {
+    /// The image's pixels for the encoder (nothing held yet), and the layout its placeholder ids follow
+    /// ([`ModelBundle::image_prompt_ids`]).
+    fn run(&self, img: &Rgb) -> Result<(ImagePixels, (usize, usize)), String> {
+        let (pixels, layout, grid) = match self {
+            Self::Idefics3(p) => {
+                let t = p.preprocess(img);
+                let n = t.num_tiles();
+                (t.pixels, PixelLayout::Tiles(n), (t.rows, t.cols))
+            }
+            Self::Qwen2Vl(p) => {
+                let t = p.preprocess(img).map_err(|e| e.to_string())?;
+                let layout = PixelLayout::Patches { rows: t.grid_h, cols: t.grid_w };
+                (t.pixels, layout, (t.grid_h / p.merge, t.grid_w / p.merge))
+            }
+        };
+        Ok((ImagePixels { pixels, layout, held: None }, grid))
+    }
+}
+
+/// A loaded and preprocessed image: its layout in prompt ids and its pixels.
 pub(crate) struct Prepared {
     pub grid: (usize, usize),
     pub pixels: ImagePixels,
@@ -160,19 +199,18 @@ pub(crate) fn prepare(
         .iter()
         .map(|part| {
             let bytes = load(part, opts)?;
-            let img = decode(&bytes, &limits)
-                .map_err(|e: ImageError| ApiError::bad_request(format!("{}: {e}", part.field), Some(&part.field)))?;
-            let t = proc.preprocess(&img);
-            let num_tiles = t.num_tiles();
-            let bytes = t.pixels.len() * 4;
+            let bad = |e: String| ApiError::bad_request(format!("{}: {e}", part.field), Some(&part.field));
+            let img = decode(&bytes, &limits).map_err(|e: ImageError| bad(e.to_string()))?;
+            let (mut pixels, grid) = proc.run(&img).map_err(bad)?;
+            let bytes = pixels.pixels.len() * 4;
             let ticket = HeldBytes::take(held, bytes, opts.max_pixel_bytes_in_flight).ok_or_else(|| {
                 ApiError::overloaded(format!(
                     "too many images in flight (server.max_image_mb_in_flight, {} MB): try again later",
                     opts.max_pixel_bytes_in_flight >> 20
                 ))
             })?;
-            let pixels = ImagePixels { pixels: t.pixels, num_tiles, held: Some(ticket) };
-            Ok(Prepared { grid: (t.rows, t.cols), pixels })
+            pixels.held = Some(ticket);
+            Ok(Prepared { grid, pixels })
         })
         .collect()
 }

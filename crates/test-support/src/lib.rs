@@ -68,6 +68,18 @@ pub fn smolvlm_dir() -> PathBuf {
     p
 }
 
+/// Qwen2.5-VL-rand: a tiny random-weight Qwen2.5-VL directory (`scripts/fetch-model.sh qwen25vl-rand`, written
+/// by testdata/vlm/make_qwen25vl.py; transformers' outputs on it: `reference("qwen25vl-rand-transformers.json")`).
+pub fn qwen25vl_dir() -> PathBuf {
+    let p = model("Qwen2.5-VL-rand", "qwen25vl-rand");
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-model.sh qwen25vl-rand",
+        p.display()
+    );
+    p
+}
+
 pub fn testdata() -> PathBuf {
     workspace_root().join("testdata")
 }

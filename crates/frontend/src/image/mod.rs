@@ -6,6 +6,7 @@
 //! colour type becomes 8-bit RGB (grayscale replicated, alpha dropped, as PIL's `convert("RGB")`).
 
 pub mod idefics3;
+pub mod qwen2vl;
 pub mod resize;
 
 use std::io::Cursor;

@@ -1,16 +1,39 @@
-//! Lanczos resizing of 8-bit RGB images with Pillow's arithmetic (`Image.resize(size, Image.LANCZOS)`), so
-//! that the pixels we feed a vision encoder are the ones the reference processors feed it.
+//! Resizing of 8-bit RGB images with Pillow's arithmetic (`Image.resize(size, Image.LANCZOS)` or
+//! `Image.BICUBIC`), so that the pixels we feed a vision encoder are the ones the reference processors feed it.
 //!
 //! Pillow resamples separably, horizontal pass first (when the width changes), then vertical, each pass
-//! rounding to 8 bits. Per output pixel it weights the input pixels within `3 · max(scale, 1)` of the
-//! pixel's centre with `sinc(x) · sinc(x / 3)` (x in input pixels divided by `max(scale, 1)`), normalized
-//! to sum 1 in double precision, then turned into fixed-point integers with 22 fractional bits; the sum
-//! starts at one half (rounding) and is shifted back and clamped to 0..=255.
+//! rounding to 8 bits. Per output pixel it weights the input pixels within `support · max(scale, 1)` of the
+//! pixel's centre with the filter's kernel (x in input pixels divided by `max(scale, 1)`): LANCZOS
+//! `sinc(x) · sinc(x / 3)` with support 3, BICUBIC the cubic convolution kernel with `a = −0.5` and support 2.
+//! The weights are normalized to sum 1 in double precision, then turned into fixed-point integers with 22
+//! fractional bits; the sum starts at one half (rounding) and is shifted back and clamped to 0..=255.
 
 use super::Rgb;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
-const SUPPORT: f64 = 3.0;
+
+/// Pillow's resampling filters we use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Lanczos,
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Self::Lanczos => 3.0,
+            Self::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Self::Lanczos => lanczos(x),
+            Self::Bicubic => bicubic(x),
+        }
+    }
+}
 
 fn sinc(x: f64) -> f64 {
     if x == 0.0 {
@@ -22,8 +45,21 @@ fn sinc(x: f64) -> f64 {
 }
 
 fn lanczos(x: f64) -> f64 {
-    if (-SUPPORT..SUPPORT).contains(&x) {
-        sinc(x) * sinc(x / SUPPORT)
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// Keys' cubic convolution kernel with `a = −0.5`, as Pillow writes it.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
     } else {
         0.0
     }
@@ -36,10 +72,10 @@ struct Coeffs {
     weights: Vec<i32>,
 }
 
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
@@ -53,7 +89,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let n = xmax - xmin;
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = lanczos((x as f64 + xmin as f64 - center + 0.5) * ss);
+            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
             *kx = w;
             ww += w;
         }
@@ -74,8 +110,8 @@ fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-fn horizontal(img: &Rgb, out_w: usize) -> Rgb {
-    let c = coeffs(img.width, out_w);
+fn horizontal(img: &Rgb, out_w: usize, filter: Filter) -> Rgb {
+    let c = coeffs(img.width, out_w, filter);
     let mut out = vec![0u8; out_w * img.height * 3];
     for y in 0..img.height {
         let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
@@ -94,8 +130,8 @@ fn horizontal(img: &Rgb, out_w: usize) -> Rgb {
     Rgb { width: out_w, height: img.height, pixels: out }
 }
 
-fn vertical(img: &Rgb, out_h: usize) -> Rgb {
-    let c = coeffs(img.height, out_h);
+fn vertical(img: &Rgb, out_h: usize, filter: Filter) -> Rgb {
+    let c = coeffs(img.height, out_h, filter);
     let row = img.width * 3;
     let mut out = vec![0u8; row * out_h];
     let mut acc = vec![0i32; row];
@@ -117,9 +153,22 @@ fn vertical(img: &Rgb, out_h: usize) -> Rgb {
 
 /// `img` resized to `width × height` with Pillow's LANCZOS.
 pub fn lanczos_resize(img: &Rgb, width: usize, height: usize) -> Rgb {
-    let wide = if width != img.width { horizontal(img, width) } else { img.clone() };
+    resize(img, width, height, Filter::Lanczos)
+}
+
+/// `img` resized to `width × height` with Pillow's `filter`. The passes run in Pillow 13's order: vertical first
+/// when the height shrinks by more than twice as many pixels as the width does, else horizontal first (each
+/// pass rounds to 8 bits, so the order shows in the result).
+pub fn resize(img: &Rgb, width: usize, height: usize, filter: Filter) -> Rgb {
+    let shrink_h = img.height as i64 - height as i64;
+    let shrink_w = img.width as i64 - width as i64;
+    if shrink_h > 0 && shrink_h > 2 * shrink_w {
+        let tall = vertical(img, height, filter);
+        return if width != tall.width { horizontal(&tall, width, filter) } else { tall };
+    }
+    let wide = if width != img.width { horizontal(img, width, filter) } else { img.clone() };
     if height != wide.height {
-        vertical(&wide, height)
+        vertical(&wide, height, filter)
     } else {
         wide
     }
@@ -131,8 +180,9 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_and_a_flat_image_stays_flat() {
-        for (i, o) in [(100, 37), (37, 100), (512, 512), (1024, 512), (3, 1024)] {
-            let c = coeffs(i, o);
+        let sizes = [(100, 37), (37, 100), (512, 512), (1024, 512), (3, 1024)];
+        for ((i, o), filter) in sizes.into_iter().flat_map(|s| [(s, Filter::Lanczos), (s, Filter::Bicubic)]) {
+            let c = coeffs(i, o, filter);
             for (xx, &(_, n)) in c.bounds.iter().enumerate() {
                 let s: i64 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().map(|&w| w as i64).sum();
                 let abs: i64 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().map(|&w| (w as i64).abs()).sum();
@@ -141,9 +191,11 @@ mod tests {
             }
         }
         let flat = Rgb { width: 7, height: 5, pixels: [10u8, 200, 77].repeat(35) };
-        let r = lanczos_resize(&flat, 23, 3);
-        assert_eq!((r.width, r.height), (23, 3));
-        assert!(r.pixels.chunks(3).all(|p| p == [10, 200, 77]), "{:?}", &r.pixels[..9]);
+        for filter in [Filter::Lanczos, Filter::Bicubic] {
+            let r = resize(&flat, 23, 3, filter);
+            assert_eq!((r.width, r.height), (23, 3));
+            assert!(r.pixels.chunks(3).all(|p| p == [10, 200, 77]), "{filter:?}: {:?}", &r.pixels[..9]);
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub fn step(
         seqs: &seqs,
         logits_indices: &rows,
         embeds: &[],
+        mrope_positions: &[],
     };
     let v = model.config().vocab_size;
     model.forward(&batch, cache).unwrap().chunks(v).map(|c| c.to_vec()).collect()
