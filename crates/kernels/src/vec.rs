@@ -129,6 +129,14 @@ pub fn gelu_tanh_mul_on(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
 pub fn softmax_rows(x: &mut [f32], w: usize) {
     assert!(w > 0 && x.len().is_multiple_of(w), "softmax_rows: {} values in rows of {w}", x.len());
     let isa = crate::Isa::detected();
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        for row in x.chunks_exact_mut(w) {
+            // SAFETY: an AVX2 path means AVX2 and FMA were detected.
+            unsafe { simd::softmax_row_avx2(row) };
+        }
+        return;
+    }
     for row in x.chunks_exact_mut(w) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         row.iter_mut().for_each(|v| *v -= max);
@@ -274,6 +282,49 @@ pub(crate) mod simd {
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+
+    /// One softmax row, eight lanes at a time: the maximum, then `e^(x − max)` summed in eight lanes as it is
+    /// stored, then the scaling (the tail padded through the same code).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_row_avx2(x: &mut [f32]) {
+        let n8 = x.len() / 8 * 8;
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in x[..n8].chunks_exact(8) {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(c.as_ptr()));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let max = lanes.iter().chain(&x[n8..]).copied().fold(f32::NEG_INFINITY, f32::max);
+        let m = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        for c in x[..n8].chunks_exact_mut(8) {
+            let e = crate::attention::avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+        }
+        let rest = &mut x[n8..];
+        if !rest.is_empty() {
+            let mut pad = [f32::NEG_INFINITY; 8];
+            pad[..rest.len()].copy_from_slice(rest);
+            let e = crate::attention::avx2::exp_nonpositive(_mm256_max_ps(
+                _mm256_sub_ps(_mm256_loadu_ps(pad.as_ptr()), m),
+                _mm256_set1_ps(-1000.0),
+            ));
+            // Padding lanes: e^-1000 is 0.
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(pad.as_mut_ptr(), e);
+            let k = rest.len();
+            rest.copy_from_slice(&pad[..k]);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let inv = _mm256_set1_ps(1.0 / lanes.iter().sum::<f32>());
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), inv));
+        }
+        let inv = 1.0 / lanes.iter().sum::<f32>();
+        chunks.into_remainder().iter_mut().for_each(|v| *v *= inv);
     }
 
     /// `x[i] = e^x[i]` (`x[i] ≤ 0`), eight at a time; the tail through the same code, padded.

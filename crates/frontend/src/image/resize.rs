@@ -110,23 +110,44 @@ fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Runs `f(first_row, rows)` over `out` split into bands of whole rows (`row` values each), on up to as many
+/// threads as the machine has (images are large enough for it to pay).
+fn bands(out: &mut [u8], row: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
+    let rows = out.len() / row.max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let per = rows.div_ceil(threads).max(64);
+    if rows <= per {
+        f(0, out);
+        return;
+    }
+    std::thread::scope(|s| {
+        for (b, band) in out.chunks_mut(per * row).enumerate() {
+            let f = &f;
+            s.spawn(move || f(b * per, band));
+        }
+    });
+}
+
 fn horizontal(img: &Rgb, out_w: usize, filter: Filter) -> Rgb {
     let c = coeffs(img.width, out_w, filter);
     let mut out = vec![0u8; out_w * img.height * 3];
-    for y in 0..img.height {
-        let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
-        let dst = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
-        for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
-            let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
-            for ch in 0..3 {
-                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                for (x, &w) in k.iter().enumerate() {
-                    ss += src[(xmin + x) * 3 + ch] as i32 * w;
+    bands(&mut out, out_w * 3, |y0, band| {
+        for (dy, dst) in band.chunks_exact_mut(out_w * 3).enumerate() {
+            let y = y0 + dy;
+            let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
+            for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
+                let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
+                // The three channels of each input pixel together (the same sums, one pass over the weights).
+                let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+                for (p, &w) in src[xmin * 3..(xmin + n) * 3].chunks_exact(3).zip(k) {
+                    ss[0] += p[0] as i32 * w;
+                    ss[1] += p[1] as i32 * w;
+                    ss[2] += p[2] as i32 * w;
                 }
-                dst[xx * 3 + ch] = clip8(ss);
+                dst[xx * 3..xx * 3 + 3].copy_from_slice(&ss.map(clip8));
             }
         }
-    }
+    });
     Rgb { width: out_w, height: img.height, pixels: out }
 }
 
@@ -134,20 +155,24 @@ fn vertical(img: &Rgb, out_h: usize, filter: Filter) -> Rgb {
     let c = coeffs(img.height, out_h, filter);
     let row = img.width * 3;
     let mut out = vec![0u8; row * out_h];
-    let mut acc = vec![0i32; row];
-    for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {
-        let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
-        acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
-        for (y, &w) in k.iter().enumerate() {
-            let src = &img.pixels[(ymin + y) * row..(ymin + y + 1) * row];
-            for (a, &p) in acc.iter_mut().zip(src) {
-                *a += p as i32 * w;
+    bands(&mut out, row, |y0, band| {
+        let mut acc = vec![0i32; row];
+        for (dy, dst) in band.chunks_exact_mut(row).enumerate() {
+            let yy = y0 + dy;
+            let (ymin, n) = c.bounds[yy];
+            let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
+            acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
+            for (y, &w) in k.iter().enumerate() {
+                let src = &img.pixels[(ymin + y) * row..(ymin + y + 1) * row];
+                for (a, &p) in acc.iter_mut().zip(src) {
+                    *a += p as i32 * w;
+                }
+            }
+            for (o, &a) in dst.iter_mut().zip(&acc) {
+                *o = clip8(a);
             }
         }
-        for (o, &a) in out[yy * row..(yy + 1) * row].iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
-    }
+    });
     Rgb { width: img.width, height: out_h, pixels: out }
 }
 

@@ -9,7 +9,7 @@
 //!
 //! All tiles of an image through each linear layer at once, attention within each tile.
 
-use super::{cfg_err, gelu_erf, get_usize, grouped_attention, preprocessor_config, triple, Linear, Tensors};
+use super::{cfg_err, gelu_erf, get_usize, grouped_attention, preprocessor_config, row_chunk, triple, Linear, Tensors};
 use crate::error::{Error, Result};
 use crate::hf::HfDir;
 use mlx_serving_kernels::F32Matrix;
@@ -51,17 +51,27 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, x: &[f32], eps: f32) -> Vec<f32> {
-        let h = self.w.len();
-        let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
-            let mean = xr.iter().sum::<f32>() / h as f32;
-            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (((o, v), w), b) in yr.iter_mut().zip(xr).zip(&self.w).zip(&self.b) {
-                *o = (v - mean) * inv * w + b;
-            }
-        }
+        let mut y = Vec::new();
+        self.forward_into(x, eps, &mut y);
         y
+    }
+
+    /// Into `y` (resized), rows in parallel.
+    fn forward_into(&self, x: &[f32], eps: f32, y: &mut Vec<f32>) {
+        let h = self.w.len();
+        y.resize(x.len(), 0.0);
+        let chunk = row_chunk(h);
+        mlx_serving_kernels::pool::for_each_chunk_mut(y, chunk, |t, ys| {
+            let xs = &x[t * chunk..t * chunk + ys.len()];
+            for (xr, yr) in xs.chunks_exact(h).zip(ys.chunks_exact_mut(h)) {
+                let mean = xr.iter().sum::<f32>() / h as f32;
+                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for (((o, v), w), b) in yr.iter_mut().zip(xr).zip(&self.w).zip(&self.b) {
+                    *o = (v - mean) * inv * w + b;
+                }
+            }
+        });
     }
 }
 
@@ -190,18 +200,18 @@ impl Idefics3Vision {
             tile.iter_mut().zip(&self.pos).for_each(|(v, p)| *v += p);
         }
         let eps = c.eps as f32;
+        let groups: Vec<(usize, usize)> = (0..num_tiles).map(|t| (t * n, n)).collect();
+        // Buffers reused by every layer.
+        let (mut y, mut qkv, mut a, mut scratch, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for l in &self.layers {
-            let y = l.ln1.forward(&x, eps);
-            let qkv = l.qkv.forward(&y);
-            let groups: Vec<(usize, usize)> = (0..num_tiles).map(|t| (t * n, n)).collect();
-            let a = grouped_attention(&qkv, h, c.heads, &groups);
-            let o = l.o.forward(&a);
-            x.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
-            let y = l.ln2.forward(&x, eps);
-            let mut f = l.fc1.forward(&y);
+            l.ln1.forward_into(&x, eps, &mut y);
+            l.qkv.forward_into(&y, &mut qkv);
+            grouped_attention(&qkv, h, c.heads, &groups, &mut a, &mut scratch);
+            l.o.add_into(&a, &mut x);
+            l.ln2.forward_into(&x, eps, &mut y);
+            l.fc1.forward_into(&y, &mut f);
             gelu_erf(&mut f);
-            let f = l.fc2.forward(&f);
-            x.iter_mut().zip(&f).for_each(|(v, o)| *v += o);
+            l.fc2.add_into(&f, &mut x);
             if !progress() {
                 return Err(Error::Cancelled);
             }

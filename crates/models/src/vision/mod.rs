@@ -158,16 +158,36 @@ pub(crate) struct Linear {
 impl Linear {
     /// `x [n, in]` → `[n, out]`.
     pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let out = self.w.rows();
-        let mut y = vec![0f32; x.len() / self.w.cols() * out];
-        f32_matmul(&self.w, x, &mut y, false);
+        let mut y = Vec::new();
+        self.forward_into(x, &mut y);
+        y
+    }
+
+    /// [`Self::forward`] into `y` (resized; a buffer reused at the same size is not cleared first).
+    pub(crate) fn forward_into(&self, x: &[f32], y: &mut Vec<f32>) {
+        y.resize(x.len() / self.w.cols() * self.w.rows(), 0.0);
+        f32_matmul(&self.w, x, y, false);
+        self.add_bias(y);
+    }
+
+    /// `y += x·Wᵀ + b`: a residual connection.
+    pub(crate) fn add_into(&self, x: &[f32], y: &mut [f32]) {
+        f32_matmul(&self.w, x, y, true);
+        self.add_bias(y);
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.b {
-            for row in y.chunks_exact_mut(out) {
+            for row in y.chunks_exact_mut(self.w.rows()) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
         }
-        y
     }
+}
+
+/// Rows per pool task for row-wise work (norms) over `[rows, width]` values.
+pub(crate) fn row_chunk(width: usize) -> usize {
+    width * 64
 }
 
 pub(crate) fn cfg_err(dir: &HfDir, key: &str, reason: &str) -> Error {
@@ -252,7 +272,15 @@ pub(crate) fn triple(path: &std::path::Path, pre: &Value, key: &str, default: f3
 /// each row attending to the rows of its group (`groups`: consecutive `(start, len)` covering all rows). One
 /// pool task per group and head; queries in blocks of 64 so a block's scores stay in cache through the softmax
 /// and the product with the values.
-pub(crate) fn grouped_attention(qkv: &[f32], h: usize, heads: usize, groups: &[(usize, usize)]) -> Vec<f32> {
+/// The result goes to `a`; `scratch` holds the per-head outputs (both buffers reused across calls).
+pub(crate) fn grouped_attention(
+    qkv: &[f32],
+    h: usize,
+    heads: usize,
+    groups: &[(usize, usize)],
+    a: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+) {
     const QB: usize = 64;
     let hd = h / heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -267,8 +295,9 @@ pub(crate) fn grouped_attention(qkv: &[f32], h: usize, heads: usize, groups: &[(
         }
     }
     bounds.push(at);
-    let mut per_head = vec![0f32; rows * h];
-    mlx_serving_kernels::pool::for_each_split_mut(&mut per_head, &bounds, |t, out| {
+    let per_head = scratch;
+    per_head.resize(rows * h, 0.0);
+    mlx_serving_kernels::pool::for_each_split_mut(per_head, &bounds, |t, out| {
         let ((start, n), hh) = (groups[t / heads], t % heads);
         let rows = &qkv[start * 3 * h..(start + n) * 3 * h];
         let head = |which: usize| -> Vec<f32> {
@@ -286,7 +315,7 @@ pub(crate) fn grouped_attention(qkv: &[f32], h: usize, heads: usize, groups: &[(
             f32_matmul_serial(&v, s, &mut out[qb * hd..(qb + m) * hd], false);
         }
     });
-    let mut a = vec![0f32; rows * h];
+    a.resize(rows * h, 0.0);
     for (t, w) in bounds.windows(2).enumerate() {
         let ((start, _), hh) = (groups[t / heads], t % heads);
         for (i, src) in per_head[w[0]..w[1]].chunks_exact(hd).enumerate() {
@@ -294,5 +323,4 @@ pub(crate) fn grouped_attention(qkv: &[f32], h: usize, heads: usize, groups: &[(
             a[row..row + hd].copy_from_slice(src);
         }
     }
-    a
 }

@@ -14,7 +14,7 @@
 //! The text model then places the image's tokens on a `rows/m × cols/m` grid with M-RoPE (see
 //! [`crate::decoder`]); the placeholders are `<|vision_start|>`, one `<|image_pad|>` per token, `<|vision_end|>`.
 
-use super::{cfg_err, gelu_erf, get_usize, grouped_attention, preprocessor_config, triple, Linear, Tensors};
+use super::{cfg_err, gelu_erf, get_usize, grouped_attention, preprocessor_config, row_chunk, triple, Linear, Tensors};
 use crate::error::{Error, Result};
 use crate::hf::HfDir;
 use mlx_serving_kernels::F32Matrix;
@@ -73,9 +73,18 @@ pub struct Qwen25VlVision {
 const EPS: f32 = 1e-6;
 
 fn rms(x: &[f32], w: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    mlx_serving_kernels::vec::rms_norm(x, w, EPS, &mut y);
+    let mut y = Vec::new();
+    rms_into(x, w, &mut y);
     y
+}
+
+/// RMS norm of each row into `y` (resized), rows in parallel.
+fn rms_into(x: &[f32], w: &[f32], y: &mut Vec<f32>) {
+    y.resize(x.len(), 0.0);
+    let chunk = row_chunk(w.len());
+    mlx_serving_kernels::pool::for_each_chunk_mut(y, chunk, |t, ys| {
+        mlx_serving_kernels::vec::rms_norm(&x[t * chunk..t * chunk + ys.len()], w, EPS, ys)
+    });
 }
 
 impl Qwen25VlVision {
@@ -218,26 +227,28 @@ impl Qwen25VlVision {
             at += s;
         }
         let whole = [(0, n)];
+        let inter = c.intermediate;
+        // Buffers reused by every block.
+        let (mut y, mut qkv, mut a, mut scratch, mut gu, mut f) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), vec![0f32; n * inter]);
         for (i, b) in self.blocks.iter().enumerate() {
-            let y = rms(&x, &b.norm1);
-            let mut qkv = b.qkv.forward(&y);
+            rms_into(&x, &b.norm1, &mut y);
+            b.qkv.forward_into(&y, &mut qkv);
             self.rope(&mut qkv, &cos, &sin);
             let groups: &[(usize, usize)] = if c.full_attention.contains(&i) { &whole } else { &windows };
-            let a = grouped_attention(&qkv, h, c.heads, groups);
-            let o = b.proj.forward(&a);
-            x.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
-            let y = rms(&x, &b.norm2);
-            let gu = b.gate_up.forward(&y);
-            let inter = c.intermediate;
-            let mut f = Vec::with_capacity(n * inter);
-            for row in gu.chunks_exact(2 * inter) {
-                let (g, u) = row.split_at(inter);
-                f.extend_from_slice(g);
-                let at = f.len() - inter;
-                mlx_serving_kernels::vec::swiglu(&mut f[at..], u);
-            }
-            let d = b.down.forward(&f);
-            x.iter_mut().zip(&d).for_each(|(v, o)| *v += o);
+            grouped_attention(&qkv, h, c.heads, groups, &mut a, &mut scratch);
+            b.proj.add_into(&a, &mut x);
+            rms_into(&x, &b.norm2, &mut y);
+            b.gate_up.forward_into(&y, &mut gu);
+            mlx_serving_kernels::pool::for_each_chunk_mut(&mut f, 64 * inter, |t, fs| {
+                let rows = &gu[t * 64 * 2 * inter..];
+                for (fr, row) in fs.chunks_exact_mut(inter).zip(rows.chunks_exact(2 * inter)) {
+                    let (g, u) = row.split_at(inter);
+                    fr.copy_from_slice(g);
+                    mlx_serving_kernels::vec::swiglu(fr, u);
+                }
+            });
+            b.down.add_into(&f, &mut x);
             if !progress() {
                 return Err(Error::Cancelled);
             }
