@@ -72,3 +72,17 @@ def metrics(port):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def redis_server(port):
+    """Starts a real redis-server on loopback `port` (no persistence) and waits until it accepts connections."""
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers.append(p)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return p
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")

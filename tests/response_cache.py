@@ -10,7 +10,7 @@ survive a restart, and after a kill -9 in the middle of writes every entry serve
 real `redis-server` on a free loopback port): two instances share answers; with Redis killed no request fails,
 the outage is counted, and after a restart the hits resume.
 """
-import os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
+import os, shutil, signal, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import check, metrics, start, stop  # noqa: E402
@@ -109,21 +109,8 @@ check(0 < hits < len(prompts), f"the kill came part way: {hits} entries written 
 stop(proc)
 shutil.rmtree(d)
 # Redis: two instances share one real redis-server; killed mid-run, no request fails and the hits resume.
-def redis_server(port):
-    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    harness.servers.append(p)
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return p
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
-
-
 rport = harness.free_port()
-redis = redis_server(rport)
+redis = harness.redis_server(rport)
 url = f"redis://127.0.0.1:{rport}"
 a_proc, a_port = start(binary, COMMON + ["--response-cache", "redis", "--redis-url", url])
 b_proc, b_port = start(binary, COMMON + ["--response-cache", "redis", "--redis-url", url])
@@ -140,7 +127,7 @@ check(all(d[0] == "miss" for d in down) and down[0][1:3] == down[2][1:3],
       "with Redis down every request is answered (from the engine), none fails")
 m = metrics(a_port)
 check(m["mlx_serving:response_cache_errors_total"] > 0, "the outage shows in /metrics")
-redis = redis_server(rport)
+redis = harness.redis_server(rport)
 time.sleep(1.2)  # past the retry interval
 ask(a, "Name five fruits.")
 back = ask(b, "Name five fruits.")

@@ -6,7 +6,9 @@ On SmolVLM-rand (scripts/fetch-model.sh smolvlm-rand): for every chat of the ref
 prompt ids, `usage.prompt_tokens` counts them, and the greedy ids equal mlx-vlm's (f32) or first differ at a
 near-tie (top-1/top-2 gap < 0.25); the same chats four at a time give the same ids, streamed too. A repeated
 image is not encoded again (`vision_encoder_seconds_count`). Bad images are 400s naming the part; a text-only
-model answers an image part with a 400.
+model answers an image part with a 400. Limits from runtime.yaml, files under image_dirs, and remote images
+from a loopback HTTP server (allow_remote_images, allow_private_image_hosts): the same ids as the data: URL, a
+404 and a redirect to loopback refused with 400s.
 
 On Qwen2.5-VL-rand (scripts/fetch-model.sh qwen25vl-rand), when given: `/tokenize` and `usage.prompt_tokens`
 give transformers' prompt ids (testdata/reference/qwen25vl-rand-transformers.json), greedy ids match its or
@@ -15,6 +17,7 @@ first differ at a near-tie, four at a time the same.
 Usage: tests/vision_server.py BINARY SMOLVLM_DIR TEXT_MODEL [QWEN25VL_DIR]
 """
 import base64, json, os, sys, tempfile, threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import check, http, metrics, start, stop  # noqa: E402
@@ -116,7 +119,7 @@ bad([{"role": "user", "content": [text, part("data:image/png;base64,!!notbase64!
     "messages[0].content[1].image_url", "base64")
 bad([{"role": "user", "content": [part("data:image/png;base64," + base64.b64encode(b"not an image").decode())]}],
     "messages[0].content[0].image_url", "not an image")
-bad([{"role": "user", "content": [part("https://example.com/cat.png")]}], "messages[0].content[0].image_url", "remote")
+bad([{"role": "user", "content": [part("https://example.com/cat.png")]}], "messages[0].content[0].image_url", "allow_remote_images")
 bad([{"role": "user", "content": [part(os.path.join(IMAGES, "red_circle_512.png"))]}],
     "messages[0].content[0].image_url", "image_dirs")
 bad([{"role": "user", "content": [part(data_url("red_circle_512.png"))] * 9}], "messages[0].content[8].image_url",
@@ -131,7 +134,9 @@ with tempfile.TemporaryDirectory() as d:
     cfg = os.path.join(d, "runtime.yaml")
     with open(cfg, "w") as f:
         f.write(f"server:\n  max_image_pixels: 100000\n  max_image_mb_in_flight: 20\n"
-                f"  image_dirs: [{json.dumps(IMAGES)}]\n")
+                f"  image_dirs: [{json.dumps(IMAGES)}]\n"
+                f"  allow_remote_images: true\n  allow_private_image_hosts: true\n"
+                f"  remote_image_timeout_seconds: 5\n")
     proc, port = start(binary, ["--config", cfg, "--model", vlm, "--served-model-name", "vlm", "--threads", "2",
                                 "--kv-cache-mb", "128", "--log-level", "warn"])
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
@@ -149,6 +154,37 @@ with tempfile.TemporaryDirectory() as d:
     check(r.choices[0].model_extra["token_ids"] == chat({"prompt": [{"role": "user", "content": [
         {"type": "image", "image": "green_square_96x64.png"}, {"type": "text", "text": "Describe this image."}]}]})[0],
         "a file under image_dirs reads as the same image as its data: URL")
+    # Remote images from an HTTP server on loopback (allowed for the URL as given by allow_private_image_hosts,
+    # never for a redirect's target).
+    class Images(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=IMAGES, **kw)
+
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/green_square_96x64.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_port}"
+    r = client.chat.completions.create(
+        model="vlm", max_tokens=32, temperature=0, extra_body={"return_token_ids": True},
+        messages=[{"role": "user", "content": [part(base + "/green_square_96x64.png"),
+                                               {"type": "text", "text": "Describe this image."}]}])
+    check(r.choices[0].model_extra["token_ids"] == chat({"prompt": [{"role": "user", "content": [
+        {"type": "image", "image": "green_square_96x64.png"}, {"type": "text", "text": "Describe this image."}]}]})[0],
+        "an image fetched over http reads as the same image as its data: URL")
+    bad([{"role": "user", "content": [text, part(base + "/no_such.png")]}], "messages[0].content[1].image_url", "404")
+    bad([{"role": "user", "content": [part(base + "/moved")]}], "messages[0].content[0].image_url", "non-public")
+    files.shutdown()
     stop(proc)
 
 # A text-only model: an image part is a 400.

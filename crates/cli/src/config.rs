@@ -155,8 +155,14 @@ pub struct ServerSection {
     /// Tokenize special-token texts inside chat messages as control tokens, as before: lets a user's
     /// message forge a system or assistant turn. Off: message text is text.
     pub allow_special_tokens_in_chat: bool,
-    /// Fetch `http(s)` image URLs in chat messages (not supported yet: must stay off).
+    /// Fetch `http(s)` image URLs in chat messages (from public addresses only, redirects followed by hand and
+    /// checked, within max_image_bytes and remote_image_timeout_seconds).
     pub allow_remote_images: bool,
+    /// A remote image URL as given may name a loopback or private address (e.g. an image server on the same
+    /// network); a redirect's target still may not.
+    pub allow_private_image_hosts: bool,
+    /// All of one request's remote images must have arrived this long after their fetching starts.
+    pub remote_image_timeout_seconds: f64,
     /// Directories images may be read from as local files (`file://` URLs or absolute paths); none by default.
     pub image_dirs: Vec<PathBuf>,
     /// Largest image file, in bytes.
@@ -185,6 +191,8 @@ impl Default for ServerSection {
             sse_keepalive_seconds: 15.0,
             allow_special_tokens_in_chat: false,
             allow_remote_images: false,
+            allow_private_image_hosts: false,
+            remote_image_timeout_seconds: 10.0,
             image_dirs: Vec::new(),
             max_image_bytes: mlx_serving_server::images::ImageOptions::default().max_bytes,
             max_image_pixels: mlx_serving_server::images::ImageOptions::default().max_pixels,
@@ -348,9 +356,6 @@ impl RuntimeConfig {
                 bail!("{key}: must be at least 1");
             }
         }
-        if self.server.allow_remote_images {
-            bail!("server.allow_remote_images: fetching remote images is not supported yet (send data: URLs)");
-        }
         if self.server.max_image_pixels == 0 {
             bail!("server.max_image_pixels: must be at least 1");
         }
@@ -373,6 +378,7 @@ impl RuntimeConfig {
             ("server.header_read_timeout_seconds", Some(self.server.header_read_timeout_seconds)),
             ("server.body_read_timeout_seconds", Some(self.server.body_read_timeout_seconds)),
             ("server.sse_keepalive_seconds", Some(self.server.sse_keepalive_seconds)),
+            ("server.remote_image_timeout_seconds", Some(self.server.remote_image_timeout_seconds)),
         ];
         for (key, v) in seconds {
             if let Some(v) = v {
@@ -385,6 +391,7 @@ impl RuntimeConfig {
             ("server.header_read_timeout_seconds", self.server.header_read_timeout_seconds),
             ("server.body_read_timeout_seconds", self.server.body_read_timeout_seconds),
             ("server.sse_keepalive_seconds", self.server.sse_keepalive_seconds),
+            ("server.remote_image_timeout_seconds", self.server.remote_image_timeout_seconds),
         ] {
             if v < 0.01 {
                 bail!("{key}: must be at least 0.01 seconds, got {v}");

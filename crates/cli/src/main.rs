@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 mod cache;
 mod config;
+mod register;
+mod router;
 mod serve;
 mod speculative;
 use serve::{run_serve, ServeArgs};
@@ -37,6 +39,8 @@ enum Command {
     /// Write any loadable model (GGUF, Hugging Face or MLX directory) as a Hugging Face directory (`--format
     /// hf`) or an MLX-quantized one (`--format mlx`).
     Convert(ConvertArgs),
+    /// Route the OpenAI-compatible API over many `serve` instances (health checks, policies, retries).
+    Router(Box<router::RouterArgs>),
 }
 
 #[derive(Args)]
@@ -212,6 +216,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => run_convert(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),
+        Command::Router(args) => router::run_router(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

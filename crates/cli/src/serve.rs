@@ -100,6 +100,13 @@ pub struct ServeArgs {
     /// Tracing filter such as `info` or `mlx_serving_server=debug,info` [logging.level; default info].
     #[arg(long, env = "MLX_SERVING_LOG_LEVEL")]
     log_level: Option<String>,
+    /// Register this instance in a fleet router's Redis (`redis://HOST:PORT`), refreshed every second.
+    #[arg(long, env = "MLX_SERVING_REGISTER")]
+    register: Option<String>,
+    /// The URL routers reach this instance at [default: http://HOST:PORT of the listener, unless HOST is a
+    /// wildcard address].
+    #[arg(long, env = "MLX_SERVING_ADVERTISE_URL", requires = "register")]
+    advertise_url: Option<String>,
 }
 
 impl ServeArgs {
@@ -279,6 +286,7 @@ fn init_logging(c: &config::LoggingSection) -> Result<()> {
 
 pub fn run_serve(a: ServeArgs) -> Result<()> {
     let c = a.resolve()?;
+    let (register, advertise_url) = (a.register.clone(), a.advertise_url.clone());
     if a.print_config {
         print!("{}", c.to_yaml_redacted()?);
         return Ok(());
@@ -307,6 +315,8 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         allow_special_tokens_in_chat: c.server.allow_special_tokens_in_chat,
         images: mlx_serving_server::images::ImageOptions {
             allow_remote: c.server.allow_remote_images,
+            allow_private_hosts: c.server.allow_private_image_hosts,
+            remote_timeout: Duration::from_secs_f64(c.server.remote_image_timeout_seconds),
             dirs: c.server.image_dirs.clone(),
             max_bytes: c.server.max_image_bytes,
             max_pixels: c.server.max_image_pixels,
@@ -331,6 +341,19 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         let addr = format!("{}:{}", c.server.host, c.server.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("serving {} on http://{addr}", names.join(", "));
+        let registered = match &register {
+            Some(redis) => {
+                let url = match advertise_url {
+                    Some(u) => u,
+                    None if ["0.0.0.0", "::", "[::]"].contains(&c.server.host.as_str()) => {
+                        anyhow::bail!("--register with a wildcard --host needs --advertise-url")
+                    }
+                    None => format!("http://{}", listener.local_addr()?),
+                };
+                Some(crate::register::start(redis, &url, names.clone())?)
+            }
+            None => None,
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = mlx_serving_server::serve(listener, state, async move {
             shutdown_signal().await;
@@ -338,6 +361,10 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
                 grace_seconds = grace.as_secs_f64(),
                 "shutting down: no new connections, finishing in-flight requests"
             );
+            // Out of the fleet's registry first, so routers stop sending while requests finish.
+            if let Some(r) = registered {
+                r.leave().await;
+            }
             let _ = stop_tx.send(());
         });
         let server = tokio::spawn(server);
@@ -357,7 +384,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -88,7 +88,7 @@ pub async fn chat_completions(
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
     let messages = normalize_messages(&req.messages, m.bundle.vision.is_some())?;
-    let image_parts = images::find(&req.messages, &s.options.images)?;
+    let mut image_parts = images::find(&req.messages, &s.options.images)?;
     let mut fields = req.sampling_fields();
     fields.max_tokens = req.max_completion_tokens.or(fields.max_tokens);
     fields.logprobs = match (req.logprobs, req.top_logprobs) {
@@ -124,6 +124,7 @@ pub async fn chat_completions(
         wanted = Some(structured::Wanted { spec, field: "tools".into() });
     }
     let share = Share::new(&s, &ctx, &headers, &fields, wanted.as_ref());
+    images::fetch_remote(&mut image_parts, &s.options.images).await?;
     let (st, rid, t, mc) = (s.clone(), ctx.id.clone(), tools.clone(), m.clone());
     let prompt_ids = s
         .on_cpu_pool(&ctx.id, move || {

@@ -202,7 +202,8 @@ pub async fn tokenize(
                 ));
             }
             let messages = normalize_messages(&msgs, m.bundle.vision.is_some())?;
-            let parts = crate::images::find(&msgs, &s.options.images)?;
+            let mut parts = crate::images::find(&msgs, &s.options.images)?;
+            crate::images::fetch_remote(&mut parts, &s.options.images).await?;
             s.on_cpu_pool(&ctx.id, move || {
                 let grids: Vec<(usize, usize)> = match parts.is_empty() {
                     true => Vec::new(),

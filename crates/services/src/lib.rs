@@ -1,12 +1,15 @@
 //! The operational layers between the HTTP front ends and the engines (DESIGN.md §2): the model registry,
 //! which loads models on demand and unloads them by memory budget, model count and idle time (the server's
 //! loader and endpoints are in `mlx_serving_server::models` and `admin`); request coalescing; and the
-//! response cache's backends (#22, not yet used by the server).
+//! response cache's backends (#22); our Redis client ([`resp`]) and the fleet's instance registry in Redis
+//! ([`fleet`]).
 
 pub mod cache;
 pub mod coalesce;
+pub mod fleet;
 pub mod redis;
 pub mod registry;
+pub mod resp;
 
 pub use cache::{CacheBackend, CacheError, CacheLimits, CacheStats, DiskCache, MemoryCache};
 pub use coalesce::{Coalescer, Join, Publisher, Subscription};

@@ -1,5 +1,6 @@
 //! Images in chat messages: OpenAI `{"type": "image_url", "image_url": {"url": ...}}` parts found, checked
-//! and loaded (`data:` URLs; local files only under `image_dirs`; remote URLs refused unless allowed),
+//! and loaded (`data:` URLs; local files only under `image_dirs`; `http(s)` URLs only when allowed, fetched by
+//! [`remote`]),
 //! decoded within the byte and pixel limits, and preprocessed for the model's encoder, each failure a 400
 //! naming the part (`messages[1].content[2].image_url`). Bounds are checked before the work they bound: the
 //! image count before any decoding, bytes before decoding, pixels from the header before any pixel.
@@ -13,15 +14,23 @@ use mlx_serving_frontend::image::{
 use mlx_serving_models::{HeldBytes, ImagePixels, ImageProcessing, ModelBundle, PixelLayout};
 use mlx_serving_protocol::ChatMessage;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::time::Duration;
+
+pub mod remote;
 
 /// Where images may come from and how large they may be (`server:` in `runtime.yaml`).
 #[derive(Clone, Debug)]
 pub struct ImageOptions {
-    /// Fetch `http(s)` image URLs (not supported yet: such URLs are refused either way).
+    /// Fetch `http(s)` image URLs (off: such URLs are refused).
     pub allow_remote: bool,
+    /// A remote image's URL as given may name a loopback or private address (redirects still may not).
+    pub allow_private_hosts: bool,
+    /// All of a request's remote images must have arrived this long after the first fetch starts.
+    pub remote_timeout: Duration,
     /// Directories local image files may be read from (`file://` URLs or absolute paths); none by default.
     pub dirs: Vec<PathBuf>,
     pub max_bytes: usize,
@@ -37,6 +46,8 @@ impl Default for ImageOptions {
         let l = ImageLimits::default();
         Self {
             allow_remote: false,
+            allow_private_hosts: false,
+            remote_timeout: Duration::from_secs(10),
             dirs: Vec::new(),
             max_bytes: l.max_bytes,
             max_pixels: l.max_pixels,
@@ -46,10 +57,33 @@ impl Default for ImageOptions {
     }
 }
 
-/// One image part of a request: the field that holds it and its URL.
+/// One image part of a request: the field that holds it, its URL, and for a remote URL the bytes fetched.
 pub(crate) struct ImagePart {
     pub field: String,
     pub url: String,
+    pub fetched: Option<Vec<u8>>,
+}
+
+fn is_remote(url: &str) -> bool {
+    let url = url.trim_start();
+    ["http://", "https://"].iter().any(|p| url.get(..p.len()).is_some_and(|s| s.eq_ignore_ascii_case(p)))
+}
+
+/// Fetches the parts' remote images, when this server fetches them, one after another within one deadline;
+/// a failure is a 400 naming the part. Without `allow_remote` nothing is fetched ([`prepare`] refuses them).
+pub(crate) async fn fetch_remote(parts: &mut [ImagePart], opts: &ImageOptions) -> Result<(), ApiError> {
+    if !opts.allow_remote {
+        return Ok(());
+    }
+    let policy = remote::RemotePolicy { max_bytes: opts.max_bytes, allow_private: opts.allow_private_hosts };
+    let deadline = tokio::time::Instant::now() + opts.remote_timeout;
+    for p in parts.iter_mut().filter(|p| is_remote(&p.url)) {
+        let bytes = remote::fetch(p.url.trim(), policy, deadline).await.map_err(|e| {
+            ApiError::bad_request(format!("{}: the image could not be fetched: {e}", p.field), Some(&p.field))
+        })?;
+        p.fetched = Some(bytes);
+    }
+    Ok(())
 }
 
 /// The request's image parts in message order, after the checks that need no work: the part's shape and
@@ -72,7 +106,7 @@ pub(crate) fn find(messages: &[ChatMessage], opts: &ImageOptions) -> Result<Vec<
             if m.role != "user" {
                 return Err(ApiError::bad_request(format!("{field}: images go in user messages"), Some(&field)));
             }
-            parts.push(ImagePart { field, url: url.to_string() });
+            parts.push(ImagePart { field, url: url.to_string(), fetched: None });
         }
     }
     if parts.len() > opts.max_per_request {
@@ -86,8 +120,11 @@ pub(crate) fn find(messages: &[ChatMessage], opts: &ImageOptions) -> Result<Vec<
 }
 
 /// The image file's bytes behind `part`'s URL.
-fn load(part: &ImagePart, opts: &ImageOptions) -> Result<Vec<u8>, ApiError> {
+fn load<'a>(part: &'a ImagePart, opts: &ImageOptions) -> Result<Cow<'a, [u8]>, ApiError> {
     let bad = |m: String| ApiError::bad_request(format!("{}: {m}", part.field), Some(&part.field));
+    if let Some(b) = &part.fetched {
+        return Ok(Cow::Borrowed(b));
+    }
     let url = part.url.trim();
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) =
@@ -102,14 +139,13 @@ fn load(part: &ImagePart, opts: &ImageOptions) -> Result<Vec<u8>, ApiError> {
         let clean: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
         return base64::engine::general_purpose::STANDARD
             .decode(clean.as_bytes())
+            .map(Cow::Owned)
             .map_err(|e| bad(format!("the data: URL is not valid base64 ({e})")));
     }
-    if url.starts_with("http://") || url.starts_with("https://") {
-        return Err(bad(if opts.allow_remote {
-            "fetching remote images is not supported yet: send the image as a data: URL".into()
-        } else {
+    if is_remote(url) {
+        return Err(bad(
             "remote image URLs are off on this server (server.allow_remote_images): send a data: URL".into()
-        }));
+        ));
     }
     let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
     if opts.dirs.is_empty() || !path.is_absolute() {
@@ -124,7 +160,7 @@ fn load(part: &ImagePart, opts: &ImageOptions) -> Result<Vec<u8>, ApiError> {
     if len > opts.max_bytes as u64 {
         return Err(bad(format!("the image is {len} bytes, over the limit of {}", opts.max_bytes)));
     }
-    std::fs::read(&real).map_err(|_| bad("the image file could not be read".into()))
+    std::fs::read(&real).map(Cow::Owned).map_err(|_| bad("the image file could not be read".into()))
 }
 
 /// The model's image preprocessing, for the frontend.

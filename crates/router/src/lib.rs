@@ -1,0 +1,267 @@
+//! `mlx-serving router`: one OpenAI-compatible API in front of many `mlx-serving serve` instances.
+//!
+//! Owns the instance pool (static from the configuration, probed for health and models), the routing
+//! policies (round robin, least outstanding, weighted, consistent hashing, cache-aware), retries with a
+//! circuit breaker per instance, and the router's own `/health`, `/metrics` and `/admin/instances`.
+//! Requests are forwarded as bytes: the router reads only what routing needs (model, user, prompt text).
+//! Must not know about: engines, models' tensors, tokenizers.
+
+pub mod config;
+pub mod policy;
+pub mod pool;
+pub mod proxy;
+
+pub use config::{BackendConfig, PolicyName, RouterConfig};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use mlx_serving_services::fleet::Directory;
+use policy::{Policies, Reason};
+use pool::{Pool, Source};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The router's own counters.
+#[derive(Debug, Default)]
+pub struct RouterMetrics {
+    pub retries: AtomicU64,
+    pub no_instance: AtomicU64,
+    pub broken_streams: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub balanced: AtomicU64,
+}
+
+impl RouterMetrics {
+    fn count_reason(&self, r: Reason) {
+        let c = match r {
+            Reason::Policy => return,
+            Reason::CacheHit => &self.cache_hits,
+            Reason::CacheMiss => &self.cache_misses,
+            Reason::Balance => &self.balanced,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything the router's handlers share.
+#[derive(Debug)]
+pub struct Router {
+    pub cfg: RouterConfig,
+    pub pool: Pool,
+    pub policies: Policies,
+    pub metrics: RouterMetrics,
+    client: reqwest::Client,
+    /// Instances registered by `serve --register`, when `redis_url` is set.
+    directory: Option<Directory>,
+    /// Whether the last registry read failed (logged once per outage).
+    registry_down: AtomicBool,
+    started: std::time::SystemTime,
+}
+
+impl Router {
+    pub fn new(cfg: RouterConfig) -> Result<Arc<Self>, String> {
+        cfg.validate()?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_seconds))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("no HTTP client: {e}"))?;
+        let pool = Pool::default();
+        for b in &cfg.backends {
+            pool.add(&b.url, b.weight, Source::Static);
+        }
+        let directory = match &cfg.redis_url {
+            Some(u) => Some(Directory::new(u, Duration::from_secs(1)).map_err(|e| format!("redis_url: {e}"))?),
+            None => None,
+        };
+        Ok(Arc::new(Self {
+            cfg,
+            pool,
+            policies: Policies::default(),
+            metrics: RouterMetrics::default(),
+            client,
+            directory,
+            registry_down: AtomicBool::new(false),
+            started: std::time::SystemTime::now(),
+        }))
+    }
+
+    /// Reads the registry (registered instances join; those whose entries are gone leave), probes every
+    /// instance once (health and models) and forgets departed ones in the prefix index. While Redis is
+    /// unreachable the registered instances stay as they were.
+    pub async fn probe(&self) {
+        if let Some(dir) = &self.directory {
+            let t = Instant::now();
+            match dir.list().await {
+                Ok(records) => {
+                    for rec in records {
+                        let i = self.pool.add(&rec.url, 1, Source::Registered);
+                        let mut models = i.models.write().unwrap();
+                        if models.is_empty() {
+                            *models = rec.models;
+                        }
+                    }
+                    for url in self.pool.expire(t) {
+                        tracing::info!(instance = %url, "instance left the registry");
+                    }
+                    if self.registry_down.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the instance registry is readable again");
+                    }
+                }
+                Err(e) => {
+                    if !self.registry_down.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "cannot read the instance registry; keeping the instances known");
+                    }
+                }
+            }
+        }
+        let timeout = Duration::from_secs_f64(self.cfg.health_interval_seconds.max(0.5));
+        pool::probe_all(&self.pool, &self.client, timeout).await;
+        let urls: Vec<String> = self.pool.all().iter().map(|i| i.url.clone()).collect();
+        self.policies.index.lock().unwrap().retain(&urls);
+    }
+}
+
+/// The router's HTTP app.
+pub fn app(r: Arc<Router>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/admin/instances", get(instances))
+        .fallback(proxy::forward)
+        .with_state(r)
+}
+
+/// Serves the router on `listener` until `shutdown` resolves, probing instances in the background.
+pub async fn run(
+    r: Arc<Router>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let prober = r.clone();
+    let probes = tokio::spawn(async move {
+        let every = Duration::from_secs_f64(prober.cfg.health_interval_seconds);
+        loop {
+            prober.probe().await;
+            tokio::time::sleep(every).await;
+        }
+    });
+    let out = axum::serve(listener, app(r)).with_graceful_shutdown(shutdown).await;
+    probes.abort();
+    out
+}
+
+async fn health(State(r): State<Arc<Router>>) -> Response {
+    let now = Instant::now();
+    let all = r.pool.all();
+    let up = all.iter().filter(|i| i.available(now)).count();
+    let status = if up > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        status,
+        Json(json!({"status": if up > 0 { "ok" } else { "no_instances" }, "instances": all.len(), "available": up})),
+    )
+        .into_response()
+}
+
+/// The models of every healthy instance, each once, with how many instances serve it.
+async fn models(State(r): State<Arc<Router>>) -> Response {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for i in r.pool.all().iter().filter(|i| i.healthy.load(Ordering::Relaxed)) {
+        for m in i.models.read().unwrap().iter() {
+            match seen.iter_mut().find(|(id, _)| id == m) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((m.clone(), 1)),
+            }
+        }
+    }
+    let created = r.started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let data: Vec<Value> = seen
+        .into_iter()
+        .map(|(id, n)| json!({"id": id, "object": "model", "created": created, "owned_by": "mlx-serving", "instances": n}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn instances(State(r): State<Arc<Router>>) -> Response {
+    let list: Vec<Value> = r
+        .pool
+        .all()
+        .iter()
+        .map(|i| {
+            let s = &i.stats;
+            json!({
+                "url": i.url,
+                "source": match i.source { Source::Static => "static", Source::Registered => "registered" },
+                "weight": i.weight,
+                "healthy": i.healthy.load(Ordering::Relaxed),
+                "breaker": i.breaker.lock().unwrap().state_name(),
+                "models": *i.models.read().unwrap(),
+                "outstanding": i.outstanding.load(Ordering::Relaxed),
+                "requests": s.requests.load(Ordering::Relaxed),
+                "errors": s.errors.load(Ordering::Relaxed),
+                "busy": s.busy.load(Ordering::Relaxed),
+                "prefix_blocks": r.policies.index.lock().unwrap().blocks(&i.url),
+            })
+        })
+        .collect();
+    Json(json!({"instances": list})).into_response()
+}
+
+async fn metrics(State(r): State<Arc<Router>>) -> Response {
+    let mut out = String::new();
+    let m = &r.metrics;
+    for (name, help, v) in [
+        ("router_retries_total", "Requests sent again to another instance", &m.retries),
+        ("router_no_instance_total", "Requests answered 503: no instance available", &m.no_instance),
+        ("router_broken_streams_total", "Answers cut off by an instance failing mid-way", &m.broken_streams),
+        ("router_cache_aware_hits_total", "cache_aware: routed to the instance holding the prefix", &m.cache_hits),
+        ("router_cache_aware_misses_total", "cache_aware: no instance held enough of the prefix", &m.cache_misses),
+        ("router_cache_aware_balanced_total", "cache_aware: loads uneven, routed to the least loaded", &m.balanced),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+    }
+    let all = r.pool.all();
+    type Field = fn(&pool::Instance) -> f64;
+    let per: [(&str, &str, &str, Field); 8] = [
+        ("router_instance_up", "gauge", "1 if the last health probe passed", |i| {
+            i.healthy.load(Ordering::Relaxed) as u8 as f64
+        }),
+        ("router_instance_breaker_open", "gauge", "1 if the circuit breaker is open or half-open", |i| {
+            (i.breaker.lock().unwrap().state_name() != "closed") as u8 as f64
+        }),
+        ("router_instance_outstanding", "gauge", "Requests in flight through the router", |i| {
+            i.outstanding.load(Ordering::Relaxed) as f64
+        }),
+        ("router_instance_requests_total", "counter", "Requests sent", |i| {
+            i.stats.requests.load(Ordering::Relaxed) as f64
+        }),
+        ("router_instance_errors_total", "counter", "Refused connections, 5xx and broken answers", |i| {
+            i.stats.errors.load(Ordering::Relaxed) as f64
+        }),
+        ("router_instance_busy_total", "counter", "429 answers", |i| i.stats.busy.load(Ordering::Relaxed) as f64),
+        ("router_instance_first_byte_seconds_sum", "counter", "Time to the answer's first chunk, summed", |i| {
+            i.stats.ttfb_us_sum.load(Ordering::Relaxed) as f64 / 1e6
+        }),
+        ("router_instance_first_byte_seconds_count", "counter", "Answers timed", |i| {
+            i.stats.ttfb_count.load(Ordering::Relaxed) as f64
+        }),
+    ];
+    for (name, kind, help, f) in per {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for i in &all {
+            let _ = writeln!(out, "{name}{{instance=\"{}\"}} {}", i.url, f(i));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""The fleet router (#23): `mlx-serving router` in front of three real `mlx-serving serve` instances (SmolLM2).
+
+Through the router with the official `openai` client: `/v1/models` lists the fleet's model, greedy answers
+(chat and completions, streamed and not) equal an instance's own; `round_robin` spreads evenly,
+`consistent_hash` keeps each user on one instance; under a steady concurrent load an instance killed with
+SIGKILL fails no non-streamed request (they are retried elsewhere), leaves the healthy set, and rejoins when
+restarted on its port; a stream whose instance dies mid-way ends with an error event; an unknown model is a
+404; with no instance alive, 503 with Retry-After. With a real redis-server: instances started with
+`serve --register` join a router that has no static backends, a killed one leaves within its entry's expiry,
+a restarted one rejoins, a cleanly stopped one leaves at once.
+
+Usage: tests/router.py BINARY MODEL
+"""
+import json, os, signal, sys, tempfile, threading, time
+from http.client import HTTPConnection
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import check, free_port, http, redis_server, start, start_command, stop  # noqa: E402
+from openai import OpenAI, NotFoundError  # noqa: E402
+
+binary, model = sys.argv[1], sys.argv[2]
+SERVE = ["--model", model, "--served-model-name", "smol", "--threads", "1", "--kv-cache-mb", "64",
+         "--log-level", "warn"]
+INSTANCE = "x-mlx-serving-instance"
+
+instances = [start(binary, SERVE) for _ in range(3)]
+urls = [f"http://127.0.0.1:{port}" for _, port in instances]
+
+
+def router(policy, extra=""):
+    d = tempfile.mkdtemp()
+    cfg = os.path.join(d, "router.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"health_interval_seconds: 0.2\nbreaker:\n  failures: 2\n  cooldown_seconds: 1\n{extra}")
+    port = free_port()
+    args = [binary, "router", "--config", cfg, "--port", str(port), "--policy", policy, "--log-level", "warn"]
+    for u in urls:
+        args += ["--backend", u]
+    proc = start_command(args, port)
+    # Until every instance's models are known.
+    for _ in range(100):
+        _, _, body = http(port, "GET", "/v1/models")
+        if body["data"] and body["data"][0]["instances"] == 3:
+            break
+        time.sleep(0.1)
+    return proc, port
+
+
+def raw(port, path, body, headers=None):
+    """(status, headers, parsed body) of one POST, with extra headers."""
+    c = HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, json.loads(data or b"null")
+
+
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Count to five.", "Say hello in Spanish."]
+lo_proc, lo = router("least_outstanding")
+_, _, models = http(lo, "GET", "/v1/models")
+check([m["id"] for m in models["data"]] == ["smol"] and models["data"][0]["instances"] == 3,
+      f"/v1/models through the router: the fleet's model on 3 instances ({models['data']})")
+
+direct = OpenAI(base_url=f"{urls[0]}/v1", api_key="none")
+client = OpenAI(base_url=f"http://127.0.0.1:{lo}/v1", api_key="none")
+for p in PROMPTS:
+    kw = dict(model="smol", max_tokens=24, temperature=0, messages=[{"role": "user", "content": p}])
+    want = direct.chat.completions.create(**kw).choices[0].message.content
+    got = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    check(got == want == streamed, f"greedy chat through the router = direct, streamed too: {p!r}")
+want = direct.completions.create(model="smol", prompt="Once upon a time", max_tokens=16, temperature=0).choices[0].text
+got = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=16, temperature=0).choices[0].text
+check(got == want, "greedy completion through the router = direct")
+try:
+    client.chat.completions.create(model="nope", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    check(False, "an unknown model is refused")
+except NotFoundError as e:
+    check(e.status_code == 404, "an unknown model: 404")
+st, _, body = raw(lo, "/tokenize", {"model": "smol", "prompt": "hello world"})
+check(st == 200 and body["count"] > 0, "/tokenize through the router")
+
+# round_robin: even spread; consistent_hash: each user stays on one instance, users spread.
+rr_proc, rr = router("round_robin")
+seen = [raw(rr, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 1})[1][INSTANCE]
+        for _ in range(9)]
+check(sorted(seen.count(u) for u in urls) == [3, 3, 3], f"round_robin: 3 requests each over 9 ({seen})")
+stop(rr_proc)
+ch_proc, ch = router("consistent_hash")
+homes = {}
+for user in range(12):
+    got = {raw(ch, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 1, "user": f"u{user}"})[1][INSTANCE]
+           for _ in range(3)}
+    check(len(got) == 1, f"consistent_hash: user u{user} stays on one instance ({got})")
+    homes[user] = got.pop()
+check(len(set(homes.values())) >= 2, f"consistent_hash: users spread over instances ({set(homes.values())})")
+got = {raw(ch, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 1},
+           {"x-session-id": "session-7"})[1][INSTANCE] for _ in range(3)}
+check(len(got) == 1, "consistent_hash: the affinity header keys the session too")
+stop(ch_proc)
+
+# Failover under load: kill -9 one instance while requests flow; no non-streamed request fails.
+results, errors = [], []
+
+
+def worker(k):
+    c = OpenAI(base_url=f"http://127.0.0.1:{lo}/v1", api_key="none", max_retries=0)
+    for j in range(8):
+        p = PROMPTS[(k + j) % len(PROMPTS)]
+        try:
+            r = c.chat.completions.create(model="smol", max_tokens=24, temperature=0,
+                                          messages=[{"role": "user", "content": p}])
+            results.append((p, r.choices[0].message.content))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+
+want = {p: direct.chat.completions.create(model="smol", max_tokens=24, temperature=0,
+                                          messages=[{"role": "user", "content": p}]).choices[0].message.content
+        for p in PROMPTS}
+threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+for t in threads:
+    t.start()
+time.sleep(1.5)
+victim, vport = instances[2]
+os.kill(victim.pid, signal.SIGKILL)
+victim.wait()
+for t in threads:
+    t.join()
+check(not errors and len(results) == 48, f"kill -9 under load: all 48 requests answered ({len(errors)} errors: "
+      f"{errors[:2]})")
+check(all(want[p] == text for p, text in results), "every answer under failover is the greedy answer")
+
+
+def instance_state(port, url):
+    return next(i for i in http(port, "GET", "/admin/instances")[2]["instances"] if i["url"] == url)
+
+
+for _ in range(50):
+    if not instance_state(lo, urls[2])["healthy"]:
+        break
+    time.sleep(0.1)
+check(not instance_state(lo, urls[2])["healthy"], "the killed instance leaves the healthy set")
+# Restarted on its port, it rejoins and gets traffic again.
+instances[2] = (start_command([binary, "serve", "--port", str(vport)] + SERVE, vport), vport)
+for _ in range(50):
+    if instance_state(lo, urls[2])["healthy"]:
+        break
+    time.sleep(0.1)
+check(instance_state(lo, urls[2])["healthy"], "a restarted instance rejoins")
+before = instance_state(lo, urls[2])["requests"]
+for _ in range(6):
+    raw(lo, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 1})
+rr_proc, rr = router("round_robin")
+for _ in range(3):
+    raw(rr, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 1})
+check(instance_state(rr, urls[2])["requests"] >= 1, "the rejoined instance gets traffic")
+stop(rr_proc)
+del before
+
+# An instance dying mid-stream: that stream ends with an error event; the others go on.
+c = HTTPConnection("127.0.0.1", lo, timeout=120)
+c.request("POST", "/v1/chat/completions", json.dumps({
+    "model": "smol", "stream": True, "max_tokens": 2000, "temperature": 1.0, "seed": 1, "ignore_eos": True,
+    "messages": [{"role": "user", "content": "Tell me a very long story."}]}), {"Content-Type": "application/json"})
+r = c.getresponse()
+serving = r.getheader(INSTANCE)
+r.readline()
+k = urls.index(serving)
+os.kill(instances[k][0].pid, signal.SIGKILL)
+instances[k][0].wait()
+rest = r.read().decode()
+check('"code":"instance_failed"' in rest.replace(" ", ""), "a stream whose instance dies ends with an error event")
+c.close()
+st, _, body = raw(lo, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 2})
+check(st == 200, "other requests go on")
+
+# No instance alive: 503 with Retry-After.
+for p, _ in instances:
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+time.sleep(0.5)
+st, headers, body = raw(lo, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 2})
+check(st == 503 and headers.get("retry-after") == "1" and body["error"]["code"] == "no_instance",
+      f"no instance alive: 503 with Retry-After ({st} {body})")
+st, _, _ = http(lo, "GET", "/health")
+check(st == 503, "the router's /health says no instance is available")
+stop(lo_proc)
+
+# The Redis registry: instances that `serve --register` join a router that has no static backends; a killed one
+# leaves within its entry's expiry, a restarted one rejoins, a cleanly stopped one leaves at once.
+rport = free_port()
+redis_server(rport)
+redis = f"redis://127.0.0.1:{rport}"
+port = free_port()
+reg_router = start_command([binary, "router", "--port", str(port), "--redis-url", redis, "--log-level", "warn"],
+                           port, health="/metrics")
+
+
+def registered():
+    return {i["url"]: i for i in http(port, "GET", "/admin/instances")[2]["instances"]}
+
+
+def wait_for(cond, seconds):
+    t = time.time()
+    while time.time() - t < seconds:
+        if cond():
+            return time.time() - t
+        time.sleep(0.1)
+    return None
+
+
+members = [start(binary, SERVE + ["--register", redis]) for _ in range(2)]
+murls = [f"http://127.0.0.1:{p}" for _, p in members]
+check(wait_for(lambda: set(murls) <= set(registered()), 5) is not None, "registered instances join the router")
+check(all(registered()[u]["source"] == "registered" and registered()[u]["models"] == ["smol"] for u in murls),
+      "their entries carry their models")
+rc = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+got = rc.chat.completions.create(model="smol", max_tokens=24, temperature=0,
+                                 messages=[{"role": "user", "content": PROMPTS[0]}]).choices[0].message.content
+check(got == want[PROMPTS[0]], "greedy answer through registered instances")
+os.kill(members[0][0].pid, signal.SIGKILL)
+members[0][0].wait()
+took = wait_for(lambda: murls[0] not in registered(), 8)
+check(took is not None, f"a killed instance leaves the registry within its expiry ({took and round(took, 1)} s)")
+mport = members[0][1]
+members[0] = (start_command([binary, "serve", "--port", str(mport)] + SERVE + ["--register", redis], mport), mport)
+check(wait_for(lambda: murls[0] in registered(), 5) is not None, "a restarted instance registers again")
+stop(members[1][0])
+took = wait_for(lambda: murls[1] not in registered(), 2)
+check(took is not None, f"a cleanly stopped instance leaves at once ({took and round(took, 1)} s)")
+stop(reg_router)
+print("router: all checks passed")
