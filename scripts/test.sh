@@ -38,7 +38,7 @@ cargo build -p mlx-serving
 # caches, bad images.
 .venv/bin/python tests/vision_server.py target/debug/mlx-serving models/SmolVLM-rand models/SmolLM2-135M-Instruct.Q4_1.gguf models/Qwen2.5-VL-rand
 # The fleet router over three real instances: policies, failover under kill -9, the Redis registry.
-.venv/bin/python tests/router.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
+.venv/bin/python tests/router.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

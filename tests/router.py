@@ -10,7 +10,11 @@ restarted on its port; a stream whose instance dies mid-way ends with an error e
 `serve --register` join a router that has no static backends, a killed one leaves within its entry's expiry,
 a restarted one rejoins, a cleanly stopped one leaves at once.
 
-Usage: tests/router.py BINARY MODEL
+Experiments (a second router): a canary serving a slower model (Qwen2.5-0.5B against SmolLM2) is rolled back
+by the t-test on its TTFT or ITL, with the decision in /admin/experiments; an equal canary advances
+through its stages to 100 %; a feature flag at 50 % sets a request field for a stable half of the users.
+
+Usage: tests/router.py BINARY MODEL SLOWER_MODEL
 """
 import json, os, signal, sys, tempfile, threading, time
 from http.client import HTTPConnection
@@ -19,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import check, free_port, http, redis_server, start, start_command, stop  # noqa: E402
 from openai import OpenAI, NotFoundError  # noqa: E402
 
-binary, model = sys.argv[1], sys.argv[2]
+binary, model, slower = sys.argv[1], sys.argv[2], sys.argv[3]
 SERVE = ["--model", model, "--served-model-name", "smol", "--threads", "1", "--kv-cache-mb", "64",
          "--log-level", "warn"]
 INSTANCE = "x-mlx-serving-instance"
@@ -101,6 +105,93 @@ got = {raw(ch, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens"
            {"x-session-id": "session-7"})[1][INSTANCE] for _ in range(3)}
 check(len(got) == 1, "consistent_hash: the affinity header keys the session too")
 stop(ch_proc)
+
+# Experiments: canaries judged on their first-byte times, and a feature flag.
+qwen_proc, qport = start(binary, ["--model", slower, "--served-model-name", "qwen", "--threads", "1",
+                                  "--kv-cache-mb", "64", "--log-level", "warn"])
+exp_cfg = f"""experiments:
+  - name: bad-canary
+    model: chat-bad
+    kind: canary
+    arms:
+      - {{name: stable, backends: ["{urls[0]}"], model: smol}}
+      - {{name: canary, backends: ["http://127.0.0.1:{qport}"], model: qwen}}
+    stages: [50, 100]
+    window_seconds: 2
+    min_samples: 8
+  - name: good-canary
+    model: chat-good
+    kind: canary
+    arms:
+      - {{name: stable, backends: ["{urls[0]}"], model: smol}}
+      - {{name: canary, backends: ["{urls[1]}"], model: smol}}
+    stages: [50, 100]
+    window_seconds: 2
+    min_samples: 12
+    max_p_value: 0.01
+    min_effect_size: 1.0
+flags:
+  - {{name: short, percent: 50, set: {{max_tokens: 1}}}}
+"""
+ex_proc, ex = router("least_outstanding", exp_cfg)
+
+
+def experiment(name):
+    return http(ex, "GET", f"/admin/experiments/{name}")[2]
+
+
+def drive(model_name, until, seconds):
+    """Streams the same short chat from fresh users until `until()` or `seconds` pass; returns the arms seen.
+    (One prompt for all: the time to the first token with text depends on the prompt.)"""
+    arms, t, k = [], time.time(), 0
+    while time.time() - t < seconds and not until():
+        c = HTTPConnection("127.0.0.1", ex, timeout=120)
+        c.request("POST", "/v1/chat/completions", json.dumps({
+            "model": model_name, "stream": True, "max_tokens": 4, "temperature": 0, "user": f"user-{k}",
+            "messages": [{"role": "user", "content": PROMPTS[0]}]}), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        arms.append(r.getheader("x-mlx-serving-arm"))
+        r.read()
+        c.close()
+        k += 1
+    return arms
+
+
+drive("chat-bad", lambda: experiment("bad-canary")["status"] != "running", 60)
+bad_canary = experiment("bad-canary")
+why = bad_canary["history"][-1].get("why", {})
+check(bad_canary["status"] == "rolled_back" and why.get("measure") in ("ttft", "itl") and why["p_value"] < 0.05,
+      f"a slower canary is rolled back on its {why.get('measure')} (p = {why.get('p_value')}, d = "
+      f"{why.get('effect_size')}, {why.get('stable_mean')} s vs {why.get('canary_mean')} s)")
+after = drive("chat-bad", lambda: False, 1.5)
+check(after and all(a == "bad-canary/stable" for a in after), f"after the rollback all traffic is stable ({len(after)})")
+# Both arms' instances warm (their prefix caches hold the prompt), as a fair comparison needs.
+for u in urls[:2]:
+    OpenAI(base_url=f"{u}/v1", api_key="none").chat.completions.create(
+        model="smol", max_tokens=4, temperature=0, messages=[{"role": "user", "content": PROMPTS[0]}])
+drive("chat-good", lambda: experiment("good-canary")["status"] != "running", 60)
+good = experiment("good-canary")
+check(good["status"] == "promoted" and [h["event"] for h in good["history"]] == ["started", "promoted"],
+      f"an equal canary advances to 100 % ({good['history']}, TTFT p = "
+      f"{(good['comparison']['ttft'] or {}).get('p')})")
+after = drive("chat-good", lambda: False, 1.0)
+check(after and all(a == "good-canary/canary" for a in after), "promoted: all traffic on the canary")
+_, _, listed = http(ex, "GET", "/admin/experiments")
+check([e["name"] for e in listed["experiments"]] == ["bad-canary", "good-canary"], "/admin/experiments lists both")
+st, _, _ = http(ex, "GET", "/admin/experiments/nope")
+check(st == 404, "an unknown experiment: 404")
+flagged = {}
+for user in range(24):
+    for _ in range(2):
+        st, headers, body = raw(ex, "/v1/completions", {"model": "smol", "prompt": "Once upon a time", "max_tokens": 6,
+                                                         "temperature": 0, "ignore_eos": True, "user": f"f{user}"})
+        on = "short" in headers.get("x-mlx-serving-flags", "")
+        check(body["usage"]["completion_tokens"] == (1 if on else 6) and flagged.get(user, on) == on,
+              f"flag `short` {'on' if on else 'off'} for user f{user}: max_tokens {body['usage']['completion_tokens']}")
+        flagged[user] = on
+check(4 <= sum(flagged.values()) <= 20, f"the 50 % flag is on for some users and off for others ({sum(flagged.values())})")
+stop(ex_proc)
+stop(qwen_proc)
 
 # Failover under load: kill -9 one instance while requests flow; no non-streamed request fails.
 results, errors = [], []

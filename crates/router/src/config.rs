@@ -1,5 +1,6 @@
 //! The router's settings (`router.yaml`; flags override it in the CLI).
 
+use crate::experiments::{ExperimentConfig, FlagConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -111,6 +112,10 @@ pub struct RouterConfig {
     /// A header whose value keys session affinity when the body has no `user`.
     pub affinity_header: String,
     pub max_body_bytes: usize,
+    /// Canary rollouts and A/B tests, each over the requests for one model.
+    pub experiments: Vec<ExperimentConfig>,
+    /// Feature flags: on for a percentage of users.
+    pub flags: Vec<FlagConfig>,
 }
 
 impl Default for RouterConfig {
@@ -129,6 +134,8 @@ impl Default for RouterConfig {
             cache_aware: CacheAwareConfig::default(),
             affinity_header: "x-session-id".into(),
             max_body_bytes: 8 << 20,
+            experiments: Vec::new(),
+            flags: Vec::new(),
         }
     }
 }
@@ -173,6 +180,33 @@ impl RouterConfig {
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes: must be at least 1".into());
+        }
+        for (i, e) in self.experiments.iter().enumerate() {
+            e.validate()?;
+            if self.experiments[..i].iter().any(|o| o.name == e.name || o.model == e.model) {
+                return Err(format!("experiments[{}]: names and models are one experiment each", e.name));
+            }
+            for b in e.arms.iter().flat_map(|a| &a.backends) {
+                if !(b.starts_with("http://") || b.starts_with("https://")) {
+                    return Err(format!("experiments[{}]: backend `{b}` is not an http(s) URL", e.name));
+                }
+            }
+        }
+        for (i, f) in self.flags.iter().enumerate() {
+            if !(0.0..=100.0).contains(&f.percent) {
+                return Err(format!("flags[{i}].percent: from 0 to 100, got {}", f.percent));
+            }
+            if self.flags[..i].iter().any(|o| o.name == f.name) {
+                return Err(format!("flags[{i}].name: `{}` twice", f.name));
+            }
+            if let Some(target) = &f.arm {
+                let found = target.split_once('/').is_some_and(|(exp, arm)| {
+                    self.experiments.iter().any(|e| e.name == exp && e.arms.iter().any(|a| a.name == arm))
+                });
+                if !found {
+                    return Err(format!("flags[{i}].arm: `{target}` is not EXPERIMENT/ARM of a configured experiment"));
+                }
+            }
         }
         Ok(())
     }

@@ -7,17 +7,20 @@
 //! Must not know about: engines, models' tensors, tokenizers.
 
 pub mod config;
+pub mod experiments;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
+pub mod stats;
 
 pub use config::{BackendConfig, PolicyName, RouterConfig};
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
+use experiments::Experiment;
 use mlx_serving_services::fleet::Directory;
 use policy::{Policies, Reason};
 use pool::{Pool, Source};
@@ -36,6 +39,8 @@ pub struct RouterMetrics {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub balanced: AtomicU64,
+    /// Requests without a user so far (each its own user for experiments and flags).
+    pub anonymous: AtomicU64,
 }
 
 impl RouterMetrics {
@@ -57,6 +62,7 @@ pub struct Router {
     pub pool: Pool,
     pub policies: Policies,
     pub metrics: RouterMetrics,
+    pub experiments: Vec<Experiment>,
     client: reqwest::Client,
     /// Instances registered by `serve --register`, when `redis_url` is set.
     directory: Option<Directory>,
@@ -80,6 +86,10 @@ impl Router {
         for b in &cfg.backends {
             pool.add(&b.url, b.weight, Source::Static);
         }
+        let experiments: Vec<Experiment> = cfg.experiments.iter().cloned().map(Experiment::new).collect();
+        for url in experiments.iter().flat_map(|e| e.arms.iter().flat_map(|a| &a.backends)) {
+            pool.add(url, 1, Source::Static);
+        }
         let directory = match &cfg.redis_url {
             Some(u) => Some(Directory::new(u, Duration::from_secs(1)).map_err(|e| format!("redis_url: {e}"))?),
             None => None,
@@ -89,6 +99,7 @@ impl Router {
             pool,
             policies: Policies::default(),
             metrics: RouterMetrics::default(),
+            experiments,
             client,
             directory,
             registry_down: AtomicBool::new(false),
@@ -139,6 +150,8 @@ pub fn app(r: Arc<Router>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/admin/instances", get(instances))
+        .route("/admin/experiments", get(experiments_list))
+        .route("/admin/experiments/{name}", get(experiment_one))
         .fallback(proxy::forward)
         .with_state(r)
 }
@@ -154,6 +167,9 @@ pub async fn run(
         let every = Duration::from_secs_f64(prober.cfg.health_interval_seconds);
         loop {
             prober.probe().await;
+            for e in &prober.experiments {
+                e.evaluate(Instant::now());
+            }
             tokio::time::sleep(every).await;
         }
     });
@@ -218,6 +234,17 @@ async fn instances(State(r): State<Arc<Router>>) -> Response {
     Json(json!({"instances": list})).into_response()
 }
 
+async fn experiments_list(State(r): State<Arc<Router>>) -> Response {
+    Json(json!({"experiments": r.experiments.iter().map(Experiment::report).collect::<Vec<_>>()})).into_response()
+}
+
+async fn experiment_one(State(r): State<Arc<Router>>, Path(name): Path<String>) -> Response {
+    match r.experiments.iter().find(|e| e.cfg.name == name) {
+        Some(e) => Json(e.report()).into_response(),
+        None => proxy::error(StatusCode::NOT_FOUND, &format!("no experiment `{name}`"), "not_found"),
+    }
+}
+
 async fn metrics(State(r): State<Arc<Router>>) -> Response {
     let mut out = String::new();
     let m = &r.metrics;
@@ -261,6 +288,27 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for i in &all {
             let _ = writeln!(out, "{name}{{instance=\"{}\"}} {}", i.url, f(i));
+        }
+    }
+    let _ = writeln!(out, "# HELP router_experiment_canary_share Percent of the experiment's traffic on the canary");
+    let _ = writeln!(out, "# TYPE router_experiment_canary_share gauge");
+    for e in r.experiments.iter().filter(|e| e.cfg.kind == experiments::ExperimentKind::Canary) {
+        let _ = writeln!(out, "router_experiment_canary_share{{experiment=\"{}\"}} {}", e.cfg.name, e.canary_share());
+    }
+    for (name, field) in [("router_arm_requests_total", "requests"), ("router_arm_errors_total", "errors")] {
+        let _ =
+            writeln!(out, "# HELP {name} Requests answered by each experiment arm ({field})\n# TYPE {name} counter");
+        for e in &r.experiments {
+            let report = e.report();
+            for a in report["arms"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{experiment=\"{}\",arm=\"{}\"}} {}",
+                    e.cfg.name,
+                    a["name"].as_str().unwrap_or(""),
+                    a[field]
+                );
+            }
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

@@ -4,6 +4,7 @@
 //! stream whose instance dies mid-way ends with an SSE error event. Dropping the client's body drops the
 //! instance's response, which closes that connection, which aborts the request there.
 
+use crate::experiments::{bucket, FlagConfig, Sample};
 use crate::policy::RouteKey;
 use crate::pool::InFlight;
 use crate::Router;
@@ -31,6 +32,10 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// The response header that names the instance that answered.
 pub const INSTANCE_HEADER: &str = "x-mlx-serving-instance";
+/// The response header that names the experiment arm (`EXPERIMENT/ARM`) a request went to.
+pub const ARM_HEADER: &str = "x-mlx-serving-arm";
+/// The response header that lists the feature flags on for the request.
+pub const FLAGS_HEADER: &str = "x-mlx-serving-flags";
 
 /// An OpenAI error envelope.
 pub fn error(status: StatusCode, message: &str, code: &str) -> Response {
@@ -81,6 +86,7 @@ struct Inspected {
     model: Option<String>,
     key: RouteKey,
     stream: bool,
+    body: Value,
 }
 
 fn inspect(body: &[u8], headers: &HeaderMap, affinity_header: &str) -> Inspected {
@@ -92,7 +98,32 @@ fn inspect(body: &[u8], headers: &HeaderMap, affinity_header: &str) -> Inspected
         .map(String::from)
         .or_else(|| headers.get(affinity_header).and_then(|h| h.to_str().ok()).map(String::from));
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    Inspected { model, key: RouteKey { affinity, text: prompt_text(&v) }, stream }
+    let text = prompt_text(&v);
+    Inspected { model, key: RouteKey { affinity, text }, stream, body: v }
+}
+
+/// How many of the SSE events in `chunk` carry generated content (chat `delta.content`, tool calls or
+/// reasoning; completion `text`): the opening role event and usage-only events do not. An event split
+/// across chunks is not counted.
+pub fn content_events(chunk: &[u8]) -> usize {
+    let has = |v: &Value| {
+        v.get("choices").and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| {
+                let text = |x: Option<&Value>| x.and_then(Value::as_str).is_some_and(|t| !t.is_empty());
+                let d = c.get("delta");
+                text(c.get("text"))
+                    || text(d.and_then(|d| d.get("content")))
+                    || text(d.and_then(|d| d.get("reasoning_content")))
+                    || d.and_then(|d| d.get("tool_calls")).is_some_and(|t| !t.is_null())
+            })
+        })
+    };
+    chunk
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .filter_map(|data| serde_json::from_slice::<Value>(data.trim_ascii()).ok())
+        .filter(has)
+        .count()
 }
 
 /// A failed attempt's answer, kept to return if no instance does better.
@@ -112,13 +143,65 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
             return error(StatusCode::PAYLOAD_TOO_LARGE, &m, "body_too_large");
         }
     };
-    let seen = inspect(&body, &parts.headers, &r.cfg.affinity_header);
-    if let Some(m) = &seen.model {
+    let mut seen = inspect(&body, &parts.headers, &r.cfg.affinity_header);
+    // Users key experiments and flags; a request without one is its own user.
+    let user = seen
+        .key
+        .affinity
+        .clone()
+        .unwrap_or_else(|| format!("request-{}", r.metrics.anonymous.fetch_add(1, Ordering::Relaxed)));
+    let flags: Vec<&FlagConfig> = r.cfg.flags.iter().filter(|f| bucket(&f.name, &user) < f.percent).collect();
+    let exp = seen.model.as_ref().and_then(|m| r.experiments.iter().position(|e| &e.cfg.model == m));
+    let arm = exp.map(|e| {
+        let forced = flags.iter().find_map(|f| {
+            let (x, a) = f.arm.as_deref()?.split_once('/')?;
+            (x == r.experiments[e].cfg.name).then(|| r.experiments[e].arm_index(a)).flatten()
+        });
+        forced.unwrap_or_else(|| r.experiments[e].assign(&user))
+    });
+    let arm_model = exp.zip(arm).and_then(|(e, a)| r.experiments[e].arms[a].model.clone());
+    let mut body = body;
+    let sets = flags.iter().any(|f| !f.set.is_empty());
+    if (sets || arm_model.is_some()) && seen.body.is_object() {
+        let obj = seen.body.as_object_mut().expect("checked");
+        for f in &flags {
+            for (k, v) in &f.set {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(m) = &arm_model {
+            obj.insert("model".into(), Value::String(m.clone()));
+        }
+        body = Bytes::from(serde_json::to_vec(&seen.body).unwrap_or_default());
+    }
+    let model = arm_model.clone().or(seen.model.clone());
+    if let (Some(m), None) = (&model, exp) {
         if !r.pool.knows(m) {
             return error(StatusCode::NOT_FOUND, &format!("the model `{m}` does not exist"), "model_not_found");
         }
     }
+    let mut tags = HeaderMap::new();
+    if let (Some(e), Some(a)) = (exp, arm) {
+        let name = format!("{}/{}", r.experiments[e].cfg.name, r.experiments[e].arms[a].name);
+        if let Ok(v) = HeaderValue::from_str(&name) {
+            tags.insert(ARM_HEADER, v);
+        }
+    }
+    if !flags.is_empty() {
+        let names: Vec<&str> = flags.iter().map(|f| f.name.as_str()).collect();
+        if let Ok(v) = HeaderValue::from_str(&names.join(",")) {
+            tags.insert(FLAGS_HEADER, v);
+        }
+    }
+    let observe = exp.zip(arm);
+    let outcome = |out: Response| {
+        if let Some((e, a)) = observe {
+            r.experiments[e].record(a, Sample { error: true, ..Sample::default() });
+        }
+        out
+    };
     let policy = seen.model.as_ref().and_then(|m| r.cfg.model_policies.get(m)).copied().unwrap_or(r.cfg.policy);
+    let arm_backends = observe.map(|(e, a)| &r.experiments[e].arms[a].backends);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in parts.headers.iter().filter(|(k, _)| forwardable(k) && *k != header::CONTENT_LENGTH) {
@@ -128,7 +211,10 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
     let mut failed: Option<Failed> = None;
     let mut sends = 0;
     while sends <= r.cfg.max_retries {
-        let cands = r.pool.candidates(seen.model.as_deref(), &tried);
+        let mut cands = r.pool.candidates(model.as_deref(), &tried);
+        if let Some(urls) = arm_backends {
+            cands.retain(|i| urls.contains(&i.url));
+        }
         if cands.is_empty() {
             break;
         }
@@ -176,19 +262,24 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
             continue;
         }
         inst.record(true, &r.cfg.breaker);
-        return pass_back(r.clone(), resp, guard, seen.stream, t0);
+        let observe = observe.filter(|_| status.is_success());
+        let mut out = pass_back(r.clone(), resp, guard, seen.stream, t0, observe);
+        out.headers_mut().extend(tags);
+        return out;
     }
     if let Some(f) = failed {
         let mut out = Response::new(Body::from(f.body));
         *out.status_mut() = f.status;
         copy_headers(&f.headers, out.headers_mut(), true);
-        return out;
+        out.headers_mut().extend(tags);
+        return outcome(out);
     }
     r.metrics.no_instance.fetch_add(1, Ordering::Relaxed);
     let what = seen.model.as_deref().map_or(String::new(), |m| format!(" for `{m}`"));
     let mut out = error(StatusCode::SERVICE_UNAVAILABLE, &format!("no instance available{what}"), "no_instance");
     out.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    out
+    out.headers_mut().extend(tags);
+    outcome(out)
 }
 
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, keep_length: bool) {
@@ -197,8 +288,16 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, keep_length: bool) {
     }
 }
 
-/// The instance's answer as the client's, chunk by chunk.
-fn pass_back(r: Arc<Router>, resp: reqwest::Response, guard: InFlight, stream: bool, t0: Instant) -> Response {
+/// The instance's answer as the client's, chunk by chunk; with `observe` (experiment, arm), the answer's
+/// times (or its failure) count for that arm when it ends (not when the client leaves first).
+fn pass_back(
+    r: Arc<Router>,
+    resp: reqwest::Response,
+    guard: InFlight,
+    stream: bool,
+    t0: Instant,
+    observe: Option<(usize, usize)>,
+) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::new();
     let sse = stream
@@ -214,10 +313,15 @@ fn pass_back(r: Arc<Router>, resp: reqwest::Response, guard: InFlight, stream: b
     struct St {
         resp: reqwest::Response,
         guard: InFlight,
-        first: bool,
+        /// The first chunk's arrival (the instance's time to first byte).
+        first_byte: bool,
+        /// Stream events with content: the first's and the last's arrival, and how many (observed only).
+        first: Option<Instant>,
+        last: Instant,
+        events: usize,
         done: bool,
     }
-    let st = St { resp, guard, first: true, done: false };
+    let st = St { resp, guard, first_byte: true, first: None, last: t0, events: 0, done: false };
     let body = futures_util::stream::unfold(st, move |mut st| {
         let r = r.clone();
         async move {
@@ -226,17 +330,37 @@ fn pass_back(r: Arc<Router>, resp: reqwest::Response, guard: InFlight, stream: b
             }
             match st.resp.chunk().await {
                 Ok(Some(b)) => {
-                    if st.first {
-                        st.first = false;
+                    let now = Instant::now();
+                    if std::mem::take(&mut st.first_byte) {
                         let s = &st.guard.0.stats;
-                        s.ttfb_us_sum.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        s.ttfb_us_sum.fetch_add((now - t0).as_micros() as u64, Ordering::Relaxed);
                         s.ttfb_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if observe.is_some() {
+                        let n = if sse { content_events(&b) } else { 1 };
+                        if n > 0 {
+                            st.first.get_or_insert(now);
+                            st.last = now;
+                            st.events += n;
+                        }
                     }
                     Some((Ok::<Bytes, std::io::Error>(b), st))
                 }
-                Ok(None) => None,
+                Ok(None) => {
+                    if let Some((e, a)) = observe {
+                        let first = st.first.unwrap_or(st.last);
+                        let itl =
+                            (sse && st.events >= 2).then(|| (st.last - first).as_secs_f64() / (st.events - 1) as f64);
+                        let sample = Sample { ttft: Some((first - t0).as_secs_f64()), itl, error: false };
+                        r.experiments[e].record(a, sample);
+                    }
+                    None
+                }
                 Err(e) => {
                     st.done = true;
+                    if let Some((x, a)) = observe {
+                        r.experiments[x].record(a, Sample { error: true, ..Sample::default() });
+                    }
                     let inst = &st.guard.0;
                     tracing::warn!(instance = %inst.url, error = %e.without_url(), "instance failed mid-answer");
                     inst.record(false, &r.cfg.breaker);
@@ -270,6 +394,19 @@ mod tests {
         assert_eq!(prompt_text(&json!({"prompt": "Once upon"})), "Once upon");
         assert_eq!(prompt_text(&json!({"prompt": [1, 2, 3]})), "[1,2,3]");
         assert_eq!(prompt_text(&json!({})), "");
+    }
+
+    #[test]
+    fn content_events_skip_the_opening_and_usage() {
+        let role = br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        assert_eq!(content_events(role), 0);
+        let two = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"choices\":[{\"text\":\" there\"}]}\n\n";
+        assert_eq!(content_events(two), 2);
+        let usage = b"data: {\"choices\":[],\"usage\":{\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
+        assert_eq!(content_events(usage), 0);
+        let tool = br#"data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#;
+        assert_eq!(content_events(tool), 1);
+        assert_eq!(content_events(b"data: {\"choices\":[{\"delta\":{\"content\":\"cut"), 0);
     }
 
     #[test]
