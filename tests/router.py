@@ -8,7 +8,9 @@ SIGKILL fails no non-streamed request (they are retried elsewhere), leaves the h
 restarted on its port; a stream whose instance dies mid-way ends with an error event; an unknown model is a
 404; with no instance alive, 503 with Retry-After. With a real redis-server: instances started with
 `serve --register` join a router that has no static backends, a killed one leaves within its entry's expiry,
-a restarted one rejoins, a cleanly stopped one leaves at once.
+a restarted one rejoins, a cleanly stopped one leaves at once. An SLO (TTFT p95) over SmolLM2 and
+Qwen2.5-0.5B instances behind one name: missed, the slow instance degraded to a tenth of the traffic,
+low-priority requests shed with 429, the webhook called, /admin/slo and /metrics telling it.
 
 Experiments (a second router): a canary serving a slower model (Qwen2.5-0.5B against SmolLM2) is rolled back
 by the t-test on its TTFT or ITL, with the decision in /admin/experiments; an equal canary advances
@@ -18,9 +20,10 @@ Usage: tests/router.py BINARY MODEL SLOWER_MODEL
 """
 import json, os, signal, sys, tempfile, threading, time
 from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import check, free_port, http, redis_server, start, start_command, stop  # noqa: E402
+from harness import check, free_port, http, metrics, redis_server, start, start_command, stop  # noqa: E402
 from openai import OpenAI, NotFoundError  # noqa: E402
 
 binary, model, slower = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -192,6 +195,89 @@ for user in range(24):
 check(4 <= sum(flagged.values()) <= 20, f"the 50 % flag is on for some users and off for others ({sum(flagged.values())})")
 stop(ex_proc)
 stop(qwen_proc)
+
+# SLOs: SmolLM2 and Qwen2.5-0.5B behind one model name, a TTFT target between their speeds. The slow instance is
+# degraded to a tenth of the traffic, low-priority requests are shed, the webhook hears of it.
+hooks = []
+
+
+class Hook(BaseHTTPRequestHandler):
+    def do_POST(self):
+        hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+hook_server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+threading.Thread(target=hook_server.serve_forever, daemon=True).start()
+# (Prefix caching off there, so each of its answers computes the whole prompt: clearly slower.)
+slow_proc, sport = start(binary, ["--model", slower, "--served-model-name", "smol", "--threads", "1",
+                                  "--kv-cache-mb", "64", "--log-level", "warn", "--no-prefix-caching"])
+slow_url = f"http://127.0.0.1:{sport}"
+slo_port = free_port()
+slo_dir = tempfile.mkdtemp()
+with open(os.path.join(slo_dir, "router.yaml"), "w") as f:
+    f.write(f"""health_interval_seconds: 0.2
+backends: [{{url: "{urls[0]}"}}, {{url: "{slow_url}"}}]
+slo:
+  - model: smol
+    window_seconds: 4
+    ttft_p95_ms: 40
+    min_samples: 10
+    webhook_url: http://127.0.0.1:{hook_server.server_port}/alerts
+""")
+slo_proc = start_command([binary, "router", "--config", os.path.join(slo_dir, "router.yaml"), "--port", str(slo_port),
+                          "--log-level", "warn"], slo_port)
+
+
+def stream_chat(port, n, **extra):
+    """n streamed chats of one prompt; the instances that answered."""
+    seen = []
+    for _ in range(n):
+        st, headers, _ = raw_stream(port, {"model": "smol", "stream": True, "max_tokens": 4, "temperature": 0,
+                                           "messages": [{"role": "user", "content": PROMPTS[0]}], **extra})
+        seen.append(headers.get(INSTANCE))
+    return seen
+
+
+def raw_stream(port, body):
+    c = HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+
+before = stream_chat(slo_port, 24)
+check(before.count(slow_url) >= 10, f"least_outstanding sends the slow instance its turns ({before.count(slow_url)} of 24)")
+report = {}
+for _ in range(30):
+    report = http(slo_port, "GET", "/admin/slo")[2]["slo"][0]
+    if report["degraded_instances"]:
+        break
+    time.sleep(0.1)
+check(not report["ok"] and report["missed"] == ["ttft_p95"] and report["degraded_instances"] == [slow_url],
+      f"the SLO is missed and the slow instance degraded ({report['measured']})")
+after = stream_chat(slo_port, 20)
+check(after.count(slow_url) <= 4, f"a degraded instance gets about a tenth of the traffic ({after.count(slow_url)} of 20)")
+st, headers, body = raw_stream(slo_port, {"model": "smol", "max_tokens": 2, "priority": "low",
+                                          "messages": [{"role": "user", "content": "hi"}]})
+check(st == 429 and headers.get("retry-after") == "1" and b"slo_shed" in body, "low-priority requests are shed (429)")
+st, _, _ = raw_stream(slo_port, {"model": "smol", "max_tokens": 2, "priority": "high",
+                                 "messages": [{"role": "user", "content": "hi"}]})
+check(st == 200, "other priorities are served")
+m = metrics(slo_port)
+check(m.get('router_slo_ok{model="smol"}') == 0 and m.get(f'router_instance_degraded{{instance="{slow_url}"}}') == 1
+      and m.get('router_slo_shed_total{model="smol"}') == 1, "/metrics shows the SLO, the degraded instance, the shed")
+check(any(h["state"] == "violated" and h["model"] == "smol" and h["missed"] == ["ttft_p95"] for h in hooks),
+      f"the webhook heard of the violation ({len(hooks)} calls)")
+stop(slo_proc)
+stop(slow_proc)
+hook_server.shutdown()
 
 # Failover under load: kill -9 one instance while requests flow; no non-streamed request fails.
 results, errors = [], []

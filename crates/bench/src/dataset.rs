@@ -149,6 +149,36 @@ pub fn synthetic(input_len: usize, count: usize, rng: &mut SplitMix) -> Vec<Item
         .collect()
 }
 
+/// Questions asked about the shared documents.
+const QUESTIONS: &[&str] = &[
+    "Summarize the text above in one sentence.",
+    "Which word appears most often above?",
+    "Give the text above a title.",
+    "What is the first word of the text above?",
+    "Write one question about the text above.",
+    "Is the text above a story or a list?",
+    "Name three words from the text above.",
+    "Continue the text above with one more sentence.",
+];
+
+/// `count` prompts over `groups` shared documents of about `prefix_len` tokens each (random common words): each
+/// prompt is one document followed by a question and a number, so prompts of a group share a long prefix and
+/// differ after it. A workload for prefix caches and cache-aware routing.
+pub fn shared_prefix(prefix_len: usize, groups: usize, count: usize, rng: &mut SplitMix) -> Vec<Item> {
+    let docs: Vec<String> = (0..groups.max(1))
+        .map(|g| {
+            let words: Vec<&str> = (0..prefix_len.max(1)).map(|_| WORDS[rng.below(WORDS.len())]).collect();
+            format!("Document {g}: {}.", words.join(" "))
+        })
+        .collect();
+    (0..count)
+        .map(|i| {
+            let q = QUESTIONS[rng.below(QUESTIONS.len())];
+            Item::from_prompt(&format!("{}\n\nQuestion {i}: {q}", docs[rng.below(docs.len())]))
+        })
+        .collect()
+}
+
 /// A small seeded RNG (SplitMix64) for prompt order, synthetic text and Poisson arrivals.
 #[derive(Clone, Debug)]
 pub struct SplitMix(u64);
@@ -184,6 +214,22 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_prefix_prompts_share_documents() {
+        let items = shared_prefix(50, 3, 30, &mut SplitMix::new(7));
+        assert_eq!(items.len(), 30);
+        let doc = |it: &Item| it.prompt.split("\n\n").next().unwrap().to_string();
+        let mut docs: Vec<String> = items.iter().map(doc).collect();
+        docs.sort();
+        docs.dedup();
+        assert_eq!(docs.len(), 3, "three documents");
+        assert!(docs.iter().all(|d| d.split(' ').count() >= 50));
+        let mut prompts: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
+        prompts.sort();
+        prompts.dedup();
+        assert_eq!(prompts.len(), 30, "every prompt distinct after its document");
+    }
 
     #[test]
     fn builtin_set_is_varied_and_well_formed() {

@@ -47,6 +47,9 @@ impl std::fmt::Display for Load {
 pub enum DatasetSpec {
     Builtin,
     File(PathBuf),
+    /// Prompts over this many shared documents of `input_len` tokens (default 512): see
+    /// [`dataset::shared_prefix`].
+    SharedPrefix(usize),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -196,6 +199,9 @@ fn with_constraints(cfg: &BenchConfig, resolved: Vec<Endpoint>) -> Vec<Endpoint>
 pub fn workload(cfg: &BenchConfig) -> Result<Vec<Item>> {
     let mut rng = SplitMix::new(cfg.seed);
     let mut items = match (cfg.input_len, &cfg.dataset) {
+        (len, DatasetSpec::SharedPrefix(groups)) => {
+            dataset::shared_prefix(len.unwrap_or(512), *groups, cfg.num_prompts.max(1), &mut rng)
+        }
         (Some(len), _) => dataset::synthetic(len, cfg.num_prompts.max(1), &mut rng),
         (None, DatasetSpec::Builtin) => dataset::builtin(),
         (None, DatasetSpec::File(p)) => dataset::from_jsonl(p)?,

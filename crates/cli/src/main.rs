@@ -77,8 +77,9 @@ struct BenchArgs {
     /// spread the requests over several models in turn.
     #[arg(long)]
     model: Option<String>,
-    /// `builtin` (varied questions, instructions, code, multi-turn) or a JSONL file of {"prompt"} or
-    /// {"messages"} lines.
+    /// `builtin` (varied questions, instructions, code, multi-turn), `shared-prefix[:GROUPS]` (questions over 8
+    /// (GROUPS) shared documents of --input-len tokens, default 512: for prefix caches and cache-aware routing)
+    /// or a JSONL file of {"prompt"} or {"messages"} lines.
     #[arg(long, default_value = "builtin")]
     dataset: String,
     /// Requests per run (each endpoint, each load level, each round).
@@ -389,6 +390,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     };
     let dataset = match a.dataset.as_str() {
         "builtin" => DatasetSpec::Builtin,
+        "shared-prefix" => DatasetSpec::SharedPrefix(8),
+        s if s.starts_with("shared-prefix:") => {
+            let groups: usize = s["shared-prefix:".len()..].parse().context("--dataset shared-prefix:GROUPS")?;
+            DatasetSpec::SharedPrefix(groups.max(1))
+        }
         path => DatasetSpec::File(PathBuf::from(path)),
     };
     let cfg = BenchConfig {

@@ -1,6 +1,7 @@
 //! The router's settings (`router.yaml`; flags override it in the CLI).
 
 use crate::experiments::{ExperimentConfig, FlagConfig};
+use crate::slo::SloConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -116,6 +117,8 @@ pub struct RouterConfig {
     pub experiments: Vec<ExperimentConfig>,
     /// Feature flags: on for a percentage of users.
     pub flags: Vec<FlagConfig>,
+    /// Service-level objectives per model, with their remediations.
+    pub slo: Vec<SloConfig>,
 }
 
 impl Default for RouterConfig {
@@ -136,6 +139,7 @@ impl Default for RouterConfig {
             max_body_bytes: 8 << 20,
             experiments: Vec::new(),
             flags: Vec::new(),
+            slo: Vec::new(),
         }
     }
 }
@@ -190,6 +194,12 @@ impl RouterConfig {
                 if !(b.starts_with("http://") || b.starts_with("https://")) {
                     return Err(format!("experiments[{}]: backend `{b}` is not an http(s) URL", e.name));
                 }
+            }
+        }
+        for (i, o) in self.slo.iter().enumerate() {
+            o.validate()?;
+            if self.slo[..i].iter().any(|x| x.model == o.model) {
+                return Err(format!("slo[{}]: one SLO per model", o.model));
             }
         }
         for (i, f) in self.flags.iter().enumerate() {

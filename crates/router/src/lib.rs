@@ -11,6 +11,7 @@ pub mod experiments;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
+pub mod slo;
 pub mod stats;
 
 pub use config::{BackendConfig, PolicyName, RouterConfig};
@@ -25,6 +26,7 @@ use mlx_serving_services::fleet::Directory;
 use policy::{Policies, Reason};
 use pool::{Pool, Source};
 use serde_json::{json, Value};
+use slo::SloMonitor;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,6 +43,8 @@ pub struct RouterMetrics {
     pub balanced: AtomicU64,
     /// Requests without a user so far (each its own user for experiments and flags).
     pub anonymous: AtomicU64,
+    /// Turns of the one-in-ten that degraded instances still get.
+    pub degraded_turn: AtomicU64,
 }
 
 impl RouterMetrics {
@@ -63,6 +67,7 @@ pub struct Router {
     pub policies: Policies,
     pub metrics: RouterMetrics,
     pub experiments: Vec<Experiment>,
+    pub slos: Vec<SloMonitor>,
     client: reqwest::Client,
     /// Instances registered by `serve --register`, when `redis_url` is set.
     directory: Option<Directory>,
@@ -94,12 +99,14 @@ impl Router {
             Some(u) => Some(Directory::new(u, Duration::from_secs(1)).map_err(|e| format!("redis_url: {e}"))?),
             None => None,
         };
+        let slos = cfg.slo.iter().cloned().map(SloMonitor::new).collect();
         Ok(Arc::new(Self {
             cfg,
             pool,
             policies: Policies::default(),
             metrics: RouterMetrics::default(),
             experiments,
+            slos,
             client,
             directory,
             registry_down: AtomicBool::new(false),
@@ -143,6 +150,40 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Re-judges every SLO: marks the instances to degrade, and alerts on each change of verdict.
+    pub fn check_slos(&self) {
+        let mut degraded: Vec<String> = Vec::new();
+        for s in &self.slos {
+            if let Some(c) = s.evaluate(Instant::now()) {
+                if s.cfg.remediation.contains(&slo::Remedy::Alert) {
+                    match c.ok {
+                        true => tracing::info!(model = %c.model, "SLO met again: {}", c.body),
+                        false => tracing::warn!(model = %c.model, "SLO violated: {}", c.body),
+                    }
+                    if let Some(url) = s.cfg.webhook_url.clone() {
+                        let req = self
+                            .client
+                            .post(url)
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(c.body.to_string())
+                            .timeout(Duration::from_secs(2));
+                        tokio::spawn(async move {
+                            if let Err(e) = req.send().await {
+                                tracing::warn!(error = %e.without_url(), "SLO webhook failed");
+                            }
+                        });
+                    }
+                }
+            }
+            degraded.extend(s.degraded());
+        }
+        for i in self.pool.all() {
+            i.degraded.store(degraded.contains(&i.url), Ordering::Relaxed);
+        }
+    }
+}
+
 /// The router's HTTP app.
 pub fn app(r: Arc<Router>) -> axum::Router {
     axum::Router::new()
@@ -152,6 +193,7 @@ pub fn app(r: Arc<Router>) -> axum::Router {
         .route("/admin/instances", get(instances))
         .route("/admin/experiments", get(experiments_list))
         .route("/admin/experiments/{name}", get(experiment_one))
+        .route("/admin/slo", get(slo_report))
         .fallback(proxy::forward)
         .with_state(r)
 }
@@ -170,6 +212,7 @@ pub async fn run(
             for e in &prober.experiments {
                 e.evaluate(Instant::now());
             }
+            prober.check_slos();
             tokio::time::sleep(every).await;
         }
     });
@@ -234,6 +277,10 @@ async fn instances(State(r): State<Arc<Router>>) -> Response {
     Json(json!({"instances": list})).into_response()
 }
 
+async fn slo_report(State(r): State<Arc<Router>>) -> Response {
+    Json(json!({"slo": r.slos.iter().map(SloMonitor::report).collect::<Vec<_>>()})).into_response()
+}
+
 async fn experiments_list(State(r): State<Arc<Router>>) -> Response {
     Json(json!({"experiments": r.experiments.iter().map(Experiment::report).collect::<Vec<_>>()})).into_response()
 }
@@ -260,7 +307,10 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
     }
     let all = r.pool.all();
     type Field = fn(&pool::Instance) -> f64;
-    let per: [(&str, &str, &str, Field); 8] = [
+    let per: [(&str, &str, &str, Field); 9] = [
+        ("router_instance_degraded", "gauge", "1 while an SLO gives the instance a tenth of its share", |i| {
+            i.degraded.load(Ordering::Relaxed) as u8 as f64
+        }),
         ("router_instance_up", "gauge", "1 if the last health probe passed", |i| {
             i.healthy.load(Ordering::Relaxed) as u8 as f64
         }),
@@ -289,6 +339,23 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
         for i in &all {
             let _ = writeln!(out, "{name}{{instance=\"{}\"}} {}", i.url, f(i));
         }
+    }
+    let _ = writeln!(out, "# HELP router_slo_ok 1 while the model's SLO holds\n# TYPE router_slo_ok gauge");
+    for s in &r.slos {
+        let _ = writeln!(out, "router_slo_ok{{model=\"{}\"}} {}", s.cfg.model, s.ok() as u8);
+    }
+    let _ = writeln!(out, "# HELP router_slo_violations_total Times the SLO went from met to missed\n# TYPE router_slo_violations_total counter");
+    for s in &r.slos {
+        let _ = writeln!(
+            out,
+            "router_slo_violations_total{{model=\"{}\"}} {}",
+            s.cfg.model,
+            s.violations.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP router_slo_shed_total Low-priority requests refused while the SLO was missed\n# TYPE router_slo_shed_total counter");
+    for s in &r.slos {
+        let _ = writeln!(out, "router_slo_shed_total{{model=\"{}\"}} {}", s.cfg.model, s.shed.load(Ordering::Relaxed));
     }
     let _ = writeln!(out, "# HELP router_experiment_canary_share Percent of the experiment's traffic on the canary");
     let _ = writeln!(out, "# TYPE router_experiment_canary_share gauge");

@@ -94,6 +94,8 @@ pub struct Instance {
     pub models: RwLock<Vec<String>>,
     /// The last probe's verdict (new instances count as healthy until probed).
     pub healthy: AtomicBool,
+    /// An SLO finds it slower than its peers: it gets a tenth of its share.
+    pub degraded: AtomicBool,
     pub outstanding: AtomicUsize,
     pub breaker: Mutex<Breaker>,
     pub stats: InstanceStats,
@@ -109,6 +111,7 @@ impl Instance {
             source,
             models: RwLock::new(Vec::new()),
             healthy: AtomicBool::new(true),
+            degraded: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
             stats: InstanceStats::default(),

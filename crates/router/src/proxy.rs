@@ -126,6 +126,28 @@ pub fn content_events(chunk: &[u8]) -> usize {
         .count()
 }
 
+/// Where a request's outcome counts: an experiment's arm, a model's SLO.
+#[derive(Clone, Copy, Debug, Default)]
+struct Observe {
+    arm: Option<(usize, usize)>,
+    slo: Option<usize>,
+}
+
+impl Observe {
+    fn any(&self) -> bool {
+        self.arm.is_some() || self.slo.is_some()
+    }
+
+    fn record(&self, r: &Router, instance: Option<&str>, s: Sample) {
+        if let Some((e, a)) = self.arm {
+            r.experiments[e].record(a, s);
+        }
+        if let Some(k) = self.slo {
+            r.slos[k].record(instance, s);
+        }
+    }
+}
+
 /// A failed attempt's answer, kept to return if no instance does better.
 struct Failed {
     status: StatusCode,
@@ -193,15 +215,23 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
             tags.insert(FLAGS_HEADER, v);
         }
     }
-    let observe = exp.zip(arm);
-    let outcome = |out: Response| {
-        if let Some((e, a)) = observe {
-            r.experiments[e].record(a, Sample { error: true, ..Sample::default() });
+    let slo = seen.model.as_ref().and_then(|m| r.slos.iter().position(|s| &s.cfg.model == m));
+    if let Some(k) = slo.filter(|&k| r.slos[k].shedding()) {
+        if seen.body.get("priority").and_then(Value::as_str) == Some("low") {
+            r.slos[k].shed.fetch_add(1, Ordering::Relaxed);
+            let m = "the model is missing its service-level objective: low-priority requests are shed for now";
+            let mut out = error(StatusCode::TOO_MANY_REQUESTS, m, "slo_shed");
+            out.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return out;
         }
+    }
+    let observe = Observe { arm: exp.zip(arm), slo };
+    let outcome = |out: Response| {
+        observe.record(&r, None, Sample { error: true, ..Sample::default() });
         out
     };
     let policy = seen.model.as_ref().and_then(|m| r.cfg.model_policies.get(m)).copied().unwrap_or(r.cfg.policy);
-    let arm_backends = observe.map(|(e, a)| &r.experiments[e].arms[a].backends);
+    let arm_backends = observe.arm.map(|(e, a)| &r.experiments[e].arms[a].backends);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in parts.headers.iter().filter(|(k, _)| forwardable(k) && *k != header::CONTENT_LENGTH) {
@@ -214,6 +244,11 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
         let mut cands = r.pool.candidates(model.as_deref(), &tried);
         if let Some(urls) = arm_backends {
             cands.retain(|i| urls.contains(&i.url));
+        }
+        // Degraded instances (an SLO found them slower than their peers) get one request in ten.
+        let degraded = |i: &Arc<crate::pool::Instance>| i.degraded.load(Ordering::Relaxed);
+        if cands.iter().any(|i| !degraded(i)) && r.metrics.degraded_turn.fetch_add(1, Ordering::Relaxed) % 10 != 0 {
+            cands.retain(|i| !degraded(i));
         }
         if cands.is_empty() {
             break;
@@ -262,7 +297,7 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
             continue;
         }
         inst.record(true, &r.cfg.breaker);
-        let observe = observe.filter(|_| status.is_success());
+        let observe = if status.is_success() { observe } else { Observe::default() };
         let mut out = pass_back(r.clone(), resp, guard, seen.stream, t0, observe);
         out.headers_mut().extend(tags);
         return out;
@@ -296,7 +331,7 @@ fn pass_back(
     guard: InFlight,
     stream: bool,
     t0: Instant,
-    observe: Option<(usize, usize)>,
+    observe: Observe,
 ) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::new();
@@ -336,7 +371,7 @@ fn pass_back(
                         s.ttfb_us_sum.fetch_add((now - t0).as_micros() as u64, Ordering::Relaxed);
                         s.ttfb_count.fetch_add(1, Ordering::Relaxed);
                     }
-                    if observe.is_some() {
+                    if observe.any() {
                         let n = if sse { content_events(&b) } else { 1 };
                         if n > 0 {
                             st.first.get_or_insert(now);
@@ -347,20 +382,18 @@ fn pass_back(
                     Some((Ok::<Bytes, std::io::Error>(b), st))
                 }
                 Ok(None) => {
-                    if let Some((e, a)) = observe {
+                    if observe.any() {
                         let first = st.first.unwrap_or(st.last);
                         let itl =
                             (sse && st.events >= 2).then(|| (st.last - first).as_secs_f64() / (st.events - 1) as f64);
                         let sample = Sample { ttft: Some((first - t0).as_secs_f64()), itl, error: false };
-                        r.experiments[e].record(a, sample);
+                        observe.record(&r, Some(&st.guard.0.url), sample);
                     }
                     None
                 }
                 Err(e) => {
                     st.done = true;
-                    if let Some((x, a)) = observe {
-                        r.experiments[x].record(a, Sample { error: true, ..Sample::default() });
-                    }
+                    observe.record(&r, Some(&st.guard.0.url), Sample { error: true, ..Sample::default() });
                     let inst = &st.guard.0;
                     tracing::warn!(instance = %inst.url, error = %e.without_url(), "instance failed mid-answer");
                     inst.record(false, &r.cfg.breaker);
