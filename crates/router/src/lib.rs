@@ -267,6 +267,7 @@ async fn instances(State(r): State<Arc<Router>>) -> Response {
                 "breaker": i.breaker.lock().unwrap().state_name(),
                 "models": *i.models.read().unwrap(),
                 "outstanding": i.outstanding.load(Ordering::Relaxed),
+                "load": i.load.load(Ordering::Relaxed),
                 "requests": s.requests.load(Ordering::Relaxed),
                 "errors": s.errors.load(Ordering::Relaxed),
                 "busy": s.busy.load(Ordering::Relaxed),
@@ -307,7 +308,7 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
     }
     let all = r.pool.all();
     type Field = fn(&pool::Instance) -> f64;
-    let per: [(&str, &str, &str, Field); 9] = [
+    let per: [(&str, &str, &str, Field); 10] = [
         ("router_instance_degraded", "gauge", "1 while an SLO gives the instance a tenth of its share", |i| {
             i.degraded.load(Ordering::Relaxed) as u8 as f64
         }),
@@ -319,6 +320,9 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
         }),
         ("router_instance_outstanding", "gauge", "Requests in flight through the router", |i| {
             i.outstanding.load(Ordering::Relaxed) as f64
+        }),
+        ("router_instance_load", "gauge", "Requests running and waiting on the instance (its last /health)", |i| {
+            i.load.load(Ordering::Relaxed) as f64
         }),
         ("router_instance_requests_total", "counter", "Requests sent", |i| {
             i.stats.requests.load(Ordering::Relaxed) as f64

@@ -39,10 +39,14 @@ pub fn rendezvous(cands: &[Arc<Instance>], key: &str) -> usize {
     (0..cands.len()).max_by(|&a, &b| score(&cands[a]).total_cmp(&score(&cands[b]))).unwrap_or(0)
 }
 
-/// The candidate with the fewest requests in flight; ties broken by a rotating start.
+/// The candidate with the fewest requests in flight at the router, then the least loaded by its own last
+/// report (other clients' requests count there); remaining ties broken by a rotating start.
 fn least(cands: &[Arc<Instance>], rotate: usize) -> usize {
     let n = cands.len();
-    (0..n).map(|k| (k + rotate) % n).min_by_key(|&j| outstanding(&cands[j])).unwrap_or(0)
+    (0..n)
+        .map(|k| (k + rotate) % n)
+        .min_by_key(|&j| (outstanding(&cands[j]), cands[j].load.load(Ordering::Relaxed)))
+        .unwrap_or(0)
 }
 
 /// Bounded LRU of block hashes: hash → tick, tick → hash.
@@ -229,6 +233,14 @@ mod tests {
         let _c = c[1].start();
         let _c2 = c[1].start();
         assert_eq!(p.pick(PolicyName::LeastOutstanding, &c, &key, &ca).0, 0);
+        // Equal at the router: the instance's own reported load decides.
+        drop((_a, _b, _b2, _c, _c2));
+        c[0].load.store(5, Ordering::Relaxed);
+        c[2].load.store(1, Ordering::Relaxed);
+        c[1].load.store(3, Ordering::Relaxed);
+        for _ in 0..3 {
+            assert_eq!(p.pick(PolicyName::LeastOutstanding, &c, &key, &ca).0, 2);
+        }
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Instance {
     /// An SLO finds it slower than its peers: it gets a tenth of its share.
     pub degraded: AtomicBool,
     pub outstanding: AtomicUsize,
+    /// Requests running and waiting on the instance at its last probe (from every client, not only us).
+    pub load: AtomicUsize,
     pub breaker: Mutex<Breaker>,
     pub stats: InstanceStats,
     /// Registered instances: when their registry entry was last seen.
@@ -113,6 +115,7 @@ impl Instance {
             healthy: AtomicBool::new(true),
             degraded: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
+            load: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
             stats: InstanceStats::default(),
             seen: Mutex::new(Instant::now()),
@@ -229,8 +232,15 @@ pub async fn probe_all(pool: &Pool, client: &reqwest::Client, timeout: Duration)
 
 async fn probe(i: &Instance, client: &reqwest::Client, timeout: Duration) {
     let ok = match client.get(format!("{}/health", i.url)).timeout(timeout).send().await {
-        Ok(r) => r.status().is_success(),
-        Err(_) => false,
+        Ok(r) if r.status().is_success() => {
+            // The instance's own load (all its clients, not only this router's): requests running and waiting.
+            if let Ok(v) = r.bytes().await.map(|b| serde_json::from_slice::<serde_json::Value>(&b)) {
+                let n = |k: &str| v.as_ref().ok().and_then(|v| v.get(k)?.as_u64()).unwrap_or(0);
+                i.load.store((n("running") + n("waiting")) as usize, Ordering::Relaxed);
+            }
+            true
+        }
+        _ => false,
     };
     let was = i.healthy.swap(ok, Ordering::Relaxed);
     if was != ok {

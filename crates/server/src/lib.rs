@@ -394,15 +394,19 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
 }
 
 /// Healthy while every loaded model's engine loop is alive (models not loaded have no loop to check).
+/// `/health`: 200 while every loaded model's engine loop beats, with the load (requests running, and waiting
+/// or not yet scheduled, over all loaded models: what a fleet router reads); else 503 naming the silent one.
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    let silent = s
-        .models
-        .loaded()
-        .into_iter()
-        .map(|(name, m)| (name, m.engine.heartbeat_age()))
-        .find(|(_, age)| *age >= HEARTBEAT_LIMIT);
+    let loaded = s.models.loaded();
+    let count = |f: fn(&mlx_serving_engine::EngineStats) -> usize| -> usize {
+        loaded.iter().map(|(_, m)| f(m.engine.stats())).sum()
+    };
+    let running = count(|st| st.running.load(Ordering::Relaxed));
+    let waiting = count(|st| st.waiting.load(Ordering::Relaxed) + st.pending.load(Ordering::Relaxed));
+    let silent =
+        loaded.iter().map(|(name, m)| (name, m.engine.heartbeat_age())).find(|(_, age)| *age >= HEARTBEAT_LIMIT);
     match silent {
-        None => Json(json!({"status": "ok"})).into_response(),
+        None => Json(json!({"status": "ok", "running": running, "waiting": waiting})).into_response(),
         Some((name, age)) => {
             let reason = format!("the engine loop of `{name}` silent for {:.1} s", age.as_secs_f64());
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unhealthy", "reason": reason}))).into_response()

@@ -194,6 +194,8 @@ fn bad_requests_get_the_right_status_and_error_then_the_server_still_serves() {
     assert_eq!(v["choices"][0]["text"], " Paris.");
     let (got, v) = http(addr, "GET", "/health", b"");
     assert_eq!(got, 200, "{v}");
+    let h: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!((h["running"].as_u64(), h["waiting"].as_u64()), (Some(0), Some(0)), "the load, idle: {v}");
 }
 
 #[test]
