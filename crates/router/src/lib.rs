@@ -308,7 +308,7 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
     }
     let all = r.pool.all();
     type Field = fn(&pool::Instance) -> f64;
-    let per: [(&str, &str, &str, Field); 10] = [
+    let per: [(&str, &str, &str, Field); 11] = [
         ("router_instance_degraded", "gauge", "1 while an SLO gives the instance a tenth of its share", |i| {
             i.degraded.load(Ordering::Relaxed) as u8 as f64
         }),
@@ -331,6 +331,12 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
             i.stats.errors.load(Ordering::Relaxed) as f64
         }),
         ("router_instance_busy_total", "counter", "429 answers", |i| i.stats.busy.load(Ordering::Relaxed) as f64),
+        (
+            "router_instance_retries_total",
+            "counter",
+            "Requests that failed here and were sent to another instance",
+            |i| i.stats.retries_from.load(Ordering::Relaxed) as f64,
+        ),
         ("router_instance_first_byte_seconds_sum", "counter", "Time to the answer's first chunk, summed", |i| {
             i.stats.ttfb_us_sum.load(Ordering::Relaxed) as f64 / 1e6
         }),
@@ -365,6 +371,22 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
     let _ = writeln!(out, "# TYPE router_experiment_canary_share gauge");
     for e in r.experiments.iter().filter(|e| e.cfg.kind == experiments::ExperimentKind::Canary) {
         let _ = writeln!(out, "router_experiment_canary_share{{experiment=\"{}\"}} {}", e.cfg.name, e.canary_share());
+    }
+    // Latency per arm over the current stage's samples, as a summary's quantiles.
+    for (name, field) in [("router_arm_ttft_seconds", "ttft_seconds"), ("router_arm_itl_seconds", "itl_seconds")] {
+        let _ = writeln!(out, "# HELP {name} Each experiment arm's {field} this stage\n# TYPE {name} summary");
+        for e in &r.experiments {
+            let report = e.report();
+            for a in report["arms"].as_array().into_iter().flatten() {
+                let arm = a["name"].as_str().unwrap_or("");
+                for (q, key) in [("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")] {
+                    let v = a[field][key].as_f64().unwrap_or(0.0);
+                    let _ = writeln!(out, "{name}{{experiment=\"{}\",arm=\"{arm}\",quantile=\"{q}\"}} {v}", e.cfg.name);
+                }
+                let n = a[field]["n"].as_u64().unwrap_or(0);
+                let _ = writeln!(out, "{name}_count{{experiment=\"{}\",arm=\"{arm}\"}} {n}", e.cfg.name);
+            }
+        }
     }
     for (name, field) in [("router_arm_requests_total", "requests"), ("router_arm_errors_total", "errors")] {
         let _ =
