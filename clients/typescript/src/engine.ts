@@ -1,0 +1,108 @@
+import { MlxServingError } from "./errors.js";
+import { HttpTransport } from "./http.js";
+import {
+  EngineOptionsSchema,
+  GenerateOptionsSchema,
+  GeneratorParamsSchema,
+  LoadModelOptionsSchema,
+  TokenizeParamsSchema,
+  validate,
+  type EngineOptions,
+  type GenerateOptions,
+  type GeneratorParams,
+  type LoadModelOptions,
+  type TokenizeParams,
+} from "./schemas.js";
+import type { Transport } from "./transport.js";
+import type { GeneratorChunk, Health, ModelHandle, ModelInfo, RuntimeInfo } from "./types.js";
+
+/** The original mlx-serving Engine API over a runtime or a server. */
+export class Engine {
+  private closed = false;
+
+  constructor(
+    private readonly transport: Transport,
+    private readonly timeoutMs?: number,
+  ) {}
+
+  private open(): Transport {
+    if (this.closed) throw new MlxServingError("the engine is shut down", "engine_closed");
+    return this.transport;
+  }
+
+  /** Loads a model (by name, or a name plus `localPath`) and returns its handle. */
+  async loadModel(options: LoadModelOptions | string): Promise<ModelHandle> {
+    const o = validate(LoadModelOptionsSchema, typeof options === "string" ? { model: options } : options, "loadModel");
+    return this.open().loadModel(o, this.timeoutMs);
+  }
+
+  async unloadModel(id: string): Promise<void> {
+    const m = validate(LoadModelOptionsSchema.pick({ model: true }), { model: id }, "unloadModel");
+    return this.open().unloadModel(m.model, this.timeoutMs);
+  }
+
+  async listModels(): Promise<ModelInfo[]> {
+    return this.open().listModels(this.timeoutMs);
+  }
+
+  async getModelInfo(id: string): Promise<ModelInfo> {
+    const m = validate(LoadModelOptionsSchema.pick({ model: true }), { model: id }, "getModelInfo");
+    return this.open().getModelInfo(m.model, this.timeoutMs);
+  }
+
+  /**
+   * Streams a generation: `{type: "token"}` chunks, then one `{type: "metadata"}` with its stats. Breaking out
+   * of `for await`, or the signal, cancels it in the engine.
+   */
+  createGenerator(params: GeneratorParams, options: GenerateOptions = {}): AsyncGenerator<GeneratorChunk> {
+    const p = validate(GeneratorParamsSchema, params, "params");
+    const o = validate(GenerateOptionsSchema, options, "options");
+    return this.open().generate(p, { ...o, timeoutMs: o.timeoutMs ?? this.timeoutMs });
+  }
+
+  /** The whole generated text. */
+  async generate(params: GeneratorParams, options: GenerateOptions = {}): Promise<string> {
+    let text = "";
+    for await (const c of this.createGenerator(params, options)) if (c.type === "token") text += c.token;
+    return text;
+  }
+
+  async tokenize(params: TokenizeParams): Promise<{ tokens: number[] }> {
+    const p = validate(TokenizeParamsSchema, params, "params");
+    return { tokens: await this.open().tokenize(p, this.timeoutMs) };
+  }
+
+  async getRuntimeInfo(): Promise<RuntimeInfo> {
+    return this.open().runtimeInfo(this.timeoutMs);
+  }
+
+  async healthCheck(): Promise<Health> {
+    return this.open().health(this.timeoutMs);
+  }
+
+  /** Ends the engine (and a spawned runtime); later calls fail with `engine_closed`. */
+  async shutdown(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.transport.close();
+  }
+
+  async dispose(): Promise<void> {
+    return this.shutdown();
+  }
+}
+
+/**
+ * An Engine: with `baseUrl`, over a running `mlx-serving serve`. The stdio runtime (`mlx-serving rpc`, spawned from
+ * `binaryPath`, MLX_SERVING_BIN or PATH) is not part of this version yet.
+ */
+export async function createEngine(options: EngineOptions = {}): Promise<Engine> {
+  const o = validate(EngineOptionsSchema, options, "options");
+  if (!o.baseUrl) {
+    throw new MlxServingError(
+      "this version talks to a running server only: pass baseUrl (the stdio runtime is not built yet)",
+      "unsupported",
+    );
+  }
+  return new Engine(new HttpTransport(o.baseUrl, o.apiKey, o.requestTimeoutMs), o.requestTimeoutMs);
+}
