@@ -39,6 +39,8 @@ cargo build -p mlx-serving
 .venv/bin/python tests/vision_server.py target/debug/mlx-serving models/SmolVLM-rand models/SmolLM2-135M-Instruct.Q4_1.gguf models/Qwen2.5-VL-rand
 # The fleet router over three real instances: policies, failover under kill -9, the Redis registry.
 .venv/bin/python tests/router.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+# The TypeScript package against the real binary, over HTTP and over stdio (`mlx-serving rpc`).
+(cd clients/typescript && npm ci --no-audit --no-fund && npm run build && MLX_SERVING_BIN=../../target/debug/mlx-serving npm test)
 # mlx-lm loads what `convert --format mlx` writes and agrees with us on it (llama and gemma3 layouts).
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/mlx_lm_loads_ours.py target/debug/mlx-serving models/gemma-3-270m-q4_k_m.gguf

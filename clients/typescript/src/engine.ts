@@ -1,5 +1,6 @@
 import { MlxServingError } from "./errors.js";
 import { HttpTransport } from "./http.js";
+import { RpcTransport } from "./rpc.js";
 import {
   EngineOptionsSchema,
   GenerateOptionsSchema,
@@ -24,6 +25,11 @@ export class Engine {
     private readonly transport: Transport,
     private readonly timeoutMs?: number,
   ) {}
+
+  /** The spawned runtime's process id (stdio mode; undefined before the first call and over HTTP). */
+  get runtimePid(): number | undefined {
+    return this.transport instanceof RpcTransport ? this.transport.pid : undefined;
+  }
 
   private open(): Transport {
     if (this.closed) throw new MlxServingError("the engine is shut down", "engine_closed");
@@ -93,16 +99,15 @@ export class Engine {
 }
 
 /**
- * An Engine: with `baseUrl`, over a running `mlx-serving serve`. The stdio runtime (`mlx-serving rpc`, spawned from
- * `binaryPath`, MLX_SERVING_BIN or PATH) is not part of this version yet.
+ * An Engine: with `baseUrl`, over a running `mlx-serving serve`; else over a spawned `mlx-serving rpc` (the binary
+ * from `binaryPath`, the MLX_SERVING_BIN environment variable, or PATH; `runtimeArgs` name its models), restarted
+ * on the next call if it dies.
  */
 export async function createEngine(options: EngineOptions = {}): Promise<Engine> {
   const o = validate(EngineOptionsSchema, options, "options");
-  if (!o.baseUrl) {
-    throw new MlxServingError(
-      "this version talks to a running server only: pass baseUrl (the stdio runtime is not built yet)",
-      "unsupported",
-    );
+  if (o.baseUrl) {
+    return new Engine(new HttpTransport(o.baseUrl, o.apiKey, o.requestTimeoutMs), o.requestTimeoutMs);
   }
-  return new Engine(new HttpTransport(o.baseUrl, o.apiKey, o.requestTimeoutMs), o.requestTimeoutMs);
+  const binary = o.binaryPath ?? process.env.MLX_SERVING_BIN ?? "mlx-serving";
+  return new Engine(new RpcTransport(binary, o.runtimeArgs ?? [], o.requestTimeoutMs), o.requestTimeoutMs);
 }

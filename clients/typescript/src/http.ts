@@ -1,5 +1,5 @@
 import { AbortError, ApiError, MlxServingError, TimeoutError, TransportError } from "./errors.js";
-import type { GenerateOptions, GeneratorParams, LoadModelOptions, TokenizeParams } from "./schemas.js";
+import { wireParams, type GenerateOptions, type GeneratorParams, type LoadModelOptions, type TokenizeParams } from "./schemas.js";
 import type { Transport } from "./transport.js";
 import type { GeneratorChunk, Health, ModelInfo, RuntimeInfo } from "./types.js";
 
@@ -140,28 +140,7 @@ export class HttpTransport implements Transport {
   async close(): Promise<void> {}
 
   async *generate(p: GeneratorParams, o: GenerateOptions): AsyncGenerator<GeneratorChunk> {
-    const body: Json = {
-      model: p.model,
-      prompt: p.prompt,
-      stream: true,
-      stream_options: { include_usage: true },
-      return_token_ids: true,
-    };
-    const fields: [keyof GeneratorParams, string][] = [
-      ["maxTokens", "max_tokens"],
-      ["temperature", "temperature"],
-      ["topP", "top_p"],
-      ["topK", "top_k"],
-      ["minP", "min_p"],
-      ["seed", "seed"],
-      ["stopSequences", "stop"],
-      ["repetitionPenalty", "repetition_penalty"],
-      ["frequencyPenalty", "frequency_penalty"],
-      ["presencePenalty", "presence_penalty"],
-      ["ignoreEos", "ignore_eos"],
-      ["logitBias", "logit_bias"],
-    ];
-    for (const [from, to] of fields) if (p[from] !== undefined) body[to] = p[from];
+    const body: Json = { ...wireParams(p), stream: true, stream_options: { include_usage: true }, return_token_ids: true };
     if (o.priority) body.priority = o.priority;
     const s = callSignal(o.signal, o.timeoutMs ?? this.defaultTimeoutMs);
     const t0 = performance.now();

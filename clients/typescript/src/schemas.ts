@@ -11,6 +11,8 @@ export const EngineOptionsSchema = z
     apiKey: z.string().min(1).optional(),
     /** Default timeout of every call, in milliseconds. */
     requestTimeoutMs: z.number().int().positive().optional(),
+    /** Arguments for `mlx-serving rpc` (the models to serve and engine settings), e.g. ["--model", "x.gguf"]. */
+    runtimeArgs: z.array(z.string()).optional(),
   })
   .strict();
 export type EngineOptions = z.infer<typeof EngineOptionsSchema>;
@@ -77,4 +79,25 @@ export function validate<T>(schema: z.ZodType<T>, value: unknown, what: string):
     message: i.message,
   }));
   throw new ValidationError(issues.map((i) => `${i.path}: ${i.message}`).join("; "), issues);
+}
+
+/** The generation parameters as the runtime and the server name them (snake_case; unset ones left out). */
+export function wireParams(p: GeneratorParams): Record<string, unknown> {
+  const names: [keyof GeneratorParams, string][] = [
+    ["maxTokens", "max_tokens"],
+    ["temperature", "temperature"],
+    ["topP", "top_p"],
+    ["topK", "top_k"],
+    ["minP", "min_p"],
+    ["seed", "seed"],
+    ["stopSequences", "stop"],
+    ["repetitionPenalty", "repetition_penalty"],
+    ["frequencyPenalty", "frequency_penalty"],
+    ["presencePenalty", "presence_penalty"],
+    ["ignoreEos", "ignore_eos"],
+    ["logitBias", "logit_bias"],
+  ];
+  const out: Record<string, unknown> = { model: p.model, prompt: p.prompt };
+  for (const [from, to] of names) if (p[from] !== undefined) out[to] = p[from];
+  return out;
 }

@@ -148,6 +148,8 @@ describe("over HTTP", () => {
     await expect(engine.loadModel({ model: "smol", localPath: "/tmp/x.gguf" })).rejects.toMatchObject({ code: "unsupported" });
     const gone = await createEngine({ baseUrl: "http://127.0.0.1:9" });
     await expect(gone.listModels()).rejects.toBeInstanceOf(TransportError);
-    await expect(createEngine()).rejects.toBeInstanceOf(MlxServingError);
+    const none = await createEngine({ binaryPath: "/nonexistent/mlx-serving" });
+    await expect(none.listModels()).rejects.toBeInstanceOf(TransportError);
+    await expect(none.listModels()).rejects.toBeInstanceOf(MlxServingError);
   });
 });

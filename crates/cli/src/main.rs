@@ -13,6 +13,7 @@ mod cache;
 mod config;
 mod register;
 mod router;
+mod rpc;
 mod serve;
 mod speculative;
 use serve::{run_serve, ServeArgs};
@@ -41,6 +42,9 @@ enum Command {
     Convert(ConvertArgs),
     /// Route the OpenAI-compatible API over many `serve` instances (health checks, policies, retries).
     Router(Box<router::RouterArgs>),
+    /// JSON-RPC 2.0 over stdin/stdout (one message per line) on the same models and engine as `serve`; takes
+    /// serve's flags (host and port unused).
+    Rpc(Box<ServeArgs>),
 }
 
 #[derive(Args)]
@@ -218,6 +222,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),
         Command::Router(args) => router::run_router(*args),
+        Command::Rpc(args) => rpc::run_rpc(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -284,15 +284,9 @@ fn init_logging(c: &config::LoggingSection) -> Result<()> {
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }
 
-pub fn run_serve(a: ServeArgs) -> Result<()> {
-    let c = a.resolve()?;
-    let (register, advertise_url) = (a.register.clone(), a.advertise_url.clone());
-    if a.print_config {
-        print!("{}", c.to_yaml_redacted()?);
-        return Ok(());
-    }
-    init_logging(&c.logging)?;
-    crate::init_threads(c.engine.threads)?;
+/// The served models and the server state built from resolved settings (shared by `serve` and `rpc`): the state,
+/// the models' names, and whether one model was given the old way (then a failed preload ends the start).
+pub(crate) fn build_state(c: &RuntimeConfig) -> Result<(Arc<AppState>, Vec<String>, bool)> {
     let api_keys = c.api_keys()?;
     // One model given the old way is pinned and loaded before the server listens; a failure ends the start.
     let single = c.models.is_empty();
@@ -328,7 +322,25 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         cache_shared_across_keys: c.cache.shared_across_keys,
         ..mlx_serving_server::ServerOptions::default()
     };
-    let state = Arc::new(AppState::with_models(models, limits, options));
+    Ok((Arc::new(AppState::with_models(models, limits, options)), names, single))
+}
+
+/// Resolves the settings, sets up logging (stderr) and threads, and builds the state.
+pub(crate) fn prepare(a: &ServeArgs) -> Result<Option<(RuntimeConfig, Arc<AppState>, Vec<String>, bool)>> {
+    let c = a.resolve()?;
+    if a.print_config {
+        print!("{}", c.to_yaml_redacted()?);
+        return Ok(None);
+    }
+    init_logging(&c.logging)?;
+    crate::init_threads(c.engine.threads)?;
+    let (state, names, single) = build_state(&c)?;
+    Ok(Some((c, state, names, single)))
+}
+
+pub fn run_serve(a: ServeArgs) -> Result<()> {
+    let (register, advertise_url) = (a.register.clone(), a.advertise_url.clone());
+    let Some((c, state, names, single)) = prepare(&a)? else { return Ok(()) };
     let grace = Duration::from_secs_f64(c.server.shutdown_grace_seconds);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

@@ -1,0 +1,116 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  AbortError,
+  ApiError,
+  createEngine,
+  TimeoutError,
+  TransportError,
+  ValidationError,
+  type Engine,
+  type GeneratorChunk,
+} from "../src/index.js";
+import { binary, model, startServer, type Server } from "./server.js";
+
+// The same model behind a server (for reference answers) and a spawned `mlx-serving rpc`.
+let server: Server;
+let engine: Engine;
+const runtimeArgs = ["--model", model, "--served-model-name", "smol", "--threads", "1", "--kv-cache-mb", "64",
+  "--log-level", "warn"];
+
+beforeAll(async () => {
+  server = await startServer();
+  engine = await createEngine({ binaryPath: binary, runtimeArgs });
+}, 120_000);
+
+afterAll(async () => {
+  await engine?.shutdown();
+  await server?.stop();
+});
+
+async function direct(prompt: string, maxTokens: number) {
+  const r = await fetch(`${server.url}/v1/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ model: "smol", prompt, max_tokens: maxTokens, temperature: 0, return_token_ids: true }),
+  });
+  return ((await r.json()) as { choices: { text: string; token_ids: number[] }[] }).choices[0]!;
+}
+
+async function waitIdle(e: Engine) {
+  for (let i = 0; i < 100; i++) {
+    const h = await e.healthCheck();
+    if (h.running === 0 && h.waiting === 0) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return false;
+}
+
+describe("over stdio (mlx-serving rpc)", () => {
+  it("streams the server's greedy tokens, several at once over one pipe", async () => {
+    const prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
+    const want = await Promise.all(prompts.map((p) => direct(p, 16)));
+    const got = await Promise.all(
+      prompts.map(async (prompt) => {
+        const chunks: GeneratorChunk[] = [];
+        for await (const c of engine.createGenerator({ model: "smol", prompt, maxTokens: 16, temperature: 0 })) chunks.push(c);
+        return chunks;
+      }),
+    );
+    for (const [k, chunks] of got.entries()) {
+      const tokens = chunks.filter((c) => c.type === "token");
+      expect(tokens.map((c) => c.token).join("")).toBe(want[k]!.text);
+      expect(tokens.flatMap((c) => c.tokenIds)).toEqual(want[k]!.token_ids);
+      const last = chunks[chunks.length - 1]!;
+      expect(last.type === "metadata" && last.stats.tokensGenerated === 16 && last.stats.finishReason === "length").toBe(true);
+    }
+    expect((await engine.getRuntimeInfo()).models).toEqual(["smol"]);
+    expect((await engine.listModels()).map((m) => m.id)).toEqual(["smol"]);
+  });
+
+  it("tokenizes as the server does; validates; refuses unknown models", async () => {
+    const r = await fetch(`${server.url}/tokenize`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "smol", prompt: "Hello, world!" }),
+    });
+    const want = ((await r.json()) as { tokens: number[] }).tokens;
+    expect((await engine.tokenize({ model: "smol", text: "Hello, world!" })).tokens).toEqual(want);
+    expect(() => engine.createGenerator({ model: "smol", prompt: "x", maxTokens: -1 })).toThrow(ValidationError);
+    const e = await engine.generate({ model: "nope", prompt: "x" }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(ApiError);
+    expect((e as ApiError).status).toBe(404);
+  });
+
+  it("cancels in the engine on break, abort and timeout", async () => {
+    const long = { model: "smol", prompt: "Tell me a long story.", maxTokens: 2000, ignoreEos: true };
+    let n = 0;
+    for await (const c of engine.createGenerator(long)) if (c.type === "token" && ++n === 3) break;
+    expect(await waitIdle(engine)).toBe(true);
+    const ctl = new AbortController();
+    const read = (async () => {
+      for await (const c of engine.createGenerator(long, { signal: ctl.signal })) if (c.type === "token") ctl.abort();
+    })();
+    await expect(read).rejects.toBeInstanceOf(AbortError);
+    expect(await waitIdle(engine)).toBe(true);
+    await expect(engine.generate(long, { timeoutMs: 200 })).rejects.toBeInstanceOf(TimeoutError);
+    expect(await waitIdle(engine)).toBe(true);
+  });
+
+  it("fails pending calls when the runtime dies, and restarts it on the next call", async () => {
+    const e = await createEngine({ binaryPath: binary, runtimeArgs });
+    const gen = e.createGenerator({ model: "smol", prompt: "Tell me a long story.", maxTokens: 2000, ignoreEos: true });
+    const first = await gen.next();
+    expect(first.value?.type).toBe("token");
+    const pid = e.runtimePid!;
+    process.kill(pid, "SIGKILL");
+    await expect((async () => {
+      for await (const _ of gen) {
+        // drain until the failure
+      }
+    })()).rejects.toBeInstanceOf(TransportError);
+    const text = await e.generate({ model: "smol", prompt: "The capital of France is", maxTokens: 8, temperature: 0 });
+    expect(text).toBe((await direct("The capital of France is", 8)).text);
+    expect(e.runtimePid).not.toBe(pid);
+    await e.shutdown();
+  });
+});
