@@ -1,11 +1,11 @@
 //! `mlx-serving rpc`: the JSON-RPC runtime over stdio (crate `mlx-serving-rpc`), on the same settings, models
 //! and app as `serve`. Only JSON-RPC goes to stdout; logs go to stderr.
 
-use crate::serve::{prepare, ServeArgs};
+use crate::serve::{prepare, Prepared, ServeArgs};
 use anyhow::Result;
 
 pub fn run_rpc(a: ServeArgs) -> Result<()> {
-    let Some((c, state, _names, single)) = prepare(&a)? else { return Ok(()) };
+    let Some(Prepared { c, state, single, .. }) = prepare(&a)? else { return Ok(()) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         for e in state.preload().await {

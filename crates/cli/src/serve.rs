@@ -325,8 +325,18 @@ pub(crate) fn build_state(c: &RuntimeConfig) -> Result<(Arc<AppState>, Vec<Strin
     Ok((Arc::new(AppState::with_models(models, limits, options)), names, single))
 }
 
-/// Resolves the settings, sets up logging (stderr) and threads, and builds the state.
-pub(crate) fn prepare(a: &ServeArgs) -> Result<Option<(RuntimeConfig, Arc<AppState>, Vec<String>, bool)>> {
+/// A front end's starting point: the resolved settings and the state built from them.
+pub(crate) struct Prepared {
+    pub c: RuntimeConfig,
+    pub state: Arc<AppState>,
+    pub names: Vec<String>,
+    /// One model given the old way: a failed preload ends the start.
+    pub single: bool,
+}
+
+/// Resolves the settings, sets up logging (stderr) and threads, and builds the state; None after
+/// `--print-config`.
+pub(crate) fn prepare(a: &ServeArgs) -> Result<Option<Prepared>> {
     let c = a.resolve()?;
     if a.print_config {
         print!("{}", c.to_yaml_redacted()?);
@@ -335,12 +345,12 @@ pub(crate) fn prepare(a: &ServeArgs) -> Result<Option<(RuntimeConfig, Arc<AppSta
     init_logging(&c.logging)?;
     crate::init_threads(c.engine.threads)?;
     let (state, names, single) = build_state(&c)?;
-    Ok(Some((c, state, names, single)))
+    Ok(Some(Prepared { c, state, names, single }))
 }
 
 pub fn run_serve(a: ServeArgs) -> Result<()> {
     let (register, advertise_url) = (a.register.clone(), a.advertise_url.clone());
-    let Some((c, state, names, single)) = prepare(&a)? else { return Ok(()) };
+    let Some(Prepared { c, state, names, single }) = prepare(&a)? else { return Ok(()) };
     let grace = Duration::from_secs_f64(c.server.shutdown_grace_seconds);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

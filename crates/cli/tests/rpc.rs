@@ -32,7 +32,8 @@ impl Rpc {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let line = line.expect("stdout");
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON on stdout ({e}): {line}"));
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON on stdout ({e}): {line}"));
                 if tx.send(v).is_err() {
                     break;
                 }
@@ -74,9 +75,9 @@ impl Rpc {
         self.wait(&format!("answer to {id}"), |v| v["id"] == json!(id))
     }
 
-    /// A generation's chunks' ids and text, and its final event, after its `generate` answer.
-    fn stream(&mut self, stream_id: &str) -> (Vec<u64>, String, Value) {
-        let (mut ids, mut text) = (Vec::new(), String::new());
+    /// A generation's chunks' ids and text, its final event and its stats, after its `generate` answer.
+    fn stream(&mut self, stream_id: &str) -> (Vec<u64>, String, Value, Value) {
+        let (mut ids, mut text, mut stats) = (Vec::new(), String::new(), Value::Null);
         loop {
             let v = self.wait("stream message", |v| v["params"]["stream_id"] == json!(stream_id));
             match v["method"].as_str() {
@@ -84,8 +85,8 @@ impl Rpc {
                     ids.extend(v["params"]["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()));
                     text.push_str(v["params"]["token"].as_str().unwrap());
                 }
-                Some("stream.stats") => {}
-                Some("stream.event") => return (ids, text, v["params"].clone()),
+                Some("stream.stats") => stats = v["params"].clone(),
+                Some("stream.event") => return (ids, text, v["params"].clone(), stats),
                 other => panic!("unexpected {other:?}: {v}"),
             }
         }
@@ -120,31 +121,36 @@ fn concurrent_generations_over_one_pipe() {
         let sid = format!("alone-{k}");
         let r = rpc.call(10 + k as u64, "generate", gen(p, &sid));
         assert_eq!(r["result"]["stream_id"], sid.as_str());
-        let (ids, text, end) = rpc.stream(&sid);
+        let (ids, text, end, stats) = rpc.stream(&sid);
         assert_eq!((end["event"].as_str(), ids.len()), (Some("completed"), 16), "{end}");
         assert!(!text.is_empty());
+        assert_eq!(stats["tokens_generated"], 16);
+        assert!(stats["time_to_first_token_ms"].as_f64().unwrap() > 0.0);
+        assert!(stats["prompt_tokens"].as_u64().unwrap() > 0);
         alone.push(ids);
     }
     let refs = reference("greedy-SmolLM2-135M-Instruct-transformers-f32.json");
-    let want: Vec<u64> = refs["items"][0]["output_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let want: Vec<u64> =
+        refs["items"][0]["output_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     assert_eq!(alone[0][..10], want[..10], "the reference's greedy ids");
     for (k, p) in PROMPTS.iter().enumerate() {
         rpc.send(20 + k as u64, "generate", gen(p, &format!("together-{k}")));
     }
     for (k, ids) in alone.iter().enumerate() {
-        let (got, _, end) = rpc.stream(&format!("together-{k}"));
+        let (got, _, end, _) = rpc.stream(&format!("together-{k}"));
         assert_eq!(&got, ids, "prompt {k} alone and with three others");
         assert_eq!(end["finish_reason"], "length");
     }
-    let stats = rpc.wait("stats", |v| v["method"] == "stream.stats");
-    assert_eq!(stats["params"]["tokens_generated"], 16);
-    assert!(stats["params"]["time_to_first_token_ms"].as_f64().unwrap() > 0.0);
     let tok = rpc.call(30, "tokenize", json!({"model": "SmolLM2-135M-Instruct.Q4_1", "text": PROMPTS[0]}));
     let want_prompt: Vec<u64> =
         refs["items"][0]["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     let got: Vec<u64> = tok["result"]["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     assert_eq!(got, want_prompt, "tokenize gives the reference's prompt ids");
-    let same = rpc.call(31, "check_draft", json!({"model": "SmolLM2-135M-Instruct.Q4_1", "draft": "SmolLM2-135M-Instruct.Q4_1"}));
+    let same = rpc.call(
+        31,
+        "check_draft",
+        json!({"model": "SmolLM2-135M-Instruct.Q4_1", "draft": "SmolLM2-135M-Instruct.Q4_1"}),
+    );
     assert_eq!(same["result"]["compatible"], true);
 }
 
@@ -181,8 +187,12 @@ fn cancel_errors_and_eof() {
     rpc.send_raw(r#"{"id": 4, "method": "tokenize"}"#);
     assert_eq!(rpc.wait("invalid request", |v| v["id"] == 4)["error"]["code"], -32600);
     assert_eq!(rpc.call(5, "warp_drive", json!({}))["error"]["code"], -32601);
-    let bad = rpc.call(6, "generate", json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "x", "max_tokens": -1,
-        "stream_id": "bad"}));
+    let bad = rpc.call(
+        6,
+        "generate",
+        json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "x", "max_tokens": -1,
+        "stream_id": "bad"}),
+    );
     assert_eq!(bad["error"]["code"], -32602, "{bad}");
     assert!(bad["error"]["message"].as_str().unwrap().contains("max_tokens"), "{bad}");
     assert_eq!(rpc.call(7, "generate", json!({"prompt": "x"}))["error"]["code"], -32602);
@@ -198,7 +208,7 @@ fn cancel_errors_and_eof() {
     // A generation in flight when stdin closes still completes; then the runtime exits with success.
     rpc.call(12, "generate", gen(PROMPTS[1], "last"));
     drop(rpc.stdin.take());
-    let (ids, _, end) = rpc.stream("last");
+    let (ids, _, end, _) = rpc.stream("last");
     assert_eq!((end["event"].as_str(), ids.len()), (Some("completed"), 16));
     let t = Instant::now();
     loop {

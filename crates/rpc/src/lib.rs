@@ -125,7 +125,12 @@ impl Shared {
     }
 
     /// One request through the app; the response's status and body (not read when `stream`).
-    async fn http(&self, method: Method, path: &str, body: Option<&Value>) -> Result<axum::response::Response, RpcError> {
+    async fn http(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<axum::response::Response, RpcError> {
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -360,9 +365,9 @@ async fn call(s: &Arc<Shared>, method: &str, params: &Value) -> Result<Value, Rp
                 _ => return Err(params_error("text must be a string")),
             };
             let add = p.get("add_special_tokens").or_else(|| p.get("add_bos")).and_then(Value::as_bool).unwrap_or(true);
-            let r =
-                s.json(Method::POST, "/tokenize", Some(&json!({"model": m, "prompt": text, "add_special_tokens": add})))
-                    .await?;
+            let r = s
+                .json(Method::POST, "/tokenize", Some(&json!({"model": m, "prompt": text, "add_special_tokens": add})))
+                .await?;
             Ok(json!({"tokens": r["tokens"], "count": r["count"]}))
         }
         "check_draft" => check_draft(s, p).await,
@@ -533,8 +538,11 @@ async fn relay(
                 first.get_or_insert(now);
                 last = now;
                 generated += ids.len() as u64;
-                s.notify("stream.chunk", json!({"stream_id": stream_id, "index": index, "token": text,
-                    "token_ids": ids}))
+                s.notify(
+                    "stream.chunk",
+                    json!({"stream_id": stream_id, "index": index, "token": text,
+                    "token_ids": ids}),
+                )
                 .await;
                 index += 1;
             }
