@@ -54,10 +54,12 @@ def level(report, k=0):
 results = {}
 parts = args.parts.split(",")
 if "overhead" in parts:
-    # 1. Overhead on one instance, prefix caching off so every request costs the instance the same.
-    inst, port = start(args.binary, SERVE + ["--no-prefix-caching"])
+    # 1. Overhead on one instance. Every prompt is cached by a throwaway run first, so that every measured
+    # request costs the instance the same little (TTFT ~ one token) and the router's part stands out.
+    inst, port = start(args.binary, SERVE)
     direct = f"http://127.0.0.1:{port}"
     rproc, rurl = router([direct], "least_outstanding")
+    bench([direct], "overhead-warmup", ["--num-prompts", "128", "--concurrency", "1", "--max-tokens", "16"])
     r = bench([direct, rurl], "overhead", ["--num-prompts", "128", "--concurrency", "1", "--max-tokens", "16",
                                            "--rounds", str(args.rounds), "--warmup", "4"])
     d, t = level(r, 0), level(r, 1)
