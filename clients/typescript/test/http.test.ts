@@ -10,7 +10,7 @@ import {
   type Engine,
   type GeneratorChunk,
 } from "../src/index.js";
-import { startServer, type Server } from "./server.js";
+import { direct, serverTokens, startServer, waitIdle, type Server } from "./server.js";
 
 let server: Server;
 let engine: Engine;
@@ -26,24 +26,7 @@ afterAll(async () => {
 });
 
 /** The server's own greedy answer, through its OpenAI API. */
-async function direct(prompt: string, maxTokens: number) {
-  const r = await fetch(`${server.url}/v1/completions`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ model: "smol", prompt, max_tokens: maxTokens, temperature: 0, return_token_ids: true }),
-  });
-  const v = (await r.json()) as { choices: { text: string; token_ids: number[] }[] };
-  return v.choices[0]!;
-}
 
-async function waitIdle() {
-  for (let i = 0; i < 100; i++) {
-    const h = await engine.healthCheck();
-    if (h.running === 0 && h.waiting === 0) return true;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return false;
-}
 
 describe("over HTTP", () => {
   it("lists, describes, unloads and loads the server's model", async () => {
@@ -60,7 +43,7 @@ describe("over HTTP", () => {
   });
 
   it("streams the server's greedy tokens, then the stats", async () => {
-    const want = await direct("The capital of France is", 24);
+    const want = await direct(server, "The capital of France is", 24);
     const chunks: GeneratorChunk[] = [];
     for await (const c of engine.createGenerator({ model: "smol", prompt: "The capital of France is", maxTokens: 24, temperature: 0 })) {
       chunks.push(c);
@@ -93,12 +76,7 @@ describe("over HTTP", () => {
   });
 
   it("tokenizes as the server's /tokenize does", async () => {
-    const r = await fetch(`${server.url}/tokenize`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ model: "smol", prompt: "Hello, world!" }),
-    });
-    const want = ((await r.json()) as { tokens: number[] }).tokens;
+    const want = await serverTokens(server, "Hello, world!");
     expect((await engine.tokenize({ model: "smol", text: "Hello, world!" })).tokens).toEqual(want);
   });
 
@@ -108,7 +86,7 @@ describe("over HTTP", () => {
     for await (const c of gen) {
       if (c.type === "token" && ++seen === 3) break;
     }
-    expect(await waitIdle()).toBe(true);
+    expect(await waitIdle(() => engine.healthCheck())).toBe(true);
     const ctl = new AbortController();
     const chunks = engine.createGenerator({ model: "smol", prompt: "Tell me a long story.", maxTokens: 2000, ignoreEos: true },
       { signal: ctl.signal });
@@ -116,11 +94,11 @@ describe("over HTTP", () => {
       for await (const c of chunks) if (c.type === "token") ctl.abort();
     })();
     await expect(read).rejects.toBeInstanceOf(AbortError);
-    expect(await waitIdle()).toBe(true);
+    expect(await waitIdle(() => engine.healthCheck())).toBe(true);
     const slow = engine.generate({ model: "smol", prompt: "Tell me a long story.", maxTokens: 2000, ignoreEos: true },
       { timeoutMs: 200 });
     await expect(slow).rejects.toBeInstanceOf(TimeoutError);
-    expect(await waitIdle()).toBe(true);
+    expect(await waitIdle(() => engine.healthCheck())).toBe(true);
   });
 
   it("validates every input before sending it", async () => {

@@ -50,3 +50,33 @@ export async function startServer(args: string[] = []): Promise<Server> {
       }),
   };
 }
+
+/** The server's own greedy answer to `prompt`, through its OpenAI API. */
+export async function direct(server: Server, prompt: string, maxTokens: number) {
+  const r = await fetch(`${server.url}/v1/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ model: "smol", prompt, max_tokens: maxTokens, temperature: 0, return_token_ids: true }),
+  });
+  return ((await r.json()) as { choices: { text: string; token_ids: number[] }[] }).choices[0]!;
+}
+
+/** The server's `/tokenize` of `text`. */
+export async function serverTokens(server: Server, text: string): Promise<number[]> {
+  const r = await fetch(`${server.url}/tokenize`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ model: "smol", prompt: text }),
+  });
+  return ((await r.json()) as { tokens: number[] }).tokens;
+}
+
+/** Waits (up to 5 s) until the engine behind `health` runs and queues nothing; whether it did. */
+export async function waitIdle(health: () => Promise<{ running: number; waiting: number }>) {
+  for (let i = 0; i < 100; i++) {
+    const h = await health();
+    if (h.running === 0 && h.waiting === 0) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return false;
+}

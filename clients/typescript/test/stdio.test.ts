@@ -9,7 +9,7 @@ import {
   type Engine,
   type GeneratorChunk,
 } from "../src/index.js";
-import { binary, model, startServer, type Server } from "./server.js";
+import { binary, direct, model, serverTokens, startServer, waitIdle, type Server } from "./server.js";
 
 // The same model behind a server (for reference answers) and a spawned `mlx-serving rpc`.
 let server: Server;
@@ -27,28 +27,12 @@ afterAll(async () => {
   await server?.stop();
 });
 
-async function direct(prompt: string, maxTokens: number) {
-  const r = await fetch(`${server.url}/v1/completions`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ model: "smol", prompt, max_tokens: maxTokens, temperature: 0, return_token_ids: true }),
-  });
-  return ((await r.json()) as { choices: { text: string; token_ids: number[] }[] }).choices[0]!;
-}
 
-async function waitIdle(e: Engine) {
-  for (let i = 0; i < 100; i++) {
-    const h = await e.healthCheck();
-    if (h.running === 0 && h.waiting === 0) return true;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return false;
-}
 
 describe("over stdio (mlx-serving rpc)", () => {
   it("streams the server's greedy tokens, several at once over one pipe", async () => {
     const prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
-    const want = await Promise.all(prompts.map((p) => direct(p, 16)));
+    const want = await Promise.all(prompts.map((p) => direct(server, p, 16)));
     const got = await Promise.all(
       prompts.map(async (prompt) => {
         const chunks: GeneratorChunk[] = [];
@@ -68,12 +52,7 @@ describe("over stdio (mlx-serving rpc)", () => {
   });
 
   it("tokenizes as the server does; validates; refuses unknown models", async () => {
-    const r = await fetch(`${server.url}/tokenize`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ model: "smol", prompt: "Hello, world!" }),
-    });
-    const want = ((await r.json()) as { tokens: number[] }).tokens;
+    const want = await serverTokens(server, "Hello, world!");
     expect((await engine.tokenize({ model: "smol", text: "Hello, world!" })).tokens).toEqual(want);
     expect(() => engine.createGenerator({ model: "smol", prompt: "x", maxTokens: -1 })).toThrow(ValidationError);
     const e = await engine.generate({ model: "nope", prompt: "x" }).catch((x: unknown) => x);
@@ -85,15 +64,15 @@ describe("over stdio (mlx-serving rpc)", () => {
     const long = { model: "smol", prompt: "Tell me a long story.", maxTokens: 2000, ignoreEos: true };
     let n = 0;
     for await (const c of engine.createGenerator(long)) if (c.type === "token" && ++n === 3) break;
-    expect(await waitIdle(engine)).toBe(true);
+    expect(await waitIdle(() => engine.healthCheck())).toBe(true);
     const ctl = new AbortController();
     const read = (async () => {
       for await (const c of engine.createGenerator(long, { signal: ctl.signal })) if (c.type === "token") ctl.abort();
     })();
     await expect(read).rejects.toBeInstanceOf(AbortError);
-    expect(await waitIdle(engine)).toBe(true);
+    expect(await waitIdle(() => engine.healthCheck())).toBe(true);
     await expect(engine.generate(long, { timeoutMs: 200 })).rejects.toBeInstanceOf(TimeoutError);
-    expect(await waitIdle(engine)).toBe(true);
+    expect(await waitIdle(() => engine.healthCheck())).toBe(true);
   });
 
   it("fails pending calls when the runtime dies, and restarts it on the next call", async () => {
@@ -109,7 +88,7 @@ describe("over stdio (mlx-serving rpc)", () => {
       }
     })()).rejects.toBeInstanceOf(TransportError);
     const text = await e.generate({ model: "smol", prompt: "The capital of France is", maxTokens: 8, temperature: 0 });
-    expect(text).toBe((await direct("The capital of France is", 8)).text);
+    expect(text).toBe((await direct(server, "The capital of France is", 8)).text);
     expect(e.runtimePid).not.toBe(pid);
     await e.shutdown();
   });

@@ -8,12 +8,7 @@ pub fn run_rpc(a: ServeArgs) -> Result<()> {
     let Some(Prepared { c, state, single, .. }) = prepare(&a)? else { return Ok(()) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        for e in state.preload().await {
-            if single {
-                return Err(anyhow::anyhow!("{e}"));
-            }
-            tracing::error!(error = %e, "preloading a model failed; its requests will try again");
-        }
+        crate::serve::preload(&state, single).await?;
         let info = mlx_serving_rpc::RuntimeInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             max_line_bytes: c.server.max_body_bytes,

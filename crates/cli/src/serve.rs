@@ -325,6 +325,18 @@ pub(crate) fn build_state(c: &RuntimeConfig) -> Result<(Arc<AppState>, Vec<Strin
     Ok((Arc::new(AppState::with_models(models, limits, options)), names, single))
 }
 
+/// Loads the models to preload: with one model given the old way its failure ends the start, else it is logged
+/// (its requests try again).
+pub(crate) async fn preload(state: &AppState, single: bool) -> Result<()> {
+    for e in state.preload().await {
+        if single {
+            return Err(anyhow::anyhow!("{e}"));
+        }
+        tracing::error!(error = %e, "preloading a model failed; its requests will try again");
+    }
+    Ok(())
+}
+
 /// A front end's starting point: the resolved settings and the state built from them.
 pub(crate) struct Prepared {
     pub c: RuntimeConfig,
@@ -354,12 +366,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     let grace = Duration::from_secs_f64(c.server.shutdown_grace_seconds);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        for e in state.preload().await {
-            if single {
-                return Err(anyhow::anyhow!("{e}"));
-            }
-            tracing::error!(error = %e, "preloading a model failed; its requests will try again");
-        }
+        preload(&state, single).await?;
         let addr = format!("{}:{}", c.server.host, c.server.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("serving {} on http://{addr}", names.join(", "));

@@ -146,7 +146,7 @@ impl Router {
         let timeout = Duration::from_secs_f64(self.cfg.health_interval_seconds.max(0.5));
         pool::probe_all(&self.pool, &self.client, timeout).await;
         let urls: Vec<String> = self.pool.all().iter().map(|i| i.url.clone()).collect();
-        self.policies.index.lock().unwrap().retain(&urls);
+        self.policies.retain(&urls);
     }
 }
 

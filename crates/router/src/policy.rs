@@ -138,6 +138,12 @@ pub struct Policies {
 }
 
 impl Policies {
+    /// Forgets the state of instances no longer in the pool (prefix blocks, weighted turns).
+    pub fn retain(&self, urls: &[String]) {
+        self.index.lock().unwrap().retain(urls);
+        self.swrr.lock().unwrap().retain(|u, _| urls.contains(u));
+    }
+
     /// The candidate `policy` picks for `key` (`cands` is not empty).
     pub fn pick(
         &self,

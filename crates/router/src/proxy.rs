@@ -98,8 +98,8 @@ fn inspect(body: &[u8], headers: &HeaderMap, affinity_header: &str) -> Inspected
         .map(String::from)
         .or_else(|| headers.get(affinity_header).and_then(|h| h.to_str().ok()).map(String::from));
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let text = prompt_text(&v);
-    Inspected { model, key: RouteKey { affinity, text }, stream, body: v }
+    // The prompt text is only read by cache_aware: filled in when that is the policy.
+    Inspected { model, key: RouteKey { affinity, text: String::new() }, stream, body: v }
 }
 
 /// How many of the SSE events in `chunk` carry generated content (chat `delta.content`, tool calls or
@@ -231,6 +231,9 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
         out
     };
     let policy = seen.model.as_ref().and_then(|m| r.cfg.model_policies.get(m)).copied().unwrap_or(r.cfg.policy);
+    if policy == crate::config::PolicyName::CacheAware {
+        seen.key.text = prompt_text(&seen.body);
+    }
     let arm_backends = observe.arm.map(|(e, a)| &r.experiments[e].arms[a].backends);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let mut headers = reqwest::header::HeaderMap::new();
@@ -273,7 +276,7 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
             .body(body.clone())
             .send()
             .await;
-        let resp = match sent {
+        let mut resp = match sent {
             Err(e) => {
                 tracing::warn!(instance = %inst.url, error = %e.without_url(), "instance unreachable; trying another");
                 inst.record(false, &r.cfg.breaker);
@@ -292,7 +295,15 @@ pub async fn forward(State(r): State<Arc<Router>>, req: Request) -> Response {
             }
             inst.stats.retries_from.fetch_add(1, Ordering::Relaxed);
             let headers = resp.headers().clone();
-            let body = resp.bytes().await.unwrap_or_default();
+            // Kept to pass on if no instance does better: its first 64 KiB (an error envelope is small).
+            let mut body = Vec::new();
+            while let Ok(Some(piece)) = resp.chunk().await {
+                body.extend_from_slice(&piece[..piece.len().min((64 << 10) - body.len())]);
+                if body.len() >= 64 << 10 {
+                    break;
+                }
+            }
+            let body = Bytes::from(body);
             failed = Some(Failed { status, headers, body });
             continue;
         }

@@ -45,6 +45,10 @@ pub const REQUEST_CANCELLED: i64 = -32800;
 /// Lines waiting for the writer (beyond: senders wait).
 const OUTPUT_QUEUE: usize = 256;
 
+/// Calls in flight at once; beyond, stdin is not read until one finishes (with the bounded output queue, a
+/// host that writes calls but never reads answers stalls the runtime instead of growing it).
+const MAX_IN_FLIGHT: usize = 1024;
+
 pub const METHODS: [&str; 9] = [
     "runtime/info",
     "runtime/state",
@@ -263,6 +267,9 @@ where
     let mut tasks = JoinSet::new();
     let mut input = input;
     loop {
+        while tasks.len() >= MAX_IN_FLIGHT {
+            tasks.join_next().await;
+        }
         let line = match read_line(&mut input, info.max_line_bytes).await? {
             Ok(None) => break,
             Ok(Some(l)) => l,
