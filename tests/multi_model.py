@@ -12,6 +12,8 @@ Usage: multi_model.py BINARY SMOLLM2_GGUF QWEN_GGUF
    fails (requests wait for room); the metrics count the loads and unloads.
 4. runtime.yaml `models:` with a pinned model, a one-model limit and a short wait: the pinned model is never
    unloaded, the other model's requests get 503 with Retry-After; a TTL unloads an idle model by itself.
+5. `POST /v1/models` registers a model from files at run time (only with `server.allow_model_registration`):
+   it serves the reference ids, with a draft model too; taken names are 409s, bad paths and corrupt files 400s.
 """
 import os, sys, tempfile, threading, time
 
@@ -127,6 +129,9 @@ try:
     check(False, "unknown model")
 except openai.NotFoundError as e:
     check(e.body.get("code") == "model_not_found", "an unknown model is a 404 model_not_found")
+status, _, body = http(port, "POST", "/v1/models", {"id": "more", "path": qwen_path})
+check(status == 403 and body["error"]["code"] == "registration_disabled" and "more" not in models(port),
+      "POST /v1/models is a 403 unless server.allow_model_registration is on")
 # Unload waits for a request in flight.
 stream_result, stream_started = {}, {"wait": threading.Event(), "force": threading.Event()}
 
@@ -231,5 +236,56 @@ while "qwen" in ps(port) and time.time() < deadline:
     time.sleep(0.2)
 check(ps(port) == ["smol"], "the idle model past its TTL unloaded by itself; the one without a TTL stayed")
 check(ids(c, "qwen", PROMPTS[1]) == reference["qwen"][PROMPTS[1]], "and loads again on its next request")
+stop(proc)
+
+# 5. Models registered at run time.
+with open(cfg, "w") as f:
+    f.write(f"""server:
+  allow_model_registration: true
+engine:
+  kv_cache_mb: 64
+models:
+  - name: smol
+    path: {smol_path}
+""")
+# RUST_BACKTRACE on: errors about corrupt files still carry no backtrace.
+port = harness.free_port()
+proc = harness.start_command([binary, "serve", "--port", str(port), "--config", cfg, "--threads", "2"], port,
+                             env={**os.environ, "RUST_BACKTRACE": "1"})
+c = client(port)
+status, _, card = http(port, "POST", "/v1/models", {"id": "qwen", "path": qwen_path, "aliases": ["q"]})
+check(status == 200 and card["id"] == "qwen" and card["state"] == "loaded" and card["aliases"] == ["q"],
+      f"POST /v1/models registers and loads a model from a path ({status} {card})")
+check(ids(c, "q", PROMPTS[0]) == reference["qwen"][PROMPTS[0]], "the registered model serves the reference ids (by its alias)")
+status, _, card = http(port, "POST", "/v1/models", {"id": "qwen", "path": qwen_path})
+check(status == 200 and card["state"] == "loaded", "the same id from the same file again is not an error")
+for body, code, what in [
+    ({"id": "qwen", "path": smol_path}, "model_exists", "the id taken by other files"),
+    ({"id": "smol", "path": qwen_path}, "model_exists", "a configured model's name"),
+    ({"id": "other", "path": smol_path, "aliases": ["q"]}, "model_exists", "an alias taken"),
+]:
+    status, _, r = http(port, "POST", "/v1/models", body)
+    check(status == 409 and r["error"]["code"] == code, f"{what}: 409 {code} ({status} {r})")
+for body, param, what in [
+    ({"id": "x", "path": os.path.join(tmp, "missing.gguf")}, "path", "a missing file"),
+    ({"id": "x", "path": broken}, "path", "a corrupt file"),
+    ({"id": "x", "path": smol_path, "draft_model": broken}, "draft_model", "a corrupt draft model"),
+    ({"id": "", "path": smol_path}, "id", "an empty id"),
+    ({"id": "x", "path": smol_path, "ttl_seconds": -1}, "ttl_seconds", "a negative TTL"),
+    ({"id": "x", "path": smol_path, "weights": "y"}, "weights", "an unknown field"),
+]:
+    status, _, r = http(port, "POST", "/v1/models", body)
+    check(status == 400 and r["error"]["param"] == param and "\n" not in r["error"]["message"],
+          f"{what}: 400 naming {param}, one line ({status} {r})")
+check("x" not in models(port), "a refused registration registers nothing")
+status, _, card = http(port, "POST", "/v1/models", {"id": "smol-spec", "path": smol_path, "draft_model": smol_path, "load": False})
+check(status == 200 and card["state"] == "unloaded", "load: false registers without loading")
+check(all(ids(c, "smol-spec", p) == reference["smol"][p] for p in PROMPTS[:2]),
+      "a model registered with a draft model (speculative decoding) gives the same greedy ids")
+met = metrics(port)
+check(met['mlx_serving:model_loads_total{model_name="qwen"}'] == 1
+      and met['mlx_serving:model_loads_total{model_name="smol-spec"}'] == 1, "/metrics has series for registered models")
+check(met.get('mlx_serving:spec_decode_num_draft_tokens{model_name="smol-spec"}', 0) > 0,
+      "the registered model's draft model proposed tokens")
 stop(proc)
 print(f"all {harness.checks} checks passed")

@@ -173,6 +173,9 @@ pub struct ServerSection {
     pub max_images_per_request: usize,
     /// MiB of preprocessed pixels all requests in flight may hold at once (beyond: 429).
     pub max_image_mb_in_flight: usize,
+    /// `POST /v1/models` may register a model from a path on this machine (with the engine settings of this
+    /// file); off, models come only from this file and the flags. Always on in `rpc` (its caller started it).
+    pub allow_model_registration: bool,
 }
 
 impl Default for ServerSection {
@@ -198,6 +201,7 @@ impl Default for ServerSection {
             max_image_pixels: mlx_serving_server::images::ImageOptions::default().max_pixels,
             max_images_per_request: mlx_serving_server::images::ImageOptions::default().max_per_request,
             max_image_mb_in_flight: mlx_serving_server::images::ImageOptions::default().max_pixel_bytes_in_flight >> 20,
+            allow_model_registration: false,
         }
     }
 }

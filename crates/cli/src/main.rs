@@ -15,6 +15,7 @@ mod register;
 mod router;
 mod rpc;
 mod serve;
+mod sources;
 mod speculative;
 use serve::{run_serve, ServeArgs};
 

@@ -1,14 +1,12 @@
 //! `mlx-serving serve`: the configuration (flags over environment over `runtime.yaml`), the models it
-//! registers (each built from its files by a [`FileSource`] when the registry loads it), and the server's
+//! registers (each built from its files by a `sources::FileSource` when the registry loads it), and the server's
 //! life from start to graceful shutdown.
 
-use crate::config::{self, EngineSection, ModelEntry, ResolvedModel, RuntimeConfig};
-use crate::speculative::SpeculativeSection;
+use crate::config::{self, ModelEntry, RuntimeConfig};
+use crate::sources::{registration, FileFactory};
 use anyhow::{Context, Result};
 use clap::Args;
-use mlx_serving_models::{ActivationPrecision, LoadOptions, ModelBundle};
-use mlx_serving_server::models::{LoadedModel, ModelSource};
-use mlx_serving_server::{AppState, Limits, ModelSpec};
+use mlx_serving_server::{AppState, Limits};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,87 +194,6 @@ fn model_flag(v: &str) -> (Option<String>, PathBuf) {
     }
 }
 
-/// A model in files: estimated from their sizes, loaded into a bundle with its own engine.
-struct FileSource {
-    name: String,
-    path: PathBuf,
-    activations: ActivationPrecision,
-    engine: EngineSection,
-    speculative: Option<SpeculativeSection>,
-}
-
-impl ModelSource for FileSource {
-    fn estimate(&self) -> Result<u64, String> {
-        let path = mlx_serving_models::resolve_model(&self.path).map_err(|e| format!("{e:#}"))?;
-        let weights = mlx_serving_models::weight_bytes(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let kv = (self.engine.kv_cache_mb as u64) << 20;
-        // A draft model's weights, and its KV cache (as many blocks as the target's, each no larger).
-        let draft = match &self.speculative {
-            Some(s) if s.draft_model.is_some() => s.draft_bytes().map_err(|e| format!("{e:#}"))? + kv,
-            _ => 0,
-        };
-        Ok(weights + kv + draft)
-    }
-
-    fn load(&self) -> Result<LoadedModel, String> {
-        self.load_model().map_err(|e| format!("{e:#}"))
-    }
-}
-
-impl FileSource {
-    fn load_model(&self) -> Result<LoadedModel> {
-        let path = &mlx_serving_models::resolve_model(&self.path)?;
-        let e = &self.engine;
-        let opts = LoadOptions {
-            activations: self.activations,
-            kv_cache_dtype: e.kv_cache_dtype()?,
-            ..LoadOptions::default()
-        };
-        let bundle = Arc::new(ModelBundle::load(path, &opts).with_context(|| format!("loading {}", path.display()))?);
-        let mut cfg = mlx_serving_runner::ModelExecutor::scheduler_config(&bundle, e.block_size, e.kv_cache_mb << 20);
-        cfg.max_num_seqs = e.max_num_seqs;
-        cfg.max_num_batched_tokens = e.max_num_batched_tokens;
-        cfg.max_waiting_requests = e.max_waiting_requests;
-        cfg.max_waiting_tokens = e.max_waiting_tokens;
-        cfg.enable_prefix_caching = e.enable_prefix_caching;
-        cfg.aging_interval = Duration::from_secs_f64(e.priority_aging_seconds);
-        tracing::info!(
-            model = %path.display(),
-            name = %self.name,
-            kv_blocks = cfg.num_blocks,
-            block_size = cfg.block_size,
-            max_model_len = cfg.max_model_len,
-            "engine ready"
-        );
-        let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks)
-            .with_encoder_cache_bytes(e.encoder_cache_mb << 20);
-        if let Some(s) = &self.speculative {
-            exec = exec.with_speculation(s.speculator(&bundle, &opts, cfg.block_size, cfg.num_blocks)?);
-            tracing::info!(name = %self.name, method = %s.method, draft = ?s.draft_model, "speculative decoding on");
-        }
-        let (engine, join) = mlx_serving_engine::EngineCore::spawn(cfg, exec);
-        Ok(LoadedModel { bundle, engine, engine_thread: Some(join) })
-    }
-}
-
-fn registration(m: ResolvedModel) -> (ModelSpec, Box<dyn ModelSource>) {
-    let spec = ModelSpec {
-        name: m.name.clone(),
-        aliases: m.aliases,
-        pinned: m.pinned,
-        ttl: m.ttl_seconds.map(Duration::from_secs_f64),
-        preload: m.preload,
-    };
-    let source = FileSource {
-        name: m.name,
-        path: m.path,
-        activations: m.activations,
-        engine: m.engine,
-        speculative: m.speculative,
-    };
-    (spec, Box::new(source))
-}
-
 fn init_logging(c: &config::LoggingSection) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&c.level).context("logging.level")?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -320,6 +237,10 @@ pub(crate) fn build_state(c: &RuntimeConfig) -> Result<(Arc<AppState>, Vec<Strin
         coalescing: c.cache.coalescing,
         response_cache: c.cache.backend()?,
         cache_shared_across_keys: c.cache.shared_across_keys,
+        model_factory: match c.server.allow_model_registration {
+            true => Some(Arc::new(FileFactory::new(c)?)),
+            false => None,
+        },
         ..mlx_serving_server::ServerOptions::default()
     };
     Ok((Arc::new(AppState::with_models(models, limits, options)), names, single))
@@ -348,8 +269,9 @@ pub(crate) struct Prepared {
 
 /// Resolves the settings, sets up logging (stderr) and threads, and builds the state; None after
 /// `--print-config`.
-pub(crate) fn prepare(a: &ServeArgs) -> Result<Option<Prepared>> {
-    let c = a.resolve()?;
+pub(crate) fn prepare(a: &ServeArgs, adjust: impl FnOnce(&mut RuntimeConfig)) -> Result<Option<Prepared>> {
+    let mut c = a.resolve()?;
+    adjust(&mut c);
     if a.print_config {
         print!("{}", c.to_yaml_redacted()?);
         return Ok(None);
@@ -362,7 +284,7 @@ pub(crate) fn prepare(a: &ServeArgs) -> Result<Option<Prepared>> {
 
 pub fn run_serve(a: ServeArgs) -> Result<()> {
     let (register, advertise_url) = (a.register.clone(), a.advertise_url.clone());
-    let Some(Prepared { c, state, names, single }) = prepare(&a)? else { return Ok(()) };
+    let Some(Prepared { c, state, names, single }) = prepare(&a, |_| {})? else { return Ok(()) };
     let grace = Duration::from_secs_f64(c.server.shutdown_grace_seconds);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

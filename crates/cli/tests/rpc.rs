@@ -220,3 +220,41 @@ fn cancel_errors_and_eof() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `load_model` with a local path registers and loads a model under a new name (with a draft model too); it then
+/// serves the same greedy ids as the configured model; the same call again is fine, a taken name with other
+/// files is a conflict, a name that is neither served nor in the Hugging Face cache is not found.
+#[test]
+fn load_model_from_a_local_path() {
+    let mut rpc = Rpc::start(&[]);
+    let path = smollm2_path().display().to_string();
+    let r = rpc.call(1, "load_model", json!({"model": "second", "localPath": path, "draft": path}));
+    assert_eq!(r["result"]["state"], "loaded", "{r}");
+    assert_eq!(r["result"]["id"], "second");
+    let again = rpc.call(2, "load_model", json!({"model": "second", "local_path": path, "draft": path}));
+    assert_eq!(again["result"]["state"], "loaded", "{again}");
+    let taken = rpc.call(3, "load_model", json!({"model": "second", "local_path": path}));
+    assert_eq!(taken["error"]["code"], -32009, "other files (no draft) under a taken name: {taken}");
+    let nope = rpc.call(4, "load_model", json!({"model": "nobody/nothing"}));
+    assert_eq!(nope["error"]["code"], -32004, "{nope}");
+    assert!(nope["error"]["message"].as_str().unwrap().contains("Hugging Face cache"), "{nope}");
+    let bad = rpc.call(5, "load_model", json!({"model": "third", "local_path": 7}));
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+    let mut outputs = Vec::new();
+    for (k, model) in ["SmolLM2-135M-Instruct.Q4_1", "second"].iter().enumerate() {
+        let sid = format!("s{k}");
+        let mut params = gen(PROMPTS[0], &sid);
+        params["model"] = json!(model);
+        rpc.call(10 + k as u64, "generate", params);
+        let (ids, _, end, _) = rpc.stream(&sid);
+        assert_eq!(end["event"], "completed", "{end}");
+        outputs.push(ids);
+    }
+    assert_eq!(outputs[0], outputs[1], "the registered model (with its draft) gives the configured model's greedy ids");
+    let info = rpc.call(20, "runtime/info", json!({}));
+    let names: Vec<&str> =
+        info["result"]["models"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(names, ["SmolLM2-135M-Instruct.Q4_1", "second"]);
+    let un = rpc.call(21, "unload_model", json!({"model": "second"}));
+    assert_eq!(un["result"]["state"], "unloaded", "{un}");
+}

@@ -31,6 +31,15 @@ pub enum Error {
     /// The caller's progress callback asked to stop (every request of the step was abandoned).
     #[error("step cancelled")]
     Cancelled,
-    #[error("tensor op: {0}")]
+    #[error("tensor op: {}", candle_text(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set (messages reach
+/// API clients; a backtrace is neither theirs to read nor useful to them).
+pub fn candle_text(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_text(inner),
+        e => e.to_string(),
+    }
 }

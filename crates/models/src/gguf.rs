@@ -42,7 +42,7 @@ impl GgufFile {
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let content = Content::read(&mut reader).map_err(|e| Error::BadGguf {
             path: path.clone(),
-            reason: format!("header: {e} (truncated or corrupt file?)"),
+            reason: format!("header: {} (truncated or corrupt file?)", crate::error::candle_text(&e)),
         })?;
         let map = MappedFile::open(&path).map_err(io)?;
         let gguf = Self { path, content, map };

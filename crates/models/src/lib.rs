@@ -34,6 +34,6 @@ pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv::{BatchInput, PagedKvCache, SeqInput};
 pub use mlx_serving_kernels::Activations;
-pub use resolve::{resolve_model, weight_bytes};
+pub use resolve::{probe, resolve_model, weight_bytes};
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf, SpecialTokens};
 pub use vision::{HeldBytes, ImagePixels, ImageProcessing, PixelLayout, VisionModel};

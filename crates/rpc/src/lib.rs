@@ -35,6 +35,8 @@ pub const INVALID_PARAMS: i64 = -32602;
 pub const API_ERROR: i64 = -32000;
 /// A model, stream or other thing named does not exist (HTTP 404).
 pub const NOT_FOUND: i64 = -32004;
+/// The name is taken by another model (HTTP 409).
+pub const CONFLICT: i64 = -32009;
 /// Too busy now; try again (HTTP 429).
 pub const OVERLOADED: i64 = -32005;
 /// Not available now (HTTP 503), or the runtime is shutting down.
@@ -167,6 +169,7 @@ fn api_error(status: StatusCode, body: &[u8]) -> RpcError {
     let code = match status {
         StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNPROCESSABLE_ENTITY => INVALID_PARAMS,
         StatusCode::NOT_FOUND => NOT_FOUND,
+        StatusCode::CONFLICT => CONFLICT,
         StatusCode::TOO_MANY_REQUESTS => OVERLOADED,
         StatusCode::SERVICE_UNAVAILABLE => UNAVAILABLE,
         _ => API_ERROR,
@@ -350,15 +353,7 @@ async fn call(s: &Arc<Shared>, method: &str, params: &Value) -> Result<Value, Rp
             let streams: Vec<String> = s.streams.lock().unwrap().keys().cloned().collect();
             Ok(json!({"health": health, "models": models["data"], "active_streams": streams}))
         }
-        "load_model" => {
-            if p.contains_key("local_path") || p.contains_key("localPath") {
-                return Err(params_error(
-                    "local_path: this runtime loads the models its configuration names (give them with --model)",
-                ));
-            }
-            let m = model_of(p)?;
-            s.json(Method::POST, &format!("/v1/models/{}/load", path_segment(&m)), None).await
-        }
+        "load_model" => load_model(s, p).await,
         "unload_model" => {
             let m = model_of(p)?;
             let force = p.get("force").and_then(Value::as_bool).unwrap_or(false);
@@ -393,6 +388,41 @@ async fn call(s: &Arc<Shared>, method: &str, params: &Value) -> Result<Value, Rp
         }
         other => Err(RpcError::new(METHOD_NOT_FOUND, format!("no method `{other}` (methods: {})", METHODS.join(", ")))),
     }
+}
+
+/// `load_model {model, local_path?, draft?}`: a model the runtime serves is loaded; with `local_path` (a model
+/// file or directory) or `draft` (a draft model's path, for speculative decoding) it is registered under
+/// `model` first (again from the same files is fine); an unknown `model` alone is looked up as a repository
+/// id in the local Hugging Face cache. Answers with the model's card once it is loaded.
+async fn load_model(s: &Arc<Shared>, p: &Map<String, Value>) -> Result<Value, RpcError> {
+    let m = model_of(p)?;
+    let text = |keys: &[&str]| -> Result<Option<String>, RpcError> {
+        match keys.iter().find_map(|k| p.get(*k)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(v)) if !v.is_empty() => Ok(Some(v.clone())),
+            Some(_) => Err(params_error(format!("{} must be a non-empty string", keys[0]))),
+        }
+    };
+    let (local, draft) = (text(&["local_path", "localPath"])?, text(&["draft", "draft_model"])?);
+    let load = format!("/v1/models/{}/load", path_segment(&m));
+    if local.is_none() && draft.is_none() {
+        match s.json(Method::POST, &load, None).await {
+            Err(e) if e.code == NOT_FOUND => {
+                // Not a served name: a repository id in the local cache, or nothing.
+                let body = json!({"id": m, "path": m});
+                return s.json(Method::POST, "/v1/models", Some(&body)).await.map_err(|r| match r.code {
+                    INVALID_PARAMS => RpcError::new(
+                        NOT_FOUND,
+                        format!("{} and not a model in the local Hugging Face cache ({})", e.message, r.message),
+                    ),
+                    _ => r,
+                });
+            }
+            other => return other,
+        }
+    }
+    let body = json!({"id": m, "path": local, "draft_model": draft});
+    s.json(Method::POST, "/v1/models", Some(&body)).await
 }
 
 /// Whether `draft` can draft for `model`: both served, and they tokenize a set of probe texts identically

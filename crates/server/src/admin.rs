@@ -1,13 +1,16 @@
 //! The model endpoints: `/v1/models` (every registered model, loaded or not, with its state as extensions),
 //! `/v1/models/{id}`, the admin `POST /v1/models/{id}/load` and `/unload` (`?force=true` aborts the requests
-//! in flight), and Ollama's `GET /api/ps` for the scripts its users have.
+//! in flight), `POST /v1/models` (a model served from files at run time, where the server allows it), and
+//! Ollama's `GET /api/ps` for the scripts its users have.
 
 use crate::error::ApiError;
-use crate::models::{registry_error, ServedModel};
+use crate::json::ApiJson;
+use crate::models::{registry_error, Registration, ServedModel};
 use crate::AppState;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
 use axum::Json;
-use mlx_serving_services::{ModelInfo, State as ModelState};
+use mlx_serving_services::{ModelInfo, ModelSpec, RegistryError, State as ModelState};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -73,6 +76,73 @@ pub async fn get_model(State(s): State<Arc<AppState>>, Path(id): Path<String>) -
 pub async fn load_model(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     s.models.load(&id).await.map_err(registry_error)?;
     card_of(&s, &id).map(Json)
+}
+
+/// A model name or alias: what `--model` names allow (non-empty, no control characters), bounded.
+fn check_name(n: &str, field: &str) -> Result<(), ApiError> {
+    if n.is_empty() || n.len() > 256 || n.chars().any(char::is_control) {
+        let msg = format!("{field} must be 1 to 256 bytes without control characters");
+        return Err(ApiError::bad_request(msg, Some(field)));
+    }
+    Ok(())
+}
+
+/// `POST /v1/models`: serves one more model from files under a new name (`{"id", "path", "draft_model",
+/// "aliases", "pinned", "ttl_seconds", "load"}`), answering with its card (once loaded, unless `load` is
+/// false). Only where the server was given a model factory (`server.allow_model_registration`, and always
+/// in `rpc`): otherwise 403, since a path names files on the server. The same id from the same files again
+/// is not an error (it loads it); a taken id or alias is a 409.
+pub async fn register_model(
+    State(s): State<Arc<AppState>>,
+    ApiJson(r): ApiJson<Registration>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(factory) = s.options.model_factory.clone() else {
+        let msg = "this server does not register models at run time (server.allow_model_registration is off)";
+        return Err(ApiError::refused(StatusCode::FORBIDDEN, msg, "registration_disabled"));
+    };
+    check_name(&r.id, "id")?;
+    for (i, a) in r.aliases.iter().enumerate() {
+        check_name(a, &format!("aliases[{i}]"))?;
+    }
+    if r.aliases.len() > 16 {
+        return Err(ApiError::bad_request("at most 16 aliases", Some("aliases")));
+    }
+    if let Some(t) = r.ttl_seconds.filter(|t| !(t.is_finite() && *t > 0.0 && *t <= 1e7)) {
+        return Err(ApiError::bad_request(
+            format!("ttl_seconds must be between 0 and 1e7, got {t}"),
+            Some("ttl_seconds"),
+        ));
+    }
+    let spec = ModelSpec {
+        name: r.id.clone(),
+        aliases: r.aliases.clone(),
+        pinned: r.pinned,
+        ttl: r.ttl_seconds.map(Duration::from_secs_f64),
+        preload: false,
+    };
+    let req = r.clone();
+    let source = s
+        .on_cpu_pool("register", move || factory.source(&req))
+        .await?
+        .map_err(|(field, msg)| ApiError::bad_request(msg, Some(field)))?;
+    let origin = source.origin();
+    match s.register_model(spec, source) {
+        Ok(()) => tracing::info!(model = %r.id, "model registered"),
+        Err(RegistryError::Exists(n)) => {
+            let same = n == r.id
+                && origin.is_some()
+                && s.models.config(&r.id).is_some_and(|c| c.name == r.id && c.source.origin() == origin);
+            if !same {
+                let msg = format!("the name `{n}` is already served (from other files, or as another model's name)");
+                return Err(ApiError::refused(StatusCode::CONFLICT, msg, "model_exists"));
+            }
+        }
+        Err(e) => return Err(registry_error(e)),
+    }
+    if r.load {
+        s.models.load(&r.id).await.map_err(registry_error)?;
+    }
+    card_of(&s, &r.id).map(Json)
 }
 
 /// Unloads the model: waits for its requests in flight, or with `?force=true` aborts them (they end with

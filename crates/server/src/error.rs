@@ -54,6 +54,11 @@ impl ApiError {
         }
     }
 
+    /// A refusal with its own status: 403 (not allowed here), 409 (conflicts with what exists).
+    pub fn refused(status: StatusCode, message: impl Into<String>, code: &str) -> Self {
+        Self { status, message: message.into(), param: None, code: Some(code.into()) }
+    }
+
     /// The service cannot take the request now (503, with `Retry-After`): no room to load its model.
     pub fn unavailable(message: impl Into<String>, code: &str) -> Self {
         Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), param: None, code: Some(code.into()) }
@@ -115,7 +120,9 @@ impl ApiError {
             StatusCode::BAD_REQUEST
             | StatusCode::PAYLOAD_TOO_LARGE
             | StatusCode::UNSUPPORTED_MEDIA_TYPE
-            | StatusCode::REQUEST_TIMEOUT => "invalid_request_error",
+            | StatusCode::REQUEST_TIMEOUT
+            | StatusCode::CONFLICT => "invalid_request_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",

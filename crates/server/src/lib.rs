@@ -87,6 +87,8 @@ pub struct ServerOptions {
     pub max_coalesced_subscribers: usize,
     /// Images in chat messages: where they may come from, how large and how many.
     pub images: images::ImageOptions,
+    /// Builds models registered at run time (`POST /v1/models`); `None`: registration is refused (403).
+    pub model_factory: Option<Arc<dyn models::ModelFactory>>,
 }
 
 impl Default for ServerOptions {
@@ -109,6 +111,7 @@ impl Default for ServerOptions {
             max_coalesced: 1024,
             max_coalesced_subscribers: 256,
             images: images::ImageOptions::default(),
+            model_factory: None,
         }
     }
 }
@@ -117,7 +120,7 @@ pub struct AppState {
     /// Every model this server answers for, loaded on demand.
     pub models: Arc<Models>,
     /// Each registered model's series, in registration order (they outlive loads and unloads).
-    model_metrics: Vec<(String, Arc<ModelMetrics>)>,
+    model_metrics: std::sync::Mutex<Vec<(String, Arc<ModelMetrics>)>>,
     pub created: u64,
     pub options: ServerOptions,
     pub metrics: Metrics,
@@ -157,7 +160,8 @@ impl AppState {
         let spec = ModelSpec { name: model_name.clone(), pinned: true, ..ModelSpec::default() };
         let source = models::Prebuilt { bundle: bundle.clone(), engine: engine.clone() };
         let state = Self::with_models(vec![(spec, Box::new(source))], Limits::default(), options);
-        let (metrics, loaded) = (state.model_metrics[0].1.clone(), LoadedModel { bundle, engine, engine_thread: None });
+        let metrics = state.model_metrics.lock().unwrap()[0].1.clone();
+        let loaded = LoadedModel { bundle, engine, engine_thread: None };
         let model = ServedModel::new(model_name.clone(), loaded, metrics);
         state.models.adopt(&model_name, model, 0).expect("the model was just registered");
         state
@@ -178,7 +182,7 @@ impl AppState {
             .collect();
         Self {
             models: Registry::new(ServeLoader, configs, limits),
-            model_metrics,
+            model_metrics: std::sync::Mutex::new(model_metrics),
             created: now.as_secs(),
             metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
@@ -188,6 +192,21 @@ impl AppState {
             image_bytes: Default::default(),
             options,
         }
+    }
+
+    /// Registers one more model (unloaded), with its own series.
+    pub fn register_model(
+        &self,
+        spec: ModelSpec,
+        source: Box<dyn ModelSource>,
+    ) -> Result<(), mlx_serving_services::RegistryError> {
+        // Held across the registration: the series stay in the registry's order.
+        let mut series = self.model_metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let metrics = Arc::new(ModelMetrics::default());
+        self.models
+            .register(spec.clone(), ModelConfig { name: spec.name.clone(), source, metrics: metrics.clone() })?;
+        series.push((spec.name, metrics));
+        Ok(())
     }
 
     /// Loads the models marked `preload`; returns the failures (the rest serve regardless).
@@ -276,7 +295,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     // Routes behind the API key (when one is set). `/health` and `/metrics` stay open, as in vLLM.
     let api = Router::new()
-        .route("/v1/models", get(admin::list_models))
+        .route("/v1/models", get(admin::list_models).post(admin::register_model))
         .route("/v1/models/{id}", get(admin::get_model))
         .route("/v1/models/{id}/load", post(admin::load_model))
         .route("/v1/models/{id}/unload", post(admin::unload_model))
@@ -378,10 +397,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    let series = s.model_metrics.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (infos, loaded) = (s.models.list(), s.models.loaded());
     let views: Vec<metrics::ModelView> = infos
         .iter()
-        .zip(&s.model_metrics)
+        .zip(&series)
         .map(|(info, (_, m))| metrics::ModelView {
             info,
             metrics: m,

@@ -22,6 +22,46 @@ pub trait ModelSource: Send + Sync + 'static {
     fn estimate(&self) -> Result<u64, String>;
     /// Reads the model and starts its engine.
     fn load(&self) -> Result<LoadedModel, String>;
+    /// Where the model comes from (its files, its draft), comparable between sources: registering a model
+    /// again from the same place is not a conflict. `None`: not comparable.
+    fn origin(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What `POST /v1/models` asks for: a model to serve from files, under a new name.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// The name requests will use.
+    pub id: String,
+    /// A GGUF file, a model directory, or a repository id in the local Hugging Face cache; `id` when absent.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A draft model (same kinds of path) for speculative decoding.
+    #[serde(default)]
+    pub draft_model: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+    /// Load it now (the answer waits for the load); else it loads on its first request.
+    #[serde(default = "yes")]
+    pub load: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Builds sources for models registered at run time (the binary's: it knows formats and engine settings).
+pub trait ModelFactory: Send + Sync + std::fmt::Debug + 'static {
+    /// A source for `r`, after checking that its files are there and readable (an error says what is wrong;
+    /// nothing is loaded yet).
+    /// The error names the field at fault (`path`, `draft_model`).
+    fn source(&self, r: &Registration) -> Result<Box<dyn ModelSource>, (&'static str, String)>;
 }
 
 /// What a source builds: the model and its running engine.
@@ -164,5 +204,7 @@ pub(crate) fn registry_error(e: RegistryError) -> ApiError {
         RegistryError::NoRoom(_) | RegistryError::Unloaded(_) => ApiError::unavailable(e.to_string(), "model_busy"),
         RegistryError::LoadFailed { .. } => ApiError::server(e.to_string(), "model_load_failed"),
         RegistryError::TooLarge { .. } => ApiError::server(e.to_string(), "model_too_large"),
+        RegistryError::Exists(_) => ApiError::refused(axum::http::StatusCode::CONFLICT, e.to_string(), "model_exists"),
+        RegistryError::Full => ApiError::refused(axum::http::StatusCode::CONFLICT, e.to_string(), "too_many_models"),
     }
 }

@@ -14,7 +14,7 @@ pub mod resp;
 pub use cache::{CacheBackend, CacheError, CacheLimits, CacheStats, DiskCache, MemoryCache};
 pub use coalesce::{Coalescer, Join, Publisher, Subscription};
 pub use redis::RedisCache;
-pub use registry::{Counts, Lease, Limits, Loader, ModelInfo, ModelSpec, Registry, RegistryError, State};
+pub use registry::{Counts, Lease, Limits, Loader, ModelInfo, ModelSpec, Registry, RegistryError, State, MAX_MODELS};
 
 #[cfg(test)]
 mod tests;

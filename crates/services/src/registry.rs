@@ -93,7 +93,16 @@ pub enum RegistryError {
     NoRoom(String),
     #[error("the model `{0}` was unloaded while the request waited")]
     Unloaded(String),
+    /// A registration whose name or alias is taken.
+    #[error("the name `{0}` is already registered")]
+    Exists(String),
+    /// A registration beyond [`MAX_MODELS`].
+    #[error("no more models can be registered (at most {MAX_MODELS})")]
+    Full,
 }
+
+/// Most models one registry holds (configured and registered at run time together).
+pub const MAX_MODELS: usize = 1024;
 
 /// A model's state as the admin API and `/v1/models` show it.
 #[derive(Clone, Debug)]
@@ -297,6 +306,42 @@ impl<L: Loader> Registry<L> {
 
     pub fn counts(&self) -> Counts {
         self.lock().counts.clone()
+    }
+
+    /// The configuration `name` (or alias) was registered with.
+    pub fn config(&self, name: &str) -> Option<Arc<L::Config>> {
+        let g = self.lock();
+        Self::index(&g, name).map(|i| g.entries[i].cfg.clone())
+    }
+
+    /// Registers one more model at run time (unloaded; it loads on its first request or [`Registry::load`]).
+    /// Its name and aliases must be new and non-empty.
+    pub fn register(&self, spec: ModelSpec, cfg: L::Config) -> Result<(), RegistryError> {
+        let mut g = self.lock();
+        let mut seen = std::collections::HashSet::new();
+        for n in std::iter::once(&spec.name).chain(&spec.aliases) {
+            let taken = g.entries.iter().any(|e| e.spec.name == *n || e.spec.aliases.contains(n));
+            if n.is_empty() || taken || !seen.insert(n) {
+                return Err(RegistryError::Exists(n.clone()));
+            }
+        }
+        if g.entries.len() >= MAX_MODELS {
+            return Err(RegistryError::Full);
+        }
+        g.entries.push(Entry {
+            spec,
+            cfg: Arc::new(cfg),
+            state: State::Unloaded,
+            model: None,
+            memory: 0,
+            in_flight: 0,
+            drain: 0,
+            last_use: None,
+            load_time: None,
+        });
+        drop(g);
+        self.bump();
+        Ok(())
     }
 
     /// Marks `name` loaded with `model`, built elsewhere (at start, or by a test), taking `memory` bytes of the

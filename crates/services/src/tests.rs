@@ -269,3 +269,24 @@ async fn a_withdrawn_wait_stops_the_drain() {
     drop((a1, a2, a3));
     assert_eq!(loads(&r, "b"), 0);
 }
+
+/// A model registered at run time loads, and takes part in eviction, like a configured one; taken names are
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_registered_at_run_time_load_and_make_room() {
+    let limits = Limits { memory_budget: Some(15), ..Limits::default() };
+    let r = registry(&[("a", 10), ("b", 10)], vec![spec("a")], limits, |_| {});
+    r.load("a").await.unwrap();
+    assert!(matches!(r.register(spec("a"), "b".into()), Err(RegistryError::Exists(n)) if n == "a"));
+    let dup = ModelSpec { aliases: vec!["x".into(), "x".into()], ..spec("b") };
+    assert!(matches!(r.register(dup, "b".into()), Err(RegistryError::Exists(n)) if n == "x"));
+    assert!(matches!(r.register(spec(""), "b".into()), Err(RegistryError::Exists(_))));
+    r.register(ModelSpec { aliases: vec!["beta".into()], ..spec("b") }, "b".into()).unwrap();
+    assert_eq!(states(&r), vec![("a".into(), "loaded"), ("b".into(), "unloaded")]);
+    assert_eq!(r.config("beta").as_deref(), Some(&"b".to_string()));
+    let lease = r.acquire("beta").await.unwrap();
+    assert_eq!(lease.name(), "b");
+    assert_eq!(states(&r), vec![("a".into(), "unloaded"), ("b".into(), "loaded")]);
+    assert!(matches!(r.register(ModelSpec { aliases: vec!["beta".into()], ..spec("c") }, "c".into()),
+        Err(RegistryError::Exists(n)) if n == "beta"));
+}
