@@ -1,18 +1,23 @@
-import { MlxServingError } from "./errors.js";
+import { ApiError, MlxServingError } from "./errors.js";
 import { HttpTransport } from "./http.js";
+import { imagePart, inputUrl } from "./request.js";
 import { RpcTransport } from "./rpc.js";
 import {
   EngineOptionsSchema,
   GenerateOptionsSchema,
   GeneratorParamsSchema,
   LoadModelOptionsSchema,
+  LoadVisionModelOptionsSchema,
   TokenizeParamsSchema,
+  VisionGeneratorParamsSchema,
   validate,
   type EngineOptions,
   type GenerateOptions,
   type GeneratorParams,
   type LoadModelOptions,
+  type LoadVisionModelOptions,
   type TokenizeParams,
+  type VisionGeneratorParams,
 } from "./schemas.js";
 import type { Transport } from "./transport.js";
 import type { GeneratorChunk, Health, ModelHandle, ModelInfo, RuntimeInfo } from "./types.js";
@@ -42,6 +47,20 @@ export class Engine {
     return this.open().loadModel(o, this.timeoutMs);
   }
 
+  /** Loads a model that takes images (as `loadModel`); a text-only model is refused with `not_a_vision_model`. */
+  async loadVisionModel(options: LoadVisionModelOptions | string): Promise<ModelHandle> {
+    const o = validate(
+      LoadVisionModelOptionsSchema,
+      typeof options === "string" ? { model: options } : options,
+      "loadVisionModel",
+    );
+    const m = await this.open().loadModel(o, this.timeoutMs);
+    if (!m.vision) {
+      throw new ApiError(`the model \`${m.id}\` does not take images`, "not_a_vision_model", undefined, "model");
+    }
+    return m;
+  }
+
   async unloadModel(id: string): Promise<void> {
     const m = validate(LoadModelOptionsSchema.pick({ model: true }), { model: id }, "unloadModel");
     return this.open().unloadModel(m.model, this.timeoutMs);
@@ -64,6 +83,25 @@ export class Engine {
     const p = validate(GeneratorParamsSchema, params, "params");
     const o = validate(GenerateOptionsSchema, options, "options");
     return this.open().generate(p, { ...o, timeoutMs: o.timeoutMs ?? this.timeoutMs });
+  }
+
+  /**
+   * Streams a generation about one or more images (`image`: bytes, a file path, a `data:`/`http(s)` URL, or
+   * base64), asked with `prompt`; as `createGenerator` otherwise. The images go first in one user message.
+   */
+  createVisionGenerator(params: VisionGeneratorParams, options: GenerateOptions = {}): AsyncGenerator<GeneratorChunk> {
+    const { image, prompt, ...rest } = validate(VisionGeneratorParamsSchema, params, "params");
+    const o = validate(GenerateOptionsSchema, options, "options");
+    const transport = this.open();
+    const timeoutMs = o.timeoutMs ?? this.timeoutMs;
+    const images = Array.isArray(image) ? image : [image];
+    return (async function* () {
+      const urls = await Promise.all(
+        images.map((img, i) => inputUrl(img, Array.isArray(image) ? `params.image.${i}` : "params.image")),
+      );
+      const content = [...urls.map(imagePart), { type: "text" as const, text: prompt }];
+      yield* transport.generate({ ...rest, messages: [{ role: "user", content }] } as GeneratorParams, { ...o, timeoutMs });
+    })();
   }
 
   /** The whole generated text. */

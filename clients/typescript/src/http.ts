@@ -1,5 +1,6 @@
 import { AbortError, ApiError, MlxServingError, TimeoutError, TransportError } from "./errors.js";
-import { wireParams, type GenerateOptions, type GeneratorParams, type LoadModelOptions, type TokenizeParams } from "./schemas.js";
+import { wireRequest } from "./request.js";
+import type { GenerateOptions, GeneratorParams, LoadModelOptions, TokenizeParams } from "./schemas.js";
 import type { Transport } from "./transport.js";
 import type { GeneratorChunk, Health, ModelInfo, RuntimeInfo } from "./types.js";
 
@@ -100,10 +101,9 @@ export class HttpTransport implements Transport {
 
   async loadModel(o: LoadModelOptions, timeoutMs?: number): Promise<ModelInfo> {
     if (o.localPath !== undefined || o.draft !== undefined) {
-      throw new MlxServingError(
-        "localPath and draft need the stdio runtime: a server loads only the models its configuration names",
-        "unsupported",
-      );
+      // Registered from files on the server's machine (where the server allows it: else a 403 ApiError).
+      const body = { id: o.model, path: o.localPath ?? null, draft_model: o.draft ?? null };
+      return modelInfo(await this.call("POST", "/v1/models", body, timeoutMs));
     }
     return modelInfo(await this.call("POST", `/v1/models/${encodeURIComponent(o.model)}/load`, undefined, timeoutMs));
   }
@@ -140,7 +140,9 @@ export class HttpTransport implements Transport {
   async close(): Promise<void> {}
 
   async *generate(p: GeneratorParams, o: GenerateOptions): AsyncGenerator<GeneratorChunk> {
-    const body: Json = { ...wireParams(p), stream: true, stream_options: { include_usage: true }, return_token_ids: true };
+    const req = await wireRequest(p);
+    const endpoint = `${this.base}/v1/${req.chat ? "chat/completions" : "completions"}`;
+    const body: Json = { ...req.body, stream: true, stream_options: { include_usage: true }, return_token_ids: true };
     if (o.priority) body.priority = o.priority;
     const s = callSignal(o.signal, o.timeoutMs ?? this.defaultTimeoutMs);
     const t0 = performance.now();
@@ -151,14 +153,14 @@ export class HttpTransport implements Transport {
     try {
       let resp: Response;
       try {
-        resp = await fetch(`${this.base}/v1/completions`, {
+        resp = await fetch(endpoint, {
           method: "POST",
           headers: this.headers(),
           body: JSON.stringify(body),
           signal: s.signal,
         });
       } catch (e) {
-        throw s.why() ?? new TransportError(`POST ${this.base}/v1/completions: ${(e as Error).message}`, { cause: e });
+        throw s.why() ?? new TransportError(`POST ${endpoint}: ${(e as Error).message}`, { cause: e });
       }
       if (!resp.ok || !resp.body) {
         const text = await resp.text();
@@ -198,7 +200,9 @@ export class HttpTransport implements Transport {
               if (!choice) continue;
               if (choice.finish_reason) finishReason = String(choice.finish_reason);
               const ids = (choice.token_ids ?? []) as number[];
-              const text = typeof choice.text === "string" ? choice.text : "";
+              const delta = (choice.delta ?? {}) as Json;
+              const text =
+                typeof choice.text === "string" ? choice.text : typeof delta.content === "string" ? delta.content : "";
               if (ids.length === 0 && text === "") continue;
               first ??= performance.now();
               generated += ids.length;

@@ -2,7 +2,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { createInterface } from "node:readline";
 import { AbortError, ApiError, MlxServingError, TimeoutError, TransportError } from "./errors.js";
 import { modelInfo } from "./http.js";
-import { wireParams, type GenerateOptions, type GeneratorParams, type LoadModelOptions, type TokenizeParams } from "./schemas.js";
+import { wireRequest } from "./request.js";
+import type { GenerateOptions, GeneratorParams, LoadModelOptions, TokenizeParams } from "./schemas.js";
 import type { Transport } from "./transport.js";
 import type { GeneratorChunk, Health, ModelInfo, RuntimeInfo } from "./types.js";
 
@@ -36,7 +37,9 @@ class Child {
   dead: Error | undefined;
 
   constructor(binary: string, args: string[], onExit: () => void) {
-    this.proc = spawn(binary, ["rpc", ...args], { stdio: ["pipe", "pipe", "inherit"] });
+    // The runtime's log goes to our stderr: warnings and errors only, unless the caller chose a level.
+    const quiet = args.some((a) => a === "--log-level" || a.startsWith("--log-level=")) ? [] : ["--log-level", "warn"];
+    this.proc = spawn(binary, ["rpc", ...quiet, ...args], { stdio: ["pipe", "pipe", "inherit"] });
     const lines = createInterface({ input: this.proc.stdout! });
     lines.on("line", (line) => this.dispatch(line));
     const die = (why: string) => {
@@ -138,13 +141,10 @@ export class RpcTransport implements Transport {
   }
 
   async loadModel(o: LoadModelOptions, timeoutMs?: number): Promise<ModelInfo> {
-    if (o.localPath !== undefined || o.draft !== undefined) {
-      throw new MlxServingError(
-        "localPath and draft: this runtime loads the models it was started with (runtimeArgs: --model ...)",
-        "unsupported",
-      );
-    }
-    return modelInfo(await this.request("load_model", { model: o.model }, timeoutMs));
+    const params: Json = { model: o.model };
+    if (o.localPath !== undefined) params.local_path = o.localPath;
+    if (o.draft !== undefined) params.draft = o.draft;
+    return modelInfo(await this.request("load_model", params, timeoutMs));
   }
 
   async unloadModel(id: string, timeoutMs?: number): Promise<void> {
@@ -190,6 +190,7 @@ export class RpcTransport implements Transport {
   }
 
   async *generate(p: GeneratorParams, o: GenerateOptions): AsyncGenerator<GeneratorChunk> {
+    const req = await wireRequest(p);
     const child = this.running();
     const streamId = `ts-${this.nextStream++}`;
     const queue: Json[] = [];
@@ -205,7 +206,7 @@ export class RpcTransport implements Transport {
         wake?.();
       },
     });
-    const params: Json = { ...wireParams(p), stream_id: streamId };
+    const params: Json = { ...req.body, stream_id: streamId };
     if (o.priority) params.priority = o.priority;
     const t = o.timeoutMs ?? this.defaultTimeoutMs;
     let stop: Error | undefined;

@@ -19,23 +19,86 @@ export type EngineOptions = z.infer<typeof EngineOptionsSchema>;
 
 export const LoadModelOptionsSchema = z
   .object({
-    /** A model name known to the runtime's registry (or its Hugging Face cache id). */
+    /** A model name known to the runtime's registry, or a Hugging Face cache id (`org/name`). */
     model: z.string().min(1),
-    /** A model file or directory to load under `model` (stdio runtime only). */
+    /**
+     * A model file or directory (on the runtime's machine) to serve under `model`. Over HTTP the server must
+     * allow it (`server.allow_model_registration`); the stdio runtime always does.
+     */
     localPath: z.string().min(1).optional(),
-    /** A draft model for speculative decoding. */
+    /** A draft model's file or directory, for speculative decoding of `model` (registers it like `localPath`). */
     draft: z.string().min(1).optional(),
   })
   .strict();
 export type LoadModelOptions = z.infer<typeof LoadModelOptionsSchema>;
 
+/** `loadVisionModel`: as `loadModel`; the model must take images. */
+export const LoadVisionModelOptionsSchema = LoadModelOptionsSchema;
+export type LoadVisionModelOptions = LoadModelOptions;
+
+const TextPartSchema = z.object({ type: z.literal("text"), text: z.string() }).strict();
+const ImagePartSchema = z
+  .object({
+    type: z.literal("image_url"),
+    image_url: z.object({ url: z.string().min(1), detail: z.string().optional() }).strict(),
+  })
+  .strict();
+
+/** An OpenAI chat message (text, or text and image parts). */
+export const ChatMessageSchema = z
+  .object({
+    role: z.enum(["system", "user", "assistant", "tool"]),
+    content: z.union([z.string(), z.array(z.union([TextPartSchema, ImagePartSchema])).min(1)]),
+    name: z.string().min(1).optional(),
+  })
+  .strict();
+export type ChatMessage = z.infer<typeof ChatMessageSchema>;
+
+/** The original's structured output: the answer is JSON valid against `schema` (constrained decoding). */
+export const StructuredSchema = z
+  .object({
+    schema: z.record(z.string(), z.unknown()),
+    /** Only `json` (the original also named `yaml`; refused rather than ignored). */
+    format: z.literal("json").optional(),
+    /** The schema's name in `response_format` (default `output`). */
+    name: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/).optional(),
+  })
+  .strict();
+
+/**
+ * The original's images for a vision model: each a file path (read here and sent as a `data:` URL), a
+ * `data:`/`http(s)` URL (remote ones only where the server allows them), or bare base64.
+ */
+export const MultimodalSchema = z
+  .object({
+    images: z.array(z.string().min(1)).min(1).max(64),
+    /** How to read every entry of `images`; default: by its look (URL, existing file, else base64). */
+    imageFormat: z.enum(["base64", "url", "path"]).optional(),
+  })
+  .strict();
+
+/** One image for `createVisionGenerator`: bytes, or a string as in `multimodal.images`. */
+export const ImageInputSchema = z
+  .object({
+    source: z.union([z.string().min(1), z.instanceof(Uint8Array)]),
+    format: z.enum(["png", "jpg", "jpeg", "webp", "gif"]).optional(),
+  })
+  .strict();
+export type ImageInput = z.infer<typeof ImageInputSchema>;
+
 export const PrioritySchema = z.enum(["critical", "high", "normal", "low"]);
 export type Priority = z.infer<typeof PrioritySchema>;
 
-export const GeneratorParamsSchema = z
+const GeneratorFields = z
   .object({
     model: z.string().min(1),
-    prompt: z.string(),
+    /** Text, or token ids (`{tokens: [...]}`); a chat uses `messages` instead. */
+    prompt: z.union([z.string(), z.object({ tokens: z.array(z.number().int().min(0)).min(1) }).strict()]).optional(),
+    /** A chat, rendered with the model's template (extension of the original, which took `prompt` only). */
+    messages: z.array(ChatMessageSchema).min(1).max(1024).optional(),
+    structured: StructuredSchema.optional(),
+    multimodal: MultimodalSchema.optional(),
+    minTokens: z.number().int().min(0).optional(),
     maxTokens: z.number().int().positive().optional(),
     temperature: z.number().min(0).max(2).optional(),
     topP: z.number().gt(0).max(1).optional(),
@@ -50,7 +113,22 @@ export const GeneratorParamsSchema = z
     logitBias: z.record(z.string().regex(/^\d+$/), z.number().min(-100).max(100)).optional(),
   })
   .strict();
+
+export const GeneratorParamsSchema = GeneratorFields.superRefine((p, ctx) => {
+  if ((p.prompt === undefined) === (p.messages === undefined)) {
+    ctx.addIssue({ code: "custom", path: ["prompt"], message: "give exactly one of prompt and messages" });
+  }
+  if (p.multimodal && typeof p.prompt !== "string") {
+    ctx.addIssue({ code: "custom", path: ["multimodal"], message: "images go with a text prompt (or as image parts of messages)" });
+  }
+});
 export type GeneratorParams = z.infer<typeof GeneratorParamsSchema>;
+
+/** `createVisionGenerator`: a text prompt and one or more images. */
+export const VisionGeneratorParamsSchema = GeneratorFields.omit({ messages: true, multimodal: true })
+  .extend({ prompt: z.string(), image: z.union([ImageInputSchema, z.array(ImageInputSchema).min(1).max(64)]) })
+  .strict();
+export type VisionGeneratorParams = z.infer<typeof VisionGeneratorParamsSchema>;
 
 export const GenerateOptionsSchema = z
   .object({
@@ -79,25 +157,4 @@ export function validate<T>(schema: z.ZodType<T>, value: unknown, what: string):
     message: i.message,
   }));
   throw new ValidationError(issues.map((i) => `${i.path}: ${i.message}`).join("; "), issues);
-}
-
-/** The generation parameters as the runtime and the server name them (snake_case; unset ones left out). */
-export function wireParams(p: GeneratorParams): Record<string, unknown> {
-  const names: [keyof GeneratorParams, string][] = [
-    ["maxTokens", "max_tokens"],
-    ["temperature", "temperature"],
-    ["topP", "top_p"],
-    ["topK", "top_k"],
-    ["minP", "min_p"],
-    ["seed", "seed"],
-    ["stopSequences", "stop"],
-    ["repetitionPenalty", "repetition_penalty"],
-    ["frequencyPenalty", "frequency_penalty"],
-    ["presencePenalty", "presence_penalty"],
-    ["ignoreEos", "ignore_eos"],
-    ["logitBias", "logit_bias"],
-  ];
-  const out: Record<string, unknown> = { model: p.model, prompt: p.prompt };
-  for (const [from, to] of names) if (p[from] !== undefined) out[to] = p[from];
-  return out;
 }

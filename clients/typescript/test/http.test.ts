@@ -25,9 +25,6 @@ afterAll(async () => {
   await server?.stop();
 });
 
-/** The server's own greedy answer, through its OpenAI API. */
-
-
 describe("over HTTP", () => {
   it("lists, describes, unloads and loads the server's model", async () => {
     const models = await engine.listModels();
@@ -123,7 +120,10 @@ describe("over HTTP", () => {
     const e = await engine.generate({ model: "nope", prompt: "x" }).catch((x: unknown) => x);
     expect(e).toBeInstanceOf(ApiError);
     expect((e as ApiError).status).toBe(404);
-    await expect(engine.loadModel({ model: "smol", localPath: "/tmp/x.gguf" })).rejects.toMatchObject({ code: "unsupported" });
+    await expect(engine.loadModel({ model: "smol", localPath: "/tmp/x.gguf" })).rejects.toMatchObject({
+      status: 403,
+      code: "registration_disabled",
+    });
     const gone = await createEngine({ baseUrl: "http://127.0.0.1:9" });
     await expect(gone.listModels()).rejects.toBeInstanceOf(TransportError);
     const none = await createEngine({ binaryPath: "/nonexistent/mlx-serving" });

@@ -5,7 +5,7 @@ import { createServer } from "node:net";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const binary = process.env.MLX_SERVING_BIN ?? path.join(root, "target/debug/mlx-serving");
 export const model = process.env.MLX_SERVING_TEST_MODEL ?? path.join(root, "models/SmolLM2-135M-Instruct.Q4_1.gguf");
 

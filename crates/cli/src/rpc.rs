@@ -5,9 +5,7 @@ use crate::serve::{prepare, Prepared, ServeArgs};
 use anyhow::Result;
 
 pub fn run_rpc(a: ServeArgs) -> Result<()> {
-    // The caller started this runtime: it may load models from its own paths (`load_model` with `local_path`).
-    let allow_registration = |c: &mut crate::config::RuntimeConfig| c.server.allow_model_registration = true;
-    let Some(Prepared { c, state, single, .. }) = prepare(&a, allow_registration)? else { return Ok(()) };
+    let Some(Prepared { c, state, single, .. }) = prepare(&a, true)? else { return Ok(()) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         crate::serve::preload(&state, single).await?;

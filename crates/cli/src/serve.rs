@@ -203,11 +203,14 @@ fn init_logging(c: &config::LoggingSection) -> Result<()> {
 
 /// The served models and the server state built from resolved settings (shared by `serve` and `rpc`): the state,
 /// the models' names, and whether one model was given the old way (then a failed preload ends the start).
-pub(crate) fn build_state(c: &RuntimeConfig) -> Result<(Arc<AppState>, Vec<String>, bool)> {
+pub(crate) fn build_state(c: &RuntimeConfig, no_models: bool) -> Result<(Arc<AppState>, Vec<String>, bool)> {
     let api_keys = c.api_keys()?;
     // One model given the old way is pinned and loaded before the server listens; a failure ends the start.
-    let single = c.models.is_empty();
-    let models: Vec<_> = c.resolve_models()?.into_iter().map(registration).collect();
+    let single = c.models.is_empty() && !no_models;
+    let models: Vec<_> = match no_models {
+        true => Vec::new(),
+        false => c.resolve_models()?.into_iter().map(registration).collect(),
+    };
     let names: Vec<String> = models.iter().map(|(s, _)| s.name.clone()).collect();
     let limits = Limits {
         max_loaded: c.max_loaded_models,
@@ -269,22 +272,30 @@ pub(crate) struct Prepared {
 
 /// Resolves the settings, sets up logging (stderr) and threads, and builds the state; None after
 /// `--print-config`.
-pub(crate) fn prepare(a: &ServeArgs, adjust: impl FnOnce(&mut RuntimeConfig)) -> Result<Option<Prepared>> {
+/// With `rpc`: model registration is on (the caller started the runtime and may load models from its own
+/// paths), and a runtime given no model at all, whose default model file is absent, starts with no model
+/// (the caller loads them) instead of failing.
+pub(crate) fn prepare(a: &ServeArgs, rpc: bool) -> Result<Option<Prepared>> {
     let mut c = a.resolve()?;
-    adjust(&mut c);
+    let mut empty = false;
+    if rpc {
+        c.server.allow_model_registration = true;
+        let default = config::ModelSection::default().path;
+        empty = c.models.is_empty() && c.model.path == default && !default.exists();
+    }
     if a.print_config {
         print!("{}", c.to_yaml_redacted()?);
         return Ok(None);
     }
     init_logging(&c.logging)?;
     crate::init_threads(c.engine.threads)?;
-    let (state, names, single) = build_state(&c)?;
+    let (state, names, single) = build_state(&c, empty)?;
     Ok(Some(Prepared { c, state, names, single }))
 }
 
 pub fn run_serve(a: ServeArgs) -> Result<()> {
     let (register, advertise_url) = (a.register.clone(), a.advertise_url.clone());
-    let Some(Prepared { c, state, names, single }) = prepare(&a, |_| {})? else { return Ok(()) };
+    let Some(Prepared { c, state, names, single }) = prepare(&a, false)? else { return Ok(()) };
     let grace = Duration::from_secs_f64(c.server.shutdown_grace_seconds);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

@@ -17,12 +17,14 @@ struct Rpc {
 
 impl Rpc {
     fn start(extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
-            .arg("rpc")
-            .arg("--model")
-            .arg(smollm2_path())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mlx-serving"));
+        cmd.arg("rpc").arg("--model").arg(smollm2_path()).args(extra);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .args(["--threads", "2", "--kv-cache-mb", "64", "--log-level", "warn"])
-            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -257,4 +259,25 @@ fn load_model_from_a_local_path() {
     assert_eq!(names, ["SmolLM2-135M-Instruct.Q4_1", "second"]);
     let un = rpc.call(21, "unload_model", json!({"model": "second"}));
     assert_eq!(un["result"]["state"], "unloaded", "{un}");
+}
+
+/// Started with no model (and no default model file where it runs), the runtime serves nothing until a
+/// `load_model` with a local path.
+#[test]
+fn starts_empty_without_a_model() {
+    let dir = std::env::temp_dir().join(format!("mlx-serving-rpc-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mlx-serving"));
+    cmd.arg("rpc").current_dir(&dir).env_remove("MLX_SERVING_MODEL").env_remove("MLX_SERVING_CONFIG");
+    let mut rpc = Rpc::spawn(cmd);
+    let info = rpc.call(1, "runtime/info", json!({}));
+    assert_eq!(info["result"]["models"], json!([]), "{info}");
+    let r = rpc.call(2, "load_model", json!({"model": "smol", "local_path": smollm2_path()}));
+    assert_eq!(r["result"]["state"], "loaded", "{r}");
+    let mut params = gen(PROMPTS[0], "e");
+    params["model"] = json!("smol");
+    rpc.call(3, "generate", params);
+    let (ids, _, end, _) = rpc.stream("e");
+    assert_eq!((end["event"].as_str(), ids.len()), (Some("completed"), 16));
+    let _ = std::fs::remove_dir_all(&dir);
 }
