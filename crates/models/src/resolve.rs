@@ -95,6 +95,24 @@ fn single_gguf(dir: &Path) -> Option<PathBuf> {
     (ggufs.len() == 1).then(|| ggufs[0].clone())
 }
 
+/// Checks, without loading weights, that `path` (resolved) is a model we can load: a GGUF file whose header
+/// and configuration read, or a model directory whose configuration and safetensors headers read.
+pub fn probe(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        if !crate::hf::HfDir::is_model_dir(path) {
+            return Err(Error::Io {
+                path: path.join("config.json"),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory (no config.json)"),
+            });
+        }
+        crate::hf::HfDir::open(path)?.model_config()?;
+        return Ok(());
+    }
+    let g = crate::gguf::GgufFile::open(path)?;
+    crate::config::ModelConfig::from_gguf(&g)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,22 +136,4 @@ mod tests {
         assert!(!is_repo_id("./x") && !is_repo_id("a/b/c") && is_repo_id("Qwen/Qwen2.5-0.5B-Instruct"));
         std::fs::remove_dir_all(&root).unwrap();
     }
-}
-
-/// Checks, without loading weights, that `path` (resolved) is a model we can load: a GGUF file whose header
-/// and configuration read, or a model directory whose configuration and safetensors headers read.
-pub fn probe(path: &Path) -> Result<()> {
-    if path.is_dir() {
-        if !crate::hf::HfDir::is_model_dir(path) {
-            return Err(Error::Io {
-                path: path.join("config.json"),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory (no config.json)"),
-            });
-        }
-        crate::hf::HfDir::open(path)?.model_config()?;
-        return Ok(());
-    }
-    let g = crate::gguf::GgufFile::open(path)?;
-    crate::config::ModelConfig::from_gguf(&g)?;
-    Ok(())
 }
