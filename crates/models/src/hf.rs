@@ -24,6 +24,13 @@
 //! biases are exact in f16 wherever they lie in its normal range. The loader then stores groups of 64 or 128
 //! with one scale and minimum per group (`QMatrix::from_q4_1`: 4.5 or 4.25 bits per weight, as the file).
 //! Other widths are dequantized to f32 for now.
+//!
+//! mlx-vlm's directories (vision-language models converted by `mlx_vlm convert`) name the text model
+//! `language_model.` (`language_model.model.` for Qwen2.5-VL, whose head is `language_model.lm_head`), the vision
+//! tower `vision_model.` / `vision_tower.` and the connector `connector.`, store convolution weights channels
+//! last, and quantize the text model and the connector (not the vision tower). [`HfDir::f32_tensor`] answers
+//! the Hugging Face names the vision encoders ask for from such a directory too: the name mapped, the
+//! convolution put back channels first, a quantized layer dequantized.
 
 use crate::config::{Architecture, ModelConfig, RopeStyle, SlidingWindow};
 use crate::error::{Error, Result};
@@ -74,8 +81,11 @@ pub struct HfDir {
     config: Value,
     /// `config.json` as a whole (a vision-language model's vision config lives here).
     root_config: Value,
-    /// Where the text model's tensors live: `model.`, or `model.text_model.` in an Idefics3 checkpoint.
+    /// Where the text model's tensors live: `model.`, or `model.text_model.` in an Idefics3 checkpoint (see the
+    /// module header for mlx-vlm's).
     text_prefix: &'static str,
+    /// What precedes `lm_head.weight`: nothing, or `language_model.` in an mlx-vlm directory.
+    head_prefix: &'static str,
     /// Each safetensors file, mapped: tensors in a layout our kernels take are slices of these.
     shards: Vec<(PathBuf, MappedFile)>,
     tensors: HashMap<String, TensorInfo>,
@@ -151,6 +161,7 @@ impl HfDir {
             config,
             root_config,
             text_prefix,
+            head_prefix: "",
             shards: Vec::new(),
             tensors: HashMap::new(),
             gemma,
@@ -168,6 +179,12 @@ impl HfDir {
         if me.text_prefix == "model." && me.tensors.contains_key("model.language_model.embed_tokens.weight") {
             me.text_prefix = "model.language_model.";
         }
+        // mlx-vlm's layout.
+        for prefix in ["language_model.", "language_model.model."] {
+            if me.tensors.contains_key(&format!("{prefix}embed_tokens.weight")) {
+                (me.text_prefix, me.head_prefix) = (prefix, "language_model.");
+            }
+        }
         Ok(me)
     }
 
@@ -180,20 +197,77 @@ impl HfDir {
         &self.root_config
     }
 
-    /// Whether the checkpoint has a tensor of this name.
+    /// Whether the checkpoint has a tensor of this (Hugging Face) name.
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.mlx_vlm_name(name).is_some()
     }
 
-    /// A float tensor by its checkpoint name, as f32 values, with its shape.
+    /// mlx-vlm's name for a vision tower's or connector's tensor missing under its Hugging Face name:
+    /// `model.vision_model.*` → `vision_model.*`, `model.connector.*` → `connector.*`, `[model.]visual.*` →
+    /// `vision_tower.*`.
+    fn mlx_vlm_name(&self, name: &str) -> Option<String> {
+        if self.tensors.contains_key(name) {
+            return None;
+        }
+        let rest = name.strip_prefix("model.").unwrap_or(name);
+        let mapped = match rest.strip_prefix("visual.") {
+            Some(r) => format!("vision_tower.{r}"),
+            None => rest.to_string(),
+        };
+        (mapped != name && self.tensors.contains_key(&mapped)).then_some(mapped)
+    }
+
+    /// A float tensor by its Hugging Face name, as f32 values, with its shape in PyTorch's layout (from an
+    /// mlx-vlm directory too: see the module header).
     pub fn f32_tensor(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (info, values) = self.read_f32(name)?;
-        Ok((info.shape, values))
+        let Some(key) = self.mlx_vlm_name(name) else {
+            let (info, values) = self.read_f32(name)?;
+            return Ok((info.shape, values));
+        };
+        let info = self.info(&key)?;
+        if info.dtype == DType::U32 {
+            return self.dequantized(&key, &info);
+        }
+        let (info, values) = self.read_f32(&key)?;
+        let conv = key.ends_with("patch_embedding.weight") || key.ends_with("patch_embed.proj.weight");
+        Ok(if conv && info.shape.len() >= 3 { channels_first(&info.shape, &values) } else { (info.shape, values) })
+    }
+
+    /// An MLX-quantized layer's weight as f32 `[rows, cols]`; the bits from `quantization` in `config.json`
+    /// (the layer's own entry, else the model's).
+    fn dequantized(&self, key: &str, info: &TensorInfo) -> Result<(Vec<usize>, Vec<f32>)> {
+        let base = key.strip_suffix(".weight").unwrap_or(key);
+        let q = self.root_config.get("quantization");
+        let bits = q
+            .and_then(|q| q.get(base))
+            .filter(|v| v.is_object())
+            .or(q)
+            .and_then(|v| v.get("bits"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        let packed = self.read(key, info)?;
+        let (sinfo, scales) = self.read_f32(&format!("{base}.scales"))?;
+        let (_, biases) = self.read_f32(&format!("{base}.biases"))?;
+        let (&[rows, wc], &[sr, groups]) = (&info.shape[..], &sinfo.shape[..]) else {
+            return Err(self.bad(info, key, format!("weight {:?} / scales {:?} are not matrices", info.shape, sinfo.shape)));
+        };
+        let cols = if matches!(bits, 2 | 4 | 8) { wc * 32 / bits } else { 0 };
+        if cols == 0 || sr != rows || groups == 0 || !cols.is_multiple_of(groups) || biases.len() != scales.len() {
+            let reason = format!("packed {:?}, scales {:?} at {bits} bits (quantization in config.json)", info.shape, sinfo.shape);
+            return Err(self.bad(info, key, reason));
+        }
+        let words: Vec<u32> = packed.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let (_, bytes, _) = affine_to_ggml(&words, &scales, &biases, [rows, cols], bits, cols / groups, false);
+        let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok((vec![rows, cols], values))
     }
 
     /// The checkpoint name of the text model's tensor the decoder calls `name`.
     fn checkpoint_name(&self, name: &str) -> String {
         let hf = hf_name(name, self.gemma);
+        if hf.starts_with("lm_head.") {
+            return format!("{}{hf}", self.head_prefix);
+        }
         match hf.strip_prefix("model.") {
             Some(rest) if self.text_prefix != "model." => format!("{}{rest}", self.text_prefix),
             _ => hf,
@@ -313,7 +387,7 @@ impl HfDir {
             rms_norm_eps: self.opt_f64("rms_norm_eps").unwrap_or(1e-6) as f32,
             attention_bias,
             // A checkpoint without `lm_head.weight` ties it whatever the config says.
-            tie_word_embeddings: tie || !self.tensors.contains_key("lm_head.weight"),
+            tie_word_embeddings: tie || !self.tensors.contains_key(&self.checkpoint_name("output.weight")),
             attn_scale: self
                 .opt_f64("query_pre_attn_scalar")
                 .filter(|&s| gemma && s > 0.0)
@@ -514,6 +588,23 @@ pub(crate) fn affine_to_ggml(
     (GgmlDType::F32, out, None)
 }
 
+/// A convolution weight stored channels last (`[out, ..., in]`, MLX's layout) as PyTorch's `[out, in, ...]`.
+fn channels_first(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (out, inp) = (shape[0], shape[shape.len() - 1]);
+    let spatial: usize = shape[1..shape.len() - 1].iter().product();
+    let mut v = vec![0.0; values.len()];
+    for o in 0..out {
+        for s in 0..spatial {
+            for c in 0..inp {
+                v[(o * inp + c) * spatial + s] = values[(o * spatial + s) * inp + c];
+            }
+        }
+    }
+    let mut new_shape = vec![out, inp];
+    new_shape.extend_from_slice(&shape[1..shape.len() - 1]);
+    (new_shape, v)
+}
+
 impl TensorSource for HfDir {
     fn tensor_data(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>> {
         let hf = self.checkpoint_name(name);
@@ -643,6 +734,16 @@ fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec
 
 #[cfg(test)]
 mod tests {
+
+    /// MLX's `[out, kh, kw, in]` back to `[out, in, kh, kw]`.
+    #[test]
+    fn channels_last_convolutions_come_back_channels_first() {
+        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let (shape, v) = channels_first(&[2, 1, 2, 3], &values);
+        assert_eq!(shape, [2, 3, 1, 2]);
+        assert_eq!(v, [0., 3., 1., 4., 2., 5., 6., 9., 7., 10., 8., 11.]);
+    }
+
     use super::*;
     use candle_core::quantized::ggml_file::qtensor_from_ggml;
     use candle_core::Device;
