@@ -32,7 +32,7 @@ for d in dirs:
     ref = next(m for m in REF["models"] if m["dir"] == os.path.basename(os.path.normpath(d)))
     with open(os.path.join(d, "model.safetensors"), "rb") as f:
         check(hashlib.sha256(f.read()).hexdigest() == ref["model_sha256"], f"{ref['dir']}: the files the reference used")
-    proc, port = start(["--model", d, "--served-model-name", "vlm", "--threads", "2", "--kv-cache-mb", "64",
+    proc, port = start(binary, ["--model", d, "--served-model-name", "vlm", "--threads", "2", "--kv-cache-mb", "64",
                         "--kv-cache-dtype", "f32", "--activations", "f32"])
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
     card = http(port, "GET", "/v1/models/vlm")[2]

@@ -249,11 +249,18 @@ impl HfDir {
         let (sinfo, scales) = self.read_f32(&format!("{base}.scales"))?;
         let (_, biases) = self.read_f32(&format!("{base}.biases"))?;
         let (&[rows, wc], &[sr, groups]) = (&info.shape[..], &sinfo.shape[..]) else {
-            return Err(self.bad(info, key, format!("weight {:?} / scales {:?} are not matrices", info.shape, sinfo.shape)));
+            return Err(self.bad(
+                info,
+                key,
+                format!("weight {:?} / scales {:?} are not matrices", info.shape, sinfo.shape),
+            ));
         };
         let cols = if matches!(bits, 2 | 4 | 8) { wc * 32 / bits } else { 0 };
         if cols == 0 || sr != rows || groups == 0 || !cols.is_multiple_of(groups) || biases.len() != scales.len() {
-            let reason = format!("packed {:?}, scales {:?} at {bits} bits (quantization in config.json)", info.shape, sinfo.shape);
+            let reason = format!(
+                "packed {:?}, scales {:?} at {bits} bits (quantization in config.json)",
+                info.shape, sinfo.shape
+            );
             return Err(self.bad(info, key, reason));
         }
         let words: Vec<u32> = packed.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
