@@ -17,6 +17,9 @@ scripts/fetch-model.sh gemma3-270m
   .venv/bin/pip install -q openai gguf numpy safetensors "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" jsonschema rfc3339-validator rfc3986-validator fqdn isoduration
 # mlx-vlm (for its `convert` of the vision test models) without its server, audio and dataset dependencies.
 .venv/bin/python -c "import mlx_vlm, PIL" 2>/dev/null || .venv/bin/pip install -q --no-deps "mlx-vlm==0.7.10" "Pillow==13.0.0"
+# lm-evaluation-harness (its `local-completions` model scores a task through our API), kept apart from .venv's
+# packages: installed into .venv/lmeval and put on PYTHONPATH for that one test.
+[ -d .venv/lmeval/lm_eval ] || .venv/bin/pip install -q --target .venv/lmeval "lm-eval==0.4.13" tenacity aiohttp
 scripts/fetch-model.sh hf
 scripts/fetch-model.sh mlx
 scripts/fetch-model.sh smolvlm-rand
@@ -34,6 +37,8 @@ cargo build -p mlx-serving
 .venv/bin/python tests/multi_model.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # Speculative decoding (n-gram and a draft model) gives the same ids as without, through serve and generate.
 .venv/bin/python tests/speculative_server.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/mlx/SmolLM2-135M-Instruct-4bit models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+# Prompt logprobs (echo + logprobs, prompt_logprobs) against generation logprobs; lm-eval scoring a local task.
+.venv/bin/python tests/prompt_logprobs.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/hf/SmolLM2-135M-Instruct-bf16 .venv/lmeval
 # Identical deterministic requests share one generation; the response cache in memory and on disk.
 .venv/bin/python tests/coalescing.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/response_cache.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf

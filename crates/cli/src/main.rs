@@ -310,6 +310,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         ignore_eos: a.ignore_eos,
         min_tokens: 0,
         logprobs: None,
+        prompt_logprobs: None,
         speculative: true,
     };
     let opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };

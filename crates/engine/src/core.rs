@@ -359,6 +359,7 @@ impl<E: Executor> EngineCore<E> {
                             num_cached_tokens: None,
                             error: Some(e.to_string()),
                             logprobs: Vec::new(),
+                            prompt_logprobs: Vec::new(),
                         });
                     }
                 }

@@ -62,6 +62,11 @@ pub struct SamplingParams {
     pub min_tokens: u32,
     /// Return the sampled token's logprob and this many of the most likely alternatives per step.
     pub logprobs: Option<u32>,
+    /// Return every prompt token's logprob (after the first) and this many of the most likely alternatives
+    /// at each prompt position, computed in the prefill (vLLM's `prompt_logprobs`; `echo` with `logprobs`).
+    /// Such a request computes its whole prompt: no prefix-cache hit.
+    #[serde(default)]
+    pub prompt_logprobs: Option<u32>,
     /// Let the engine speculate for this request when it is configured to (the extension field
     /// `speculative: false` opts out). Speculation never changes the tokens, only how fast they come.
     #[serde(default = "yes")]
@@ -90,6 +95,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             min_tokens: 0,
             logprobs: None,
+            prompt_logprobs: None,
             speculative: true,
         }
     }
@@ -159,6 +165,9 @@ impl SamplingParams {
                 "min_tokens",
                 format!("must not exceed max_tokens ({}), got {}", self.max_tokens, self.min_tokens),
             );
+        }
+        if let Some(k) = self.prompt_logprobs.filter(|&k| k > MAX_LOGPROBS) {
+            return err("prompt_logprobs", format!("at most {MAX_LOGPROBS} top logprobs, got {k}"));
         }
         if let Some(k) = self.logprobs {
             if k > MAX_LOGPROBS {

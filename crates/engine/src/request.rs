@@ -138,6 +138,9 @@ pub struct EngineOutput {
     pub error: Option<String>,
     /// One entry per `new_token_ids` entry when the request asked for logprobs; empty otherwise.
     pub logprobs: Vec<TokenLogprobs>,
+    /// With the first token of a request that asked for prompt logprobs: one entry per prompt token after the
+    /// first (its logprob given the tokens before it); empty otherwise.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// Log-probabilities for one generated token, from the model's raw distribution (before temperature,
@@ -146,6 +149,8 @@ pub struct EngineOutput {
 pub struct TokenLogprobs {
     pub token: u32,
     pub logprob: f32,
+    /// The token's rank in the distribution (1: the most likely); 0 where it was not kept (a cached answer).
+    pub rank: u32,
     /// The most likely tokens, most likely first.
     pub top: Vec<(u32, f32)>,
 }

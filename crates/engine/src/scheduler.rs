@@ -154,6 +154,9 @@ pub struct RunnerOutput {
     pub sampled: HashMap<RequestId, Vec<u32>>,
     /// One entry per sampled token, for requests that asked for logprobs.
     pub logprobs: HashMap<RequestId, Vec<TokenLogprobs>>,
+    /// With a request's first sampled token: its prompt logprobs (one per prompt token after the first), for
+    /// requests that asked for them.
+    pub prompt_logprobs: HashMap<RequestId, Vec<TokenLogprobs>>,
     /// Of a sequence's scheduled draft tokens, how many were accepted (a prefix of them).
     pub num_accepted: HashMap<RequestId, usize>,
     /// Draft tokens proposed for each sequence's next step.
@@ -169,6 +172,18 @@ pub struct RunnerOutput {
     pub propose_time: std::time::Duration,
     /// Time each image encoded this step took (encoder-cache hits not included).
     pub encode_times: Vec<std::time::Duration>,
+}
+
+/// Most prompt tokens per step for a request computing prompt logprobs (every one of its rows becomes a
+/// vocabulary-wide logits row: this bounds that memory).
+pub const PROMPT_LOGPROBS_CHUNK: usize = 512;
+
+/// The most tokens `r` may compute this step.
+fn chunk_cap(r: &Request) -> usize {
+    match r.params.prompt_logprobs {
+        Some(_) if r.num_computed_tokens < r.num_prompt_tokens => PROMPT_LOGPROBS_CHUNK,
+        _ => usize::MAX,
+    }
 }
 
 /// The request's image spans as the prefix cache keys them.
@@ -308,6 +323,7 @@ impl Scheduler {
             num_cached_tokens: if first { None } else { req.num_cached_tokens },
             error,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         })
     }
 
@@ -370,7 +386,7 @@ impl Scheduler {
             loop {
                 let r = &self.requests[&id];
                 let left = r.num_tokens() - r.num_computed_tokens;
-                let num_new = left.min(budget);
+                let num_new = left.min(budget).min(chunk_cap(r));
                 // Drafts only where this step reaches the end of the known tokens, and only as many as can be
                 // kept: every accepted draft and the token after it must fit `max_tokens` and the context.
                 if num_new < left {
@@ -431,21 +447,24 @@ impl Scheduler {
                     break;
                 }
                 let r = &self.requests[&id];
-                let hit = self.kv.find_prefix_with(&r.tokens, &content_spans(r));
-                let num_new = (r.num_tokens() - hit.num_tokens).min(budget);
-                if !self.kv.allocate_slots(id.0, hit.num_tokens + num_new, Some(&hit)) {
+                // A request computing prompt logprobs needs every prompt position's logits: no prefix hit.
+                let hit =
+                    r.params.prompt_logprobs.is_none().then(|| self.kv.find_prefix_with(&r.tokens, &content_spans(r)));
+                let cached = hit.as_ref().map_or(0, |h| h.num_tokens);
+                let num_new = (r.num_tokens() - cached).min(budget).min(chunk_cap(r));
+                if !self.kv.allocate_slots(id.0, cached + num_new, hit.as_ref()) {
                     break;
                 }
                 let r = self.requests.get_mut(&id).expect("waiting request exists");
                 if r.num_cached_tokens.is_none() {
-                    r.num_cached_tokens = Some(hit.num_tokens);
+                    r.num_cached_tokens = Some(cached);
                     self.waiting_prompt_tokens -= r.num_prompt_tokens;
                     self.num_waiting_new -= 1;
                     // Counted once per request, at its first admission (a request that kept waiting for
                     // blocks was looked up on every attempt).
-                    self.kv.record_prefix_lookup(r.num_prompt_tokens, hit.num_tokens);
+                    self.kv.record_prefix_lookup(r.num_prompt_tokens, cached);
                 }
-                r.num_computed_tokens = hit.num_tokens;
+                r.num_computed_tokens = cached;
                 r.status = RequestStatus::Running;
                 self.waiting.retain(|&w| w != id);
                 self.running.push(id);
@@ -550,6 +569,7 @@ impl Scheduler {
                 num_cached_tokens: cached,
                 error: None,
                 logprobs,
+                prompt_logprobs: run.prompt_logprobs.get(&seq.id).cloned().unwrap_or_default(),
             });
             if finish.is_some() {
                 self.requests.remove(&seq.id);

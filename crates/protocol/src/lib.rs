@@ -50,6 +50,8 @@ pub struct SamplingFields {
     pub min_tokens: Option<i64>,
     /// Top alternatives per token when logprobs were asked for (`Some(0)`: only the chosen token's).
     pub logprobs: Option<i64>,
+    /// vLLM's `prompt_logprobs`: each prompt token's logprob and this many alternatives (`Some(0)`: its own).
+    pub prompt_logprobs: Option<i64>,
     pub return_token_ids: bool,
     /// Our extension: `false` opts the request out of speculative decoding (default: on where configured).
     pub speculative: Option<bool>,
@@ -88,6 +90,8 @@ macro_rules! openai_request {
             pub min_tokens: Option<i64>,
             /// vLLM's extension: each choice gets `token_ids`, the response `prompt_token_ids`.
             pub return_token_ids: Option<bool>,
+            /// vLLM's extension: the prompt tokens' logprobs (and this many alternatives each).
+            pub prompt_logprobs: Option<i64>,
             /// Our extension: `false` opts out of speculative decoding.
             pub speculative: Option<bool>,
             /// Our extension: `false` bypasses the response cache.
@@ -123,6 +127,7 @@ macro_rules! openai_request {
                     ignore_eos: self.ignore_eos,
                     min_tokens: self.min_tokens,
                     logprobs: None,
+                    prompt_logprobs: self.prompt_logprobs,
                     return_token_ids: self.return_token_ids.unwrap_or(false),
                     speculative: self.speculative,
                     cache: self.cache,

@@ -7,10 +7,10 @@
 use crate::sampler::{token_logprobs, Sampler};
 use crate::speculative::{SpecState, Speculator};
 use crate::vision::{mrope_positions, step_embeds, EncoderCache, SeqImage};
-use mlx_serving_engine::ScheduledSeq;
 use mlx_serving_engine::{
     ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
 };
+use mlx_serving_engine::{ScheduledSeq, TokenLogprobs};
 use mlx_serving_models::{BatchInput, ModelBundle, PagedKvCache, SeqInput};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +26,20 @@ struct SeqState {
     spec: SpecState,
     /// Images in its prompt.
     images: Vec<SeqImage>,
+    /// Its prompt logprobs so far (when asked for): entry `i` is prompt token `i + 1`'s. Kept across a
+    /// preemption: a recomputed prompt adds nothing twice.
+    prompt_logprobs: Vec<TokenLogprobs>,
+}
+
+impl SeqState {
+    /// The prompt positions of a chunk at `start..start + len` whose logits give prompt logprobs not yet
+    /// computed (position `p` gives token `p + 1`'s), as `(first position, count)`; none when not asked for.
+    fn prompt_logprob_rows(&self, start: usize, len: usize) -> Option<(usize, usize)> {
+        self.sampler.params().prompt_logprobs?;
+        let from = start.max(self.prompt_logprobs.len());
+        let to = (start + len).min(self.prompt.len().saturating_sub(1));
+        (from < to).then(|| (from, to - from))
+    }
 }
 
 pub struct ModelExecutor {
@@ -212,6 +226,8 @@ impl Executor for ModelExecutor {
         let hidden = self.bundle.model.config().hidden_size;
         let mrope = self.bundle.model.config().mrope_section.is_some();
         let mut image_rows = Vec::new();
+        // Logits rows each sequence asked for, in batch order.
+        let mut row_counts = Vec::with_capacity(batch.seqs.len());
         // Encoders beat the heartbeat after each layer too (a large image takes seconds).
         let hb = self.heartbeat.clone();
         let beat = move || {
@@ -261,6 +277,7 @@ impl Executor for ModelExecutor {
                         constraint,
                         spec: SpecState::default(),
                         images,
+                        prompt_logprobs: Vec::new(),
                     },
                 );
             }
@@ -284,7 +301,15 @@ impl Executor for ModelExecutor {
                     }
                 }
             }
-            let rows = if s.sample { s.num_draft_tokens + 1 } else { 0 };
+            let sample_rows = if s.sample { s.num_draft_tokens + 1 } else { 0 };
+            // Prompt logprobs want the logits of their positions too: every row from the first of them.
+            let prompt_rows =
+                self.states.get(&s.id).and_then(|st| st.prompt_logprob_rows(s.start_pos, s.token_ids.len()));
+            let rows = match prompt_rows {
+                Some((first, _)) => (s.start_pos + s.token_ids.len() - first).max(sample_rows),
+                None => sample_rows,
+            };
+            row_counts.push(rows);
             flat.push(&s.token_ids, s.start_pos, &s.block_table, rows)
                 .map_err(|e| ExecutorError(format!("request {:?}: {e}", s.id)))?;
             if mrope {
@@ -327,16 +352,32 @@ impl Executor for ModelExecutor {
         };
         let vocab = self.bundle.model.config().vocab_size;
         let mut rows = logits.chunks_mut(vocab);
-        for s in batch.seqs.iter().filter(|s| s.sample) {
-            let seq_rows: Vec<&mut [f32]> = rows.by_ref().take(s.num_draft_tokens + 1).collect();
-            if out.failed.contains_key(&s.id) {
+        for (s, &count) in batch.seqs.iter().zip(&row_counts) {
+            let mut seq_rows: Vec<&mut [f32]> = rows.by_ref().take(count).collect();
+            if count == 0 || out.failed.contains_key(&s.id) {
                 continue;
             }
             let st = self
                 .states
                 .get_mut(&s.id)
                 .ok_or_else(|| ExecutorError(format!("request {:?} was never announced", s.id)))?;
-            verify(st, s, seq_rows, masks.remove(&s.id), &mut out);
+            if let Some((first, n)) = st.prompt_logprob_rows(s.start_pos, s.token_ids.len()) {
+                // Rows start at position `first` (see the push above).
+                let k = st.sampler.params().prompt_logprobs.unwrap_or(0) as usize;
+                for (i, row) in seq_rows.iter().take(n).enumerate() {
+                    let target = st.prompt[first + i + 1];
+                    st.prompt_logprobs.push(token_logprobs(row, target, k));
+                }
+            }
+            if !s.sample {
+                continue;
+            }
+            let sample_rows = seq_rows.split_off(seq_rows.len() - (s.num_draft_tokens + 1));
+            let first_sample = st.output.is_empty();
+            verify(st, s, sample_rows, masks.remove(&s.id), &mut out);
+            if first_sample && st.sampler.params().prompt_logprobs.is_some() && out.sampled.contains_key(&s.id) {
+                out.prompt_logprobs.insert(s.id, st.prompt_logprobs.clone());
+            }
         }
         let started = Instant::now();
         out.drafts = self.propose(batch, &out);

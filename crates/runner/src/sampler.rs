@@ -279,7 +279,9 @@ pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
         top.insert(at, (l, i as u32));
         top.truncate(k);
     }
-    TokenLogprobs { token, logprob: lp(token), top: top.into_iter().map(|(_, id)| (id, lp(id))).collect() }
+    let own = logits[token as usize];
+    let rank = 1 + logits.iter().filter(|&&l| l > own).count() as u32;
+    TokenLogprobs { token, logprob: lp(token), rank, top: top.into_iter().map(|(_, id)| (id, lp(id))).collect() }
 }
 
 #[cfg(test)]

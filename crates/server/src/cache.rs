@@ -75,7 +75,8 @@ pub(crate) fn encode(key: &str, pieces: &[Piece], choices: usize) -> Option<Vec<
                     cached: *cached,
                 }
             }
-            Piece::Failed(_) => return None,
+            // Prompt logprobs are not kept (such answers are not cached).
+            Piece::Failed(_) | Piece::Prompt { .. } => return None,
         });
     }
     (done == choices).then(|| serde_json::to_vec(&Entry { key: key.to_string(), pieces: recs }).ok()).flatten()
@@ -98,7 +99,7 @@ pub(crate) fn decode(key: &str, bytes: &[u8]) -> Option<Vec<Piece>> {
                     tokens,
                     logprobs: logprobs
                         .into_iter()
-                        .map(|l| TokenLogprobs { token: l.token, logprob: l.logprob, top: l.top })
+                        .map(|l| TokenLogprobs { token: l.token, logprob: l.logprob, rank: 0, top: l.top })
                         .collect(),
                     calls: calls
                         .into_iter()

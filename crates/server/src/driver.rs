@@ -40,6 +40,12 @@ pub(crate) enum Piece {
         /// Tool calls found (`ToolEvent::Start` and `Args` only; their text never reaches `text`).
         calls: Vec<ToolEvent>,
     },
+    /// The prompt's logprobs (one per prompt token after the first), before the choice's first text, for
+    /// requests that asked for them.
+    Prompt {
+        index: usize,
+        logprobs: Vec<TokenLogprobs>,
+    },
     Done {
         index: usize,
         finish_reason: &'static str,
@@ -176,6 +182,13 @@ impl Driver {
             }
             if !o.new_token_ids.is_empty() {
                 let now = Instant::now();
+                if generated == 0 && self.params.prompt_logprobs.is_some() {
+                    let piece = Piece::Prompt { index: self.index, logprobs: o.prompt_logprobs.clone() };
+                    if out.send(piece).await.is_err() {
+                        m.finished("abort");
+                        return;
+                    }
+                }
                 if generated == 0 {
                     m.ttft.observe(now - self.arrival);
                 } else {

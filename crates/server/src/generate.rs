@@ -41,11 +41,12 @@ pub async fn completions(
     let m = lease.model().clone();
     let mut fields = req.sampling_fields();
     fields.logprobs = req.logprobs;
-    if req.echo && req.logprobs.is_some() {
-        return Err(ApiError::bad_request(
-            "echo together with logprobs (prompt logprobs) is not supported yet",
-            Some("echo"),
-        ));
+    let prompt_logprobs = fields.prompt_logprobs.is_some();
+    // `echo` with `logprobs`: the prompt's logprobs too, with as many alternatives (computed in the prefill).
+    if req.echo {
+        if let Some(k) = req.logprobs {
+            fields.prompt_logprobs = Some(fields.prompt_logprobs.unwrap_or(0).max(k));
+        }
     }
     // OpenAI's completions default is 16 tokens.
     let bounds = completion_prompt_bounds(&m, &req.prompt)?;
@@ -69,6 +70,7 @@ pub async fn completions(
         stream: req.stream,
         include_usage: req.include_usage(),
         logprobs: req.logprobs.is_some(),
+        prompt_logprobs,
         return_token_ids: fields.return_token_ids,
         tool_names: None,
         model: lease,
@@ -154,6 +156,7 @@ pub async fn chat_completions(
         stream: req.stream,
         include_usage: req.include_usage(),
         logprobs: req.logprobs,
+        prompt_logprobs: fields.prompt_logprobs.is_some(),
         return_token_ids: fields.return_token_ids,
         tool_names: tools.filter(|t| t.choice != tools::Choice::None).map(|t| t.names()),
         model: lease,

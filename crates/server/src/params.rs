@@ -28,16 +28,16 @@ pub fn sampling_params(
             return Err(ApiError::bad_request(format!("min_tokens must not be negative, got {m}"), Some("min_tokens")))
         }
     };
-    let logprobs = match f.logprobs {
-        None => None,
-        Some(k) if (0..=mlx_serving_engine::MAX_LOGPROBS as i64).contains(&k) => Some(k as u32),
-        Some(k) => {
-            return Err(ApiError::bad_request(
-                format!("logprobs must be between 0 and {}, got {k}", mlx_serving_engine::MAX_LOGPROBS),
-                Some("logprobs"),
-            ))
-        }
+    let count = |v: Option<i64>, field: &str| match v {
+        None => Ok(None),
+        Some(k) if (0..=mlx_serving_engine::MAX_LOGPROBS as i64).contains(&k) => Ok(Some(k as u32)),
+        Some(k) => Err(ApiError::bad_request(
+            format!("{field} must be between 0 and {}, got {k}", mlx_serving_engine::MAX_LOGPROBS),
+            Some(field),
+        )),
     };
+    let logprobs = count(f.logprobs, "logprobs")?;
+    let prompt_logprobs = count(f.prompt_logprobs, "prompt_logprobs")?;
     let max_tokens = match f.max_tokens {
         Some(m) if m < 1 => {
             return Err(ApiError::bad_request(format!("max_tokens must be at least 1, got {m}"), Some("max_tokens")))
@@ -98,6 +98,7 @@ pub fn sampling_params(
         ignore_eos: f.ignore_eos,
         min_tokens,
         logprobs,
+        prompt_logprobs,
         speculative: f.speculative.unwrap_or(true),
     };
     p.validate(vocab).map_err(|e| ApiError::bad_request(e.message.clone(), Some(e.param)))?;

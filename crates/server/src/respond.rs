@@ -36,6 +36,9 @@ pub(crate) struct Job {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// vLLM's `prompt_logprobs` was asked for: the prompt's logprobs in its shape (completions: per choice;
+    /// chat: on the response).
+    pub prompt_logprobs: bool,
     pub return_token_ids: bool,
     /// Chat with tools: their names (the output is parsed for calls).
     pub tool_names: Option<Vec<String>>,
@@ -60,6 +63,16 @@ impl Job {
         self.prompts[choice / self.n].echo.as_deref()
     }
 
+    /// Completions with `echo` and `logprobs`: the prompt's tokens lead the choice's logprobs.
+    fn echo_logprobs(&self, choice: usize) -> bool {
+        self.logprobs && self.echo_of(choice).is_some()
+    }
+
+    /// Whether the choice's first text waits for its prompt logprobs (which come with its first token).
+    fn awaits_prompt(&self, choice: usize) -> bool {
+        self.echo_logprobs(choice) || self.prompt_logprobs
+    }
+
     /// `prompt_token_ids` for the response: the ids, or a list of them for a batch of prompts.
     fn prompt_token_ids(&self) -> Value {
         match self.prompts.as_slice() {
@@ -75,6 +88,8 @@ struct ChoiceAcc {
     text: String,
     tokens: Vec<u32>,
     logprobs: Vec<TokenLogprobs>,
+    /// The prompt's logprobs, when asked for (one per prompt token after the first).
+    prompt: Vec<TokenLogprobs>,
     /// Characters of generated text so far, counted by their first bytes (completions' `text_offset`).
     chars: usize,
     finish_reason: Option<&'static str>,
@@ -154,6 +169,7 @@ pub(crate) async fn collect_response(
                 c.logprobs.extend(logprobs);
                 c.take_calls(&s, calls);
             }
+            Some(Piece::Prompt { index, logprobs }) => acc[index].prompt = logprobs,
             Some(Piece::Done { index, finish_reason, generated, cached }) => {
                 let c = &mut acc[index];
                 (c.finish_reason, c.generated, c.cached) = (Some(finish_reason), generated, cached);
@@ -164,7 +180,7 @@ pub(crate) async fn collect_response(
         }
     }
     // With logprobs the body decodes up to 21 tokens per generated token: build it off the async threads.
-    if job.logprobs {
+    if job.logprobs || job.prompt_logprobs {
         let (st, request_id) = (s.clone(), job.request_id.clone());
         s.on_cpu_pool(&request_id, move || response_body(&st, &job, acc)).await.map(|b| Json(b).into_response())
     } else {
@@ -178,9 +194,14 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
         .enumerate()
         .map(|(index, c)| {
             let echo = job.echo_of(index).unwrap_or("");
-            let logprobs = job
-                .logprobs
-                .then(|| logprobs_json(job.model.model(), job.kind, &c.logprobs, &mut c.chars, echo.chars().count()));
+            let model = job.model.model();
+            let logprobs = job.logprobs.then(|| {
+                let generated = logprobs_json(model, job.kind, &c.logprobs, &mut c.chars, echo.chars().count());
+                match job.echo_logprobs(index) {
+                    true => echo_logprobs_json(model, &job.prompts[index / job.n].ids, &c.prompt, generated),
+                    false => generated,
+                }
+            });
             let mut v = match job.kind {
                 Kind::Completion => {
                     let text = format!("{echo}{}", c.text);
@@ -206,6 +227,9 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
             if job.return_token_ids {
                 v["token_ids"] = json!(c.tokens);
             }
+            if job.prompt_logprobs && job.kind == Kind::Completion {
+                v["prompt_logprobs"] = vllm_prompt_logprobs(model, &c.prompt);
+            }
             v
         })
         .collect();
@@ -220,7 +244,68 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
     if job.return_token_ids {
         body["prompt_token_ids"] = job.prompt_token_ids();
     }
+    if job.prompt_logprobs && job.kind == Kind::Chat {
+        body["prompt_logprobs"] =
+            acc.first().map_or(Value::Null, |c| vllm_prompt_logprobs(job.model.model(), &c.prompt));
+    }
     body
+}
+
+/// Completions' `logprobs` with the prompt's tokens first (`echo`): the first prompt token has no logprob
+/// (`null`, as OpenAI writes it), each later one its logprob given the tokens before it and its alternatives;
+/// then `generated`'s entries. Prompt offsets count the prompt tokens' characters from 0.
+fn echo_logprobs_json(s: &ServedModel, ids: &[u32], prompt: &[TokenLogprobs], generated: Value) -> Value {
+    let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+    let mut chars = 0usize;
+    for (i, &id) in ids.iter().enumerate() {
+        let b = s.bundle.token_bytes.get(id);
+        let continues = b.first().is_some_and(|&x| is_continuation(x));
+        offsets.push(json!(chars - usize::from(continues && chars > 0)));
+        chars += b.iter().filter(|&&x| !is_continuation(x)).count();
+        tokens.push(json!(token_text(s, id)));
+        match i.checked_sub(1).and_then(|j| prompt.get(j)) {
+            Some(l) => {
+                token_logprobs.push(json!(finite(l.logprob)));
+                let mut alts = Map::new();
+                for &(alt, lp) in &l.top {
+                    alts.insert(token_text(s, alt), json!(finite(lp)));
+                }
+                alts.insert(token_text(s, l.token), json!(finite(l.logprob)));
+                top.push(Value::Object(alts));
+            }
+            None => {
+                token_logprobs.push(Value::Null);
+                top.push(Value::Null);
+            }
+        }
+    }
+    let extend = |list: &mut Vec<Value>, key: &str| {
+        if let Some(Value::Array(more)) = generated.get(key) {
+            list.extend(more.iter().cloned());
+        }
+    };
+    extend(&mut tokens, "tokens");
+    extend(&mut token_logprobs, "token_logprobs");
+    extend(&mut top, "top_logprobs");
+    extend(&mut offsets, "text_offset");
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token `{"<id>": {"logprob", "rank",
+/// "decoded_token"}}` for the token itself and its alternatives.
+fn vllm_prompt_logprobs(s: &ServedModel, prompt: &[TokenLogprobs]) -> Value {
+    let entry =
+        |lp: f32, rank: u32, id: u32| json!({"logprob": finite(lp), "rank": rank, "decoded_token": token_text(s, id)});
+    std::iter::once(Value::Null)
+        .chain(prompt.iter().map(|l| {
+            let mut m = Map::new();
+            for (r, &(id, lp)) in l.top.iter().enumerate() {
+                m.insert(id.to_string(), entry(lp, r as u32 + 1, id));
+            }
+            m.insert(l.token.to_string(), entry(l.logprob, l.rank, l.token));
+            Value::Object(m)
+        }))
+        .collect()
 }
 
 /// A token as text, for logprobs: its own decoding, special tokens included.
@@ -320,6 +405,8 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                     json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
                     None,
                 )),
+                // With prompt logprobs the echo goes out with them (they come with the first token).
+                (Kind::Completion, Some(_)) if job.awaits_prompt(index) => {}
                 (Kind::Completion, Some(prompt)) => opening.push(chunk(
                     json!([{"index": index, "text": prompt, "logprobs": null, "finish_reason": null}]),
                     None,
@@ -340,6 +427,26 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                 _ = ev_tx.closed() => return,
             };
             let events: Vec<Event> = match piece {
+                Some(Piece::Prompt { index, logprobs }) => {
+                    let model = job.model.model();
+                    let mut choice = match job.kind {
+                        Kind::Completion => {
+                            let lp = match job.echo_logprobs(index) {
+                                true => {
+                                    echo_logprobs_json(model, &job.prompts[index / job.n].ids, &logprobs, json!({}))
+                                }
+                                false => Value::Null,
+                            };
+                            let text = job.echo_of(index).unwrap_or("");
+                            json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
+                        Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null}),
+                    };
+                    if job.prompt_logprobs {
+                        choice["prompt_logprobs"] = vllm_prompt_logprobs(model, &logprobs);
+                    }
+                    vec![chunk(json!([choice]), None)]
+                }
                 Some(Piece::Text { index, text, tokens, logprobs, calls }) => {
                     let c = &mut acc[index];
                     let call_deltas = c.take_calls(&s, calls);

@@ -127,11 +127,19 @@ fn bad_requests_get_the_right_status_and_error_then_the_server_still_serves() {
         ("logprobs too many", "/v1/completions", with("logprobs", json!(21)), 400, Some("logprobs"), None),
         ("logprobs wrong type", "/v1/completions", with("logprobs", json!(true)), 400, Some("logprobs"), None),
         (
-            "echo with logprobs",
+            "prompt_logprobs too many",
             "/v1/completions",
-            json!({"model": "smollm2", "prompt": "a", "echo": true, "logprobs": 1}),
+            with("prompt_logprobs", json!(21)),
             400,
-            Some("echo"),
+            Some("prompt_logprobs"),
+            None,
+        ),
+        (
+            "prompt_logprobs wrong type",
+            "/v1/completions",
+            with("prompt_logprobs", json!("x")),
+            400,
+            Some("prompt_logprobs"),
             None,
         ),
         (

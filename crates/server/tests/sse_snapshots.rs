@@ -45,7 +45,7 @@ impl Executor for Scripted {
             let lp = -0.25 * (*pos as f32 + 1.0);
             if let Some(k) = params.logprobs {
                 let top = (0..k).map(|j| (token + j, lp - j as f32)).collect();
-                out.logprobs.insert(s.id, vec![TokenLogprobs { token, logprob: lp, top }]);
+                out.logprobs.insert(s.id, vec![TokenLogprobs { token, logprob: lp, top, ..Default::default() }]);
             }
             out.sampled.insert(s.id, vec![token]);
             *pos += 1;
