@@ -123,6 +123,16 @@ try:
     check(echo.choices[0].text == "The capital of France is Paris.", f"echo: {echo.choices[0].text!r}")
     ext = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=2, extra_body={"return_token_ids": True, "priority": "high", "min_tokens": 2, "top_k": 5})
     check(ext.model_extra.get("prompt_token_ids") == [504, 3575, 282, 4649, 314] and len(ext.choices[0].model_extra.get("token_ids", [])) == 2, "return_token_ids (vLLM extension)")
+    batch = client.completions.create(model="smollm2", prompt=["The capital of France is", "Hello"], temperature=0, max_tokens=2, n=2, extra_body={"return_token_ids": True})
+    per_choice = [c.model_extra.get("prompt_token_ids") for c in sorted(batch.choices, key=lambda c: c.index)]
+    check(per_choice[0] == per_choice[1] == [504, 3575, 282, 4649, 314] and per_choice[2] == per_choice[3] != per_choice[0]
+          and batch.model_extra.get("prompt_token_ids") == [per_choice[0], per_choice[2]],
+          "return_token_ids with a batch of prompts: each choice has its own prompt_token_ids")
+    running = list(client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=8, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [ch.usage.completion_tokens for ch in running if ch.choices]
+    check(all(ch.usage is not None and ch.usage.prompt_tokens == 37 for ch in running) and counts == sorted(counts)
+          and counts[0] == 0 and running[-1].usage.completion_tokens == 8 and counts[-1] == 8,
+          f"stream_options.continuous_usage_stats: usage so far on every chunk ({counts})")
     raw = client.chat.completions.with_raw_response.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_headers={"x-request-id": "client-chosen-1"})
     check(raw.headers.get("x-request-id") == "client-chosen-1", "x-request-id is echoed")
     try:

@@ -28,6 +28,9 @@ impl Stop {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
 }
 
 /// The sampling fields chat and completions share, moved out of a request by `sampling_fields`.
@@ -149,6 +152,11 @@ macro_rules! openai_request {
 
             pub fn include_usage(&self) -> bool {
                 self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+            }
+
+            /// `include_usage` with `continuous_usage_stats`: usage on every chunk.
+            pub fn continuous_usage(&self) -> bool {
+                self.stream_options.as_ref().is_some_and(|o| o.include_usage && o.continuous_usage_stats)
             }
         }
     };

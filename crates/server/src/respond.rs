@@ -35,6 +35,8 @@ pub(crate) struct Job {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Usage so far on every streamed chunk (`stream_options.continuous_usage_stats`).
+    pub continuous_usage: bool,
     pub logprobs: bool,
     /// vLLM's `prompt_logprobs` was asked for: the prompt's logprobs in its shape (completions: per choice;
     /// chat: on the response).
@@ -94,6 +96,8 @@ struct ChoiceAcc {
     chars: usize,
     finish_reason: Option<&'static str>,
     generated: usize,
+    /// Tokens streamed so far (the running usage).
+    streamed: usize,
     cached: usize,
     /// Tool calls so far: id, function name, arguments.
     calls: Vec<(String, String, String)>,
@@ -134,8 +138,16 @@ impl ChoiceAcc {
 
 /// Prompt tokens count once per prompt (not per choice); cached tokens are those of each prompt's first choice.
 fn usage(job: &Job, choices: &[ChoiceAcc]) -> Usage {
+    usage_with(job, choices, choices.iter().map(|c| c.generated).sum())
+}
+
+/// The usage while streaming: the tokens streamed so far.
+fn running_usage(job: &Job, choices: &[ChoiceAcc]) -> Usage {
+    usage_with(job, choices, choices.iter().map(|c| c.streamed).sum())
+}
+
+fn usage_with(job: &Job, choices: &[ChoiceAcc], completion_tokens: usize) -> Usage {
     let prompt_tokens = job.prompts.iter().map(|p| p.ids.len()).sum();
-    let completion_tokens = choices.iter().map(|c| c.generated).sum();
     let cached_tokens = choices.iter().step_by(job.n).map(|c| c.cached).sum();
     Usage {
         prompt_tokens,
@@ -226,6 +238,10 @@ fn response_body(s: &AppState, job: &Job, mut acc: Vec<ChoiceAcc>) -> Value {
             };
             if job.return_token_ids {
                 v["token_ids"] = json!(c.tokens);
+                if job.kind == Kind::Completion {
+                    // vLLM's per-choice field (with a batch of prompts, each choice's own).
+                    v["prompt_token_ids"] = json!(job.prompts[index / job.n].ids);
+                }
             }
             if job.prompt_logprobs && job.kind == Kind::Completion {
                 v["prompt_logprobs"] = vllm_prompt_logprobs(model, &c.prompt);
@@ -403,13 +419,13 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
             match (job.kind, job.echo_of(index)) {
                 (Kind::Chat, _) => opening.push(chunk(
                     json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                    None,
+                    job.continuous_usage.then(|| running_usage(&job, &acc)),
                 )),
                 // With prompt logprobs the echo goes out with them (they come with the first token).
                 (Kind::Completion, Some(_)) if job.awaits_prompt(index) => {}
                 (Kind::Completion, Some(prompt)) => opening.push(chunk(
                     json!([{"index": index, "text": prompt, "logprobs": null, "finish_reason": null}]),
-                    None,
+                    job.continuous_usage.then(|| running_usage(&job, &acc)),
                 )),
                 (Kind::Completion, None) => {}
             }
@@ -445,9 +461,11 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                     if job.prompt_logprobs {
                         choice["prompt_logprobs"] = vllm_prompt_logprobs(model, &logprobs);
                     }
-                    vec![chunk(json!([choice]), None)]
+                    vec![chunk(json!([choice]), job.continuous_usage.then(|| running_usage(&job, &acc)))]
                 }
                 Some(Piece::Text { index, text, tokens, logprobs, calls }) => {
+                    acc[index].streamed += tokens.len();
+                    let running = job.continuous_usage.then(|| running_usage(&job, &acc));
                     let c = &mut acc[index];
                     let call_deltas = c.take_calls(&s, calls);
                     let mut ev = Vec::with_capacity(1 + call_deltas.len());
@@ -469,12 +487,12 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                         if job.return_token_ids {
                             choice["token_ids"] = json!(tokens);
                         }
-                        ev.push(chunk(json!([choice]), None));
+                        ev.push(chunk(json!([choice]), running.clone()));
                     }
                     // Each call's name, then pieces of its arguments, as OpenAI streams them.
                     for d in call_deltas {
                         let choice = json!({"index": index, "delta": {"tool_calls": [d]}, "logprobs": null, "finish_reason": null});
-                        ev.push(chunk(json!([choice]), None));
+                        ev.push(chunk(json!([choice]), running.clone()));
                     }
                     ev
                 }
@@ -490,7 +508,8 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                             json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
                         }
                     };
-                    let mut ev = vec![chunk(json!([choice]), None)];
+                    let running = job.continuous_usage.then(|| running_usage(&job, &acc));
+                    let mut ev = vec![chunk(json!([choice]), running)];
                     if open == 0 {
                         if job.include_usage {
                             ev.push(chunk(json!([]), Some(usage(&job, &acc))));
