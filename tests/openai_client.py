@@ -181,6 +181,61 @@ try:
         check(False, "wrong key raises")
     except openai.AuthenticationError as e:
         check(e.status_code == 401, "a wrong key raises AuthenticationError (401)")
+    server.terminate()
+    server.wait(timeout=30)
+
+    # Per-key rate limits (runtime.yaml): requests per minute, then tokens per minute.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write("server:\n  api_keys: [sk-one, sk-two]\n  rate_limit:\n    requests_per_minute: 3\n")
+    server, port = start_server(["--config", f.name, "--log-level", "debug"])
+    one, two = (OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=k, max_retries=0) for k in ("sk-one", "sk-two"))
+    for _ in range(3):
+        one.completions.create(model="smollm2", prompt="Hi", max_tokens=1)
+    try:
+        one.completions.create(model="smollm2", prompt="Hi", max_tokens=1)
+        check(False, "the fourth request in a minute is refused")
+    except openai.RateLimitError as e:
+        retry = int(e.response.headers.get("retry-after", "0"))
+        check(e.status_code == 429 and e.body.get("code") == "rate_limit_exceeded" and 1 <= retry <= 20,
+              f"a key past its requests per minute gets 429 rate_limit_exceeded with Retry-After ({retry} s)")
+    check(two.completions.create(model="smollm2", prompt="Hi", max_tokens=1).choices, "another key has its own budget")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    check("mlx_serving:rate_limited_requests_total 1" in text and "sk-one" not in text and "sk-two" not in text,
+          "/metrics counts the refusal and shows no key")
+    server.terminate()
+    out, _ = server.communicate(timeout=30)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write("server:\n  api_keys: [sk-one]\n  rate_limit:\n    tokens_per_minute: 100\n")
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    port = None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([binary, "serve", "--model", model_path, "--served-model-name", "smollm2", "--port", str(port),
+                               "--threads", "2", "--kv-cache-mb", "64", "--config", f.name, "--log-level", "debug"],
+                              stdout=log, stderr=log)
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                break
+        except Exception:
+            time.sleep(0.1)
+    one = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-one", max_retries=0)
+    one.completions.create(model="smollm2", prompt="Hi", max_tokens=60)  # charged ~61 of 100
+    one.completions.create(model="smollm2", prompt="Hi", max_tokens=60)  # admitted (39 left), then in debt
+    try:
+        one.completions.create(model="smollm2", prompt="Hi", max_tokens=1)
+        check(False, "a key in token debt is refused")
+    except openai.RateLimitError as e:
+        retry = int(e.response.headers.get("retry-after", "0"))
+        check("tokens per minute" in e.message and 10 <= retry <= 60,
+              f"a key past its tokens per minute waits its debt out (Retry-After {retry} s)")
+    server.terminate()
+    server.wait(timeout=30)
+    log.seek(0)
+    logged = log.read()
+    check("sk-one" not in logged and "sk-two" not in logged and "request" in logged, "API keys never appear in the log (debug level)")
     print(f"{checks} checks passed")
 finally:
     server.terminate()

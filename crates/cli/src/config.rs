@@ -129,6 +129,14 @@ impl Default for ModelSection {
     }
 }
 
+/// `server.rate_limit`: `null` (or absent) limits nothing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
@@ -173,6 +181,9 @@ pub struct ServerSection {
     pub max_images_per_request: usize,
     /// MiB of preprocessed pixels all requests in flight may hold at once (beyond: 429).
     pub max_image_mb_in_flight: usize,
+    /// Requests and tokens per minute for each API key (without keys: for all clients together); beyond, 429
+    /// with `Retry-After`. A generation is charged its prompt tokens plus `max_tokens` per choice.
+    pub rate_limit: RateLimitSection,
     /// `POST /v1/models` may register a model from a path on this machine (with the engine settings of this
     /// file); off, models come only from this file and the flags. Always on in `rpc` (its caller started it).
     pub allow_model_registration: bool,
@@ -202,6 +213,7 @@ impl Default for ServerSection {
             max_images_per_request: mlx_serving_server::images::ImageOptions::default().max_per_request,
             max_image_mb_in_flight: mlx_serving_server::images::ImageOptions::default().max_pixel_bytes_in_flight >> 20,
             allow_model_registration: false,
+            rate_limit: RateLimitSection::default(),
         }
     }
 }
@@ -408,6 +420,10 @@ impl RuntimeConfig {
             if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 bail!("server.api_keys[{i}]: must be non-empty, without spaces or control characters");
             }
+        }
+        let rl = &self.server.rate_limit;
+        if rl.requests_per_minute == Some(0) || rl.tokens_per_minute == Some(0) {
+            bail!("server.rate_limit: a limit must be at least 1 (or null for none)");
         }
         for (i, o) in self.server.cors_allowed_origins.iter().enumerate() {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {

@@ -240,6 +240,10 @@ pub(crate) fn build_state(c: &RuntimeConfig, no_models: bool) -> Result<(Arc<App
         coalescing: c.cache.coalescing,
         response_cache: c.cache.backend()?,
         cache_shared_across_keys: c.cache.shared_across_keys,
+        rate_limits: mlx_serving_services::RateLimits {
+            requests_per_minute: c.server.rate_limit.requests_per_minute,
+            tokens_per_minute: c.server.rate_limit.tokens_per_minute,
+        },
         model_factory: match c.server.allow_model_registration {
             true => Some(Arc::new(FileFactory::new(c)?)),
             false => None,

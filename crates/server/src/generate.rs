@@ -172,6 +172,8 @@ struct Share {
     /// The output constraint asked for (its spec, printed), or `None`.
     constraint: String,
     tenant: Option<u64>,
+    /// The API key whose rate limits the request counts against (`None`: no keys; all clients share one).
+    payer: Option<u64>,
     /// Serve it from the cache (not with `Cache-Control: no-cache`, `no-store` or `cache: false`).
     lookup: bool,
     /// Store its answer (not with `no-store` or `cache: false`).
@@ -197,6 +199,7 @@ impl Share {
         Self {
             constraint: format!("{:?}", wanted.map(|w| &w.spec)),
             tenant: if s.options.cache_shared_across_keys { None } else { ctx.tenant },
+            payer: ctx.tenant,
             lookup: on && !has("no-cache") && !has("no-store"),
             store: on && !has("no-store"),
         }
@@ -262,6 +265,9 @@ async fn run(
     let (params, priority, n) = sampling_params(fields, default_max_tokens, longest, cfg.max_model_len, vocab)?;
     job.n = n;
     check_choices(job.prompts.len(), n)?;
+    // The key's token budget pays for what this request may use: its prompts and max_tokens per choice.
+    let may_use: usize = job.prompts.iter().map(|p| p.ids.len()).sum::<usize>() + job.num_choices() * params.max_tokens as usize;
+    s.rate_limiter.charge(share.payer.unwrap_or(0), may_use as u64, Instant::now());
     let key = (s.options.coalescing || s.options.response_cache.is_some())
         .then(|| shared::key(&job, &params, &share.constraint, share.tenant))
         .flatten();

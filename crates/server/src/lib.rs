@@ -89,6 +89,8 @@ pub struct ServerOptions {
     pub images: images::ImageOptions,
     /// Builds models registered at run time (`POST /v1/models`); `None`: registration is refused (403).
     pub model_factory: Option<Arc<dyn models::ModelFactory>>,
+    /// Requests and tokens per minute for each API key (for all clients together without keys).
+    pub rate_limits: mlx_serving_services::RateLimits,
 }
 
 impl Default for ServerOptions {
@@ -112,6 +114,7 @@ impl Default for ServerOptions {
             max_coalesced_subscribers: 256,
             images: images::ImageOptions::default(),
             model_factory: None,
+            rate_limits: mlx_serving_services::RateLimits::default(),
         }
     }
 }
@@ -133,6 +136,8 @@ pub struct AppState {
     pub(crate) coalescer: Arc<mlx_serving_services::Coalescer<driver::Piece>>,
     /// Bytes of preprocessed image pixels held by requests in flight (bounded by `images.max_pixel_bytes_in_flight`).
     pub(crate) image_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Per-key request and token budgets (`options.rate_limits`).
+    pub(crate) rate_limiter: mlx_serving_services::RateLimiter,
 }
 
 /// The request id every log line and the `x-request-id` response header carry: the client's own
@@ -190,6 +195,7 @@ impl AppState {
             cpu_pool: Arc::new(tokio::sync::Semaphore::new(options.cpu_workers.max(1))),
             coalescer: mlx_serving_services::Coalescer::new(options.max_coalesced, options.max_coalesced_subscribers),
             image_bytes: Default::default(),
+            rate_limiter: mlx_serving_services::RateLimiter::new(options.rate_limits),
             options,
         }
     }
@@ -361,26 +367,50 @@ async fn request_context(State(s): State<Arc<AppState>>, mut req: Request, next:
     resp
 }
 
-/// `Authorization: Bearer KEY` against the configured keys (compared in constant time).
+/// `Authorization: Bearer KEY` against the configured keys (compared in constant time), then the key's request
+/// budget (`rate_limits`; one budget for all clients when there are no keys): 429 with `Retry-After` when spent.
 async fn authenticate(State(s): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    if s.options.api_keys.is_empty() || req.method() == Method::OPTIONS {
+    if req.method() == Method::OPTIONS {
         return next.run(req).await;
     }
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-        let (scheme, key) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-    });
-    match given {
-        Some(k) if s.options.api_keys.iter().any(|good| constant_time_eq(good.as_bytes(), k.as_bytes())) => {
-            let tenant = tenant_of(k);
-            if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
-                ctx.tenant = Some(tenant);
+    let mut tenant = None;
+    if !s.options.api_keys.is_empty() {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+            let (scheme, key) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+        });
+        match given {
+            Some(k) if s.options.api_keys.iter().any(|good| constant_time_eq(good.as_bytes(), k.as_bytes())) => {
+                tenant = Some(tenant_of(k));
+                if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
+                    ctx.tenant = tenant;
+                }
             }
-            next.run(req).await
+            Some(_) => return ApiError::unauthorized("Incorrect API key provided.").into_response(),
+            None => {
+                return ApiError::unauthorized("Missing API key: send `Authorization: Bearer <key>`.").into_response()
+            }
         }
-        Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
-        None => ApiError::unauthorized("Missing API key: send `Authorization: Bearer <key>`.").into_response(),
     }
+    if let Err(refusal) = s.rate_limiter.admit(tenant.unwrap_or(0), Instant::now()) {
+        s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return rate_limited(refusal);
+    }
+    next.run(req).await
+}
+
+/// 429 `rate_limit_exceeded` with `Retry-After` in whole seconds (at least 1).
+fn rate_limited(refusal: mlx_serving_services::Refusal) -> Response {
+    let e = ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: refusal.message,
+        param: None,
+        code: Some("rate_limit_exceeded".into()),
+    };
+    let mut resp = e.into_response();
+    let secs = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
 }
 
 /// A stable identity for an API key (the same on every instance), without keeping the key itself around.

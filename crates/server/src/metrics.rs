@@ -142,6 +142,8 @@ pub struct Metrics {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub cache_errors: AtomicU64,
+    /// Requests refused by a key's rate limit.
+    pub rate_limited: AtomicU64,
 }
 
 /// One model as `/metrics` shows it: its registry entry, its series, and its engine while loaded.
@@ -231,6 +233,11 @@ impl Metrics {
         for m in models {
             render_model(&mut x, m);
         }
+        x.sample(
+            ["mlx_serving:rate_limited_requests_total", "Requests refused by an API key's rate limit (429).", "counter"],
+            "",
+            self.rate_limited.load(Ordering::Relaxed),
+        );
         if let Some(c) = cache {
             let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
             let counter = "counter";
