@@ -266,7 +266,8 @@ async fn run(
     job.n = n;
     check_choices(job.prompts.len(), n)?;
     // The key's token budget pays for what this request may use: its prompts and max_tokens per choice.
-    let may_use: usize = job.prompts.iter().map(|p| p.ids.len()).sum::<usize>() + job.num_choices() * params.max_tokens as usize;
+    let may_use: usize =
+        job.prompts.iter().map(|p| p.ids.len()).sum::<usize>() + job.num_choices() * params.max_tokens as usize;
     s.rate_limiter.charge(share.payer.unwrap_or(0), may_use as u64, Instant::now());
     let key = (s.options.coalescing || s.options.response_cache.is_some())
         .then(|| shared::key(&job, &params, &share.constraint, share.tenant))

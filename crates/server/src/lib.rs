@@ -14,6 +14,7 @@ pub mod images;
 mod json;
 pub mod metrics;
 pub mod models;
+pub mod openapi;
 mod params;
 mod prompts;
 mod respond;
@@ -314,6 +315,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
         .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.options.max_body_bytes));
@@ -462,6 +464,13 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unhealthy", "reason": reason}))).into_response()
         }
     }
+}
+
+/// The OpenAPI document (built once).
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let body = DOC.get_or_init(|| openapi::document().to_string()).clone();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn not_found() -> ApiError {

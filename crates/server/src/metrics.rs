@@ -234,7 +234,11 @@ impl Metrics {
             render_model(&mut x, m);
         }
         x.sample(
-            ["mlx_serving:rate_limited_requests_total", "Requests refused by an API key's rate limit (429).", "counter"],
+            [
+                "mlx_serving:rate_limited_requests_total",
+                "Requests refused by an API key's rate limit (429).",
+                "counter",
+            ],
             "",
             self.rate_limited.load(Ordering::Relaxed),
         );

@@ -30,7 +30,7 @@ pub trait ModelSource: Send + Sync + 'static {
 }
 
 /// What `POST /v1/models` asks for: a model to serve from files, under a new name.
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
     /// The name requests will use.
