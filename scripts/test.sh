@@ -20,6 +20,8 @@ scripts/fetch-model.sh gemma3-270m
 # lm-evaluation-harness (its `local-completions` model scores a task through our API), kept apart from .venv's
 # packages: installed into .venv/lmeval and put on PYTHONPATH for that one test.
 [ -d .venv/lmeval/lm_eval ] || .venv/bin/pip install -q --target .venv/lmeval "lm-eval==0.4.13" tenacity aiohttp
+# schemathesis (API fuzzing from our /openapi.json), likewise apart in .venv/schemathesis.
+[ -d .venv/schemathesis/schemathesis ] || .venv/bin/pip install -q --target .venv/schemathesis "schemathesis==4.32.5"
 scripts/fetch-model.sh hf
 scripts/fetch-model.sh mlx
 scripts/fetch-model.sh smolvlm-rand
@@ -39,6 +41,8 @@ cargo build -p mlx-serving
 .venv/bin/python tests/speculative_server.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/mlx/SmolLM2-135M-Instruct-4bit models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 # Prompt logprobs (echo + logprobs, prompt_logprobs) against generation logprobs; lm-eval scoring a local task.
 .venv/bin/python tests/prompt_logprobs.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf models/hf/SmolLM2-135M-Instruct-bf16 .venv/lmeval
+# Property-based API fuzzing (schemathesis, bounded: 90 s): no 5xx, documented statuses and envelopes, engine alive.
+.venv/bin/python tests/api_fuzz.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf .venv/schemathesis --max-time 90
 # Identical deterministic requests share one generation; the response cache in memory and on disk.
 .venv/bin/python tests/coalescing.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf
 .venv/bin/python tests/response_cache.py target/debug/mlx-serving models/SmolLM2-135M-Instruct.Q4_1.gguf

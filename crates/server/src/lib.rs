@@ -466,11 +466,10 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// The OpenAPI document (built once).
-async fn openapi_json() -> Response {
-    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let body = DOC.get_or_init(|| openapi::document().to_string()).clone();
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+/// The OpenAPI document, with the models served now as the `model` fields' examples.
+async fn openapi_json(State(s): State<Arc<AppState>>) -> Response {
+    let names: Vec<String> = s.models.list().into_iter().map(|m| m.name).collect();
+    Json(openapi::document(&names)).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -50,8 +50,9 @@ fn open_op(summary: &str, ok: Value) -> Value {
 const UNAVAILABLE: (&str, &str) = ("503", "The model cannot be loaded now (no room): retry after `Retry-After`.");
 const SERVER: (&str, &str) = ("500", "The model failed to load (`model_load_failed`).");
 
-/// The document.
-pub fn document() -> Value {
+/// The document; `models` (the served names) become the `model` fields' examples, and example bodies use the
+/// first, so that a fuzzer built on the document reaches the models.
+pub fn document(models: &[String]) -> Value {
     let mut g = SchemaSettings::draft2020_12()
         .with(|s| {
             s.definitions_path = "/components/schemas".into();
@@ -65,7 +66,29 @@ pub fn document() -> Value {
     let register = g.subschema_for::<Registration>().to_value();
     g.subschema_for::<ErrorResponse>();
     let usage = g.subschema_for::<Usage>().to_value();
-    let schemas = g.take_definitions(true);
+    let mut schemas = g.take_definitions(true);
+    for name in ["CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"] {
+        if let Some(model) = schemas.get_mut(name).and_then(|s| s.pointer_mut("/properties/model")) {
+            model["examples"] = json!(models);
+        }
+    }
+    let example = |body: Value| -> Value {
+        models.first().map_or(Value::Null, |m| {
+            let mut b = body;
+            b["model"] = json!(m);
+            b
+        })
+    };
+    let with_example = |schema: Value, body: Value| -> Value {
+        match example(body) {
+            Value::Null => schema,
+            ex => json!({"allOf": [schema], "examples": [ex]}),
+        }
+    };
+    let completion = with_example(completion, json!({"prompt": "The capital of France is", "max_tokens": 4}));
+    let chat = with_example(chat, json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}));
+    let tokenize = with_example(tokenize, json!({"prompt": "Hello, world"}));
+    let detokenize = with_example(detokenize, json!({"tokens": [1, 2, 3]}));
 
     let model_card = json!({"type": "object", "required": ["id", "object"],
         "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
@@ -136,9 +159,4 @@ pub fn document() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                 "description": "One of `server.api_keys` (none needed when the server has no keys)."}}},
     })
-}
-
-/// Every path the document lists.
-pub fn paths() -> Vec<String> {
-    document()["paths"].as_object().map(|p| p.keys().cloned().collect()).unwrap_or_default()
 }
