@@ -64,6 +64,30 @@ struct Context<'a, M: Serialize, T: Serialize> {
     tools: Option<&'a T>,
 }
 
+/// Instructions one rendering may run (a long chat with tools takes a few million at most): a hostile or
+/// broken template's loops stop with an error instead of running on.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// Largest rendered prompt, in bytes: beyond, rendering stops with an error while the output grows.
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// Collects rendered output up to [`MAX_RENDERED_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other(format!("the rendered prompt passes {MAX_RENDERED_BYTES} bytes")));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self> {
         let mut env = Environment::new();
@@ -71,6 +95,8 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // The sandbox: bounded work (fuel; minijinja bounds recursion itself) and bounded output (`render`).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -96,7 +122,9 @@ impl ChatTemplate {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         let ctx =
             Context { messages, add_generation_prompt, bos_token: &self.bos_token, eos_token: &self.eos_token, tools };
-        tmpl.render(ctx).map_err(|e| Error::Template(format!("cannot render: {e}")))
+        let mut out = Bounded(Vec::new());
+        tmpl.render_captured_to(ctx, &mut out).map_err(|e| Error::Template(format!("cannot render: {e}")))?;
+        String::from_utf8(out.0).map_err(|e| Error::Template(format!("cannot render: {e}")))
     }
 }
 
@@ -164,6 +192,24 @@ mod tests {
         let msgs = json!([{"role": "user", "content": "  hi  "}]);
         assert_eq!(t.render(&msgs, None::<&()>, true).unwrap(), "<user>hi<assistant>");
         assert_eq!(t.render(&msgs, None::<&()>, false).unwrap(), "<user>hi");
+    }
+
+    /// Hostile templates end with an error, quickly and in bounded memory: endless loops run out of fuel,
+    /// runaway recursion hits minijinja's depth limit, huge output stops at the byte bound.
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let t0 = std::time::Instant::now();
+        for (src, why) in [
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
+            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+            ("{% for i in range(100000) %}{{ 'x' * 10000 }}{% endfor %}", "output"),
+            ("{{ 'x' * 1000000000 }}", "one huge value"),
+        ] {
+            let t = ChatTemplate::new(src, "", "").unwrap();
+            let err = t.render(&json!([]), None::<&()>, true);
+            assert!(err.is_err(), "{why}: rendered {} bytes", err.map(|s| s.len()).unwrap_or(0));
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "bounded time: {:?}", t0.elapsed());
     }
 
     #[test]
