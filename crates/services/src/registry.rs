@@ -141,6 +141,23 @@ struct Entry<C, M> {
     load_time: Option<Duration>,
 }
 
+impl<C, M> Entry<C, M> {
+    /// A model registered and not loaded yet.
+    fn unloaded(spec: ModelSpec, cfg: C) -> Self {
+        Self {
+            spec,
+            cfg: Arc::new(cfg),
+            state: State::Unloaded,
+            model: None,
+            memory: 0,
+            in_flight: 0,
+            drain: 0,
+            last_use: None,
+            load_time: None,
+        }
+    }
+}
+
 struct Inner<C, M> {
     entries: Vec<Entry<C, M>>,
     counts: Counts,
@@ -257,20 +274,7 @@ enum Step<M> {
 impl<L: Loader> Registry<L> {
     /// Registers `models` (names and aliases must be unique: the first wins otherwise).
     pub fn new(loader: L, models: Vec<(ModelSpec, L::Config)>, limits: Limits) -> Arc<Self> {
-        let entries = models
-            .into_iter()
-            .map(|(spec, cfg)| Entry {
-                spec,
-                cfg: Arc::new(cfg),
-                state: State::Unloaded,
-                model: None,
-                memory: 0,
-                in_flight: 0,
-                drain: 0,
-                last_use: None,
-                load_time: None,
-            })
-            .collect();
+        let entries = models.into_iter().map(|(spec, cfg)| Entry::unloaded(spec, cfg)).collect();
         let inner = Inner { entries, counts: Counts::default() };
         Arc::new(Self { loader: Arc::new(loader), limits, inner: Mutex::new(inner), changed: watch::channel(0).0 })
     }
@@ -328,17 +332,7 @@ impl<L: Loader> Registry<L> {
         if g.entries.len() >= MAX_MODELS {
             return Err(RegistryError::Full);
         }
-        g.entries.push(Entry {
-            spec,
-            cfg: Arc::new(cfg),
-            state: State::Unloaded,
-            model: None,
-            memory: 0,
-            in_flight: 0,
-            drain: 0,
-            last_use: None,
-            load_time: None,
-        });
+        g.entries.push(Entry::unloaded(spec, cfg));
         drop(g);
         self.bump();
         Ok(())
