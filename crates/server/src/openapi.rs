@@ -50,6 +50,22 @@ fn open_op(summary: &str, ok: Value) -> Value {
 const UNAVAILABLE: (&str, &str) = ("503", "The model cannot be loaded now (no room): retry after `Retry-After`.");
 const SERVER: (&str, &str) = ("500", "The model failed to load (`model_load_failed`).");
 
+/// One server-sent event of a stream (OpenAPI 3.1: the `text/event-stream` schema describes each event, as
+/// `{data, event, id}`): its `data` is a chunk (JSON, `object` = `chunk_object`), an error envelope sent after
+/// the stream began, or the closing `[DONE]`.
+fn sse_event(chunk_object: &str, usage: &Value) -> Value {
+    let chunk = json!({"type": "object", "required": ["id", "object", "created", "model", "choices"],
+        "properties": {"id": {"type": "string"}, "object": {"const": chunk_object}, "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object", "required": ["index"],
+                "properties": {"index": {"type": "integer", "minimum": 0}}}},
+            "usage": {"anyOf": [usage, {"type": "null"}]}}});
+    json!({"type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "if": {"const": "[DONE]"},
+            "else": {"contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [chunk, {"$ref": "#/components/schemas/ErrorResponse"}]}}}}})
+}
+
 /// The document; `models` (the served names) become the `model` fields' examples, and example bodies use the
 /// first, so that a fuzzer built on the document reaches the models.
 pub fn document(models: &[String]) -> Value {
@@ -96,7 +112,7 @@ pub fn document(models: &[String]) -> Value {
             "memory_bytes": {"type": "integer"}, "aliases": {"type": "array", "items": {"type": "string"}},
             "pinned": {"type": "boolean"}, "max_model_len": {"type": "integer"},
             "capabilities": {"type": "object"}, "input_modalities": {"type": "array"}}});
-    let generation = |object: &str| {
+    let generation = |object: &str, chunk_object: &str| {
         json!({"description": "The answer (JSON), or with `stream: true` server-sent events of chunks ending \
             `data: [DONE]`.",
             "content": {
@@ -104,14 +120,14 @@ pub fn document(models: &[String]) -> Value {
                     "properties": {"id": {"type": "string"}, "object": {"const": object},
                         "created": {"type": "integer"}, "model": {"type": "string"},
                         "choices": {"type": "array", "items": {"type": "object"}}, "usage": usage}}},
-                "text/event-stream": {"schema": {"type": "string"}}}})
+                "text/event-stream": {"schema": sse_event(chunk_object, &usage)}}})
     };
     let model_param = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
     let paths = json!({
         "/v1/completions": {"post": op("A completion (OpenAI's, with vLLM's and our extensions).", Some(completion),
-            generation("text_completion"), &[UNAVAILABLE, SERVER])},
+            generation("text_completion", "text_completion"), &[UNAVAILABLE, SERVER])},
         "/v1/chat/completions": {"post": op("A chat completion (OpenAI's, with tools, images, structured output \
-            and vLLM's extensions).", Some(chat), generation("chat.completion"), &[UNAVAILABLE, SERVER])},
+            and vLLM's extensions).", Some(chat), generation("chat.completion", "chat.completion.chunk"), &[UNAVAILABLE, SERVER])},
         "/v1/models": {
             "get": op("Every registered model with its state.", None,
                 json_response("The models.", json!({"type": "object",
