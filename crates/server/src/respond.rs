@@ -385,6 +385,27 @@ fn logprobs_json(s: &ServedModel, kind: Kind, lps: &[TokenLogprobs], chars: &mut
     }
 }
 
+/// A streamed choice's first chunk when it waits for its prompt's logprobs: the echo with them (completions),
+/// and vLLM's `prompt_logprobs` when asked for.
+fn prompt_choice(job: &Job, index: usize, logprobs: &[TokenLogprobs]) -> Value {
+    let model = job.model.model();
+    let mut choice = match job.kind {
+        Kind::Completion => {
+            let lp = match job.echo_logprobs(index) {
+                true => echo_logprobs_json(model, &job.prompts[index / job.n].ids, logprobs, json!({})),
+                false => Value::Null,
+            };
+            let text = job.echo_of(index).unwrap_or("");
+            json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+        }
+        Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null}),
+    };
+    if job.prompt_logprobs {
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(model, logprobs);
+    }
+    choice
+}
+
 /// A UTF-8 continuation byte (`10xxxxxx`): not the start of a character.
 fn is_continuation(b: u8) -> bool {
     b & 0xC0 == 0x80
@@ -395,6 +416,7 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
     let (ev_tx, ev_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     // Pieces → SSE events. If the client disconnects the event channel closes, this task ends, the piece
     // channel closes, and every driver's abort guard frees its request in the engine.
+    let job = Arc::new(job);
     let task = async move {
         let mut first = true;
         let mut chunk = |choices: Value, usage: Option<Usage>| -> Event {
@@ -443,25 +465,18 @@ pub(crate) fn stream_response(s: Arc<AppState>, job: Job, mut pieces: mpsc::Rece
                 _ = ev_tx.closed() => return,
             };
             let events: Vec<Event> = match piece {
+                // A long prompt's logprobs make a large chunk: built on the CPU pool, off the async threads.
                 Some(Piece::Prompt { index, logprobs }) => {
-                    let model = job.model.model();
-                    let mut choice = match job.kind {
-                        Kind::Completion => {
-                            let lp = match job.echo_logprobs(index) {
-                                true => {
-                                    echo_logprobs_json(model, &job.prompts[index / job.n].ids, &logprobs, json!({}))
-                                }
-                                false => Value::Null,
-                            };
-                            let text = job.echo_of(index).unwrap_or("");
-                            json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                    let j = job.clone();
+                    match s.on_cpu_pool(&job.request_id, move || prompt_choice(&j, index, &logprobs)).await {
+                        Ok(choice) => {
+                            vec![chunk(json!([choice]), job.continuous_usage.then(|| running_usage(&job, &acc)))]
                         }
-                        Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null}),
-                    };
-                    if job.prompt_logprobs {
-                        choice["prompt_logprobs"] = vllm_prompt_logprobs(model, &logprobs);
+                        Err(e) => {
+                            let _ = ev_tx.send(Ok(Event::default().data(json!(e.body()).to_string()))).await;
+                            return;
+                        }
                     }
-                    vec![chunk(json!([choice]), job.continuous_usage.then(|| running_usage(&job, &acc)))]
                 }
                 Some(Piece::Text { index, text, tokens, logprobs, calls }) => {
                     acc[index].streamed += tokens.len();
