@@ -19,7 +19,7 @@ through its stages to 100 %; a feature flag at 50 % sets a request field for a s
 
 Usage: tests/router.py BINARY MODEL SLOWER_MODEL
 """
-import json, os, signal, sys, tempfile, threading, time
+import json, os, signal, socket, sys, tempfile, threading, time
 from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -120,6 +120,60 @@ seen = [raw(rr, "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens
         for _ in range(9)]
 check(sorted(seen.count(u) for u in urls) == [3, 3, 3], f"round_robin: 3 requests each over 9 ({seen})")
 stop(rr_proc)
+
+
+def head_answer(port, head, wait):
+    """The first bytes the server sends after `head` (b"" once it closes; None if nothing within `wait` s)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(head)
+    s.settimeout(wait)
+    try:
+        return s.recv(64)
+    except (socket.timeout, TimeoutError):
+        return None
+    except ConnectionResetError:
+        return b""
+    finally:
+        s.close()
+
+
+# The router's own connection limits (the same accept loop as `serve`): heads too large or with too many
+# fields get 431, a half-sent head is closed after header_read_timeout_seconds, past max_connections new
+# connections wait until one closes.
+lim_proc, lim = router("round_robin", "max_header_bytes: 8192\nmax_headers: 20\nheader_read_timeout_seconds: 0.5\n"
+                                        "max_connections: 2\n")
+big = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20000 + b"\r\nConnection: close\r\n\r\n"
+many = b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(30)) + b"\r\n"
+ok = b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+check((head_answer(lim, big, 10) or b"").startswith(b"HTTP/1.1 431"), "router: a 20 KB header is a 431")
+check((head_answer(lim, many, 10) or b"").startswith(b"HTTP/1.1 431"), "router: 30 header fields are a 431")
+check((head_answer(lim, ok, 10) or b"").startswith(b"HTTP/1.1 200"), "router: a normal head is answered")
+half = b"GET /health HTTP/1.1\r\nHost: t\r\nX-"
+closed = head_answer(lim, half, 5)
+check(closed is not None and not closed.startswith(b"HTTP/1.1 200"),
+      f"router: a half-sent head is cut off after header_read_timeout_seconds ({closed!r})")
+stop(lim_proc)
+cap_proc, cap = router("round_robin", "max_connections: 2\n")
+held = [socket.create_connection(("127.0.0.1", cap)) for _ in range(2)]
+for h in held:
+    h.sendall(half)
+time.sleep(0.3)
+third = socket.create_connection(("127.0.0.1", cap))
+third.sendall(ok)
+third.settimeout(0.7)
+try:
+    early = third.recv(64)
+except (socket.timeout, TimeoutError):
+    early = None
+for h in held:
+    h.close()
+third.settimeout(10)
+late = third.recv(64)
+third.close()
+check(early is None and late.startswith(b"HTTP/1.1 200"),
+      f"router: past max_connections = 2 a third connection waits, then is served ({early!r}, {late[:12]!r})")
+stop(cap_proc)
+
 ch_proc, ch = router("consistent_hash")
 homes = {}
 for user in range(12):

@@ -156,6 +156,15 @@ pub struct ServerSection {
     pub header_read_timeout_seconds: f64,
     /// Most connections served at once; more wait in the listen queue.
     pub max_connections: usize,
+    /// Largest request head (request line and header fields), in bytes; larger: 431, and the connection closes.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more: 431.
+    pub max_headers: usize,
+    /// Most tokens in one prompt (larger: 400 `prompt_too_long`); none: each model's context length.
+    pub max_prompt_tokens: Option<usize>,
+    /// Most completion tokens one request may ask for: `max_tokens` × its choices (`n` × prompts); more:
+    /// 400 `too_many_tokens`. A request without `max_tokens` gets at most this, divided among its choices.
+    pub max_tokens_per_request: Option<usize>,
     /// A request body must arrive whole this long after its head (else 408 and the connection closes).
     pub body_read_timeout_seconds: f64,
     /// A stream with nothing to send for this long sends an SSE comment, `: keep-alive`.
@@ -201,6 +210,10 @@ impl Default for ServerSection {
             shutdown_grace_seconds: 30.0,
             header_read_timeout_seconds: 10.0,
             max_connections: 1024,
+            max_header_bytes: mlx_serving_server::ConnLimits::default().max_header_bytes,
+            max_headers: mlx_serving_server::ConnLimits::default().max_headers,
+            max_prompt_tokens: None,
+            max_tokens_per_request: None,
             body_read_timeout_seconds: 60.0,
             sse_keepalive_seconds: 15.0,
             allow_special_tokens_in_chat: false,
@@ -365,12 +378,22 @@ impl RuntimeConfig {
         for (key, v) in [
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("server.max_connections", self.server.max_connections),
+            ("server.max_headers", self.server.max_headers),
+            ("server.max_prompt_tokens", self.server.max_prompt_tokens.unwrap_or(1)),
+            ("server.max_tokens_per_request", self.server.max_tokens_per_request.unwrap_or(1)),
             ("server.max_image_bytes", self.server.max_image_bytes),
             ("server.max_image_mb_in_flight", self.server.max_image_mb_in_flight),
         ] {
             if v == 0 {
                 bail!("{key}: must be at least 1");
             }
+        }
+        if self.server.max_header_bytes < mlx_serving_server::MIN_HEADER_BYTES {
+            bail!(
+                "server.max_header_bytes: must be at least {} (hyper's smallest read buffer), got {}",
+                mlx_serving_server::MIN_HEADER_BYTES,
+                self.server.max_header_bytes
+            );
         }
         if self.server.max_image_pixels == 0 {
             bail!("server.max_image_pixels: must be at least 1");
@@ -603,6 +626,9 @@ mod tests {
         assert!(err("engine:\n  request_timeout_seconds: -1\n").starts_with("engine.request_timeout_seconds:"));
         assert!(err("colour: blue\n").contains("unknown field `colour`"));
         assert!(err("server:\n  max_connections: 0\n").starts_with("server.max_connections:"));
+        assert!(err("server:\n  max_header_bytes: 100\n").starts_with("server.max_header_bytes:"));
+        assert!(err("server:\n  max_tokens_per_request: 0\n").starts_with("server.max_tokens_per_request:"));
+        assert!(err("server:\n  max_prompt_tokens: 0\n").starts_with("server.max_prompt_tokens:"));
         assert!(err("server:\n  header_read_timeout_seconds: 0\n").starts_with("server.header_read_timeout_seconds:"));
         assert!(err("server:\n  sse_keepalive_seconds: -3\n").starts_with("server.sse_keepalive_seconds:"));
     }

@@ -113,6 +113,14 @@ pub struct RouterConfig {
     /// A header whose value keys session affinity when the body has no `user`.
     pub affinity_header: String,
     pub max_body_bytes: usize,
+    /// Most client connections served at once; more wait in the listen queue.
+    pub max_connections: usize,
+    /// A client connection must send a whole request head this long after it opens (or its last response).
+    pub header_read_timeout_seconds: f64,
+    /// Largest request head (request line and header fields), in bytes (larger: 431).
+    pub max_header_bytes: usize,
+    /// Most header fields in one request (more: 431).
+    pub max_headers: usize,
     /// Canary rollouts and A/B tests, each over the requests for one model.
     pub experiments: Vec<ExperimentConfig>,
     /// Feature flags: on for a percentage of users.
@@ -137,6 +145,10 @@ impl Default for RouterConfig {
             cache_aware: CacheAwareConfig::default(),
             affinity_header: "x-session-id".into(),
             max_body_bytes: 8 << 20,
+            max_connections: 1024,
+            header_read_timeout_seconds: 10.0,
+            max_header_bytes: 64 << 10,
+            max_headers: mlx_serving_http::DEFAULT_MAX_HEADERS,
             experiments: Vec::new(),
             flags: Vec::new(),
             slo: Vec::new(),
@@ -145,6 +157,16 @@ impl Default for RouterConfig {
 }
 
 impl RouterConfig {
+    /// The client connections' limits.
+    pub fn conn_limits(&self) -> mlx_serving_http::ConnLimits {
+        mlx_serving_http::ConnLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_secs_f64(self.header_read_timeout_seconds),
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+        }
+    }
+
     /// The first problem with these settings, naming its key.
     pub fn validate(&self) -> Result<(), String> {
         for (i, b) in self.backends.iter().enumerate() {
@@ -159,6 +181,7 @@ impl RouterConfig {
             ("health_interval_seconds", self.health_interval_seconds, 0.05),
             ("connect_timeout_seconds", self.connect_timeout_seconds, 0.01),
             ("breaker.cooldown_seconds", self.breaker.cooldown_seconds, 0.01),
+            ("header_read_timeout_seconds", self.header_read_timeout_seconds, 0.01),
         ] {
             if !(v.is_finite() && v >= min && v <= 1e6) {
                 return Err(format!("{key}: must be a number of seconds from {min} to 1e6, got {v}"));
@@ -184,6 +207,16 @@ impl RouterConfig {
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes: must be at least 1".into());
+        }
+        if self.max_connections == 0 || self.max_headers == 0 {
+            return Err("max_connections and max_headers: must be at least 1".into());
+        }
+        if self.max_header_bytes < mlx_serving_http::MIN_HEADER_BYTES {
+            return Err(format!(
+                "max_header_bytes: must be at least {}, got {}",
+                mlx_serving_http::MIN_HEADER_BYTES,
+                self.max_header_bytes
+            ));
         }
         for (i, e) in self.experiments.iter().enumerate() {
             e.validate()?;

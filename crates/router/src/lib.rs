@@ -216,7 +216,8 @@ pub async fn run(
             tokio::time::sleep(every).await;
         }
     });
-    let out = axum::serve(listener, app(r)).with_graceful_shutdown(shutdown).await;
+    let limits = r.cfg.conn_limits();
+    let out = mlx_serving_http::serve(listener, app(r), &limits, shutdown).await;
     probes.abort();
     out
 }

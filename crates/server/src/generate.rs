@@ -50,7 +50,7 @@ pub async fn completions(
     }
     // OpenAI's completions default is 16 tokens.
     let bounds = completion_prompt_bounds(&m, &req.prompt)?;
-    precheck(&m, &fields, |_| 16, &bounds)?;
+    precheck(&s, &m, &fields, |_| 16, &bounds, "prompt")?;
     let wanted = structured::wanted(req.constraint_fields())?;
     let share = Share::new(&s, &ctx, &headers, &fields, wanted.as_ref());
     let (prompt, echo) = (std::mem::take(&mut req.prompt), req.echo);
@@ -114,7 +114,7 @@ pub async fn chat_completions(
     let cfg = m.engine.config();
     let room = cfg.max_model_len.min(cfg.num_blocks * cfg.block_size);
     let default_max = |prompt_len: usize| room.saturating_sub(prompt_len).min(4096);
-    precheck(&m, &fields, default_max, &[chat_prompt_bound(&m, &messages)])?;
+    precheck(&s, &m, &fields, default_max, &[chat_prompt_bound(&m, &messages)], "messages")?;
     let tools = tools::read(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
     let mut wanted = structured::wanted(req.constraint_fields())?;
     if let Some(spec) = tools.as_ref().and_then(|t| t.spec()) {
@@ -207,31 +207,73 @@ impl Share {
 }
 
 /// The checks that need no tokenizing, run before it: every parameter, `prompts × n`, the context length
-/// against a lower bound of each prompt's token count (`bounds`), and room in the waiting queue. A request
-/// that must fail fails here without costing a tokenizer pass over a multi-megabyte prompt.
+/// and `max_prompt_tokens` against a lower bound of each prompt's token count (`bounds`), the request's
+/// completion tokens, and room in the waiting queue. A request that must fail fails here without costing a
+/// tokenizer pass over a multi-megabyte prompt.
 fn precheck(
+    s: &AppState,
     m: &ServedModel,
     fields: &SamplingFields,
     default_max_tokens: impl Fn(usize) -> usize,
     bounds: &[usize],
+    prompt_field: &str,
 ) -> Result<(), ApiError> {
     let cfg = m.engine.config();
     let vocab = m.bundle.model.config().vocab_size;
     let longest = bounds.iter().copied().max().unwrap_or(0);
-    let (_, _, n) = sampling_params(fields.clone(), default_max_tokens(longest), longest, cfg.max_model_len, vocab)
-        .map_err(|mut e| {
-            if e.code.as_deref() == Some("context_length_exceeded") {
-                e.message = format!(
-                    "This model's maximum context length is {} tokens, and the prompt alone has at least {longest} \
-                     tokens (from its length in bytes) plus the tokens requested for the completion.",
-                    cfg.max_model_len
-                );
-            }
-            e
-        })?;
+    let (mut params, _, n) =
+        sampling_params(fields.clone(), default_max_tokens(longest), longest, cfg.max_model_len, vocab).map_err(
+            |mut e| {
+                if e.code.as_deref() == Some("context_length_exceeded") {
+                    e.message = format!(
+                        "This model's maximum context length is {} tokens, and the prompt alone has at least \
+                         {longest} tokens (from its length in bytes) plus the tokens requested for the completion.",
+                        cfg.max_model_len
+                    );
+                }
+                e
+            },
+        )?;
     check_choices(bounds.len(), n)?;
+    check_token_limits(&s.options, longest, prompt_field, bounds.len() * n, fields, &mut params.max_tokens)?;
     if m.engine.queue_full() {
         return Err(ApiError::overloaded("server overloaded: the waiting queue is full"));
+    }
+    Ok(())
+}
+
+/// `server.max_prompt_tokens` against the longest prompt, and `server.max_tokens_per_request` against
+/// `choices × max_tokens`; a request that sent no `max_tokens` has its default lowered to fit instead.
+fn check_token_limits(
+    o: &crate::ServerOptions,
+    longest: usize,
+    prompt_field: &str,
+    choices: usize,
+    fields: &SamplingFields,
+    max_tokens: &mut u32,
+) -> Result<(), ApiError> {
+    if let Some(limit) = o.max_prompt_tokens.filter(|&l| longest > l) {
+        return Err(ApiError::bad_request(
+            format!("the prompt has {longest} tokens; this server accepts at most {limit} (server.max_prompt_tokens)"),
+            Some(prompt_field),
+        )
+        .with_code("prompt_too_long"));
+    }
+    let Some(limit) = o.max_tokens_per_request else { return Ok(()) };
+    let share = u32::try_from(limit / choices.max(1)).unwrap_or(u32::MAX);
+    if fields.max_tokens.is_none() && share >= 1 {
+        *max_tokens = (*max_tokens).min(share);
+    }
+    let asked = choices.saturating_mul(*max_tokens as usize);
+    if asked > limit {
+        return Err(ApiError::bad_request(
+            format!(
+                "{choices} completion(s) × max_tokens = {max_tokens} asks for {asked} tokens; this server allows at \
+                 most {limit} per request (server.max_tokens_per_request)"
+            ),
+            Some(if fields.max_tokens.is_some() { "max_tokens" } else { "n" }),
+        )
+        .with_code("too_many_tokens"));
     }
     Ok(())
 }
@@ -262,9 +304,12 @@ async fn run(
     let cfg = m.engine.config();
     let vocab = m.bundle.model.config().vocab_size;
     let longest = job.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-    let (params, priority, n) = sampling_params(fields, default_max_tokens, longest, cfg.max_model_len, vocab)?;
+    let (mut params, priority, n) =
+        sampling_params(fields.clone(), default_max_tokens, longest, cfg.max_model_len, vocab)?;
     job.n = n;
     check_choices(job.prompts.len(), n)?;
+    let field = if job.kind == Kind::Chat { "messages" } else { "prompt" };
+    check_token_limits(&s.options, longest, field, job.num_choices(), &fields, &mut params.max_tokens)?;
     // The key's token budget pays for what this request may use: its prompts and max_tokens per choice.
     let may_use: usize =
         job.prompts.iter().map(|p| p.ids.len()).sum::<usize>() + job.num_choices() * params.max_tokens as usize;

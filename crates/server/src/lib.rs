@@ -24,6 +24,7 @@ mod structured;
 mod tools;
 
 pub use error::ApiError;
+pub use mlx_serving_http::{ConnLimits, MIN_HEADER_BYTES};
 pub use mlx_serving_services::{Limits, ModelSpec, RegistryError};
 pub use params::MAX_N;
 pub use prompts::MAX_CHOICES;
@@ -62,11 +63,13 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Requests unfinished this long after arrival end with a timeout error (504).
     pub request_timeout: Option<Duration>,
-    /// A connection that has not sent a whole request head this long after it opened (or after its last
-    /// response, when kept alive) is closed.
-    pub header_read_timeout: Duration,
-    /// Most connections served at once; more wait in the listen queue.
-    pub max_connections: usize,
+    /// Most tokens in one prompt (beyond: 400 `prompt_too_long`); `None`: the model's context length.
+    pub max_prompt_tokens: Option<usize>,
+    /// Most completion tokens one request may ask for, `max_tokens` × its choices (prompts × `n`); beyond:
+    /// 400 `too_many_tokens`. A request without `max_tokens` gets at most this divided among its choices.
+    pub max_tokens_per_request: Option<usize>,
+    /// Connections: how many at once, how long a request head may take, how large it may be.
+    pub conn: mlx_serving_http::ConnLimits,
     /// A request body not received whole this long after its head ends with a 408 (and the connection
     /// closes), so trickled bodies cannot hold connection slots.
     pub body_read_timeout: Duration,
@@ -101,8 +104,9 @@ impl Default for ServerOptions {
             cors_allowed_origins: Vec::new(),
             max_body_bytes: MAX_BODY_BYTES,
             request_timeout: None,
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 1024,
+            conn: mlx_serving_http::ConnLimits::default(),
+            max_prompt_tokens: None,
+            max_tokens_per_request: None,
             body_read_timeout: Duration::from_secs(60),
             sse_keepalive: Duration::from_secs(15),
             allow_special_tokens_in_chat: false,

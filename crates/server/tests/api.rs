@@ -402,6 +402,56 @@ fn choices_logprobs_echo_token_ids_and_metrics() {
     }
 }
 
+/// #25: `max_prompt_tokens` and `max_tokens_per_request` (`max_tokens` × choices) are enforced before any
+/// work starts, with the field named; a request without `max_tokens` has its default lowered to fit.
+#[test]
+fn prompt_and_request_token_limits() {
+    let (addr, engine) = start_with(ServerOptions {
+        max_prompt_tokens: Some(64),
+        max_tokens_per_request: Some(40),
+        ..ServerOptions::default()
+    });
+    let long = "word ".repeat(200);
+    for (path, body, field) in [
+        ("/v1/completions", json!({"model": "smollm2", "prompt": long, "max_tokens": 1}), "prompt"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": long}], "max_tokens": 1}),
+            "messages",
+        ),
+        // Short in bytes' lower bound but not in tokens: caught after tokenizing.
+        (
+            "/v1/completions",
+            json!({"model": "smollm2", "prompt": "1 2 3 4 5 6 7 8 9 ".repeat(5), "max_tokens": 1}),
+            "prompt",
+        ),
+    ] {
+        let (st, v) = post(addr, path, &body);
+        assert_eq!(st, 400, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "prompt_too_long", "{v}");
+        assert_eq!(v["error"]["param"], field, "{v}");
+    }
+    let (st, v) = post(addr, "/v1/completions", &json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 30}));
+    assert_eq!(st, 200, "30 tokens for one choice fit 40: {v}");
+    let (st, v) = post(addr, "/v1/completions", &json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 30, "n": 2}));
+    assert_eq!((st, &v["error"]["code"], &v["error"]["param"]), (400, &json!("too_many_tokens"), &json!("max_tokens")));
+    let (st, v) = post(addr, "/v1/completions", &json!({"model": "smollm2", "prompt": ["Hi", "Yo"], "max_tokens": 21}));
+    assert_eq!((st, &v["error"]["code"]), (400, &json!("too_many_tokens")), "2 prompts × 21 > 40: {v}");
+    // Chat's default (up to 4096) is lowered to 40 / 4 = 10 tokens per choice.
+    let (st, v) = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story"}], "n": 4,
+                "ignore_eos": true, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    for c in v["choices"].as_array().unwrap() {
+        assert_eq!(c["finish_reason"], "length", "{c}");
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 40, "{v}");
+    assert!(engine.stats().running.load(std::sync::atomic::Ordering::SeqCst) == 0);
+}
+
 #[test]
 fn api_keys_guard_the_api_and_request_ids_come_back() {
     let (addr, _engine) = start_with(ServerOptions { api_keys: vec!["sk-test".into()], ..ServerOptions::default() });

@@ -7,7 +7,7 @@ mod common;
 use mlx_serving_engine::{EngineCore, EngineHandle, SchedulerConfig};
 use mlx_serving_models::{LoadOptions, ModelBundle};
 use mlx_serving_runner::ModelExecutor;
-use mlx_serving_server::{AppState, ServerOptions};
+use mlx_serving_server::{AppState, ConnLimits, ServerOptions};
 use mlx_serving_test_support::smollm2_path;
 use serde_json::{json, Value};
 use std::io::{ErrorKind, Read, Write};
@@ -182,7 +182,10 @@ fn only_json_content_types_are_accepted() {
 /// connections wait in the accept queue.
 #[test]
 fn slow_headers_are_cut_off_and_connections_are_capped() {
-    let options = ServerOptions { header_read_timeout: Duration::from_millis(500), ..ServerOptions::default() };
+    let options = ServerOptions {
+        conn: ConnLimits { header_read_timeout: Duration::from_millis(500), ..Default::default() },
+        ..ServerOptions::default()
+    };
     let (addr, _engine) = start(options, |_| {});
     let slow: Vec<TcpStream> = (0..20)
         .map(|_| {
@@ -220,7 +223,8 @@ fn slow_headers_are_cut_off_and_connections_are_capped() {
     assert!(r.is_ok() && out.starts_with("HTTP/1.1 408"), "{r:?}: {out}");
     assert!(out.contains("request_timeout"), "{out}");
 
-    let options = ServerOptions { max_connections: 2, ..ServerOptions::default() };
+    let options =
+        ServerOptions { conn: ConnLimits { max_connections: 2, ..Default::default() }, ..ServerOptions::default() };
     let (addr, _engine) = start(options, |_| {});
     let held: Vec<TcpStream> = (0..2)
         .map(|_| {
@@ -245,6 +249,37 @@ fn slow_headers_are_cut_off_and_connections_are_capped() {
     let _ = third.read_to_end(&mut out);
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 200"), "served once a slot freed: {out}");
+}
+
+/// #25: request heads were bounded only by hyper's ~400 KB read buffer and 100 fields. `max_header_bytes`
+/// and `max_headers` are configurable: beyond them the answer is a 431 and the connection closes.
+#[test]
+fn request_heads_past_the_configured_limits_get_431() {
+    let options = ServerOptions {
+        conn: ConnLimits { max_header_bytes: 16 << 10, max_headers: 20, ..Default::default() },
+        ..ServerOptions::default()
+    };
+    let (addr, _engine) = start(options, |_| {});
+    let answer = |head: String| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let close = "Connection: close\r\n\r\n";
+    let fits = format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n{close}", "a".repeat(12 << 10));
+    assert!(answer(fits).starts_with("HTTP/1.1 200"), "a 12 KB head is within 16 KB");
+    let big = format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n{close}", "a".repeat(20 << 10));
+    let out = answer(big);
+    assert!(out.starts_with("HTTP/1.1 431"), "a 20 KB head: {out}");
+    let fields: String = (0..30).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let out = answer(format!("GET /health HTTP/1.1\r\nHost: t\r\n{fields}{close}"));
+    assert!(out.starts_with("HTTP/1.1 431"), "30 fields past max_headers = 20: {out}");
+    let fields: String = (0..10).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let out = answer(format!("GET /health HTTP/1.1\r\nHost: t\r\n{fields}{close}"));
+    assert!(out.starts_with("HTTP/1.1 200"), "10 fields: {out}");
 }
 
 /// Keep-alives: a stream that has sent nothing yet (queued behind a long prefill) sent its first byte only
