@@ -103,6 +103,19 @@ pub struct ModelConfig {
     pub kv_dtype: mlx_serving_kernels::KvDtype,
 }
 
+/// The GGUF keys (after `<architecture>.`) of the sizes [`ModelConfig::check_sizes`] checks.
+pub const GGUF_SIZE_KEYS: [&str; 9] = [
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "vocab_size",
+    "context_length",
+    "rope.dimension_count",
+];
+
 impl ModelConfig {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch_name = g.get_str("general.architecture")?.to_string();
@@ -167,7 +180,36 @@ impl ModelConfig {
             ..Self::defaults(architecture)
         };
         cfg.set_arch_flags();
+        cfg.check_sizes(g.path(), GGUF_SIZE_KEYS.map(key).each_ref().map(String::as_str))?;
         Ok(cfg)
+    }
+
+    /// Sizes a file may claim: each within what any real model has, with room to spare, so that a corrupt or
+    /// hostile header cannot make a loader allocate without bound or overflow (a header saying 2^60 layers
+    /// fails here, naming the key, instead of in an allocation). `keys` name the sizes in the file, in the
+    /// order of [`GGUF_SIZE_KEYS`].
+    pub fn check_sizes(&self, path: &std::path::Path, keys: [&str; 9]) -> Result<()> {
+        let sizes = [
+            (self.num_layers, 1 << 12),
+            (self.hidden_size, 1 << 17),
+            (self.intermediate_size, 1 << 19),
+            (self.num_heads, 1 << 12),
+            (self.num_kv_heads, 1 << 12),
+            (self.head_dim, 1 << 13),
+            (self.vocab_size, 1 << 23),
+            (self.max_position_embeddings, 1 << 24),
+        ];
+        let bad = |key: &str, reason: String| Error::BadMetadata { path: path.into(), key: key.into(), reason };
+        for ((v, max), key) in sizes.into_iter().zip(keys) {
+            if v == 0 || v > max {
+                return Err(bad(key, format!("{v} is not a size from 1 to {max}")));
+            }
+        }
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
+            let reason = format!("{} must be even and at most the head size {}", self.rope_dim, self.head_dim);
+            return Err(bad(keys[8], reason));
+        }
+        Ok(())
     }
 
     /// A config with the architecture's flags and placeholder sizes, for the loaders to fill in.

@@ -6,8 +6,6 @@ use crate::source::TensorData;
 use candle_core::quantized::gguf_file::{Content, Value};
 use mlx_serving_kernels::mapped::MappedFile;
 use std::borrow::Cow;
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 pub struct GgufFile {
@@ -27,24 +25,18 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let io = |source| Error::Io { path: path.clone(), source };
-        let mut file = File::open(&path).map_err(io)?;
-        let mut magic = [0u8; 4];
-        file.read_exact(&mut magic).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                Error::NotGguf { path: path.clone(), reason: "file is shorter than the 4-byte magic".into() }
-            }
-            _ => io(e),
-        })?;
-        if &magic != b"GGUF" {
+        let map = MappedFile::open(&path).map_err(io)?;
+        let bytes = map.bytes();
+        let Some(magic) = bytes.get(..4) else {
+            return Err(Error::NotGguf { path, reason: "file is shorter than the 4-byte magic".into() });
+        };
+        if magic != b"GGUF" {
             return Err(Error::NotGguf { path, reason: format!("wrong magic {magic:02x?} (expected \"GGUF\")") });
         }
-        let file = File::open(&path).map_err(io)?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let content = Content::read(&mut reader).map_err(|e| Error::BadGguf {
+        let content = crate::gguf_header::read(bytes).map_err(|reason| Error::BadGguf {
             path: path.clone(),
-            reason: format!("header: {} (truncated or corrupt file?)", crate::error::candle_text(&e)),
+            reason: format!("header: {reason} (truncated or corrupt file?)"),
         })?;
-        let map = MappedFile::open(&path).map_err(io)?;
         let gguf = Self { path, content, map };
         gguf.check_tensor_extents()?;
         Ok(gguf)
@@ -54,7 +46,9 @@ impl GgufFile {
     fn check_tensor_extents(&self) -> Result<()> {
         let len = self.map.bytes().len() as u64;
         for (name, info) in &self.content.tensor_infos {
-            let elems = info.shape.elem_count();
+            let Some(elems) = info.shape.dims().iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+                return Err(self.bad_tensor(name, format!("shape {:?} has too many elements", info.shape.dims())));
+            };
             let bs = info.ggml_dtype.block_size();
             if elems % bs != 0 {
                 return Err(self.bad_tensor(
@@ -62,7 +56,7 @@ impl GgufFile {
                     format!("{elems} elements is not a multiple of the {:?} block size {bs}", info.ggml_dtype),
                 ));
             }
-            let bytes = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
+            let bytes = ((elems / bs) as u64).saturating_mul(info.ggml_dtype.type_size() as u64);
             let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
             if end > len {
                 return Err(self.bad_tensor(
@@ -217,7 +211,7 @@ impl GgufFile {
     }
 }
 
-fn value_to_u64(v: &Value) -> Option<u64> {
+pub(crate) fn value_to_u64(v: &Value) -> Option<u64> {
     match *v {
         Value::U8(x) => Some(x as u64),
         Value::U16(x) => Some(x as u64),

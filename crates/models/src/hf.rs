@@ -132,6 +132,16 @@ impl HfDir {
             let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(String::from).collect();
             files.sort();
             files.dedup();
+            // Shards are files of this directory: an index naming `../x` or `/etc/x` must not make the loader
+            // read outside it.
+            if let Some(f) = files.iter().find(|f| Path::new(f.as_str()).file_name() != Some(f.as_ref()) || *f == "..")
+            {
+                return Err(Error::BadMetadata {
+                    path: index,
+                    key: "weight_map".into(),
+                    reason: format!("`{f}` is not a file name in the model's directory"),
+                });
+            }
             files
         } else {
             vec!["model.safetensors".into()]
@@ -408,6 +418,20 @@ impl HfDir {
             ..ModelConfig::defaults(architecture)
         };
         cfg.set_arch_flags();
+        cfg.check_sizes(
+            &self.config_path(),
+            [
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+                "max_position_embeddings",
+                "head_dim",
+            ],
+        )?;
         Ok(cfg)
     }
 
@@ -645,10 +669,10 @@ fn read_safetensors_header(path: &Path, file: &File, shard: usize) -> Result<Vec
         if end < begin || Some(end - begin) != want {
             return Err(tbad(format!("data_offsets {begin}..{end} do not hold shape {shape:?}")));
         }
-        if data_start + end > file_len {
+        if data_start.checked_add(end).is_none_or(|e| e > file_len) {
             return Err(tbad(format!(
                 "data ends at byte {} but the file has {file_len} (truncated)",
-                data_start + end
+                data_start.saturating_add(end)
             )));
         }
         out.push((name.clone(), TensorInfo { shard, dtype, shape, start: data_start + begin, end: data_start + end }));

@@ -17,7 +17,10 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gguf;
+mod gguf_header;
 pub mod hf;
 pub mod kv;
 pub mod resolve;

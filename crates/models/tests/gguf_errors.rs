@@ -77,3 +77,41 @@ fn unsupported_architecture_is_named() {
     let err = Model::load_gguf(&p, &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, Error::UnsupportedArchitecture { .. }) && err.to_string().contains("mamba"), "{err}");
 }
+
+/// Found by the `gguf` fuzzer (`fuzz/regressions/gguf/oom-909b…`): a header claiming 134,217,729 layers made
+/// the loader list (and allocate for) every layer's tensors until it ran out of memory. Sizes past any real
+/// model's are now refused at once, naming the key.
+#[test]
+fn a_header_claiming_a_huge_model_is_refused_without_allocating() {
+    let p = mlx_serving_test_support::workspace_root()
+        .join("fuzz/regressions/gguf/oom-909b8bdaeff29865f9eb4f931f2cca09856472dc");
+    let err = Model::load_gguf(&p, &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::BadMetadata { .. }), "{err}");
+    assert!(err.to_string().contains("llama.block_count") && err.to_string().contains("134217729"), "{err}");
+}
+
+/// A GGUF v3 header with no tensors and these metadata entries (each key with a u32 value).
+fn header_with(entries: &[(&str, u32)]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (k, v) in entries {
+        b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(&4u32.to_le_bytes()); // GGUF value type 4: u32
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// `general.alignment: 0` made candle's header reader divide by zero (a panic, not an error).
+#[test]
+fn a_zero_alignment_is_an_error() {
+    let p = tmp("align0.gguf");
+    std::fs::write(&p, header_with(&[("general.alignment", 0)])).unwrap();
+    let err = mlx_serving_models::GgufFile::open(&p).unwrap_err();
+    assert!(matches!(err, Error::BadGguf { .. }) && err.to_string().contains("alignment"), "{err}");
+    std::fs::write(&p, header_with(&[("general.alignment", 32)])).unwrap();
+    assert!(mlx_serving_models::GgufFile::open(&p).is_ok());
+}

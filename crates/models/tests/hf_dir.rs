@@ -131,6 +131,33 @@ fn broken_directories_are_one_line_errors_naming_what_is_wrong() {
     assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
 }
 
+/// #25 security pass: the index's shard names could leave the directory (`../x`, `/etc/x`), so a model
+/// directory could make the loader map any file; data offsets near 2^64 overflowed the truncation check; and
+/// sizes past any real model (2^40 layers) made the loader allocate for them. Each is now a one-line error.
+#[test]
+fn hostile_indexes_offsets_and_sizes_are_refused() {
+    for shard in ["../model.safetensors", "/etc/hostname", "sub/model.safetensors", ".."] {
+        let d = dir_with(config(), &tensors());
+        let index = json!({"weight_map": {"model.norm.weight": shard}});
+        std::fs::write(d.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let e = error(d.path());
+        assert!(e.contains("weight_map") && e.contains("not a file name"), "{shard}: {e}");
+    }
+    let d = dir_with(config(), &tensors());
+    let head = json!({"x": {"dtype": "F32", "shape": [2], "data_offsets": [u64::MAX - 8, u64::MAX]}}).to_string();
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(head.as_bytes());
+    std::fs::write(d.path().join("model.safetensors"), bytes).unwrap();
+    let e = error(d.path());
+    assert!(e.contains("truncated") || e.contains("data_offsets"), "{e}");
+    for (key, v) in [("num_hidden_layers", 1u64 << 40), ("vocab_size", 1 << 40), ("intermediate_size", 0)] {
+        let mut c = config();
+        c[key] = json!(v);
+        let e = error(dir_with(c, &tensors()).path());
+        assert!(e.contains(key) && e.contains("is not a size"), "{key}: {e}");
+    }
+}
+
 /// A temporary directory removed on drop (no extra crates).
 mod tempdir {
     use std::path::{Path, PathBuf};

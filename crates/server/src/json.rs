@@ -31,19 +31,24 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
         if bytes.len() > limit {
             return Err(ApiError::too_large(limit));
         }
-        let text =
-            std::str::from_utf8(&bytes).map_err(|_| ApiError::bad_request("request body is not valid UTF-8", None))?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map(ApiJson).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            // Wrong types are located by their path; at the root, unknown/missing fields name themselves in
-            // serde's message.
-            let param = if path == "." { field_of(&inner) } else { Some(path.clone()) };
-            let at = if path == "." { String::new() } else { format!(" (at `{path}`)") };
-            ApiError::bad_request(format!("invalid request body: {inner}{at}"), param.as_deref())
-        })
+        parse_body(&bytes).map(ApiJson)
     }
+}
+
+/// A request body as `T`: UTF-8 JSON with every field known and typed; the error names the field.
+pub(crate) fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| ApiError::bad_request("request body is not valid UTF-8", None))?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // Wrong types are located by their path; at the root, unknown/missing fields name themselves in
+        // serde's message.
+        let param = if path == "." { field_of(&inner) } else { Some(path.clone()) };
+        let at = if path == "." { String::new() } else { format!(" (at `{path}`)") };
+        ApiError::bad_request(format!("invalid request body: {inner}{at}"), param.as_deref())
+    })
 }
 
 /// `application/json` or any `type/subtype+json`, parameters (`; charset=utf-8`) ignored.

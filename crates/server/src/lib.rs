@@ -9,6 +9,8 @@ mod admin;
 mod cache;
 mod driver;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod generate;
 pub mod images;
 mod json;

@@ -106,3 +106,18 @@ pub fn reference_chat_template(model: &str) -> String {
     let p = testdata().join("tokenizers").join(model).join("chat_template.jinja");
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// The fuzzers' seeds and findings for `target` (`fuzz/seeds/<target>`, `fuzz/regressions/<target>`), for
+/// regression tests that replay them on stable; panics when there are none.
+pub fn fuzz_inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for kind in ["seeds", "regressions"] {
+        let Ok(dir) = std::fs::read_dir(workspace_root().join("fuzz").join(kind).join(target)) else { continue };
+        for e in dir.flatten() {
+            out.push((e.path(), std::fs::read(e.path()).unwrap()));
+        }
+    }
+    out.sort();
+    assert!(!out.is_empty(), "no seeds for `{target}` under fuzz/seeds");
+    out
+}
