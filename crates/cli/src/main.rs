@@ -41,11 +41,32 @@ enum Command {
     /// Write any loadable model (GGUF, Hugging Face or MLX directory) as a Hugging Face directory (`--format
     /// hf`) or an MLX-quantized one (`--format mlx`).
     Convert(ConvertArgs),
+    /// Write a random-weight model of a real model's shape (Llama-3-8B, Qwen2.5-7B) as a GGUF file, for
+    /// benchmarks at the scale users serve without downloading anything.
+    MakeModel(MakeModelArgs),
     /// Route the OpenAI-compatible API over many `serve` instances (health checks, policies, retries).
     Router(Box<router::RouterArgs>),
     /// JSON-RPC 2.0 over stdin/stdout (one message per line) on the same models and engine as `serve`; takes
     /// serve's flags (host and port unused).
     Rpc(Box<ServeArgs>),
+}
+
+#[derive(Args)]
+struct MakeModelArgs {
+    /// `llama3-8b`, `qwen2.5-7b` or `tiny`.
+    #[arg(long, default_value = "llama3-8b")]
+    shape: String,
+    /// How the matrices are stored: `f16`, `bf16`, `q8_0` or `q4_k` (norms and biases are f32).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Fewer layers than the shape has (a quicker file of the same widths).
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -220,6 +241,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(*args),
         Command::Convert(args) => run_convert(args),
+        Command::MakeModel(args) => run_make_model(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),
         Command::Router(args) => router::run_router(*args),
@@ -269,6 +291,40 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     })
     .with_context(|| format!("converting {} to {}", from.display(), a.to.display()))?;
     eprintln!("wrote {}", a.to.display());
+    Ok(())
+}
+
+fn run_make_model(a: MakeModelArgs) -> Result<()> {
+    use mlx_serving_models::random::{write_random_gguf, RandomShape};
+    use std::io::IsTerminal;
+    let Some(mut shape) = RandomShape::named(&a.shape) else {
+        bail!("--shape: `{}` is not llama3-8b, qwen2.5-7b or tiny", a.shape)
+    };
+    if let Some(l) = a.layers {
+        if l == 0 || l > shape.layers {
+            bail!("--layers: must be from 1 to the shape's {}", shape.layers);
+        }
+        shape.layers = l;
+    }
+    let dtype = a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let tty = std::io::stderr().is_terminal();
+    let start = std::time::Instant::now();
+    let bytes = write_random_gguf(&a.out, &shape, dtype, a.seed, |done, total| {
+        if tty {
+            eprint!("\rwriting: {done}/{total} tensors");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} ({} parameters, {:.2} GB) in {:.1} s",
+        a.out.display(),
+        shape.parameters(),
+        bytes as f64 / 1e9,
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub mod gguf;
 mod gguf_header;
 pub mod hf;
 pub mod kv;
+pub mod random;
 pub mod resolve;
 pub mod source;
 pub mod tokenizer;
