@@ -271,7 +271,11 @@ pub fn write_random_gguf(
 ) -> Result<u64> {
     let io = |source| Error::Io { path: path.into(), source };
     let bad = |reason: String| Error::BadMetadata { path: path.into(), key: "shape".into(), reason };
-    if shape.heads == 0 || shape.kv_heads == 0 || shape.hidden % shape.heads != 0 || shape.heads % shape.kv_heads != 0 {
+    if shape.heads == 0
+        || shape.kv_heads == 0
+        || !shape.hidden.is_multiple_of(shape.heads)
+        || !shape.heads.is_multiple_of(shape.kv_heads)
+    {
         return Err(bad(format!("{shape:?}: heads must divide the width and KV heads the heads")));
     }
     let (type_id, block, block_bytes) = dtype.ggml();
