@@ -234,6 +234,8 @@ impl Default for ServerSection {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
+    /// Where the model runs: `cpu` (the default) or `cuda[:N]` (a build with the `cuda` feature).
+    pub device: String,
     /// CPU threads for the model; default: all cores.
     pub threads: Option<usize>,
     /// KV cache budget in MiB, preallocated.
@@ -277,6 +279,9 @@ impl EngineSection {
             }
         }
         self.kv_cache_dtype().map_err(|e| anyhow::anyhow!("{prefix}.{e}"))?;
+        let device: mlx_serving_models::ComputeDevice =
+            e.device.parse().map_err(|m| anyhow::anyhow!("{prefix}.device: {m}"))?;
+        device.check_available().map_err(|m| anyhow::anyhow!("{prefix}.device: {m}"))?;
         if e.block_size > 1024 {
             bail!("{prefix}.block_size: at most 1024, got {}", e.block_size);
         }
@@ -315,6 +320,7 @@ impl Default for EngineSection {
     fn default() -> Self {
         let s = mlx_serving_engine::SchedulerConfig::default();
         Self {
+            device: "cpu".into(),
             threads: None,
             kv_cache_mb: 512,
             kv_cache_dtype: "f16".into(),
@@ -627,6 +633,9 @@ mod tests {
         assert!(err("colour: blue\n").contains("unknown field `colour`"));
         assert!(err("server:\n  max_connections: 0\n").starts_with("server.max_connections:"));
         assert!(err("server:\n  max_header_bytes: 100\n").starts_with("server.max_header_bytes:"));
+        assert!(err("engine:\n  device: tpu\n").starts_with("engine.device: `tpu`"));
+        let cuda = err("engine:\n  device: cuda:1\n");
+        assert!(cuda.starts_with("engine.device: cuda:1: "), "{cuda}");
         assert!(err("server:\n  max_tokens_per_request: 0\n").starts_with("server.max_tokens_per_request:"));
         assert!(err("server:\n  max_prompt_tokens: 0\n").starts_with("server.max_prompt_tokens:"));
         assert!(err("server:\n  header_read_timeout_seconds: 0\n").starts_with("server.header_read_timeout_seconds:"));

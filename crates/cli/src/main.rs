@@ -232,6 +232,9 @@ struct GenerateArgs {
     /// KV cache element type: `f16` (the default) or `f32` (twice the memory and attention bandwidth).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: mlx_serving_kernels::KvDtype,
+    /// Where the model runs: `cpu`, or `cuda[:N]` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: mlx_serving_models::ComputeDevice,
     #[command(flatten)]
     speculative: speculative::SpeculativeArgs,
 }
@@ -329,6 +332,7 @@ fn run_make_model(a: MakeModelArgs) -> Result<()> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
+    a.device.check_available().map_err(|e| anyhow::anyhow!("--device {e}"))?;
     init_threads(a.threads)?;
     let path = mlx_serving_models::resolve_model(&a.model)?;
     let load_start = std::time::Instant::now();

@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// CPU threads for the model [engine.threads; default: all cores].
     #[arg(long, env = "MLX_SERVING_THREADS")]
     threads: Option<usize>,
+    /// Where the models run: `cpu`, or `cuda[:N]` in a build with the `cuda` feature [engine.device; default cpu].
+    #[arg(long, env = "MLX_SERVING_DEVICE")]
+    device: Option<String>,
     /// KV cache budget in MiB, preallocated [engine.kv_cache_mb; default 512].
     #[arg(long, env = "MLX_SERVING_KV_CACHE_MB")]
     kv_cache_mb: Option<usize>,
@@ -165,6 +168,7 @@ impl ServeArgs {
         if self.threads.is_some() {
             c.engine.threads = self.threads;
         }
+        set(&mut c.engine.device, &self.device);
         set(&mut c.engine.kv_cache_mb, &self.kv_cache_mb);
         set(&mut c.engine.kv_cache_dtype, &self.kv_cache_dtype);
         set(&mut c.engine.block_size, &self.block_size);

@@ -15,6 +15,7 @@ pub mod chat_template;
 pub mod chat_tokens;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod error;
 pub mod export;
 #[doc(hidden)]
@@ -34,6 +35,7 @@ pub use chat_template::ChatTemplate;
 pub use chat_tokens::{SpecialTokenText, TokenBytes};
 pub use config::{Architecture, FfnActivation, ModelConfig, RopeStyle, SlidingWindow};
 pub use decoder::{ActivationPrecision, LoadOptions, Model};
+pub use device::ComputeDevice;
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv::{BatchInput, PagedKvCache, SeqInput};

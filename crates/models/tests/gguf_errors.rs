@@ -115,3 +115,21 @@ fn a_zero_alignment_is_an_error() {
     std::fs::write(&p, header_with(&[("general.alignment", 32)])).unwrap();
     assert!(mlx_serving_models::GgufFile::open(&p).is_ok());
 }
+
+/// #25: a header claiming 2^60 tensors (or a string or array longer than the file) is refused before
+/// anything is allocated for it.
+#[test]
+fn counts_and_lengths_past_the_file_are_refused() {
+    let p = tmp("counts.gguf");
+    let mut b = header_with(&[]);
+    b[8..16].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let err = mlx_serving_models::GgufFile::open(&p).unwrap_err();
+    assert!(matches!(err, Error::BadGguf { .. }) && err.to_string().contains("cannot fit"), "{err}");
+    // One metadata entry whose key claims 2^50 bytes.
+    let mut b = header_with(&[("general.alignment", 32)]);
+    b[24..32].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let err = mlx_serving_models::GgufFile::open(&p).unwrap_err();
+    assert!(matches!(err, Error::BadGguf { .. }) && err.to_string().contains("remain"), "{err}");
+}
