@@ -3,10 +3,13 @@
 // 128 bytes of 4-bit values; value = d·sc·q − dmin·m). Activations f32, accumulation f32: exact up to f32
 // rounding (no activation quantization, unlike llama.cpp's q8_1 path).
 //
-// One warp per output row. For a super-block, lane l reads the 4 bytes qs[4l .. 4l+4] (the warp reads the
-// 128 value bytes in one coalesced 128-byte transaction): their low nibbles are values 64j + p .. p+3 of
-// sub-block 2j, their high nibbles values 64j + 32 + p .. of sub-block 2j+1, where j = l / 8, p = 4(l % 8).
-// Up to NV activation vectors at once (small-batch decode) reuse each weight byte NV times.
+// One warp per Q4K_ROWS output rows; a step of the warp covers 4 super-blocks of each. Lane l takes super-block
+// l / 8 of the step and its 16 value bytes qs[16c .. 16c+16], c = l % 8 (a 16-byte load per row): their low
+// nibbles are values 64j + p .. p+15 of sub-block 2j, their high nibbles values 64j + 32 + p .. p+15 of
+// sub-block 2j+1, where j = c / 2 and p = 16 (c % 2). The lane's 32 activations are loaded once per step and
+// serve all Q4K_ROWS rows (the activations, 8 bytes per weight byte, come from L1: sharing them across rows is
+// what keeps L1 from being the limit). Up to NV activation vectors at once (small-batch decode) reuse each
+// weight byte NV times.
 
 #pragma once
 #include <cuda_fp16.h>
@@ -16,7 +19,8 @@ namespace mlx_serving {
 
 constexpr int Q4K_BLOCK_VALUES = 256;
 constexpr int Q4K_BLOCK_BYTES = 144;
-constexpr int Q4K_WARPS = 4;  // rows per thread block
+constexpr int Q4K_WARPS = 4;  // warps per thread block
+constexpr int Q4K_ROWS = 4;   // rows per warp
 
 __device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* s, float& sc, float& m) {
     if (j < 4) {
@@ -28,46 +32,69 @@ __device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* s, float& sc
     }
 }
 
-// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV. grid ceil(rows / Q4K_WARPS), block 32·Q4K_WARPS.
+// Σ over 4 bytes' nibbles (low: shift 0, high: shift 4) times 4 activations.
+__device__ __forceinline__ float nib4(uint32_t q, int shift, float4 x) {
+    return (float)((q >> shift) & 0xF) * x.x + (float)((q >> (shift + 8)) & 0xF) * x.y +
+           (float)((q >> (shift + 16)) & 0xF) * x.z + (float)((q >> (shift + 24)) & 0xF) * x.w;
+}
+
+// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV. grid ceil(rows / (Q4K_WARPS · Q4K_ROWS)), block 32·Q4K_WARPS.
 template <int NV>
 __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
                            int rows, int k) {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * Q4K_WARPS + (threadIdx.x >> 5);
-    if (row >= rows) return;
+    const int row0 = (blockIdx.x * Q4K_WARPS + (threadIdx.x >> 5)) * Q4K_ROWS;
+    if (row0 >= rows) return;
     const int nb = k / Q4K_BLOCK_VALUES;
-    const uint8_t* rw = w + (size_t)row * nb * Q4K_BLOCK_BYTES;
-    const int j = lane >> 3, p = 4 * (lane & 7);
-    float acc[NV];
+    const int c = lane & 7, j = c >> 1, p = 16 * (c & 1);
+    const size_t row_bytes = (size_t)nb * Q4K_BLOCK_BYTES;
+    float acc[Q4K_ROWS][NV];
 #pragma unroll
-    for (int v = 0; v < NV; ++v) acc[v] = 0.f;
-    for (int b = 0; b < nb; ++b) {
-        const uint8_t* blk = rw + (size_t)b * Q4K_BLOCK_BYTES;
-        const float d = __half2float(*reinterpret_cast<const __half*>(blk));
-        const float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
-        float sc0, m0, sc1, m1;
-        q4k_scale_min(2 * j, blk + 4, sc0, m0);
-        q4k_scale_min(2 * j + 1, blk + 4, sc1, m1);
-        const uint32_t q = *reinterpret_cast<const uint32_t*>(blk + 16 + 4 * lane);
+    for (int r = 0; r < Q4K_ROWS; ++r)
+#pragma unroll
+        for (int v = 0; v < NV; ++v) acc[r][v] = 0.f;
+    for (int b = lane >> 3; b < nb; b += 4) {
+        uint4 q[Q4K_ROWS];
+        float d[Q4K_ROWS], dmin[Q4K_ROWS], sc0[Q4K_ROWS], m0[Q4K_ROWS], sc1[Q4K_ROWS], m1[Q4K_ROWS];
+#pragma unroll
+        for (int r = 0; r < Q4K_ROWS; ++r) {
+            const int row = min(row0 + r, rows - 1);
+            const uint8_t* blk = w + row * row_bytes + (size_t)b * Q4K_BLOCK_BYTES;
+            q[r] = __ldg(reinterpret_cast<const uint4*>(blk + 16 + 16 * c));
+            const __half2 dd = *reinterpret_cast<const __half2*>(blk);
+            d[r] = __low2float(dd);
+            dmin[r] = __high2float(dd);
+            q4k_scale_min(2 * j, blk + 4, sc0[r], m0[r]);
+            q4k_scale_min(2 * j + 1, blk + 4, sc1[r], m1[r]);
+        }
         const int base = b * Q4K_BLOCK_VALUES + 64 * j + p;
 #pragma unroll
         for (int v = 0; v < NV; ++v) {
-            const float4 lo = *reinterpret_cast<const float4*>(x + (size_t)v * k + base);
-            const float4 hi = *reinterpret_cast<const float4*>(x + (size_t)v * k + base + 32);
-            // Σ (d·sc·q − dmin·m)·x = d·sc·Σ q·x − dmin·m·Σ x, per sub-block.
-            const float qlo = (float)(q & 0xF) * lo.x + (float)((q >> 8) & 0xF) * lo.y +
-                              (float)((q >> 16) & 0xF) * lo.z + (float)((q >> 24) & 0xF) * lo.w;
-            const float qhi = (float)((q >> 4) & 0xF) * hi.x + (float)((q >> 12) & 0xF) * hi.y +
-                              (float)((q >> 20) & 0xF) * hi.z + (float)((q >> 28) & 0xF) * hi.w;
-            const float slo = lo.x + lo.y + lo.z + lo.w, shi = hi.x + hi.y + hi.z + hi.w;
-            acc[v] += d * (sc0 * qlo + sc1 * qhi) - dmin * (m0 * slo + m1 * shi);
+            const float4* xl = reinterpret_cast<const float4*>(x + (size_t)v * k + base);
+            const float4* xh = reinterpret_cast<const float4*>(x + (size_t)v * k + base + 32);
+            const float4 l0 = xl[0], l1 = xl[1], l2 = xl[2], l3 = xl[3];
+            const float4 h0 = xh[0], h1 = xh[1], h2 = xh[2], h3 = xh[3];
+            const float slo = l0.x + l0.y + l0.z + l0.w + l1.x + l1.y + l1.z + l1.w + l2.x + l2.y + l2.z + l2.w +
+                              l3.x + l3.y + l3.z + l3.w;
+            const float shi = h0.x + h0.y + h0.z + h0.w + h1.x + h1.y + h1.z + h1.w + h2.x + h2.y + h2.z + h2.w +
+                              h3.x + h3.y + h3.z + h3.w;
+#pragma unroll
+            for (int r = 0; r < Q4K_ROWS; ++r) {
+                // Σ (d·sc·q − dmin·m)·x = d·sc·Σ q·x − dmin·m·Σ x, per sub-block.
+                const float qlo = nib4(q[r].x, 0, l0) + nib4(q[r].y, 0, l1) + nib4(q[r].z, 0, l2) + nib4(q[r].w, 0, l3);
+                const float qhi = nib4(q[r].x, 4, h0) + nib4(q[r].y, 4, h1) + nib4(q[r].z, 4, h2) + nib4(q[r].w, 4, h3);
+                acc[r][v] += d[r] * (sc0[r] * qlo + sc1[r] * qhi) - dmin[r] * (m0[r] * slo + m1[r] * shi);
+            }
         }
     }
 #pragma unroll
-    for (int v = 0; v < NV; ++v) {
-        float s = acc[v];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) y[(size_t)v * rows + row] = s;
+    for (int r = 0; r < Q4K_ROWS; ++r) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            float s = acc[r][v];
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (lane == 0 && row0 + r < rows) y[(size_t)v * rows + row0 + r] = s;
+        }
     }
 }
 
@@ -75,7 +102,7 @@ __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restric
 inline cudaError_t q4k_matvec_launch(const uint8_t* w, const float* x, float* y, int rows, int k, int nv,
                                      cudaStream_t stream) {
     if (k % Q4K_BLOCK_VALUES != 0) return cudaErrorInvalidValue;
-    const dim3 grid((rows + Q4K_WARPS - 1) / Q4K_WARPS), block(32 * Q4K_WARPS);
+    const dim3 grid((rows + Q4K_WARPS * Q4K_ROWS - 1) / (Q4K_WARPS * Q4K_ROWS)), block(32 * Q4K_WARPS);
     switch (nv) {
         case 1: q4k_matvec<1><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
         case 2: q4k_matvec<2><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
