@@ -20,7 +20,7 @@
 
 namespace mlx_serving {
 
-constexpr int PA_SPLIT = 512;    // context positions per split
+constexpr int PA_SPLIT = 256;    // context positions per split
 constexpr int PA_THREADS = 128;  // 4 warps
 constexpr int PA_MAX_HEAD_DIM = 256;
 
@@ -150,13 +150,149 @@ __global__ void paged_decode_merge(PagedDecodeParams p) {
     }
 }
 
-// Launches both kernels on `stream`. `max_splits` must be at least ceil(max context / PA_SPLIT); the
-// partial buffers hold num_seqs × num_heads × max_splits states.
+// The grouped kernel: one thread block per (kv head, sequence, split) computes all G query heads that share the
+// kv head, so each K/V row is read from memory once (the per-head kernel above reads it G times), with loads
+// spread so that many are in flight:
+// - scores: a warp takes 4 positions at a time, 8 lanes per position, each lane 16-byte loads of the K row;
+//   the 8 lanes' partial dot products for the G heads are summed with 3 shuffles each;
+// - softmax: a warp per head over the split;
+// - values: threads are (position group, head, 8-dimension chunk); each loads 16 bytes of a V row per
+//   position (the G heads' threads of one chunk read the same bytes in one transaction), the position groups'
+//   partial sums are added in a fixed order.
+// Needs head_dim a multiple of 64 and G · head_dim ≤ 2048 (G ≤ 8 at head size 256).
+constexpr int PG_THREADS = 256;
+
+template <int G>
+__global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDecodeParams p) {
+    const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
+    const int ctx = (int)p.context_lens[seq];
+    const int start = split * PA_SPLIT;
+    const int D = p.head_dim;
+    const size_t part0 = ((size_t)seq * p.num_heads + (size_t)kv_head * G) * p.max_splits + split;
+    if (start >= ctx) {
+        if (threadIdx.x < G) {
+            p.part_max[part0 + (size_t)threadIdx.x * p.max_splits] = -CUDART_INF_F;
+            p.part_sum[part0 + (size_t)threadIdx.x * p.max_splits] = 0.f;
+        }
+        return;
+    }
+    const int end = min(ctx, start + PA_SPLIT), n = end - start;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = PG_THREADS / 32;
+    __shared__ __align__(16) float q_s[2048];          // [G][D]
+    __shared__ float scores[G][PA_SPLIT];
+    __shared__ __align__(16) float partial[2048];      // [position group][G][D] (≤ 2048 floats in all)
+    __shared__ uint32_t slots[PA_SPLIT];
+    for (int i = threadIdx.x; i < G * D; i += PG_THREADS) {
+        const int g = i / D, d = i % D;
+        q_s[i] = p.q[((size_t)seq * p.num_heads + kv_head * G + g) * D + d] * p.scale;
+    }
+    const uint32_t* table = p.block_tables + (size_t)seq * p.max_blocks_per_seq;
+    for (int i = threadIdx.x; i < n; i += PG_THREADS) {
+        const int pos = start + i;
+        slots[i] = table[pos / p.block_size] * p.block_size + pos % p.block_size;
+    }
+    __syncthreads();
+
+    // Scores: 8 lanes per position, 4 positions per warp step.
+    const int sub = lane >> 3, l8 = lane & 7;
+    for (int i = warp * 4 + sub; i - sub < n; i += warps * 4) {
+        float dot[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) dot[g] = 0.f;
+        if (i < n) {
+            const __half* k = p.k_cache + ((size_t)slots[i] * p.num_kv_heads + kv_head) * D;
+            for (int c = l8 * 8; c < D; c += 64) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(k + c);
+                const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 kf = __half22float2(h[e]);
+#pragma unroll
+                    for (int g = 0; g < G; ++g) dot[g] += q_s[g * D + c + 2 * e] * kf.x + q_s[g * D + c + 2 * e + 1] * kf.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float s = dot[g];
+            s += __shfl_xor_sync(0xffffffffu, s, 4);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            if (l8 == 0 && i < n) scores[g][i] = s;
+        }
+    }
+    __syncthreads();
+
+    // Softmax: a warp per head (unnormalized; the merge divides).
+    for (int g = warp; g < G; g += warps) {
+        float m = -CUDART_INF_F;
+        for (int i = lane; i < n; i += 32) m = fmaxf(m, scores[g][i]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int i = lane; i < n; i += 32) {
+            const float e = __expf(scores[g][i] - m);
+            scores[g][i] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            p.part_max[part0 + (size_t)g * p.max_splits] = m;
+            p.part_sum[part0 + (size_t)g * p.max_splits] = l;
+        }
+    }
+    __syncthreads();
+
+    // Values: thread = (position group, head, chunk of 8 dimensions).
+    const int chunks = D / 8, per_group = G * chunks, groups = PG_THREADS / per_group;
+    const int pg = threadIdx.x / per_group, g = (threadIdx.x % per_group) / chunks, c = threadIdx.x % chunks;
+    if (pg < groups) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+        for (int i = pg; i < n; i += groups) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(
+                p.v_cache + ((size_t)slots[i] * p.num_kv_heads + kv_head) * D + 8 * c);
+            const __half2* h = reinterpret_cast<const __half2*>(&raw);
+            const float e = scores[g][i];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const float2 vf = __half22float2(h[t]);
+                acc[2 * t] += e * vf.x;
+                acc[2 * t + 1] += e * vf.y;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 8; ++t) partial[(pg * G + g) * D + 8 * c + t] = acc[t];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += PG_THREADS) {
+        float sum = 0.f;
+        for (int q = 0; q < groups; ++q) sum += partial[q * G * D + i];
+        const int gg = i / D, d = i % D;
+        p.part_out[(part0 + (size_t)gg * p.max_splits) * D + d] = sum;
+    }
+}
+
+// Launches the split and merge kernels on `stream`: the grouped split kernel where the shape allows it
+// (head_dim a multiple of 64, G ≤ 8, G · head_dim ≤ 2048), else the per-head one. `max_splits` must be at
+// least ceil(max context / PA_SPLIT); the partial buffers hold num_seqs × num_heads × max_splits states.
 inline cudaError_t paged_decode(const PagedDecodeParams& p, int num_seqs, cudaStream_t stream) {
     if (p.head_dim % 2 != 0 || p.head_dim > PA_MAX_HEAD_DIM || p.num_heads % p.num_kv_heads != 0) {
         return cudaErrorInvalidValue;
     }
-    paged_decode_split<<<dim3(p.num_heads, num_seqs, p.max_splits), PA_THREADS, 0, stream>>>(p);
+    const int G = p.num_heads / p.num_kv_heads;
+    const dim3 grouped(p.num_kv_heads, num_seqs, p.max_splits);
+    const bool fits = p.head_dim % 64 == 0 && G * p.head_dim <= 2048;
+    switch (fits ? G : 0) {
+        case 1: paged_decode_split_grouped<1><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 2: paged_decode_split_grouped<2><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 3: paged_decode_split_grouped<3><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 4: paged_decode_split_grouped<4><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 5: paged_decode_split_grouped<5><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 6: paged_decode_split_grouped<6><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 7: paged_decode_split_grouped<7><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        case 8: paged_decode_split_grouped<8><<<grouped, PG_THREADS, 0, stream>>>(p); break;
+        default: paged_decode_split<<<dim3(p.num_heads, num_seqs, p.max_splits), PA_THREADS, 0, stream>>>(p);
+    }
     paged_decode_merge<<<dim3(p.num_heads, num_seqs), PA_THREADS, 0, stream>>>(p);
     return cudaGetLastError();
 }

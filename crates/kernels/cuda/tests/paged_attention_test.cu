@@ -287,6 +287,9 @@ int main() {
         {5, 14, 2, 64, 16, {1024, 3, 1025, 2048, 9}},
         {2, 8, 1, 256, 16, {600, 1200}},
         {1, 16, 16, 128, 8, {9000}},
+        // The per-head kernel: a head size that is not a multiple of 64, and 16 query heads per kv head.
+        {2, 6, 2, 96, 16, {700, 40}},
+        {1, 16, 1, 64, 16, {300}},
     };
     bool all = true;
     uint64_t seed = 1;
