@@ -7,6 +7,7 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/pa_test crates/kernels/cuda/tests/paged_attention_test.cu && /tmp/pa_test
 
 #include "../paged_attention.cuh"
+#include "check.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -18,15 +19,6 @@
 #include <vector>
 
 using namespace mlx_serving;
-
-#define CHECK(x)                                                                                \
-    do {                                                                                        \
-        cudaError_t e_ = (x);                                                                   \
-        if (e_ != cudaSuccess) {                                                                \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            std::exit(2);                                                                       \
-        }                                                                                       \
-    } while (0)
 
 struct Case {
     int num_seqs, num_heads, num_kv_heads, head_dim, block_size;
@@ -54,6 +46,32 @@ struct Device {
         for (void* d : owned) cudaFree(d);
     }
 };
+
+// Uploads the inputs and allocates the outputs and partial states for `lens.size()` sequences; `k` and `v`
+// are device pointers already (the benchmark allocates them on the device).
+static void bind(Device& dev, const std::vector<float>& q, const __half* k, const __half* v,
+                 const std::vector<uint32_t>& tables, const std::vector<uint32_t>& lens, int H, int KVH, int D,
+                 int BS, int max_blocks, float scale) {
+    PagedDecodeParams& p = dev.p;
+    const size_t S = lens.size();
+    const int max_ctx = (int)*std::max_element(lens.begin(), lens.end());
+    p.max_splits = (max_ctx + PA_SPLIT - 1) / PA_SPLIT;
+    p.q = dev.upload(q);
+    p.k_cache = k;
+    p.v_cache = v;
+    p.block_tables = dev.upload(tables);
+    p.context_lens = dev.upload(lens);
+    p.out = dev.zeros(S * H * D);
+    p.part_max = dev.zeros(S * H * p.max_splits);
+    p.part_sum = dev.zeros(S * H * p.max_splits);
+    p.part_out = dev.zeros(S * H * p.max_splits * D);
+    p.num_heads = H;
+    p.num_kv_heads = KVH;
+    p.head_dim = D;
+    p.block_size = BS;
+    p.max_blocks_per_seq = max_blocks;
+    p.scale = scale;
+}
 
 // Returns the largest |gpu − ref| over all outputs (with the largest |ref| for scale), after checking.
 static double run_case(const Case& c, uint64_t seed, bool* ok) {
@@ -88,26 +106,9 @@ static double run_case(const Case& c, uint64_t seed, bool* ok) {
     for (auto& x : q) x = uni(rng);
     const float scale = 1.f / std::sqrt((float)D);
     std::vector<uint32_t> lens(ctx.begin(), ctx.end());
-    const int max_splits = (max_ctx + PA_SPLIT - 1) / PA_SPLIT;
-
     Device dev;
-    PagedDecodeParams& p = dev.p;
-    p.q = dev.upload(q);
-    p.k_cache = dev.upload(k);
-    p.v_cache = dev.upload(v);
-    p.block_tables = dev.upload(tables);
-    p.context_lens = dev.upload(lens);
-    p.out = dev.zeros((size_t)S * H * D);
-    p.part_max = dev.zeros((size_t)S * H * max_splits);
-    p.part_sum = dev.zeros((size_t)S * H * max_splits);
-    p.part_out = dev.zeros((size_t)S * H * max_splits * D);
-    p.num_heads = H;
-    p.num_kv_heads = KVH;
-    p.head_dim = D;
-    p.block_size = BS;
-    p.max_blocks_per_seq = max_blocks;
-    p.max_splits = max_splits;
-    p.scale = scale;
+    bind(dev, q, dev.upload(k), dev.upload(v), tables, lens, H, KVH, D, BS, max_blocks, scale);
+    const PagedDecodeParams& p = dev.p;
     CHECK(paged_decode(p, S, 0));
     CHECK(cudaDeviceSynchronize());
     std::vector<float> out((size_t)S * H * D);
@@ -180,24 +181,8 @@ static bool batch_invariance() {
     for (auto& x : q) x = uni(rng);
     std::vector<uint32_t> lens(ctx.begin(), ctx.end());
     Device dev;
-    PagedDecodeParams& p = dev.p;
-    const int max_splits = (4100 + PA_SPLIT - 1) / PA_SPLIT;
-    p.q = dev.upload(q);
-    p.k_cache = dev.upload(k);
-    p.v_cache = dev.upload(v);
-    p.block_tables = dev.upload(tables);
-    p.context_lens = dev.upload(lens);
-    p.out = dev.zeros((size_t)S * H * D);
-    p.part_max = dev.zeros((size_t)S * H * max_splits);
-    p.part_sum = dev.zeros((size_t)S * H * max_splits);
-    p.part_out = dev.zeros((size_t)S * H * max_splits * D);
-    p.num_heads = H;
-    p.num_kv_heads = KVH;
-    p.head_dim = D;
-    p.block_size = BS;
-    p.max_blocks_per_seq = max_blocks;
-    p.max_splits = max_splits;
-    p.scale = 0.088f;
+    bind(dev, q, dev.upload(k), dev.upload(v), tables, lens, H, KVH, D, BS, max_blocks, 0.088f);
+    const PagedDecodeParams& p = dev.p;
     CHECK(paged_decode(p, S, 0));
     std::vector<float> batched((size_t)S * H * D);
     CHECK(cudaMemcpy(batched.data(), p.out, batched.size() * 4, cudaMemcpyDeviceToHost));
@@ -228,8 +213,6 @@ static void bench(int S, int ctx_len, int H, int KVH, int D) {
     std::vector<uint32_t> lens(S, ctx_len);
     std::vector<float> q((size_t)S * H * D, 0.01f);
     Device dev;
-    PagedDecodeParams& p = dev.p;
-    const int max_splits = (ctx_len + PA_SPLIT - 1) / PA_SPLIT;
     __half *k, *v;
     CHECK(cudaMalloc(&k, n * 2));
     CHECK(cudaMalloc(&v, n * 2));
@@ -237,22 +220,8 @@ static void bench(int S, int ctx_len, int H, int KVH, int D) {
     CHECK(cudaMemset(v, 0, n * 2));
     dev.owned.push_back(k);
     dev.owned.push_back(v);
-    p.q = dev.upload(q);
-    p.k_cache = k;
-    p.v_cache = v;
-    p.block_tables = dev.upload(tables);
-    p.context_lens = dev.upload(lens);
-    p.out = dev.zeros((size_t)S * H * D);
-    p.part_max = dev.zeros((size_t)S * H * max_splits);
-    p.part_sum = dev.zeros((size_t)S * H * max_splits);
-    p.part_out = dev.zeros((size_t)S * H * max_splits * D);
-    p.num_heads = H;
-    p.num_kv_heads = KVH;
-    p.head_dim = D;
-    p.block_size = BS;
-    p.max_blocks_per_seq = max_blocks;
-    p.max_splits = max_splits;
-    p.scale = 0.088f;
+    bind(dev, q, k, v, tables, lens, H, KVH, D, BS, max_blocks, 0.088f);
+    const PagedDecodeParams& p = dev.p;
     for (int i = 0; i < 3; ++i) CHECK(paged_decode(p, S, 0));
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));

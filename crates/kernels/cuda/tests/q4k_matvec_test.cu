@@ -4,6 +4,7 @@
 // over enough copies that the weights do not sit in L2. Run by scripts/cuda-kernel-tests.sh.
 
 #include "../q4k_matvec.cuh"
+#include "check.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -14,15 +15,6 @@
 #include <vector>
 
 using namespace mlx_serving;
-
-#define CHECK(x)                                                                                \
-    do {                                                                                        \
-        cudaError_t e_ = (x);                                                                   \
-        if (e_ != cudaSuccess) {                                                                \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            std::exit(2);                                                                       \
-        }                                                                                       \
-    } while (0)
 
 static void scale_min(int j, const uint8_t* s, int& sc, int& m) {
     if (j < 4) {
