@@ -3,11 +3,11 @@
 // 128 bytes of 4-bit values; value = d·sc·q − dmin·m). Activations f32, accumulation f32: exact up to f32
 // rounding (no activation quantization, unlike llama.cpp's q8_1 path).
 //
-// One warp per Q4K_ROWS output rows; a step of the warp covers 4 super-blocks of each. Lane l takes super-block
+// One warp per R output rows (R = 1, 2 or 4); a step of the warp covers 4 super-blocks of each. Lane l takes super-block
 // l / 8 of the step and its 16 value bytes qs[16c .. 16c+16], c = l % 8 (a 16-byte load per row): their low
 // nibbles are values 64j + p .. p+15 of sub-block 2j, their high nibbles values 64j + 32 + p .. p+15 of
 // sub-block 2j+1, where j = c / 2 and p = 16 (c % 2). The lane's 32 activations are loaded once per step and
-// serve all Q4K_ROWS rows (the activations, 8 bytes per weight byte, come from L1: sharing them across rows is
+// serve all R rows (the activations, 8 bytes per weight byte, come from L1: sharing them across rows is
 // what keeps L1 from being the limit). Up to NV activation vectors at once (small-batch decode) reuse each
 // weight byte NV times.
 
@@ -20,7 +20,6 @@ namespace mlx_serving {
 constexpr int Q4K_BLOCK_VALUES = 256;
 constexpr int Q4K_BLOCK_BYTES = 144;
 constexpr int Q4K_WARPS = 4;  // warps per thread block
-constexpr int Q4K_ROWS = 4;   // rows per warp
 
 __device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* s, float& sc, float& m) {
     if (j < 4) {
@@ -38,26 +37,26 @@ __device__ __forceinline__ float nib4(uint32_t q, int shift, float4 x) {
            (float)((q >> (shift + 16)) & 0xF) * x.z + (float)((q >> (shift + 24)) & 0xF) * x.w;
 }
 
-// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV. grid ceil(rows / (Q4K_WARPS · Q4K_ROWS)), block 32·Q4K_WARPS.
-template <int NV>
+// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV. grid ceil(rows / (Q4K_WARPS · R)), block 32·Q4K_WARPS.
+template <int NV, int R>
 __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
                            int rows, int k) {
     const int lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * Q4K_WARPS + (threadIdx.x >> 5)) * Q4K_ROWS;
+    const int row0 = (blockIdx.x * Q4K_WARPS + (threadIdx.x >> 5)) * R;
     if (row0 >= rows) return;
     const int nb = k / Q4K_BLOCK_VALUES;
     const int c = lane & 7, j = c >> 1, p = 16 * (c & 1);
     const size_t row_bytes = (size_t)nb * Q4K_BLOCK_BYTES;
-    float acc[Q4K_ROWS][NV];
+    float acc[R][NV];
 #pragma unroll
-    for (int r = 0; r < Q4K_ROWS; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int v = 0; v < NV; ++v) acc[r][v] = 0.f;
     for (int b = lane >> 3; b < nb; b += 4) {
-        uint4 q[Q4K_ROWS];
-        float d[Q4K_ROWS], dmin[Q4K_ROWS], sc0[Q4K_ROWS], m0[Q4K_ROWS], sc1[Q4K_ROWS], m1[Q4K_ROWS];
+        uint4 q[R];
+        float d[R], dmin[R], sc0[R], m0[R], sc1[R], m1[R];
 #pragma unroll
-        for (int r = 0; r < Q4K_ROWS; ++r) {
+        for (int r = 0; r < R; ++r) {
             const int row = min(row0 + r, rows - 1);
             const uint8_t* blk = w + row * row_bytes + (size_t)b * Q4K_BLOCK_BYTES;
             q[r] = __ldg(reinterpret_cast<const uint4*>(blk + 16 + 16 * c));
@@ -79,7 +78,7 @@ __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restric
             const float shi = h0.x + h0.y + h0.z + h0.w + h1.x + h1.y + h1.z + h1.w + h2.x + h2.y + h2.z + h2.w +
                               h3.x + h3.y + h3.z + h3.w;
 #pragma unroll
-            for (int r = 0; r < Q4K_ROWS; ++r) {
+            for (int r = 0; r < R; ++r) {
                 // Σ (d·sc·q − dmin·m)·x = d·sc·Σ q·x − dmin·m·Σ x, per sub-block.
                 const float qlo = nib4(q[r].x, 0, l0) + nib4(q[r].y, 0, l1) + nib4(q[r].z, 0, l2) + nib4(q[r].w, 0, l3);
                 const float qhi = nib4(q[r].x, 4, h0) + nib4(q[r].y, 4, h1) + nib4(q[r].z, 4, h2) + nib4(q[r].w, 4, h3);
@@ -88,7 +87,7 @@ __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restric
         }
     }
 #pragma unroll
-    for (int r = 0; r < Q4K_ROWS; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int v = 0; v < NV; ++v) {
             float s = acc[r][v];
@@ -98,16 +97,30 @@ __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restric
     }
 }
 
-// Launches for nv activation vectors (1, 2, 4 or 8); `k` must be a multiple of 256 and `x` 16-byte aligned.
+template <int NV>
+inline void q4k_matvec_rows(const uint8_t* w, const float* x, float* y, int rows, int k, int r, cudaStream_t stream) {
+    const dim3 grid((rows + Q4K_WARPS * r - 1) / (Q4K_WARPS * r)), block(32 * Q4K_WARPS);
+    switch (r) {
+        case 1: q4k_matvec<NV, 1><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
+        case 2: q4k_matvec<NV, 2><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
+        default: q4k_matvec<NV, 4><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
+    }
+}
+
+// Launches for nv activation vectors (1, 2, 4 or 8) with `r` rows per warp (1, 2 or 4; 0 chooses);
+// `k` must be a multiple of 256 and `x` 16-byte aligned.
 inline cudaError_t q4k_matvec_launch(const uint8_t* w, const float* x, float* y, int rows, int k, int nv,
-                                     cudaStream_t stream) {
-    if (k % Q4K_BLOCK_VALUES != 0) return cudaErrorInvalidValue;
-    const dim3 grid((rows + Q4K_WARPS * Q4K_ROWS - 1) / (Q4K_WARPS * Q4K_ROWS)), block(32 * Q4K_WARPS);
+                                     cudaStream_t stream, int r = 0) {
+    if (k % Q4K_BLOCK_VALUES != 0 || (r != 0 && r != 1 && r != 2 && r != 4)) return cudaErrorInvalidValue;
+    // Measured on an H100 (BENCHMARKS.md, session 25): fewer rows per warp give small matrices more warps;
+    // more rows per warp share each activation load over more weights, which wins on large ones and with
+    // several vectors.
+    if (r == 0) r = nv == 1 ? (rows <= 2048 ? 1 : rows <= 32768 ? 2 : 4) : (rows <= 2048 ? 2 : 4);
     switch (nv) {
-        case 1: q4k_matvec<1><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
-        case 2: q4k_matvec<2><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
-        case 4: q4k_matvec<4><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
-        case 8: q4k_matvec<8><<<grid, block, 0, stream>>>(w, x, y, rows, k); break;
+        case 1: q4k_matvec_rows<1>(w, x, y, rows, k, r, stream); break;
+        case 2: q4k_matvec_rows<2>(w, x, y, rows, k, r, stream); break;
+        case 4: q4k_matvec_rows<4>(w, x, y, rows, k, r, stream); break;
+        case 8: q4k_matvec_rows<8>(w, x, y, rows, k, r, stream); break;
         default: return cudaErrorInvalidValue;
     }
     return cudaGetLastError();

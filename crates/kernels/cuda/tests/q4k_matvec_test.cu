@@ -1,6 +1,6 @@
 // Device test and benchmark of the Q4_K matrix × vector kernel (#21) against a CPU reference in f64 on the
 // same weights dequantized exactly (random 4-bit values, random 6-bit scales and mins, fixed d and dmin),
-// for 1, 2, 4 and 8 activation vectors; then the bandwidth of weights read at Llama-3-8B's shapes, rotating
+// for 1, 2, 4 and 8 activation vectors and 1, 2 and 4 rows per warp; then the bandwidth of weights read at Llama-3-8B's shapes, rotating
 // over enough copies that the weights do not sit in L2. Run by scripts/cuda-kernel-tests.sh.
 
 #include "../q4k_matvec.cuh"
@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 using namespace mlx_serving;
@@ -53,7 +54,7 @@ static std::vector<uint8_t> random_weights(int rows, int k, std::mt19937_64& rng
     return w;
 }
 
-static bool check(int rows, int k, int nv, uint64_t seed) {
+static bool check(int rows, int k, int nv, int r, uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> uni(-1.f, 1.f);
     const std::vector<uint8_t> w = random_weights(rows, k, rng);
@@ -66,7 +67,7 @@ static bool check(int rows, int k, int nv, uint64_t seed) {
     CHECK(cudaMalloc(&dy, (size_t)nv * rows * 4));
     CHECK(cudaMemcpy(dw, w.data(), w.size(), cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(q4k_matvec_launch(dw, dx, dy, rows, k, nv, 0));
+    CHECK(q4k_matvec_launch(dw, dx, dy, rows, k, nv, 0, r));
     std::vector<float> y((size_t)nv * rows);
     CHECK(cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost));
     cudaFree(dw);
@@ -90,12 +91,12 @@ static bool check(int rows, int k, int nv, uint64_t seed) {
     // Error relative to Σ|w·x| (the sum's condition): f32 accumulation over k terms, about k·2^-24 at worst.
     const double bound = 1e-5;
     const bool ok = worst <= bound;
-    std::printf("%-4s rows %5d k %5d vectors %d: max |err| / Σ|w·x| = %.2e (bound %.0e; max |y| %.1f)\n",
-                ok ? "ok" : "FAIL", rows, k, nv, worst, bound, norm);
+    std::printf("%-4s rows %5d k %5d vectors %d, %d row(s) per warp: max |err| / Σ|w·x| = %.2e (bound %.0e; max |y| %.1f)\n",
+                ok ? "ok" : "FAIL", rows, k, nv, r, worst, bound, norm);
     return ok;
 }
 
-static void bench(int rows, int k, int nv) {
+static void bench(int rows, int k, int nv, int r) {
     const size_t bytes = (size_t)rows * (k / 256) * Q4K_BLOCK_BYTES;
     const int copies = std::max<int>(2, (int)(400e6 / bytes) + 1);  // ≥ 400 MB in rotation: past the L2
     std::mt19937_64 rng(5);
@@ -109,7 +110,7 @@ static void bench(int rows, int k, int nv) {
     CHECK(cudaMalloc(&dx, (size_t)nv * k * 4));
     CHECK(cudaMemset(dx, 0, (size_t)nv * k * 4));
     CHECK(cudaMalloc(&dy, (size_t)nv * rows * 4));
-    for (int i = 0; i < copies; ++i) CHECK(q4k_matvec_launch(dw[i], dx, dy, rows, k, nv, 0));
+    for (int i = 0; i < copies; ++i) CHECK(q4k_matvec_launch(dw[i], dx, dy, rows, k, nv, 0, r));
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
     CHECK(cudaEventCreate(&b));
@@ -117,7 +118,7 @@ static void bench(int rows, int k, int nv) {
     std::vector<float> ms;
     for (int rep = 0; rep < 5; ++rep) {
         CHECK(cudaEventRecord(a));
-        for (int i = 0; i < calls; ++i) CHECK(q4k_matvec_launch(dw[i % copies], dx, dy, rows, k, nv, 0));
+        for (int i = 0; i < calls; ++i) CHECK(q4k_matvec_launch(dw[i % copies], dx, dy, rows, k, nv, 0, r));
         CHECK(cudaEventRecord(b));
         CHECK(cudaEventSynchronize(b));
         float t;
@@ -126,8 +127,8 @@ static void bench(int rows, int k, int nv) {
     }
     std::sort(ms.begin(), ms.end());
     const double s = ms[ms.size() / 2] * 1e-3;
-    std::printf("bench %5d x %5d, %d vector(s): %.1f us per call, %.0f GB/s of weights (%.1f MB)\n", rows, k, nv,
-                s * 1e6, bytes / s / 1e9, bytes / 1e6);
+    std::printf("bench %6d x %5d, %d vector(s), %d row(s) per warp: %.1f us per call, %.0f GB/s of weights (%.1f MB)\n",
+                rows, k, nv, r, s * 1e6, bytes / s / 1e9, bytes / 1e6);
     for (auto p : dw) cudaFree(p);
     cudaFree(dx);
     cudaFree(dy);
@@ -139,19 +140,18 @@ int main() {
     std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     bool all = true;
     uint64_t seed = 1;
-    for (int nv : {1, 2, 4, 8}) {
-        all = check(37, 256, nv, seed++) && all;
-        all = check(64, 4096, nv, seed++) && all;
-        all = check(13, 14336, nv, seed++) && all;
-    }
-    // Llama-3-8B's matrices: q/o (4096×4096), k/v (1024×4096), gate/up (14336×4096), down (4096×14336), head.
-    for (int nv : {1, 8}) {
-        bench(4096, 4096, nv);
-        bench(1024, 4096, nv);
-        bench(14336, 4096, nv);
-        bench(4096, 14336, nv);
-        bench(128256, 4096, nv);
-    }
+    for (int r : {1, 2, 4})
+        for (int nv : {1, 2, 4, 8}) {
+            all = check(37, 256, nv, r, seed++) && all;
+            all = check(64, 4096, nv, r, seed++) && all;
+            all = check(13, 14336, nv, r, seed++) && all;
+        }
+    // Llama-3-8B's matrices: q/o (4096×4096), k/v (1024×4096), gate/up (14336×4096), down (4096×14336), head;
+    // each with 1, 2 and 4 rows per warp, to choose the launch policy from.
+    const std::pair<int, int> shapes[] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
+    for (int nv : {1, 8})
+        for (const auto& [rows, k] : shapes)
+            for (int r : {1, 2, 4}) bench(rows, k, nv, r);
     std::printf("%s\n", all ? "q4k_matvec: all cases passed" : "q4k_matvec: FAILED");
     return all ? 0 : 1;
 }
