@@ -20,7 +20,7 @@
 
 namespace mlx_serving {
 
-constexpr int PA_SPLIT = 256;    // context positions per split
+constexpr int PA_SPLIT = 256;    // most context positions per split (`split` in the params: 64, 128 or 256)
 constexpr int PA_THREADS = 128;  // 4 warps
 constexpr int PA_MAX_HEAD_DIM = 256;
 
@@ -35,6 +35,7 @@ struct PagedDecodeParams {
     float* part_sum;             // [num_seqs, num_heads, max_splits]
     float* part_out;             // [num_seqs, num_heads, max_splits, head_dim]
     int num_heads, num_kv_heads, head_dim, block_size, max_blocks_per_seq, max_splits;
+    int split;                   // context positions per split, at most PA_SPLIT (paged_decode_split_size)
     float scale;
 };
 
@@ -52,7 +53,7 @@ __device__ __forceinline__ float warp_max(float x) {
 __global__ void paged_decode_split(PagedDecodeParams p) {
     const int head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
     const int ctx = (int)p.context_lens[seq];
-    const int start = split * PA_SPLIT;
+    const int start = split * p.split;
     const int size_ = p.head_dim;
     const size_t part = ((size_t)seq * p.num_heads + head) * p.max_splits + split;
     if (start >= ctx) {
@@ -63,7 +64,7 @@ __global__ void paged_decode_split(PagedDecodeParams p) {
         }
         return;
     }
-    const int end = min(ctx, start + PA_SPLIT);
+    const int end = min(ctx, start + p.split);
     const int kv_head = head / (p.num_heads / p.num_kv_heads);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = PA_THREADS / 32;
 
@@ -135,7 +136,7 @@ __global__ void paged_decode_split(PagedDecodeParams p) {
 // grid (num_heads, num_seqs), block PA_THREADS: merges the splits in order.
 __global__ void paged_decode_merge(PagedDecodeParams p) {
     const int head = blockIdx.x, seq = blockIdx.y;
-    const int splits = ((int)p.context_lens[seq] + PA_SPLIT - 1) / PA_SPLIT;
+    const int splits = ((int)p.context_lens[seq] + p.split - 1) / p.split;
     const size_t base = ((size_t)seq * p.num_heads + head) * p.max_splits;
     float m = -CUDART_INF_F;
     for (int s = 0; s < splits; ++s) m = fmaxf(m, p.part_max[base + s]);
@@ -166,7 +167,7 @@ template <int G>
 __global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDecodeParams p) {
     const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
     const int ctx = (int)p.context_lens[seq];
-    const int start = split * PA_SPLIT;
+    const int start = split * p.split;
     const int D = p.head_dim;
     const size_t part0 = ((size_t)seq * p.num_heads + (size_t)kv_head * G) * p.max_splits + split;
     if (start >= ctx) {
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDe
         }
         return;
     }
-    const int end = min(ctx, start + PA_SPLIT), n = end - start;
+    const int end = min(ctx, start + p.split), n = end - start;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = PG_THREADS / 32;
     __shared__ __align__(16) float q_s[2048];          // [G][D]
     __shared__ float scores[G][PA_SPLIT];
@@ -272,11 +273,24 @@ __global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDe
     }
 }
 
+// The split length for a step: 256 positions, shortened to 128 or 64 while the step would have fewer than
+// `sms` · 2 thread blocks (small batches, short contexts), so that every SM has work. A sequence's splits then
+// depend on its batch companions' number: set `batch_invariant` to keep 256 always (results are then
+// bitwise independent of the batch).
+inline int paged_decode_split_size(int num_seqs, int num_kv_heads, int max_ctx, int sms, bool batch_invariant) {
+    int split = PA_SPLIT;
+    while (!batch_invariant && split > 64 &&
+           (long long)num_seqs * num_kv_heads * ((max_ctx + split - 1) / split) < 2LL * sms)
+        split /= 2;
+    return split;
+}
+
 // Launches the split and merge kernels on `stream`: the grouped split kernel where the shape allows it
 // (head_dim a multiple of 64, G ≤ 8, G · head_dim ≤ 2048), else the per-head one. `max_splits` must be at
-// least ceil(max context / PA_SPLIT); the partial buffers hold num_seqs × num_heads × max_splits states.
+// least ceil(max context / split); the partial buffers hold num_seqs × num_heads × max_splits states.
 inline cudaError_t paged_decode(const PagedDecodeParams& p, int num_seqs, cudaStream_t stream) {
-    if (p.head_dim % 2 != 0 || p.head_dim > PA_MAX_HEAD_DIM || p.num_heads % p.num_kv_heads != 0) {
+    if (p.head_dim % 2 != 0 || p.head_dim > PA_MAX_HEAD_DIM || p.num_heads % p.num_kv_heads != 0 ||
+        p.split < 1 || p.split > PA_SPLIT) {
         return cudaErrorInvalidValue;
     }
     const int G = p.num_heads / p.num_kv_heads;

@@ -51,11 +51,12 @@ struct Device {
 // are device pointers already (the benchmark allocates them on the device).
 static void bind(Device& dev, const std::vector<float>& q, const __half* k, const __half* v,
                  const std::vector<uint32_t>& tables, const std::vector<uint32_t>& lens, int H, int KVH, int D,
-                 int BS, int max_blocks, float scale) {
+                 int BS, int max_blocks, float scale, int split = PA_SPLIT) {
     PagedDecodeParams& p = dev.p;
     const size_t S = lens.size();
     const int max_ctx = (int)*std::max_element(lens.begin(), lens.end());
-    p.max_splits = (max_ctx + PA_SPLIT - 1) / PA_SPLIT;
+    p.split = split;
+    p.max_splits = (max_ctx + split - 1) / split;
     p.q = dev.upload(q);
     p.k_cache = k;
     p.v_cache = v;
@@ -74,7 +75,7 @@ static void bind(Device& dev, const std::vector<float>& q, const __half* k, cons
 }
 
 // Returns the largest |gpu − ref| over all outputs (with the largest |ref| for scale), after checking.
-static double run_case(const Case& c, uint64_t seed, bool* ok) {
+static double run_case(const Case& c, int split, uint64_t seed, bool* ok) {
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> uni(-1.f, 1.f);
     const int S = c.num_seqs, H = c.num_heads, KVH = c.num_kv_heads, D = c.head_dim, BS = c.block_size;
@@ -107,7 +108,7 @@ static double run_case(const Case& c, uint64_t seed, bool* ok) {
     const float scale = 1.f / std::sqrt((float)D);
     std::vector<uint32_t> lens(ctx.begin(), ctx.end());
     Device dev;
-    bind(dev, q, dev.upload(k), dev.upload(v), tables, lens, H, KVH, D, BS, max_blocks, scale);
+    bind(dev, q, dev.upload(k), dev.upload(v), tables, lens, H, KVH, D, BS, max_blocks, scale, split);
     const PagedDecodeParams& p = dev.p;
     CHECK(paged_decode(p, S, 0));
     CHECK(cudaDeviceSynchronize());
@@ -147,8 +148,8 @@ static double run_case(const Case& c, uint64_t seed, bool* ok) {
     // f32 accumulation with __expf over up to a few thousand terms: 1e-4 absolute on outputs of magnitude ≤ 1.
     const double bound = 1e-4;
     *ok = worst <= bound;
-    std::printf("%-4s seqs %3d heads %2d/%d dim %3d block %2d ctx %-22s max |err| %.2e (max |ref| %.2f, bound %.0e)\n",
-                *ok ? "ok" : "FAIL", S, H, KVH, D, BS,
+    std::printf("%-4s seqs %3d heads %2d/%d dim %3d block %2d split %3d ctx %-12s max |err| %.2e (max |ref| %.2f, bound %.0e)\n",
+                *ok ? "ok" : "FAIL", S, H, KVH, D, BS, split,
                 [&] {
                     static char b[64];
                     std::snprintf(b, sizeof b, "%d..%d", *std::min_element(ctx.begin(), ctx.end()), max_ctx);
@@ -205,7 +206,7 @@ static bool batch_invariance() {
 }
 
 // Decode over a large batch: bytes of K and V read per call against the time.
-static void bench(int S, int ctx_len, int H, int KVH, int D) {
+static void bench(int S, int ctx_len, int H, int KVH, int D, int split) {
     const int BS = 16, max_blocks = (ctx_len + BS - 1) / BS, blocks = S * max_blocks;
     const size_t n = (size_t)blocks * BS * KVH * D;
     std::vector<uint32_t> tables((size_t)S * max_blocks);
@@ -220,7 +221,7 @@ static void bench(int S, int ctx_len, int H, int KVH, int D) {
     CHECK(cudaMemset(v, 0, n * 2));
     dev.owned.push_back(k);
     dev.owned.push_back(v);
-    bind(dev, q, k, v, tables, lens, H, KVH, D, BS, max_blocks, 0.088f);
+    bind(dev, q, k, v, tables, lens, H, KVH, D, BS, max_blocks, 0.088f, split);
     const PagedDecodeParams& p = dev.p;
     for (int i = 0; i < 3; ++i) CHECK(paged_decode(p, S, 0));
     cudaEvent_t a, b;
@@ -239,8 +240,8 @@ static void bench(int S, int ctx_len, int H, int KVH, int D) {
     const double med = ms[iters / 2] * 1e-3;
     // K and V of every position once per kv head (the query heads of a group reread them from L2).
     const double bytes = 2.0 * S * ctx_len * KVH * D * 2;
-    std::printf("bench seqs %3d ctx %5d heads %d/%d dim %d: median %.1f us, %.0f GB/s of K/V\n", S, ctx_len, H, KVH, D,
-                med * 1e6, bytes / med / 1e9);
+    std::printf("bench seqs %3d ctx %5d heads %d/%d dim %d split %3d: median %.1f us, %.0f GB/s of K/V\n", S, ctx_len,
+                H, KVH, D, split, med * 1e6, bytes / med / 1e9);
 }
 
 int main() {
@@ -263,16 +264,21 @@ int main() {
     bool all = true;
     uint64_t seed = 1;
     for (const Case& c : cases) {
-        bool ok = false;
-        run_case(c, seed++, &ok);
-        all = all && ok;
+        for (int split : {64, 128, 256}) {
+            bool ok = false;
+            run_case(c, split, seed, &ok);
+            all = all && ok;
+        }
+        ++seed;
     }
     all = batch_invariance() && all;
-    bench(1, 4096, 32, 8, 128);
-    bench(16, 4096, 32, 8, 128);
-    bench(64, 4096, 32, 8, 128);
-    bench(256, 1024, 32, 8, 128);
-    bench(1, 32768, 32, 8, 128);
+    // Each shape at 256-position splits and, where it differs, at the split paged_decode_split_size picks.
+    const int shapes[][2] = {{1, 4096}, {16, 4096}, {64, 4096}, {256, 1024}, {1, 32768}};
+    for (const auto& sh : shapes) {
+        bench(sh[0], sh[1], 32, 8, 128, PA_SPLIT);
+        const int chosen = paged_decode_split_size(sh[0], 8, sh[1], prop.multiProcessorCount, false);
+        if (chosen != PA_SPLIT) bench(sh[0], sh[1], 32, 8, 128, chosen);
+    }
     std::printf("%s\n", all ? "paged_attention: all cases passed" : "paged_attention: FAILED");
     return all ? 0 : 1;
 }
