@@ -137,7 +137,7 @@ pub fn read(bytes: &[u8]) -> Result<Content, String> {
     };
     let tensor_count = r.u64("tensor count")?;
     let kv_count = r.u64("metadata count")?;
-    // A metadata entry takes at least 12 bytes (key length, type, a one-byte value), a tensor 24.
+    // A metadata entry takes at least 13 bytes (key length, type, a one-byte value), a tensor 24.
     if kv_count.saturating_mul(13).saturating_add(tensor_count.saturating_mul(24)) > r.remaining() {
         return Err(format!(
             "{kv_count} metadata entries and {tensor_count} tensors cannot fit the file's {} bytes",

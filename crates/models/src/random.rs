@@ -207,6 +207,46 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// GGUF's value type ids.
+const GGUF_I32: u32 = 5;
+const GGUF_U32: u32 = 4;
+const GGUF_F32: u32 = 6;
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+
+/// A metadata value: its type id, then the value (an array: element type, count, elements).
+fn put_meta(out: &mut Vec<u8>, v: &Meta) {
+    let mut put = |x: u32| out.extend_from_slice(&x.to_le_bytes());
+    match v {
+        Meta::U32(x) => {
+            put(GGUF_U32);
+            put(*x);
+        }
+        Meta::F32(x) => {
+            put(GGUF_F32);
+            put(x.to_bits());
+        }
+        Meta::Str(s) => {
+            put(GGUF_STRING);
+            put_str(out, s);
+        }
+        Meta::Strs(list) => {
+            put_array_head(out, GGUF_STRING, list.len());
+            list.iter().for_each(|s| put_str(out, s));
+        }
+        Meta::I32s(list) => {
+            put_array_head(out, GGUF_I32, list.len());
+            list.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        }
+    }
+}
+
+fn put_array_head(out: &mut Vec<u8>, elem: u32, len: usize) {
+    out.extend_from_slice(&GGUF_ARRAY.to_le_bytes());
+    out.extend_from_slice(&elem.to_le_bytes());
+    out.extend_from_slice(&(len as u64).to_le_bytes());
+}
+
 /// splitmix64: a seeded stream per tensor chunk, so chunks are generated in parallel and in any order.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -333,36 +373,7 @@ pub fn write_random_gguf(
     head.extend_from_slice(&(meta.len() as u64).to_le_bytes());
     for (k, v) in &meta {
         put_str(&mut head, k);
-        match v {
-            Meta::U32(x) => {
-                head.extend_from_slice(&4u32.to_le_bytes());
-                head.extend_from_slice(&x.to_le_bytes());
-            }
-            Meta::F32(x) => {
-                head.extend_from_slice(&6u32.to_le_bytes());
-                head.extend_from_slice(&x.to_le_bytes());
-            }
-            Meta::Str(s) => {
-                head.extend_from_slice(&8u32.to_le_bytes());
-                put_str(&mut head, s);
-            }
-            Meta::Strs(list) => {
-                head.extend_from_slice(&9u32.to_le_bytes());
-                head.extend_from_slice(&8u32.to_le_bytes());
-                head.extend_from_slice(&(list.len() as u64).to_le_bytes());
-                for s in list {
-                    put_str(&mut head, s);
-                }
-            }
-            Meta::I32s(list) => {
-                head.extend_from_slice(&9u32.to_le_bytes());
-                head.extend_from_slice(&5u32.to_le_bytes());
-                head.extend_from_slice(&(list.len() as u64).to_le_bytes());
-                for x in list {
-                    head.extend_from_slice(&x.to_le_bytes());
-                }
-            }
-        }
+        put_meta(&mut head, v);
     }
     // The tensor table; each tensor's data starts on a 32-byte boundary.
     let size = |dims: &[usize], matrix: bool| -> u64 {
@@ -403,7 +414,7 @@ pub fn write_random_gguf(
             }
         } else {
             // Norm weights 1, biases 0.
-            let one = if dims.len() == 1 && tensors[i].0.ends_with(".bias") { 0.0f32 } else { 1.0 };
+            let one = if tensors[i].0.ends_with(".bias") { 0.0f32 } else { 1.0 };
             for _ in 0..bytes / 4 {
                 w.write_all(&one.to_le_bytes()).map_err(io)?;
             }

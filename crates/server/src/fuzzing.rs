@@ -18,9 +18,7 @@ pub fn request(data: &[u8]) {
         let _ = crate::params::sampling_params(r.sampling_fields(), 4096, 8, 2048, 49152);
         let _ = crate::structured::wanted(r.constraint_fields());
         if let Ok(Some(t)) = crate::tools::read(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls) {
-            for (field, spec) in t.parameter_specs() {
-                let _ = (field, spec.kind());
-            }
+            let _ = t.parameter_specs().count();
         }
         let _ = crate::prompts::normalize_messages(&r.messages, true);
     }

@@ -235,26 +235,40 @@ fn precheck(
             },
         )?;
     check_choices(bounds.len(), n)?;
-    check_token_limits(&s.options, longest, prompt_field, bounds.len() * n, fields, &mut params.max_tokens)?;
+    check_token_limits(
+        &s.options,
+        Longest::AtLeast(longest),
+        prompt_field,
+        bounds.len() * n,
+        fields,
+        &mut params.max_tokens,
+    )?;
     if m.engine.queue_full() {
         return Err(ApiError::overloaded("server overloaded: the waiting queue is full"));
     }
     Ok(())
 }
 
-/// `server.max_prompt_tokens` against the longest prompt, and `server.max_tokens_per_request` against
-/// `choices × max_tokens`; a request that sent no `max_tokens` has its default lowered to fit instead.
+/// `server.max_prompt_tokens` against the longest prompt (`Longest::AtLeast`: a lower bound before
+/// tokenizing), and `server.max_tokens_per_request` against `choices × max_tokens`; a request that sent no
+/// `max_tokens` has its default lowered to fit instead.
 fn check_token_limits(
     o: &crate::ServerOptions,
-    longest: usize,
+    longest: Longest,
     prompt_field: &str,
     choices: usize,
     fields: &SamplingFields,
     max_tokens: &mut u32,
 ) -> Result<(), ApiError> {
-    if let Some(limit) = o.max_prompt_tokens.filter(|&l| longest > l) {
+    let (n, at_least) = match longest {
+        Longest::AtLeast(n) => (n, "at least "),
+        Longest::Exactly(n) => (n, ""),
+    };
+    if let Some(limit) = o.max_prompt_tokens.filter(|&l| n > l) {
         return Err(ApiError::bad_request(
-            format!("the prompt has {longest} tokens; this server accepts at most {limit} (server.max_prompt_tokens)"),
+            format!(
+                "the prompt has {at_least}{n} tokens; this server accepts at most {limit} (server.max_prompt_tokens)"
+            ),
             Some(prompt_field),
         )
         .with_code("prompt_too_long"));
@@ -276,6 +290,13 @@ fn check_token_limits(
         .with_code("too_many_tokens"));
     }
     Ok(())
+}
+
+/// A prompt length in tokens: a lower bound from its bytes (before tokenizing), or the count.
+#[derive(Clone, Copy)]
+enum Longest {
+    AtLeast(usize),
+    Exactly(usize),
 }
 
 fn check_choices(prompts: usize, n: usize) -> Result<(), ApiError> {
@@ -309,7 +330,14 @@ async fn run(
     job.n = n;
     check_choices(job.prompts.len(), n)?;
     let field = if job.kind == Kind::Chat { "messages" } else { "prompt" };
-    check_token_limits(&s.options, longest, field, job.num_choices(), &fields, &mut params.max_tokens)?;
+    check_token_limits(
+        &s.options,
+        Longest::Exactly(longest),
+        field,
+        job.num_choices(),
+        &fields,
+        &mut params.max_tokens,
+    )?;
     // The key's token budget pays for what this request may use: its prompts and max_tokens per choice.
     let may_use: usize =
         job.prompts.iter().map(|p| p.ids.len()).sum::<usize>() + job.num_choices() * params.max_tokens as usize;

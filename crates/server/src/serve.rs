@@ -5,6 +5,7 @@ use crate::{router, AppState};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+
 /// Serves `state` on `listener` until `shutdown` completes, then waits for the open connections to finish
 /// (in-flight requests complete; idle keep-alive connections close).
 pub async fn serve(

@@ -411,25 +411,32 @@ fn prompt_and_request_token_limits() {
         max_tokens_per_request: Some(40),
         ..ServerOptions::default()
     });
-    let long = "word ".repeat(200);
-    for (path, body, field) in [
-        ("/v1/completions", json!({"model": "smollm2", "prompt": long, "max_tokens": 1}), "prompt"),
+    // 100 KB: its lower bound from bytes alone is past 64, so it is refused before tokenizing ("at least").
+    let long = "word ".repeat(20_000);
+    // 90 bytes: the bound from bytes is under 64 but the count is not, so it is refused after tokenizing.
+    let digits = "1 2 3 4 5 6 7 8 9 ".repeat(5);
+    for (path, body, field, before) in [
+        ("/v1/completions", json!({"model": "smollm2", "prompt": long, "max_tokens": 1}), "prompt", true),
         (
             "/v1/chat/completions",
             json!({"model": "smollm2", "messages": [{"role": "user", "content": long}], "max_tokens": 1}),
             "messages",
+            true,
         ),
-        // Short in bytes' lower bound but not in tokens: caught after tokenizing.
+        ("/v1/completions", json!({"model": "smollm2", "prompt": digits, "max_tokens": 1}), "prompt", false),
         (
-            "/v1/completions",
-            json!({"model": "smollm2", "prompt": "1 2 3 4 5 6 7 8 9 ".repeat(5), "max_tokens": 1}),
-            "prompt",
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": digits}], "max_tokens": 1}),
+            "messages",
+            false,
         ),
     ] {
         let (st, v) = post(addr, path, &body);
         assert_eq!(st, 400, "{path}: {v}");
         assert_eq!(v["error"]["code"], "prompt_too_long", "{v}");
         assert_eq!(v["error"]["param"], field, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert_eq!(msg.contains("has at least"), before, "{path}: {msg}");
     }
     let (st, v) = post(addr, "/v1/completions", &json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 30}));
     assert_eq!(st, 200, "30 tokens for one choice fit 40: {v}");
