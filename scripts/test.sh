@@ -28,6 +28,10 @@ scripts/fetch-model.sh smolvlm-rand
 scripts/fetch-model.sh qwen25vl-rand
 scripts/fetch-model.sh vlm-mlx
 cargo test --workspace "$@"
+# The CUDA build (#21) compiles without CUDA (cudarc loads the driver, NVRTC and cuBLAS at run time), and NVRTC
+# compiles every GPU kernel; the GPU tests themselves run on the device machine (scripts/cuda-tests.sh).
+cargo check -p mlx-serving --features cuda
+scripts/nvrtc-check.sh
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
 # Structured output: 73 schemas, regexes, choices, grammars; every finished answer validated (jsonschema, re).

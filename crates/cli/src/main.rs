@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 mod cache;
 mod config;
+mod device;
 mod register;
 mod router;
 mod rpc;
@@ -382,9 +383,19 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             let _ = out.flush();
         }
     };
-    let (g, spec) = match &spec_section {
-        None => (generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, on_delta)?, None),
-        Some(s) => {
+    let most = spec_section.as_ref().map_or(0, |s| s.num_speculative_tokens);
+    let blocks = (prompt_ids.len() + params.max_tokens as usize + most + 1).div_ceil(opts.block_size);
+    let device = device::device_model(a.device, &path, &bundle, opts.block_size, blocks)?;
+    let (g, spec) = match (&spec_section, device) {
+        (_, Some(d)) => {
+            let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), opts.block_size, blocks).with_device(d);
+            if let Some(s) = &spec_section {
+                exec = exec.with_speculation(s.speculator(&bundle, &load_opts, opts.block_size, blocks)?);
+            }
+            (mlx_serving_runner::generate_with(&bundle, &mut exec, blocks, &prompt_ids, &params, &opts, on_delta)?, None)
+        }
+        (None, None) => (generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, on_delta)?, None),
+        (Some(s), None) => {
             let blocks = (prompt_ids.len() + params.max_tokens as usize + s.num_speculative_tokens + 1)
                 .div_ceil(opts.block_size);
             let speculator = s.speculator(&bundle, &load_opts, opts.block_size, blocks)?;

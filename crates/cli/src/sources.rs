@@ -72,6 +72,10 @@ impl FileSource {
         );
         let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks)
             .with_encoder_cache_bytes(e.encoder_cache_mb << 20);
+        let device = e.device.parse().map_err(|m: String| anyhow::anyhow!("engine.device: {m}"))?;
+        if let Some(d) = crate::device::device_model(device, path, &bundle, cfg.block_size, cfg.num_blocks)? {
+            exec = exec.with_device(d);
+        }
         if let Some(s) = &self.speculative {
             exec = exec.with_speculation(s.speculator(&bundle, &opts, cfg.block_size, cfg.num_blocks)?);
             tracing::info!(name = %self.name, method = %s.method, draft = ?s.draft_model, "speculative decoding on");

@@ -14,9 +14,11 @@
 // batch companions (batch invariance).
 
 #pragma once
+#ifndef __CUDACC_RTC__
 #include <cuda_fp16.h>
 #include <math_constants.h>
 #include <stdint.h>
+#endif
 
 namespace mlx_serving {
 
@@ -49,8 +51,9 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
-// grid (num_heads, num_seqs, max_splits), block PA_THREADS.
-__global__ void paged_decode_split(PagedDecodeParams p) {
+// grid (num_heads, num_seqs, max_splits), block PA_THREADS. (Bodies are device functions so that the
+// runtime-compiled module, crates/cuda, can give each an unmangled `extern "C"` entry point.)
+__device__ __forceinline__ void paged_decode_split_body(const PagedDecodeParams& p) {
     const int head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
     const int ctx = (int)p.context_lens[seq];
     const int start = split * p.split;
@@ -133,8 +136,10 @@ __global__ void paged_decode_split(PagedDecodeParams p) {
     }
 }
 
+__global__ void paged_decode_split(PagedDecodeParams p) { paged_decode_split_body(p); }
+
 // grid (num_heads, num_seqs), block PA_THREADS: merges the splits in order.
-__global__ void paged_decode_merge(PagedDecodeParams p) {
+__device__ __forceinline__ void paged_decode_merge_body(const PagedDecodeParams& p) {
     const int head = blockIdx.x, seq = blockIdx.y;
     const int splits = ((int)p.context_lens[seq] + p.split - 1) / p.split;
     const size_t base = ((size_t)seq * p.num_heads + head) * p.max_splits;
@@ -151,6 +156,8 @@ __global__ void paged_decode_merge(PagedDecodeParams p) {
     }
 }
 
+__global__ void paged_decode_merge(PagedDecodeParams p) { paged_decode_merge_body(p); }
+
 // The grouped kernel: one thread block per (kv head, sequence, split) computes all G query heads that share the
 // kv head, so each K/V row is read from memory once (the per-head kernel above reads it G times), with loads
 // spread so that many are in flight:
@@ -164,7 +171,7 @@ __global__ void paged_decode_merge(PagedDecodeParams p) {
 constexpr int PG_THREADS = 256;
 
 template <int G>
-__global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDecodeParams p) {
+__device__ __forceinline__ void paged_decode_split_grouped_body(const PagedDecodeParams& p) {
     const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
     const int ctx = (int)p.context_lens[seq];
     const int start = split * p.split;
@@ -273,6 +280,12 @@ __global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDe
     }
 }
 
+template <int G>
+__global__ void __launch_bounds__(PG_THREADS) paged_decode_split_grouped(PagedDecodeParams p) {
+    paged_decode_split_grouped_body<G>(p);
+}
+
+#ifndef __CUDACC_RTC__
 // The split length for a step: 256 positions, shortened to 128 or 64 while the step would have fewer than
 // `sms` · 2 thread blocks (small batches, short contexts), so that every SM has work. A sequence's splits then
 // depend on its batch companions' number: set `batch_invariant` to keep 256 always (results are then
@@ -310,5 +323,7 @@ inline cudaError_t paged_decode(const PagedDecodeParams& p, int num_seqs, cudaSt
     paged_decode_merge<<<dim3(p.num_heads, num_seqs), PA_THREADS, 0, stream>>>(p);
     return cudaGetLastError();
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace mlx_serving

@@ -12,8 +12,10 @@
 // weight byte NV times.
 
 #pragma once
+#ifndef __CUDACC_RTC__
 #include <cuda_fp16.h>
 #include <stdint.h>
+#endif
 
 namespace mlx_serving {
 
@@ -37,10 +39,11 @@ __device__ __forceinline__ float nib4(uint32_t q, int shift, float4 x) {
            (float)((q >> (shift + 16)) & 0xF) * x.z + (float)((q >> (shift + 24)) & 0xF) * x.w;
 }
 
-// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV. grid ceil(rows / (Q4K_WARPS · R)), block 32·Q4K_WARPS.
+// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV (`add`: y[v][r] += that, a residual added in the same pass).
+// grid ceil(rows / (Q4K_WARPS · R)), block 32·Q4K_WARPS.
 template <int NV, int R>
-__global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
-                           int rows, int k) {
+__device__ __forceinline__ void q4k_matvec_body(const uint8_t* __restrict__ w, const float* __restrict__ x,
+                                                float* __restrict__ y, int rows, int k, int add) {
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * Q4K_WARPS + (threadIdx.x >> 5)) * R;
     if (row0 >= rows) return;
@@ -92,11 +95,21 @@ __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restric
         for (int v = 0; v < NV; ++v) {
             float s = acc[r][v];
             for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0 && row0 + r < rows) y[(size_t)v * rows + row0 + r] = s;
+            if (lane == 0 && row0 + r < rows) {
+                float* out = y + (size_t)v * rows + row0 + r;
+                *out = add ? *out + s : s;
+            }
         }
     }
 }
 
+template <int NV, int R>
+__global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
+                           int rows, int k) {
+    q4k_matvec_body<NV, R>(w, x, y, rows, k, 0);
+}
+
+#ifndef __CUDACC_RTC__
 template <int NV>
 inline void q4k_matvec_rows(const uint8_t* w, const float* x, float* y, int rows, int k, int r, cudaStream_t stream) {
     const dim3 grid((rows + Q4K_WARPS * r - 1) / (Q4K_WARPS * r)), block(32 * Q4K_WARPS);
@@ -125,5 +138,7 @@ inline cudaError_t q4k_matvec_launch(const uint8_t* w, const float* x, float* y,
     }
     return cudaGetLastError();
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace mlx_serving

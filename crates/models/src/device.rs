@@ -38,11 +38,22 @@ impl ComputeDevice {
                 "{self}: this binary was built without CUDA; build it with `cargo build --release --features cuda` \
                  or run on the CPU (`--device cpu`, the default)"
             )),
-            Self::Cuda(_) => Err(format!(
-                "{self}: the GPU executor is not part of this build yet (issue #21); run on the CPU (`--device cpu`)"
-            )),
+            Self::Cuda(_) => Ok(()),
         }
     }
+}
+
+/// A model whose weights and paged KV cache live on a device (a GPU), stepping the same flattened batches as
+/// the CPU [`Model`](crate::Model) with its [`PagedKvCache`](crate::PagedKvCache): the runner's executor calls
+/// it in their place, and everything around the forward pass (scheduling, sampling, constraints, speculation)
+/// stays as it is.
+pub trait DeviceModel: Send {
+    /// [`Model::forward_with_progress`](crate::Model::forward_with_progress) on the device: K/V written into the
+    /// device's cache at each token's slot, and the logits of `batch.logits_indices` returned row-major
+    /// `[logits_indices.len(), vocab_size]`.
+    fn forward(&mut self, batch: &crate::BatchInput<'_>, progress: &dyn Fn() -> bool) -> crate::Result<Vec<f32>>;
+    /// The device, in words (for logs).
+    fn describe(&self) -> String;
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub enum Error {
     /// The caller's progress callback asked to stop (every request of the step was abandoned).
     #[error("step cancelled")]
     Cancelled,
+    /// A GPU (driver, kernel compilation, memory) failed.
+    #[error("{0}")]
+    Device(String),
     #[error("tensor op: {}", candle_text(.0))]
     Candle(#[from] candle_core::Error),
 }

@@ -114,6 +114,19 @@ impl BatchInput<'_> {
         vocab_size: usize,
         hidden_size: usize,
     ) -> Result<()> {
+        self.check(cache.block_size(), cache.num_blocks(), max_positions, vocab_size, hidden_size)
+    }
+
+    /// Checks the batch against a paged cache of `num_blocks` blocks of `block_size` tokens (on any device) and
+    /// the model's sizes: every index a kernel will follow is in range.
+    pub fn check(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        max_positions: usize,
+        vocab_size: usize,
+        hidden_size: usize,
+    ) -> Result<()> {
         let n = self.token_ids.len();
         let bad = |m: String| Err(Error::InvalidBatch(m));
         if n == 0 {
@@ -133,7 +146,7 @@ impl BatchInput<'_> {
         if total != n {
             return bad(format!("sequence query lengths sum to {total}, batch has {n} tokens"));
         }
-        let bs = cache.block_size();
+        let bs = block_size;
         let mut row = 0;
         for (i, s) in self.seqs.iter().enumerate() {
             if s.query_len == 0 || s.query_len > s.context_len {
@@ -146,7 +159,7 @@ impl BatchInput<'_> {
                 ));
             }
             if s.block_table.len() < s.context_len.div_ceil(bs)
-                || s.block_table.iter().any(|&b| b as usize >= cache.num_blocks())
+                || s.block_table.iter().any(|&b| b as usize >= num_blocks)
             {
                 return bad(format!("seq {i}: block table does not cover {} tokens with valid blocks", s.context_len));
             }

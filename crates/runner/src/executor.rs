@@ -11,7 +11,7 @@ use mlx_serving_engine::{
     ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
 };
 use mlx_serving_engine::{ScheduledSeq, TokenLogprobs};
-use mlx_serving_models::{BatchInput, ModelBundle, PagedKvCache, SeqInput};
+use mlx_serving_models::{BatchInput, DeviceModel, ModelBundle, PagedKvCache, SeqInput};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +52,8 @@ pub struct ModelExecutor {
     speculator: Option<Speculator>,
     /// Recently encoded images' embeddings.
     encoder_cache: EncoderCache,
+    /// The model on a GPU, run in place of the bundle's CPU model and `cache` when set.
+    device: Option<Box<dyn DeviceModel>>,
 }
 
 /// Default bound of the encoder cache.
@@ -68,7 +70,16 @@ impl ModelExecutor {
             heartbeat: None,
             speculator: None,
             encoder_cache: EncoderCache::new(DEFAULT_ENCODER_CACHE_BYTES),
+            device: None,
         }
+    }
+
+    /// Runs the model on `device` (a GPU holding the weights and a paged cache of as many blocks of the same
+    /// size as this executor was made with) instead of the CPU; the CPU cache shrinks to one block.
+    pub fn with_device(mut self, device: Box<dyn DeviceModel>) -> Self {
+        self.cache = PagedKvCache::new(self.bundle.model.config(), self.cache.block_size(), 1);
+        self.device = Some(device);
+        self
     }
 
     /// Bounds the encoder cache (recently encoded images) to `bytes`.
@@ -335,10 +346,13 @@ impl Executor for ModelExecutor {
             .filter(|s| s.sample && self.states.get(&s.id).is_some_and(|st| st.constraint.is_some()))
             .map(|s| s.id)
             .collect();
-        let (bundle, cache, states) = (&self.bundle, &mut self.cache, &mut self.states);
+        let (bundle, cache, states, device) = (&self.bundle, &mut self.cache, &mut self.states, &mut self.device);
         let (logits, masks) = std::thread::scope(|scope| {
             let masks = (!constrained.is_empty()).then(|| scope.spawn(|| masks_for(states, &constrained)));
-            let logits = bundle.model.forward_with_progress(&input, cache, &progress);
+            let logits = match device {
+                Some(d) => d.forward(&input, &progress),
+                None => bundle.model.forward_with_progress(&input, cache, &progress),
+            };
             (logits, masks.map(|h| h.join()))
         });
         let mut logits = logits.map_err(|e| ExecutorError(e.to_string()))?;

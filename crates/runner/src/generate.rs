@@ -128,11 +128,48 @@ pub fn generate_speculative(
     let bs = opts.block_size.max(1);
     let most = speculator.config().num_speculative_tokens;
     let num_blocks = (prompt.len() + params.max_tokens as usize + most + 1).div_ceil(bs);
+    let (scheduler, id) = one_request(&bundle, prompt, params, opts, num_blocks, opts.max_prefill_chunk.max(most + 1))?;
+    let mut executor = ModelExecutor::new(bundle.clone(), bs, num_blocks).with_speculation(speculator);
+    let mut source = EngineSource { scheduler, executor: &mut executor, id, counts: SpecCounts::default() };
+    let tokenizer = &bundle.tokenizer;
+    let g = drive(&mut source, tokenizer, prompt, params, opts, &mut on_delta)?;
+    Ok((g, source.counts))
+}
+
+/// [`generate`] through the engine's scheduler and `executor` (e.g. one running the model on a GPU, see
+/// [`ModelExecutor::with_device`]), whose cache must hold `num_blocks` blocks of `opts.block_size` tokens, at
+/// least enough for the prompt and `max_tokens`. The executor can serve further generations afterwards.
+pub fn generate_with(
+    bundle: &ModelBundle,
+    executor: &mut ModelExecutor,
+    num_blocks: usize,
+    prompt: &[u32],
+    params: &SamplingParams,
+    opts: &GenerateOptions,
+    mut on_delta: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    check_request(&bundle.model, prompt, params)?;
+    let (scheduler, id) = one_request(bundle, prompt, params, opts, num_blocks, opts.max_prefill_chunk.max(1))?;
+    let mut source = EngineSource { scheduler, executor, id, counts: SpecCounts::default() };
+    let g = drive(&mut source, &bundle.tokenizer, prompt, params, opts, &mut on_delta);
+    source.executor.remove_request(id);
+    g
+}
+
+/// A scheduler for one request (prompt caching off) with `num_blocks` cache blocks, and the request's id.
+fn one_request(
+    bundle: &ModelBundle,
+    prompt: &[u32],
+    params: &SamplingParams,
+    opts: &GenerateOptions,
+    num_blocks: usize,
+    max_num_batched_tokens: usize,
+) -> Result<(Scheduler, RequestId), GenerateError> {
     let cfg = SchedulerConfig {
-        block_size: bs,
+        block_size: opts.block_size.max(1),
         num_blocks,
         max_num_seqs: 1,
-        max_num_batched_tokens: opts.max_prefill_chunk.max(most + 1),
+        max_num_batched_tokens,
         max_model_len: bundle.model.config().max_position_embeddings,
         enable_prefix_caching: false,
         eos_token_ids: opts.eog_token_ids.clone(),
@@ -150,11 +187,7 @@ pub fn generate_speculative(
         mm_inputs: Vec::new(),
     };
     scheduler.add_request(request, Instant::now()).map_err(|e| GenerateError::Engine(e.to_string()))?;
-    let executor = ModelExecutor::new(bundle.clone(), bs, num_blocks).with_speculation(speculator);
-    let mut source = EngineSource { scheduler, executor, id, counts: SpecCounts::default() };
-    let tokenizer = &bundle.tokenizer;
-    let g = drive(&mut source, tokenizer, prompt, params, opts, &mut on_delta)?;
-    Ok((g, source.counts))
+    Ok((scheduler, id))
 }
 
 /// Where a generation's tokens come from: each call runs model steps until it has new tokens, or says why the
@@ -217,14 +250,14 @@ impl TokenSource for PlainSource<'_> {
 }
 
 /// One request through the scheduler and the executor (with speculation).
-struct EngineSource {
+struct EngineSource<'a> {
     scheduler: Scheduler,
-    executor: ModelExecutor,
+    executor: &'a mut ModelExecutor,
     id: RequestId,
     counts: SpecCounts,
 }
 
-impl TokenSource for EngineSource {
+impl TokenSource for EngineSource<'_> {
     fn next(&mut self) -> Result<(Vec<u32>, Option<FinishReason>), GenerateError> {
         loop {
             if !self.scheduler.has_work() {

@@ -14,7 +14,8 @@ pub mod vision;
 pub use draft::DraftModel;
 pub use executor::{ModelExecutor, DEFAULT_ENCODER_CACHE_BYTES};
 pub use generate::{
-    generate, generate_speculative, last_position_logits, GenerateError, GenerateOptions, Generation, SpecCounts,
+    generate, generate_speculative, generate_with, last_position_logits, GenerateError, GenerateOptions, Generation,
+    SpecCounts,
 };
 pub use sampler::{argmax, logprob, Sampler};
 pub use speculative::{SpecMethod, SpeculativeConfig, Speculator};

@@ -9,74 +9,25 @@ use mlx_serving_engine::SamplingParams;
 use mlx_serving_kernels::{Isa, KvDtype};
 use mlx_serving_models::{ActivationPrecision, ChatContent, LoadOptions, ModelBundle};
 use mlx_serving_runner::{generate, last_position_logits, logprob, GenerateOptions};
+use mlx_serving_test_support::golden::{check_greedy, ids, COMPARE};
 use mlx_serving_test_support::{gemma3_path, hf_dir, mlx_dir, qwen2_path, reference, smollm2_path};
 use serde_json::Value;
 use std::path::Path;
 
-const COMPARE: usize = 32;
-const NEAR_TIE: f64 = 0.5;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 fn run_golden(path: &Path, ref_file: &str, opts: &LoadOptions) {
     println!("isa: {:?}", Isa::detected());
     let bundle = ModelBundle::load(path, opts).unwrap();
-    let refs = reference(ref_file);
     let gen_opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };
-    let mut failures = Vec::new();
-    let mut identical = 0;
-    let items = refs["items"].as_array().unwrap();
-    for (n, item) in items.iter().enumerate() {
-        let prompt_ids = ids(&item["prompt_ids"]);
+    check_greedy(ref_file, |n, item, prompt_ids| {
         let ours_prompt = match item["kind"].as_str().unwrap() {
             "completion" => bundle.encode(item["prompt"].as_str().unwrap(), true).unwrap(),
             _ => bundle.encode_chat(&item["prompt"], ChatContent::Text).unwrap(),
         };
         assert_eq!(ours_prompt, prompt_ids, "item {n}: prompt ids");
-        let g = generate(
-            &bundle.model,
-            &bundle.tokenizer,
-            &prompt_ids,
-            &SamplingParams::greedy(COMPARE as u32),
-            &gen_opts,
-            |_| {},
-        )
-        .unwrap();
-        let want = ids(&item["output_ids"]);
-        let floats = |key: &str| -> Option<Vec<f64>> {
-            item[key].as_array().map(|a| a.iter().map(|v| v.as_f64().unwrap()).collect())
-        };
-        let gaps = floats("step_gaps").unwrap();
-        // Where the file also has exact-arithmetic gaps (a quantized peer's reference: `scripts/f32-gaps.py`), a
-        // position is a near-tie if either says so: the peer's own rounding can open a gap the model does not
-        // have.
-        let f32_gaps = floats("f32_step_gaps");
-        let limit = COMPARE.min(want.len());
-        match (0..limit).find(|&j| g.token_ids.get(j) != Some(&want[j])) {
-            None => {
-                identical += 1;
-                println!("item {n:2}: identical ({limit} tokens)");
-            }
-            Some(j) => {
-                let f32_gap = f32_gaps.as_ref().map(|f| f[j]);
-                let gap = f32_gap.map_or(gaps[j], |f| f.min(gaps[j]));
-                println!(
-                    "item {n:2}: first difference at position {j}, reference gap {:.4}{} (ours {:?}, reference {})",
-                    gaps[j],
-                    f32_gap.map(|f| format!(", exact f32 gap {f:.4}")).unwrap_or_default(),
-                    g.token_ids.get(j),
-                    want[j]
-                );
-                if gap >= NEAR_TIE {
-                    failures.push(format!("item {n}: diverged at position {j} where the reference gap is {gap:.4}"));
-                }
-            }
-        }
-    }
-    println!("{ref_file}: {identical}/{} identical over the first {COMPARE} tokens", items.len());
-    assert!(failures.is_empty(), "divergences at non-tie positions:\n{}", failures.join("\n"));
+        let params = SamplingParams::greedy(COMPARE as u32);
+        generate(&bundle.model, &bundle.tokenizer, prompt_ids, &params, &gen_opts, |_| {}).unwrap().token_ids
+    });
 }
 
 #[test]

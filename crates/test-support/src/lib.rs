@@ -3,6 +3,7 @@
 //! Tests that need a real model fail with a message that says how to fetch it (`scripts/fetch-model.sh`),
 //! never skip silently.
 
+pub mod golden;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,203 @@
+//! One engine step on the GPU: the batch's metadata goes over in one copy, the layers run as launches on the
+//! model's stream, and the logits of the wanted rows come back.
+
+use super::*;
+
+/// Byte offset of element `i` of an f32 or u32 buffer.
+fn at(base: u64, i: usize) -> u64 {
+    base + (i * 4) as u64
+}
+
+impl CudaModel {
+    pub(crate) fn step(&mut self, batch: &BatchInput<'_>, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        batch.check(self.block_size, self.num_blocks, cfg.max_position_embeddings, cfg.vocab_size, cfg.hidden_size)?;
+        if !batch.mrope_positions.is_empty() {
+            return Err(Error::InvalidBatch("M-RoPE positions are not supported on the GPU yet".into()));
+        }
+        let (n, m) = (batch.token_ids.len(), batch.logits_indices.len());
+        let (h, nh, nkv, hd, ffn) =
+            (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+        let (bs, eps, vocab) = (self.block_size, cfg.rms_norm_eps, cfg.vocab_size);
+        let width = (nh + 2 * nkv) * hd;
+
+        // Metadata: ids, positions, slots, each row's causal context length and block table, logits rows.
+        let max_blocks = batch.seqs.iter().map(|s| s.context_len.div_ceil(bs)).max().unwrap_or(1);
+        let mut meta: Vec<u32> = Vec::with_capacity(n * (4 + max_blocks) + m);
+        meta.extend_from_slice(batch.token_ids);
+        meta.extend_from_slice(batch.positions);
+        meta.extend_from_slice(batch.slot_mapping);
+        for s in batch.seqs {
+            let start = s.context_len - s.query_len;
+            meta.extend((0..s.query_len).map(|j| (start + j + 1) as u32));
+        }
+        for s in batch.seqs {
+            let table = &s.block_table[..s.context_len.div_ceil(bs)];
+            for _ in 0..s.query_len {
+                meta.extend_from_slice(table);
+                meta.extend(std::iter::repeat_n(0, max_blocks - table.len()));
+            }
+        }
+        meta.extend_from_slice(batch.logits_indices);
+        let stream = self.stream.clone();
+        if self.scratch.meta.as_ref().is_none_or(|b| b.len() < meta.len()) {
+            self.scratch.meta = None;
+            let cap = meta.len() + meta.len() / 2;
+            self.scratch.meta = Some(stream.alloc_zeros::<u32>(cap).map_err(device_err("allocating scratch"))?);
+        }
+        let meta_buf = self.scratch.meta.as_mut().expect("allocated");
+        stream.memcpy_htod(&meta, &mut meta_buf.slice_mut(0..meta.len())).map_err(device_err("copying the batch"))?;
+        let base = ptr(meta_buf, &stream);
+        let (ids, positions, slots, ctx_lens, tables) =
+            (base, at(base, n), at(base, 2 * n), at(base, 3 * n), at(base, 4 * n));
+        let logits_rows = at(base, 4 * n + n * max_blocks);
+
+        // Scratch.
+        let rows = n.max(m);
+        let max_ctx = batch.seqs.iter().map(|s| s.context_len).max().unwrap_or(1);
+        let max_splits = max_ctx.div_ceil(SPLIT);
+        let per_row = nh * max_splits * (hd + 2) * 4;
+        let chunk = (ATTN_PARTIAL_BYTES / per_row).clamp(1, n);
+        let sc = &mut self.scratch;
+        let x = sc.f32(&stream, slot::X, n * h)?;
+        let hn = sc.f32(&stream, slot::HN, rows * h)?;
+        let qkv = sc.f32(&stream, slot::QKV, n * width)?;
+        let q = sc.f32(&stream, slot::Q, n * nh * hd)?;
+        let attn = sc.f32(&stream, slot::ATTN, n * nh * hd)?;
+        let gu = sc.f32(&stream, slot::GU, n * 2 * ffn)?;
+        let act = sc.f32(&stream, slot::ACT, n * ffn)?;
+        let logits = sc.f32(&stream, slot::LOGITS, m * vocab)?;
+        let part_max = sc.f32(&stream, slot::PART_MAX, chunk * nh * max_splits)?;
+        let part_sum = sc.f32(&stream, slot::PART_SUM, chunk * nh * max_splits)?;
+        let part_out = sc.f32(&stream, slot::PART_OUT, chunk * nh * max_splits * hd)?;
+        let hn16 = sc.u16(&stream, slot::HN16, rows * h)?;
+        let attn16 = sc.u16(&stream, slot::ATTN16, n * nh * hd)?;
+        let act16 = sc.u16(&stream, slot::ACT16, n * ffn)?;
+
+        // Embeddings (and rows given as embeddings: a vision encoder's output).
+        let (h_i, scale) = (h as i32, cfg.embed_scale.unwrap_or(1.0));
+        match &self.embed.storage {
+            Storage::Half(t, kind) => {
+                let (t, kind) = (ptr(t, &stream), *kind as i32);
+                let mut l = self.launch(&self.kernels.embed_half, (n as u32, 1, 1), 256);
+                l.args.arg(&t).arg(&kind).arg(&ids).arg(&x).arg(&h_i).arg(&scale);
+                l.go("embedding")?;
+            }
+            Storage::Q4K(t) => {
+                let t = ptr(t, &stream);
+                let mut l = self.launch(&self.kernels.embed_q4k, (n as u32, 1, 1), 256);
+                l.args.arg(&t).arg(&ids).arg(&x).arg(&h_i).arg(&scale);
+                l.go("embedding")?;
+            }
+        }
+        if !batch.embeds.is_empty() {
+            let xs = self.scratch.f32s[slot::X].1.as_mut().expect("allocated");
+            for &(row, e) in batch.embeds {
+                let mut dst = xs.slice_mut(row * h..row * h + e.len());
+                stream.memcpy_htod(e, &mut dst).map_err(device_err("copying embeddings"))?;
+            }
+        }
+
+        let mm = MatmulCtx {
+            stream: &self.stream,
+            kernels: &self.kernels,
+            blas: &self.blas,
+            dequant: ptr(&self.dequant, &self.stream),
+        };
+        let norm = |src: u64, rows_ptr: u64, w: &CudaSlice<f32>, count: usize, out16: Option<HalfKind>| {
+            let w = ptr(w, &stream);
+            let (o16, kind) = match out16 {
+                Some(k) => (hn16, k as i32),
+                None => (0u64, 0i32),
+            };
+            let mut l = self.launch(&self.kernels.rms_norm, (count as u32, 1, 1), 256);
+            l.args.arg(&src).arg(&rows_ptr).arg(&w).arg(&hn).arg(&o16).arg(&kind).arg(&h_i).arg(&eps);
+            l.go("rms_norm")
+        };
+        let half_for = |w: &Matrix, count: usize| w.wants_half(count).then(|| w.gemm_kind());
+        let neox = i32::from(cfg.rope_style == RopeStyle::Neox);
+        let (nh_i, nkv_i, hd_i, rope_i) = (nh as i32, nkv as i32, hd as i32, cfg.rope_dim as i32);
+        let inv_freq = ptr(&self.inv_freq, &stream);
+        let groups = nh / nkv;
+        let grouped = hd % 64 == 0 && groups <= 8 && groups * hd <= 2048;
+        for (i, layer) in self.layers.iter().enumerate() {
+            norm(x, 0, &layer.attn_norm, n, half_for(&layer.qkv, n))?;
+            mm.matmul(&layer.qkv, hn, hn16, qkv, n, false)?;
+            let bias = layer.qkv_bias.as_ref().map_or(0, |b| ptr(b, &stream));
+            let (kc, vc) = (ptr(&self.kv[i].k, &stream), ptr(&self.kv[i].v, &stream));
+            let mut l = self.launch(&self.kernels.qkv_rope_store, (n as u32, (nh + nkv) as u32, 1), 64);
+            l.args.arg(&qkv).arg(&bias).arg(&positions).arg(&slots).arg(&inv_freq).arg(&q).arg(&kc).arg(&vc);
+            l.args.arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&rope_i).arg(&neox);
+            l.go("qkv_rope_store")?;
+            for r0 in (0..n).step_by(chunk) {
+                let count = chunk.min(n - r0);
+                let p = PagedDecodeParams {
+                    q: at(q, r0 * nh * hd),
+                    k_cache: kc,
+                    v_cache: vc,
+                    block_tables: at(tables, r0 * max_blocks),
+                    context_lens: at(ctx_lens, r0),
+                    out: at(attn, r0 * nh * hd),
+                    part_max,
+                    part_sum,
+                    part_out,
+                    num_heads: nh_i,
+                    num_kv_heads: nkv_i,
+                    head_dim: hd_i,
+                    block_size: bs as i32,
+                    max_blocks_per_seq: max_blocks as i32,
+                    max_splits: max_splits as i32,
+                    split: SPLIT as i32,
+                    scale: cfg.attn_scale,
+                };
+                let mut l = if grouped {
+                    self.launch(&self.kernels.pa_grouped[groups - 1], (nkv as u32, count as u32, max_splits as u32), 256)
+                } else {
+                    self.launch(&self.kernels.pa_split, (nh as u32, count as u32, max_splits as u32), 128)
+                };
+                l.args.arg(&p);
+                l.go("attention")?;
+                let mut l = self.launch(&self.kernels.pa_merge, (nh as u32, count as u32, 1), 128);
+                l.args.arg(&p);
+                l.go("attention merge")?;
+            }
+            if let Some(kind) = half_for(&layer.o, n) {
+                self.to_half(attn, attn16, kind, n * nh * hd)?;
+            }
+            mm.matmul(&layer.o, attn, attn16, x, n, true)?;
+            if !progress() {
+                return Err(Error::Cancelled);
+            }
+            norm(x, 0, &layer.ffn_norm, n, half_for(&layer.gate_up, n))?;
+            mm.matmul(&layer.gate_up, hn, hn16, gu, n, false)?;
+            let (a16, kind) = match half_for(&layer.down, n) {
+                Some(k) => (act16, k as i32),
+                None => (0u64, 0i32),
+            };
+            let ffn_i = ffn as i32;
+            let mut l = self.launch(&self.kernels.swiglu, (ffn.div_ceil(256) as u32, n as u32, 1), 256);
+            l.args.arg(&gu).arg(&act).arg(&a16).arg(&kind).arg(&ffn_i);
+            l.go("swiglu")?;
+            mm.matmul(&layer.down, act, act16, x, n, true)?;
+            if !progress() {
+                return Err(Error::Cancelled);
+            }
+        }
+        if m == 0 {
+            stream.synchronize().map_err(device_err("step"))?;
+            return Ok(Vec::new());
+        }
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        norm(x, logits_rows, &self.norm, m, half_for(head, m))?;
+        mm.matmul(head, hn, hn16, logits, m, false)?;
+        let out = self.scratch.f32s[slot::LOGITS].1.as_ref().expect("allocated");
+        stream.clone_dtoh(&out.slice(0..m * vocab)).map_err(device_err("copying the logits"))
+    }
+
+    fn to_half(&self, src: u64, dst: u64, kind: HalfKind, len: usize) -> Result<()> {
+        let (kind, len_i) = (kind as i32, len as i32);
+        let mut l = self.launch(&self.kernels.to_half, (len.div_ceil(256) as u32, 1, 1), 256);
+        l.args.arg(&src).arg(&dst).arg(&kind).arg(&len_i);
+        l.go("to_half")
+    }
+}

@@ -1,0 +1,231 @@
+//! The GPU executor on an NVIDIA GPU (#21): golden tokens, logits against the CPU model, batch invariance and
+//! prefix caching. They need a GPU, so they are `#[ignore]`d here; `scripts/cuda-tests.sh` runs them on the
+//! device machine (`--ignored`), with the models in `MLX_SERVING_MODELS_DIR`.
+
+use mlx_serving_cuda::CudaModel;
+use mlx_serving_engine::{EngineRequest, Executor, RequestId, SamplingParams, Scheduler, SchedulerConfig};
+use mlx_serving_models::{ActivationPrecision, BatchInput, ChatContent, DeviceModel, LoadOptions, ModelBundle, SeqInput};
+use mlx_serving_runner::{generate_with, last_position_logits, GenerateOptions, ModelExecutor};
+use mlx_serving_test_support::golden::{check_greedy, COMPARE};
+use mlx_serving_test_support::{qwen2_path, smollm2_path};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+const BS: usize = 16;
+
+fn gpu_model(bundle: &ModelBundle, blocks: usize) -> CudaModel {
+    CudaModel::load(&bundle.path, bundle.model.config(), 0, BS, blocks).expect("load on the GPU")
+}
+
+fn gpu_executor(bundle: &Arc<ModelBundle>, blocks: usize) -> ModelExecutor {
+    ModelExecutor::new(bundle.clone(), BS, blocks).with_device(Box::new(gpu_model(bundle, blocks)))
+}
+
+fn golden_on_gpu(path: &Path, ref_file: &str) {
+    let bundle = Arc::new(ModelBundle::load(path, &LoadOptions::default()).unwrap());
+    let blocks = 256;
+    let start = Instant::now();
+    let mut exec = gpu_executor(&bundle, blocks);
+    println!("loaded on the GPU in {:.2} s", start.elapsed().as_secs_f64());
+    let opts = GenerateOptions { eog_token_ids: bundle.special_tokens.eog.clone(), ..GenerateOptions::default() };
+    check_greedy(ref_file, |n, item, prompt_ids| {
+        let ours_prompt = match item["kind"].as_str().unwrap() {
+            "completion" => bundle.encode(item["prompt"].as_str().unwrap(), true).unwrap(),
+            _ => bundle.encode_chat(&item["prompt"], ChatContent::Text).unwrap(),
+        };
+        assert_eq!(ours_prompt, prompt_ids, "item {n}: prompt ids");
+        let params = SamplingParams::greedy(COMPARE as u32);
+        generate_with(&bundle, &mut exec, blocks, prompt_ids, &params, &opts, |_| {}).unwrap().token_ids
+    });
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn smollm2_greedy_matches_transformers_on_gpu() {
+    golden_on_gpu(&smollm2_path(), "greedy-SmolLM2-135M-Instruct-transformers-f32.json");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn qwen2_greedy_matches_transformers_on_gpu() {
+    golden_on_gpu(&qwen2_path(), "greedy-Qwen2.5-Coder-0.5B-Instruct-transformers-f32.json");
+}
+
+/// A batch of one sequence's `tokens` at `start..`, in a cache whose blocks are `table`, logits for its last row.
+fn forward_one(m: &mut CudaModel, tokens: &[u32], start: usize, table: &[u32]) -> Vec<f32> {
+    forward_many(m, &[(tokens, start, table)])
+}
+
+/// One batch of several sequences `(tokens, start, table)`, logits for each one's last row.
+fn forward_many(m: &mut CudaModel, seqs: &[(&[u32], usize, &[u32])]) -> Vec<f32> {
+    let (mut ids, mut pos, mut slots, mut inputs, mut last) = (vec![], vec![], vec![], vec![], vec![]);
+    for &(tokens, start, table) in seqs {
+        for (j, &t) in tokens.iter().enumerate() {
+            let p = start + j;
+            ids.push(t);
+            pos.push(p as u32);
+            slots.push(table[p / BS] * BS as u32 + (p % BS) as u32);
+        }
+        inputs.push(SeqInput { query_len: tokens.len(), context_len: start + tokens.len(), block_table: table });
+        last.push(ids.len() as u32 - 1);
+    }
+    let batch = BatchInput {
+        token_ids: &ids,
+        positions: &pos,
+        slot_mapping: &slots,
+        seqs: &inputs,
+        logits_indices: &last,
+        embeds: &[],
+        mrope_positions: &[],
+    };
+    m.forward(&batch, &|| true).unwrap()
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// Largest difference of the reference's top-5 tokens' logprobs.
+fn top5_gap(reference: &[f32], ours: &[f32]) -> f64 {
+    let (r, o) = (log_softmax(reference), log_softmax(ours));
+    let mut idx: Vec<usize> = (0..r.len()).collect();
+    idx.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
+    idx[..5].iter().map(|&i| (r[i] - o[i]).abs()).fold(0.0, f64::max)
+}
+
+/// The GPU's logits against the CPU model in exact f32 arithmetic, for a prompt's last position computed two
+/// ways: inside a prompt-sized batch (cuBLAS, f16 activations) and as a decode step after the rest of the prompt
+/// (the matvec kernels, f32 activations).
+fn logits_against_cpu(path: &Path, prefill_bound: f64, decode_bound: f64) {
+    let f32_acts = LoadOptions { activations: ActivationPrecision::F32, ..LoadOptions::default() };
+    let bundle = ModelBundle::load(path, &f32_acts).unwrap();
+    let mut m = gpu_model(&bundle, 64);
+    let texts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.", "1, 2, 3,"];
+    let (mut worst_prefill, mut worst_decode) = (0f64, 0f64);
+    for text in texts {
+        let prompt = bundle.encode(text, true).unwrap();
+        let want = last_position_logits(&bundle.model, &prompt).unwrap();
+        let table: Vec<u32> = (0..prompt.len().div_ceil(BS) as u32).rev().collect();
+        let whole = forward_one(&mut m, &prompt, 0, &table);
+        let n = prompt.len();
+        forward_one(&mut m, &prompt[..n - 1], 0, &table);
+        let step = forward_one(&mut m, &prompt[n - 1..], n - 1, &table);
+        let (p, d) = (top5_gap(&want, &whole), top5_gap(&want, &step));
+        println!("{text:?} ({n} tokens): top-5 logprob gap prefill {p:.5}, decode {d:.5}");
+        worst_prefill = worst_prefill.max(p);
+        worst_decode = worst_decode.max(d);
+    }
+    assert!(worst_prefill < prefill_bound, "prefill top-5 gap {worst_prefill}");
+    assert!(worst_decode < decode_bound, "decode top-5 gap {worst_decode}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn smollm2_logits_match_the_cpu() {
+    logits_against_cpu(&smollm2_path(), 0.1, 0.01);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn qwen2_logits_match_the_cpu() {
+    logits_against_cpu(&qwen2_path(), 0.1, 0.01);
+}
+
+/// A decode row's logits are bitwise the same alone and with other sequences' rows beside it (up to 8 rows).
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn decode_rows_are_batch_invariant() {
+    let bundle = ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap();
+    let mut m = gpu_model(&bundle, 256);
+    let vocab = bundle.model.config().vocab_size;
+    let texts = ["Once upon a time", "SELECT name FROM users WHERE", "The quick brown fox jumps over the lazy dog. Then", "Q: 2+2? A:", "Rust is", "import numpy as np\n", "Hello", "Lists: a, b,"];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(t, true).unwrap()).collect();
+    // Each sequence in its own 8 blocks.
+    let tables: Vec<Vec<u32>> = (0..prompts.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
+    for (p, t) in prompts.iter().zip(&tables) {
+        forward_one(&mut m, &p[..p.len() - 1], 0, t);
+    }
+    let alone: Vec<Vec<f32>> =
+        prompts.iter().zip(&tables).map(|(p, t)| forward_one(&mut m, &p[p.len() - 1..], p.len() - 1, t)).collect();
+    for size in [2, 3, 5, 8] {
+        let seqs: Vec<(&[u32], usize, &[u32])> =
+            prompts.iter().zip(&tables).take(size).map(|(p, t)| (&p[p.len() - 1..], p.len() - 1, &t[..])).collect();
+        let together = forward_many(&mut m, &seqs);
+        for (i, a) in alone.iter().take(size).enumerate() {
+            assert!(
+                together[i * vocab..(i + 1) * vocab].iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "sequence {i} in a batch of {size} differs from alone"
+            );
+        }
+    }
+}
+
+/// Requests through the scheduler and the GPU executor: all at once or one after another, greedy.
+fn run_engine(exec: &mut ModelExecutor, blocks: usize, prompts: &[Vec<u32>], together: bool, prefix: bool) -> Vec<Vec<u32>> {
+    let cfg = SchedulerConfig {
+        block_size: BS,
+        num_blocks: blocks,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 256,
+        max_model_len: 2048,
+        enable_prefix_caching: prefix,
+        ..SchedulerConfig::default()
+    };
+    let mut sched = Scheduler::new(cfg);
+    let mut outs = vec![Vec::new(); prompts.len()];
+    let params = Arc::new(SamplingParams { ignore_eos: true, ..SamplingParams::greedy(24) });
+    let add = |sched: &mut Scheduler, i: usize| {
+        let req = EngineRequest {
+            id: RequestId(i as u64),
+            prompt_token_ids: prompts[i].clone(),
+            params: params.clone(),
+            priority: Default::default(),
+            deadline: None,
+            constraint: None,
+            mm_inputs: Vec::new(),
+        };
+        sched.add_request(req, Instant::now()).unwrap();
+    };
+    let mut next = 0;
+    while next < prompts.len() || sched.has_work() {
+        if !sched.has_work() || (together && next < prompts.len()) {
+            add(&mut sched, next);
+            next += 1;
+            continue;
+        }
+        let step = sched.schedule(Instant::now());
+        let run = exec.execute(&step).unwrap();
+        for o in sched.update_from_output(&step, &run) {
+            assert!(o.error.is_none(), "{:?}", o.error);
+            outs[o.id.0 as usize].extend(o.new_token_ids);
+            if o.finish_reason.is_some() {
+                exec.remove_request(o.id);
+            }
+        }
+    }
+    outs
+}
+
+/// Sequences batched by the scheduler give the tokens they give one at a time; prompts that share a prefix
+/// give the same tokens with the prefix served from the cache.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn batched_and_prefix_cached_equal_alone() {
+    let bundle = Arc::new(ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap());
+    let blocks = 512;
+    let mut exec = gpu_executor(&bundle, blocks);
+    let shared = "You are a careful assistant. Answer in one short sentence, and never use lists. ".repeat(3);
+    let texts = ["What is the tallest mountain?", "Name a prime number.", "Why is the sky blue?", "What is Rust?", "Say hello."];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(&format!("{shared}{t}"), true).unwrap()).collect();
+    let alone = run_engine(&mut exec, blocks, &prompts, false, false);
+    let batched = run_engine(&mut exec, blocks, &prompts, true, false);
+    let cached = run_engine(&mut exec, blocks, &prompts, false, true);
+    for i in 0..prompts.len() {
+        assert_eq!(alone[i].len(), 24);
+        assert_eq!(batched[i], alone[i], "prompt {i}: batched");
+        assert_eq!(cached[i], alone[i], "prompt {i}: prefix cached");
+    }
+}
