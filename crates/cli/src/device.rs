@@ -21,7 +21,13 @@ pub(crate) fn device_model(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(n: usize, path: &Path, bundle: &ModelBundle, block_size: usize, num_blocks: usize) -> Result<Box<dyn DeviceModel>> {
+fn cuda(
+    n: usize,
+    path: &Path,
+    bundle: &ModelBundle,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<Box<dyn DeviceModel>> {
     let start = std::time::Instant::now();
     let m = mlx_serving_cuda::CudaModel::load(path, bundle.model.config(), n, block_size, num_blocks)?;
     tracing::info!(device = %m.describe(), seconds = start.elapsed().as_secs_f64(), kv_blocks = num_blocks, "model on the GPU");

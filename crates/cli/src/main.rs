@@ -388,11 +388,15 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = device::device_model(a.device, &path, &bundle, opts.block_size, blocks)?;
     let (g, spec) = match (&spec_section, device) {
         (_, Some(d)) => {
-            let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), opts.block_size, blocks).with_device(d);
+            let mut exec =
+                mlx_serving_runner::ModelExecutor::new(bundle.clone(), opts.block_size, blocks).with_device(d);
             if let Some(s) = &spec_section {
                 exec = exec.with_speculation(s.speculator(&bundle, &load_opts, opts.block_size, blocks)?);
             }
-            (mlx_serving_runner::generate_with(&bundle, &mut exec, blocks, &prompt_ids, &params, &opts, on_delta)?, None)
+            (
+                mlx_serving_runner::generate_with(&bundle, &mut exec, blocks, &prompt_ids, &params, &opts, on_delta)?,
+                None,
+            )
         }
         (None, None) => (generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, on_delta)?, None),
         (Some(s), None) => {

@@ -76,20 +76,11 @@ impl CudaModel {
 
         // Embeddings (and rows given as embeddings: a vision encoder's output).
         let (h_i, scale) = (h as i32, cfg.embed_scale.unwrap_or(1.0));
-        match &self.embed.storage {
-            Storage::Half(t, kind) => {
-                let (t, kind) = (ptr(t, &stream), *kind as i32);
-                let mut l = self.launch(&self.kernels.embed_half, (n as u32, 1, 1), 256);
-                l.args.arg(&t).arg(&kind).arg(&ids).arg(&x).arg(&h_i).arg(&scale);
-                l.go("embedding")?;
-            }
-            Storage::Q4K(t) => {
-                let t = ptr(t, &stream);
-                let mut l = self.launch(&self.kernels.embed_q4k, (n as u32, 1, 1), 256);
-                l.args.arg(&t).arg(&ids).arg(&x).arg(&h_i).arg(&scale);
-                l.go("embedding")?;
-            }
-        }
+        let table = &self.embed.parts[0];
+        let t = ptr(&table.bytes, &stream);
+        let mut l = self.launch(&self.kernels.format(table.format).embed, (n as u32, 1, 1), 128);
+        l.args.arg(&t).arg(&ids).arg(&x).arg(&h_i).arg(&scale);
+        l.go("embedding")?;
         if !batch.embeds.is_empty() {
             let xs = self.scratch.f32s[slot::X].1.as_mut().expect("allocated");
             for &(row, e) in batch.embeds {
@@ -151,7 +142,11 @@ impl CudaModel {
                     scale: cfg.attn_scale,
                 };
                 let mut l = if grouped {
-                    self.launch(&self.kernels.pa_grouped[groups - 1], (nkv as u32, count as u32, max_splits as u32), 256)
+                    self.launch(
+                        &self.kernels.pa_grouped[groups - 1],
+                        (nkv as u32, count as u32, max_splits as u32),
+                        256,
+                    )
                 } else {
                     self.launch(&self.kernels.pa_split, (nh as u32, count as u32, max_splits as u32), 128)
                 };

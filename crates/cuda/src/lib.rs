@@ -8,10 +8,10 @@
 //!   x ─ rms_norm ─ gate/up matmul ─ swiglu ─ down matmul (+= x)
 //! ```
 //!
-//! Matmuls: up to 8 rows (decode) go to our matvec kernels, which read the weights in their own format (Q4_K
-//! blocks, f16, bf16) with f32 activations; longer batches (prompts) go to cuBLAS with 16-bit activations and
-//! f32 sums (Q4_K weights dequantized to f16 first). Weights of other GGUF formats are dequantized to f16 at
-//! load for now. Attention is `crates/kernels/cuda/paged_attention.cuh`'s flash-decoding kernel, run for every
+//! Matmuls: up to 8 rows (decode) go to our matvec kernels, which read the weights in their own format (GGUF's
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K blocks, f16, bf16) with f32 activations; longer batches (prompts)
+//! go to cuBLAS with 16-bit activations and f32 sums (block formats dequantized to 16 bits first, one matrix at a
+//! time). Weights in other formats (Q2_K, Q3_K, Q5_K, f32, MLX's block offsets) are dequantized to f16 at load. Attention is `crates/kernels/cuda/paged_attention.cuh`'s flash-decoding kernel, run for every
 //! row of the batch with that row's causal context (a prompt row attends to the positions up to its own).
 //!
 //! Batch invariance: a decode row's matvec and attention results do not depend on the other rows (fixed
@@ -33,7 +33,7 @@ use mlx_serving_models::{BatchInput, DeviceModel, Error, GgufFile, ModelConfig};
 use module::Kernels;
 use std::path::Path;
 use std::sync::Arc;
-use weights::{ptr, HalfKind, MatmulCtx, Matrix, Storage};
+use weights::{ptr, HalfKind, MatmulCtx, Matrix};
 
 pub use mlx_serving_models::Result;
 pub use module::compile;
@@ -116,7 +116,7 @@ pub struct CudaModel {
     kv: Vec<LayerKv>,
     block_size: usize,
     num_blocks: usize,
-    /// f16 scratch for the largest Q4_K matrix (cuBLAS path).
+    /// 16-bit scratch for the largest matrix part cuBLAS reads dequantized.
     dequant: CudaSlice<u16>,
     scratch: Scratch,
     weight_bytes: usize,
@@ -136,7 +136,9 @@ fn unsupported(cfg: &ModelConfig) -> Option<&'static str> {
         Some("GELU feed-forward")
     } else if cfg.final_logit_softcap.is_some() {
         Some("logit soft-capping")
-    } else if cfg.head_dim % 2 != 0 || cfg.head_dim > 256 || cfg.num_heads % cfg.num_kv_heads != 0 {
+    } else if !cfg.hidden_size.is_multiple_of(8) || !cfg.intermediate_size.is_multiple_of(8) {
+        Some("widths that are not multiples of 8")
+    } else if !cfg.head_dim.is_multiple_of(2) || cfg.head_dim > 256 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
         Some("this head shape")
     } else {
         None
@@ -240,10 +242,9 @@ impl CudaModel {
             .chain(std::iter::once(&embed))
             .chain(head.as_ref())
             .collect();
-        let largest_q4k =
-            all.iter().filter(|m| matches!(m.storage, Storage::Q4K(_))).map(|m| m.rows * m.cols).max().unwrap_or(1);
+        let largest = all.iter().map(|m| m.dequant_len()).max().unwrap_or(0).max(1);
         let weight_bytes = all.iter().map(|m| m.bytes()).sum();
-        let dequant = stream.alloc_zeros::<u16>(largest_q4k).map_err(device_err("allocating scratch"))?;
+        let dequant = stream.alloc_zeros::<u16>(largest).map_err(device_err("allocating scratch"))?;
         Ok(Self {
             cfg: cfg.clone(),
             ctx,
@@ -269,7 +270,12 @@ impl CudaModel {
         self.weight_bytes
     }
 
-    fn launch<'a>(&'a self, f: &'a cudarc::driver::CudaFunction, grid: (u32, u32, u32), block: u32) -> LaunchBuilder<'a> {
+    fn launch<'a>(
+        &'a self,
+        f: &'a cudarc::driver::CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+    ) -> LaunchBuilder<'a> {
         LaunchBuilder {
             args: self.stream.launch_builder(f),
             cfg: LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 },

@@ -1,26 +1,19 @@
 // The decoder's kernels between the matmuls and the attention (#21), and unmangled entry points for the
 // templated kernels of crates/kernels/cuda. Compiled at run time by NVRTC after prelude.cuh,
-// paged_attention.cuh and q4k_matvec.cuh (crates/cuda/src/module.rs).
+// paged_attention.cuh, q4k_matvec.cuh and block_matvec.cuh (crates/cuda/src/module.rs).
 //
 // Activations are f32 rows; a matmul that goes through cuBLAS reads a 16-bit copy (`kind`: 1 = f16,
 // 2 = bf16) that the kernel before it writes beside the f32 rows.
 
 namespace mlx_serving {
 
-constexpr int KIND_F16 = 1;
 constexpr int KIND_BF16 = 2;
 
-__device__ __forceinline__ float h2f(uint16_t h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 __device__ __forceinline__ uint16_t f2h(float f) {
     uint16_t h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-__device__ __forceinline__ float bf2f(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
 // Round to nearest even; NaN stays NaN.
 __device__ __forceinline__ uint16_t f2bf(float f) {
     uint32_t u = __float_as_uint(f);
@@ -28,21 +21,7 @@ __device__ __forceinline__ uint16_t f2bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
-__device__ __forceinline__ float half_to_f32(uint16_t v, int kind) { return kind == KIND_BF16 ? bf2f(v) : h2f(v); }
 __device__ __forceinline__ uint16_t f32_to_half(float v, int kind) { return kind == KIND_BF16 ? f2bf(v) : f2h(v); }
-
-// Value `i` (< 256 · blocks) of a Q4_K row (see q4k_matvec.cuh for the layout).
-__device__ __forceinline__ float q4k_value(const uint8_t* row, int i) {
-    const uint8_t* blk = row + (size_t)(i / Q4K_BLOCK_VALUES) * Q4K_BLOCK_BYTES;
-    const int within = i % Q4K_BLOCK_VALUES;
-    const int j = within / 64, hi = (within % 64) / 32, p = within % 32;
-    float sc, m;
-    q4k_scale_min(2 * j + hi, blk + 4, sc, m);
-    const float d = h2f(*reinterpret_cast<const uint16_t*>(blk));
-    const float dmin = h2f(*reinterpret_cast<const uint16_t*>(blk + 2));
-    const int q = (blk[16 + 32 * j + p] >> (4 * hi)) & 0xF;
-    return d * sc * (float)q - dmin * m;
-}
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
     v = warp_sum(v);
@@ -59,29 +38,32 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 using namespace mlx_serving;
 
-// x[r] = table[ids[r]] · scale for a 16-bit table. grid n, block 256.
-extern "C" __global__ void embed_half(const uint16_t* table, int kind, const uint32_t* ids, float* x, int h,
-                                      float scale) {
-    const uint16_t* row = table + (size_t)ids[blockIdx.x] * h;
+// x[r] = table[ids[r]] · scale, the table in format F. grid n, block 128.
+template <int F>
+__device__ __forceinline__ void embed_body(const uint8_t* table, const uint32_t* ids, float* x, int h, float scale) {
+    const uint8_t* row = table + (size_t)ids[blockIdx.x] * row_bytes<F>(h);
     float* out = x + (size_t)blockIdx.x * h;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) out[i] = half_to_f32(row[i], kind) * scale;
+    for (int c = threadIdx.x * 8; c < h; c += blockDim.x * 8) {
+        float v[8];
+        row_dequant8<F>(row, c, v);
+#pragma unroll
+        for (int t = 0; t < 8; ++t) out[c + t] = v[t] * scale;
+    }
 }
 
-// The same for a Q4_K table.
-extern "C" __global__ void embed_q4k(const uint8_t* table, const uint32_t* ids, float* x, int h, float scale) {
-    const uint8_t* row = table + (size_t)ids[blockIdx.x] * (h / Q4K_BLOCK_VALUES) * Q4K_BLOCK_BYTES;
-    float* out = x + (size_t)blockIdx.x * h;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) out[i] = q4k_value(row, i) * scale;
-}
-
-// A Q4_K matrix [rows, k] as f16 (the input of a cuBLAS GEMM for batches past the matvec kernels).
-// grid rows · k / 256, block 256.
-extern "C" __global__ void q4k_dequant_f16(const uint8_t* w, uint16_t* out, int k) {
-    const size_t blk = blockIdx.x;
-    const size_t per_row = k / Q4K_BLOCK_VALUES;
-    const uint8_t* row = w + (blk / per_row) * per_row * Q4K_BLOCK_BYTES;
-    const int i = (int)(blk % per_row) * Q4K_BLOCK_VALUES + threadIdx.x;
-    out[blk * Q4K_BLOCK_VALUES + threadIdx.x] = f2h(q4k_value(row, i));
+// A matrix [rows, k] in format F as 16-bit floats of `kind` (the input of a cuBLAS GEMM for batches past the
+// matvec kernels). grid ceil(rows · k / 8 / 256), block 256: a thread per 8 values.
+template <int F>
+__device__ __forceinline__ void dequant_body(const uint8_t* w, uint16_t* out, int kind, int rows, int k) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t per_row = k / 8;
+    if (i >= (size_t)rows * per_row) return;
+    const size_t row = i / per_row;
+    const int c = (int)(i % per_row) * 8;
+    float v[8];
+    row_dequant8<F>(w + row * row_bytes<F>(k), c, v);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) out[i * 8 + t] = f32_to_half(v[t], kind);
 }
 
 // RMS norm of rows (`rows[r]` of x when `rows` is given, else row r), times w: f32 into out32, and a 16-bit copy
@@ -162,79 +144,36 @@ extern "C" __global__ void to_half(const float* x, uint16_t* y, int kind, int n)
     if (i < n) y[i] = f32_to_half(x[i], kind);
 }
 
-// y[v][r] (+)= Σ_k W[r][k] · x[v][k] for 16-bit weights (f16 or bf16, `KIND`), f32 activations and sums, v < NV:
-// one warp per R rows, each lane 8 consecutive weights (a 16-byte load) per step of 256. A row's sum is
-// taken in the same order whatever NV and R are, so a vector's result does not depend on its batch companions.
-// Needs k a multiple of 8. grid ceil(rows / (4 · R)), block 128.
-template <int NV, int R, int KIND>
-__device__ __forceinline__ void half_matvec_body(const uint16_t* __restrict__ w, const float* __restrict__ x,
-                                                 float* __restrict__ y, int rows, int k, int add) {
-    const int lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * R;
-    if (row0 >= rows) return;
-    float acc[R][NV];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int v = 0; v < NV; ++v) acc[r][v] = 0.f;
-    for (int c = lane * 8; c < k; c += 256) {
-        float wf[R][8];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int row = min(row0 + r, rows - 1);
-            const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k + c));
-            const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                wf[r][2 * e] = half_to_f32((uint16_t)(words[e] & 0xFFFF), KIND);
-                wf[r][2 * e + 1] = half_to_f32((uint16_t)(words[e] >> 16), KIND);
-            }
-        }
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            const float4 x0 = *reinterpret_cast<const float4*>(x + (size_t)v * k + c);
-            const float4 x1 = *reinterpret_cast<const float4*>(x + (size_t)v * k + c + 4);
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                acc[r][v] += wf[r][0] * x0.x + wf[r][1] * x0.y + wf[r][2] * x0.z + wf[r][3] * x0.w +
-                             wf[r][4] * x1.x + wf[r][5] * x1.y + wf[r][6] * x1.z + wf[r][7] * x1.w;
-            }
-        }
+// Entry points per format: embed_<f>, dequant_<f>, and mv_<f>_<NV>_<R> (the matvec, NV vectors, R rows per warp;
+// R = 4 only for the 16-bit formats, where large output heads want it).
+#define FORMAT_COMMON(F, NAME)                                                                               \
+    extern "C" __global__ void embed_##NAME(const uint8_t* t, const uint32_t* ids, float* x, int h, float s) { \
+        embed_body<F>(t, ids, x, h, s);                                                                      \
+    }                                                                                                        \
+    extern "C" __global__ void dequant_##NAME(const uint8_t* w, uint16_t* out, int kind, int rows, int k) { \
+        dequant_body<F>(w, out, kind, rows, k);                                                              \
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            const float s = warp_sum(acc[r][v]);
-            if (lane == 0 && row0 + r < rows) {
-                float* out = y + (size_t)v * rows + row0 + r;
-                *out = add ? *out + s : s;
-            }
-        }
+#define MV(F, NAME, NV, R)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) mv_##NAME##_##NV##_##R(                                \
+        const uint8_t* w, const float* x, float* y, int rows, int k, int ldy, int add) {                     \
+        block_matvec_body<F, NV, R>(w, x, y, rows, k, ldy, add);                                             \
     }
-}
-
-#define HALF_MV(NV, R, KIND, NAME)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                                       \
-        NAME##_mv_##NV##_##R(const uint16_t* w, const float* x, float* y, int rows, int k, int add) {       \
-        half_matvec_body<NV, R, KIND>(w, x, y, rows, k, add);                                               \
-    }
-#define HALF_MV_R(NV)                                                                                       \
-    HALF_MV(NV, 1, KIND_F16, f16)                                                                           \
-    HALF_MV(NV, 2, KIND_F16, f16)                                                                           \
-    HALF_MV(NV, 4, KIND_F16, f16)                                                                           \
-    HALF_MV(NV, 1, KIND_BF16, bf16)                                                                         \
-    HALF_MV(NV, 2, KIND_BF16, bf16)                                                                         \
-    HALF_MV(NV, 4, KIND_BF16, bf16)
-HALF_MV_R(1)
-HALF_MV_R(2)
-HALF_MV_R(4)
-HALF_MV_R(8)
-
+#define MV_NV(F, NAME, R) MV(F, NAME, 1, R) MV(F, NAME, 2, R) MV(F, NAME, 4, R) MV(F, NAME, 8, R)
+#define FORMAT_R2(F, NAME) FORMAT_COMMON(F, NAME) MV_NV(F, NAME, 1) MV_NV(F, NAME, 2)
+#define FORMAT_R4(F, NAME) FORMAT_R2(F, NAME) MV_NV(F, NAME, 4)
+FORMAT_R4(FMT_F16, f16)
+FORMAT_R4(FMT_BF16, bf16)
+FORMAT_R2(FMT_Q4_0, q4_0)
+FORMAT_R2(FMT_Q4_1, q4_1)
+FORMAT_R2(FMT_Q5_0, q5_0)
+FORMAT_R2(FMT_Q5_1, q5_1)
+FORMAT_R2(FMT_Q8_0, q8_0)
+FORMAT_R2(FMT_Q6_K, q6_k)
+FORMAT_COMMON(FMT_Q4_K, q4_k)
 #define Q4K_MV(NV, R)                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * Q4K_WARPS)                                             \
-        q4k_mv_##NV##_##R(const uint8_t* w, const float* x, float* y, int rows, int k, int add) {            \
-        q4k_matvec_body<NV, R>(w, x, y, rows, k, add);                                                       \
+        mv_q4_k_##NV##_##R(const uint8_t* w, const float* x, float* y, int rows, int k, int ldy, int add) {  \
+        q4k_matvec_body<NV, R>(w, x, y, rows, k, ldy, add);                                                  \
     }
 #define Q4K_MV_R(NV) Q4K_MV(NV, 1) Q4K_MV(NV, 2) Q4K_MV(NV, 4)
 Q4K_MV_R(1)

@@ -6,6 +6,7 @@ typedef unsigned char uint8_t;
 typedef unsigned short uint16_t;
 typedef unsigned int uint32_t;
 typedef int int32_t;
+typedef signed char int8_t;
 typedef decltype(sizeof(0)) size_t;
 
 #define CUDART_INF_F __int_as_float(0x7f800000)

@@ -4,7 +4,9 @@
 
 use mlx_serving_cuda::CudaModel;
 use mlx_serving_engine::{EngineRequest, Executor, RequestId, SamplingParams, Scheduler, SchedulerConfig};
-use mlx_serving_models::{ActivationPrecision, BatchInput, ChatContent, DeviceModel, LoadOptions, ModelBundle, SeqInput};
+use mlx_serving_models::{
+    ActivationPrecision, BatchInput, ChatContent, DeviceModel, LoadOptions, ModelBundle, SeqInput,
+};
 use mlx_serving_runner::{generate_with, last_position_logits, GenerateOptions, ModelExecutor};
 use mlx_serving_test_support::golden::{check_greedy, COMPARE};
 use mlx_serving_test_support::{qwen2_path, smollm2_path};
@@ -103,7 +105,8 @@ fn logits_against_cpu(path: &Path, prefill_bound: f64, decode_bound: f64) {
     let f32_acts = LoadOptions { activations: ActivationPrecision::F32, ..LoadOptions::default() };
     let bundle = ModelBundle::load(path, &f32_acts).unwrap();
     let mut m = gpu_model(&bundle, 64);
-    let texts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.", "1, 2, 3,"];
+    let texts =
+        ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.", "1, 2, 3,"];
     let (mut worst_prefill, mut worst_decode) = (0f64, 0f64);
     for text in texts {
         let prompt = bundle.encode(text, true).unwrap();
@@ -141,11 +144,21 @@ fn decode_rows_are_batch_invariant() {
     let bundle = ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap();
     let mut m = gpu_model(&bundle, 256);
     let vocab = bundle.model.config().vocab_size;
-    let texts = ["Once upon a time", "SELECT name FROM users WHERE", "The quick brown fox jumps over the lazy dog. Then", "Q: 2+2? A:", "Rust is", "import numpy as np\n", "Hello", "Lists: a, b,"];
+    let texts = [
+        "Once upon a time",
+        "SELECT name FROM users WHERE",
+        "The quick brown fox jumps over the lazy dog. Then",
+        "Q: 2+2? A:",
+        "Rust is a language",
+        "import numpy as np\n",
+        "Hello there, my friend",
+        "Lists: a, b,",
+    ];
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(t, true).unwrap()).collect();
     // Each sequence in its own 8 blocks.
     let tables: Vec<Vec<u32>> = (0..prompts.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
     for (p, t) in prompts.iter().zip(&tables) {
+        assert!(p.len() >= 2, "each prompt needs a prefix and a last token");
         forward_one(&mut m, &p[..p.len() - 1], 0, t);
     }
     let alone: Vec<Vec<f32>> =
@@ -164,7 +177,13 @@ fn decode_rows_are_batch_invariant() {
 }
 
 /// Requests through the scheduler and the GPU executor: all at once or one after another, greedy.
-fn run_engine(exec: &mut ModelExecutor, blocks: usize, prompts: &[Vec<u32>], together: bool, prefix: bool) -> Vec<Vec<u32>> {
+fn run_engine(
+    exec: &mut ModelExecutor,
+    blocks: usize,
+    prompts: &[Vec<u32>],
+    together: bool,
+    prefix: bool,
+) -> Vec<Vec<u32>> {
     let cfg = SchedulerConfig {
         block_size: BS,
         num_blocks: blocks,
@@ -218,7 +237,13 @@ fn batched_and_prefix_cached_equal_alone() {
     let blocks = 512;
     let mut exec = gpu_executor(&bundle, blocks);
     let shared = "You are a careful assistant. Answer in one short sentence, and never use lists. ".repeat(3);
-    let texts = ["What is the tallest mountain?", "Name a prime number.", "Why is the sky blue?", "What is Rust?", "Say hello."];
+    let texts = [
+        "What is the tallest mountain?",
+        "Name a prime number.",
+        "Why is the sky blue?",
+        "What is Rust?",
+        "Say hello.",
+    ];
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(&format!("{shared}{t}"), true).unwrap()).collect();
     let alone = run_engine(&mut exec, blocks, &prompts, false, false);
     let batched = run_engine(&mut exec, blocks, &prompts, true, false);

@@ -39,11 +39,12 @@ __device__ __forceinline__ float nib4(uint32_t q, int shift, float4 x) {
            (float)((q >> (shift + 16)) & 0xF) * x.z + (float)((q >> (shift + 24)) & 0xF) * x.w;
 }
 
-// y[v][r] = Σ_k W[r][k] · x[v][k] for v < NV (`add`: y[v][r] += that, a residual added in the same pass).
-// grid ceil(rows / (Q4K_WARPS · R)), block 32·Q4K_WARPS.
+// y[v · ldy + r] = Σ_k W[r][k] · x[v][k] for v < NV (`add`: += that, a residual added in the same pass; `ldy`:
+// the output's row stride, rows unless this matrix is one part of a wider output). grid ceil(rows / (Q4K_WARPS
+// · R)), block 32·Q4K_WARPS.
 template <int NV, int R>
 __device__ __forceinline__ void q4k_matvec_body(const uint8_t* __restrict__ w, const float* __restrict__ x,
-                                                float* __restrict__ y, int rows, int k, int add) {
+                                                float* __restrict__ y, int rows, int k, int ldy, int add) {
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * Q4K_WARPS + (threadIdx.x >> 5)) * R;
     if (row0 >= rows) return;
@@ -55,6 +56,8 @@ __device__ __forceinline__ void q4k_matvec_body(const uint8_t* __restrict__ w, c
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int v = 0; v < NV; ++v) acc[r][v] = 0.f;
+    // Two steps unrolled: the next step's weight loads are issued before this step's arithmetic.
+#pragma unroll 2
     for (int b = lane >> 3; b < nb; b += 4) {
         uint4 q[R];
         float d[R], dmin[R], sc0[R], m0[R], sc1[R], m1[R];
@@ -96,7 +99,7 @@ __device__ __forceinline__ void q4k_matvec_body(const uint8_t* __restrict__ w, c
             float s = acc[r][v];
             for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
             if (lane == 0 && row0 + r < rows) {
-                float* out = y + (size_t)v * rows + row0 + r;
+                float* out = y + (size_t)v * ldy + row0 + r;
                 *out = add ? *out + s : s;
             }
         }
@@ -106,7 +109,7 @@ __device__ __forceinline__ void q4k_matvec_body(const uint8_t* __restrict__ w, c
 template <int NV, int R>
 __global__ void q4k_matvec(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
                            int rows, int k) {
-    q4k_matvec_body<NV, R>(w, x, y, rows, k, 0);
+    q4k_matvec_body<NV, R>(w, x, y, rows, k, rows, 0);
 }
 
 #ifndef __CUDACC_RTC__

@@ -11,9 +11,7 @@ use mlx_serving_models::{ActivationPrecision, ChatContent, LoadOptions, ModelBun
 use mlx_serving_runner::{generate, last_position_logits, logprob, GenerateOptions};
 use mlx_serving_test_support::golden::{check_greedy, ids, COMPARE};
 use mlx_serving_test_support::{gemma3_path, hf_dir, mlx_dir, qwen2_path, reference, smollm2_path};
-use serde_json::Value;
 use std::path::Path;
-
 
 fn run_golden(path: &Path, ref_file: &str, opts: &LoadOptions) {
     println!("isa: {:?}", Isa::detected());
