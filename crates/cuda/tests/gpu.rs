@@ -81,7 +81,9 @@ fn forward_many(m: &mut CudaModel, seqs: &[(&[u32], usize, &[u32])]) -> Vec<f32>
         embeds: &[],
         mrope_positions: &[],
     };
-    m.forward(&batch, &|| true).unwrap()
+    let logits = m.forward(&batch, &|| true).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()), "non-finite logits");
+    logits
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f64> {

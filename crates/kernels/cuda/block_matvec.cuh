@@ -109,7 +109,7 @@ struct Fmt<FMT_Q5_0> {
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
             const int j = o + t;
-            out[t] = d * (float)((nibble32(b + 6, j) | (((qh >> j) & 1) << 4)) - 16);
+            out[t] = d * (float)((nibble32(b + 6, j) | (int)(((qh >> j) & 1) << 4)) - 16);  // signed: q − 16 < 0
         }
     }
 };
@@ -123,7 +123,7 @@ struct Fmt<FMT_Q5_1> {
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
             const int j = o + t;
-            out[t] = d * (float)(nibble32(b + 8, j) | (((qh >> j) & 1) << 4)) + m;
+            out[t] = d * (float)(nibble32(b + 8, j) | (int)(((qh >> j) & 1) << 4)) + m;
         }
     }
 };
