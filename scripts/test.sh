@@ -32,6 +32,8 @@ cargo test --workspace "$@"
 # compiles every GPU kernel; the GPU tests themselves run on the device machine (scripts/cuda-tests.sh).
 cargo check -p mlx-serving --features cuda
 scripts/nvrtc-check.sh
+# The GPU's weight-format decoding (block_matvec.cuh, compiled for the host) against the gguf package's dequantizer.
+.venv/bin/python tests/block_formats_host.py
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
 # Structured output: 73 schemas, regexes, choices, grammars; every finished answer validated (jsonschema, re).

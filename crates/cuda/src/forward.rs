@@ -10,6 +10,8 @@ fn at(base: u64, i: usize) -> u64 {
 
 impl CudaModel {
     pub(crate) fn step(&mut self, batch: &BatchInput<'_>, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
+        // The engine runs steps on its own thread: make the model's context current there.
+        self.ctx.bind_to_thread().map_err(device_err("binding the GPU's context"))?;
         let cfg = &self.cfg;
         batch.check(self.block_size, self.num_blocks, cfg.max_position_embeddings, cfg.vocab_size, cfg.hidden_size)?;
         if !batch.mrope_positions.is_empty() {
