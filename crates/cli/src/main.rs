@@ -337,9 +337,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
     let path = mlx_serving_models::resolve_model(&a.model)?;
     let load_start = std::time::Instant::now();
+    // On a GPU the weights load there (the CPU bundle keeps the configuration and tokenizer); a draft model
+    // still loads on the CPU.
     let load_opts =
-        LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype };
-    let bundle = Arc::new(ModelBundle::load(&path, &load_opts).with_context(|| format!("loading {}", path.display()))?);
+        LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype, config_only: false };
+    let bundle_opts = LoadOptions { config_only: a.device != mlx_serving_models::ComputeDevice::Cpu, ..load_opts.clone() };
+    let bundle = Arc::new(ModelBundle::load(&path, &bundle_opts).with_context(|| format!("loading {}", path.display()))?);
     let mut spec_section = None;
     a.speculative.apply(&mut spec_section);
     let load_s = load_start.elapsed().as_secs_f64();

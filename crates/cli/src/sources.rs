@@ -5,7 +5,7 @@
 use crate::config::{EngineSection, ResolvedModel, RuntimeConfig};
 use crate::speculative::SpeculativeSection;
 use anyhow::{Context, Result};
-use mlx_serving_models::{ActivationPrecision, LoadOptions, ModelBundle};
+use mlx_serving_models::{ActivationPrecision, ComputeDevice, LoadOptions, ModelBundle};
 use mlx_serving_server::models::{LoadedModel, ModelFactory, ModelSource, Registration};
 use mlx_serving_server::ModelSpec;
 use std::path::{Path, PathBuf};
@@ -54,7 +54,11 @@ impl FileSource {
             kv_cache_dtype: e.kv_cache_dtype()?,
             ..LoadOptions::default()
         };
-        let bundle = Arc::new(ModelBundle::load(path, &opts).with_context(|| format!("loading {}", path.display()))?);
+        let device: ComputeDevice = e.device.parse().map_err(|m: String| anyhow::anyhow!("engine.device: {m}"))?;
+        // On a GPU the weights load there: the CPU bundle keeps the configuration and tokenizer.
+        let bundle_opts = LoadOptions { config_only: device != ComputeDevice::Cpu, ..opts.clone() };
+        let bundle =
+            Arc::new(ModelBundle::load(path, &bundle_opts).with_context(|| format!("loading {}", path.display()))?);
         let mut cfg = mlx_serving_runner::ModelExecutor::scheduler_config(&bundle, e.block_size, e.kv_cache_mb << 20);
         cfg.max_num_seqs = e.max_num_seqs;
         cfg.max_num_batched_tokens = e.max_num_batched_tokens;
@@ -72,7 +76,6 @@ impl FileSource {
         );
         let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks)
             .with_encoder_cache_bytes(e.encoder_cache_mb << 20);
-        let device = e.device.parse().map_err(|m: String| anyhow::anyhow!("engine.device: {m}"))?;
         if let Some(d) = crate::device::device_model(device, path, &bundle, cfg.block_size, cfg.num_blocks)? {
             exec = exec.with_device(d);
         }

@@ -8,6 +8,45 @@ fn at(base: u64, i: usize) -> u64 {
     base + (i * 4) as u64
 }
 
+/// A step's metadata as the kernels read it, in one buffer (one copy to the GPU): token ids, positions, K/V
+/// slots, each row's causal context length (a prompt row attends to the positions up to its own), each row's
+/// block table (its sequence's, padded with zeros to the longest), the logits rows.
+struct Meta {
+    data: Vec<u32>,
+    n: usize,
+    max_blocks: usize,
+}
+
+impl Meta {
+    fn new(batch: &BatchInput<'_>, block_size: usize) -> Self {
+        let n = batch.token_ids.len();
+        let max_blocks = batch.seqs.iter().map(|s| s.context_len.div_ceil(block_size)).max().unwrap_or(1);
+        let mut data: Vec<u32> = Vec::with_capacity(n * (4 + max_blocks) + batch.logits_indices.len());
+        data.extend_from_slice(batch.token_ids);
+        data.extend_from_slice(batch.positions);
+        data.extend_from_slice(batch.slot_mapping);
+        for s in batch.seqs {
+            let start = s.context_len - s.query_len;
+            data.extend((0..s.query_len).map(|j| (start + j + 1) as u32));
+        }
+        for s in batch.seqs {
+            let table = &s.block_table[..s.context_len.div_ceil(block_size)];
+            for _ in 0..s.query_len {
+                data.extend_from_slice(table);
+                data.extend(std::iter::repeat_n(0, max_blocks - table.len()));
+            }
+        }
+        data.extend_from_slice(batch.logits_indices);
+        Self { data, n, max_blocks }
+    }
+
+    /// Element offsets of the ids, positions, slots, context lengths, block tables and logits rows.
+    fn offsets(&self) -> [usize; 6] {
+        let n = self.n;
+        [0, n, 2 * n, 3 * n, 4 * n, 4 * n + n * self.max_blocks]
+    }
+}
+
 impl CudaModel {
     pub(crate) fn step(&mut self, batch: &BatchInput<'_>, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
         // The engine runs steps on its own thread: make the model's context current there.
@@ -23,36 +62,18 @@ impl CudaModel {
         let (bs, eps, vocab) = (self.block_size, cfg.rms_norm_eps, cfg.vocab_size);
         let width = (nh + 2 * nkv) * hd;
 
-        // Metadata: ids, positions, slots, each row's causal context length and block table, logits rows.
-        let max_blocks = batch.seqs.iter().map(|s| s.context_len.div_ceil(bs)).max().unwrap_or(1);
-        let mut meta: Vec<u32> = Vec::with_capacity(n * (4 + max_blocks) + m);
-        meta.extend_from_slice(batch.token_ids);
-        meta.extend_from_slice(batch.positions);
-        meta.extend_from_slice(batch.slot_mapping);
-        for s in batch.seqs {
-            let start = s.context_len - s.query_len;
-            meta.extend((0..s.query_len).map(|j| (start + j + 1) as u32));
-        }
-        for s in batch.seqs {
-            let table = &s.block_table[..s.context_len.div_ceil(bs)];
-            for _ in 0..s.query_len {
-                meta.extend_from_slice(table);
-                meta.extend(std::iter::repeat_n(0, max_blocks - table.len()));
-            }
-        }
-        meta.extend_from_slice(batch.logits_indices);
+        let meta = Meta::new(batch, bs);
+        let max_blocks = meta.max_blocks;
         let stream = self.stream.clone();
-        if self.scratch.meta.as_ref().is_none_or(|b| b.len() < meta.len()) {
+        let len = meta.data.len();
+        if self.scratch.meta.as_ref().is_none_or(|b| b.len() < len) {
             self.scratch.meta = None;
-            let cap = meta.len() + meta.len() / 2;
-            self.scratch.meta = Some(stream.alloc_zeros::<u32>(cap).map_err(device_err("allocating scratch"))?);
+            self.scratch.meta = Some(stream.alloc_zeros::<u32>(len + len / 2).map_err(device_err("allocating scratch"))?);
         }
         let meta_buf = self.scratch.meta.as_mut().expect("allocated");
-        stream.memcpy_htod(&meta, &mut meta_buf.slice_mut(0..meta.len())).map_err(device_err("copying the batch"))?;
+        stream.memcpy_htod(&meta.data, &mut meta_buf.slice_mut(0..len)).map_err(device_err("copying the batch"))?;
         let base = ptr(meta_buf, &stream);
-        let (ids, positions, slots, ctx_lens, tables) =
-            (base, at(base, n), at(base, 2 * n), at(base, 3 * n), at(base, 4 * n));
-        let logits_rows = at(base, 4 * n + n * max_blocks);
+        let [ids, positions, slots, ctx_lens, tables, logits_rows] = meta.offsets().map(|o| at(base, o));
 
         // Scratch.
         let rows = n.max(m);
@@ -196,5 +217,40 @@ impl CudaModel {
         let mut l = self.launch(&self.kernels.to_half, (len.div_ceil(256) as u32, 1, 1), 256);
         l.args.arg(&src).arg(&dst).arg(&kind).arg(&len_i);
         l.go("to_half")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Meta;
+    use mlx_serving_models::{BatchInput, SeqInput};
+
+    /// A 3-token prompt chunk at positions 4..7 and a decode row at position 20, blocks of 4 tokens.
+    #[test]
+    fn metadata_gives_each_row_its_causal_context_and_table() {
+        let (t0, t1) = ([7u32, 3], [9u32, 2, 5, 8, 1, 6]);
+        let seqs = [
+            SeqInput { query_len: 3, context_len: 7, block_table: &t0 },
+            SeqInput { query_len: 1, context_len: 21, block_table: &t1 },
+        ];
+        let batch = BatchInput {
+            token_ids: &[11, 12, 13, 14],
+            positions: &[4, 5, 6, 20],
+            slot_mapping: &[12, 13, 14, 24],
+            seqs: &seqs,
+            logits_indices: &[2, 3],
+            embeds: &[],
+            mrope_positions: &[],
+        };
+        let m = Meta::new(&batch, 4);
+        assert_eq!(m.max_blocks, 6);
+        let [ids, pos, slots, ctx, tables, rows] = m.offsets();
+        assert_eq!(&m.data[ids..pos], &[11, 12, 13, 14]);
+        assert_eq!(&m.data[pos..slots], &[4, 5, 6, 20]);
+        assert_eq!(&m.data[slots..ctx], &[12, 13, 14, 24]);
+        assert_eq!(&m.data[ctx..tables], &[5, 6, 7, 21]);
+        let padded = [7, 3, 0, 0, 0, 0];
+        assert_eq!(&m.data[tables..rows], [&padded[..], &padded, &padded, &[9, 2, 5, 8, 1, 6]].concat().as_slice());
+        assert_eq!(&m.data[rows..], &[2, 3]);
     }
 }

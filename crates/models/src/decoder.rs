@@ -47,6 +47,9 @@ pub struct LoadOptions {
     pub activations: ActivationPrecision,
     /// KV cache element type: f16 (the default) or f32 (twice the memory and attention bandwidth).
     pub kv_cache_dtype: KvDtype,
+    /// Load the configuration only, no weights: the model runs on a device that loads them itself (a GPU, see
+    /// [`DeviceModel`](crate::DeviceModel)); `forward` refuses.
+    pub config_only: bool,
 }
 
 /// Precision of the activations entering the quantized matmuls, per model (`--activations`).
@@ -342,6 +345,8 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// RoPE frequencies of the sliding-window layers, when their base differs (gemma3).
     inv_freq_local: Option<Vec<f32>>,
+    /// False for a model loaded with `config_only`.
+    has_weights: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -370,6 +375,20 @@ impl Model {
         device: &Device,
     ) -> Result<Self> {
         cfg.kv_dtype = opts.kv_cache_dtype;
+        if opts.config_only {
+            return Ok(Self {
+                cfg,
+                device: device.clone(),
+                embed: Embedding::Dense(Vec::new()),
+                layers: Vec::new(),
+                norm: Vec::new(),
+                lm_head: Weight::F32(F32Matrix::from_rows(1, 1, &[0.0])),
+                short_head: None,
+                inv_freq: Vec::new(),
+                inv_freq_local: None,
+                has_weights: false,
+            });
+        }
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
         let matmul = |g: &S, name: &str, shape: &[usize]| -> Result<Weight> {
             to_matmul(g, name, &g.tensor_data(name, shape)?, opts, device)
@@ -456,6 +475,7 @@ impl Model {
             short_head: None,
             inv_freq,
             inv_freq_local,
+            has_weights: true,
         })
     }
 
@@ -500,6 +520,11 @@ impl Model {
         cache: &mut PagedKvCache,
         progress: &dyn Fn() -> bool,
     ) -> Result<Vec<f32>> {
+        if !self.has_weights {
+            return Err(crate::error::Error::InvalidBatch(
+                "this model was loaded without its weights (they are on a device)".into(),
+            ));
+        }
         batch.validate(cache, self.cfg.max_position_embeddings, self.cfg.vocab_size, self.cfg.hidden_size)?;
         let _step = mlx_serving_kernels::pool::step();
         let cfg = &self.cfg;

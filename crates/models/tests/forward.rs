@@ -9,16 +9,42 @@ use mlx_serving_test_support::tiny::TinyLlama;
 
 /// Regression: the tests used to write the same file concurrently and read each other's half-written
 /// model; the file is now written once per process.
-fn tiny_model() -> Model {
+fn tiny_path() -> &'static std::path::Path {
     static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    let p = PATH.get_or_init(|| {
+    PATH.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("mlx-serving-forward-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("tiny.gguf");
         TinyLlama::default().write(&p, &[]);
         p
-    });
-    Model::load_gguf(p, &LoadOptions::default()).unwrap()
+    })
+}
+
+fn tiny_model() -> Model {
+    Model::load_gguf(tiny_path(), &LoadOptions::default()).unwrap()
+}
+
+/// A model loaded with `config_only` (its weights live on a GPU) has the whole configuration and refuses to run.
+#[test]
+fn a_config_only_model_has_the_configuration_and_refuses_to_run() {
+    let full = tiny_model();
+    let hollow = Model::load_gguf(tiny_path(), &LoadOptions { config_only: true, ..LoadOptions::default() }).unwrap();
+    assert_eq!(format!("{:?}", hollow.config()), format!("{:?}", full.config()));
+    let mut cache = PagedKvCache::new(full.config(), 16, 4);
+    let table = [0u32, 1, 2, 3];
+    let seqs = [SeqInput { query_len: 3, context_len: 3, block_table: &table }];
+    let batch = BatchInput {
+        token_ids: &TOKENS[..3],
+        positions: &[0, 1, 2],
+        slot_mapping: &[0, 1, 2],
+        seqs: &seqs,
+        logits_indices: &[2],
+        embeds: &[],
+        mrope_positions: &[],
+    };
+    let e = hollow.forward(&batch, &mut cache).unwrap_err().to_string();
+    assert!(e.contains("without its weights"), "{e}");
+    assert_eq!(full.forward(&batch, &mut cache).unwrap().len(), full.config().vocab_size);
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -239,7 +239,7 @@ fn smollm2_first_step_top5_logprobs_exact_f32() {
 /// Quantized matmuls with f32 activations and an f32 KV cache: the reference's arithmetic up to
 /// summation order.
 const EXACT: LoadOptions =
-    LoadOptions { dequantize: false, activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F32 };
+    LoadOptions { activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F32, ..LoadOptions::default() };
 
 #[test]
 fn smollm2_greedy_matches_transformers_f32_activations() {
@@ -268,7 +268,7 @@ fn smollm2_first_step_top5_logprobs_f32_kv() {
 #[test]
 fn smollm2_first_step_top5_logprobs_f16_kv_alone() {
     check_top5(
-        &LoadOptions { activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F16, dequantize: false },
+        &LoadOptions { activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F16, ..LoadOptions::default() },
         0.005,
     );
 }
