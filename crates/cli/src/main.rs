@@ -339,10 +339,16 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let load_start = std::time::Instant::now();
     // On a GPU the weights load there (the CPU bundle keeps the configuration and tokenizer); a draft model
     // still loads on the CPU.
-    let load_opts =
-        LoadOptions { dequantize: a.dequantize, activations: a.activations, kv_cache_dtype: a.kv_cache_dtype, config_only: false };
-    let bundle_opts = LoadOptions { config_only: a.device != mlx_serving_models::ComputeDevice::Cpu, ..load_opts.clone() };
-    let bundle = Arc::new(ModelBundle::load(&path, &bundle_opts).with_context(|| format!("loading {}", path.display()))?);
+    let load_opts = LoadOptions {
+        dequantize: a.dequantize,
+        activations: a.activations,
+        kv_cache_dtype: a.kv_cache_dtype,
+        config_only: false,
+    };
+    let bundle_opts =
+        LoadOptions { config_only: a.device != mlx_serving_models::ComputeDevice::Cpu, ..load_opts.clone() };
+    let bundle =
+        Arc::new(ModelBundle::load(&path, &bundle_opts).with_context(|| format!("loading {}", path.display()))?);
     let mut spec_section = None;
     a.speculative.apply(&mut spec_section);
     let load_s = load_start.elapsed().as_secs_f64();
@@ -391,8 +397,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = device::device_model(a.device, &path, &bundle, opts.block_size, blocks)?;
     let (g, spec) = match (&spec_section, device) {
         (_, Some(d)) => {
-            let mut exec =
-                mlx_serving_runner::ModelExecutor::new(bundle.clone(), opts.block_size, blocks).with_device(d);
+            let mut exec = mlx_serving_runner::ModelExecutor::on_device(bundle.clone(), opts.block_size, d);
             if let Some(s) = &spec_section {
                 exec = exec.with_speculation(s.speculator(&bundle, &load_opts, opts.block_size, blocks)?);
             }

@@ -66,6 +66,15 @@ impl FileSource {
         cfg.max_waiting_tokens = e.max_waiting_tokens;
         cfg.enable_prefix_caching = e.enable_prefix_caching;
         cfg.aging_interval = Duration::from_secs_f64(e.priority_aging_seconds);
+        let exec = match crate::device::device_model(device, path, &bundle, cfg.block_size, cfg.num_blocks)? {
+            Some(d) => mlx_serving_runner::ModelExecutor::on_device(bundle.clone(), cfg.block_size, d),
+            None => mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks),
+        };
+        let mut exec = exec.with_encoder_cache_bytes(e.encoder_cache_mb << 20);
+        if let Some(s) = &self.speculative {
+            exec = exec.with_speculation(s.speculator(&bundle, &opts, cfg.block_size, cfg.num_blocks)?);
+            tracing::info!(name = %self.name, method = %s.method, draft = ?s.draft_model, "speculative decoding on");
+        }
         tracing::info!(
             model = %path.display(),
             name = %self.name,
@@ -74,15 +83,6 @@ impl FileSource {
             max_model_len = cfg.max_model_len,
             "engine ready"
         );
-        let mut exec = mlx_serving_runner::ModelExecutor::new(bundle.clone(), cfg.block_size, cfg.num_blocks)
-            .with_encoder_cache_bytes(e.encoder_cache_mb << 20);
-        if let Some(d) = crate::device::device_model(device, path, &bundle, cfg.block_size, cfg.num_blocks)? {
-            exec = exec.with_device(d);
-        }
-        if let Some(s) = &self.speculative {
-            exec = exec.with_speculation(s.speculator(&bundle, &opts, cfg.block_size, cfg.num_blocks)?);
-            tracing::info!(name = %self.name, method = %s.method, draft = ?s.draft_model, "speculative decoding on");
-        }
         let (engine, join) = mlx_serving_engine::EngineCore::spawn(cfg, exec);
         Ok(LoadedModel { bundle, engine, engine_thread: Some(join) })
     }

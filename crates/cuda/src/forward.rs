@@ -57,6 +57,10 @@ impl CudaModel {
             return Err(Error::InvalidBatch("M-RoPE positions are not supported on the GPU yet".into()));
         }
         let (n, m) = (batch.token_ids.len(), batch.logits_indices.len());
+        // Rows go in a grid dimension that holds 65,535 blocks.
+        if n > 65_535 || m > 65_535 {
+            return Err(Error::InvalidBatch(format!("a GPU step takes at most 65,535 tokens, this one has {n}")));
+        }
         let (h, nh, nkv, hd, ffn) =
             (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
         let (bs, eps, vocab) = (self.block_size, cfg.rms_norm_eps, cfg.vocab_size);
@@ -68,7 +72,8 @@ impl CudaModel {
         let len = meta.data.len();
         if self.scratch.meta.as_ref().is_none_or(|b| b.len() < len) {
             self.scratch.meta = None;
-            self.scratch.meta = Some(stream.alloc_zeros::<u32>(len + len / 2).map_err(device_err("allocating scratch"))?);
+            self.scratch.meta =
+                Some(stream.alloc_zeros::<u32>(len + len / 2).map_err(device_err("allocating scratch"))?);
         }
         let meta_buf = self.scratch.meta.as_mut().expect("allocated");
         stream.memcpy_htod(&meta.data, &mut meta_buf.slice_mut(0..len)).map_err(device_err("copying the batch"))?;

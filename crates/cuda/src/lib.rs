@@ -145,6 +145,27 @@ fn unsupported(cfg: &ModelConfig) -> Option<&'static str> {
     }
 }
 
+/// The libraries loaded at run time, each present: cudarc panics on first use of a missing one, so a machine
+/// without them gets an error here instead.
+fn check_libraries() -> Result<()> {
+    // SAFETY: these only try to open the shared libraries (dlopen) and close them again.
+    #[allow(unsafe_code)]
+    let found = unsafe {
+        [
+            ("the NVIDIA driver (libcuda.so.1)", cudarc::driver::sys::is_culib_present()),
+            ("NVRTC (libnvrtc.so.12 or .13)", cudarc::nvrtc::sys::is_culib_present()),
+            ("cuBLAS (libcublas.so.12 or .13)", cudarc::cublas::sys::is_culib_present()),
+        ]
+    };
+    match found.iter().find(|(_, present)| !present) {
+        Some((what, _)) => Err(Error::Device(format!(
+            "cuda: {what} was not found; install the NVIDIA driver and the CUDA runtime libraries (or put them on \
+             LD_LIBRARY_PATH), or run on the CPU (`--device cpu`)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl CudaModel {
     /// Loads the model at `path` (a GGUF file or a Hugging Face directory) onto GPU `ordinal`, with a paged KV
     /// cache of `num_blocks` blocks of `block_size` tokens.
@@ -171,6 +192,7 @@ impl CudaModel {
         if cfg.kv_dtype != mlx_serving_kernels::KvDtype::F16 {
             return Err(Error::Device("cuda: the GPU's KV cache is f16 (leave kv_cache_dtype at f16)".into()));
         }
+        check_libraries()?;
         let count = CudaContext::device_count().map_err(device_err("no usable driver (libcuda)"))?;
         if ordinal >= count.max(0) as usize {
             return Err(Error::Device(format!("cuda:{ordinal}: this machine has {count} GPU(s)")));
@@ -348,6 +370,13 @@ impl Scratch {
 }
 
 mod forward;
+
+impl Drop for CudaModel {
+    /// The buffers free on whichever thread drops the model: make its context current there first.
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+    }
+}
 
 impl DeviceModel for CudaModel {
     fn forward(&mut self, batch: &BatchInput<'_>, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {

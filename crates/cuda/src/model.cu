@@ -21,7 +21,11 @@ __device__ __forceinline__ uint16_t f2bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
-__device__ __forceinline__ uint16_t f32_to_half(float v, int kind) { return kind == KIND_BF16 ? f2bf(v) : f2h(v); }
+// f16 saturates at ±65504 instead of becoming inf (an outlier activation entering a cuBLAS matmul is clipped, not
+// turned into NaNs downstream).
+__device__ __forceinline__ uint16_t f32_to_half(float v, int kind) {
+    return kind == KIND_BF16 ? f2bf(v) : f2h(fminf(fmaxf(v, -65504.f), 65504.f));
+}
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
     v = warp_sum(v);

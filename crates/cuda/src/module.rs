@@ -118,7 +118,7 @@ pub fn compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
 /// [`compile`], through a file cache (`$MLX_SERVING_CACHE_DIR`, else `$XDG_CACHE_HOME/mlx-serving`, else
 /// `~/.cache/mlx-serving`) keyed by the architecture and a hash of the source: NVRTC takes seconds, a load from
 /// the cache none. A cache that cannot be read or written only costs the compilation.
-fn cached_compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+fn cached_compile(arch: &'static str) -> Result<(cudarc::nvrtc::Ptx, bool)> {
     use std::hash::{Hash, Hasher};
     let dir = std::env::var_os("MLX_SERVING_CACHE_DIR")
         .map(std::path::PathBuf::from)
@@ -128,7 +128,7 @@ fn cached_compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
     source().hash(&mut h);
     let file = dir.map(|d| d.join(format!("kernels-{arch}-{:016x}.ptx", h.finish())));
     if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
-        return Ok(cudarc::nvrtc::Ptx::from_src(text));
+        return Ok((cudarc::nvrtc::Ptx::from_src(text), true));
     }
     let ptx = compile(arch)?;
     if let Some(f) = &file {
@@ -140,7 +140,20 @@ fn cached_compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
             let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(ptx)
+    Ok((ptx, false))
+}
+
+/// NVRTC's name for compute capability `major.minor` (`sm_90`). NVRTC wants a `'static` name: each distinct one is
+/// made once per process.
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<(i32, i32, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, _, n)) = names.iter().find(|&&(a, b, _)| (a, b) == (major, minor)) {
+        return n;
+    }
+    let n: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    names.push((major, minor, n));
+    n
 }
 
 pub(crate) struct FormatKernels {
@@ -169,20 +182,14 @@ const ROWS: [usize; 3] = [1, 2, 4];
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(device_err("compute capability"))?;
-        // NVRTC wants a 'static str; the few architectures are listed rather than leaked.
-        let arch: &'static str = match (major, minor) {
-            (7, 0) => "sm_70",
-            (7, 5) => "sm_75",
-            (8, 0) => "sm_80",
-            (8, 6) => "sm_86",
-            (8, 9) => "sm_89",
-            (9, 0) => "sm_90",
-            (10, 0) => "sm_100",
-            (12, 0) => "sm_120",
-            (a, b) => return Err(crate::Error::Device(format!("cuda: compute capability {a}.{b} is not supported"))),
+        let arch = arch_name(major, minor);
+        let (ptx, cached) = cached_compile(arch)?;
+        let module = match ctx.load_module(ptx) {
+            Ok(m) => m,
+            // A cached module the driver refuses (written by another NVRTC, say): compile afresh.
+            Err(_) if cached => ctx.load_module(compile(arch)?).map_err(device_err("loading the kernels"))?,
+            Err(e) => return Err(device_err("loading the kernels")(e)),
         };
-        let ptx = cached_compile(arch)?;
-        let module = ctx.load_module(ptx).map_err(device_err("loading the kernels"))?;
         let f = |name: &str| module.load_function(name).map_err(device_err(name));
         let formats = Format::ALL
             .iter()

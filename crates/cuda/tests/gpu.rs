@@ -21,7 +21,7 @@ fn gpu_model(bundle: &ModelBundle, blocks: usize) -> CudaModel {
 }
 
 fn gpu_executor(bundle: &Arc<ModelBundle>, blocks: usize) -> ModelExecutor {
-    ModelExecutor::new(bundle.clone(), BS, blocks).with_device(Box::new(gpu_model(bundle, blocks)))
+    ModelExecutor::on_device(bundle.clone(), BS, Box::new(gpu_model(bundle, blocks)))
 }
 
 fn golden_on_gpu(path: &Path, ref_file: &str) {

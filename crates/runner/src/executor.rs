@@ -74,12 +74,17 @@ impl ModelExecutor {
         }
     }
 
-    /// Runs the model on `device` (a GPU holding the weights and a paged cache of as many blocks of the same
-    /// size as this executor was made with) instead of the CPU; the CPU cache shrinks to one block.
-    pub fn with_device(mut self, device: Box<dyn DeviceModel>) -> Self {
-        self.cache = PagedKvCache::new(self.bundle.model.config(), self.cache.block_size(), 1);
-        self.device = Some(device);
-        self
+    /// An executor running the model on `device` (a GPU holding the weights and the paged KV cache, with blocks
+    /// of `block_size` tokens) instead of the CPU. No CPU cache is allocated beyond one block.
+    pub fn on_device(bundle: Arc<ModelBundle>, block_size: usize, device: Box<dyn DeviceModel>) -> Self {
+        let mut me = Self::new(bundle, block_size, 1);
+        me.device = Some(device);
+        me
+    }
+
+    /// The most draft tokens a step may verify per sequence (0 without speculation).
+    pub fn max_draft_tokens(&self) -> usize {
+        self.speculator.as_ref().map_or(0, |s| s.config().num_speculative_tokens)
     }
 
     /// Bounds the encoder cache (recently encoded images) to `bytes`.

@@ -137,7 +137,7 @@ pub fn generate_speculative(
 }
 
 /// [`generate`] through the engine's scheduler and `executor` (e.g. one running the model on a GPU, see
-/// [`ModelExecutor::with_device`]), whose cache must hold `num_blocks` blocks of `opts.block_size` tokens, at
+/// [`ModelExecutor::on_device`]), whose cache must hold `num_blocks` blocks of `opts.block_size` tokens, at
 /// least enough for the prompt and `max_tokens`. The executor can serve further generations afterwards.
 pub fn generate_with(
     bundle: &ModelBundle,
@@ -149,7 +149,8 @@ pub fn generate_with(
     mut on_delta: impl FnMut(&str),
 ) -> Result<Generation, GenerateError> {
     check_request(&bundle.model, prompt, params)?;
-    let (scheduler, id) = one_request(bundle, prompt, params, opts, num_blocks, opts.max_prefill_chunk.max(1))?;
+    let most = executor.max_draft_tokens();
+    let (scheduler, id) = one_request(bundle, prompt, params, opts, num_blocks, opts.max_prefill_chunk.max(most + 1))?;
     let mut source = EngineSource { scheduler, executor, id, counts: SpecCounts::default() };
     let g = drive(&mut source, &bundle.tokenizer, prompt, params, opts, &mut on_delta);
     source.executor.remove_request(id);

@@ -238,8 +238,12 @@ fn smollm2_first_step_top5_logprobs_exact_f32() {
 
 /// Quantized matmuls with f32 activations and an f32 KV cache: the reference's arithmetic up to
 /// summation order.
-const EXACT: LoadOptions =
-    LoadOptions { activations: ActivationPrecision::F32, kv_cache_dtype: KvDtype::F32, ..LoadOptions::default() };
+const EXACT: LoadOptions = LoadOptions {
+    dequantize: false,
+    activations: ActivationPrecision::F32,
+    kv_cache_dtype: KvDtype::F32,
+    config_only: false,
+};
 
 #[test]
 fn smollm2_greedy_matches_transformers_f32_activations() {
