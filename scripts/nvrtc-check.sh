@@ -10,8 +10,20 @@ sha=ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575
 lib=$cache/x/nvidia/cu13/lib
 if [ ! -f "$lib/libnvrtc.so.13" ]; then
   mkdir -p "$cache"
-  curl -sSfL --retry 3 -o "$cache/nvrtc.whl" "$url"
-  echo "$sha  $cache/nvrtc.whl" | sha256sum -c --quiet
+  python3 - "$url" "$cache/nvrtc.whl" "$sha" <<'PY'
+import hashlib, sys, urllib.request
+url, out, want = sys.argv[1:]
+for attempt in range(3):
+    try:
+        data = urllib.request.urlopen(url, timeout=120).read()
+        break
+    except OSError:
+        if attempt == 2:
+            raise
+if hashlib.sha256(data).hexdigest() != want:
+    sys.exit(f"{url}: sha256 mismatch")
+open(out, "wb").write(data)
+PY
   python3 -m zipfile -e "$cache/nvrtc.whl" "$cache/x"
 fi
 LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \

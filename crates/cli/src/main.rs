@@ -401,10 +401,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             if let Some(s) = &spec_section {
                 exec = exec.with_speculation(s.speculator(&bundle, &load_opts, opts.block_size, blocks)?);
             }
-            (
-                mlx_serving_runner::generate_with(&bundle, &mut exec, blocks, &prompt_ids, &params, &opts, on_delta)?,
-                None,
-            )
+            let (g, counts) =
+                mlx_serving_runner::generate_with(&bundle, &mut exec, blocks, &prompt_ids, &params, &opts, on_delta)?;
+            (g, spec_section.is_some().then_some(counts))
         }
         (None, None) => (generate(&bundle.model, &bundle.tokenizer, &prompt_ids, &params, &opts, on_delta)?, None),
         (Some(s), None) => {

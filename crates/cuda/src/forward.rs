@@ -70,14 +70,9 @@ impl CudaModel {
         let max_blocks = meta.max_blocks;
         let stream = self.stream.clone();
         let len = meta.data.len();
-        if self.scratch.meta.as_ref().is_none_or(|b| b.len() < len) {
-            self.scratch.meta = None;
-            self.scratch.meta =
-                Some(stream.alloc_zeros::<u32>(len + len / 2).map_err(device_err("allocating scratch"))?);
-        }
+        let base = grown(&mut self.scratch.meta, &stream, len)?;
         let meta_buf = self.scratch.meta.as_mut().expect("allocated");
         stream.memcpy_htod(&meta.data, &mut meta_buf.slice_mut(0..len)).map_err(device_err("copying the batch"))?;
-        let base = ptr(meta_buf, &stream);
         let [ids, positions, slots, ctx_lens, tables, logits_rows] = meta.offsets().map(|o| at(base, o));
 
         // Scratch.
@@ -110,7 +105,7 @@ impl CudaModel {
         l.args.arg(&t).arg(&ids).arg(&x).arg(&h_i).arg(&scale);
         l.go("embedding")?;
         if !batch.embeds.is_empty() {
-            let xs = self.scratch.f32s[slot::X].1.as_mut().expect("allocated");
+            let xs = self.scratch.f32s[slot::X].as_mut().expect("allocated");
             for &(row, e) in batch.embeds {
                 let mut dst = xs.slice_mut(row * h..row * h + e.len());
                 stream.memcpy_htod(e, &mut dst).map_err(device_err("copying embeddings"))?;
@@ -213,7 +208,7 @@ impl CudaModel {
         let head = self.head.as_ref().unwrap_or(&self.embed);
         norm(x, logits_rows, &self.norm, m, half_for(head, m))?;
         mm.matmul(head, hn, hn16, logits, m, false)?;
-        let out = self.scratch.f32s[slot::LOGITS].1.as_ref().expect("allocated");
+        let out = self.scratch.f32s[slot::LOGITS].as_ref().expect("allocated");
         stream.clone_dtoh(&out.slice(0..m * vocab)).map_err(device_err("copying the logits"))
     }
 

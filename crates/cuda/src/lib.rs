@@ -26,7 +26,7 @@ mod module;
 mod weights;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use mlx_serving_models::config::{FfnActivation, RopeStyle};
 use mlx_serving_models::source::TensorSource;
 use mlx_serving_models::{BatchInput, DeviceModel, Error, GgufFile, ModelConfig};
@@ -96,8 +96,8 @@ const ATTN_PARTIAL_BYTES: usize = 256 << 20;
 /// Buffers of one step, grown to the largest step seen.
 #[derive(Default)]
 struct Scratch {
-    f32s: Vec<(usize, Option<CudaSlice<f32>>)>,
-    u16s: Vec<(usize, Option<CudaSlice<u16>>)>,
+    f32s: [Option<CudaSlice<f32>>; slot::F32_SLOTS],
+    u16s: [Option<CudaSlice<u16>>; slot::U16_SLOTS],
     meta: Option<CudaSlice<u32>>,
 }
 
@@ -153,8 +153,8 @@ fn check_libraries() -> Result<()> {
     let found = unsafe {
         [
             ("the NVIDIA driver (libcuda.so.1)", cudarc::driver::sys::is_culib_present()),
-            ("NVRTC (libnvrtc.so.12 or .13)", cudarc::nvrtc::sys::is_culib_present()),
-            ("cuBLAS (libcublas.so.12 or .13)", cudarc::cublas::sys::is_culib_present()),
+            ("NVRTC (libnvrtc.so.13)", cudarc::nvrtc::sys::is_culib_present()),
+            ("cuBLAS (libcublas.so.13)", cudarc::cublas::sys::is_culib_present()),
         ]
     };
     match found.iter().find(|(_, present)| !present) {
@@ -339,34 +339,28 @@ mod slot {
 }
 
 impl Scratch {
-    /// A pointer to f32 buffer `i` of at least `len` elements (grown by half again when too small).
+    /// A pointer to f32 buffer `i`, of at least `len` elements.
     fn f32(&mut self, stream: &Arc<CudaStream>, i: usize, len: usize) -> Result<u64> {
-        if self.f32s.len() < slot::F32_SLOTS {
-            self.f32s.resize_with(slot::F32_SLOTS, || (0, None));
-        }
-        let e = &mut self.f32s[i];
-        if e.0 < len.max(1) {
-            let cap = len.max(1) + len / 2;
-            e.1 = None;
-            e.1 = Some(stream.alloc_zeros::<f32>(cap).map_err(device_err("allocating scratch"))?);
-            e.0 = cap;
-        }
-        Ok(ptr(e.1.as_ref().expect("allocated"), stream))
+        grown(&mut self.f32s[i], stream, len)
     }
 
     fn u16(&mut self, stream: &Arc<CudaStream>, i: usize, len: usize) -> Result<u64> {
-        if self.u16s.len() < slot::U16_SLOTS {
-            self.u16s.resize_with(slot::U16_SLOTS, || (0, None));
-        }
-        let e = &mut self.u16s[i];
-        if e.0 < len.max(1) {
-            let cap = len.max(1) + len / 2;
-            e.1 = None;
-            e.1 = Some(stream.alloc_zeros::<u16>(cap).map_err(device_err("allocating scratch"))?);
-            e.0 = cap;
-        }
-        Ok(ptr(e.1.as_ref().expect("allocated"), stream))
+        grown(&mut self.u16s[i], stream, len)
     }
+}
+
+/// A pointer to the buffer in `slot`, reallocated half again larger than `len` when it holds fewer elements.
+fn grown<T: DeviceRepr + ValidAsZeroBits>(
+    slot: &mut Option<CudaSlice<T>>,
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<u64> {
+    let len = len.max(1);
+    if slot.as_ref().is_none_or(|b| b.len() < len) {
+        *slot = None;
+        *slot = Some(stream.alloc_zeros::<T>(len + len / 2).map_err(device_err("allocating scratch"))?);
+    }
+    Ok(ptr(slot.as_ref().expect("allocated"), stream))
 }
 
 mod forward;

@@ -11,6 +11,7 @@ pub(crate) fn source() -> String {
     [
         include_str!("prelude.cuh"),
         include_str!("../../kernels/cuda/paged_attention.cuh"),
+        include_str!("../../kernels/cuda/matvec_store.cuh"),
         include_str!("../../kernels/cuda/q4k_matvec.cuh"),
         include_str!("../../kernels/cuda/block_matvec.cuh"),
         include_str!("model.cu"),
@@ -100,10 +101,9 @@ impl Format {
 }
 
 /// The module compiled to PTX for `arch` (e.g. `sm_90`): NVRTC only, no GPU needed.
-pub fn compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+pub fn compile(arch: &str) -> Result<cudarc::nvrtc::Ptx> {
     let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["-std=c++17".into(), "-default-device".into()],
+        options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-default-device".into()],
         ..CompileOptions::default()
     };
     compile_ptx_with_opts(source(), opts).map_err(|e| match e {
@@ -114,11 +114,10 @@ pub fn compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
     })
 }
 
-/// A format's kernels.
 /// [`compile`], through a file cache (`$MLX_SERVING_CACHE_DIR`, else `$XDG_CACHE_HOME/mlx-serving`, else
 /// `~/.cache/mlx-serving`) keyed by the architecture and a hash of the source: NVRTC takes seconds, a load from
 /// the cache none. A cache that cannot be read or written only costs the compilation.
-fn cached_compile(arch: &'static str) -> Result<(cudarc::nvrtc::Ptx, bool)> {
+fn cached_compile(arch: &str) -> Result<(cudarc::nvrtc::Ptx, bool)> {
     use std::hash::{Hash, Hasher};
     let dir = std::env::var_os("MLX_SERVING_CACHE_DIR")
         .map(std::path::PathBuf::from)
@@ -143,19 +142,7 @@ fn cached_compile(arch: &'static str) -> Result<(cudarc::nvrtc::Ptx, bool)> {
     Ok((ptx, false))
 }
 
-/// NVRTC's name for compute capability `major.minor` (`sm_90`). NVRTC wants a `'static` name: each distinct one is
-/// made once per process.
-fn arch_name(major: i32, minor: i32) -> &'static str {
-    static NAMES: std::sync::Mutex<Vec<(i32, i32, &'static str)>> = std::sync::Mutex::new(Vec::new());
-    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&(_, _, n)) = names.iter().find(|&&(a, b, _)| (a, b) == (major, minor)) {
-        return n;
-    }
-    let n: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-    names.push((major, minor, n));
-    n
-}
-
+/// A format's kernels.
 pub(crate) struct FormatKernels {
     pub embed: CudaFunction,
     pub dequant: CudaFunction,
@@ -182,12 +169,12 @@ const ROWS: [usize; 3] = [1, 2, 4];
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(device_err("compute capability"))?;
-        let arch = arch_name(major, minor);
-        let (ptx, cached) = cached_compile(arch)?;
+        let arch = format!("sm_{major}{minor}");
+        let (ptx, cached) = cached_compile(&arch)?;
         let module = match ctx.load_module(ptx) {
             Ok(m) => m,
             // A cached module the driver refuses (written by another NVRTC, say): compile afresh.
-            Err(_) if cached => ctx.load_module(compile(arch)?).map_err(device_err("loading the kernels"))?,
+            Err(_) if cached => ctx.load_module(compile(&arch)?).map_err(device_err("loading the kernels"))?,
             Err(e) => return Err(device_err("loading the kernels")(e)),
         };
         let f = |name: &str| module.load_function(name).map_err(device_err(name));

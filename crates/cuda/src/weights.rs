@@ -262,21 +262,8 @@ mod gpu_tests {
     use super::*;
     use crate::module::Kernels;
     use cudarc::driver::CudaContext;
+    use mlx_serving_test_support::rng::Rng;
     use std::borrow::Cow;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        /// Uniform in [-1, 1).
-        fn f32(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
 
     /// Random weights `[rows, cols]` in GGUF type `t`: random bytes, with every block's scale fields set to
     /// small f16 values (any bit pattern is a valid quantized value; a random scale could be inf or NaN).
@@ -297,7 +284,7 @@ mod gpu_tests {
                     Format::Q6K => &[208],
                     _ => &[0],
                 };
-                let mut b: Vec<u8> = (0..rows * cols / values * size).map(|_| rng.next() as u8).collect();
+                let mut b: Vec<u8> = (0..rows * cols / values * size).map(|_| rng.next_u64() as u8).collect();
                 for block in b.chunks_exact_mut(size) {
                     for &at in scales {
                         let s = half::f16::from_f32(0.002 + 0.01 * rng.f32().abs()).to_bits().to_le_bytes();

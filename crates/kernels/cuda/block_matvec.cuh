@@ -14,6 +14,7 @@
 #pragma once
 #ifndef __CUDACC_RTC__
 #include <stdint.h>
+#include "matvec_store.cuh"
 #endif
 
 namespace mlx_serving {
@@ -42,32 +43,28 @@ __device__ __forceinline__ float f16_at(const uint8_t* p) {
 template <int F>
 struct Fmt;
 
+// 8 16-bit floats (one 16-byte load) as f32: bf16 when `BF`, else f16.
+template <bool BF>
+__device__ __forceinline__ void half8(const uint8_t* b, float* out) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(b));
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const uint32_t h = (w[e / 2] >> (16 * (e % 2))) & 0xFFFF;
+        out[e] = BF ? __uint_as_float(h << 16) : bits_f16((uint16_t)h);
+    }
+}
+
 template <>
 struct Fmt<FMT_F16> {
     static constexpr int VALUES = 8, BYTES = 16;
-    __device__ static void dequant8(const uint8_t* b, int, float* out) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(b));
-        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            out[2 * e] = bits_f16((uint16_t)(w[e] & 0xFFFF));
-            out[2 * e + 1] = bits_f16((uint16_t)(w[e] >> 16));
-        }
-    }
+    __device__ static void dequant8(const uint8_t* b, int, float* out) { half8<false>(b, out); }
 };
 
 template <>
 struct Fmt<FMT_BF16> {
     static constexpr int VALUES = 8, BYTES = 16;
-    __device__ static void dequant8(const uint8_t* b, int, float* out) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(b));
-        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            out[2 * e] = __uint_as_float(w[e] << 16);
-            out[2 * e + 1] = __uint_as_float(w[e] & 0xFFFF0000u);
-        }
-    }
+    __device__ static void dequant8(const uint8_t* b, int, float* out) { half8<true>(b, out); }
 };
 
 // The 4-bit value j (< 32) of a 16-byte nibble array: low nibbles are values 0..15, high ones 16..31.
@@ -222,18 +219,7 @@ __device__ __forceinline__ void block_matvec_body(const uint8_t* __restrict__ w,
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            float s = acc[r][v];
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0 && row0 + r < rows) {
-                float* out = y + (size_t)v * ldy + row0 + r;
-                *out = add ? *out + s : s;
-            }
-        }
-    }
+    matvec_store<R, NV>(acc, lane, row0, rows, y, ldy, add);
 }
 
 }  // namespace mlx_serving

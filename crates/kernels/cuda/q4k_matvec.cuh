@@ -15,6 +15,7 @@
 #ifndef __CUDACC_RTC__
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include "matvec_store.cuh"
 #endif
 
 namespace mlx_serving {
@@ -92,18 +93,7 @@ __device__ __forceinline__ void q4k_matvec_body(const uint8_t* __restrict__ w, c
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            float s = acc[r][v];
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0 && row0 + r < rows) {
-                float* out = y + (size_t)v * ldy + row0 + r;
-                *out = add ? *out + s : s;
-            }
-        }
-    }
+    matvec_store<R, NV>(acc, lane, row0, rows, y, ldy, add);
 }
 
 template <int NV, int R>

@@ -122,23 +122,21 @@ pub fn generate_speculative(
     prompt: &[u32],
     params: &SamplingParams,
     opts: &GenerateOptions,
-    mut on_delta: impl FnMut(&str),
+    on_delta: impl FnMut(&str),
 ) -> Result<(Generation, SpecCounts), GenerateError> {
+    // Checked before the executor's cache is sized from `max_tokens`.
     check_request(&bundle.model, prompt, params)?;
     let bs = opts.block_size.max(1);
     let most = speculator.config().num_speculative_tokens;
     let num_blocks = (prompt.len() + params.max_tokens as usize + most + 1).div_ceil(bs);
-    let (scheduler, id) = one_request(&bundle, prompt, params, opts, num_blocks, opts.max_prefill_chunk.max(most + 1))?;
     let mut executor = ModelExecutor::new(bundle.clone(), bs, num_blocks).with_speculation(speculator);
-    let mut source = EngineSource { scheduler, executor: &mut executor, id, counts: SpecCounts::default() };
-    let tokenizer = &bundle.tokenizer;
-    let g = drive(&mut source, tokenizer, prompt, params, opts, &mut on_delta)?;
-    Ok((g, source.counts))
+    generate_with(&bundle, &mut executor, num_blocks, prompt, params, opts, on_delta)
 }
 
 /// [`generate`] through the engine's scheduler and `executor` (e.g. one running the model on a GPU, see
 /// [`ModelExecutor::on_device`]), whose cache must hold `num_blocks` blocks of `opts.block_size` tokens, at
-/// least enough for the prompt and `max_tokens`. The executor can serve further generations afterwards.
+/// least enough for the prompt, `max_tokens` and the executor's draft tokens. Also returns the speculation counts
+/// (zero without a speculator). The executor can serve further generations afterwards.
 pub fn generate_with(
     bundle: &ModelBundle,
     executor: &mut ModelExecutor,
@@ -147,14 +145,14 @@ pub fn generate_with(
     params: &SamplingParams,
     opts: &GenerateOptions,
     mut on_delta: impl FnMut(&str),
-) -> Result<Generation, GenerateError> {
+) -> Result<(Generation, SpecCounts), GenerateError> {
     check_request(&bundle.model, prompt, params)?;
     let most = executor.max_draft_tokens();
     let (scheduler, id) = one_request(bundle, prompt, params, opts, num_blocks, opts.max_prefill_chunk.max(most + 1))?;
     let mut source = EngineSource { scheduler, executor, id, counts: SpecCounts::default() };
     let g = drive(&mut source, &bundle.tokenizer, prompt, params, opts, &mut on_delta);
     source.executor.remove_request(id);
-    g
+    Ok((g?, source.counts))
 }
 
 /// A scheduler for one request (prompt caching off) with `num_blocks` cache blocks, and the request's id.

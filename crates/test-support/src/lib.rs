@@ -4,6 +4,7 @@
 //! never skip silently.
 
 pub mod golden;
+pub mod rng;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
