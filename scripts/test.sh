@@ -34,6 +34,9 @@ cargo check -p mlx-serving --features cuda
 scripts/nvrtc-check.sh
 # The GPU's weight-format decoding (block_matvec.cuh, compiled for the host) against the gguf package's dequantizer.
 .venv/bin/python tests/block_formats_host.py
+# The CUDA kernels' own test programs (each kernel against an f64 reference, batch invariance bitwise) under a
+# host emulation of thread blocks, warps and shuffles (crates/kernels/cuda/emu); the GPU runs them too.
+python3 tests/cuda_emu.py
 cargo build -p mlx-serving
 .venv/bin/python tests/openai_client.py target/debug/mlx-serving
 # Structured output: 73 schemas, regexes, choices, grammars; every finished answer validated (jsonschema, re).

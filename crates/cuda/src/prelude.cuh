@@ -23,6 +23,11 @@ __device__ __forceinline__ float __half2float(__half h) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.x));
     return f;
 }
+__device__ __forceinline__ __half __ushort_as_half(unsigned short u) {
+    __half h;
+    h.x = u;
+    return h;
+}
 __device__ __forceinline__ __half __float2half(float f) {
     __half h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.x) : "f"(f));

@@ -13,6 +13,7 @@
 
 #pragma once
 #ifndef __CUDACC_RTC__
+#include <cuda_fp16.h>
 #include <stdint.h>
 #include "matvec_store.cuh"
 #endif
@@ -31,11 +32,7 @@ enum WeightFormat : int {
     FMT_Q4_K = 8,
 };
 
-__device__ __forceinline__ float bits_f16(uint16_t h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
+__device__ __forceinline__ float bits_f16(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ float f16_at(const uint8_t* p) {
     return bits_f16(*reinterpret_cast<const uint16_t*>(p));  // 2-byte aligned in every layout
 }
