@@ -201,6 +201,9 @@ __device__ __forceinline__ void block_matvec_body(const uint8_t* __restrict__ w,
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int v = 0; v < NV; ++v) acc[r][v] = 0.f;
+    // Unrolled so that the loads of later steps are in flight during this one's arithmetic: a 16-bit matrix is
+    // read at 16 bytes per lane and step, too little in flight per SM to reach the memory's bandwidth alone.
+#pragma unroll(Fmt<F>::VALUES == 8 ? 4 : 2)
     for (int c = lane * 8; c < k; c += 256) {
         float wf[R][8];
 #pragma unroll
