@@ -48,7 +48,14 @@ impl Meta {
 }
 
 impl CudaModel {
-    pub(crate) fn step(&mut self, batch: &BatchInput<'_>, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
+    /// One step; the logits rows flagged in `argmax_only` come back as their argmax alone (see
+    /// [`DeviceModel::forward_select`]).
+    pub(crate) fn step(
+        &mut self,
+        batch: &BatchInput<'_>,
+        argmax_only: &[bool],
+        progress: &dyn Fn() -> bool,
+    ) -> Result<StepLogits> {
         // The engine runs steps on its own thread: make the model's context current there.
         self.ctx.bind_to_thread().map_err(device_err("binding the GPU's context"))?;
         let cfg = &self.cfg;
@@ -203,13 +210,46 @@ impl CudaModel {
         }
         if m == 0 {
             stream.synchronize().map_err(device_err("step"))?;
-            return Ok(Vec::new());
+            return Ok(StepLogits::default());
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
         norm(x, logits_rows, &self.norm, m, half_for(head, m))?;
         mm.matmul(head, hn, hn16, logits, m, false)?;
+        if !argmax_only.contains(&true) {
+            let out = self.scratch.f32s[slot::LOGITS].as_ref().expect("allocated");
+            let all = stream.clone_dtoh(&out.slice(0..m * vocab)).map_err(device_err("copying the logits"))?;
+            return Ok(StepLogits::all(all, m));
+        }
+        if argmax_only.len() != m {
+            return Err(Error::InvalidBatch(format!("{} argmax flags for {m} logits rows", argmax_only.len())));
+        }
+        // Every row's argmax on the GPU (one block per row), the ids back, and the logits of the other rows
+        // only, a run of consecutive rows per copy.
+        let ids = self.scratch.u32(&stream, m)?;
+        let vocab_i = vocab as i32;
+        let mut l = self.launch(&self.kernels.argmax_rows, (m as u32, 1, 1), ARGMAX_THREADS);
+        l.args.arg(&logits).arg(&vocab_i).arg(&ids);
+        l.go("argmax")?;
+        let ids_buf = self.scratch.tokens.as_ref().expect("allocated");
+        let ids = stream.clone_dtoh(&ids_buf.slice(0..m)).map_err(device_err("copying the argmax"))?;
         let out = self.scratch.f32s[slot::LOGITS].as_ref().expect("allocated");
-        stream.clone_dtoh(&out.slice(0..m * vocab)).map_err(device_err("copying the logits"))
+        let mut kept = Vec::new();
+        let mut r = 0;
+        while r < m {
+            let start = r;
+            while r < m && !argmax_only[r] {
+                r += 1;
+            }
+            if r > start {
+                let part = stream
+                    .clone_dtoh(&out.slice(start * vocab..r * vocab))
+                    .map_err(device_err("copying the logits"))?;
+                kept.extend_from_slice(&part);
+            }
+            r += 1;
+        }
+        let tokens = argmax_only.iter().zip(ids).map(|(&only, id)| only.then_some(id)).collect();
+        Ok(StepLogits { logits: kept, tokens })
     }
 
     fn to_half(&self, src: u64, dst: u64, kind: HalfKind, len: usize) -> Result<()> {

@@ -19,6 +19,9 @@
 //! bitwise the logits it gives alone. Rows of batches past 8 go through cuBLAS, whose kernels may sum in
 //! another order for another batch size.
 //!
+//! Greedy rows: rows the executor asks for their argmax alone (`forward_select`) are reduced on the GPU
+//! (`argmax_rows`), and only their token ids are copied back.
+//!
 //! The kernels are compiled by NVRTC when a model loads (`module.rs`); cudarc loads the driver, NVRTC and
 //! cuBLAS at run time, so this crate builds without CUDA.
 
@@ -29,7 +32,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use mlx_serving_models::config::{FfnActivation, RopeStyle};
 use mlx_serving_models::source::TensorSource;
-use mlx_serving_models::{BatchInput, DeviceModel, Error, GgufFile, ModelConfig};
+use mlx_serving_models::{BatchInput, DeviceModel, Error, GgufFile, ModelConfig, StepLogits};
 use module::Kernels;
 use std::path::Path;
 use std::sync::Arc;
@@ -90,6 +93,8 @@ unsafe impl DeviceRepr for PagedDecodeParams {}
 /// Context positions per attention split: fixed, so that a row's result never depends on its batch (see the
 /// crate docs).
 const SPLIT: usize = 256;
+/// Threads per block of the argmax kernel (`ARGMAX_THREADS` of layer_ops.cuh).
+const ARGMAX_THREADS: u32 = 256;
 /// Bound on the attention's partial-result buffers; longer batches run the attention in row chunks.
 const ATTN_PARTIAL_BYTES: usize = 256 << 20;
 
@@ -99,6 +104,8 @@ struct Scratch {
     f32s: [Option<CudaSlice<f32>>; slot::F32_SLOTS],
     u16s: [Option<CudaSlice<u16>>; slot::U16_SLOTS],
     meta: Option<CudaSlice<u32>>,
+    /// The argmax of each logits row (greedy rows).
+    tokens: Option<CudaSlice<u32>>,
 }
 
 pub struct CudaModel {
@@ -347,6 +354,11 @@ impl Scratch {
     fn u16(&mut self, stream: &Arc<CudaStream>, i: usize, len: usize) -> Result<u64> {
         grown(&mut self.u16s[i], stream, len)
     }
+
+    /// The argmax buffer, of at least `len` ids.
+    fn u32(&mut self, stream: &Arc<CudaStream>, len: usize) -> Result<u64> {
+        grown(&mut self.tokens, stream, len)
+    }
 }
 
 /// A pointer to the buffer in `slot`, reallocated half again larger than `len` when it holds fewer elements.
@@ -374,7 +386,16 @@ impl Drop for CudaModel {
 
 impl DeviceModel for CudaModel {
     fn forward(&mut self, batch: &BatchInput<'_>, progress: &dyn Fn() -> bool) -> Result<Vec<f32>> {
-        self.step(batch, progress)
+        Ok(self.step(batch, &[], progress)?.logits)
+    }
+
+    fn forward_select(
+        &mut self,
+        batch: &BatchInput<'_>,
+        argmax_only: &[bool],
+        progress: &dyn Fn() -> bool,
+    ) -> Result<StepLogits> {
+        self.step(batch, argmax_only, progress)
     }
 
     fn describe(&self) -> String {

@@ -14,6 +14,7 @@ pub(crate) fn source() -> String {
         include_str!("../../kernels/cuda/matvec_store.cuh"),
         include_str!("../../kernels/cuda/q4k_matvec.cuh"),
         include_str!("../../kernels/cuda/block_matvec.cuh"),
+        include_str!("../../kernels/cuda/layer_ops.cuh"),
         include_str!("model.cu"),
     ]
     .join("\n")
@@ -156,6 +157,7 @@ pub(crate) struct Kernels {
     pub qkv_rope_store: CudaFunction,
     pub swiglu: CudaFunction,
     pub to_half: CudaFunction,
+    pub argmax_rows: CudaFunction,
     pub pa_split: CudaFunction,
     pub pa_merge: CudaFunction,
     /// `pa_grouped[g - 1]`: the grouped attention kernel for g query heads per KV head.
@@ -198,6 +200,7 @@ impl Kernels {
             qkv_rope_store: f("qkv_rope_store")?,
             swiglu: f("swiglu")?,
             to_half: f("to_half")?,
+            argmax_rows: f("argmax_rows")?,
             pa_split: f("pa_split")?,
             pa_merge: f("pa_merge")?,
             pa_grouped: (1..=8).map(|g| f(&format!("pa_grouped_{g}"))).collect::<Result<_>>()?,
@@ -228,7 +231,9 @@ mod tests {
     fn the_kernels_compile() {
         let ptx = super::compile("sm_90").unwrap();
         let text = ptx.to_src();
-        for name in ["pa_grouped_3", "mv_q4_k_8_4", "mv_bf16_1_4", "mv_q6_k_8_2", "qkv_rope_store", "embed_q4_k"] {
+        for name in
+            ["pa_grouped_3", "mv_q4_k_8_4", "mv_bf16_1_4", "mv_q6_k_8_2", "qkv_rope_store", "embed_q4_k", "argmax_rows"]
+        {
             assert!(text.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
         }
     }

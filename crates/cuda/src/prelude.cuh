@@ -28,6 +28,7 @@ __device__ __forceinline__ __half __ushort_as_half(unsigned short u) {
     h.x = u;
     return h;
 }
+__device__ __forceinline__ unsigned short __half_as_ushort(__half h) { return h.x; }
 __device__ __forceinline__ __half __float2half(float f) {
     __half h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.x) : "f"(f));

@@ -4,7 +4,9 @@
 
 use mlx_serving_cuda::CudaModel;
 use mlx_serving_engine::{EngineRequest, Executor, RequestId, SamplingParams, Scheduler, SchedulerConfig};
-use mlx_serving_models::{ActivationPrecision, BatchInput, DeviceModel, LoadOptions, ModelBundle, SeqInput};
+use mlx_serving_models::{
+    argmax, ActivationPrecision, BatchInput, DeviceModel, LoadOptions, ModelBundle, SeqInput, StepLogits,
+};
 use mlx_serving_runner::{generate_with, last_position_logits, GenerateOptions, ModelExecutor};
 use mlx_serving_test_support::golden::{check_greedy, COMPARE};
 use mlx_serving_test_support::{qwen2_path, smollm2_path};
@@ -56,6 +58,14 @@ fn forward_one(m: &mut CudaModel, tokens: &[u32], start: usize, table: &[u32]) -
 
 /// One batch of several sequences `(tokens, start, table)`, logits for each one's last row.
 fn forward_many(m: &mut CudaModel, seqs: &[(&[u32], usize, &[u32])]) -> Vec<f32> {
+    let out = forward_select(m, seqs, &[]);
+    assert!(out.tokens.iter().all(Option::is_none));
+    assert!(out.logits.iter().all(|v| v.is_finite()), "non-finite logits");
+    out.logits
+}
+
+/// [`forward_many`] with the last rows flagged in `argmax_only` returned as their argmax alone.
+fn forward_select(m: &mut CudaModel, seqs: &[(&[u32], usize, &[u32])], argmax_only: &[bool]) -> StepLogits {
     let (mut ids, mut pos, mut slots, mut inputs, mut last) = (vec![], vec![], vec![], vec![], vec![]);
     for &(tokens, start, table) in seqs {
         for (j, &t) in tokens.iter().enumerate() {
@@ -76,9 +86,7 @@ fn forward_many(m: &mut CudaModel, seqs: &[(&[u32], usize, &[u32])]) -> Vec<f32>
         embeds: &[],
         mrope_positions: &[],
     };
-    let logits = m.forward(&batch, &|| true).unwrap();
-    assert!(logits.iter().all(|v| v.is_finite()), "non-finite logits");
-    logits
+    m.forward_select(&batch, argmax_only, &|| true).unwrap()
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f64> {
@@ -174,6 +182,40 @@ fn decode_rows_are_batch_invariant() {
                 "sequence {i} in a batch of {size} differs from alone"
             );
         }
+    }
+}
+
+/// Rows asked for their argmax alone (greedy requests) give the argmax of their logits, taken on the GPU with the
+/// CPU sampler's rules; the other rows' logits come back in order, bitwise those of a plain forward.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
+fn argmax_rows_are_the_argmax_of_their_logits() {
+    let bundle = ModelBundle::load(smollm2_path(), &LoadOptions::default()).unwrap();
+    let mut m = gpu_model(&bundle, 64);
+    let vocab = bundle.model.config().vocab_size;
+    let texts = ["Once upon a time", "SELECT name FROM", "The quick brown fox", "Q: 2+2? A:"];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(t, true).unwrap()).collect();
+    let tables: Vec<Vec<u32>> = (0..prompts.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
+    for (p, t) in prompts.iter().zip(&tables) {
+        forward_one(&mut m, &p[..p.len() - 1], 0, t);
+    }
+    let seqs: Vec<(&[u32], usize, &[u32])> =
+        prompts.iter().zip(&tables).map(|(p, t)| (&p[p.len() - 1..], p.len() - 1, &t[..])).collect();
+    let full = forward_many(&mut m, &seqs);
+    for flags in [[true, false, true, true], [false, true, false, false], [true; 4]] {
+        let out = forward_select(&mut m, &seqs, &flags);
+        let mut kept = out.logits.chunks(vocab);
+        for (i, &only) in flags.iter().enumerate() {
+            let row = &full[i * vocab..(i + 1) * vocab];
+            if only {
+                assert_eq!(out.tokens[i], Some(argmax(row)), "row {i} of {flags:?}");
+            } else {
+                assert_eq!(out.tokens[i], None);
+                let got = kept.next().expect("a logits row for each unflagged row");
+                assert!(got.iter().zip(row).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i} of {flags:?}");
+            }
+        }
+        assert!(kept.next().is_none(), "logits rows beyond the unflagged ones");
     }
 }
 

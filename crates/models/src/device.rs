@@ -52,8 +52,74 @@ pub trait DeviceModel: Send {
     /// device's cache at each token's slot, and the logits of `batch.logits_indices` returned row-major
     /// `[logits_indices.len(), vocab_size]`.
     fn forward(&mut self, batch: &crate::BatchInput<'_>, progress: &dyn Fn() -> bool) -> crate::Result<Vec<f32>>;
+
+    /// [`forward`](Self::forward) where the logits rows flagged in `argmax_only` (one flag per
+    /// `batch.logits_indices` entry) come back as their [`argmax`] alone: a request sampled greedily with
+    /// nothing that reads its logits (no penalties, biases, constraint or logprobs) needs only that, and a GPU
+    /// then copies back one token id instead of a vocabulary of logits. This default computes every row's logits
+    /// and takes the argmax here.
+    fn forward_select(
+        &mut self,
+        batch: &crate::BatchInput<'_>,
+        argmax_only: &[bool],
+        progress: &dyn Fn() -> bool,
+    ) -> crate::Result<StepLogits> {
+        let logits = self.forward(batch, progress)?;
+        Ok(StepLogits::select(logits, argmax_only))
+    }
+
     /// The device, in words (for logs).
     fn describe(&self) -> String;
+}
+
+/// A step's output per logits row: its logits, or (rows asked for the argmax alone) its argmax.
+#[derive(Debug, Default, PartialEq)]
+pub struct StepLogits {
+    /// The logits of the rows that have them, `[rows, vocab]` in row order.
+    pub logits: Vec<f32>,
+    /// One entry per logits row: `Some(argmax)` for a row given as its argmax, `None` for one in `logits`.
+    pub tokens: Vec<Option<u32>>,
+}
+
+impl StepLogits {
+    /// Every row's logits, `[rows, vocab]`.
+    pub fn all(logits: Vec<f32>, rows: usize) -> Self {
+        Self { logits, tokens: vec![None; rows] }
+    }
+
+    /// From every row's logits: the rows of `argmax_only` reduced to their argmax.
+    pub fn select(logits: Vec<f32>, argmax_only: &[bool]) -> Self {
+        if !argmax_only.contains(&true) {
+            return Self::all(logits, argmax_only.len());
+        }
+        let vocab = logits.len() / argmax_only.len().max(1);
+        let mut kept = Vec::with_capacity(logits.len());
+        let tokens = logits
+            .chunks_exact(vocab.max(1))
+            .zip(argmax_only)
+            .map(|(row, &only)| {
+                if only {
+                    Some(argmax(row))
+                } else {
+                    kept.extend_from_slice(row);
+                    None
+                }
+            })
+            .collect();
+        Self { logits: kept, tokens }
+    }
+}
+
+/// The greedy choice: the first index of the largest logit (NaNs never compare greater, so a NaN is chosen
+/// only at index 0, where the scan starts). GPU argmax kernels give the same index.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[cfg(test)]
@@ -74,5 +140,18 @@ mod tests {
         if !cfg!(feature = "cuda") {
             assert!(e.contains("--features cuda"), "{e}");
         }
+    }
+
+    #[test]
+    fn selected_rows_keep_their_logits_and_the_others_their_argmax() {
+        // 4 rows of 3: ties go to the first index; a NaN wins only at index 0.
+        let logits = vec![0.0, 2.0, 2.0, 5.0, 1.0, 0.0, f32::NAN, 9.0, 1.0, 1.0, f32::NAN, 3.0];
+        let out = StepLogits::select(logits.clone(), &[true, false, true, true]);
+        assert_eq!(out.tokens, vec![Some(1), None, Some(0), Some(2)]);
+        assert_eq!(out.logits, vec![5.0, 1.0, 0.0]);
+        let none = StepLogits::select(logits.clone(), &[false; 4]);
+        assert_eq!(none.tokens, vec![None; 4]);
+        assert_eq!(none.logits.len(), 12);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 }

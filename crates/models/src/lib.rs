@@ -35,7 +35,7 @@ pub use chat_template::ChatTemplate;
 pub use chat_tokens::{SpecialTokenText, TokenBytes};
 pub use config::{Architecture, FfnActivation, ModelConfig, RopeStyle, SlidingWindow};
 pub use decoder::{ActivationPrecision, LoadOptions, Model};
-pub use device::{ComputeDevice, DeviceModel};
+pub use device::{argmax, ComputeDevice, DeviceModel, StepLogits};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv::{BatchInput, PagedKvCache, SeqInput};

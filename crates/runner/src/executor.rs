@@ -11,7 +11,7 @@ use mlx_serving_engine::{
     ConstraintState, Executor, ExecutorError, Heartbeat, RequestId, RunnerOutput, SchedulerConfig, SchedulerOutput,
 };
 use mlx_serving_engine::{ScheduledSeq, TokenLogprobs};
-use mlx_serving_models::{BatchInput, DeviceModel, ModelBundle, PagedKvCache, SeqInput};
+use mlx_serving_models::{BatchInput, DeviceModel, ModelBundle, PagedKvCache, SeqInput, StepLogits};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +32,16 @@ struct SeqState {
 }
 
 impl SeqState {
+    /// Whether this step's sample rows need only their argmax: sampled as the raw argmax (see
+    /// [`Sampler::is_plain_argmax`]) with no constraint and no logprobs to report.
+    fn argmax_suffices(&self) -> bool {
+        let p = self.sampler.params();
+        self.constraint.is_none()
+            && p.logprobs.is_none()
+            && p.prompt_logprobs.is_none()
+            && self.sampler.is_plain_argmax(self.output.len())
+    }
+
     /// The prompt positions of a chunk at `start..start + len` whose logits give prompt logprobs not yet
     /// computed (position `p` gives token `p + 1`'s), as `(first position, count)`; none when not asked for.
     fn prompt_logprob_rows(&self, start: usize, len: usize) -> Option<(usize, usize)> {
@@ -351,16 +361,33 @@ impl Executor for ModelExecutor {
             .filter(|s| s.sample && self.states.get(&s.id).is_some_and(|st| st.constraint.is_some()))
             .map(|s| s.id)
             .collect();
+        // On a device, the sample rows of requests that take the plain argmax come back as that token alone.
+        let argmax_only: Vec<bool> = match self.device {
+            Some(_) => batch
+                .seqs
+                .iter()
+                .zip(&row_counts)
+                .flat_map(|(s, &count)| {
+                    let only = s.sample && self.states.get(&s.id).is_some_and(SeqState::argmax_suffices);
+                    let sampled = if s.sample { s.num_draft_tokens + 1 } else { 0 };
+                    (0..count).map(move |i| only && i >= count - sampled)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let (bundle, cache, states, device) = (&self.bundle, &mut self.cache, &mut self.states, &mut self.device);
         let (logits, masks) = std::thread::scope(|scope| {
             let masks = (!constrained.is_empty()).then(|| scope.spawn(|| masks_for(states, &constrained)));
             let logits = match device {
-                Some(d) => d.forward(&input, &progress),
-                None => bundle.model.forward_with_progress(&input, cache, &progress),
+                Some(d) => d.forward_select(&input, &argmax_only, &progress),
+                None => bundle
+                    .model
+                    .forward_with_progress(&input, cache, &progress)
+                    .map(|l| StepLogits::all(l, input.logits_indices.len())),
             };
             (logits, masks.map(|h| h.join()))
         });
-        let mut logits = logits.map_err(|e| ExecutorError(e.to_string()))?;
+        let StepLogits { mut logits, tokens } = logits.map_err(|e| ExecutorError(e.to_string()))?;
         let mut masks = match masks {
             Some(Ok((masks, times))) => {
                 out.mask_times = times;
@@ -370,9 +397,22 @@ impl Executor for ModelExecutor {
             None => HashMap::new(),
         };
         let vocab = self.bundle.model.config().vocab_size;
-        let mut rows = logits.chunks_mut(vocab);
+        let full_rows = tokens.iter().filter(|t| t.is_none()).count();
+        if tokens.len() != row_counts.iter().sum::<usize>() || logits.len() != full_rows * vocab {
+            return Err(ExecutorError(format!(
+                "the model returned {} rows ({full_rows} of logits, {} floats) for {} wanted",
+                tokens.len(),
+                logits.len(),
+                row_counts.iter().sum::<usize>()
+            )));
+        }
+        let mut logits_rows = logits.chunks_mut(vocab);
+        let mut rows = tokens.iter().map(|t| match t {
+            Some(token) => Row::Token(*token),
+            None => Row::Logits(logits_rows.next().unwrap_or_default()),
+        });
         for (s, &count) in batch.seqs.iter().zip(&row_counts) {
-            let mut seq_rows: Vec<&mut [f32]> = rows.by_ref().take(count).collect();
+            let mut seq_rows: Vec<Row<'_>> = rows.by_ref().take(count).collect();
             if count == 0 || out.failed.contains_key(&s.id) {
                 continue;
             }
@@ -384,8 +424,11 @@ impl Executor for ModelExecutor {
                 // Rows start at position `first` (see the push above).
                 let k = st.sampler.params().prompt_logprobs.unwrap_or(0) as usize;
                 for (i, row) in seq_rows.iter().take(n).enumerate() {
-                    let target = st.prompt[first + i + 1];
-                    st.prompt_logprobs.push(token_logprobs(row, target, k));
+                    // (A request with prompt logprobs never has its rows reduced to the argmax.)
+                    if let Row::Logits(row) = row {
+                        let target = st.prompt[first + i + 1];
+                        st.prompt_logprobs.push(token_logprobs(row, target, k));
+                    }
                 }
             }
             if !s.sample {
@@ -416,6 +459,13 @@ impl Executor for ModelExecutor {
     }
 }
 
+/// A logits row of the step: its logits, or its argmax when the device returned that alone (see
+/// [`SeqState::argmax_suffices`]).
+enum Row<'a> {
+    Logits(&'a mut [f32]),
+    Token(u32),
+}
+
 /// Samples a sequence at each of its scheduled positions (`rows`: the last known token's logits, then each
 /// draft token's) as decoding without speculation would, keeping draft tokens while they equal the sample;
 /// records the emitted tokens, their logprobs and the accepted count in `out`. `first_mask` is the
@@ -424,7 +474,7 @@ impl Executor for ModelExecutor {
 fn verify(
     st: &mut SeqState,
     s: &ScheduledSeq,
-    rows: Vec<&mut [f32]>,
+    rows: Vec<Row<'_>>,
     first_mask: Option<Result<Vec<u32>, String>>,
     out: &mut RunnerOutput,
 ) {
@@ -458,8 +508,15 @@ fn verify(
             Some(Ok(m)) => Some(m),
             None => None,
         };
-        let raw = st.sampler.params().logprobs.map(|k| (row.to_vec(), k as usize));
-        let Some(token) = st.sampler.sample_masked(row, &st.prompt, &st.output, mask.as_deref()) else {
+        let (token, raw) = match row {
+            // The device's argmax: what sample_masked would have drawn (no mask, processors or logprobs here).
+            Row::Token(t) => (Some(t), None),
+            Row::Logits(row) => {
+                let raw = st.sampler.params().logprobs.map(|k| (row.to_vec(), k as usize));
+                (st.sampler.sample_masked(row, &st.prompt, &st.output, mask.as_deref()), raw)
+            }
+        };
+        let Some(token) = token else {
             fail(&emitted, "output constraint: no token is allowed here".into());
             break;
         };

@@ -93,6 +93,20 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether [`sample_masked`](Self::sample_masked) without a mask comes down to the [`argmax`] of the raw
+    /// logits, at output length `output_len` and after: greedy, no penalty, no bias, no tokens held back
+    /// (`min_tokens` reached). A device may then return the argmax alone
+    /// ([`DeviceModel::forward_select`](mlx_serving_models::DeviceModel::forward_select)).
+    pub fn is_plain_argmax(&self, output_len: usize) -> bool {
+        let p = &self.params;
+        p.is_greedy()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+            && output_len >= p.min_tokens as usize
+    }
+
     /// Applies the processors to `logits` in place and draws the next token.
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], output: &[u32]) -> u32 {
         self.sample_masked(logits, prompt, output, None).unwrap_or_else(|| argmax(logits))
@@ -244,16 +258,9 @@ fn any_allowed(logits: &[f32], mask: &[u32]) -> bool {
         .any(|(i, &w)| logits.iter().skip(32 * i).take(32).enumerate().any(|(b, l)| w >> b & 1 == 1 && l.is_finite()))
 }
 
-/// Index of the largest logit; ties go to the lowest id (as `torch.argmax`).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+/// Index of the largest logit; ties go to the lowest id (as `torch.argmax`). One definition with the GPU's
+/// (`mlx_serving_models::argmax`, which its argmax kernel matches).
+pub use mlx_serving_models::argmax;
 
 /// `log_softmax(logits)[id]`, computed in f64.
 pub fn logprob(logits: &[f32], id: u32) -> f32 {
@@ -520,5 +527,31 @@ mod tests {
     fn logprob_is_log_softmax() {
         let lp = logprob(&[0.0, 0.0], 0);
         assert!((lp - (0.5f32).ln()).abs() < 1e-6);
+    }
+
+    /// `is_plain_argmax` holds exactly when sampling takes the raw argmax: each processor that reads the
+    /// logits turns it off, and where it holds the sample is the argmax.
+    #[test]
+    fn plain_argmax_is_what_greedy_sampling_without_processors_does() {
+        let greedy = SamplingParams::greedy(8);
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 23) as f32 * 0.5 - 3.0).collect();
+        let mut s = Sampler::new(&greedy).with_eos(&[4]);
+        assert!(s.is_plain_argmax(0));
+        let output = [9, 9, 3];
+        assert_eq!(s.sample(&mut logits.clone(), &[1, 2], &output), argmax(&logits));
+        let cases: Vec<(&str, SamplingParams)> = vec![
+            ("temperature", SamplingParams { temperature: 0.7, ..greedy.clone() }),
+            ("repetition", SamplingParams { repetition_penalty: 1.1, ..greedy.clone() }),
+            ("presence", SamplingParams { presence_penalty: 0.5, ..greedy.clone() }),
+            ("frequency", SamplingParams { frequency_penalty: -0.5, ..greedy.clone() }),
+            ("bias", SamplingParams { logit_bias: vec![(3, 5.0)], ..greedy.clone() }),
+        ];
+        for (what, p) in cases {
+            assert!(!Sampler::new(&p).is_plain_argmax(100), "{what}");
+        }
+        let min = SamplingParams { min_tokens: 3, ..greedy };
+        let s = Sampler::new(&min).with_eos(&[4]);
+        assert!(!s.is_plain_argmax(2), "EOS is held back before the third token");
+        assert!(s.is_plain_argmax(3));
     }
 }

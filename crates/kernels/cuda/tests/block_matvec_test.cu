@@ -83,7 +83,7 @@ static std::vector<uint8_t> random_weights(int rows, int k, std::mt19937_64& rng
     const Spec s = spec<F>();
     std::vector<uint8_t> w((size_t)rows * (k / s.values) * s.bytes);
     std::uniform_real_distribution<float> uni(-1.f, 1.f);
-    if (F == FMT_F16 || F == FMT_BF16) {
+    if constexpr (F == FMT_F16 || F == FMT_BF16) {
         for (size_t i = 0; i < w.size(); i += 2) {
             const float v = uni(rng);
             uint32_t b;
@@ -91,14 +91,14 @@ static std::vector<uint8_t> random_weights(int rows, int k, std::mt19937_64& rng
             const uint16_t u = F == FMT_F16 ? f16_bits(v) : (uint16_t)(b >> 16);
             std::memcpy(&w[i], &u, 2);
         }
-        return w;
+    } else {
+        for (auto& b : w) b = (uint8_t)rng();
+        for (size_t off = 0; off < w.size(); off += s.bytes)
+            for (int at : s.scales) {
+                const uint16_t u = f16_bits(0.002f + 0.001f * (float)(rng() % 16) * (at == 2 ? -1.f : 1.f));
+                std::memcpy(&w[off + at], &u, 2);
+            }
     }
-    for (auto& b : w) b = (uint8_t)rng();
-    for (size_t off = 0; off < w.size(); off += s.bytes)
-        for (int at : s.scales) {
-            const uint16_t u = f16_bits(0.002f + 0.001f * (float)(rng() % 16) * (at == 2 ? -1.f : 1.f));
-            std::memcpy(&w[off + at], &u, 2);
-        }
     return w;
 }
 
