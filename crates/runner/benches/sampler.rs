@@ -18,7 +18,7 @@ fn logits(vocab: usize) -> Vec<f32> {
             state ^= state << 17;
             let u = (state >> 11) as f32 / (1u64 << 53) as f32;
             // A long tail around -4 and a few tokens up to +12.
-            if state % 997 == 0 {
+            if state.is_multiple_of(997) {
                 6.0 + 6.0 * u
             } else {
                 -4.0 + 4.0 * (u - 0.5)

@@ -208,18 +208,7 @@ impl Sampler {
             cands.truncate(k);
         }
         if p.top_p < 1.0 {
-            cands.sort_unstable_by(by_prob_desc);
-            let total: f32 = cands.iter().map(|c| c.0).sum();
-            let mut acc = 0.0;
-            let mut keep = cands.len();
-            for (i, c) in cands.iter().enumerate() {
-                acc += c.0;
-                if acc >= p.top_p * total {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cands.truncate(keep);
+            nucleus(cands, p.top_p);
         }
         let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
         let mut u = rng_at(self.seed, pos).next_f64() * total;
@@ -231,6 +220,35 @@ impl Sampler {
         }
         cands.last().map_or(0, |c| c.1)
     }
+}
+
+/// Candidates `(probability, id)` cut to the nucleus, sorted by probability (ties to the lower id): the most
+/// probable tokens whose running sum first reaches `top_p` of the total. It is a short prefix as a rule, so only
+/// a top slice is sorted: the `k` largest (a strict order, so the same `k` a full sort would put first), widened
+/// while their sum falls short. Sums in f64: the total does not depend on the order it is taken in.
+fn nucleus(cands: &mut Vec<(f32, u32)>, top_p: f32) {
+    let by_prob_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
+    let target = top_p as f64 * total;
+    let mut k = cands.len().min(256);
+    let keep = loop {
+        if k < cands.len() {
+            cands.select_nth_unstable_by(k - 1, by_prob_desc);
+        }
+        cands[..k].sort_unstable_by(by_prob_desc);
+        let mut acc = 0.0f64;
+        if let Some(i) = cands[..k].iter().position(|c| {
+            acc += c.0 as f64;
+            acc >= target
+        }) {
+            break i + 1;
+        }
+        if k == cands.len() {
+            break k;
+        }
+        k = (k * 8).min(cands.len());
+    };
+    cands.truncate(keep);
 }
 
 /// Sets the logits of the tokens `mask` does not allow to −∞ (bit `t % 32` of word `t / 32` allows `t`).
@@ -553,5 +571,51 @@ mod tests {
         let s = Sampler::new(&min).with_eos(&[4]);
         assert!(!s.is_plain_argmax(2), "EOS is held back before the third token");
         assert!(s.is_plain_argmax(3));
+    }
+
+    /// The nucleus from a sorted top slice is the full sort's, whatever slice it took: small and large nuclei
+    /// (one that needs the slice widened twice), ties, and zero probabilities.
+    #[test]
+    fn nucleus_equals_the_full_sort() {
+        let mut state = 12345u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for (vocab, flat) in [(5000, false), (5000, true), (300, false), (20_000, true)] {
+            let probs: Vec<(f32, u32)> = (0..vocab)
+                .map(|i| {
+                    let u = next();
+                    let p = if flat { 0.5 + 0.5 * u } else { (-12.0 * u).exp() };
+                    // Repeated values (ties) and zeros.
+                    (
+                        (if i % 17 == 0 {
+                            0.25
+                        } else if i % 29 == 0 {
+                            0.0
+                        } else {
+                            p
+                        }) as f32,
+                        i as u32,
+                    )
+                })
+                .collect();
+            for top_p in [0.05f32, 0.5, 0.9, 0.99, 0.999_999, 1e-9] {
+                let mut full = probs.clone();
+                full.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let total: f64 = full.iter().map(|c| c.0 as f64).sum();
+                let mut acc = 0.0;
+                let keep = full.iter().position(|c| {
+                    acc += c.0 as f64;
+                    acc >= top_p as f64 * total
+                });
+                full.truncate(keep.map_or(full.len(), |i| i + 1));
+                let mut ours = probs.clone();
+                nucleus(&mut ours, top_p);
+                assert_eq!(ours, full, "vocab {vocab} flat {flat} top_p {top_p}");
+            }
+        }
     }
 }
