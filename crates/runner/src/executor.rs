@@ -411,35 +411,32 @@ impl Executor for ModelExecutor {
             Some(token) => Row::Token(*token),
             None => Row::Logits(logits_rows.next().unwrap_or_default()),
         });
-        for (s, &count) in batch.seqs.iter().zip(&row_counts) {
-            let mut seq_rows: Vec<Row<'_>> = rows.by_ref().take(count).collect();
-            if count == 0 || out.failed.contains_key(&s.id) {
-                continue;
+        // Each sequence's prompt logprobs and samples touch only its own state and rows: a step with much of it
+        // spreads them over threads (see `sample_all`).
+        let items: Vec<(&ScheduledSeq, Vec<Row<'_>>)> = batch
+            .seqs
+            .iter()
+            .zip(&row_counts)
+            .map(|(s, &count)| (s, rows.by_ref().take(count).collect::<Vec<_>>()))
+            .filter(|(s, r)| !r.is_empty() && !out.failed.contains_key(&s.id))
+            .collect();
+        let never = |s: &ScheduledSeq| ExecutorError(format!("request {:?} was never announced", s.id));
+        let threads = sampling_threads(full_rows * vocab, items.len());
+        if threads == 1 {
+            for (s, rows) in items {
+                let st = self.states.get_mut(&s.id).ok_or_else(|| never(s))?;
+                SeqWork { s, st, rows, mask: masks.remove(&s.id) }.run(&mut out);
             }
-            let st = self
-                .states
-                .get_mut(&s.id)
-                .ok_or_else(|| ExecutorError(format!("request {:?} was never announced", s.id)))?;
-            if let Some((first, n)) = st.prompt_logprob_rows(s.start_pos, s.token_ids.len()) {
-                // Rows start at position `first` (see the push above).
-                let k = st.sampler.params().prompt_logprobs.unwrap_or(0) as usize;
-                for (i, row) in seq_rows.iter().take(n).enumerate() {
-                    // (A request with prompt logprobs never has its rows reduced to the argmax.)
-                    if let Row::Logits(row) = row {
-                        let target = st.prompt[first + i + 1];
-                        st.prompt_logprobs.push(token_logprobs(row, target, k));
-                    }
-                }
-            }
-            if !s.sample {
-                continue;
-            }
-            let sample_rows = seq_rows.split_off(seq_rows.len() - (s.num_draft_tokens + 1));
-            let first_sample = st.output.is_empty();
-            verify(st, s, sample_rows, masks.remove(&s.id), &mut out);
-            if first_sample && st.sampler.params().prompt_logprobs.is_some() && out.sampled.contains_key(&s.id) {
-                out.prompt_logprobs.insert(s.id, st.prompt_logprobs.clone());
-            }
+        } else {
+            let mut by_id: HashMap<RequestId, &mut SeqState> = self.states.iter_mut().map(|(k, v)| (*k, v)).collect();
+            let work = items
+                .into_iter()
+                .map(|(s, rows)| {
+                    let st = by_id.remove(&s.id).ok_or_else(|| never(s))?;
+                    Ok(SeqWork { s, st, rows, mask: masks.remove(&s.id) })
+                })
+                .collect::<Result<Vec<_>, ExecutorError>>()?;
+            sample_all(work, threads, &mut out)?;
         }
         let started = Instant::now();
         out.drafts = self.propose(batch, &out);
@@ -457,6 +454,107 @@ impl Executor for ModelExecutor {
     fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
         self.heartbeat = Some(heartbeat);
     }
+}
+
+/// One sequence's share of a step's sampling: its state, its logits rows, its constraint's first mask.
+struct SeqWork<'a> {
+    s: &'a ScheduledSeq,
+    st: &'a mut SeqState,
+    rows: Vec<Row<'a>>,
+    mask: Option<Result<Vec<u32>, String>>,
+}
+
+impl SeqWork<'_> {
+    /// Prompt logprobs from the rows that give them, then the samples (see `verify`), into `out`.
+    fn run(self, out: &mut RunnerOutput) {
+        let SeqWork { s, st, mut rows, mask } = self;
+        if let Some((first, n)) = st.prompt_logprob_rows(s.start_pos, s.token_ids.len()) {
+            // Rows start at position `first` (see the push in `execute`).
+            let k = st.sampler.params().prompt_logprobs.unwrap_or(0) as usize;
+            for (i, row) in rows.iter().take(n).enumerate() {
+                // (A request with prompt logprobs never has its rows reduced to the argmax.)
+                if let Row::Logits(row) = row {
+                    let target = st.prompt[first + i + 1];
+                    st.prompt_logprobs.push(token_logprobs(row, target, k));
+                }
+            }
+        }
+        if !s.sample {
+            return;
+        }
+        let sample_rows = rows.split_off(rows.len() - (s.num_draft_tokens + 1));
+        let first_sample = st.output.is_empty();
+        verify(st, s, sample_rows, mask, out);
+        if first_sample && st.sampler.params().prompt_logprobs.is_some() && out.sampled.contains_key(&s.id) {
+            out.prompt_logprobs.insert(s.id, st.prompt_logprobs.clone());
+        }
+    }
+}
+
+/// Logits floats a step's sampling must read before it is spread over threads: about a millisecond of work
+/// (sampling reads a 128,256-token row in about 0.7-1 ms; BENCHMARKS.md, session 27), against tens of
+/// microseconds to start a thread.
+const PARALLEL_SAMPLING_FLOATS: usize = 1 << 18;
+
+/// Threads for a step's sampling of `floats` logits over `seqs` sequences: one below about a millisecond of
+/// work, else up to one per core.
+fn sampling_threads(floats: usize, seqs: usize) -> usize {
+    // (available_parallelism reads the cgroup's quota from files on Linux: once, not every step.)
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match floats / PARALLEL_SAMPLING_FLOATS {
+        0 => 1,
+        n => (n + 1).min(seqs).min(*CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()))),
+    }
+}
+
+/// Runs the sequences' sampling on `threads` threads (many sampled rows over a large vocabulary; greedy rows a
+/// GPU reduced to their argmax cost nothing). The outcome does not depend on the spreading: each sequence draws
+/// from its own seeded generator and state.
+fn sample_all(work: Vec<SeqWork<'_>>, threads: usize, out: &mut RunnerOutput) -> Result<(), ExecutorError> {
+    if work.is_empty() {
+        return Ok(());
+    }
+    let per_thread = work.len().div_ceil(threads);
+    let mut work = work.into_iter();
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let share: Vec<SeqWork<'_>> = work.by_ref().take(per_thread).collect();
+                scope.spawn(move || {
+                    let mut part = RunnerOutput::default();
+                    share.into_iter().for_each(|w| w.run(&mut part));
+                    part
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
+    for part in parts {
+        let part = part.map_err(|_| ExecutorError("sampling panicked".into()))?;
+        // Every field, so that a new one is not forgotten here.
+        let RunnerOutput {
+            sampled,
+            logprobs,
+            prompt_logprobs,
+            num_accepted,
+            drafts,
+            completed,
+            failed,
+            mask_times,
+            propose_time: _,
+            encode_times,
+        } = part;
+        out.sampled.extend(sampled);
+        out.logprobs.extend(logprobs);
+        out.prompt_logprobs.extend(prompt_logprobs);
+        out.num_accepted.extend(num_accepted);
+        out.drafts.extend(drafts);
+        out.completed.extend(completed);
+        out.failed.extend(failed);
+        out.mask_times.extend(mask_times);
+        out.encode_times.extend(encode_times);
+    }
+    Ok(())
 }
 
 /// A logits row of the step: its logits, or its argmax when the device returned that alone (see

@@ -87,6 +87,30 @@ fn seeded_sampling_is_independent_of_the_batch() {
     assert!(counts.len() > 3, "sampling should produce varied tokens");
 }
 
+/// A step with many sampled rows (8 here: 8 × 49,152 logits, past the executor's threshold) spreads its
+/// sampling over threads where the machine has more than one core: every request still gets exactly the tokens
+/// and logprobs it gets alone.
+#[test]
+fn sampling_spread_over_threads_gives_each_request_its_own_tokens() {
+    let ps = prompts();
+    let mk = |i: usize| SamplingParams {
+        temperature: 0.7 + 0.05 * i as f32,
+        top_p: 0.9,
+        top_k: if i.is_multiple_of(2) { 0 } else { 40 },
+        seed: Some(100 + i as u64),
+        ignore_eos: true,
+        max_tokens: 12,
+        logprobs: (i == 3).then_some(2),
+        ..SamplingParams::default()
+    };
+    let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..8).map(|i| (ps[i].clone(), mk(i))).collect();
+    let together = run_all(&engine(|_| {}), reqs.clone());
+    for (i, r) in reqs.into_iter().enumerate() {
+        let alone = run_all(&engine(|_| {}), vec![r]);
+        assert_eq!(together[i].0, alone[0].0, "request {i}: sampled among 8 differs from alone");
+    }
+}
+
 /// An engine doing a 1,500-token prompt in one step, with that step just started: (engine, the request's
 /// output receiver, the heartbeat count when the step began).
 fn one_long_step(id: u64, salt: u32) -> (EngineHandle, tokio::sync::mpsc::UnboundedReceiver<EngineOutput>, u64) {
