@@ -1,7 +1,9 @@
 // Device test and benchmark of the Q4_K matrix × vector kernel (#21) against a CPU reference in f64 on the
 // same weights dequantized exactly (random 4-bit values, random 6-bit scales and mins, fixed d and dmin),
-// for 1, 2, 4 and 8 activation vectors and 1, 2 and 4 rows per warp; then the bandwidth of weights read at Llama-3-8B's shapes, rotating
-// over enough copies that the weights do not sit in L2. Run by scripts/cuda-kernel-tests.sh.
+// for 1, 2, 4 and 8 activation vectors and 1, 2 and 4 rows per warp; as the executor launches it (a strided
+// output, writing or adding; every vector bitwise the same for any vector count and rows per warp); then the
+// bandwidth of weights read at Llama-3-8B's shapes, rotating over enough copies that the weights do not sit in
+// L2. Run by scripts/cuda-kernel-tests.sh on the GPU and by tests/cuda_emu.py on the host (no timings there).
 
 #include "../q4k_matvec.cuh"
 #include "check.cuh"
@@ -96,6 +98,90 @@ static bool check(int rows, int k, int nv, int r, uint64_t seed) {
     return ok;
 }
 
+// The kernel as the GPU executor's module launches it: into an output of row stride `ldy` (a part of a q/k/v or
+// gate/up stack), writing or adding (`add`, the residual).
+template <int NV, int R>
+__global__ void __launch_bounds__(32 * Q4K_WARPS) mv_strided(const uint8_t* w, const float* x, float* y, int rows,
+                                                              int k, int ldy, int add) {
+    q4k_matvec_body<NV, R>(w, x, y, rows, k, ldy, add);
+}
+
+static void launch_strided(const uint8_t* w, const float* x, float* y, int rows, int k, int ldy, int add, int nv, int r) {
+    const dim3 block(32 * Q4K_WARPS);
+#define STRIDED(NV, R)                                                                                      \
+    if (nv == NV && r == R)                                                                                 \
+        mv_strided<NV, R><<<dim3((rows + Q4K_WARPS * R - 1) / (Q4K_WARPS * R)), block, 0, 0>>>(w, x, y, rows, k, ldy, add);
+#define STRIDED_R(R) STRIDED(1, R) STRIDED(2, R) STRIDED(4, R) STRIDED(8, R)
+    STRIDED_R(1)
+    STRIDED_R(2)
+    STRIDED_R(4)
+#undef STRIDED_R
+#undef STRIDED
+    CHECK(cudaGetLastError());
+}
+
+// Adding into a strided output: each entry is its old value plus the product, the entries past `rows` in each
+// vector's stride and the vectors past `nv` untouched; then every vector's sums bitwise the same for 1, 2, 4 and 8
+// vectors and 1, 2 and 4 rows per warp (what batch invariance of decode rows rests on).
+static bool check_strided(int rows, int k, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> uni(-1.f, 1.f);
+    const std::vector<uint8_t> w = random_weights(rows, k, rng);
+    std::vector<float> x((size_t)8 * k);
+    for (auto& v : x) v = uni(rng);
+    const int ldy = rows + 3;
+    std::vector<float> init((size_t)8 * ldy);
+    for (auto& v : init) v = uni(rng);
+    uint8_t* dw;
+    float *dx, *dy;
+    CHECK(cudaMalloc(&dw, w.size()));
+    CHECK(cudaMalloc(&dx, x.size() * 4));
+    CHECK(cudaMalloc(&dy, init.size() * 4));
+    CHECK(cudaMemcpy(dw, w.data(), w.size(), cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    const int nb = k / 256;
+    std::vector<double> vals((size_t)rows * k);
+    for (int r = 0; r < rows; ++r)
+        for (int b = 0; b < nb; ++b) dequant_block(&w[((size_t)r * nb + b) * Q4K_BLOCK_BYTES], &vals[(size_t)r * k + b * 256]);
+    double worst = 0;
+    bool untouched = true, invariant = true;
+    std::vector<float> base, y(init.size());
+    for (int r : {1, 2, 4})
+        for (int nv : {8, 4, 2, 1})
+            for (int add : {1, 0}) {
+                CHECK(cudaMemcpy(dy, init.data(), init.size() * 4, cudaMemcpyHostToDevice));
+                launch_strided(dw, dx, dy, rows, k, ldy, add, nv, r);
+                CHECK(cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost));
+                for (int v = 0; v < 8; ++v)
+                    for (int row = 0; row < ldy; ++row) {
+                        const size_t at = (size_t)v * ldy + row;
+                        if (v >= nv || row >= rows) {
+                            untouched = untouched && std::memcmp(&y[at], &init[at], 4) == 0;
+                            continue;
+                        }
+                        double ref = add ? init[at] : 0.0, mag = add ? std::fabs(init[at]) : 0.0;
+                        for (int i = 0; i < k; ++i) {
+                            ref += vals[(size_t)row * k + i] * x[(size_t)v * k + i];
+                            mag += std::fabs(vals[(size_t)row * k + i] * x[(size_t)v * k + i]);
+                        }
+                        worst = std::max(worst, std::fabs(y[at] - ref) / std::max(mag, 1e-30));
+                    }
+                if (add) continue;
+                if (base.empty()) base = y;  // 1 row per warp, 8 vectors: the first plain launch
+                for (int v = 0; v < nv; ++v)
+                    invariant = invariant && std::memcmp(&base[(size_t)v * ldy], &y[(size_t)v * ldy], (size_t)rows * 4) == 0;
+            }
+    cudaFree(dw);
+    cudaFree(dx);
+    cudaFree(dy);
+    const double bound = 1e-5;
+    const bool ok = worst <= bound && untouched && invariant;
+    std::printf("%-4s rows %5d k %5d, ldy rows + 3, writing and adding: max |err| / Σ|w·x| = %.2e (bound %.0e); other "
+                "entries untouched: %s; vectors bitwise the same for 1-8 vectors, 1-4 rows per warp: %s\n",
+                ok ? "ok" : "FAIL", rows, k, worst, bound, untouched ? "yes" : "NO", invariant ? "yes" : "NO");
+    return ok;
+}
+
 static void bench(int rows, int k, int nv, int r) {
     const size_t bytes = (size_t)rows * (k / 256) * Q4K_BLOCK_BYTES;
     const int copies = std::max<int>(2, (int)(400e6 / bytes) + 1);  // ≥ 400 MB in rotation: past the L2
@@ -148,6 +234,8 @@ int main() {
         }
     // Llama-3-8B's matrices: q/o (4096×4096), k/v (1024×4096), gate/up (14336×4096), down (4096×14336), head;
     // each with 1, 2 and 4 rows per warp, to choose the launch policy from.
+    all = check_strided(37, 512, seed++) && all;
+    all = check_strided(21, 4096, seed++) && all;
 #ifndef MLX_SERVING_EMU  // timings only on a GPU (tests/cuda_emu.py runs the checks on the host)
     const std::pair<int, int> shapes[] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
     for (int nv : {1, 8})
