@@ -53,8 +53,10 @@ def top_level_split(text: str) -> list[str]:
 def rewrite_launches(src: str) -> str:
     out = src
     while (at := out.find("<<<")) >= 0:
-        # The kernel: an identifier, maybe with template arguments, just before <<<.
+        # The kernel: an identifier, maybe with template arguments, just before <<< (spaces allowed).
         start = at
+        while out[start - 1].isspace():
+            start -= 1
         if out[start - 1] == ">":
             depth = 0
             while True:
@@ -64,7 +66,7 @@ def rewrite_launches(src: str) -> str:
                     break
         while start > 0 and (out[start - 1].isalnum() or out[start - 1] in "_:"):
             start -= 1
-        kernel = out[start:at]
+        kernel = out[start:at].rstrip()
         cfg_end = out.index(">>>", at)
         cfg = top_level_split(out[at + 3 : cfg_end])
         args_end = balanced(out, cfg_end + 3, "(", ")")

@@ -215,13 +215,13 @@ impl CudaModel {
         let head = self.head.as_ref().unwrap_or(&self.embed);
         norm(x, logits_rows, &self.norm, m, half_for(head, m))?;
         mm.matmul(head, hn, hn16, logits, m, false)?;
+        if !argmax_only.is_empty() && argmax_only.len() != m {
+            return Err(Error::InvalidBatch(format!("{} argmax flags for {m} logits rows", argmax_only.len())));
+        }
         if !argmax_only.contains(&true) {
             let out = self.scratch.f32s[slot::LOGITS].as_ref().expect("allocated");
             let all = stream.clone_dtoh(&out.slice(0..m * vocab)).map_err(device_err("copying the logits"))?;
             return Ok(StepLogits::all(all, m));
-        }
-        if argmax_only.len() != m {
-            return Err(Error::InvalidBatch(format!("{} argmax flags for {m} logits rows", argmax_only.len())));
         }
         // Every row's argmax on the GPU (one block per row), the ids back, and the logits of the other rows
         // only, a run of consecutive rows per copy.

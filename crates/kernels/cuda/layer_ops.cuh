@@ -156,7 +156,8 @@ __device__ __forceinline__ void to_half_body(const float* x, uint16_t* y, int ki
 
 // The greedy sampler's choice per row of logits [m, vocab]: the first index of the largest value, as the CPU's
 // `argmax` (crates/runner/src/sampler.rs) picks it: NaNs never win, except that a NaN at index 0 gives 0 (the
-// CPU's scan starts there and nothing compares greater than NaN). grid m, block ARGMAX_THREADS.
+// CPU's scan starts there and nothing compares greater than NaN). grid m, block a multiple of 32 up to
+// ARGMAX_THREADS.
 constexpr int ARGMAX_THREADS = 256;
 
 // Whether (v, i) beats (bv, bi): a larger value, or the same value at a lower index; NaN below everything.
@@ -171,7 +172,7 @@ __device__ __forceinline__ void argmax_body(const float* logits, int vocab, uint
     const float* row = logits + (size_t)blockIdx.x * vocab;
     float bv = -CUDART_INF_F;
     int bi = vocab;  // loses every tie
-    for (int i = threadIdx.x; i < vocab; i += ARGMAX_THREADS)
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
         if (argmax_beats(row[i], i, bv, bi)) {
             bv = row[i];
             bi = i;
@@ -191,7 +192,7 @@ __device__ __forceinline__ void argmax_body(const float* logits, int vocab, uint
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < ARGMAX_THREADS / 32; ++w)
+        for (int w = 1; w < (int)(blockDim.x + 31) / 32; ++w)
             if (argmax_beats(best_v[w], best_i[w], bv, bi)) {
                 bv = best_v[w];
                 bi = best_i[w];

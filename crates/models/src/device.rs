@@ -54,7 +54,7 @@ pub trait DeviceModel: Send {
     fn forward(&mut self, batch: &crate::BatchInput<'_>, progress: &dyn Fn() -> bool) -> crate::Result<Vec<f32>>;
 
     /// [`forward`](Self::forward) where the logits rows flagged in `argmax_only` (one flag per
-    /// `batch.logits_indices` entry) come back as their [`argmax`] alone: a request sampled greedily with
+    /// `batch.logits_indices` entry, or none at all: every row's logits) come back as their [`argmax`] alone: a request sampled greedily with
     /// nothing that reads its logits (no penalties, biases, constraint or logprobs) needs only that, and a GPU
     /// then copies back one token id instead of a vocabulary of logits. This default computes every row's logits
     /// and takes the argmax here.
@@ -64,8 +64,18 @@ pub trait DeviceModel: Send {
         argmax_only: &[bool],
         progress: &dyn Fn() -> bool,
     ) -> crate::Result<StepLogits> {
+        let rows = batch.logits_indices.len();
+        if !argmax_only.is_empty() && argmax_only.len() != rows {
+            return Err(crate::Error::InvalidBatch(format!(
+                "{} argmax flags for {rows} logits rows",
+                argmax_only.len()
+            )));
+        }
         let logits = self.forward(batch, progress)?;
-        Ok(StepLogits::select(logits, argmax_only))
+        Ok(match argmax_only {
+            [] => StepLogits::all(logits, rows),
+            flags => StepLogits::select(logits, flags),
+        })
     }
 
     /// The device, in words (for logs).
@@ -87,7 +97,8 @@ impl StepLogits {
         Self { logits, tokens: vec![None; rows] }
     }
 
-    /// From every row's logits: the rows of `argmax_only` reduced to their argmax.
+    /// From every row's logits (`argmax_only.len()` rows of equal width): the rows of `argmax_only` reduced to
+    /// their argmax.
     pub fn select(logits: Vec<f32>, argmax_only: &[bool]) -> Self {
         if !argmax_only.contains(&true) {
             return Self::all(logits, argmax_only.len());

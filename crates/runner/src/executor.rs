@@ -421,7 +421,17 @@ impl Executor for ModelExecutor {
             .filter(|(s, r)| !r.is_empty() && !out.failed.contains_key(&s.id))
             .collect();
         let never = |s: &ScheduledSeq| ExecutorError(format!("request {:?} was never announced", s.id));
-        let threads = sampling_threads(full_rows * vocab, items.len());
+        // Sampling reads a row in about 0.3 ms at 49,152 tokens; an argmax (a greedy row on the CPU path) in
+        // about a tenth of that (criterion `sampler`).
+        let work_floats: usize = items
+            .iter()
+            .map(|(s, rows)| {
+                let greedy = self.states.get(&s.id).is_some_and(|st| st.sampler.params().is_greedy());
+                let logits_rows = rows.iter().filter(|r| matches!(r, Row::Logits(_))).count();
+                logits_rows * if greedy { vocab / 8 } else { vocab }
+            })
+            .sum();
+        let threads = sampling_threads(work_floats, items.len());
         if threads == 1 {
             for (s, rows) in items {
                 let st = self.states.get_mut(&s.id).ok_or_else(|| never(s))?;
@@ -472,7 +482,8 @@ impl SeqWork<'_> {
             // Rows start at position `first` (see the push in `execute`).
             let k = st.sampler.params().prompt_logprobs.unwrap_or(0) as usize;
             for (i, row) in rows.iter().take(n).enumerate() {
-                // (A request with prompt logprobs never has its rows reduced to the argmax.)
+                // A request with prompt logprobs never has its rows reduced to the argmax (`argmax_suffices`).
+                debug_assert!(matches!(row, Row::Logits(_)), "a prompt-logprob row came back as a token");
                 if let Row::Logits(row) = row {
                     let target = st.prompt[first + i + 1];
                     st.prompt_logprobs.push(token_logprobs(row, target, k));
@@ -491,13 +502,13 @@ impl SeqWork<'_> {
     }
 }
 
-/// Logits floats a step's sampling must read before it is spread over threads: about a millisecond of work
-/// (sampling reads a 128,256-token row in about 0.7-1 ms; BENCHMARKS.md, session 27), against tens of
-/// microseconds to start a thread.
+/// Logits floats (weighted: a greedy row counts an eighth) a step's sampling must read before it is spread over
+/// threads: about 5 sampled rows of 49,152 tokens or 2 of 128,256, 1.5-2 ms of work (BENCHMARKS.md, session 27),
+/// against tens of microseconds to start a thread.
 const PARALLEL_SAMPLING_FLOATS: usize = 1 << 18;
 
-/// Threads for a step's sampling of `floats` logits over `seqs` sequences: one below about a millisecond of
-/// work, else up to one per core.
+/// Threads for a step's sampling of `floats` (weighted) logits over `seqs` sequences: one below
+/// [`PARALLEL_SAMPLING_FLOATS`], else up to one per core.
 fn sampling_threads(floats: usize, seqs: usize) -> usize {
     // (available_parallelism reads the cgroup's quota from files on Linux: once, not every step.)
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -507,6 +518,14 @@ fn sampling_threads(floats: usize, seqs: usize) -> usize {
     }
 }
 
+/// Steps whose sampling ran on several threads, since the process started (for tests and logs).
+static PARALLEL_SAMPLING_STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many steps so far spread their sampling over several threads (see [`sample_all`]).
+pub fn parallel_sampling_steps() -> u64 {
+    PARALLEL_SAMPLING_STEPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs the sequences' sampling on `threads` threads (many sampled rows over a large vocabulary; greedy rows a
 /// GPU reduced to their argmax cost nothing). The outcome does not depend on the spreading: each sequence draws
 /// from its own seeded generator and state.
@@ -514,6 +533,7 @@ fn sample_all(work: Vec<SeqWork<'_>>, threads: usize, out: &mut RunnerOutput) ->
     if work.is_empty() {
         return Ok(());
     }
+    PARALLEL_SAMPLING_STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let per_thread = work.len().div_ceil(threads);
     let mut work = work.into_iter();
     let parts = std::thread::scope(|scope| {

@@ -12,7 +12,7 @@ pub mod speculative;
 pub mod vision;
 
 pub use draft::DraftModel;
-pub use executor::{ModelExecutor, DEFAULT_ENCODER_CACHE_BYTES};
+pub use executor::{parallel_sampling_steps, ModelExecutor, DEFAULT_ENCODER_CACHE_BYTES};
 pub use generate::{
     generate, generate_speculative, generate_with, last_position_logits, GenerateError, GenerateOptions, Generation,
     SpecCounts,

@@ -98,13 +98,32 @@ impl Sampler {
     /// (`min_tokens` reached). A device may then return the argmax alone
     /// ([`DeviceModel::forward_select`](mlx_serving_models::DeviceModel::forward_select)).
     pub fn is_plain_argmax(&self, output_len: usize) -> bool {
-        let p = &self.params;
-        p.is_greedy()
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && p.logit_bias.is_empty()
-            && output_len >= p.min_tokens as usize
+        // Every field named, so that a new one that changes the logits is decided on here.
+        let SamplingParams {
+            temperature: _, // through is_greedy
+            top_p: _,
+            top_k: _,
+            min_p: _, // truncations keep the most probable token: greedy takes it anyway
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
+            seed: _,
+            max_tokens: _,
+            stop: _,
+            stop_token_ids: _, // held back with EOS only before min_tokens
+            ignore_eos: _,
+            min_tokens,
+            logprobs: _,
+            prompt_logprobs: _, // read from the logits: the executor's `argmax_suffices` checks them
+            speculative: _,
+        } = &self.params;
+        self.params.is_greedy()
+            && *repetition_penalty == 1.0
+            && *presence_penalty == 0.0
+            && *frequency_penalty == 0.0
+            && logit_bias.is_empty()
+            && output_len >= *min_tokens as usize
     }
 
     /// Applies the processors to `logits` in place and draws the next token.
@@ -584,7 +603,7 @@ mod tests {
             state ^= state << 17;
             (state >> 11) as f64 / (1u64 << 53) as f64
         };
-        for (vocab, flat) in [(5000, false), (5000, true), (300, false), (20_000, true)] {
+        for (vocab, flat) in [(5000, false), (5000, true), (300, false), (100, true), (20_000, true)] {
             let probs: Vec<(f32, u32)> = (0..vocab)
                 .map(|i| {
                     let u = next();

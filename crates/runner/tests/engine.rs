@@ -89,7 +89,7 @@ fn seeded_sampling_is_independent_of_the_batch() {
 
 /// A step with many sampled rows (8 here: 8 × 49,152 logits, past the executor's threshold) spreads its
 /// sampling over threads where the machine has more than one core: every request still gets exactly the tokens
-/// and logprobs it gets alone.
+/// it gets alone.
 #[test]
 fn sampling_spread_over_threads_gives_each_request_its_own_tokens() {
     let ps = prompts();
@@ -104,7 +104,14 @@ fn sampling_spread_over_threads_gives_each_request_its_own_tokens() {
         ..SamplingParams::default()
     };
     let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..8).map(|i| (ps[i].clone(), mk(i))).collect();
+    let spread_before = mlx_serving_runner::parallel_sampling_steps();
     let together = run_all(&engine(|_| {}), reqs.clone());
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        assert!(
+            mlx_serving_runner::parallel_sampling_steps() > spread_before,
+            "the steps of 8 sampled rows ran on one thread"
+        );
+    }
     for (i, r) in reqs.into_iter().enumerate() {
         let alone = run_all(&engine(|_| {}), vec![r]);
         assert_eq!(together[i].0, alone[0].0, "request {i}: sampled among 8 differs from alone");

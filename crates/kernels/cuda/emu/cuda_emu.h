@@ -14,7 +14,7 @@
 // does not depend on the batch.
 //
 // Not emulated: timing (events read 0 ms; the tests skip their benchmarks under MLX_SERVING_EMU), streams
-// (all work is synchronous), dynamic shared memory, atomics, warp votes, and inline PTX (the kernels use
+// (all work is synchronous), dynamic shared memory, warp votes, and inline PTX (the kernels use
 // `__half2float`/`__float2half` where they convert, which is defined here with the host's _Float16).
 
 #pragma once
@@ -245,6 +245,14 @@ inline const dim3& thread_idx() { return block().fibers[block().cur].tid; }
 #define blockDim (emu::g_block_dim)
 #define gridDim (emu::g_grid_dim)
 
+// Fibers switch only at barriers, so a read-modify-write is atomic here.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
+
 inline void __syncthreads() { emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 template <class T>
@@ -264,9 +272,12 @@ struct cudaDeviceProp {
 inline const char* cudaGetErrorString(cudaError_t e) {
     return e == cudaSuccess ? "no error" : e == cudaErrorInvalidValue ? "invalid argument" : "out of memory";
 }
+// New memory is filled with 0xFF bytes (NaNs as floats), so that a kernel or test reading what nobody wrote
+// sees garbage here too, not the zeros a fresh GPU allocation often happens to hold.
 template <class T>
 inline cudaError_t cudaMalloc(T** p, size_t bytes) {
-    *p = static_cast<T*>(std::calloc(1, bytes ? bytes : 1));
+    *p = static_cast<T*>(std::malloc(bytes ? bytes : 1));
+    if (*p) std::memset(static_cast<void*>(*p), 0xFF, bytes ? bytes : 1);
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }

@@ -182,6 +182,44 @@ static bool check_strided(int rows, int k, uint64_t seed) {
     return ok;
 }
 
+// nibble_at<P> (the kernel's conversion) against the integer conversion it replaces, for every position it is
+// used at and every nibble value, among random neighbouring bits: counts the mismatches.
+__global__ void nibble_check(unsigned* bad) {
+    uint32_t s = 0x9E3779B9u * (blockIdx.x * blockDim.x + threadIdx.x + 1);
+    unsigned wrong = 0;
+    for (int i = 0; i < 256; ++i) {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        const uint32_t q = s;
+        wrong += nibble_at<0>(q) != (float)(q & 15) || nibble_at<4>(q) != (float)((q >> 4) & 15) ||
+                 nibble_at<8>(q) != (float)((q >> 8) & 15) || nibble_at<12>(q) != (float)((q >> 12) & 15) ||
+                 nibble_at<16>(q) != (float)((q >> 16) & 15);
+        // nib4 against the sums the old code formed, for both halves of each byte.
+        const float4 x = make_float4(0.5f, -1.25f, 3.f, 0.125f);
+        const float lo = (float)(q & 15) * x.x + (float)((q >> 8) & 15) * x.y + (float)((q >> 16) & 15) * x.z +
+                         (float)((q >> 24) & 15) * x.w;
+        const float hi = (float)((q >> 4) & 15) * x.x + (float)((q >> 12) & 15) * x.y + (float)((q >> 20) & 15) * x.z +
+                         (float)((q >> 28) & 15) * x.w;
+        wrong += nib4<false>(q, q >> 12, x) != lo || nib4<true>(q, q >> 12, x) != hi;
+    }
+    if (wrong) atomicAdd(bad, wrong);
+}
+
+static bool check_nibbles() {
+    unsigned* bad;
+    CHECK(cudaMalloc(&bad, 4));
+    CHECK(cudaMemset(bad, 0, 4));
+    nibble_check<<<dim3(64), dim3(256), 0, 0>>>(bad);
+    CHECK(cudaGetLastError());
+    unsigned host = 0;
+    CHECK(cudaMemcpy(&host, bad, 4, cudaMemcpyDeviceToHost));
+    cudaFree(bad);
+    std::printf("%-4s nibble_at / nib4 against integer conversions: %u mismatches in 4,194,304 words\n",
+                host == 0 ? "ok" : "FAIL", host);
+    return host == 0;
+}
+
 static void bench(int rows, int k, int nv, int r) {
     const size_t bytes = (size_t)rows * (k / 256) * Q4K_BLOCK_BYTES;
     const int copies = std::max<int>(2, (int)(400e6 / bytes) + 1);  // ≥ 400 MB in rotation: past the L2
@@ -232,11 +270,12 @@ int main() {
             all = check(64, 4096, nv, r, seed++) && all;
             all = check(13, 14336, nv, r, seed++) && all;
         }
-    // Llama-3-8B's matrices: q/o (4096×4096), k/v (1024×4096), gate/up (14336×4096), down (4096×14336), head;
-    // each with 1, 2 and 4 rows per warp, to choose the launch policy from.
+    all = check_nibbles() && all;
     all = check_strided(37, 512, seed++) && all;
     all = check_strided(21, 4096, seed++) && all;
 #ifndef MLX_SERVING_EMU  // timings only on a GPU (tests/cuda_emu.py runs the checks on the host)
+    // Llama-3-8B's matrices: q/o (4096×4096), k/v (1024×4096), gate/up (14336×4096), down (4096×14336), head;
+    // each with 1, 2 and 4 rows per warp, to choose the launch policy from.
     const std::pair<int, int> shapes[] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
     for (int nv : {1, 8})
         for (const auto& [rows, k] : shapes)
