@@ -64,6 +64,9 @@ impl CudaModel {
             return Err(Error::InvalidBatch("M-RoPE positions are not supported on the GPU yet".into()));
         }
         let (n, m) = (batch.token_ids.len(), batch.logits_indices.len());
+        if !argmax_only.is_empty() && argmax_only.len() != m {
+            return Err(Error::InvalidBatch(format!("{} argmax flags for {m} logits rows", argmax_only.len())));
+        }
         // Rows go in a grid dimension that holds 65,535 blocks.
         if n > 65_535 || m > 65_535 {
             return Err(Error::InvalidBatch(format!("a GPU step takes at most 65,535 tokens, this one has {n}")));
@@ -215,9 +218,6 @@ impl CudaModel {
         let head = self.head.as_ref().unwrap_or(&self.embed);
         norm(x, logits_rows, &self.norm, m, half_for(head, m))?;
         mm.matmul(head, hn, hn16, logits, m, false)?;
-        if !argmax_only.is_empty() && argmax_only.len() != m {
-            return Err(Error::InvalidBatch(format!("{} argmax flags for {m} logits rows", argmax_only.len())));
-        }
         if !argmax_only.contains(&true) {
             let out = self.scratch.f32s[slot::LOGITS].as_ref().expect("allocated");
             let all = stream.clone_dtoh(&out.slice(0..m * vocab)).map_err(device_err("copying the logits"))?;

@@ -146,6 +146,22 @@ fn qwen2_logits_match_the_cpu() {
     logits_against_cpu(&qwen2_path(), 0.1, 0.01);
 }
 
+/// The texts' prompts, each in its own 8 blocks (the tables), with all but their last token computed.
+fn prefilled(m: &mut CudaModel, bundle: &ModelBundle, texts: &[&str]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(t, true).unwrap()).collect();
+    let tables: Vec<Vec<u32>> = (0..prompts.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
+    for (p, t) in prompts.iter().zip(&tables) {
+        assert!(p.len() >= 2, "each prompt needs a prefix and a last token");
+        forward_one(m, &p[..p.len() - 1], 0, t);
+    }
+    (prompts, tables)
+}
+
+/// Each prompt's last token as a decode row `(tokens, start, table)` for [`forward_many`].
+fn last_tokens<'a>(prompts: &'a [Vec<u32>], tables: &'a [Vec<u32>]) -> Vec<(&'a [u32], usize, &'a [u32])> {
+    prompts.iter().zip(tables).map(|(p, t)| (&p[p.len() - 1..], p.len() - 1, &t[..])).collect()
+}
+
 /// A decode row's logits are bitwise the same alone and with other sequences' rows beside it (up to 8 rows).
 #[test]
 #[ignore = "needs an NVIDIA GPU: scripts/cuda-tests.sh"]
@@ -163,19 +179,11 @@ fn decode_rows_are_batch_invariant() {
         "Hello there, my friend",
         "Lists: a, b,",
     ];
-    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(t, true).unwrap()).collect();
-    // Each sequence in its own 8 blocks.
-    let tables: Vec<Vec<u32>> = (0..prompts.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
-    for (p, t) in prompts.iter().zip(&tables) {
-        assert!(p.len() >= 2, "each prompt needs a prefix and a last token");
-        forward_one(&mut m, &p[..p.len() - 1], 0, t);
-    }
-    let alone: Vec<Vec<f32>> =
-        prompts.iter().zip(&tables).map(|(p, t)| forward_one(&mut m, &p[p.len() - 1..], p.len() - 1, t)).collect();
+    let (prompts, tables) = prefilled(&mut m, &bundle, &texts);
+    let last = last_tokens(&prompts, &tables);
+    let alone: Vec<Vec<f32>> = last.iter().map(|&(t, start, table)| forward_one(&mut m, t, start, table)).collect();
     for size in [2, 3, 5, 8] {
-        let seqs: Vec<(&[u32], usize, &[u32])> =
-            prompts.iter().zip(&tables).take(size).map(|(p, t)| (&p[p.len() - 1..], p.len() - 1, &t[..])).collect();
-        let together = forward_many(&mut m, &seqs);
+        let together = forward_many(&mut m, &last[..size]);
         for (i, a) in alone.iter().take(size).enumerate() {
             assert!(
                 together[i * vocab..(i + 1) * vocab].iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -194,13 +202,8 @@ fn argmax_rows_are_the_argmax_of_their_logits() {
     let mut m = gpu_model(&bundle, 64);
     let vocab = bundle.model.config().vocab_size;
     let texts = ["Once upon a time", "SELECT name FROM", "The quick brown fox", "Q: 2+2? A:"];
-    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| bundle.encode(t, true).unwrap()).collect();
-    let tables: Vec<Vec<u32>> = (0..prompts.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
-    for (p, t) in prompts.iter().zip(&tables) {
-        forward_one(&mut m, &p[..p.len() - 1], 0, t);
-    }
-    let seqs: Vec<(&[u32], usize, &[u32])> =
-        prompts.iter().zip(&tables).map(|(p, t)| (&p[p.len() - 1..], p.len() - 1, &t[..])).collect();
+    let (prompts, tables) = prefilled(&mut m, &bundle, &texts);
+    let seqs = last_tokens(&prompts, &tables);
     let full = forward_many(&mut m, &seqs);
     for flags in [[true, false, true, true], [false, true, false, false], [true; 4]] {
         let out = forward_select(&mut m, &seqs, &flags);

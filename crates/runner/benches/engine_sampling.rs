@@ -9,6 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use mlx_serving_engine::{EngineCore, EngineRequest, Priority, RequestId, SamplingParams};
 use mlx_serving_models::{BatchInput, DeviceModel, LoadOptions, ModelBundle, StepLogits};
 use mlx_serving_runner::ModelExecutor;
+use mlx_serving_test_support::rng::lm_logits;
 use mlx_serving_test_support::smollm2_path;
 use std::sync::Arc;
 
@@ -44,27 +45,10 @@ impl DeviceModel for FixedLogits {
     }
 }
 
-fn row(vocab: usize) -> Vec<f32> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..vocab)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 11) as f32 / (1u64 << 53) as f32;
-            if state.is_multiple_of(997) {
-                6.0 + 6.0 * u
-            } else {
-                -4.0 + 4.0 * (u - 0.5)
-            }
-        })
-        .collect()
-}
-
 fn run(bundle: &Arc<ModelBundle>, params: &SamplingParams) {
     let mut cfg = ModelExecutor::scheduler_config(bundle, 16, 256 << 20);
     cfg.max_num_seqs = STREAMS;
-    let device = FixedLogits { row: row(bundle.model.config().vocab_size) };
+    let device = FixedLogits { row: lm_logits(bundle.model.config().vocab_size) };
     let exec = ModelExecutor::on_device(bundle.clone(), cfg.block_size, Box::new(device));
     let h = EngineCore::spawn(cfg, exec).0;
     let prompt: Vec<u32> = (1..40).collect();

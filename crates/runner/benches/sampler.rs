@@ -7,25 +7,7 @@
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use mlx_serving_engine::SamplingParams;
 use mlx_serving_runner::Sampler;
-
-/// Logits shaped like a language model's: most tokens far below a handful of likely ones.
-fn logits(vocab: usize) -> Vec<f32> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..vocab)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 11) as f32 / (1u64 << 53) as f32;
-            // A long tail around -4 and a few tokens up to +12.
-            if state.is_multiple_of(997) {
-                6.0 + 6.0 * u
-            } else {
-                -4.0 + 4.0 * (u - 0.5)
-            }
-        })
-        .collect()
-}
+use mlx_serving_test_support::rng::lm_logits;
 
 fn bench(c: &mut Criterion) {
     let greedy = SamplingParams::greedy(16);
@@ -37,7 +19,7 @@ fn bench(c: &mut Criterion) {
         ("top_p_0.95_top_k_50", SamplingParams { temperature: 0.7, top_p: 0.95, top_k: 50, seed: Some(1), ..greedy }),
     ];
     for vocab in [49_152, 128_256] {
-        let row = logits(vocab);
+        let row = lm_logits(vocab);
         let mut g = c.benchmark_group(format!("sample_{vocab}"));
         for (name, params) in &configs {
             let mut s = Sampler::new(params);

@@ -220,7 +220,6 @@ impl Sampler {
         if p.min_p > 0.0 {
             cands.retain(|c| c.0 >= p.min_p);
         }
-        let by_prob_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && (p.top_k as usize) < cands.len() {
             let k = p.top_k as usize;
             cands.select_nth_unstable_by(k - 1, by_prob_desc);
@@ -241,12 +240,16 @@ impl Sampler {
     }
 }
 
+/// The candidates' order for truncation: more probable first, ties to the lower id (a strict order).
+fn by_prob_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
 /// Candidates `(probability, id)` cut to the nucleus, sorted by probability (ties to the lower id): the most
 /// probable tokens whose running sum first reaches `top_p` of the total. It is a short prefix as a rule, so only
 /// a top slice is sorted: the `k` largest (a strict order, so the same `k` a full sort would put first), widened
 /// while their sum falls short. Sums in f64: the total does not depend on the order it is taken in.
 fn nucleus(cands: &mut Vec<(f32, u32)>, top_p: f32) {
-    let by_prob_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
     let target = top_p as f64 * total;
     let mut k = cands.len().min(256);
@@ -596,34 +599,24 @@ mod tests {
     /// (one that needs the slice widened twice), ties, and zero probabilities.
     #[test]
     fn nucleus_equals_the_full_sort() {
-        let mut state = 12345u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rng = mlx_serving_test_support::rng::Rng(12345);
         for (vocab, flat) in [(5000, false), (5000, true), (300, false), (100, true), (20_000, true)] {
             let probs: Vec<(f32, u32)> = (0..vocab)
                 .map(|i| {
-                    let u = next();
+                    let u = (rng.f32() + 1.0) / 2.0;
                     let p = if flat { 0.5 + 0.5 * u } else { (-12.0 * u).exp() };
                     // Repeated values (ties) and zeros.
-                    (
-                        (if i % 17 == 0 {
-                            0.25
-                        } else if i % 29 == 0 {
-                            0.0
-                        } else {
-                            p
-                        }) as f32,
-                        i as u32,
-                    )
+                    let p = match (i % 17, i % 29) {
+                        (0, _) => 0.25,
+                        (_, 0) => 0.0,
+                        _ => p,
+                    };
+                    (p, i as u32)
                 })
                 .collect();
             for top_p in [0.05f32, 0.5, 0.9, 0.99, 0.999_999, 1e-9] {
                 let mut full = probs.clone();
-                full.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                full.sort_by(by_prob_desc);
                 let total: f64 = full.iter().map(|c| c.0 as f64).sum();
                 let mut acc = 0.0;
                 let keep = full.iter().position(|c| {

@@ -111,8 +111,6 @@ inline Block& block() {
 }
 inline dim3 g_block_idx, g_block_dim, g_grid_dim;
 
-inline size_t linear(const dim3& t) { return t.x + (size_t)g_block_dim.x * (t.y + (size_t)g_block_dim.y * t.z); }
-
 inline void yield() {
     Block& b = block();
     swapcontext(&b.fibers[b.cur].ctx, &b.sched);

@@ -7,7 +7,7 @@
 // scripts/cuda-kernel-tests.sh on the GPU and by tests/cuda_emu.py on the host.
 
 #include "../block_matvec.cuh"
-#include "check.cuh"
+#include "matvec_check.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -102,22 +102,7 @@ static std::vector<uint8_t> random_weights(int rows, int k, std::mt19937_64& rng
     return w;
 }
 
-template <class T>
-static T* to_device(const std::vector<T>& v) {
-    T* d;
-    CHECK(cudaMalloc(&d, std::max<size_t>(1, v.size() * sizeof(T))));
-    CHECK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
-
-template <class T>
-static std::vector<T> to_host(const T* d, size_t n) {
-    std::vector<T> v(n);
-    CHECK(cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-}
-
-// One format at one shape: every (vectors, rows per warp) against the reference, then the invariance.
+// One format at one shape: every launch against the reference, and the invariance (matvec_check.cuh).
 template <int F>
 static bool check(int rows, int k, uint64_t seed) {
     const Spec s = spec<F>();
@@ -136,60 +121,18 @@ static bool check(int rows, int k, uint64_t seed) {
     const std::vector<float> vals = to_host(dvals, (size_t)rows * k);
     cudaFree(dvals);
 
-    // The output: 8 vectors of `ldy` = rows + 3 entries, with sentinels between the rows' ends.
-    const int ldy = rows + 3;
-    std::vector<float> init((size_t)8 * ldy);
-    for (auto& v : init) v = uni(rng);
-    float* dy;
-    CHECK(cudaMalloc(&dy, init.size() * 4));
-    bool ok = true;
-    double worst = 0;
-    bool invariant = true;
-    for (int r : {1, 2, 4})
-        for (int nv : {1, 2, 4, 8})
-            for (int add : {0, 1}) {
-                CHECK(cudaMemcpy(dy, init.data(), init.size() * 4, cudaMemcpyHostToDevice));
-                CHECK(launch<F>(dw, dx, dy, rows, k, ldy, add, nv, r));
-                const std::vector<float> y = to_host(dy, init.size());
-                for (int v = 0; v < 8; ++v)
-                    for (int row = 0; row < ldy; ++row) {
-                        const size_t at = (size_t)v * ldy + row;
-                        if (v >= nv || row >= rows) {  // not this launch's to touch
-                            if (std::memcmp(&y[at], &init[at], 4) != 0) {
-                                std::printf("FAIL %s: vector %d entry %d written by a launch of %d vector(s)\n", s.name,
-                                            v, row, nv);
-                                ok = false;
-                            }
-                            continue;
-                        }
-                        double ref = add ? init[at] : 0.0, mag = add ? std::fabs(init[at]) : 0.0;
-                        for (int i = 0; i < k; ++i) {
-                            ref += (double)vals[(size_t)row * k + i] * x[(size_t)v * k + i];
-                            mag += std::fabs((double)vals[(size_t)row * k + i] * x[(size_t)v * k + i]);
-                        }
-                        worst = std::max(worst, std::fabs(y[at] - ref) / std::max(mag, 1e-30));
-                    }
-            }
-    // Invariance: every launch's sums for vector v, bitwise those of the launch of 8 vectors, 1 row per warp.
-    std::vector<float> base;
-    for (int r : {1, 2, 4})
-        for (int nv : {8, 4, 2, 1}) {
-            CHECK(cudaMemcpy(dy, init.data(), init.size() * 4, cudaMemcpyHostToDevice));
-            CHECK(launch<F>(dw, dx, dy, rows, k, ldy, 0, nv, r));
-            const std::vector<float> y = to_host(dy, init.size());
-            if (base.empty()) base = y;  // r = 1, nv = 8: the first launch
-            for (int v = 0; v < nv; ++v)
-                invariant = invariant && std::memcmp(&base[(size_t)v * ldy], &y[(size_t)v * ldy], (size_t)rows * 4) == 0;
-        }
+    const std::vector<double> vals_d(vals.begin(), vals.end());
+    const MatvecReport rep = check_matvec_launches(rows, k, vals_d, x, rng, [&](float* dy, int ldy, int add, int nv, int r) {
+        CHECK(launch<F>(dw, dx, dy, rows, k, ldy, add, nv, r));
+    });
     cudaFree(dw);
     cudaFree(dx);
-    cudaFree(dy);
-    // Error relative to Σ|w·x|: f32 sums of k terms.
     const double bound = 1e-5;
-    ok = ok && worst <= bound && invariant;
-    std::printf("%-4s %-5s rows %4d k %5d: max |err| / Σ|w·x| = %.2e (bound %.0e); vectors bitwise the same for 1-8 "
-                "vectors and 1-4 rows per warp: %s\n",
-                ok ? "ok" : "FAIL", s.name, rows, k, worst, bound, invariant ? "yes" : "NO");
+    const bool ok = rep.ok(bound);
+    std::printf("%-4s %-5s rows %4d k %5d, strided, writing and adding: max |err| / Σ|w·x| = %.2e (bound %.0e); "
+                "other entries untouched: %s; vectors bitwise the same for 1-8 vectors, 1-4 rows per warp: %s\n",
+                ok ? "ok" : "FAIL", s.name, rows, k, rep.worst, bound, rep.untouched ? "yes" : "NO",
+                rep.invariant ? "yes" : "NO");
     return ok;
 }
 

@@ -39,19 +39,6 @@ __global__ void k_dequant_q8(const uint8_t* w, uint16_t* out, int kind, int rows
 }
 
 template <class T>
-static T* to_device(const std::vector<T>& v) {
-    T* d;
-    CHECK(cudaMalloc(&d, std::max<size_t>(1, v.size() * sizeof(T))));
-    CHECK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
-template <class T>
-static std::vector<T> to_host(const T* d, size_t n) {
-    std::vector<T> v(n);
-    CHECK(cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-}
-template <class T>
 static T* zeros(size_t n) {
     T* d;
     CHECK(cudaMalloc(&d, std::max<size_t>(1, n * sizeof(T))));

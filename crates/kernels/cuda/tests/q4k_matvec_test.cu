@@ -6,7 +6,7 @@
 // L2. Run by scripts/cuda-kernel-tests.sh on the GPU and by tests/cuda_emu.py on the host (no timings there).
 
 #include "../q4k_matvec.cuh"
-#include "check.cuh"
+#include "matvec_check.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -120,65 +120,29 @@ static void launch_strided(const uint8_t* w, const float* x, float* y, int rows,
     CHECK(cudaGetLastError());
 }
 
-// Adding into a strided output: each entry is its old value plus the product, the entries past `rows` in each
-// vector's stride and the vectors past `nv` untouched; then every vector's sums bitwise the same for 1, 2, 4 and 8
-// vectors and 1, 2 and 4 rows per warp (what batch invariance of decode rows rests on).
+// The executor's launches (matvec_check.cuh): strided output, writing and adding, invariance.
 static bool check_strided(int rows, int k, uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> uni(-1.f, 1.f);
     const std::vector<uint8_t> w = random_weights(rows, k, rng);
     std::vector<float> x((size_t)8 * k);
     for (auto& v : x) v = uni(rng);
-    const int ldy = rows + 3;
-    std::vector<float> init((size_t)8 * ldy);
-    for (auto& v : init) v = uni(rng);
-    uint8_t* dw;
-    float *dx, *dy;
-    CHECK(cudaMalloc(&dw, w.size()));
-    CHECK(cudaMalloc(&dx, x.size() * 4));
-    CHECK(cudaMalloc(&dy, init.size() * 4));
-    CHECK(cudaMemcpy(dw, w.data(), w.size(), cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    uint8_t* dw = to_device(w);
+    float* dx = to_device(x);
     const int nb = k / 256;
     std::vector<double> vals((size_t)rows * k);
     for (int r = 0; r < rows; ++r)
         for (int b = 0; b < nb; ++b) dequant_block(&w[((size_t)r * nb + b) * Q4K_BLOCK_BYTES], &vals[(size_t)r * k + b * 256]);
-    double worst = 0;
-    bool untouched = true, invariant = true;
-    std::vector<float> base, y(init.size());
-    for (int r : {1, 2, 4})
-        for (int nv : {8, 4, 2, 1})
-            for (int add : {1, 0}) {
-                CHECK(cudaMemcpy(dy, init.data(), init.size() * 4, cudaMemcpyHostToDevice));
-                launch_strided(dw, dx, dy, rows, k, ldy, add, nv, r);
-                CHECK(cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost));
-                for (int v = 0; v < 8; ++v)
-                    for (int row = 0; row < ldy; ++row) {
-                        const size_t at = (size_t)v * ldy + row;
-                        if (v >= nv || row >= rows) {
-                            untouched = untouched && std::memcmp(&y[at], &init[at], 4) == 0;
-                            continue;
-                        }
-                        double ref = add ? init[at] : 0.0, mag = add ? std::fabs(init[at]) : 0.0;
-                        for (int i = 0; i < k; ++i) {
-                            ref += vals[(size_t)row * k + i] * x[(size_t)v * k + i];
-                            mag += std::fabs(vals[(size_t)row * k + i] * x[(size_t)v * k + i]);
-                        }
-                        worst = std::max(worst, std::fabs(y[at] - ref) / std::max(mag, 1e-30));
-                    }
-                if (add) continue;
-                if (base.empty()) base = y;  // 1 row per warp, 8 vectors: the first plain launch
-                for (int v = 0; v < nv; ++v)
-                    invariant = invariant && std::memcmp(&base[(size_t)v * ldy], &y[(size_t)v * ldy], (size_t)rows * 4) == 0;
-            }
+    const MatvecReport rep = check_matvec_launches(rows, k, vals, x, rng, [&](float* dy, int ldy, int add, int nv, int r) {
+        launch_strided(dw, dx, dy, rows, k, ldy, add, nv, r);
+    });
     cudaFree(dw);
     cudaFree(dx);
-    cudaFree(dy);
     const double bound = 1e-5;
-    const bool ok = worst <= bound && untouched && invariant;
-    std::printf("%-4s rows %5d k %5d, ldy rows + 3, writing and adding: max |err| / Σ|w·x| = %.2e (bound %.0e); other "
+    const bool ok = rep.ok(bound);
+    std::printf("%-4s rows %5d k %5d, strided, writing and adding: max |err| / Σ|w·x| = %.2e (bound %.0e); other "
                 "entries untouched: %s; vectors bitwise the same for 1-8 vectors, 1-4 rows per warp: %s\n",
-                ok ? "ok" : "FAIL", rows, k, worst, bound, untouched ? "yes" : "NO", invariant ? "yes" : "NO");
+                ok ? "ok" : "FAIL", rows, k, rep.worst, bound, rep.untouched ? "yes" : "NO", rep.invariant ? "yes" : "NO");
     return ok;
 }
 
